@@ -1,0 +1,833 @@
+//! `MemoryIndex`: the in-process state that SQL backends keep beside their
+//! tables, and the planner that turns each operation into a [`Changes`] set.
+//!
+//! The database is the truth; this index is derived from it on open. It holds
+//! every key in one contiguous row-major matrix (exact, batched, multi-threaded
+//! brute-force search with a bounded heap per query), the access bookkeeping
+//! and tags of every memory, and an ordered set of LRFU priorities so that
+//! eviction is a scan of the lowest entries. Values stay in the database.
+//!
+//! A backend runs every write the same way: plan against the index (pure,
+//! nothing changes), persist the resulting [`Changes`] in one transaction,
+//! and apply them to the index only after the commit, while holding the
+//! index's write lock, so that no search sees a half-applied batch.
+//!
+//! `learn` is planned with row-by-row semantics (row `i` sees rows `< i`) at
+//! batched cost: one batched search of the state before the batch with some
+//! slack, an overlay of what earlier rows removed, created and touched, and a
+//! single-row re-search only for rows whose slack was used up.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
+
+use rayon::prelude::*;
+
+use crate::math::{self, MergeSource};
+use crate::{Batch, Counters, Error, Memory, MemoryConfig, MemoryId, Neighbors, Result, TagFilter, Tick, Vectors};
+
+/// Access bookkeeping and tags of one memory (everything but key and value).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Meta {
+    /// Creation tick.
+    pub created: Tick,
+    /// Last access tick.
+    pub last_access: Tick,
+    /// Number of accesses.
+    pub access_count: u64,
+    /// LRFU CRF at `last_access`.
+    pub crf: f64,
+    /// Tags with counts.
+    pub tags: BTreeMap<String, u64>,
+}
+
+/// New access bookkeeping of an existing memory.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AccessUpdate {
+    /// The memory.
+    pub id: MemoryId,
+    /// New last access.
+    pub last_access: Tick,
+    /// New access count.
+    pub access_count: u64,
+    /// New CRF.
+    pub crf: f64,
+    /// New eviction priority ([`math::priority`]).
+    pub priority: f64,
+}
+
+/// Everything one operation changes: what a backend persists in one
+/// transaction and then applies to its index.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Changes {
+    /// Existing memories removed (deleted, merged away or evicted), ascending.
+    pub removed: Vec<MemoryId>,
+    /// Existing memories whose access bookkeeping changed.
+    pub accessed: Vec<AccessUpdate>,
+    /// Existing memories whose value changed (the full new value).
+    pub values: Vec<(MemoryId, Vec<f32>)>,
+    /// New memories, complete, ascending by id.
+    pub inserted: Vec<Memory>,
+    /// The id the next new memory will get.
+    pub next_id: MemoryId,
+    /// Lifetime counters after the operation.
+    pub counters: Counters,
+}
+
+impl Changes {
+    /// Whether nothing changes.
+    pub fn is_empty(&self) -> bool {
+        self.removed.is_empty() && self.accessed.is_empty() && self.values.is_empty() && self.inserted.is_empty()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Prio(f64);
+impl Eq for Prio {}
+impl PartialOrd for Prio {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Prio {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+/// A heap entry ordered by (distance, id): the heap's top is the worst kept.
+#[derive(Clone, Copy, PartialEq)]
+struct Cand(f32, MemoryId);
+impl Eq for Cand {}
+impl PartialOrd for Cand {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Cand {
+    fn cmp(&self, other: &Self) -> Ordering {
+        math::neighbour_order((self.0, self.1), (other.0, other.1))
+    }
+}
+
+/// Rows scanned per parallel task.
+const CHUNK: usize = 8192;
+
+/// Keys, bookkeeping and priorities of every memory of one store.
+pub struct MemoryIndex {
+    config: MemoryConfig,
+    ids: Vec<MemoryId>,
+    keys: Vec<f32>,
+    meta: Vec<Meta>,
+    pos: HashMap<MemoryId, usize>,
+    by_priority: BTreeSet<(Prio, MemoryId)>,
+    next_id: MemoryId,
+    counters: Counters,
+}
+
+impl MemoryIndex {
+    /// An empty index for this configuration.
+    pub fn new(config: MemoryConfig) -> Self {
+        MemoryIndex {
+            config,
+            ids: Vec::new(),
+            keys: Vec::new(),
+            meta: Vec::new(),
+            pos: HashMap::new(),
+            by_priority: BTreeSet::new(),
+            next_id: 1,
+            counters: Counters::default(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MemoryConfig {
+        &self.config
+    }
+
+    fn lambda(&self) -> f64 {
+        self.config.eviction.lambda()
+    }
+
+    /// Number of memories.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The next id to be assigned.
+    pub fn next_id(&self) -> MemoryId {
+        self.next_id
+    }
+
+    /// Lifetime counters.
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// Sets the id counter and lifetime counters (when loading).
+    pub fn set_state(&mut self, next_id: MemoryId, counters: Counters) {
+        self.next_id = next_id;
+        self.counters = counters;
+    }
+
+    /// Whether `id` is present.
+    pub fn contains(&self, id: MemoryId) -> bool {
+        self.pos.contains_key(&id)
+    }
+
+    /// The key of `id`.
+    pub fn key(&self, id: MemoryId) -> Option<&[f32]> {
+        let d = self.config.key_dim;
+        self.pos.get(&id).map(|&r| &self.keys[r * d..(r + 1) * d])
+    }
+
+    /// The bookkeeping of `id`.
+    pub fn meta(&self, id: MemoryId) -> Option<&Meta> {
+        self.pos.get(&id).map(|&r| &self.meta[r])
+    }
+
+    /// All ids, in storage order.
+    pub fn ids(&self) -> &[MemoryId] {
+        &self.ids
+    }
+
+    /// Adds one memory (when loading, or applying changes). Checks its key's shape.
+    pub fn load(&mut self, id: MemoryId, key: &[f32], meta: Meta) -> Result<()> {
+        if key.len() != self.config.key_dim {
+            return Err(Error::Corrupt(format!(
+                "memory {id} has a key of {} floats, expected {}",
+                key.len(),
+                self.config.key_dim
+            )));
+        }
+        if self.pos.contains_key(&id) {
+            return Err(Error::Corrupt(format!("memory {id} appears twice")));
+        }
+        let p = math::priority(self.lambda(), meta.crf, meta.last_access);
+        self.pos.insert(id, self.ids.len());
+        self.ids.push(id);
+        self.keys.extend_from_slice(key);
+        self.meta.push(meta);
+        self.by_priority.insert((Prio(p), id));
+        self.next_id = self.next_id.max(id + 1);
+        Ok(())
+    }
+
+    fn remove(&mut self, id: MemoryId) {
+        let Some(r) = self.pos.remove(&id) else { return };
+        let d = self.config.key_dim;
+        let m = &self.meta[r];
+        self.by_priority
+            .remove(&(Prio(math::priority(self.lambda(), m.crf, m.last_access)), id));
+        let last = self.ids.len() - 1;
+        if r != last {
+            self.ids.swap(r, last);
+            self.meta.swap(r, last);
+            let (head, tail) = self.keys.split_at_mut(last * d);
+            head[r * d..(r + 1) * d].copy_from_slice(&tail[..d]);
+            self.pos.insert(self.ids[r], r);
+        }
+        self.ids.pop();
+        self.meta.pop();
+        self.keys.truncate(last * d);
+    }
+
+    /// Applies committed changes.
+    pub fn apply(&mut self, changes: &Changes) -> Result<()> {
+        let lambda = self.lambda();
+        for &id in &changes.removed {
+            self.remove(id);
+        }
+        for u in &changes.accessed {
+            if let Some(&r) = self.pos.get(&u.id) {
+                let m = &mut self.meta[r];
+                self.by_priority
+                    .remove(&(Prio(math::priority(lambda, m.crf, m.last_access)), u.id));
+                m.last_access = u.last_access;
+                m.access_count = u.access_count;
+                m.crf = u.crf;
+                self.by_priority.insert((Prio(u.priority), u.id));
+            }
+        }
+        for m in &changes.inserted {
+            self.load(
+                m.id,
+                &m.key,
+                Meta {
+                    created: m.created,
+                    last_access: m.last_access,
+                    access_count: m.access_count,
+                    crf: m.crf,
+                    tags: m.tags.clone(),
+                },
+            )?;
+        }
+        self.next_id = changes.next_id;
+        self.counters = changes.counters;
+        Ok(())
+    }
+
+    /// Checks that every id is present.
+    pub fn check_ids(&self, ids: &[MemoryId]) -> Result<()> {
+        match ids.iter().find(|id| !self.pos.contains_key(id)) {
+            Some(&id) => Err(Error::UnknownId(id)),
+            None => Ok(()),
+        }
+    }
+
+    /// Which rows pass the filter.
+    fn mask(&self, filter: Option<&TagFilter>) -> Option<Vec<bool>> {
+        filter.map(|f| self.meta.iter().map(|m| f.matches(&m.tags)).collect())
+    }
+
+    fn scan(&self, q: &[f32], k: usize, rows: std::ops::Range<usize>, mask: Option<&[bool]>) -> Vec<Cand> {
+        let d = self.config.key_dim;
+        let metric = self.config.metric;
+        let mut heap: BinaryHeap<Cand> = BinaryHeap::with_capacity(k + 1);
+        for r in rows {
+            if let Some(m) = mask
+                && !m[r]
+            {
+                continue;
+            }
+            let c = Cand(math::distance(metric, q, &self.keys[r * d..(r + 1) * d]), self.ids[r]);
+            if heap.len() < k {
+                heap.push(c);
+            } else if let Some(top) = heap.peek()
+                && c < *top
+            {
+                heap.pop();
+                heap.push(c);
+            }
+        }
+        heap.into_vec()
+    }
+
+    fn topk(&self, q: &[f32], k: usize, mask: Option<&[bool]>, parallel_rows: bool) -> Vec<(f32, MemoryId)> {
+        let n = self.ids.len();
+        let mut all: Vec<Cand> = if parallel_rows && n > CHUNK {
+            (0..n.div_ceil(CHUNK))
+                .into_par_iter()
+                .flat_map_iter(|c| self.scan(q, k, c * CHUNK..((c + 1) * CHUNK).min(n), mask))
+                .collect()
+        } else {
+            self.scan(q, k, 0..n, mask)
+        };
+        all.sort();
+        all.truncate(k);
+        all.into_iter().map(|c| (c.0, c.1)).collect()
+    }
+
+    /// The exact `k` nearest memories of each query (distance, id), nearest
+    /// first, ties by id; only rows passing `filter`. Runs on all cores.
+    pub fn search(&self, queries: Vectors<'_>, k: usize, filter: Option<&TagFilter>) -> Vec<Vec<(f32, MemoryId)>> {
+        let mask = self.mask(filter);
+        let mask = mask.as_deref();
+        let n = queries.len();
+        let work = n * self.ids.len() * self.config.key_dim;
+        if work < 1 << 18 {
+            (0..n).map(|i| self.topk(queries.row(i), k, mask, false)).collect()
+        } else if n >= 2 * rayon::current_num_threads() {
+            (0..n)
+                .into_par_iter()
+                .map(|i| self.topk(queries.row(i), k, mask, false))
+                .collect()
+        } else {
+            (0..n).map(|i| self.topk(queries.row(i), k, mask, true)).collect()
+        }
+    }
+
+    /// Builds fixed-shape [`Neighbors`] from search rows, keys from the index
+    /// and values from `values` (which must hold every id found).
+    pub fn assemble(
+        &self,
+        rows: &[Vec<(f32, MemoryId)>],
+        k: usize,
+        values: &HashMap<MemoryId, Vec<f32>>,
+    ) -> Result<Neighbors> {
+        let mut out = Neighbors::empty(rows.len(), k, self.config.key_dim, self.config.value_dim);
+        for (i, row) in rows.iter().enumerate() {
+            for (j, &(d, id)) in row.iter().enumerate() {
+                let key = self.key(id).ok_or(Error::UnknownId(id))?;
+                let value = values
+                    .get(&id)
+                    .ok_or_else(|| Error::Corrupt(format!("no value stored for memory {id}")))?;
+                out.set(i, j, id, d, key, value);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Plans an insert of a validated batch at `tick`, with capacity eviction.
+    pub fn plan_insert(&self, batch: &Batch<'_>, tick: Tick) -> Result<Changes> {
+        batch.check(&self.config)?;
+        let mut ov = Overlay::new(self);
+        for i in 0..batch.len() {
+            ov.create(
+                batch.keys.row(i).to_vec(),
+                ValueExpr::Literal(i),
+                Meta {
+                    created: tick,
+                    last_access: tick,
+                    access_count: 1,
+                    crf: 1.0,
+                    tags: math::new_tags(batch.tags.row(i)),
+                },
+            );
+            ov.counters.inserted += 1;
+        }
+        if let Some(cap) = self.config.capacity {
+            ov.evict_to(cap);
+        }
+        ov.finish(batch, &HashMap::new())
+    }
+
+    /// Plans a delete (repeated ids count once).
+    pub fn plan_delete(&self, ids: &[MemoryId]) -> Result<Changes> {
+        self.check_ids(ids)?;
+        let unique: BTreeSet<MemoryId> = ids.iter().copied().collect();
+        let mut counters = self.counters;
+        counters.deleted += unique.len() as u64;
+        Ok(Changes {
+            removed: unique.into_iter().collect(),
+            next_id: self.next_id,
+            counters,
+            ..Changes::default()
+        })
+    }
+
+    /// Plans accesses at `tick` (a repeated id is accessed repeatedly).
+    pub fn plan_touch(&self, ids: &[MemoryId], tick: Tick) -> Result<Changes> {
+        self.check_ids(ids)?;
+        let mut ov = Overlay::new(self);
+        for &id in ids {
+            ov.access(id, tick);
+        }
+        ov.finish_without_values()
+    }
+
+    /// Plans a sparse value update given the current values of the ids.
+    pub fn plan_update_values(
+        &self,
+        ids: &[MemoryId],
+        deltas: Vectors<'_>,
+        current: &HashMap<MemoryId, Vec<f32>>,
+    ) -> Result<Changes> {
+        let mut new_values: BTreeMap<MemoryId, Vec<f32>> = BTreeMap::new();
+        for (i, id) in ids.iter().enumerate() {
+            let v = match new_values.get_mut(id) {
+                Some(v) => v,
+                None => {
+                    let cur = current
+                        .get(id)
+                        .ok_or_else(|| Error::Corrupt(format!("no value stored for memory {id}")))?;
+                    new_values.entry(*id).or_insert_with(|| cur.clone())
+                }
+            };
+            for (x, d) in v.iter_mut().zip(deltas.row(i)) {
+                *x += d;
+            }
+        }
+        for (id, v) in &new_values {
+            if let Some(c) = v.iter().position(|x| !x.is_finite()) {
+                let row = ids.iter().rposition(|x| x == id).unwrap_or(0);
+                return Err(Error::NonFinite {
+                    what: "values after update",
+                    row,
+                    col: c,
+                });
+            }
+        }
+        Ok(Changes {
+            values: new_values.into_iter().collect(),
+            next_id: self.next_id,
+            counters: self.counters,
+            ..Changes::default()
+        })
+    }
+
+    /// Validates a sparse value update's inputs (before fetching values).
+    pub fn check_update_values(&self, ids: &[MemoryId], deltas: Vectors<'_>) -> Result<()> {
+        deltas.check("deltas", self.config.value_dim)?;
+        if ids.len() != deltas.len() {
+            return Err(Error::Shape(format!("{} ids but {} deltas", ids.len(), deltas.len())));
+        }
+        self.check_ids(ids)
+    }
+
+    /// Plans eviction down to `target_len`.
+    pub fn plan_evict(&self, target_len: usize) -> Result<Changes> {
+        let mut ov = Overlay::new(self);
+        ov.evict_to(target_len);
+        ov.finish_without_values()
+    }
+
+    /// Plans `learn` (see [`crate::MemoryStore::learn`]). The plan names the
+    /// stored values it needs; [`LearnPlan::finish`] takes them.
+    pub fn plan_learn<'b>(&'b self, batch: Batch<'b>, tick: Tick, k: usize) -> Result<LearnPlan<'b>> {
+        if k == 0 {
+            return Err(Error::ZeroK);
+        }
+        batch.check(&self.config)?;
+        let cfg = &self.config;
+        let lambda = self.lambda();
+        let slack = k.max(8);
+        let k0 = k + slack;
+        let pre = self.search(batch.keys, k0, None);
+        let mut ov = Overlay::new(self);
+        let mut found_rows = Vec::with_capacity(batch.len());
+        for (i, pre_row) in pre.into_iter().enumerate() {
+            let key = batch.keys.row(i);
+            let removed_base = ov.removed.len();
+            // Nearest among stored memories still present.
+            let base: Vec<(f32, MemoryId)> = if removed_base > slack && pre_row.len() == k0 {
+                self.topk(key, k + removed_base, None, true)
+            } else {
+                pre_row
+            };
+            let mut found: Vec<(f32, MemoryId)> = base
+                .into_iter()
+                .filter(|(_, id)| !ov.removed.contains(id))
+                .take(k)
+                .collect();
+            // Nearest among memories created earlier in this batch.
+            for c in ov.created.iter().filter(|c| c.alive) {
+                found.push((math::distance(cfg.metric, key, &c.key), c.id));
+            }
+            found.sort_by(|a, b| math::neighbour_order(*a, *b));
+            found.truncate(k);
+
+            let close: Vec<(f32, MemoryId)> = found.iter().copied().filter(|(d, _)| *d < cfg.recombine).collect();
+            if !close.is_empty() {
+                let metas: Vec<(Meta, &[f32])> = close.iter().map(|(_, id)| ov.meta_and_key(*id)).collect();
+                let sources: Vec<MergeSource<'_>> = close
+                    .iter()
+                    .zip(&metas)
+                    .map(|((d, _), (m, key))| MergeSource {
+                        distance: *d,
+                        key,
+                        created: m.created,
+                        last_access: m.last_access,
+                        access_count: m.access_count,
+                        crf: m.crf,
+                        tags: &m.tags,
+                    })
+                    .collect();
+                let merged = math::merge(lambda, key, batch.tags.row(i), tick, &sources);
+                let expr = ValueExpr::Merge {
+                    row: i,
+                    parts: merged
+                        .weights
+                        .iter()
+                        .copied()
+                        .zip(close.iter().map(|(_, id)| *id))
+                        .collect(),
+                };
+                let meta = Meta {
+                    created: merged.created,
+                    last_access: merged.last_access,
+                    access_count: merged.access_count,
+                    crf: merged.crf,
+                    tags: merged.tags,
+                };
+                drop(sources);
+                drop(metas);
+                for (_, id) in &close {
+                    ov.remove(*id);
+                }
+                ov.create(merged.key, expr, meta);
+                ov.counters.merged += 1;
+            } else if found.iter().all(|(d, _)| *d > cfg.novelty) {
+                ov.create(
+                    key.to_vec(),
+                    ValueExpr::Literal(i),
+                    Meta {
+                        created: tick,
+                        last_access: tick,
+                        access_count: 1,
+                        crf: 1.0,
+                        tags: math::new_tags(batch.tags.row(i)),
+                    },
+                );
+                ov.counters.inserted += 1;
+            }
+            for &(d, id) in &found {
+                if d >= cfg.recombine && d <= cfg.novelty {
+                    ov.access(id, tick);
+                }
+            }
+            found_rows.push(found);
+        }
+        if let Some(cap) = cfg.capacity {
+            ov.evict_to(cap);
+        }
+        Ok(LearnPlan {
+            overlay: ov,
+            batch,
+            k,
+            found: found_rows,
+        })
+    }
+}
+
+/// How a new memory's value is obtained once stored values are at hand.
+enum ValueExpr {
+    /// Row `i` of the batch's values.
+    Literal(usize),
+    /// `weighted_mean(batch value row, weights · values of ids)`.
+    Merge { row: usize, parts: Vec<(f64, MemoryId)> },
+}
+
+struct Created {
+    id: MemoryId,
+    key: Vec<f32>,
+    value: ValueExpr,
+    meta: Meta,
+    alive: bool,
+}
+
+/// What an operation has done so far on top of the index.
+struct Overlay<'a> {
+    base: &'a MemoryIndex,
+    removed: HashSet<MemoryId>,
+    accessed: HashMap<MemoryId, (Tick, u64, f64)>,
+    created: Vec<Created>,
+    created_pos: HashMap<MemoryId, usize>,
+    next_id: MemoryId,
+    counters: Counters,
+}
+
+impl<'a> Overlay<'a> {
+    fn new(base: &'a MemoryIndex) -> Self {
+        Overlay {
+            base,
+            removed: HashSet::new(),
+            accessed: HashMap::new(),
+            created: Vec::new(),
+            created_pos: HashMap::new(),
+            next_id: base.next_id,
+            counters: base.counters,
+        }
+    }
+
+    fn create(&mut self, key: Vec<f32>, value: ValueExpr, meta: Meta) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.created_pos.insert(id, self.created.len());
+        self.created.push(Created {
+            id,
+            key,
+            value,
+            meta,
+            alive: true,
+        });
+    }
+
+    /// The current bookkeeping and key of a live memory.
+    fn meta_and_key(&self, id: MemoryId) -> (Meta, &[f32]) {
+        if let Some(&c) = self.created_pos.get(&id) {
+            let c = &self.created[c];
+            return (c.meta.clone(), &c.key);
+        }
+        let (Some(m), Some(key)) = (self.base.meta(id), self.base.key(id)) else {
+            unreachable!("overlay asked for memory {id} that the planner never found")
+        };
+        let mut m = m.clone();
+        if let Some(&(last, count, crf)) = self.accessed.get(&id) {
+            m.last_access = last;
+            m.access_count = count;
+            m.crf = crf;
+        }
+        (m, key)
+    }
+
+    fn access(&mut self, id: MemoryId, tick: Tick) {
+        let lambda = self.base.lambda();
+        if let Some(&c) = self.created_pos.get(&id) {
+            let m = &mut self.created[c].meta;
+            let (crf, last) = math::access(lambda, m.crf, m.last_access, tick);
+            m.crf = crf;
+            m.last_access = last;
+            m.access_count = m.access_count.saturating_add(1);
+            return;
+        }
+        let (m, _) = self.meta_and_key(id);
+        let (crf, last) = math::access(lambda, m.crf, m.last_access, tick);
+        self.accessed.insert(id, (last, m.access_count.saturating_add(1), crf));
+    }
+
+    fn remove(&mut self, id: MemoryId) {
+        if let Some(&c) = self.created_pos.get(&id) {
+            self.created[c].alive = false;
+        } else {
+            self.removed.insert(id);
+            self.accessed.remove(&id);
+        }
+    }
+
+    fn live_len(&self) -> usize {
+        self.base.len() - self.removed.len() + self.created.iter().filter(|c| c.alive).count()
+    }
+
+    /// Evicts the lowest-priority live memories until at most `target` remain.
+    fn evict_to(&mut self, target: usize) {
+        let need = self.live_len().saturating_sub(target);
+        if need == 0 {
+            return;
+        }
+        let lambda = self.base.lambda();
+        let mut cands: Vec<(f64, MemoryId)> = Vec::new();
+        let skip = self.removed.len() + self.accessed.len();
+        cands.extend(
+            self.base
+                .by_priority
+                .iter()
+                .filter(|(_, id)| !self.removed.contains(id) && !self.accessed.contains_key(id))
+                .take(need + skip)
+                .map(|(p, id)| (p.0, *id)),
+        );
+        for (&id, &(last, _, crf)) in &self.accessed {
+            cands.push((math::priority(lambda, crf, last), id));
+        }
+        for c in self.created.iter().filter(|c| c.alive) {
+            cands.push((math::priority(lambda, c.meta.crf, c.meta.last_access), c.id));
+        }
+        cands.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        for &(_, id) in cands.iter().take(need) {
+            self.remove(id);
+        }
+        self.counters.evicted += need as u64;
+    }
+
+    fn finish_without_values(self) -> Result<Changes> {
+        debug_assert!(self.created.is_empty());
+        let dummy = Batch::new(Vectors::new(&[], 1)?, Vectors::new(&[], 1)?);
+        self.finish(&dummy, &HashMap::new())
+    }
+
+    /// Evaluates new values and lists the changes.
+    fn finish(self, batch: &Batch<'_>, stored: &HashMap<MemoryId, Vec<f32>>) -> Result<Changes> {
+        let (changes, _) = self.finish_with_values(batch, stored)?;
+        Ok(changes)
+    }
+
+    fn finish_with_values(
+        self,
+        batch: &Batch<'_>,
+        stored: &HashMap<MemoryId, Vec<f32>>,
+    ) -> Result<(Changes, HashMap<MemoryId, Vec<f32>>)> {
+        let lambda = self.base.lambda();
+        let mut values: HashMap<MemoryId, Vec<f32>> = HashMap::new();
+        for c in &self.created {
+            let v = match &c.value {
+                ValueExpr::Literal(row) => batch.values.row(*row).to_vec(),
+                ValueExpr::Merge { row, parts } => {
+                    let mut srcs: Vec<(f64, &[f32])> = Vec::with_capacity(parts.len());
+                    for (w, id) in parts {
+                        let v = values
+                            .get(id)
+                            .or_else(|| stored.get(id))
+                            .ok_or_else(|| Error::Corrupt(format!("no value stored for memory {id}")))?;
+                        srcs.push((*w, v.as_slice()));
+                    }
+                    math::weighted_mean(batch.values.row(*row), srcs.into_iter())
+                }
+            };
+            values.insert(c.id, v);
+        }
+        let mut removed: Vec<MemoryId> = self.removed.into_iter().collect();
+        removed.sort_unstable();
+        let mut accessed: Vec<AccessUpdate> = self
+            .accessed
+            .into_iter()
+            .map(|(id, (last, count, crf))| AccessUpdate {
+                id,
+                last_access: last,
+                access_count: count,
+                crf,
+                priority: math::priority(lambda, crf, last),
+            })
+            .collect();
+        accessed.sort_by_key(|u| u.id);
+        let inserted = self
+            .created
+            .into_iter()
+            .filter(|c| c.alive)
+            .map(|c| Memory {
+                id: c.id,
+                value: values.get(&c.id).cloned().unwrap_or_default(),
+                key: c.key,
+                created: c.meta.created,
+                last_access: c.meta.last_access,
+                access_count: c.meta.access_count,
+                crf: c.meta.crf,
+                tags: c.meta.tags,
+            })
+            .collect();
+        Ok((
+            Changes {
+                removed,
+                accessed,
+                values: Vec::new(),
+                inserted,
+                next_id: self.next_id,
+                counters: self.counters,
+            },
+            values,
+        ))
+    }
+}
+
+/// A planned `learn`, waiting for the stored values it needs.
+pub struct LearnPlan<'a> {
+    overlay: Overlay<'a>,
+    batch: Batch<'a>,
+    k: usize,
+    found: Vec<Vec<(f32, MemoryId)>>,
+}
+
+impl LearnPlan<'_> {
+    /// The stored memories whose values the plan needs (neighbours and merge sources).
+    pub fn needed_values(&self) -> Vec<MemoryId> {
+        let mut ids: BTreeSet<MemoryId> = BTreeSet::new();
+        for row in &self.found {
+            for &(_, id) in row {
+                if self.overlay.base.contains(id) {
+                    ids.insert(id);
+                }
+            }
+        }
+        ids.into_iter().collect()
+    }
+
+    /// The changes to persist and the neighbours to return.
+    pub fn finish(self, stored: &HashMap<MemoryId, Vec<f32>>) -> Result<(Changes, Neighbors)> {
+        let base = self.overlay.base;
+        let cfg = base.config.clone();
+        let created_keys: HashMap<MemoryId, Vec<f32>> =
+            self.overlay.created.iter().map(|c| (c.id, c.key.clone())).collect();
+        let (changes, new_values) = self.overlay.finish_with_values(&self.batch, stored)?;
+        let mut out = Neighbors::empty(self.found.len(), self.k, cfg.key_dim, cfg.value_dim);
+        for (i, row) in self.found.iter().enumerate() {
+            for (j, &(d, id)) in row.iter().enumerate() {
+                let key = match base.key(id) {
+                    Some(k) => k,
+                    None => created_keys
+                        .get(&id)
+                        .map(|k| k.as_slice())
+                        .ok_or(Error::UnknownId(id))?,
+                };
+                let value = new_values
+                    .get(&id)
+                    .or_else(|| stored.get(&id))
+                    .ok_or_else(|| Error::Corrupt(format!("no value stored for memory {id}")))?;
+                out.set(i, j, id, d, key, value);
+            }
+        }
+        Ok((changes, out))
+    }
+}

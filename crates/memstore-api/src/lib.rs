@@ -1,0 +1,36 @@
+//! # memstore-api
+//!
+//! The interface of memstore, an embedded vector memory: a store of
+//! `(key, value)` pairs with access bookkeeping, searched by key distance.
+//! It is the durable memory behind discrete-memory layers of a transformer:
+//! feed-forward layers act as key-value memories (Geva et al., "Transformer
+//! Feed-Forward Layers Are Key-Value Memories", 2021), so memorisation can move
+//! out of the weights into a store that is searched, written and evicted.
+//!
+//! - [`MemoryStore`]: the async trait every backend implements, batched and
+//!   transactional (sqlx-style: one core trait, thin drivers behind it).
+//! - [`math`]: the arithmetic that defines behaviour — distances, LRFU
+//!   (Lee et al. 1999) and recombination — shared by all backends.
+//! - [`InMemoryStore`]: the plain reference model that property tests compare
+//!   every backend against (as redb does).
+//! - [`index::MemoryIndex`]: the in-process key index and write planner that
+//!   SQL backends keep beside their tables.
+//! - `testkit` (feature): the conformance suite every backend runs unchanged.
+
+mod error;
+pub mod index;
+pub mod math;
+mod reference;
+mod store;
+mod types;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+pub use error::{Error, Result};
+pub use reference::InMemoryStore;
+pub use store::MemoryStore;
+pub use types::{
+    Batch, Counters, EvictionPolicy, Memory, MemoryConfig, MemoryId, Metric, Neighbors, Stats, TagFilter, Tags, Tick,
+    Vectors,
+};

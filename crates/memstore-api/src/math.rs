@@ -1,0 +1,215 @@
+//! The arithmetic that defines the store's behaviour, shared by every backend
+//! so that they agree bit for bit: key distances, LRFU bookkeeping (Lee et al.,
+//! "LRFU: a spectrum of policies that subsumes the LRU and LFU policies", 1999),
+//! and the recombination of near-duplicate memories.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+
+use crate::{Metric, Tick};
+
+/// The distance between two keys under `metric` (see [`Metric`]).
+#[inline]
+pub fn distance(metric: Metric, a: &[f32], b: &[f32]) -> f32 {
+    match metric {
+        Metric::L2 => {
+            let mut s = 0.0f32;
+            for (x, y) in a.iter().zip(b) {
+                let d = x - y;
+                s += d * d;
+            }
+            s.sqrt()
+        }
+        Metric::InnerProduct => 1.0 - dot(a, b),
+        Metric::Cosine => {
+            let (mut ab, mut aa, mut bb) = (0.0f32, 0.0f32, 0.0f32);
+            for (x, y) in a.iter().zip(b) {
+                ab += x * y;
+                aa += x * x;
+                bb += y * y;
+            }
+            if aa == 0.0 || bb == 0.0 {
+                1.0
+            } else {
+                1.0 - ab / (aa.sqrt() * bb.sqrt())
+            }
+        }
+    }
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut s = 0.0f32;
+    for (x, y) in a.iter().zip(b) {
+        s += x * y;
+    }
+    s
+}
+
+/// The total order of search results: by distance, then by id.
+#[inline]
+pub fn neighbour_order(a: (f32, u64), b: (f32, u64)) -> Ordering {
+    a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
+}
+
+/// `2^(−λ·Δt)`, the LRFU weighting of an access `Δt` ticks ago.
+#[inline]
+pub fn decay(lambda: f64, dt: u64) -> f64 {
+    (-lambda * dt as f64).exp2()
+}
+
+/// The CRF after an access at `now` of a memory last accessed at `last` with
+/// CRF `crf`: `1 + 2^(−λ·(now − last))·crf`. Returns `(crf, last_access)`;
+/// a `now` older than `last` counts as no time passed.
+#[inline]
+pub fn access(lambda: f64, crf: f64, last: Tick, now: Tick) -> (f64, Tick) {
+    (1.0 + decay(lambda, now.saturating_sub(last)) * crf, last.max(now))
+}
+
+/// The CRF of a memory at `now` without a new access: `2^(−λ·(now − last))·crf`.
+#[inline]
+pub fn decayed(lambda: f64, crf: f64, last: Tick, now: Tick) -> f64 {
+    decay(lambda, now.saturating_sub(last)) * crf
+}
+
+/// The eviction priority `log2(crf) + λ·last_access`. Its order equals the order
+/// of decayed CRFs at any common "now", so eviction is an index scan: the
+/// victim is the lowest priority (ties: lowest id).
+#[inline]
+pub fn priority(lambda: f64, crf: f64, last: Tick) -> f64 {
+    crf.log2() + lambda * last as f64
+}
+
+/// One original taking part in a recombination.
+#[derive(Clone, Copy, Debug)]
+pub struct MergeSource<'a> {
+    /// Distance from the observation.
+    pub distance: f32,
+    /// The original's key.
+    pub key: &'a [f32],
+    /// Its creation tick.
+    pub created: Tick,
+    /// Its last access.
+    pub last_access: Tick,
+    /// Its access count.
+    pub access_count: u64,
+    /// Its CRF.
+    pub crf: f64,
+    /// Its tags.
+    pub tags: &'a BTreeMap<String, u64>,
+}
+
+/// The memory that results from merging an observation with near-duplicates.
+/// Its value is `weighted_mean(observed value, weights · source values)`,
+/// computed by the caller once the source values are at hand.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Merged {
+    /// exp(−distance)-weighted mean key, the observation weighing 1.
+    pub key: Vec<f32>,
+    /// The weight exp(−distanceᵢ) of each source, in order.
+    pub weights: Vec<f64>,
+    /// Oldest creation tick among the originals (and `tick`).
+    pub created: Tick,
+    /// `tick` (or a later access of an original, if ticks went backwards).
+    pub last_access: Tick,
+    /// Sum of the originals' counts plus one for the observation.
+    pub access_count: u64,
+    /// `1 + Σ decayed(crfᵢ)`: the merged histories plus this access.
+    pub crf: f64,
+    /// Union of tags, counts summed, the observation's tags counting 1 each.
+    pub tags: BTreeMap<String, u64>,
+}
+
+/// Weighted mean `(obs + Σ wᵢ·xᵢ) / (1 + Σ wᵢ)`, computed in f64.
+pub fn weighted_mean<'a>(obs: &[f32], parts: impl Iterator<Item = (f64, &'a [f32])>) -> Vec<f32> {
+    let mut acc: Vec<f64> = obs.iter().map(|&x| x as f64).collect();
+    let mut total = 1.0f64;
+    for (w, x) in parts {
+        total += w;
+        for (a, &v) in acc.iter_mut().zip(x) {
+            *a += w * v as f64;
+        }
+    }
+    acc.into_iter().map(|a| (a / total) as f32).collect()
+}
+
+/// Merges an observation (`key` and `tags`, seen at `tick`) with `sources`.
+pub fn merge(lambda: f64, key: &[f32], tags: &[String], tick: Tick, sources: &[MergeSource<'_>]) -> Merged {
+    let weights: Vec<f64> = sources.iter().map(|s| (-(s.distance as f64)).exp()).collect();
+    let mkey = weighted_mean(key, weights.iter().copied().zip(sources.iter().map(|s| s.key)));
+    let mut mtags = BTreeMap::new();
+    let mut created = tick;
+    let mut access_count = 1u64;
+    let mut last = tick;
+    for s in sources {
+        created = created.min(s.created);
+        access_count = access_count.saturating_add(s.access_count);
+        last = last.max(s.last_access);
+        for (t, c) in s.tags {
+            *mtags.entry(t.clone()).or_insert(0u64) += c;
+        }
+    }
+    let mut crf = 1.0f64;
+    for s in sources {
+        crf += decayed(lambda, s.crf, s.last_access, last);
+    }
+    add_tags(&mut mtags, tags);
+    Merged {
+        key: mkey,
+        weights,
+        created,
+        last_access: last,
+        access_count,
+        crf,
+        tags: mtags,
+    }
+}
+
+/// Adds one to the count of each tag (a tag listed twice counts twice).
+pub fn add_tags(into: &mut BTreeMap<String, u64>, tags: &[String]) {
+    for t in tags {
+        *into.entry(t.clone()).or_insert(0) += 1;
+    }
+}
+
+/// The tags of a newly inserted row.
+pub fn new_tags(tags: &[String]) -> BTreeMap<String, u64> {
+    let mut m = BTreeMap::new();
+    add_tags(&mut m, tags);
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distances() {
+        let a = [3.0, 4.0];
+        let z = [0.0, 0.0];
+        assert_eq!(distance(Metric::L2, &a, &z), 5.0);
+        assert_eq!(distance(Metric::InnerProduct, &a, &[1.0, 0.0]), -2.0);
+        assert!((distance(Metric::Cosine, &a, &[6.0, 8.0])).abs() < 1e-7);
+        assert_eq!(distance(Metric::Cosine, &a, &z), 1.0);
+        assert!((distance(Metric::Cosine, &[1.0, 0.0], &[0.0, 2.0]) - 1.0).abs() < 1e-7);
+    }
+
+    #[test]
+    fn lrfu_limits() {
+        // λ = 0: CRF counts accesses (LFU).
+        let (c, _) = access(0.0, 3.0, 5, 100);
+        assert_eq!(c, 4.0);
+        // λ = 1: an access one tick later halves the history.
+        let (c, l) = access(1.0, 2.0, 5, 6);
+        assert_eq!((c, l), (2.0, 6));
+        // The priority order equals the decayed-CRF order at any later time.
+        let (a, b) = ((3.0, 10u64), (1.5, 12u64));
+        for now in [12u64, 20, 100] {
+            let da = decayed(0.3, a.0, a.1, now);
+            let db = decayed(0.3, b.0, b.1, now);
+            let pa = priority(0.3, a.0, a.1);
+            let pb = priority(0.3, b.0, b.1);
+            assert_eq!(da < db, pa < pb);
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! The `MemoryStore` trait: the one interface every backend implements.
+
+use async_trait::async_trait;
+
+use crate::{Batch, Memory, MemoryConfig, MemoryId, Neighbors, Result, Stats, TagFilter, Tick, Vectors};
+
+/// A batched, durable key-value memory with top-k search.
+///
+/// Every method is one transaction: it either happens whole or, on error,
+/// changes nothing. Reads (`search`, `get`, `len`, `stats`) run in parallel
+/// and never change access bookkeeping; `touch` and `learn` do.
+#[async_trait]
+pub trait MemoryStore: Send + Sync {
+    /// The store's configuration.
+    fn config(&self) -> &MemoryConfig;
+
+    /// The `k` nearest memories of each query, nearest first (ties by id),
+    /// restricted to those passing `filter`. Rows are padded with empty slots
+    /// when fewer than `k` memories match.
+    async fn search(&self, queries: Vectors<'_>, k: usize, filter: Option<&TagFilter>) -> Result<Neighbors>;
+
+    /// Inserts the rows as new memories created and accessed at `tick`; returns
+    /// their ids in row order. With a capacity set, evicts down to it afterwards
+    /// (a batch larger than the capacity may evict some of its own rows).
+    async fn insert(&self, batch: Batch<'_>, tick: Tick) -> Result<Vec<MemoryId>>;
+
+    /// The memories with these ids, in the order asked.
+    async fn get(&self, ids: &[MemoryId]) -> Result<Vec<Memory>>;
+
+    /// Deletes these memories (repeated ids count once); returns how many were deleted.
+    async fn delete(&self, ids: &[MemoryId]) -> Result<usize>;
+
+    /// Adds row `i` of `deltas` to the value of `ids[i]` (a repeated id gets
+    /// every delta): the sparse value update a model applies.
+    async fn update_values(&self, ids: &[MemoryId], deltas: Vectors<'_>) -> Result<()>;
+
+    /// Records an access at `tick` of each id (a repeated id is accessed repeatedly).
+    async fn touch(&self, ids: &[MemoryId], tick: Tick) -> Result<()>;
+
+    /// The associative-memory step, row by row in one transaction: find the `k`
+    /// nearest memories of the key; merge the observation with every neighbour
+    /// closer than `recombine` (see [`crate::math::merge`]); otherwise insert it
+    /// when every neighbour is farther than `novelty` (or there is none); touch
+    /// the neighbours in between. Row `i` sees the effects of rows before it.
+    /// Evicts down to the capacity at the end. Returns each row's neighbours as
+    /// found before its update.
+    async fn learn(&self, batch: Batch<'_>, tick: Tick, k: usize) -> Result<Neighbors>;
+
+    /// Evicts the lowest-priority memories (LRFU) until at most `target_len`
+    /// remain; returns how many were evicted.
+    async fn evict(&self, target_len: usize) -> Result<usize>;
+
+    /// Number of memories.
+    async fn len(&self) -> Result<usize>;
+
+    /// Whether the store is empty.
+    async fn is_empty(&self) -> Result<bool> {
+        Ok(self.len().await? == 0)
+    }
+
+    /// Counts, totals and lifetime counters.
+    async fn stats(&self) -> Result<Stats>;
+
+    /// Makes everything committed so far durable on the medium.
+    async fn flush(&self) -> Result<()>;
+}

@@ -1,0 +1,1116 @@
+//! The conformance cases. Each takes a maker of fresh harnesses; see
+//! [`crate::conformance_suite!`] for how a backend runs them all.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use proptest::prelude::{Just, Strategy, any, prop_oneof};
+use proptest::test_runner::{Config as PropConfig, TestRunner};
+
+use super::Harness;
+use super::util::*;
+use crate::{
+    Batch, Error, EvictionPolicy, InMemoryStore, MemoryConfig, MemoryId, MemoryStore, Metric, Neighbors, TagFilter,
+    Tags,
+};
+
+/// A maker of fresh harnesses (each one an empty location).
+pub type Make<'a, H> = &'a (dyn Fn() -> H + Sync);
+
+async fn fresh<H: Harness>(make: Make<'_, H>, config: MemoryConfig) -> (H, H::Store) {
+    let h = make();
+    let s = h.open(config).await.expect("open a fresh store");
+    (h, s)
+}
+
+async fn reopen<H: Harness>(h: &H, s: H::Store, config: MemoryConfig) -> H::Store {
+    h.close(s).await.expect("close");
+    h.open(config).await.expect("reopen")
+}
+
+fn lambda_cfg(dk: usize, dv: usize, lambda: f64) -> MemoryConfig {
+    cfg(dk, dv).with_eviction(EvictionPolicy::Lrfu { lambda })
+}
+
+/// The configuration survives and is reported unchanged.
+pub async fn config_is_kept<H: Harness>(make: Make<'_, H>) {
+    let c = cfg(3, 2)
+        .with_metric(Metric::Cosine)
+        .with_capacity(100)
+        .with_eviction(EvictionPolicy::Lrfu { lambda: 0.25 })
+        .with_thresholds(0.1, 0.4);
+    let (h, s) = fresh(make, c.clone()).await;
+    assert_eq!(s.config(), &c);
+    ins(&s, &[1.0, 0.0, 0.0], &[1.0, 2.0], 1).await;
+    let s = reopen(&h, s, c.clone()).await;
+    assert_eq!(s.config(), &c);
+    assert_eq!(s.len().await.unwrap(), 1);
+}
+
+/// Impossible configurations are refused with `InvalidConfig`.
+pub async fn invalid_config_is_rejected<H: Harness>(make: Make<'_, H>) {
+    let bad = [
+        cfg(0, 2),
+        cfg(2, 0),
+        cfg(2, 2).with_thresholds(0.5, 0.1),
+        cfg(2, 2).with_thresholds(0.0, f32::NAN),
+        cfg(2, 2).with_capacity(0),
+        cfg(2, 2).with_eviction(EvictionPolicy::Lrfu { lambda: -1.0 }),
+        cfg(2, 2).with_eviction(EvictionPolicy::Lrfu { lambda: f64::INFINITY }),
+    ];
+    for c in bad {
+        let h = make();
+        match h.open(c.clone()).await {
+            Err(Error::InvalidConfig(_)) => {}
+            Err(e) => panic!("{c:?}: expected InvalidConfig, got {e}"),
+            Ok(_) => panic!("{c:?}: accepted an invalid configuration"),
+        }
+    }
+}
+
+async fn reopen_mismatch<H: Harness>(make: Make<'_, H>, other: MemoryConfig, field: &str) {
+    let c = cfg(4, 2);
+    let (h, s) = fresh(make, c.clone()).await;
+    let ids = ins(&s, &[1.0, 2.0, 3.0, 4.0], &[5.0, 6.0], 3).await;
+    let before = s.get(&ids).await.unwrap();
+    h.close(s).await.unwrap();
+    match h.open(other).await {
+        Err(Error::ConfigMismatch { field: f, .. }) => assert_eq!(f, field),
+        Err(e) => panic!("expected ConfigMismatch on {field}, got {e}"),
+        Ok(_) => panic!("reopened with a different {field}"),
+    }
+    let s = h.open(c).await.expect("the original config still opens");
+    assert_eq!(s.get(&ids).await.unwrap(), before);
+}
+
+/// Reopening with another key dimension is a typed error and changes nothing.
+pub async fn reopen_with_other_key_dim_fails<H: Harness>(make: Make<'_, H>) {
+    reopen_mismatch(make, cfg(8, 2), "key_dim").await;
+}
+
+/// Reopening with another value dimension is a typed error.
+pub async fn reopen_with_other_value_dim_fails<H: Harness>(make: Make<'_, H>) {
+    reopen_mismatch(make, cfg(4, 3), "value_dim").await;
+}
+
+/// Reopening with another metric is a typed error.
+pub async fn reopen_with_other_metric_fails<H: Harness>(make: Make<'_, H>) {
+    reopen_mismatch(make, cfg(4, 2).with_metric(Metric::Cosine), "metric").await;
+}
+
+/// After a mix of every write, reopening returns exactly what was committed,
+/// and ids keep increasing.
+pub async fn reopen_keeps_everything<H: Harness>(make: Make<'_, H>) {
+    let c = cfg(2, 2).with_thresholds(0.3, 1.0).with_capacity(50);
+    let (h, s) = fresh(make, c.clone()).await;
+    let mut rng = Rng::new(7);
+    let keys: Vec<f32> = rng.vecs(30, 2).iter().map(|x| x * 10.0).collect();
+    let vals = rng.vecs(30, 2);
+    let t: Vec<Vec<String>> = (0..30)
+        .map(|i| tags(&[if i % 2 == 0 { "even" } else { "odd" }]))
+        .collect();
+    let ids = ins_tagged(&s, &keys, &vals, &t, 1).await;
+    s.touch(&ids[..5], 2).await.unwrap();
+    s.update_values(&ids[5..7], v(&[0.5, 0.5, -1.0, 2.0], 2)).await.unwrap();
+    s.delete(&ids[7..9]).await.unwrap();
+    let lk = [keys[20] + 0.1, keys[21], 100.0, 100.0, keys[30] + 0.5, keys[31]];
+    s.learn(
+        Batch::new(v(&lk, 2), v(&[1.0; 6], 2)).with_tags(Tags::Same(&tags(&["l"]))),
+        3,
+        4,
+    )
+    .await
+    .unwrap();
+    s.evict(25).await.unwrap();
+    let q = rng.vecs(5, 2);
+    let res_before = s.search(v(&q, 2), 4, None).await.unwrap();
+    let (mems, stats) = dump(&s).await;
+    s.flush().await.unwrap();
+    let s = reopen(&h, s, c).await;
+    let (mems2, stats2) = dump(&s).await;
+    assert_eq!(mems, mems2);
+    assert_eq!(stats, stats2);
+    assert_eq!(s.search(v(&q, 2), 4, None).await.unwrap(), res_before);
+    let new = ins(&s, &[0.0, 0.0], &[0.0, 0.0], 4).await;
+    assert_eq!(new, vec![stats.next_id], "ids are never reused across a reopen");
+}
+
+/// Tunable fields may change on reopen; a new LRFU λ reorders eviction.
+pub async fn reopen_with_new_tunables<H: Harness>(make: Make<'_, H>) {
+    let c = lambda_cfg(1, 1, 0.0);
+    let (h, s) = fresh(make, c.clone()).await;
+    let a = ins(&s, &[0.0], &[0.0], 1).await[0];
+    let b = ins(&s, &[1.0], &[0.0], 1).await[0];
+    s.touch(&[a, a, a], 1).await.unwrap();
+    s.touch(&[b], 10).await.unwrap();
+    // Under LFU (λ = 0) `b` (2 accesses) would go before `a` (4); under LRU `a` goes.
+    let c2 = lambda_cfg(1, 1, 1.0).with_thresholds(0.0, 5.0).with_capacity(10);
+    let s = reopen(&h, s, c2.clone()).await;
+    assert_eq!(s.config(), &c2);
+    assert_eq!(s.evict(1).await.unwrap(), 1);
+    assert!(
+        s.get(&[a]).await.is_err(),
+        "the least recent memory is evicted under the new λ"
+    );
+    assert!(s.get(&[b]).await.is_ok());
+}
+
+/// Ids are assigned in row order, increase across batches and are never reused.
+pub async fn insert_assigns_increasing_ids<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(1, 1)).await;
+    assert_eq!(ins(&s, &[1.0, 2.0, 3.0], &[0.0; 3], 1).await, vec![1, 2, 3]);
+    assert_eq!(ins(&s, &[4.0, 5.0], &[0.0; 2], 1).await, vec![4, 5]);
+    assert_eq!(s.delete(&[5]).await.unwrap(), 1);
+    assert_eq!(ins(&s, &[6.0], &[0.0], 2).await, vec![6]);
+}
+
+/// `get` returns keys, values, bookkeeping and tag counts, in the order asked.
+pub async fn get_returns_what_was_inserted<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(2, 3)).await;
+    let t = vec![tags(&["a", "a", "b"]), vec![]];
+    let ids = ins_tagged(&s, &[1.0, 2.0, 3.0, 4.0], &[5.0, 6.0, 7.0, 8.0, 9.0, 10.0], &t, 42).await;
+    let got = s.get(&[ids[1], ids[0]]).await.unwrap();
+    assert_eq!(got[0].id, ids[1]);
+    assert_eq!(got[0].key, vec![3.0, 4.0]);
+    assert_eq!(got[0].value, vec![8.0, 9.0, 10.0]);
+    assert!(got[0].tags.is_empty());
+    let m = &got[1];
+    assert_eq!(
+        (m.id, m.created, m.last_access, m.access_count, m.crf),
+        (ids[0], 42, 42, 1, 1.0)
+    );
+    assert_eq!(m.key, vec![1.0, 2.0]);
+    assert_eq!(m.value, vec![5.0, 6.0, 7.0]);
+    assert_eq!(m.tags, BTreeMap::from([("a".to_string(), 2), ("b".to_string(), 1)]));
+}
+
+/// Unknown ids are a typed error naming the id.
+pub async fn get_unknown_id_fails<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(1, 1)).await;
+    ins(&s, &[1.0], &[1.0], 1).await;
+    assert!(matches!(s.get(&[1, 999]).await, Err(Error::UnknownId(999))));
+    assert!(matches!(s.get(&[0]).await, Err(Error::UnknownId(0))));
+}
+
+/// An empty batch is accepted and changes nothing.
+pub async fn insert_empty_batch<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(2, 2)).await;
+    assert!(ins(&s, &[], &[], 1).await.is_empty());
+    assert_eq!(s.len().await.unwrap(), 0);
+    assert_eq!(s.stats().await.unwrap().next_id, 1);
+    assert_eq!(ins(&s, &[1.0, 1.0], &[1.0, 1.0], 1).await, vec![1]);
+}
+
+/// Keys of the wrong dimension are refused.
+pub async fn insert_rejects_key_dim_mismatch<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(4, 2)).await;
+    let r = s.insert(Batch::new(v(&[1.0; 3], 3), v(&[1.0; 2], 2)), 1).await;
+    assert!(
+        matches!(
+            r,
+            Err(Error::DimensionMismatch {
+                what: "keys",
+                expected: 4,
+                got: 3
+            })
+        ),
+        "{r:?}"
+    );
+    assert_eq!(s.len().await.unwrap(), 0);
+}
+
+/// Values of the wrong dimension are refused.
+pub async fn insert_rejects_value_dim_mismatch<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(4, 2)).await;
+    let r = s.insert(Batch::new(v(&[1.0; 4], 4), v(&[1.0; 3], 3)), 1).await;
+    assert!(
+        matches!(
+            r,
+            Err(Error::DimensionMismatch {
+                what: "values",
+                expected: 2,
+                got: 3
+            })
+        ),
+        "{r:?}"
+    );
+    assert!(matches!(crate::Vectors::new(&[1.0; 5], 2), Err(Error::Shape(_))));
+}
+
+/// Keys and values must have the same number of rows.
+pub async fn insert_rejects_row_count_mismatch<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(1, 1)).await;
+    let r = s.insert(Batch::new(v(&[1.0, 2.0], 1), v(&[1.0], 1)), 1).await;
+    assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
+    assert_eq!(s.len().await.unwrap(), 0);
+}
+
+/// NaN and infinities are refused, naming where they are.
+pub async fn insert_rejects_non_finite<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(2, 1)).await;
+    let keys = [0.0, 0.0, 1.0, 1.0, 2.0, f32::NAN];
+    let r = s.insert(Batch::new(v(&keys, 2), v(&[0.0; 3], 1)), 1).await;
+    assert!(
+        matches!(
+            r,
+            Err(Error::NonFinite {
+                what: "keys",
+                row: 2,
+                col: 1
+            })
+        ),
+        "{r:?}"
+    );
+    let r = s.insert(Batch::new(v(&[0.0; 2], 2), v(&[f32::INFINITY], 1)), 1).await;
+    assert!(
+        matches!(
+            r,
+            Err(Error::NonFinite {
+                what: "values",
+                row: 0,
+                col: 0
+            })
+        ),
+        "{r:?}"
+    );
+    assert_eq!(s.len().await.unwrap(), 0);
+}
+
+/// Per-row tags must match the row count.
+pub async fn insert_rejects_bad_tag_count<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(1, 1)).await;
+    let t = vec![tags(&["a"])];
+    let r = s
+        .insert(
+            Batch::new(v(&[1.0, 2.0], 1), v(&[1.0, 2.0], 1)).with_tags(Tags::PerRow(&t)),
+            1,
+        )
+        .await;
+    assert!(matches!(r, Err(Error::TagCount { got: 1, rows: 2 })), "{r:?}");
+    assert_eq!(s.len().await.unwrap(), 0);
+}
+
+/// A rejected batch leaves every memory, counter and the id sequence untouched.
+pub async fn rejected_batches_change_nothing<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(2, 1).with_thresholds(0.5, 1.0).with_capacity(3)).await;
+    ins(&s, &[0.0, 0.0, 5.0, 5.0], &[1.0, 2.0], 1).await;
+    let before = dump(&s).await;
+    let nan = [1.0, 1.0, f32::NAN, 0.0];
+    assert!(s.insert(Batch::new(v(&nan, 2), v(&[0.0, 0.0], 1)), 2).await.is_err());
+    assert!(s.learn(Batch::new(v(&nan, 2), v(&[0.0, 0.0], 1)), 2, 2).await.is_err());
+    assert!(
+        s.learn(Batch::new(v(&[0.0, 0.1], 2), v(&[0.0], 1)), 2, 0)
+            .await
+            .is_err()
+    );
+    assert!(s.delete(&[1, 77]).await.is_err());
+    assert!(s.touch(&[2, 77], 3).await.is_err());
+    assert!(s.update_values(&[1, 77], v(&[1.0, 1.0], 1)).await.is_err());
+    assert!(s.update_values(&[1, 2], v(&[1.0, f32::NAN], 1)).await.is_err());
+    assert_eq!(dump(&s).await, before);
+    assert_eq!(ins(&s, &[9.0, 9.0], &[0.0], 4).await, vec![3]);
+}
+
+fn check_against_oracle(
+    metric: Metric,
+    mems: &[(MemoryId, Vec<f32>)],
+    q: &[f32],
+    dk: usize,
+    k: usize,
+    got: &Neighbors,
+) {
+    let n = q.len() / dk;
+    for i in 0..n {
+        let qi = &q[i * dk..(i + 1) * dk];
+        let want = oracle_topk(metric, mems, qi, k);
+        for j in 0..k {
+            match want.get(j) {
+                None => assert_eq!(got.id(i, j), None, "query {i} slot {j} should be empty"),
+                Some(&(_, wd)) => {
+                    let id = got.id(i, j).unwrap_or_else(|| panic!("query {i} slot {j} is empty"));
+                    let key = &mems.iter().find(|(m, _)| *m == id).expect("a stored id").1;
+                    let d = oracle_distance(metric, qi, key);
+                    assert!(
+                        (d - wd).abs() < 1e-4,
+                        "query {i} slot {j}: id {id} at {d}, expected distance {wd}"
+                    );
+                    assert!((got.distance(i, j) as f64 - d).abs() < 1e-4, "reported distance is off");
+                    assert_eq!(got.key(i, j), key.as_slice());
+                }
+            }
+        }
+    }
+}
+
+async fn search_matches<H: Harness>(make: Make<'_, H>, metric: Metric, n: usize, dk: usize, q: usize, k: usize) {
+    let (_h, s) = fresh(make, cfg(dk, 1).with_metric(metric)).await;
+    let mut rng = Rng::new(n as u64 * 31 + dk as u64);
+    let keys = rng.vecs(n, dk);
+    let mut ids = Vec::new();
+    for chunk in keys.chunks(4096 * dk) {
+        ids.extend(ins(&s, chunk, &vec![0.0; chunk.len() / dk], 1).await);
+    }
+    let mems: Vec<(MemoryId, Vec<f32>)> = ids.iter().zip(keys.chunks(dk)).map(|(i, k)| (*i, k.to_vec())).collect();
+    let queries = rng.vecs(q, dk);
+    let got = s.search(v(&queries, dk), k, None).await.unwrap();
+    assert_eq!((got.n, got.k), (q, k));
+    check_against_oracle(metric, &mems, &queries, dk, k, &got);
+}
+
+/// L2 search returns the exact top-k.
+pub async fn search_l2_matches_brute_force<H: Harness>(make: Make<'_, H>) {
+    search_matches(make, Metric::L2, 300, 8, 20, 5).await;
+}
+
+/// Cosine search returns the exact top-k.
+pub async fn search_cosine_matches_brute_force<H: Harness>(make: Make<'_, H>) {
+    search_matches(make, Metric::Cosine, 300, 8, 20, 5).await;
+}
+
+/// Inner-product search returns the exact top-k.
+pub async fn search_inner_product_matches_brute_force<H: Harness>(make: Make<'_, H>) {
+    search_matches(make, Metric::InnerProduct, 300, 8, 20, 5).await;
+}
+
+/// A batch of many queries (the parallel path) is exact.
+pub async fn search_large_batch_matches_brute_force<H: Harness>(make: Make<'_, H>) {
+    search_matches(make, Metric::L2, 2000, 16, 300, 8).await;
+}
+
+/// One query against a large store (the row-parallel path) is exact.
+pub async fn search_large_store_single_query<H: Harness>(make: Make<'_, H>) {
+    search_matches(make, Metric::L2, 20_000, 16, 1, 8).await;
+}
+
+/// Fewer memories than `k`: rows are padded with empty slots, never short.
+pub async fn search_pads_missing_slots<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(1, 2)).await;
+    ins(&s, &[1.0, 2.0, 3.0], &[1.0; 6], 1).await;
+    let r = s.search(v(&[0.0, 10.0], 1), 5, None).await.unwrap();
+    assert_eq!(
+        (r.n, r.k, r.ids.len(), r.distances.len(), r.keys.len(), r.values.len()),
+        (2, 5, 10, 10, 10, 20)
+    );
+    assert_eq!(r.row_ids(0), &[Some(1), Some(2), Some(3), None, None]);
+    assert_eq!(r.row_ids(1), &[Some(3), Some(2), Some(1), None, None]);
+    for i in 0..2 {
+        for j in 3..5 {
+            assert_eq!(r.distance(i, j), f32::INFINITY);
+            assert_eq!(r.key(i, j), &[0.0]);
+            assert_eq!(r.value(i, j), &[0.0, 0.0]);
+        }
+    }
+    assert_eq!(r.distance(1, 0), 7.0);
+}
+
+/// An empty store answers with empty slots.
+pub async fn search_empty_store<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(2, 1)).await;
+    let r = s.search(v(&[0.0, 0.0], 2), 3, None).await.unwrap();
+    assert_eq!(r.row_ids(0), &[None, None, None]);
+    assert!(r.distances.iter().all(|d| *d == f32::INFINITY));
+}
+
+/// `k = 0` is a typed error.
+pub async fn search_rejects_k_zero<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(2, 1)).await;
+    assert!(matches!(s.search(v(&[0.0, 0.0], 2), 0, None).await, Err(Error::ZeroK)));
+}
+
+/// Queries of the wrong dimension or with NaN are refused.
+pub async fn search_rejects_bad_queries<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(2, 1)).await;
+    ins(&s, &[0.0, 0.0], &[0.0], 1).await;
+    let r = s.search(v(&[0.0, 0.0, 0.0], 3), 1, None).await;
+    assert!(
+        matches!(
+            r,
+            Err(Error::DimensionMismatch {
+                what: "queries",
+                expected: 2,
+                got: 3
+            })
+        ),
+        "{r:?}"
+    );
+    let r = s.search(v(&[0.0, f32::NAN], 2), 1, None).await;
+    assert!(
+        matches!(
+            r,
+            Err(Error::NonFinite {
+                what: "queries",
+                row: 0,
+                col: 1
+            })
+        ),
+        "{r:?}"
+    );
+}
+
+/// Results carry each memory's key and current value.
+pub async fn search_returns_keys_and_values<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(2, 3)).await;
+    let mut rng = Rng::new(3);
+    let keys = rng.vecs(50, 2);
+    let vals = rng.vecs(50, 3);
+    let ids = ins(&s, &keys, &vals, 1).await;
+    s.update_values(&ids[..10], v(&[1.0; 30], 3)).await.unwrap();
+    let q = rng.vecs(10, 2);
+    let r = s.search(v(&q, 2), 6, None).await.unwrap();
+    for i in 0..10 {
+        for j in 0..6 {
+            let id = r.id(i, j).unwrap();
+            let m = &s.get(&[id]).await.unwrap()[0];
+            assert_eq!(r.key(i, j), m.key.as_slice());
+            assert_eq!(r.value(i, j), m.value.as_slice());
+        }
+    }
+}
+
+/// A tag filter is applied during the search: k matches come back even when
+/// many nearer memories do not match.
+pub async fn search_filter_any_returns_k<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(1, 1)).await;
+    let near: Vec<f32> = (0..200).map(|i| i as f32 * 0.01).collect();
+    ins(&s, &near, &vec![0.0; 200], 1).await;
+    let far: Vec<f32> = (0..10).map(|i| 100.0 + i as f32).collect();
+    let t: Vec<Vec<String>> = (0..10).map(|_| tags(&["far"])).collect();
+    let far_ids = ins_tagged(&s, &far, &[1.0; 10], &t, 1).await;
+    let r = s
+        .search(v(&[0.0], 1), 5, Some(&TagFilter::Any(tags(&["far", "nope"]))))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.row_ids(0),
+        far_ids[..5].iter().map(|i| Some(*i)).collect::<Vec<_>>().as_slice()
+    );
+    assert_eq!(r.distance(0, 0), 100.0);
+    let r = s
+        .search(v(&[0.0], 1), 12, Some(&TagFilter::Any(tags(&["far"]))))
+        .await
+        .unwrap();
+    assert_eq!(r.row_ids(0).iter().flatten().count(), 10);
+    assert_eq!(r.id(0, 10), None);
+}
+
+/// `All` requires every tag; `Any` one of them.
+pub async fn search_filter_all<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(1, 1)).await;
+    let t = vec![tags(&["a"]), tags(&["b"]), tags(&["a", "b"]), vec![]];
+    let ids = ins_tagged(&s, &[1.0, 2.0, 3.0, 4.0], &[0.0; 4], &t, 1).await;
+    let all = s
+        .search(v(&[0.0], 1), 4, Some(&TagFilter::All(tags(&["a", "b"]))))
+        .await
+        .unwrap();
+    assert_eq!(all.row_ids(0), &[Some(ids[2]), None, None, None]);
+    let any = s
+        .search(v(&[0.0], 1), 4, Some(&TagFilter::Any(tags(&["a", "b"]))))
+        .await
+        .unwrap();
+    assert_eq!(any.row_ids(0), &[Some(ids[0]), Some(ids[1]), Some(ids[2]), None]);
+}
+
+/// A tag nobody carries matches nothing (not an error).
+pub async fn search_filter_unknown_tag_is_empty<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(1, 1)).await;
+    ins_tagged(&s, &[1.0], &[0.0], &[tags(&["a"])], 1).await;
+    let r = s
+        .search(v(&[0.0], 1), 2, Some(&TagFilter::Any(tags(&["zzz"]))))
+        .await
+        .unwrap();
+    assert_eq!(r.row_ids(0), &[None, None]);
+}
+
+/// Searching does not change access bookkeeping.
+pub async fn search_does_not_touch<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(1, 1)).await;
+    let ids = ins(&s, &[1.0, 2.0], &[0.0, 0.0], 5).await;
+    let before = s.get(&ids).await.unwrap();
+    for _ in 0..3 {
+        s.search(v(&[1.0], 1), 2, None).await.unwrap();
+    }
+    assert_eq!(s.get(&ids).await.unwrap(), before);
+}
+
+/// Equal distances are ordered by id.
+pub async fn search_breaks_ties_by_id<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(2, 1)).await;
+    let ids = ins(&s, &[1.0, 1.0, 5.0, 5.0, 1.0, 1.0, 1.0, 1.0], &[0.0; 4], 1).await;
+    let r = s.search(v(&[1.0, 1.0], 2), 4, None).await.unwrap();
+    assert_eq!(r.row_ids(0), &[Some(ids[0]), Some(ids[2]), Some(ids[3]), Some(ids[1])]);
+}
+
+/// Deleted memories are gone from get, search and len; repeated ids count once.
+pub async fn delete_removes_memories<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(1, 1)).await;
+    let ids = ins(&s, &[1.0, 2.0, 3.0, 4.0], &[0.0; 4], 1).await;
+    assert_eq!(s.delete(&[ids[1], ids[1], ids[2]]).await.unwrap(), 2);
+    assert_eq!(s.len().await.unwrap(), 2);
+    assert!(matches!(s.get(&[ids[1]]).await, Err(Error::UnknownId(_))));
+    let r = s.search(v(&[2.5], 1), 4, None).await.unwrap();
+    assert_eq!(r.row_ids(0), &[Some(ids[0]), Some(ids[3]), None, None]);
+    assert_eq!(s.stats().await.unwrap().counters.deleted, 2);
+    assert_eq!(s.delete(&[]).await.unwrap(), 0);
+}
+
+/// A delete naming an unknown id fails whole.
+pub async fn delete_unknown_id_changes_nothing<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(1, 1)).await;
+    let ids = ins(&s, &[1.0, 2.0], &[0.0; 2], 1).await;
+    assert!(matches!(s.delete(&[ids[0], 999]).await, Err(Error::UnknownId(999))));
+    assert_eq!(s.len().await.unwrap(), 2);
+    s.delete(&[ids[0]]).await.unwrap();
+    assert!(
+        matches!(s.delete(&[ids[0]]).await, Err(Error::UnknownId(_))),
+        "deleting twice fails"
+    );
+}
+
+/// Deltas are added to stored values; a repeated id gets every delta.
+pub async fn update_values_adds_deltas<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(1, 2)).await;
+    let ids = ins(&s, &[1.0, 2.0], &[1.0, 2.0, 3.0, 4.0], 1).await;
+    s.update_values(&[ids[0], ids[1], ids[0]], v(&[0.5, 0.5, -3.0, 1.0, 0.25, -1.0], 2))
+        .await
+        .unwrap();
+    let got = s.get(&ids).await.unwrap();
+    assert_eq!(got[0].value, vec![1.75, 1.5]);
+    assert_eq!(got[1].value, vec![0.0, 5.0]);
+    assert_eq!(got[0].access_count, 1, "a value update is not an access");
+    let r = s.search(v(&[2.0], 1), 1, None).await.unwrap();
+    assert_eq!(r.value(0, 0), &[0.0, 5.0]);
+}
+
+/// Bad value updates are refused whole.
+pub async fn update_values_rejects_bad_input<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(1, 2)).await;
+    let ids = ins(&s, &[1.0, 2.0], &[1.0, 2.0, 3.0e38, 4.0], 1).await;
+    let before = dump(&s).await;
+    let r = s.update_values(&[ids[0], 9], v(&[1.0; 4], 2)).await;
+    assert!(matches!(r, Err(Error::UnknownId(9))), "{r:?}");
+    let r = s.update_values(&[ids[0]], v(&[1.0; 3], 3)).await;
+    assert!(
+        matches!(r, Err(Error::DimensionMismatch { what: "deltas", .. })),
+        "{r:?}"
+    );
+    let r = s.update_values(&[ids[0], ids[1]], v(&[1.0; 2], 2)).await;
+    assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
+    let r = s.update_values(&[ids[0]], v(&[f32::NAN, 0.0], 2)).await;
+    assert!(matches!(r, Err(Error::NonFinite { what: "deltas", .. })), "{r:?}");
+    let r = s.update_values(&[ids[0], ids[1]], v(&[1.0, 1.0, 3.0e38, 0.0], 2)).await;
+    assert!(matches!(r, Err(Error::NonFinite { .. })), "overflow to infinity: {r:?}");
+    assert_eq!(dump(&s).await, before);
+}
+
+/// `touch` applies `crf = 1 + 2^(−λ·Δt)·crf` and counts the access.
+pub async fn touch_updates_lrfu_bookkeeping<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, lambda_cfg(1, 1, 0.5)).await;
+    let id = ins(&s, &[1.0], &[1.0], 0).await[0];
+    s.touch(&[id], 2).await.unwrap();
+    let m = &s.get(&[id]).await.unwrap()[0];
+    assert_eq!((m.crf, m.last_access, m.access_count, m.created), (1.5, 2, 2, 0));
+    s.touch(&[id, id], 4).await.unwrap();
+    let m = &s.get(&[id]).await.unwrap()[0];
+    assert_eq!((m.crf, m.last_access, m.access_count), (2.75, 4, 4));
+    s.touch(&[], 9).await.unwrap();
+}
+
+/// A touch naming an unknown id fails whole.
+pub async fn touch_unknown_id_changes_nothing<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(1, 1)).await;
+    let ids = ins(&s, &[1.0], &[1.0], 1).await;
+    assert!(matches!(s.touch(&[ids[0], 5], 3).await, Err(Error::UnknownId(5))));
+    assert_eq!(s.get(&ids).await.unwrap()[0].access_count, 1);
+}
+
+/// On an empty store every observation is inserted and no neighbours are found.
+pub async fn learn_into_empty_store_inserts<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(1, 1).with_thresholds(0.1, 0.5)).await;
+    let r = s
+        .learn(Batch::new(v(&[0.0, 10.0, 20.0], 1), v(&[1.0, 2.0, 3.0], 1)), 1, 2)
+        .await
+        .unwrap();
+    assert_eq!(r.row_ids(0), &[None, None]);
+    assert_eq!(r.row_ids(2), &[Some(2), Some(1)], "row 2 sees rows 0 and 1");
+    assert_eq!(s.len().await.unwrap(), 3);
+    assert_eq!(s.stats().await.unwrap().counters.inserted, 3);
+}
+
+/// An observation farther than `novelty` from every neighbour is inserted;
+/// the neighbours are not touched.
+pub async fn learn_inserts_novel_observations<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(2, 1).with_thresholds(0.1, 1.0)).await;
+    let a = ins(&s, &[0.0, 0.0], &[1.0], 1).await[0];
+    let r = s
+        .learn(Batch::new(v(&[3.0, 4.0], 2), v(&[2.0], 1)), 5, 3)
+        .await
+        .unwrap();
+    assert_eq!(r.row_ids(0), &[Some(a), None, None]);
+    assert_eq!(r.distance(0, 0), 5.0);
+    assert_eq!(r.value(0, 0), &[1.0]);
+    assert_eq!(s.len().await.unwrap(), 2);
+    let m = &s.get(&[a]).await.unwrap()[0];
+    assert_eq!(m.access_count, 1, "a far neighbour is not touched");
+    let new = &s.get(&[a + 1]).await.unwrap()[0];
+    assert_eq!(
+        (new.key.as_slice(), new.value.as_slice(), new.created),
+        (&[3.0, 4.0][..], &[2.0][..], 5)
+    );
+}
+
+/// Neighbours between the thresholds are touched; nothing is inserted.
+pub async fn learn_touches_neighbours_between_thresholds<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, lambda_cfg(1, 1, 1.0).with_thresholds(0.5, 2.0)).await;
+    let ids = ins(&s, &[0.0, 1.5, 10.0], &[1.0, 1.0, 1.0], 1).await;
+    s.learn(Batch::new(v(&[1.0], 1), v(&[7.0], 1)), 3, 3).await.unwrap();
+    assert_eq!(s.len().await.unwrap(), 3, "no insert: a neighbour is within novelty");
+    let got = s.get(&ids).await.unwrap();
+    assert_eq!((got[0].access_count, got[0].last_access, got[0].crf), (2, 3, 1.25));
+    assert_eq!((got[1].access_count, got[1].last_access, got[1].crf), (2, 3, 1.25));
+    assert_eq!(got[2].access_count, 1, "beyond novelty: not touched");
+}
+
+/// Near-duplicates merge with the observation: exp(−d)-weighted means of keys
+/// and values (observation weighing 1), oldest creation, summed counts,
+/// combined CRF, tag union with counts; originals deleted; the neighbours as
+/// found before the update are returned.
+pub async fn learn_merges_near_duplicates<H: Harness>(make: Make<'_, H>) {
+    let lambda = 0.5;
+    let (_h, s) = fresh(make, lambda_cfg(2, 2, lambda).with_thresholds(0.5, 1.0)).await;
+    let a = ins_tagged(&s, &[0.0, 0.0], &[1.0, 1.0], &[tags(&["x", "x"])], 1).await[0];
+    let b = ins_tagged(&s, &[0.2, 0.0], &[3.0, 3.0], &[tags(&["y"])], 2).await[0];
+    let far = ins(&s, &[50.0, 0.0], &[0.0, 0.0], 2).await[0];
+    let obs_tags = tags(&["x"]);
+    let r = s
+        .learn(
+            Batch::new(v(&[0.1, 0.0], 2), v(&[5.0, 5.0], 2)).with_tags(Tags::Same(&obs_tags)),
+            10,
+            4,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.row_ids(0), &[Some(a), Some(b), Some(far), None]);
+    assert_eq!(r.value(0, 0), &[1.0, 1.0]);
+    assert_eq!(r.value(0, 1), &[3.0, 3.0]);
+    assert!(matches!(s.get(&[a]).await, Err(Error::UnknownId(_))));
+    assert!(matches!(s.get(&[b]).await, Err(Error::UnknownId(_))));
+    assert_eq!(s.len().await.unwrap(), 2);
+    let st = s.stats().await.unwrap();
+    assert_eq!(st.counters.merged, 1);
+    let m = &s.get(&[st.next_id - 1]).await.unwrap()[0];
+    let (da, db) = (0.1f64, 0.1f64);
+    let (wa, wb) = ((-da).exp(), (-db).exp());
+    let tot = 1.0 + wa + wb;
+    let want_key = [(0.1 + wb * 0.2) / tot, 0.0];
+    let want_val = [(5.0 + wa + 3.0 * wb) / tot; 2];
+    for (g, w) in m.key.iter().zip(want_key).chain(m.value.iter().zip(want_val)) {
+        assert!((*g as f64 - w).abs() < 1e-5, "merged {g} vs {w}");
+    }
+    assert_eq!((m.created, m.last_access, m.access_count), (1, 10, 3));
+    let want_crf = 1.0 + 2f64.powf(-lambda * 9.0) + 2f64.powf(-lambda * 8.0);
+    assert!((m.crf - want_crf).abs() < 1e-12, "crf {} vs {want_crf}", m.crf);
+    assert_eq!(m.tags, BTreeMap::from([("x".to_string(), 3), ("y".to_string(), 1)]));
+    let f = &s.get(&[far]).await.unwrap()[0];
+    assert_eq!(f.access_count, 1);
+}
+
+/// Within one batch, later rows see the effects of earlier rows.
+pub async fn learn_rows_see_earlier_rows<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(1, 1).with_thresholds(0.5, 1.0)).await;
+    let r = s
+        .learn(Batch::new(v(&[2.0, 2.0, 2.2], 1), v(&[1.0, 3.0, 5.0], 1)), 1, 2)
+        .await
+        .unwrap();
+    assert_eq!(r.row_ids(0), &[None, None]);
+    assert_eq!(r.row_ids(1), &[Some(1), None]);
+    assert_eq!(r.row_ids(2), &[Some(2), None], "row 2 sees the memory row 1 merged");
+    let (mems, st) = dump(&s).await;
+    assert_eq!(st.len, 1);
+    assert_eq!(st.counters.merged, 2);
+    assert_eq!(mems.values().next().map(|m| m.access_count), Some(3));
+}
+
+/// `learn` refuses bad input whole.
+pub async fn learn_rejects_bad_input<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(2, 1).with_thresholds(0.5, 1.0)).await;
+    ins(&s, &[0.0, 0.0], &[0.0], 1).await;
+    let before = dump(&s).await;
+    let r = s.learn(Batch::new(v(&[0.0, 0.1], 2), v(&[1.0], 1)), 2, 0).await;
+    assert!(matches!(r, Err(Error::ZeroK)), "{r:?}");
+    let r = s.learn(Batch::new(v(&[0.0], 1), v(&[1.0], 1)), 2, 1).await;
+    assert!(matches!(r, Err(Error::DimensionMismatch { what: "keys", .. })), "{r:?}");
+    let r = s
+        .learn(Batch::new(v(&[0.0, 0.1, 9.0, 9.0], 2), v(&[1.0, f32::NAN], 1)), 2, 1)
+        .await;
+    assert!(
+        matches!(
+            r,
+            Err(Error::NonFinite {
+                what: "values",
+                row: 1,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert_eq!(dump(&s).await, before);
+}
+
+/// `learn` evicts down to the capacity at the end of the batch.
+pub async fn learn_respects_capacity<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, lambda_cfg(1, 1, 1.0).with_thresholds(0.1, 0.5).with_capacity(5)).await;
+    let keys: Vec<f32> = (0..10).map(|i| i as f32 * 10.0).collect();
+    s.learn(Batch::new(v(&keys, 1), v(&[0.0; 10], 1)), 1, 3).await.unwrap();
+    let (mems, st) = dump(&s).await;
+    assert_eq!(st.len, 5);
+    assert_eq!(st.counters.evicted, 5);
+    assert_eq!(mems.keys().copied().collect::<Vec<_>>(), vec![6, 7, 8, 9, 10]);
+}
+
+fn clustered(rng: &mut Rng, n: usize, centres: &[f32], dk: usize, noise: f32) -> Vec<f32> {
+    let nc = centres.len() / dk;
+    let mut out = Vec::with_capacity(n * dk);
+    for _ in 0..n {
+        let c = rng.below(nc as u64) as usize;
+        for d in 0..dk {
+            out.push(centres[c * dk + d] + noise * rng.unit());
+        }
+    }
+    out
+}
+
+/// A long clustered `learn` stream (merges, touches, inserts and eviction)
+/// leaves exactly the reference model's state and returns its neighbours.
+pub async fn learn_matches_reference_on_clusters<H: Harness>(make: Make<'_, H>) {
+    let c = lambda_cfg(4, 2, 0.3).with_thresholds(0.35, 0.7).with_capacity(40);
+    let (_h, s) = fresh(make, c.clone()).await;
+    let r = InMemoryStore::new(c).unwrap();
+    let mut rng = Rng::new(99);
+    let centres: Vec<f32> = rng.vecs(60, 4).iter().map(|x| x * 3.0).collect();
+    for step in 0..12u64 {
+        let keys = clustered(&mut rng, 40, &centres, 4, 0.3);
+        let vals = rng.vecs(40, 2);
+        let t: Vec<Vec<String>> = (0..40).map(|i| tags(&[["p", "q", "r"][i % 3]])).collect();
+        let b = Batch::new(v(&keys, 4), v(&vals, 2)).with_tags(Tags::PerRow(&t));
+        let got = s.learn(b, step, 5).await.unwrap();
+        let want = r.learn(b, step, 5).await.unwrap();
+        assert_eq!(got, want, "neighbours differ at step {step}");
+    }
+    let (got, gst) = dump(&s).await;
+    let (want, wst) = dump(&r).await;
+    assert_eq!(gst, wst);
+    assert_eq!(got, want);
+    let c = wst.counters;
+    assert!(
+        c.merged > 20 && c.inserted > 20 && c.evicted > 20,
+        "the scenario must exercise every path: {c:?}"
+    );
+}
+
+/// λ = 1 evicts the least recently used.
+pub async fn evict_lru_order<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, lambda_cfg(1, 1, 1.0)).await;
+    for t in 1..=5u64 {
+        ins(&s, &[t as f32], &[0.0], t).await;
+    }
+    s.touch(&[1], 6).await.unwrap();
+    assert_eq!(s.evict(3).await.unwrap(), 2);
+    let (mems, st) = dump(&s).await;
+    assert_eq!(mems.keys().copied().collect::<Vec<_>>(), vec![1, 4, 5]);
+    assert_eq!(st.counters.evicted, 2);
+}
+
+/// λ = 0 evicts the least frequently used (ties: lowest id).
+pub async fn evict_lfu_order<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, lambda_cfg(1, 1, 0.0)).await;
+    ins(&s, &[1.0, 2.0, 3.0, 4.0, 5.0], &[0.0; 5], 1).await;
+    s.touch(&[5, 5, 5, 4, 4, 3], 100).await.unwrap();
+    assert_eq!(s.evict(2).await.unwrap(), 3);
+    let (mems, _) = dump(&s).await;
+    assert_eq!(mems.keys().copied().collect::<Vec<_>>(), vec![4, 5]);
+}
+
+/// Eviction removes exactly the memories with the lowest decayed CRF, computed
+/// by a brute-force model from the full access history:
+/// `CRF(now) = Σ 2^(−λ·(now − tᵢ))` over every access time `tᵢ`.
+pub async fn evict_matches_lrfu_model<H: Harness>(make: Make<'_, H>) {
+    let lambda = 0.3;
+    let (_h, s) = fresh(make, lambda_cfg(1, 1, lambda)).await;
+    let mut rng = Rng::new(5);
+    let mut history: BTreeMap<MemoryId, Vec<u64>> = BTreeMap::new();
+    for i in 0..40u64 {
+        let t = 1 + i * 2;
+        let id = ins(&s, &[i as f32], &[0.0], t).await[0];
+        history.insert(id, vec![t]);
+    }
+    for t in 81..=140u64 {
+        let id = 1 + rng.below(40);
+        s.touch(&[id], t).await.unwrap();
+        history.get_mut(&id).expect("known").push(t);
+    }
+    let now = 140;
+    let mut model: Vec<(f64, MemoryId)> = history
+        .iter()
+        .map(|(id, ts)| (ts.iter().map(|t| 2f64.powf(-lambda * (now - t) as f64)).sum(), *id))
+        .collect();
+    model.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    assert_eq!(s.evict(25).await.unwrap(), 15);
+    let (mems, _) = dump(&s).await;
+    let want: BTreeSet<MemoryId> = model[15..].iter().map(|(_, id)| *id).collect();
+    assert_eq!(mems.keys().copied().collect::<BTreeSet<_>>(), want);
+    for (id, m) in &mems {
+        assert_eq!(m.access_count as usize, history[id].len());
+    }
+}
+
+/// Evicting to a target at or above the size does nothing.
+pub async fn evict_below_target_is_noop<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(1, 1)).await;
+    ins(&s, &[1.0, 2.0], &[0.0; 2], 1).await;
+    assert_eq!(s.evict(2).await.unwrap(), 0);
+    assert_eq!(s.evict(10).await.unwrap(), 0);
+    assert_eq!(s.len().await.unwrap(), 2);
+    assert_eq!(s.evict(0).await.unwrap(), 2);
+    assert_eq!(s.len().await.unwrap(), 0);
+}
+
+/// With a capacity, an insert evicts the lowest-priority memory.
+pub async fn capacity_evicts_on_insert<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, lambda_cfg(1, 1, 1.0).with_capacity(3)).await;
+    for t in 1..=3u64 {
+        ins(&s, &[t as f32], &[0.0], t).await;
+    }
+    s.touch(&[1], 4).await.unwrap();
+    let new = ins(&s, &[9.0], &[0.0], 5).await;
+    let (mems, st) = dump(&s).await;
+    assert_eq!(mems.keys().copied().collect::<Vec<_>>(), vec![1, 3, new[0]]);
+    assert_eq!((st.len, st.counters.evicted, st.counters.inserted), (3, 1, 4));
+}
+
+/// `stats` sums access counts and tag counts.
+pub async fn stats_report_totals<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(1, 1)).await;
+    let t = vec![tags(&["a", "b"]), tags(&["a"]), vec![]];
+    let ids = ins_tagged(&s, &[1.0, 2.0, 3.0], &[0.0; 3], &t, 1).await;
+    s.touch(&[ids[0], ids[2]], 2).await.unwrap();
+    s.delete(&[ids[2]]).await.unwrap();
+    let st = s.stats().await.unwrap();
+    assert_eq!(st.len, 2);
+    assert_eq!(st.next_id, 4);
+    assert_eq!(st.access_count_total, 3);
+    assert_eq!(
+        st.tag_counts,
+        BTreeMap::from([("a".to_string(), 2), ("b".to_string(), 1)])
+    );
+    assert_eq!((st.counters.inserted, st.counters.deleted), (3, 1));
+}
+
+/// `flush` succeeds and changes nothing visible.
+pub async fn flush_keeps_state<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(1, 1)).await;
+    ins(&s, &[1.0, 2.0], &[0.0; 2], 1).await;
+    let before = dump(&s).await;
+    s.flush().await.unwrap();
+    s.flush().await.unwrap();
+    assert_eq!(dump(&s).await, before);
+}
+
+/// Writers and readers at once: every write lands, ids are unique, and a
+/// search never returns an id that `get` does not know.
+pub async fn concurrent_readers_and_writers<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(2, 1)).await;
+    let s = Arc::new(s);
+    let mut tasks = Vec::new();
+    for w in 0..4u64 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng::new(w);
+            let mut ids = Vec::new();
+            for b in 0..20u64 {
+                ids.extend(ins(&*s, &rng.vecs(10, 2), &[w as f32; 10], b).await);
+            }
+            ids
+        }));
+    }
+    let mut readers = Vec::new();
+    for r in 0..4u64 {
+        let s = s.clone();
+        readers.push(tokio::spawn(async move {
+            let mut rng = Rng::new(100 + r);
+            let mut seen = Vec::new();
+            for _ in 0..30 {
+                let res = s.search(v(&rng.vecs(4, 2), 2), 3, None).await.expect("search");
+                seen.extend(res.ids.iter().flatten().copied());
+            }
+            seen
+        }));
+    }
+    let mut all = BTreeSet::new();
+    for t in tasks {
+        for id in t.await.expect("writer") {
+            assert!(all.insert(id), "id {id} assigned twice");
+        }
+    }
+    for r in readers {
+        for id in r.await.expect("reader") {
+            assert!(all.contains(&id), "search returned {id}, which no writer inserted");
+        }
+    }
+    assert_eq!(all.len(), 800);
+    assert_eq!(s.len().await.unwrap(), 800);
+    let ids: Vec<MemoryId> = all.into_iter().collect();
+    assert_eq!(s.get(&ids).await.unwrap().len(), 800);
+}
+
+/// One random operation of the property tests.
+#[derive(Clone, Debug)]
+pub enum Op {
+    /// Insert `n` rows from a seed, tagged from a small alphabet.
+    Insert { n: usize, seed: u64, tick: u64 },
+    /// Learn `n` rows.
+    Learn { n: usize, seed: u64, tick: u64, k: usize },
+    /// Search `n` queries, optionally filtered.
+    Search {
+        n: usize,
+        seed: u64,
+        k: usize,
+        tag: Option<u8>,
+    },
+    /// Delete ids (possibly unknown).
+    Delete(Vec<u64>),
+    /// Touch ids (possibly unknown).
+    Touch(Vec<u64>, u64),
+    /// Add deltas to values.
+    Update(Vec<u64>, u64),
+    /// Evict down to a target.
+    Evict(usize),
+    /// Close and reopen.
+    Reopen,
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0usize..6, any::<u64>(), 0u64..40).prop_map(|(n, seed, tick)| Op::Insert { n, seed, tick }),
+        4 => (0usize..6, any::<u64>(), 0u64..40, 0usize..5).prop_map(|(n, seed, tick, k)| Op::Learn { n, seed, tick, k }),
+        2 => (1usize..4, any::<u64>(), 0usize..6, proptest::option::of(0u8..3))
+            .prop_map(|(n, seed, k, tag)| Op::Search { n, seed, k, tag }),
+        1 => proptest::collection::vec(0u64..30, 0..4).prop_map(Op::Delete),
+        1 => (proptest::collection::vec(0u64..30, 0..4), 0u64..40).prop_map(|(ids, t)| Op::Touch(ids, t)),
+        1 => (proptest::collection::vec(0u64..30, 0..3), any::<u64>()).prop_map(|(ids, s)| Op::Update(ids, s)),
+        1 => (0usize..10).prop_map(Op::Evict),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+/// Keys on a coarse grid, so that ties, duplicates and merges happen.
+fn grid(rng: &mut Rng, n: usize, d: usize) -> Vec<f32> {
+    (0..n * d)
+        .map(|_| [-1.0, -0.5, 0.0, 0.25, 0.5, 1.0][rng.below(6) as usize])
+        .collect()
+}
+
+fn same_outcome<T: PartialEq + std::fmt::Debug>(what: &str, got: &crate::Result<T>, want: &crate::Result<T>) {
+    match (got, want) {
+        (Ok(g), Ok(w)) => assert_eq!(g, w, "{what}: results differ"),
+        (Err(g), Err(w)) => assert_eq!(
+            std::mem::discriminant(g),
+            std::mem::discriminant(w),
+            "{what}: errors differ: {g} vs {w}"
+        ),
+        _ => panic!("{what}: backend {got:?} but reference {want:?}"),
+    }
+}
+
+async fn run_ops<H: Harness>(h: H, config: MemoryConfig, ops: Vec<Op>) {
+    let mut s = h.open(config.clone()).await.expect("open");
+    let r = InMemoryStore::new(config.clone()).expect("reference");
+    let (dk, dv) = (config.key_dim, config.value_dim);
+    let alphabet = ["t0", "t1", "t2"];
+    for (step, op) in ops.into_iter().enumerate() {
+        let what = format!("step {step} {op:?}");
+        match op {
+            Op::Insert { n, seed, tick } | Op::Learn { n, seed, tick, .. } => {
+                let mut rng = Rng::new(seed);
+                let keys = grid(&mut rng, n, dk);
+                let vals = rng.vecs(n, dv);
+                let t: Vec<Vec<String>> = (0..n)
+                    .map(|i| vec![alphabet[(seed as usize + i) % 3].to_string()])
+                    .collect();
+                let b = Batch::new(v(&keys, dk), v(&vals, dv)).with_tags(Tags::PerRow(&t));
+                if let Op::Learn { k, .. } = op {
+                    same_outcome(&what, &s.learn(b, tick, k).await, &r.learn(b, tick, k).await);
+                } else {
+                    same_outcome(&what, &s.insert(b, tick).await, &r.insert(b, tick).await);
+                }
+            }
+            Op::Search { n, seed, k, tag } => {
+                let mut rng = Rng::new(seed);
+                let q = grid(&mut rng, n, dk);
+                let f = tag.map(|t| TagFilter::Any(vec![alphabet[t as usize].to_string()]));
+                same_outcome(
+                    &what,
+                    &s.search(v(&q, dk), k, f.as_ref()).await,
+                    &r.search(v(&q, dk), k, f.as_ref()).await,
+                );
+            }
+            Op::Delete(ids) => same_outcome(&what, &s.delete(&ids).await, &r.delete(&ids).await),
+            Op::Touch(ids, t) => same_outcome(&what, &s.touch(&ids, t).await, &r.touch(&ids, t).await),
+            Op::Update(ids, seed) => {
+                let d = Rng::new(seed).vecs(ids.len(), dv);
+                same_outcome(
+                    &what,
+                    &s.update_values(&ids, v(&d, dv)).await,
+                    &r.update_values(&ids, v(&d, dv)).await,
+                );
+            }
+            Op::Evict(t) => same_outcome(&what, &s.evict(t).await, &r.evict(t).await),
+            Op::Reopen => {
+                h.close(s).await.expect("close");
+                s = h.open(config.clone()).await.expect("reopen");
+            }
+        }
+        let (got, gst) = dump(&s).await;
+        let (want, wst) = dump(&r).await;
+        assert_eq!(gst, wst, "{what}: stats differ");
+        assert_eq!(got, want, "{what}: contents differ");
+    }
+}
+
+fn run_prop<H: Harness>(make: Make<'_, H>, configs: Vec<MemoryConfig>, cases: u32) {
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| {
+        let mut runner = TestRunner::new(PropConfig {
+            cases,
+            failure_persistence: None,
+            ..PropConfig::default()
+        });
+        let strategy = (0..configs.len(), proptest::collection::vec(op_strategy(), 1..25));
+        let result = runner.run(&strategy, |(c, ops)| {
+            handle.block_on(run_ops(make(), configs[c].clone(), ops));
+            Ok(())
+        });
+        if let Err(e) = result {
+            panic!("{e}");
+        }
+    });
+}
+
+/// Random sequences of every operation (with reopens) give the same results,
+/// errors and contents as the reference model, under L2 with capacity and
+/// three LRFU settings.
+pub async fn prop_random_ops_match_reference<H: Harness>(make: Make<'_, H>) {
+    let configs = [0.0, 0.5, 1.0]
+        .into_iter()
+        .map(|l| lambda_cfg(3, 2, l).with_thresholds(0.3, 0.9).with_capacity(12))
+        .collect();
+    run_prop(make, configs, 48);
+}
+
+/// The same comparison under the cosine and inner-product metrics.
+pub async fn prop_metrics_match_reference<H: Harness>(make: Make<'_, H>) {
+    let configs = vec![
+        cfg(3, 2).with_metric(Metric::Cosine).with_thresholds(0.05, 0.3),
+        cfg(3, 2).with_metric(Metric::InnerProduct).with_thresholds(-0.5, 0.5),
+    ];
+    run_prop(make, configs, 32);
+}

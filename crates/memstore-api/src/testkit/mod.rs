@@ -1,0 +1,159 @@
+//! The conformance suite: one set of async tests that every backend runs
+//! unchanged, as Burn's `burn-backend-tests` does for its backends.
+//!
+//! A backend provides a [`Harness`] (a place where a store can be opened,
+//! closed and reopened) and invokes [`conformance_suite!`](crate::conformance_suite)
+//! in a test file:
+//!
+//! ```text
+//! memstore_api::conformance_suite!(my_backend::TestHarness::new());
+//! ```
+//!
+//! This expands to one `#[tokio::test]` per case (the test crate needs
+//! `tokio` with the `macros` and `rt-multi-thread` features). The cases cover
+//! every operation and error class, LRFU eviction against a brute-force model,
+//! recombination arithmetic, novelty gating, filtered search, reopen
+//! durability, concurrency, and property tests that run random operation
+//! sequences against the backend and against [`InMemoryStore`](crate::InMemoryStore)
+//! and compare every result.
+
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use crate::{InMemoryStore, MemoryConfig, MemoryStore, Result};
+
+pub mod cases;
+pub mod util;
+
+/// A location where a store can be opened, closed and opened again.
+#[async_trait]
+pub trait Harness: Send + Sync + 'static {
+    /// The store type under test.
+    type Store: MemoryStore + 'static;
+
+    /// Opens the store at this harness's location with `config`, creating it
+    /// if absent. Opening an existing store with another dimension or metric
+    /// must fail with [`crate::Error::ConfigMismatch`] and change nothing.
+    async fn open(&self, config: MemoryConfig) -> Result<Self::Store>;
+
+    /// Closes a store opened here (releasing files, connections, locks).
+    async fn close(&self, store: Self::Store) -> Result<()>;
+}
+
+/// The harness of the reference store: "closing" parks the store, "opening"
+/// takes it back under the new configuration.
+#[derive(Default)]
+pub struct InMemoryHarness {
+    parked: Mutex<Option<InMemoryStore>>,
+}
+
+impl InMemoryHarness {
+    /// A harness with nothing parked.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl Harness for InMemoryHarness {
+    type Store = InMemoryStore;
+
+    async fn open(&self, config: MemoryConfig) -> Result<InMemoryStore> {
+        let mut slot = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.take() {
+            None => InMemoryStore::new(config),
+            Some(s) => {
+                if let Err(e) = config.validate().and_then(|_| config.check_compatible(s.config())) {
+                    *slot = Some(s);
+                    return Err(e);
+                }
+                s.reconfigure(config)
+            }
+        }
+    }
+
+    async fn close(&self, store: InMemoryStore) -> Result<()> {
+        *self.parked.lock().unwrap_or_else(|p| p.into_inner()) = Some(store);
+        Ok(())
+    }
+}
+
+/// Expands to one `#[tokio::test]` per conformance case, each calling the
+/// case with a closure that makes a fresh harness from `$make`.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($make:expr) => {
+        $crate::__conformance_cases!($make;
+            config_is_kept,
+            invalid_config_is_rejected,
+            reopen_with_other_key_dim_fails,
+            reopen_with_other_value_dim_fails,
+            reopen_with_other_metric_fails,
+            reopen_keeps_everything,
+            reopen_with_new_tunables,
+            insert_assigns_increasing_ids,
+            get_returns_what_was_inserted,
+            get_unknown_id_fails,
+            insert_empty_batch,
+            insert_rejects_key_dim_mismatch,
+            insert_rejects_value_dim_mismatch,
+            insert_rejects_row_count_mismatch,
+            insert_rejects_non_finite,
+            insert_rejects_bad_tag_count,
+            rejected_batches_change_nothing,
+            search_l2_matches_brute_force,
+            search_cosine_matches_brute_force,
+            search_inner_product_matches_brute_force,
+            search_pads_missing_slots,
+            search_empty_store,
+            search_rejects_k_zero,
+            search_rejects_bad_queries,
+            search_returns_keys_and_values,
+            search_filter_any_returns_k,
+            search_filter_all,
+            search_filter_unknown_tag_is_empty,
+            search_does_not_touch,
+            search_breaks_ties_by_id,
+            search_large_batch_matches_brute_force,
+            search_large_store_single_query,
+            delete_removes_memories,
+            delete_unknown_id_changes_nothing,
+            update_values_adds_deltas,
+            update_values_rejects_bad_input,
+            touch_updates_lrfu_bookkeeping,
+            touch_unknown_id_changes_nothing,
+            learn_into_empty_store_inserts,
+            learn_inserts_novel_observations,
+            learn_touches_neighbours_between_thresholds,
+            learn_merges_near_duplicates,
+            learn_rows_see_earlier_rows,
+            learn_rejects_bad_input,
+            learn_respects_capacity,
+            learn_matches_reference_on_clusters,
+            evict_lru_order,
+            evict_lfu_order,
+            evict_matches_lrfu_model,
+            evict_below_target_is_noop,
+            capacity_evicts_on_insert,
+            stats_report_totals,
+            flush_keeps_state,
+            concurrent_readers_and_writers,
+            prop_random_ops_match_reference,
+            prop_metrics_match_reference,
+        );
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_cases {
+    ($make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $crate::testkit::cases::$name(&|| $make).await;
+            }
+        )*
+    };
+}

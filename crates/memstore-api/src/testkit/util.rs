@@ -1,0 +1,126 @@
+//! Helpers for the conformance cases: deterministic data and brute-force oracles.
+
+use std::collections::BTreeMap;
+
+use crate::{Batch, Memory, MemoryConfig, MemoryId, MemoryStore, Metric, Stats, Tags, Vectors};
+
+/// A small deterministic generator (SplitMix64), so cases need no RNG crate.
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded generator.
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_add(0x9E37_79B9_7F4A_7C15))
+    }
+
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[-1, 1)`.
+    pub fn unit(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// Uniform in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// `n × d` uniform floats.
+    pub fn vecs(&mut self, n: usize, d: usize) -> Vec<f32> {
+        (0..n * d).map(|_| self.unit()).collect()
+    }
+}
+
+/// A configuration with L2, no capacity and never-merge, always-insert thresholds.
+pub fn cfg(key_dim: usize, value_dim: usize) -> MemoryConfig {
+    MemoryConfig::new(key_dim, value_dim)
+}
+
+/// Wraps a flat buffer; panics on a bad shape (test helper only).
+pub fn v(data: &[f32], dim: usize) -> Vectors<'_> {
+    Vectors::new(data, dim).expect("test data has a whole number of rows")
+}
+
+/// Inserts `keys`/`values` untagged at `tick`.
+pub async fn ins<S: MemoryStore + ?Sized>(s: &S, keys: &[f32], values: &[f32], tick: u64) -> Vec<MemoryId> {
+    let c = s.config().clone();
+    s.insert(Batch::new(v(keys, c.key_dim), v(values, c.value_dim)), tick)
+        .await
+        .expect("insert")
+}
+
+/// Inserts with per-row tags.
+pub async fn ins_tagged<S: MemoryStore + ?Sized>(
+    s: &S,
+    keys: &[f32],
+    values: &[f32],
+    tags: &[Vec<String>],
+    tick: u64,
+) -> Vec<MemoryId> {
+    let c = s.config().clone();
+    s.insert(
+        Batch::new(v(keys, c.key_dim), v(values, c.value_dim)).with_tags(Tags::PerRow(tags)),
+        tick,
+    )
+    .await
+    .expect("insert")
+}
+
+/// Tag list from string literals.
+pub fn tags(t: &[&str]) -> Vec<String> {
+    t.iter().map(|s| s.to_string()).collect()
+}
+
+/// Every memory of the store, by id (via `stats().next_id` and `get`).
+pub async fn dump<S: MemoryStore + ?Sized>(s: &S) -> (BTreeMap<MemoryId, Memory>, Stats) {
+    let st = s.stats().await.expect("stats");
+    let mut out = BTreeMap::new();
+    for id in 1..st.next_id {
+        if let Ok(mut m) = s.get(&[id]).await {
+            out.insert(id, m.remove(0));
+        }
+    }
+    assert_eq!(out.len() as u64, st.len, "stats.len disagrees with the memories found");
+    (out, st)
+}
+
+/// Brute-force distance written out independently of [`crate::math`].
+pub fn oracle_distance(metric: Metric, a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    match metric {
+        Metric::L2 => a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+            .sum::<f64>()
+            .sqrt(),
+        Metric::InnerProduct => 1.0 - dot,
+        Metric::Cosine => {
+            let na = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+            let nb = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+            if na == 0.0 || nb == 0.0 {
+                1.0
+            } else {
+                1.0 - dot / (na * nb)
+            }
+        }
+    }
+}
+
+/// Brute-force top-k ids over `(id, key)` pairs using [`oracle_distance`].
+pub fn oracle_topk(metric: Metric, mems: &[(MemoryId, Vec<f32>)], q: &[f32], k: usize) -> Vec<(MemoryId, f64)> {
+    let mut all: Vec<(MemoryId, f64)> = mems
+        .iter()
+        .map(|(id, key)| (*id, oracle_distance(metric, q, key)))
+        .collect();
+    all.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+    all.truncate(k);
+    all
+}
