@@ -1,1 +1,722 @@
+//! # memstore-sqlite
+//!
+//! The SQLite backend of memstore: a thin driver that translates the plans of
+//! [`memstore_api::index::MemoryIndex`] into SQL, in the style of sqlx (a core
+//! trait, thin drivers).
+//!
+//! - **Storage.** sqlx (SQLite, tokio) in WAL mode; the schema lives in the
+//!   workspace's `migrations/` and is applied by sqlx's migrator. Keys and
+//!   values are little-endian f32 blobs; tags live in their own tables with
+//!   counts. Every operation is one transaction.
+//! - **SQL kNN.** sqlite-vec is registered as an auto-extension before the pool
+//!   opens, and keys are mirrored into a `vec0` table (`memory_keys`) so that
+//!   exact kNN works in plain SQL for ad-hoc inspection:
+//!   `SELECT rowid, distance FROM memory_keys WHERE key MATCH ? AND k = 8`.
+//!   (vec0 has no inner-product metric: for `Metric::InnerProduct` the table
+//!   uses L2, which orders the same only for normalised keys.)
+//! - **Hot path.** sqlite-vec answers one query at a time, so batched search
+//!   never goes through SQL: the keys and access bookkeeping are kept in an
+//!   in-process [`MemoryIndex`] loaded on open, searched exactly and in
+//!   parallel, and updated after each commit under its write lock, so that no
+//!   search sees a deleted id or misses a committed one. Values are read from
+//!   the database by id.
+//!
+//! One process should open a store file at a time (the index is per process);
+//! to share a store between processes, serve it with `memstored` (memstore-ipc).
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Once;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use memstore_api::index::{Changes, Meta};
+use memstore_api::{
+    Batch, Counters, Error, EvictionPolicy, Memory, MemoryConfig, MemoryId, MemoryStore, Metric, Neighbors, Result,
+    Stats, TagFilter, Tick, Vectors,
+};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
+use tokio::sync::{Mutex, RwLock};
+
+pub use memstore_api::index::MemoryIndex;
+pub use sqlx::sqlite::SqliteSynchronous;
+
+/// Errors of the SQLite driver; converted into [`memstore_api::Error::Storage`]
+/// at the trait boundary, with this error as the source.
+#[derive(Debug, thiserror::Error)]
+pub enum SqliteError {
+    /// SQLite (through sqlx) failed.
+    #[error("sqlite: {0}")]
+    Sql(#[from] sqlx::Error),
+    /// Applying the schema migrations failed.
+    #[error("migrating the schema: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The file to open does not exist.
+    #[error("no memstore database at {0}")]
+    NotFound(PathBuf),
+}
+
+impl From<SqliteError> for Error {
+    fn from(e: SqliteError) -> Self {
+        Error::storage(e)
+    }
+}
+
+fn sql(e: sqlx::Error) -> Error {
+    Error::storage(SqliteError::Sql(e))
+}
+
+/// Options of the SQLite backend beyond the memory configuration.
+#[derive(Clone, Debug)]
+pub struct SqliteOptions {
+    /// SQLite `synchronous` level. `Full` (default) makes every commit durable
+    /// against power loss; `Normal` in WAL mode is durable against process crashes.
+    pub synchronous: SqliteSynchronous,
+    /// Mirror keys into the sqlite-vec `vec0` table for SQL kNN (fixed when the
+    /// store is created; later opens follow the file).
+    pub sql_knn: bool,
+    /// Connections in the pool (one writes at a time; the others read values).
+    pub max_connections: u32,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            synchronous: SqliteSynchronous::Full,
+            sql_knn: true,
+            max_connections: 4,
+        }
+    }
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// Registers sqlite-vec with every SQLite connection opened from now on.
+fn register_sqlite_vec() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        type EntryPoint = unsafe extern "C" fn(
+            *mut libsqlite3_sys::sqlite3,
+            *mut *mut std::os::raw::c_char,
+            *const libsqlite3_sys::sqlite3_api_routines,
+        ) -> std::os::raw::c_int;
+        // SAFETY: `sqlite3_vec_init` is the extension's entry point with exactly
+        // this C signature; the crate declares it without arguments, so it is
+        // cast to the signature `sqlite3_auto_extension` expects.
+        unsafe {
+            let init: EntryPoint = std::mem::transmute(sqlite_vec::sqlite3_vec_init as *const ());
+            libsqlite3_sys::sqlite3_auto_extension(Some(init));
+        }
+    });
+}
+
+/// A memory store in one SQLite file.
+pub struct SqliteStore {
+    pool: SqlitePool,
+    config: MemoryConfig,
+    path: PathBuf,
+    sql_knn: bool,
+    index: RwLock<MemoryIndex>,
+    writer: Mutex<HashMap<String, i64>>,
+}
+
+fn f32_blob(v: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() * 4);
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+fn blob_f32(b: &[u8], dim: usize, what: &str, id: i64) -> Result<Vec<f32>> {
+    if b.len() != dim * 4 {
+        return Err(Error::Corrupt(format!(
+            "memory {id}: {what} blob has {} bytes, expected {} ({dim} floats)",
+            b.len(),
+            dim * 4
+        )));
+    }
+    Ok(b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+/// Runs CPU-heavy work without stalling the async runtime's other tasks.
+fn cpu<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// Rows per multi-row INSERT statement (8 parameters each).
+const INSERT_CHUNK: usize = 100;
+/// Ids per `IN (...)` list.
+const ID_CHUNK: usize = 500;
+
+impl SqliteStore {
+    /// Opens the store at `path`, creating it with `config` if it does not
+    /// exist. An existing store must have the same dimensions and metric;
+    /// its tunable fields (capacity, thresholds, λ) are updated to `config`.
+    pub async fn open(path: impl AsRef<Path>, config: MemoryConfig) -> Result<Self> {
+        Self::open_with(path, config, SqliteOptions::default()).await
+    }
+
+    /// [`SqliteStore::open`] with backend options.
+    pub async fn open_with(path: impl AsRef<Path>, config: MemoryConfig, options: SqliteOptions) -> Result<Self> {
+        config.validate()?;
+        Self::open_inner(path.as_ref(), Some(config), options).await
+    }
+
+    /// Opens an existing store with the configuration persisted in it.
+    pub async fn open_existing(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if !path.exists() {
+            return Err(SqliteError::NotFound(path.to_path_buf()).into());
+        }
+        Self::open_inner(path, None, SqliteOptions::default()).await
+    }
+
+    async fn open_inner(path: &Path, config: Option<MemoryConfig>, options: SqliteOptions) -> Result<Self> {
+        register_sqlite_vec();
+        let connect = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(sql)?
+            .filename(path)
+            .create_if_missing(config.is_some())
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(options.synchronous)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(30))
+            .pragma("cache_size", "-65536");
+        let pool = SqlitePoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .connect_with(connect)
+            .await
+            .map_err(sql)?;
+        match Self::init(pool.clone(), path, config, options).await {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                pool.close().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn init(pool: SqlitePool, path: &Path, config: Option<MemoryConfig>, options: SqliteOptions) -> Result<Self> {
+        MIGRATOR.run(&pool).await.map_err(SqliteError::from)?;
+        let mut tx = pool.begin().await.map_err(sql)?;
+        let stored = read_config(&mut tx).await?;
+        let (config, sql_knn, lambda_changed) = match (stored, config) {
+            (None, None) => {
+                return Err(Error::Corrupt(format!(
+                    "{} has no memstore configuration",
+                    path.display()
+                )));
+            }
+            (None, Some(c)) => {
+                write_config(&mut tx, &c, options.sql_knn, true).await?;
+                sqlx::query(
+                    "INSERT INTO memstore_meta (id, next_id, inserted, merged, evicted, deleted) VALUES (1, 1, 0, 0, 0, 0)",
+                )
+                .execute(&mut *tx)
+                .await
+                .map_err(sql)?;
+                if options.sql_knn {
+                    let metric = match c.metric {
+                        Metric::Cosine => "cosine",
+                        Metric::L2 | Metric::InnerProduct => "l2",
+                    };
+                    let ddl = format!(
+                        "CREATE VIRTUAL TABLE memory_keys USING vec0(key float[{}] distance_metric={metric})",
+                        c.key_dim
+                    );
+                    // Only integers and a fixed keyword are interpolated.
+                    sqlx::query(sqlx::AssertSqlSafe(ddl))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(sql)?;
+                }
+                (c, options.sql_knn, false)
+            }
+            (Some((s, knn)), None) => (s, knn, false),
+            (Some((s, knn)), Some(c)) => {
+                c.check_compatible(&s)?;
+                let changed = s.eviction.lambda() != c.eviction.lambda();
+                if s != c {
+                    write_config(&mut tx, &c, knn, false).await?;
+                }
+                (c, knn, changed)
+            }
+        };
+        let index = load_index(&mut tx, &config).await?;
+        if lambda_changed {
+            // The priority column depends on λ: recompute it for the new policy.
+            let lambda = config.eviction.lambda();
+            for &id in index.ids() {
+                if let Some(m) = index.meta(id) {
+                    sqlx::query("UPDATE memories SET priority = ? WHERE id = ?")
+                        .bind(memstore_api::math::priority(lambda, m.crf, m.last_access))
+                        .bind(id as i64)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(sql)?;
+                }
+            }
+        }
+        let tag_rows = sqlx::query("SELECT id, name FROM tags")
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(sql)?;
+        let mut tag_ids = HashMap::new();
+        for r in tag_rows {
+            tag_ids.insert(
+                r.try_get::<String, _>(1).map_err(sql)?,
+                r.try_get::<i64, _>(0).map_err(sql)?,
+            );
+        }
+        tx.commit().await.map_err(sql)?;
+        Ok(SqliteStore {
+            pool,
+            config,
+            path: path.to_path_buf(),
+            sql_knn,
+            index: RwLock::new(index),
+            writer: Mutex::new(tag_ids),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The connection pool, for ad-hoc SQL (reads only: writes behind the
+    /// store's back are not seen by its index).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Whether keys are mirrored into the `memory_keys` vec0 table.
+    pub fn has_sql_knn(&self) -> bool {
+        self.sql_knn
+    }
+
+    /// Closes the connection pool, checkpointing the WAL.
+    pub async fn close(self) {
+        self.pool.close().await;
+    }
+
+    /// Values of `ids` (deduplicated), read from the committed state.
+    async fn fetch_values(&self, ids: impl IntoIterator<Item = MemoryId>) -> Result<HashMap<MemoryId, Vec<f32>>> {
+        let ids: BTreeSet<MemoryId> = ids.into_iter().collect();
+        let ids: Vec<MemoryId> = ids.into_iter().collect();
+        let mut out = HashMap::with_capacity(ids.len());
+        let mut conn = self.pool.acquire().await.map_err(sql)?;
+        for chunk in ids.chunks(ID_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new("SELECT id, value FROM memories WHERE id IN (");
+            let mut sep = q.separated(", ");
+            for id in chunk {
+                sep.push_bind(*id as i64);
+            }
+            q.push(")");
+            for r in q.build().fetch_all(&mut *conn).await.map_err(sql)? {
+                let id: i64 = r.try_get(0).map_err(sql)?;
+                let b: Vec<u8> = r.try_get(1).map_err(sql)?;
+                out.insert(id as u64, blob_f32(&b, self.config.value_dim, "value", id)?);
+            }
+        }
+        if let Some(missing) = ids.iter().find(|id| !out.contains_key(id)) {
+            return Err(Error::Corrupt(format!("memory {missing} is indexed but has no row")));
+        }
+        Ok(out)
+    }
+
+    /// Persists `changes` in one transaction, then applies them to the index
+    /// under its write lock (so no search sees the commit half-applied).
+    async fn commit(&self, tag_ids: &mut HashMap<String, i64>, changes: &Changes) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(sql)?;
+        let new_tags = persist(&mut tx, self.sql_knn, self.config.eviction.lambda(), tag_ids, changes).await?;
+        let mut index = self.index.write().await;
+        tx.commit().await.map_err(sql)?;
+        tag_ids.extend(new_tags);
+        index.apply(changes)
+    }
+}
+
+async fn read_config(tx: &mut Transaction<'_, Sqlite>) -> Result<Option<(MemoryConfig, bool)>> {
+    let row = sqlx::query(
+        "SELECT key_dim, value_dim, metric, capacity, lrfu_lambda, novelty, recombine, sql_knn FROM memstore_config",
+    )
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(sql)?;
+    let Some(r) = row else { return Ok(None) };
+    let metric: String = r.try_get(2).map_err(sql)?;
+    let metric = Metric::parse(&metric).ok_or_else(|| Error::Corrupt(format!("unknown metric {metric:?}")))?;
+    let dim = |v: i64, what: &str| usize::try_from(v).map_err(|_| Error::Corrupt(format!("{what} = {v}")));
+    let capacity: Option<i64> = r.try_get(3).map_err(sql)?;
+    let config = MemoryConfig {
+        key_dim: dim(r.try_get(0).map_err(sql)?, "key_dim")?,
+        value_dim: dim(r.try_get(1).map_err(sql)?, "value_dim")?,
+        metric,
+        capacity: capacity.map(|c| dim(c, "capacity")).transpose()?,
+        eviction: EvictionPolicy::Lrfu {
+            lambda: r.try_get(4).map_err(sql)?,
+        },
+        novelty: r.try_get::<f64, _>(5).map_err(sql)? as f32,
+        recombine: r.try_get::<f64, _>(6).map_err(sql)? as f32,
+    };
+    config
+        .validate()
+        .map_err(|e| Error::Corrupt(format!("stored configuration: {e}")))?;
+    Ok(Some((config, r.try_get::<i64, _>(7).map_err(sql)? != 0)))
+}
+
+async fn write_config(tx: &mut Transaction<'_, Sqlite>, c: &MemoryConfig, sql_knn: bool, create: bool) -> Result<()> {
+    let q = if create {
+        "INSERT INTO memstore_config (key_dim, value_dim, metric, capacity, lrfu_lambda, novelty, recombine, sql_knn, id) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)"
+    } else {
+        "UPDATE memstore_config SET key_dim = ?, value_dim = ?, metric = ?, capacity = ?, lrfu_lambda = ?, \
+         novelty = ?, recombine = ?, sql_knn = ? WHERE id = 1"
+    };
+    sqlx::query(q)
+        .bind(c.key_dim as i64)
+        .bind(c.value_dim as i64)
+        .bind(c.metric.as_str())
+        .bind(c.capacity.map(|x| x as i64))
+        .bind(c.eviction.lambda())
+        .bind(c.novelty as f64)
+        .bind(c.recombine as f64)
+        .bind(sql_knn as i64)
+        .execute(&mut **tx)
+        .await
+        .map_err(sql)?;
+    Ok(())
+}
+
+async fn load_index(tx: &mut Transaction<'_, Sqlite>, config: &MemoryConfig) -> Result<MemoryIndex> {
+    let mut index = MemoryIndex::new(config.clone());
+    let meta = sqlx::query("SELECT next_id, inserted, merged, evicted, deleted FROM memstore_meta WHERE id = 1")
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(sql)?
+        .ok_or_else(|| Error::Corrupt("memstore_meta row is missing".into()))?;
+    let g = |i: usize| -> Result<u64> { Ok(meta.try_get::<i64, _>(i).map_err(sql)? as u64) };
+    let (next_id, counters) = (
+        g(0)?,
+        Counters {
+            inserted: g(1)?,
+            merged: g(2)?,
+            evicted: g(3)?,
+            deleted: g(4)?,
+        },
+    );
+    let mut tags: HashMap<i64, BTreeMap<String, u64>> = HashMap::new();
+    let rows = sqlx::query("SELECT mt.memory_id, t.name, mt.count FROM memory_tags mt JOIN tags t ON t.id = mt.tag_id")
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(sql)?;
+    for r in rows {
+        let id: i64 = r.try_get(0).map_err(sql)?;
+        let count: i64 = r.try_get(2).map_err(sql)?;
+        tags.entry(id)
+            .or_default()
+            .insert(r.try_get(1).map_err(sql)?, count as u64);
+    }
+    let rows = sqlx::query("SELECT id, key, created, last_access, access_count, crf FROM memories")
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(sql)?;
+    for r in rows {
+        let id: i64 = r.try_get(0).map_err(sql)?;
+        let key: Vec<u8> = r.try_get(1).map_err(sql)?;
+        let key = blob_f32(&key, config.key_dim, "key", id)?;
+        if key.iter().any(|x| !x.is_finite()) {
+            return Err(Error::Corrupt(format!("memory {id} has a non-finite key")));
+        }
+        let crf: f64 = r.try_get(5).map_err(sql)?;
+        if !(crf.is_finite() && crf > 0.0) {
+            return Err(Error::Corrupt(format!("memory {id} has crf {crf}")));
+        }
+        let m = Meta {
+            created: r.try_get::<i64, _>(2).map_err(sql)? as u64,
+            last_access: r.try_get::<i64, _>(3).map_err(sql)? as u64,
+            access_count: r.try_get::<i64, _>(4).map_err(sql)? as u64,
+            crf,
+            tags: tags.remove(&id).unwrap_or_default(),
+        };
+        index.load(id as u64, &key, m)?;
+    }
+    if index.next_id() > next_id {
+        return Err(Error::Corrupt(format!(
+            "next_id {next_id} is not above every stored id ({})",
+            index.next_id() - 1
+        )));
+    }
+    index.set_state(next_id, counters);
+    Ok(index)
+}
+
+fn expect_one(done: sqlx::sqlite::SqliteQueryResult, what: &str, id: MemoryId) -> Result<()> {
+    if done.rows_affected() != 1 {
+        return Err(Error::Corrupt(format!(
+            "{what} of memory {id} touched {} rows",
+            done.rows_affected()
+        )));
+    }
+    Ok(())
+}
+
+/// Writes `changes` inside `tx`. Returns tags created (their ids become valid
+/// only once the transaction commits).
+async fn persist(
+    tx: &mut Transaction<'_, Sqlite>,
+    sql_knn: bool,
+    lambda: f64,
+    tag_ids: &HashMap<String, i64>,
+    ch: &Changes,
+) -> Result<HashMap<String, i64>> {
+    for &id in &ch.removed {
+        let done = sqlx::query("DELETE FROM memories WHERE id = ?")
+            .bind(id as i64)
+            .execute(&mut **tx)
+            .await
+            .map_err(sql)?;
+        expect_one(done, "delete", id)?;
+        if sql_knn {
+            sqlx::query("DELETE FROM memory_keys WHERE rowid = ?")
+                .bind(id as i64)
+                .execute(&mut **tx)
+                .await
+                .map_err(sql)?;
+        }
+    }
+    for u in &ch.accessed {
+        let done =
+            sqlx::query("UPDATE memories SET last_access = ?, access_count = ?, crf = ?, priority = ? WHERE id = ?")
+                .bind(u.last_access as i64)
+                .bind(u.access_count as i64)
+                .bind(u.crf)
+                .bind(u.priority)
+                .bind(u.id as i64)
+                .execute(&mut **tx)
+                .await
+                .map_err(sql)?;
+        expect_one(done, "access update", u.id)?;
+    }
+    for (id, v) in &ch.values {
+        let done = sqlx::query("UPDATE memories SET value = ? WHERE id = ?")
+            .bind(f32_blob(v))
+            .bind(*id as i64)
+            .execute(&mut **tx)
+            .await
+            .map_err(sql)?;
+        expect_one(done, "value update", *id)?;
+    }
+    let mut new_tags: HashMap<String, i64> = HashMap::new();
+    let mut tag_rows: Vec<(i64, i64, i64)> = Vec::new();
+    for m in &ch.inserted {
+        for (t, c) in &m.tags {
+            let tid = match tag_ids.get(t).or_else(|| new_tags.get(t)) {
+                Some(&tid) => tid,
+                None => {
+                    let tid: i64 = sqlx::query_scalar(
+                        "INSERT INTO tags (name) VALUES (?) ON CONFLICT (name) DO UPDATE SET name = excluded.name \
+                         RETURNING id",
+                    )
+                    .bind(t)
+                    .fetch_one(&mut **tx)
+                    .await
+                    .map_err(sql)?;
+                    new_tags.insert(t.clone(), tid);
+                    tid
+                }
+            };
+            tag_rows.push((m.id as i64, tid, *c as i64));
+        }
+    }
+    for chunk in ch.inserted.chunks(INSERT_CHUNK) {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO memories (id, key, value, created, last_access, access_count, crf, priority) ",
+        );
+        q.push_values(chunk, |mut b, m: &Memory| {
+            b.push_bind(m.id as i64)
+                .push_bind(f32_blob(&m.key))
+                .push_bind(f32_blob(&m.value))
+                .push_bind(m.created as i64)
+                .push_bind(m.last_access as i64)
+                .push_bind(m.access_count as i64)
+                .push_bind(m.crf)
+                .push_bind(memstore_api::math::priority(lambda, m.crf, m.last_access));
+        });
+        q.build().execute(&mut **tx).await.map_err(sql)?;
+        if sql_knn {
+            let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO memory_keys (rowid, key) ");
+            q.push_values(chunk, |mut b, m: &Memory| {
+                b.push_bind(m.id as i64).push_bind(f32_blob(&m.key));
+            });
+            q.build().execute(&mut **tx).await.map_err(sql)?;
+        }
+    }
+    for chunk in tag_rows.chunks(INSERT_CHUNK * 2) {
+        let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO memory_tags (memory_id, tag_id, count) ");
+        q.push_values(chunk, |mut b, r| {
+            b.push_bind(r.0).push_bind(r.1).push_bind(r.2);
+        });
+        q.build().execute(&mut **tx).await.map_err(sql)?;
+    }
+    let c = ch.counters;
+    sqlx::query(
+        "UPDATE memstore_meta SET next_id = ?, inserted = ?, merged = ?, evicted = ?, deleted = ? WHERE id = 1",
+    )
+    .bind(ch.next_id as i64)
+    .bind(c.inserted as i64)
+    .bind(c.merged as i64)
+    .bind(c.evicted as i64)
+    .bind(c.deleted as i64)
+    .execute(&mut **tx)
+    .await
+    .map_err(sql)?;
+    Ok(new_tags)
+}
+
+#[async_trait]
+impl MemoryStore for SqliteStore {
+    fn config(&self) -> &MemoryConfig {
+        &self.config
+    }
+
+    async fn search(&self, queries: Vectors<'_>, k: usize, filter: Option<&TagFilter>) -> Result<Neighbors> {
+        if k == 0 {
+            return Err(Error::ZeroK);
+        }
+        queries.check("queries", self.config.key_dim)?;
+        let index = self.index.read().await;
+        let rows = cpu(|| index.search(queries, k, filter));
+        let values = self.fetch_values(rows.iter().flatten().map(|(_, id)| *id)).await?;
+        index.assemble(&rows, k, &values)
+    }
+
+    async fn insert(&self, batch: Batch<'_>, tick: Tick) -> Result<Vec<MemoryId>> {
+        batch.check(&self.config)?;
+        let mut tags = self.writer.lock().await;
+        let (changes, ids) = {
+            let index = self.index.read().await;
+            let first = index.next_id();
+            let changes = cpu(|| index.plan_insert(&batch, tick))?;
+            (changes, (first..first + batch.len() as u64).collect())
+        };
+        self.commit(&mut tags, &changes).await?;
+        Ok(ids)
+    }
+
+    async fn get(&self, ids: &[MemoryId]) -> Result<Vec<Memory>> {
+        let index = self.index.read().await;
+        index.check_ids(ids)?;
+        let values = self.fetch_values(ids.iter().copied()).await?;
+        ids.iter()
+            .map(|id| {
+                let (Some(key), Some(m)) = (index.key(*id), index.meta(*id)) else {
+                    return Err(Error::UnknownId(*id));
+                };
+                Ok(Memory {
+                    id: *id,
+                    key: key.to_vec(),
+                    value: values[id].clone(),
+                    created: m.created,
+                    last_access: m.last_access,
+                    access_count: m.access_count,
+                    crf: m.crf,
+                    tags: m.tags.clone(),
+                })
+            })
+            .collect()
+    }
+
+    async fn delete(&self, ids: &[MemoryId]) -> Result<usize> {
+        let mut tags = self.writer.lock().await;
+        let changes = self.index.read().await.plan_delete(ids)?;
+        self.commit(&mut tags, &changes).await?;
+        Ok(changes.removed.len())
+    }
+
+    async fn update_values(&self, ids: &[MemoryId], deltas: Vectors<'_>) -> Result<()> {
+        let mut tags = self.writer.lock().await;
+        let changes = {
+            let index = self.index.read().await;
+            index.check_update_values(ids, deltas)?;
+            let current = self.fetch_values(ids.iter().copied()).await?;
+            index.plan_update_values(ids, deltas, &current)?
+        };
+        self.commit(&mut tags, &changes).await
+    }
+
+    async fn touch(&self, ids: &[MemoryId], tick: Tick) -> Result<()> {
+        let mut tags = self.writer.lock().await;
+        let changes = self.index.read().await.plan_touch(ids, tick)?;
+        self.commit(&mut tags, &changes).await
+    }
+
+    async fn learn(&self, batch: Batch<'_>, tick: Tick, k: usize) -> Result<Neighbors> {
+        if k == 0 {
+            return Err(Error::ZeroK);
+        }
+        batch.check(&self.config)?;
+        let mut tags = self.writer.lock().await;
+        let (changes, neighbours) = {
+            let index = self.index.read().await;
+            let plan = cpu(|| index.plan_learn(batch, tick, k))?;
+            let stored = self.fetch_values(plan.needed_values()).await?;
+            plan.finish(&stored)?
+        };
+        self.commit(&mut tags, &changes).await?;
+        Ok(neighbours)
+    }
+
+    async fn evict(&self, target_len: usize) -> Result<usize> {
+        let mut tags = self.writer.lock().await;
+        let changes = self.index.read().await.plan_evict(target_len)?;
+        if changes.is_empty() {
+            return Ok(0);
+        }
+        self.commit(&mut tags, &changes).await?;
+        Ok(changes.removed.len())
+    }
+
+    async fn len(&self) -> Result<usize> {
+        Ok(self.index.read().await.len())
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        let index = self.index.read().await;
+        let mut tag_counts = BTreeMap::new();
+        let mut access_count_total = 0u64;
+        for &id in index.ids() {
+            if let Some(m) = index.meta(id) {
+                access_count_total += m.access_count;
+                for (t, c) in &m.tags {
+                    *tag_counts.entry(t.clone()).or_insert(0) += c;
+                }
+            }
+        }
+        Ok(Stats {
+            len: index.len() as u64,
+            next_id: index.next_id(),
+            access_count_total,
+            tag_counts,
+            counters: index.counters(),
+        })
+    }
+
+    async fn flush(&self) -> Result<()> {
+        let _w = self.writer.lock().await;
+        sqlx::query("PRAGMA wal_checkpoint(FULL)")
+            .execute(&self.pool)
+            .await
+            .map_err(sql)?;
+        Ok(())
+    }
+}
