@@ -1,1 +1,112 @@
-fn main() {}
+//! Store throughput (criterion): search, insert and learn through the
+//! `MemoryStore` trait, SQLite backend next to the naive reference model as
+//! the in-run baseline. Run with `cargo bench --bench store`.
+//! The full matrix (N up to 1M, dim 768, HNSW, raw sqlite-vec anchors) is the
+//! benchmarks issue's; this is the foundation's smoke-sized version.
+
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use memstore::{Batch, InMemoryStore, MemoryConfig, MemoryStore, SqliteStore, Vectors};
+
+fn data(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            (((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+const DIM: usize = 64;
+const N: usize = 10_000;
+
+async fn filled<S: MemoryStore>(s: S) -> S {
+    let keys = data(1, N * DIM);
+    for c in keys.chunks(4096 * DIM) {
+        let n = c.len() / DIM;
+        let vals = vec![0.5f32; n * DIM];
+        let b = Batch::new(Vectors::new(c, DIM).unwrap(), Vectors::new(&vals, DIM).unwrap());
+        s.insert(b, 0).await.unwrap();
+    }
+    s
+}
+
+fn search(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = MemoryConfig::new(DIM, DIM);
+    let sqlite = rt.block_on(async {
+        filled(
+            SqliteStore::open(dir.path().join("bench.db"), config.clone())
+                .await
+                .unwrap(),
+        )
+        .await
+    });
+    let reference = rt.block_on(filled(InMemoryStore::new(config).unwrap()));
+    let mut g = c.benchmark_group(format!("search_dim{DIM}_n{N}_k8"));
+    g.sample_size(10).measurement_time(Duration::from_secs(3));
+    for batch in [1usize, 64, 1024] {
+        let q = data(2, batch * DIM);
+        g.throughput(Throughput::Elements(batch as u64));
+        g.bench_with_input(BenchmarkId::new("sqlite", batch), &q, |b, q| {
+            b.to_async(&rt)
+                .iter(|| async { sqlite.search(Vectors::new(q, DIM).unwrap(), 8, None).await.unwrap() })
+        });
+        if batch <= 64 {
+            g.bench_with_input(BenchmarkId::new("reference", batch), &q, |b, q| {
+                b.to_async(&rt)
+                    .iter(|| async { reference.search(Vectors::new(q, DIM).unwrap(), 8, None).await.unwrap() })
+            });
+        }
+    }
+    g.finish();
+}
+
+fn writes(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut g = c.benchmark_group(format!("write_dim{DIM}_batch4096"));
+    g.sample_size(10).measurement_time(Duration::from_secs(5));
+    g.throughput(Throughput::Elements(4096));
+    let keys = data(3, 4096 * DIM);
+    let vals = data(4, 4096 * DIM);
+    let config = MemoryConfig::new(DIM, DIM).with_thresholds(0.1, 0.5);
+    for op in ["insert", "learn"] {
+        g.bench_function(BenchmarkId::new("sqlite", op), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let (keys, vals, config) = (&keys, &vals, config.clone());
+                async move {
+                    let mut total = Duration::ZERO;
+                    for i in 0..iters {
+                        let dir = tempfile::tempdir().unwrap();
+                        let s = filled(
+                            SqliteStore::open(dir.path().join("w.db"), config.clone())
+                                .await
+                                .unwrap(),
+                        )
+                        .await;
+                        let batch = Batch::new(Vectors::new(keys, DIM).unwrap(), Vectors::new(vals, DIM).unwrap());
+                        let t = Instant::now();
+                        if op == "insert" {
+                            s.insert(batch, 1 + i).await.unwrap();
+                        } else {
+                            s.learn(batch, 1 + i, 8).await.unwrap();
+                        }
+                        total += t.elapsed();
+                        s.close().await;
+                    }
+                    total
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, search, writes);
+criterion_main!(benches);

@@ -482,18 +482,23 @@ impl MemoryIndex {
         let mut found_rows = Vec::with_capacity(batch.len());
         for (i, pre_row) in pre.into_iter().enumerate() {
             let key = batch.keys.row(i);
-            let removed_base = ov.removed.len();
-            // Nearest among stored memories still present.
-            let base: Vec<(f32, MemoryId)> = if removed_base > slack && pre_row.len() == k0 {
-                self.topk(key, k + removed_base, None, true)
-            } else {
-                pre_row
-            };
-            let mut found: Vec<(f32, MemoryId)> = base
-                .into_iter()
+            // Nearest among stored memories still present. The survivors of the
+            // pre-batch top-k0 are exact while at least k remain (anything not in
+            // the top-k0 ranks after all of it); otherwise search this row again.
+            let mut found: Vec<(f32, MemoryId)> = pre_row
+                .iter()
+                .copied()
                 .filter(|(_, id)| !ov.removed.contains(id))
                 .take(k)
                 .collect();
+            if found.len() < k && pre_row.len() == k0 {
+                found = self
+                    .topk(key, k + ov.removed.len(), None, true)
+                    .into_iter()
+                    .filter(|(_, id)| !ov.removed.contains(id))
+                    .take(k)
+                    .collect();
+            }
             // Nearest among memories created earlier in this batch.
             for c in ov.created.iter().filter(|c| c.alive) {
                 found.push((math::distance(cfg.metric, key, &c.key), c.id));

@@ -460,10 +460,12 @@ async fn load_index(tx: &mut Transaction<'_, Sqlite>, config: &MemoryConfig) -> 
     Ok(index)
 }
 
-fn expect_one(done: sqlx::sqlite::SqliteQueryResult, what: &str, id: MemoryId) -> Result<()> {
-    if done.rows_affected() != 1 {
+/// Checks that a statement changed exactly the rows the index expects; a
+/// difference means the file was changed behind the store's back.
+fn expect_rows(done: sqlx::sqlite::SqliteQueryResult, what: &str, want: usize) -> Result<()> {
+    if done.rows_affected() != want as u64 {
         return Err(Error::Corrupt(format!(
-            "{what} of memory {id} touched {} rows",
+            "{what} changed {} rows where the index expected {want}",
             done.rows_affected()
         )));
     }
@@ -479,42 +481,49 @@ async fn persist(
     tag_ids: &HashMap<String, i64>,
     ch: &Changes,
 ) -> Result<HashMap<String, i64>> {
-    for &id in &ch.removed {
-        let done = sqlx::query("DELETE FROM memories WHERE id = ?")
-            .bind(id as i64)
-            .execute(&mut **tx)
-            .await
-            .map_err(sql)?;
-        expect_one(done, "delete", id)?;
+    for chunk in ch.removed.chunks(ID_CHUNK) {
+        let mut q = QueryBuilder::<Sqlite>::new("DELETE FROM memories WHERE id IN (");
+        let mut sep = q.separated(", ");
+        for id in chunk {
+            sep.push_bind(*id as i64);
+        }
+        q.push(")");
+        let done = q.build().execute(&mut **tx).await.map_err(sql)?;
+        expect_rows(done, "delete", chunk.len())?;
         if sql_knn {
-            sqlx::query("DELETE FROM memory_keys WHERE rowid = ?")
-                .bind(id as i64)
-                .execute(&mut **tx)
-                .await
-                .map_err(sql)?;
+            let mut q = QueryBuilder::<Sqlite>::new("DELETE FROM memory_keys WHERE rowid IN (");
+            let mut sep = q.separated(", ");
+            for id in chunk {
+                sep.push_bind(*id as i64);
+            }
+            q.push(")");
+            q.build().execute(&mut **tx).await.map_err(sql)?;
         }
     }
-    for u in &ch.accessed {
-        let done =
-            sqlx::query("UPDATE memories SET last_access = ?, access_count = ?, crf = ?, priority = ? WHERE id = ?")
-                .bind(u.last_access as i64)
-                .bind(u.access_count as i64)
-                .bind(u.crf)
-                .bind(u.priority)
-                .bind(u.id as i64)
-                .execute(&mut **tx)
-                .await
-                .map_err(sql)?;
-        expect_one(done, "access update", u.id)?;
+    for chunk in ch.accessed.chunks(INSERT_CHUNK) {
+        let mut q = QueryBuilder::<Sqlite>::new("WITH v (id, last_access, access_count, crf, priority) AS (");
+        q.push_values(chunk, |mut b, u| {
+            b.push_bind(u.id as i64)
+                .push_bind(u.last_access as i64)
+                .push_bind(u.access_count as i64)
+                .push_bind(u.crf)
+                .push_bind(u.priority);
+        });
+        q.push(
+            ") UPDATE memories SET last_access = v.last_access, access_count = v.access_count, crf = v.crf, \
+             priority = v.priority FROM v WHERE memories.id = v.id",
+        );
+        let done = q.build().execute(&mut **tx).await.map_err(sql)?;
+        expect_rows(done, "access update", chunk.len())?;
     }
-    for (id, v) in &ch.values {
-        let done = sqlx::query("UPDATE memories SET value = ? WHERE id = ?")
-            .bind(f32_blob(v))
-            .bind(*id as i64)
-            .execute(&mut **tx)
-            .await
-            .map_err(sql)?;
-        expect_one(done, "value update", *id)?;
+    for chunk in ch.values.chunks(INSERT_CHUNK) {
+        let mut q = QueryBuilder::<Sqlite>::new("WITH v (id, value) AS (");
+        q.push_values(chunk, |mut b, (id, v)| {
+            b.push_bind(*id as i64).push_bind(f32_blob(v));
+        });
+        q.push(") UPDATE memories SET value = v.value FROM v WHERE memories.id = v.id");
+        let done = q.build().execute(&mut **tx).await.map_err(sql)?;
+        expect_rows(done, "value update", chunk.len())?;
     }
     let mut new_tags: HashMap<String, i64> = HashMap::new();
     let mut tag_rows: Vec<(i64, i64, i64)> = Vec::new();
