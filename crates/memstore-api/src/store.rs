@@ -64,3 +64,45 @@ pub trait MemoryStore: Send + Sync {
     /// Makes everything committed so far durable on the medium.
     async fn flush(&self) -> Result<()>;
 }
+
+/// A shared store is a store: `Arc<S>` delegates to `S`, so one store can be
+/// handed to many tasks (a daemon's connections, a model's layers).
+#[async_trait]
+impl<S: MemoryStore + ?Sized> MemoryStore for std::sync::Arc<S> {
+    fn config(&self) -> &MemoryConfig {
+        (**self).config()
+    }
+    async fn search(&self, queries: Vectors<'_>, k: usize, filter: Option<&TagFilter>) -> Result<Neighbors> {
+        (**self).search(queries, k, filter).await
+    }
+    async fn insert(&self, batch: Batch<'_>, tick: Tick) -> Result<Vec<MemoryId>> {
+        (**self).insert(batch, tick).await
+    }
+    async fn get(&self, ids: &[MemoryId]) -> Result<Vec<Memory>> {
+        (**self).get(ids).await
+    }
+    async fn delete(&self, ids: &[MemoryId]) -> Result<usize> {
+        (**self).delete(ids).await
+    }
+    async fn update_values(&self, ids: &[MemoryId], deltas: Vectors<'_>) -> Result<()> {
+        (**self).update_values(ids, deltas).await
+    }
+    async fn touch(&self, ids: &[MemoryId], tick: Tick) -> Result<()> {
+        (**self).touch(ids, tick).await
+    }
+    async fn learn(&self, batch: Batch<'_>, tick: Tick, k: usize) -> Result<Neighbors> {
+        (**self).learn(batch, tick, k).await
+    }
+    async fn evict(&self, target_len: usize) -> Result<usize> {
+        (**self).evict(target_len).await
+    }
+    async fn len(&self) -> Result<usize> {
+        (**self).len().await
+    }
+    async fn stats(&self) -> Result<Stats> {
+        (**self).stats().await
+    }
+    async fn flush(&self) -> Result<()> {
+        (**self).flush().await
+    }
+}

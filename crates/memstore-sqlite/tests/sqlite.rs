@@ -1,0 +1,203 @@
+//! SQLite-specific behaviour beyond the conformance suite: SQL kNN through
+//! sqlite-vec, corrupt and missing files, and crash consistency under SIGKILL.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use memstore_api::testkit::util::{Rng, ins, v};
+use memstore_api::{Batch, Error, MemoryConfig, MemoryStore, Metric};
+use memstore_sqlite::{SqliteError, SqliteStore};
+use sqlx::Row;
+
+async fn sql_knn(store: &SqliteStore, q: &[f32], k: i64) -> Vec<(u64, f64)> {
+    let blob: Vec<u8> = q.iter().flat_map(|x| x.to_le_bytes()).collect();
+    sqlx::query("SELECT rowid, distance FROM memory_keys WHERE key MATCH ? AND k = ? ORDER BY distance")
+        .bind(blob)
+        .bind(k)
+        .fetch_all(store.pool())
+        .await
+        .expect("vec0 kNN")
+        .into_iter()
+        .map(|r| (r.get::<i64, _>(0) as u64, r.get::<f64, _>(1)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_knn_agrees_with_store_search() {
+    let dir = tempfile::tempdir().unwrap();
+    for metric in [Metric::L2, Metric::Cosine] {
+        let path = dir.path().join(format!("{}.db", metric.as_str()));
+        let s = SqliteStore::open(&path, MemoryConfig::new(16, 2).with_metric(metric))
+            .await
+            .unwrap();
+        assert!(s.has_sql_knn());
+        let mut rng = Rng::new(11);
+        ins(&s, &rng.vecs(500, 16), &vec![0.0; 1000], 1).await;
+        for _ in 0..10 {
+            let q = rng.vecs(1, 16);
+            let mine = s.search(v(&q, 16), 5, None).await.unwrap();
+            let theirs = sql_knn(&s, &q, 5).await;
+            assert_eq!(theirs.len(), 5);
+            for (j, (id, d)) in theirs.iter().enumerate() {
+                assert_eq!(mine.id(0, j), Some(*id), "{metric:?} slot {j}");
+                assert!((mine.distance(0, j) as f64 - d).abs() < 1e-4, "{metric:?} distance");
+            }
+        }
+        s.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_knn_follows_deletes_merges_and_evictions() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = MemoryConfig::new(2, 1).with_thresholds(0.5, 1.0).with_capacity(40);
+    let s = SqliteStore::open(dir.path().join("m.db"), config).await.unwrap();
+    let mut rng = Rng::new(3);
+    for t in 0..10 {
+        let keys: Vec<f32> = rng.vecs(12, 2).iter().map(|x| x * 6.0).collect();
+        s.learn(Batch::new(v(&keys, 2), v(&[1.0; 12], 1)), t, 4).await.unwrap();
+    }
+    s.delete(&[s.stats().await.unwrap().next_id - 1]).await.unwrap();
+    let st = s.stats().await.unwrap();
+    assert!(st.counters.merged > 0 && st.counters.evicted > 0, "{st:?}");
+    let vec_ids: BTreeSet<u64> = sqlx::query("SELECT rowid FROM memory_keys")
+        .fetch_all(s.pool())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.get::<i64, _>(0) as u64)
+        .collect();
+    let live: BTreeSet<u64> = (1..st.next_id).filter(|id| vec_ids.contains(id)).collect();
+    assert_eq!(vec_ids.len() as u64, st.len);
+    assert_eq!(
+        s.get(&live.iter().copied().collect::<Vec<_>>()).await.unwrap().len(),
+        live.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_file_is_a_storage_error_and_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("junk.db");
+    let junk: Vec<u8> = (0..8192u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&path, &junk).unwrap();
+    match SqliteStore::open(&path, MemoryConfig::new(2, 2)).await {
+        Err(Error::Storage(e)) => assert!(e.to_string().contains("not a database"), "{e}"),
+        Err(e) => panic!("expected a storage error, got {e}"),
+        Ok(_) => panic!("opened a garbage file"),
+    }
+    assert_eq!(std::fs::read(&path).unwrap(), junk, "the file was modified");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_key_blob_is_detected_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    let s = SqliteStore::open(&path, MemoryConfig::new(4, 2)).await.unwrap();
+    ins(&s, &[1.0; 8], &[0.0; 4], 1).await;
+    sqlx::query("UPDATE memories SET key = x'0000' WHERE id = 2")
+        .execute(s.pool())
+        .await
+        .unwrap();
+    s.close().await;
+    match SqliteStore::open(&path, MemoryConfig::new(4, 2)).await {
+        Err(Error::Corrupt(m)) => assert!(m.contains("memory 2") && m.contains("key"), "{m}"),
+        Err(e) => panic!("expected Corrupt, got {e}"),
+        Ok(_) => panic!("opened a store with a truncated key"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_existing_uses_the_stored_config_and_never_creates() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("e.db");
+    match SqliteStore::open_existing(&path).await {
+        Err(Error::Storage(e)) => {
+            assert!(
+                matches!(e.downcast_ref::<SqliteError>(), Some(SqliteError::NotFound(_))),
+                "{e}"
+            )
+        }
+        other => panic!("expected NotFound, got {:?}", other.err()),
+    }
+    assert!(!path.exists());
+    let c = MemoryConfig::new(3, 5)
+        .with_metric(Metric::InnerProduct)
+        .with_capacity(9);
+    SqliteStore::open(&path, c.clone()).await.unwrap().close().await;
+    let s = SqliteStore::open_existing(&path).await.unwrap();
+    assert_eq!(s.config(), &c);
+}
+
+/// Kills a writer process with SIGKILL at random moments, 20 times, reopening
+/// the file after each kill: every acknowledged batch is there whole, no batch
+/// is there in part, and the file always opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_loses_no_acknowledged_batch() {
+    const ROWS: usize = 64;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("crash.db");
+    let exe = env!("CARGO_BIN_EXE_memstore-sqlite-writer");
+    let mut rng = Rng::new(2026);
+    let mut acked: BTreeSet<u64> = BTreeSet::new();
+    let mut next_batch = 0u64;
+    let mut before: BTreeSet<u64> = BTreeSet::new();
+    for round in 0..20 {
+        let mut child = Command::new(exe)
+            .args([
+                path.to_str().unwrap(),
+                &next_batch.to_string(),
+                "100000",
+                &ROWS.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the writer");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let wait_for = 1 + rng.below(6);
+        let mut seen = 0;
+        while seen < wait_for {
+            let line = lines.next().expect("the writer ended early").unwrap();
+            let i: u64 = line.strip_prefix("committed ").unwrap().parse().unwrap();
+            acked.insert(i);
+            seen += 1;
+        }
+        std::thread::sleep(Duration::from_micros(rng.below(4000)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        for line in lines.map_while(|l| l.ok()) {
+            if let Some(i) = line.strip_prefix("committed ") {
+                acked.insert(i.parse().unwrap());
+            }
+        }
+        let s = SqliteStore::open(&path, MemoryConfig::new(8, 4))
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the file does not open after SIGKILL: {e}"));
+        let st = s.stats().await.unwrap();
+        let mut present = BTreeSet::new();
+        for (tag, count) in &st.tag_counts {
+            let i: u64 = tag[1..].parse().unwrap();
+            assert_eq!(*count as usize, ROWS, "round {round}: batch {i} is there in part");
+            present.insert(i);
+        }
+        assert!(
+            acked.is_subset(&present),
+            "round {round}: acknowledged {acked:?}, present {present:?}"
+        );
+        let unacked_new = present.difference(&before).filter(|i| !acked.contains(i)).count();
+        assert!(
+            unacked_new <= 1,
+            "round {round}: {unacked_new} unacknowledged batches appeared"
+        );
+        assert_eq!(st.len as usize, present.len() * ROWS);
+        next_batch = present.iter().max().map_or(0, |m| m + 1);
+        before = present;
+        s.close().await;
+    }
+    assert!(acked.len() >= 20);
+}
