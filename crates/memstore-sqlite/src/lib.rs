@@ -21,8 +21,10 @@
 //!   search sees a deleted id or misses a committed one. Values are read from
 //!   the database by id.
 //!
-//! One process should open a store file at a time (the index is per process);
-//! to share a store between processes, serve it with `memstored` (memstore-ipc).
+//! One store owns a file at a time (the index is per process): opening takes an
+//! exclusive advisory lock on `<path>.lock` and a second open fails with
+//! [`SqliteError::Locked`]. To share a store between processes, serve it with
+//! `memstored` (memstore-ipc).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -56,6 +58,12 @@ pub enum SqliteError {
     /// The file to open does not exist.
     #[error("no memstore database at {0}")]
     NotFound(PathBuf),
+    /// Another store (in this or another process) has the file open.
+    #[error("{0} is open in another store (lock file held); share a store between processes with memstored")]
+    Locked(PathBuf),
+    /// The lock file could not be created or locked.
+    #[error("lock file {0}: {1}")]
+    LockFile(PathBuf, #[source] std::io::Error),
 }
 
 impl From<SqliteError> for Error {
@@ -120,6 +128,27 @@ pub struct SqliteStore {
     sql_knn: bool,
     index: RwLock<MemoryIndex>,
     writer: Mutex<HashMap<String, i64>>,
+    /// Exclusive advisory lock on `<path>.lock`, held while the store is open
+    /// (the kernel releases it if the process dies).
+    _lock: std::fs::File,
+}
+
+/// Takes the exclusive lock that makes one store the only owner of a file.
+fn lock_file(path: &Path) -> Result<std::fs::File> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| SqliteError::LockFile(lock_path.clone(), e))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(SqliteError::Locked(path.to_path_buf()).into()),
+        Err(std::fs::TryLockError::Error(e)) => Err(SqliteError::LockFile(lock_path, e).into()),
+    }
 }
 
 fn f32_blob(v: &[f32]) -> Vec<u8> {
@@ -181,6 +210,7 @@ impl SqliteStore {
 
     async fn open_inner(path: &Path, config: Option<MemoryConfig>, options: SqliteOptions) -> Result<Self> {
         register_sqlite_vec();
+        let lock = lock_file(path)?;
         let connect = SqliteConnectOptions::from_str("sqlite://")
             .map_err(sql)?
             .filename(path)
@@ -195,7 +225,7 @@ impl SqliteStore {
             .connect_with(connect)
             .await
             .map_err(sql)?;
-        match Self::init(pool.clone(), path, config, options).await {
+        match Self::init(pool.clone(), path, config, options, lock).await {
             Ok(s) => Ok(s),
             Err(e) => {
                 pool.close().await;
@@ -204,7 +234,13 @@ impl SqliteStore {
         }
     }
 
-    async fn init(pool: SqlitePool, path: &Path, config: Option<MemoryConfig>, options: SqliteOptions) -> Result<Self> {
+    async fn init(
+        pool: SqlitePool,
+        path: &Path,
+        config: Option<MemoryConfig>,
+        options: SqliteOptions,
+        lock: std::fs::File,
+    ) -> Result<Self> {
         MIGRATOR.run(&pool).await.map_err(SqliteError::from)?;
         let mut tx = pool.begin().await.map_err(sql)?;
         let stored = read_config(&mut tx).await?;
@@ -284,6 +320,7 @@ impl SqliteStore {
             sql_knn,
             index: RwLock::new(index),
             writer: Mutex::new(tag_ids),
+            _lock: lock,
         })
     }
 

@@ -201,3 +201,23 @@ async fn sigkill_mid_stream_loses_no_acknowledged_batch() {
     }
     assert!(acked.len() >= 20);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_open_of_the_same_file_is_refused_until_the_first_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.db");
+    let s = SqliteStore::open(&path, MemoryConfig::new(2, 2)).await.unwrap();
+    ins(&s, &[1.0, 2.0], &[3.0, 4.0], 1).await;
+    match SqliteStore::open(&path, MemoryConfig::new(2, 2)).await {
+        Err(Error::Storage(e)) => {
+            assert!(
+                matches!(e.downcast_ref::<SqliteError>(), Some(SqliteError::Locked(_))),
+                "{e}"
+            )
+        }
+        other => panic!("expected Locked, got {:?}", other.err()),
+    }
+    s.close().await;
+    let s = SqliteStore::open(&path, MemoryConfig::new(2, 2)).await.unwrap();
+    assert_eq!(s.len().await.unwrap(), 1);
+}
