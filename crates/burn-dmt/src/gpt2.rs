@@ -1,0 +1,399 @@
+//! GPT-2, one file, mirroring `transformers/models/gpt2/modeling_gpt2.py`:
+//! `GPT2Model` (wte, wpe, h.N = `GPT2Block`, ln_f) with the LM head tied to
+//! `wte`. Module and field names are the checkpoint's (`h.0.attn.c_attn`, ...).
+//!
+//! Conv1D weights are stored `[in, out]` in GPT-2 checkpoints, which is Burn's
+//! `Linear` (row layout) as is: no transpose. `c_attn` holds q|k|v concatenated
+//! along its output.
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, Identity, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::{gelu, gelu_approximate, relu, softmax};
+use burn::tensor::{Bool, Device, Int, Tensor};
+
+use crate::config::{Activation, Gpt2Config};
+use crate::{DmtError, Result};
+
+/// `GPT2MLP`: `c_proj(act(c_fc(x)))`.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    /// Up-projection `[n_embd, d_ff]`.
+    pub c_fc: Linear,
+    /// Down-projection `[d_ff, n_embd]`.
+    pub c_proj: Linear,
+    #[module(skip)]
+    act: Activation,
+}
+
+impl Mlp {
+    /// An MLP from its two projections.
+    pub fn new(c_fc: Linear, c_proj: Linear, act: Activation) -> Self {
+        Mlp { c_fc, c_proj, act }
+    }
+
+    /// Applies the MLP.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let h = self.c_fc.forward(x);
+        let h = match self.act {
+            Activation::GeluTanh => gelu_approximate(h),
+            Activation::Gelu => gelu(h),
+            Activation::Relu => relu(h),
+        };
+        self.c_proj.forward(h)
+    }
+}
+
+/// The feed-forward sub-layer of a block: the seam where memory layers replace
+/// the MLP, one block at a time, without touching attention.
+// One per block, built once: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum FeedForward {
+    /// GPT-2's MLP.
+    Mlp(Mlp),
+    /// No feed-forward layer: the block adds nothing after attention
+    /// (the "teacher without its feed-forward layers" ablation).
+    Ablated(Identity),
+}
+
+impl FeedForward {
+    /// Applies the sub-layer to the normalised residual stream; returns what
+    /// the block adds to the residual.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        match self {
+            FeedForward::Mlp(m) => m.forward(x),
+            FeedForward::Ablated(_) => x.zeros_like(),
+        }
+    }
+}
+
+/// Cached keys and values of one block, `[batch, heads, past, head_dim]`.
+#[derive(Clone, Debug)]
+pub struct LayerCache {
+    k: Tensor<4>,
+    v: Tensor<4>,
+}
+
+/// The KV cache of every block, for incremental decoding.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<LayerCache>>,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |l| l.k.dims()[2])
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// `GPT2Attention`: causal multi-head self-attention.
+#[derive(Module, Debug)]
+pub struct Attention {
+    /// q|k|v projection `[n_embd, 3·n_embd]`.
+    pub c_attn: Linear,
+    /// Output projection `[n_embd, n_embd]`.
+    pub c_proj: Linear,
+    #[module(skip)]
+    n_head: usize,
+}
+
+impl Attention {
+    /// Attention from its projections.
+    pub fn new(c_attn: Linear, c_proj: Linear, n_head: usize) -> Self {
+        Attention { c_attn, c_proj, n_head }
+    }
+
+    fn heads(&self, x: Tensor<3>) -> Tensor<4> {
+        let [b, t, c] = x.dims();
+        x.reshape([b, t, self.n_head, c / self.n_head]).swap_dims(1, 2)
+    }
+
+    /// Attends over the cached positions and `x`; appends `x`'s keys and
+    /// values to `cache` when given.
+    pub fn forward(&self, x: Tensor<3>, cache: Option<&mut Option<LayerCache>>) -> Tensor<3> {
+        let [b, t, c] = x.dims();
+        let qkv = self.c_attn.forward(x);
+        let q = self.heads(qkv.clone().narrow(2, 0, c));
+        let mut k = self.heads(qkv.clone().narrow(2, c, c));
+        let mut v = self.heads(qkv.narrow(2, 2 * c, c));
+        let mut past = 0;
+        if let Some(slot) = cache {
+            if let Some(prev) = slot.take() {
+                past = prev.k.dims()[2];
+                k = Tensor::cat(vec![prev.k, k], 2);
+                v = Tensor::cat(vec![prev.v, v], 2);
+            }
+            *slot = Some(LayerCache {
+                k: k.clone(),
+                v: v.clone(),
+            });
+        }
+        let tk = past + t;
+        let dh = c / self.n_head;
+        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((dh as f64).sqrt());
+        // Query i (absolute position past + i) sees keys j <= past + i.
+        let mask = Tensor::<2, Bool>::tril_mask([t, tk], past as i64, &scores.device())
+            .unsqueeze_dim::<3>(0)
+            .unsqueeze_dim::<4>(0)
+            .expand([b, self.n_head, t, tk]);
+        let weights = softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 3);
+        let y = weights.matmul(v).swap_dims(1, 2).reshape([b, t, c]);
+        self.c_proj.forward(y)
+    }
+}
+
+/// `GPT2Block`: pre-LN attention and feed-forward, each added to the residual.
+#[derive(Module, Debug)]
+pub struct Block {
+    /// LayerNorm before attention.
+    pub ln_1: LayerNorm,
+    /// Self-attention.
+    pub attn: Attention,
+    /// LayerNorm before the feed-forward layer.
+    pub ln_2: LayerNorm,
+    /// The feed-forward layer (or its replacement).
+    pub mlp: FeedForward,
+}
+
+impl Block {
+    /// Applies the block.
+    pub fn forward(&self, x: Tensor<3>, cache: Option<&mut Option<LayerCache>>) -> Tensor<3> {
+        let x = x.clone() + self.attn.forward(self.ln_1.forward(x), cache);
+        x.clone() + self.mlp.forward(self.ln_2.forward(x))
+    }
+
+    /// The input of the feed-forward layer (after `ln_2`) and the block output,
+    /// for distillation targets and memory bootstrapping.
+    pub fn forward_with_ff_input(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
+        let x = x.clone() + self.attn.forward(self.ln_1.forward(x), None);
+        let ff_in = self.ln_2.forward(x.clone());
+        (ff_in.clone(), x + self.mlp.forward(ff_in))
+    }
+}
+
+/// What a forward pass returns.
+#[derive(Clone, Debug)]
+pub struct Gpt2Output {
+    /// Logits `[batch, seq, vocab]`.
+    pub logits: Tensor<3>,
+    /// Hidden states as `transformers` reports them: the embeddings, then each
+    /// block's output, the last one after `ln_f` (`n_layer + 1` tensors).
+    pub hidden_states: Vec<Tensor<3>>,
+}
+
+/// `GPT2LMHeadModel` with the LM head tied to `wte`.
+#[derive(Module, Debug)]
+pub struct Gpt2 {
+    /// Token embedding `[vocab, n_embd]`, also the LM head.
+    pub wte: Embedding,
+    /// Position embedding `[n_positions, n_embd]`.
+    pub wpe: Embedding,
+    /// The blocks.
+    pub h: Vec<Block>,
+    /// Final LayerNorm.
+    pub ln_f: LayerNorm,
+    #[module(skip)]
+    config: Gpt2Config,
+}
+
+/// A LayerNorm with the configured epsilon.
+pub(crate) fn layer_norm(config: &Gpt2Config, device: &Device) -> LayerNorm {
+    LayerNormConfig::new(config.n_embd)
+        .with_epsilon(config.layer_norm_epsilon)
+        .init(device)
+}
+
+impl Gpt2 {
+    /// A randomly initialised GPT-2 (weights N(0, 0.02), LayerNorms 1/0), as
+    /// `transformers` initialises one.
+    pub fn init(config: &Gpt2Config, device: &Device) -> Result<Self> {
+        config.validate().map_err(DmtError::InvalidArgument)?;
+        let init = burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 };
+        let lin = |i: usize, o: usize| LinearConfig::new(i, o).with_initializer(init.clone()).init(device);
+        let (c, f) = (config.n_embd, config.d_ff());
+        let emb = |n: usize| Embedding {
+            weight: init.init_with([n, c], Some(n), Some(c), device),
+        };
+        let h = (0..config.n_layer)
+            .map(|_| Block {
+                ln_1: layer_norm(config, device),
+                attn: Attention::new(lin(c, 3 * c), lin(c, c), config.n_head),
+                ln_2: layer_norm(config, device),
+                mlp: FeedForward::Mlp(Mlp::new(lin(c, f), lin(f, c), config.activation())),
+            })
+            .collect();
+        Ok(Gpt2 {
+            wte: emb(config.vocab_size),
+            wpe: emb(config.n_positions),
+            h,
+            ln_f: layer_norm(config, device),
+            config: config.clone(),
+        })
+    }
+
+    /// Assembles a model from loaded parts (see [`crate::loader`]).
+    pub fn from_parts(config: Gpt2Config, wte: Embedding, wpe: Embedding, h: Vec<Block>, ln_f: LayerNorm) -> Self {
+        Gpt2 {
+            wte,
+            wpe,
+            h,
+            ln_f,
+            config,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Gpt2Config {
+        &self.config
+    }
+
+    /// The device of the parameters.
+    pub fn device(&self) -> Device {
+        self.wte.weight.val().device()
+    }
+
+    /// Token plus position embeddings for positions `past..past + t`.
+    pub fn embed(&self, ids: Tensor<2, Int>, past: usize) -> Result<Tensor<3>> {
+        let [b, t] = ids.dims();
+        if past + t > self.config.n_positions {
+            return Err(DmtError::SequenceTooLong {
+                len: past + t,
+                max: self.config.n_positions,
+            });
+        }
+        let device = ids.device();
+        let pos = Tensor::<1, Int>::arange(past as i64..(past + t) as i64, &device)
+            .unsqueeze_dim::<2>(0)
+            .expand([b, t]);
+        Ok(self.wte.forward(ids) + self.wpe.forward(pos))
+    }
+
+    /// The LM head: `x · wteᵀ`.
+    pub fn lm_head(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, t, c] = x.dims();
+        let w = self.wte.weight.val();
+        x.reshape([b * t, c])
+            .matmul(w.transpose())
+            .reshape([b, t, self.config.vocab_size])
+    }
+
+    /// Logits `[batch, seq, vocab]` of `ids` `[batch, seq]`, continuing from
+    /// `cache` when given (and extending it).
+    pub fn forward(&self, ids: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
+        Ok(self.forward_full(ids, cache, false)?.logits)
+    }
+
+    /// Logits and, when `hidden` is set, every hidden state.
+    pub fn forward_full(&self, ids: Tensor<2, Int>, cache: Option<&mut KvCache>, hidden: bool) -> Result<Gpt2Output> {
+        let n = self.h.len();
+        let mut cache = cache;
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        if let Some(c) = cache.as_mut()
+            && c.layers.len() != n
+        {
+            c.layers = vec![None; n];
+        }
+        let mut x = self.embed(ids, past)?;
+        let mut states = Vec::new();
+        for (i, block) in self.h.iter().enumerate() {
+            if hidden {
+                states.push(x.clone());
+            }
+            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            x = block.forward(x, slot);
+        }
+        let x = self.ln_f.forward(x);
+        if hidden {
+            states.push(x.clone());
+        }
+        Ok(Gpt2Output {
+            logits: self.lm_head(x),
+            hidden_states: states,
+        })
+    }
+
+    /// Replaces block `i`'s feed-forward layer.
+    pub fn set_feed_forward(&mut self, i: usize, ff: FeedForward) -> Result<()> {
+        let n = self.h.len();
+        let block = self
+            .h
+            .get_mut(i)
+            .ok_or_else(|| DmtError::InvalidArgument(format!("block {i} out of range (model has {n})")))?;
+        block.mlp = ff;
+        Ok(())
+    }
+
+    /// Number of weight parameters (every float in the module).
+    pub fn num_weights(&self) -> usize {
+        self.num_params()
+    }
+}
+
+/// Wraps a tensor as a trainable parameter.
+pub(crate) fn param<const D: usize>(t: Tensor<D>) -> Param<Tensor<D>> {
+    Param::from_tensor(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::TensorData;
+
+    fn mlp_identity(act: Activation, device: &Device) -> Mlp {
+        let eye = |n: usize| {
+            let mut v = vec![0.0f32; n * n];
+            for i in 0..n {
+                v[i * n + i] = 1.0;
+            }
+            Linear {
+                weight: param(Tensor::from_data(TensorData::new(v, [n, n]), device)),
+                bias: None,
+            }
+        };
+        Mlp::new(eye(7), eye(7), act)
+    }
+
+    /// GPT-2's `gelu_new` is the tanh approximation, not the erf GELU: the two
+    /// differ by up to ~1e-3 around |x| = 2, which the tiny fixtures (weights
+    /// N(0, 0.02)) are too small to reveal.
+    #[test]
+    fn gelu_new_is_the_tanh_approximation() {
+        let device = Device::flex();
+        let xs = [-3.0f32, -2.0, -1.0, -0.5, 0.5, 2.0, 3.0];
+        let x = Tensor::<3>::from_data(TensorData::new(xs.to_vec(), [1, 1, 7]), &device);
+        let got = mlp_identity(Activation::GeluTanh, &device)
+            .forward(x.clone())
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let erf = mlp_identity(Activation::Gelu, &device)
+            .forward(x)
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap();
+        for ((g, e), x) in got.iter().zip(&erf).zip(xs) {
+            let x = x as f64;
+            let want = 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh());
+            assert!((*g as f64 - want).abs() < 1e-6, "gelu_new({x}) = {g}, want {want}");
+            let _ = e;
+        }
+        let max_gap = got.iter().zip(&erf).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(max_gap > 1e-4, "the erf GELU must differ from the tanh one ({max_gap})");
+    }
+}

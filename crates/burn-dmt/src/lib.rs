@@ -1,0 +1,120 @@
+//! # burn-dmt
+//!
+//! A discrete-memory transformer in [Burn](https://burn.dev): GPT-2 (Radford et
+//! al., "Language Models are Unsupervised Multitask Learners", 2019) written to
+//! mirror Hugging Face's `modeling_gpt2.py` and keep the checkpoint's tensor
+//! names, so that real checkpoints load as they are. Each block's feed-forward
+//! layer sits behind [`gpt2::FeedForward`], the seam where memory layers backed
+//! by memstore replace it (feed-forward layers act as key-value memories: Geva
+//! et al. 2021).
+//!
+//! - [`gpt2`]: the model, with a KV cache for incremental decoding.
+//! - [`loader`]: `Gpt2::from_pretrained(dir)` for both Hugging Face layouts.
+//! - [`tokenizer`]: GPT-2 byte-level BPE through the `tokenizers` crate.
+//! - [`generate`]: greedy, temperature, top-k and top-p decoding.
+//! - [`device`]: `--device auto|cpu|wgpu` resolution.
+
+pub mod config;
+pub mod device;
+pub mod generate;
+pub mod gpt2;
+pub mod loader;
+pub mod tokenizer;
+
+pub use burn;
+pub use config::Gpt2Config;
+pub use gpt2::{FeedForward, Gpt2, KvCache};
+
+use std::path::PathBuf;
+
+/// Errors of burn-dmt: bad checkpoints, configs, tokenizers and inputs.
+#[derive(Debug, thiserror::Error)]
+pub enum DmtError {
+    /// A file could not be read; names the path.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `config.json` is not a valid GPT-2 configuration.
+    #[error("config {path}: {message}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The safetensors file cannot be parsed.
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A tensor the model needs is not in the checkpoint.
+    #[error("checkpoint is missing tensor {name} (expected shape {expected:?})")]
+    MissingTensor {
+        /// The tensor's name in the checkpoint's layout.
+        name: String,
+        /// The shape the model needs.
+        expected: Vec<usize>,
+    },
+    /// The checkpoint has a tensor the model does not know.
+    #[error("checkpoint has unexpected tensor {name} (shape {shape:?})")]
+    UnexpectedTensor {
+        /// The tensor's name.
+        name: String,
+        /// Its shape.
+        shape: Vec<usize>,
+    },
+    /// A tensor has the wrong shape.
+    #[error("tensor {name} has shape {found:?}, the model expects {expected:?}")]
+    TensorShape {
+        /// The tensor's name.
+        name: String,
+        /// The shape the model needs.
+        expected: Vec<usize>,
+        /// The shape in the checkpoint.
+        found: Vec<usize>,
+    },
+    /// A tensor has a dtype the loader cannot convert to f32.
+    #[error("tensor {name} has unsupported dtype {dtype}")]
+    TensorDtype {
+        /// The tensor's name.
+        name: String,
+        /// Its dtype.
+        dtype: String,
+    },
+    /// The tokenizer files are missing or invalid.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A token id outside the vocabulary.
+    #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
+    TokenOutOfRange {
+        /// The id.
+        id: u32,
+        /// The vocabulary size.
+        vocab: usize,
+    },
+    /// A sequence longer than the model's context.
+    #[error("sequence of {len} positions exceeds the model's context of {max}")]
+    SequenceTooLong {
+        /// Positions needed.
+        len: usize,
+        /// `n_positions`.
+        max: usize,
+    },
+    /// Bad generation or input parameters.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The requested device is not available.
+    #[error("device: {0}")]
+    Device(String),
+}
+
+/// Result alias of burn-dmt.
+pub type Result<T, E = DmtError> = std::result::Result<T, E>;
