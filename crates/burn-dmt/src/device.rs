@@ -69,7 +69,7 @@ fn wgpu() -> Option<Selected> {
         t.sum().into_scalar::<f32>()
     });
     match probe {
-        Ok(v) if v == 3.0 => Some(Selected {
+        Ok(v) if (v - 3.0).abs() < 1e-6 => Some(Selected {
             device,
             description: "wgpu (default adapter)".into(),
         }),

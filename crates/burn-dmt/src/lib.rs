@@ -13,12 +13,14 @@
 //! - [`tokenizer`]: GPT-2 byte-level BPE through the `tokenizers` crate.
 //! - [`generate`]: greedy, temperature, top-k and top-p decoding.
 //! - [`device`]: `--device auto|cpu|wgpu` resolution.
+//! - [`memory`]: the device tier of memory layers (exact device top-k so far).
 
 pub mod config;
 pub mod device;
 pub mod generate;
 pub mod gpt2;
 pub mod loader;
+pub mod memory;
 pub mod tokenizer;
 
 pub use burn;

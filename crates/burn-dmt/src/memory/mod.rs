@@ -1,0 +1,11 @@
+//! Memory layers' building blocks. The device tier keeps a layer's working
+//! set of memories as device tensors and answers exact top-k with one matrix
+//! product and a top-k on the device, as product-key memories (Lample et al.
+//! 2019), Memory Layers at Scale (Berges et al. 2024) and PEER (He 2024) do:
+//! a database round trip per token cannot keep an accelerator busy, so the
+//! durable memstore is synchronised in the background instead.
+//!
+//! This module has the exact device top-k so far; the layers, the write-behind
+//! journal and the store synchronisation are the memory-layer issue's.
+
+pub mod device;

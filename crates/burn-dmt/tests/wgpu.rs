@@ -1,0 +1,35 @@
+//! The wgpu backend reproduces `transformers` too (built with `--features wgpu`;
+//! needs a Vulkan/Metal/DX12 adapter — CI installs Mesa's lavapipe, a CPU
+//! Vulkan driver, so this runs without a GPU).
+
+#![cfg(feature = "wgpu")]
+
+mod common;
+
+use burn_dmt::Gpt2;
+use burn_dmt::device::{DeviceChoice, select};
+use burn_dmt::generate::{Sampling, generate};
+use common::*;
+
+#[test]
+fn wgpu_matches_transformers_on_both_layouts() {
+    let selected = select(DeviceChoice::Wgpu).expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
+    eprintln!("device: {}", selected.description);
+    for dir in ["tiny-gpt2", "tiny-gpt2-legacy"] {
+        let model = Gpt2::from_pretrained(fixture(dir), &selected.device).unwrap();
+        let r = reference(dir);
+        let out = model
+            .forward_full(ids(&r["input_ids"], &selected.device), None, true)
+            .unwrap();
+        let d = max_abs_diff(&values(out.logits), &r["logits"].f32s);
+        assert!(d <= 1e-4, "{dir}: wgpu logits differ by {d}");
+        for (i, h) in out.hidden_states.into_iter().enumerate() {
+            let d = max_abs_diff(&values(h), &r[&format!("hidden_states.{i}")].f32s);
+            assert!(d <= 1e-4, "{dir}: wgpu hidden state {i} differs by {d}");
+        }
+        let prompt: Vec<u32> = r["greedy_prompt"].i64s.iter().map(|&x| x as u32).collect();
+        let want: Vec<u32> = r["greedy_output"].i64s.iter().map(|&x| x as u32).collect();
+        let got = generate(&model, &prompt, want.len() - prompt.len(), &Sampling::default(), true).unwrap();
+        assert_eq!(got, want, "{dir}: wgpu greedy decoding");
+    }
+}
