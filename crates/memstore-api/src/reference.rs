@@ -323,6 +323,10 @@ impl MemoryStore for InMemoryStore {
         Ok(evict_to(self.lambda(), &mut st, target_len))
     }
 
+    async fn ids(&self) -> Result<Vec<MemoryId>> {
+        Ok(self.lock().mems.keys().copied().collect())
+    }
+
     async fn len(&self) -> Result<usize> {
         Ok(self.lock().mems.len())
     }

@@ -50,6 +50,9 @@ pub trait MemoryStore: Send + Sync {
     /// remain; returns how many were evicted.
     async fn evict(&self, target_len: usize) -> Result<usize>;
 
+    /// The ids of every memory, ascending (to enumerate or mirror a store).
+    async fn ids(&self) -> Result<Vec<MemoryId>>;
+
     /// Number of memories.
     async fn len(&self) -> Result<usize>;
 
@@ -95,6 +98,9 @@ impl<S: MemoryStore + ?Sized> MemoryStore for std::sync::Arc<S> {
     }
     async fn evict(&self, target_len: usize) -> Result<usize> {
         (**self).evict(target_len).await
+    }
+    async fn ids(&self) -> Result<Vec<MemoryId>> {
+        (**self).ids().await
     }
     async fn len(&self) -> Result<usize> {
         (**self).len().await

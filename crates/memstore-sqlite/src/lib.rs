@@ -732,6 +732,12 @@ impl MemoryStore for SqliteStore {
         Ok(changes.removed.len())
     }
 
+    async fn ids(&self) -> Result<Vec<MemoryId>> {
+        let mut ids = self.index.read().await.ids().to_vec();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
     async fn len(&self) -> Result<usize> {
         Ok(self.index.read().await.len())
     }

@@ -905,6 +905,33 @@ pub async fn stats_report_totals<H: Harness>(make: Make<'_, H>) {
     assert_eq!((st.counters.inserted, st.counters.deleted), (3, 1));
 }
 
+/// `ids` lists exactly the memories `get` knows, ascending, after inserts,
+/// deletes, merges and evictions.
+pub async fn ids_lists_every_memory<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(1, 1).with_thresholds(0.5, 1.0).with_capacity(6)).await;
+    assert!(s.ids().await.unwrap().is_empty());
+    ins(&s, &[0.0, 10.0, 20.0, 30.0, 40.0], &[0.0; 5], 1).await;
+    s.delete(&[2]).await.unwrap();
+    s.learn(Batch::new(v(&[0.1, 50.0, 60.0, 70.0], 1), v(&[0.0; 4], 1)), 2, 2)
+        .await
+        .unwrap();
+    let ids = s.ids().await.unwrap();
+    let st = s.stats().await.unwrap();
+    let mut walked = Vec::new();
+    for id in 1..st.next_id {
+        if s.get(&[id]).await.is_ok() {
+            walked.push(id);
+        }
+    }
+    assert_eq!(ids, walked);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ascending");
+    assert_eq!(ids.len(), 6);
+    assert!(
+        !ids.contains(&1) && !ids.contains(&2),
+        "merged and deleted ids are gone: {ids:?}"
+    );
+}
+
 /// `flush` succeeds and changes nothing visible.
 pub async fn flush_keeps_state<H: Harness>(make: Make<'_, H>) {
     let (_h, s) = fresh(make, cfg(1, 1)).await;

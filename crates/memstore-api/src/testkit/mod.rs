@@ -137,6 +137,7 @@ macro_rules! conformance_suite {
             evict_below_target_is_noop,
             capacity_evicts_on_insert,
             stats_report_totals,
+            ids_lists_every_memory,
             flush_keeps_state,
             concurrent_readers_and_writers,
             prop_random_ops_match_reference,

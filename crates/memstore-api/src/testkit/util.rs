@@ -78,16 +78,18 @@ pub fn tags(t: &[&str]) -> Vec<String> {
     t.iter().map(|s| s.to_string()).collect()
 }
 
-/// Every memory of the store, by id (via `stats().next_id` and `get`).
+/// Every memory of the store, by id (via `ids` and `get`).
 pub async fn dump<S: MemoryStore + ?Sized>(s: &S) -> (BTreeMap<MemoryId, Memory>, Stats) {
     let st = s.stats().await.expect("stats");
-    let mut out = BTreeMap::new();
-    for id in 1..st.next_id {
-        if let Ok(mut m) = s.get(&[id]).await {
-            out.insert(id, m.remove(0));
-        }
-    }
-    assert_eq!(out.len() as u64, st.len, "stats.len disagrees with the memories found");
+    let ids = s.ids().await.expect("ids");
+    let out: BTreeMap<MemoryId, Memory> = s
+        .get(&ids)
+        .await
+        .expect("get every listed id")
+        .into_iter()
+        .map(|m| (m.id, m))
+        .collect();
+    assert_eq!(out.len() as u64, st.len, "stats.len disagrees with ids()");
     (out, st)
 }
 
