@@ -70,6 +70,8 @@ fn main() {
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let selected = select(args.device)?;
     eprintln!("device: {}", selected.description);
+    let config = burn_dmt::Gpt2Config::from_file(&args.model.join("config.json"))?;
+    selected.check_fits("the token embedding", (config.vocab_size * config.n_embd * 4) as u64)?;
     let model = Gpt2::from_pretrained(&args.model, &selected.device)?;
     let tokenizer = || Gpt2Tokenizer::from_dir(args.tokenizer.as_ref().unwrap_or(&args.model));
     let prompt: Vec<u32> = match (&args.prompt, &args.prompt_ids) {

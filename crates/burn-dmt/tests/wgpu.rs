@@ -33,3 +33,22 @@ fn wgpu_matches_transformers_on_both_layouts() {
         assert_eq!(got, want, "{dir}: wgpu greedy decoding");
     }
 }
+
+#[test]
+fn auto_prefers_a_real_gpu_and_limits_are_known() {
+    let wgpu = select(DeviceChoice::Wgpu).expect("a wgpu adapter");
+    let auto = select(DeviceChoice::Auto).unwrap();
+    eprintln!("wgpu: {} / auto: {}", wgpu.description, auto.description);
+    if wgpu.description.ends_with("Cpu)") {
+        // Only a software adapter (lavapipe): auto keeps the faster CPU backend.
+        assert!(auto.description.starts_with("cpu"), "{}", auto.description);
+    } else {
+        assert!(auto.description.starts_with("wgpu"), "{}", auto.description);
+    }
+    let max = wgpu.max_binding_bytes.expect("wgpu reports its binding limit");
+    assert!(wgpu.check_fits("a tensor", max).is_ok());
+    assert!(matches!(
+        wgpu.check_fits("a tensor", max + 1),
+        Err(burn_dmt::DmtError::Device(_))
+    ));
+}
