@@ -126,7 +126,7 @@ mod gpu {
         let adapters = block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
         let infos: Vec<(wgpu::AdapterInfo, u64)> = adapters
             .iter()
-            .map(|a| (a.get_info(), a.limits().max_storage_buffer_binding_size as u64))
+            .map(|a| (a.get_info(), a.limits().max_storage_buffer_binding_size))
             .collect();
         let nth = |t: T| infos.iter().filter(|(i, _)| i.device_type == t).enumerate().next();
         let (kind, (info, max)) = if let Some((i, x)) = nth(T::DiscreteGpu) {
