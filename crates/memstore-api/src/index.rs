@@ -417,31 +417,12 @@ impl MemoryIndex {
         deltas: Vectors<'_>,
         current: &HashMap<MemoryId, Vec<f32>>,
     ) -> Result<Changes> {
-        let mut new_values: BTreeMap<MemoryId, Vec<f32>> = BTreeMap::new();
-        for (i, id) in ids.iter().enumerate() {
-            let v = match new_values.get_mut(id) {
-                Some(v) => v,
-                None => {
-                    let cur = current
-                        .get(id)
-                        .ok_or_else(|| Error::Corrupt(format!("no value stored for memory {id}")))?;
-                    new_values.entry(*id).or_insert_with(|| cur.clone())
-                }
-            };
-            for (x, d) in v.iter_mut().zip(deltas.row(i)) {
-                *x += d;
-            }
-        }
-        for (id, v) in &new_values {
-            if let Some(c) = v.iter().position(|x| !x.is_finite()) {
-                let row = ids.iter().rposition(|x| x == id).unwrap_or(0);
-                return Err(Error::NonFinite {
-                    what: "values after update",
-                    row,
-                    col: c,
-                });
-            }
-        }
+        let new_values = math::apply_deltas(ids, deltas, |id| {
+            current
+                .get(&id)
+                .map(|v| v.as_slice())
+                .ok_or_else(|| Error::Corrupt(format!("no value stored for memory {id}")))
+        })?;
         Ok(Changes {
             values: new_values.into_iter().collect(),
             next_id: self.next_id,

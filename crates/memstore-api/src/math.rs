@@ -6,7 +6,7 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
-use crate::{Metric, Tick};
+use crate::{Error, MemoryId, Metric, Result, Tick, Vectors};
 
 /// Lanes of the partial sums: eight independent accumulators let the compiler
 /// vectorise the loops while the result stays one fixed, portable definition.
@@ -169,6 +169,37 @@ pub fn merge(lambda: f64, key: &[f32], tags: &[String], tick: Tick, sources: &[M
         crf,
         tags: mtags,
     }
+}
+
+/// The sparse value update: adds row `i` of `deltas` to the value of `ids[i]`,
+/// in row order (a repeated id gets every delta), starting from `current(id)`.
+/// Refuses the whole update if any resulting value is not finite.
+pub fn apply_deltas<'a>(
+    ids: &[MemoryId],
+    deltas: Vectors<'_>,
+    current: impl Fn(MemoryId) -> Result<&'a [f32]>,
+) -> Result<BTreeMap<MemoryId, Vec<f32>>> {
+    let mut new_values: BTreeMap<MemoryId, Vec<f32>> = BTreeMap::new();
+    for (i, &id) in ids.iter().enumerate() {
+        let v = match new_values.entry(id) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => e.insert(current(id)?.to_vec()),
+        };
+        for (x, d) in v.iter_mut().zip(deltas.row(i)) {
+            *x += d;
+        }
+    }
+    for (id, v) in &new_values {
+        if let Some(col) = v.iter().position(|x| !x.is_finite()) {
+            let row = ids.iter().rposition(|x| x == id).unwrap_or(0);
+            return Err(Error::NonFinite {
+                what: "values after update",
+                row,
+                col,
+            });
+        }
+    }
+    Ok(new_values)
 }
 
 /// Adds one to the count of each tag (a tag listed twice counts twice).

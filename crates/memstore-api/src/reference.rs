@@ -193,23 +193,9 @@ impl MemoryStore for InMemoryStore {
         }
         let mut st = self.lock();
         check_known(&st, ids)?;
-        let mut new_values: BTreeMap<MemoryId, Vec<f32>> = BTreeMap::new();
-        for (i, id) in ids.iter().enumerate() {
-            let v = new_values.entry(*id).or_insert_with(|| st.mems[id].value.clone());
-            for (x, d) in v.iter_mut().zip(deltas.row(i)) {
-                *x += d;
-            }
-        }
-        for (id, v) in &new_values {
-            if let Some(c) = v.iter().position(|x| !x.is_finite()) {
-                let row = ids.iter().rposition(|x| x == id).unwrap_or(0);
-                return Err(Error::NonFinite {
-                    what: "values after update",
-                    row,
-                    col: c,
-                });
-            }
-        }
+        let new_values = math::apply_deltas(ids, deltas, |id| {
+            st.mems.get(&id).map(|m| m.value.as_slice()).ok_or(Error::UnknownId(id))
+        })?;
         for (id, v) in new_values {
             if let Some(m) = st.mems.get_mut(&id) {
                 m.value = v;
