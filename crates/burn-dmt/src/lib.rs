@@ -116,6 +116,9 @@ pub enum DmtError {
     /// The requested device is not available.
     #[error("device: {0}")]
     Device(String),
+    /// The memory store failed.
+    #[error("memory store: {0}")]
+    Store(#[from] memstore_api::Error),
 }
 
 /// Result alias of burn-dmt.

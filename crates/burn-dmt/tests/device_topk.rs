@@ -71,3 +71,49 @@ fn padding_slots_are_infinite_and_bad_k_is_refused() {
     assert!(exact_topk(q.clone(), keys.clone(), None, 0, Metric::L2).is_err());
     assert!(exact_topk(q, keys, None, 4, Metric::L2).is_err());
 }
+
+/// A tier loaded from the reference store answers like the store:
+/// same ids, keys and values; a store larger than the tier is refused.
+#[tokio::test]
+async fn device_tier_loaded_from_a_store_searches_like_it() {
+    use burn_dmt::memory::tier::DeviceMemory;
+    let device = Device::flex();
+    let (n, dk, dv, m, k) = (200usize, 8usize, 3usize, 25usize, 5usize);
+    let mut rng = Rng::new(5);
+    let store = InMemoryStore::new(MemoryConfig::new(dk, dv).with_metric(Metric::Cosine)).unwrap();
+    let keys = rng.vecs(n, dk);
+    let vals = rng.vecs(n, dv);
+    store
+        .insert(
+            Batch::new(Vectors::new(&keys, dk).unwrap(), Vectors::new(&vals, dv).unwrap()),
+            0,
+        )
+        .await
+        .unwrap();
+    store.delete(&[3, 50, 199]).await.unwrap();
+    let tier = DeviceMemory::load(&store, 256, &device).await.unwrap();
+    assert_eq!(tier.len(), n - 3);
+    let queries = rng.vecs(m, dk);
+    let want = store
+        .search(Vectors::new(&queries, dk).unwrap(), k, None)
+        .await
+        .unwrap();
+    let got = tier
+        .search(Tensor::from_data(TensorData::new(queries.clone(), [m, dk]), &device), k)
+        .unwrap();
+    let slots: Vec<i64> = got.slots.into_data().convert::<i64>().try_to_vec::<i64>().unwrap();
+    let gk: Vec<f32> = got.keys.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+    let gv: Vec<f32> = got.values.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+    for q in 0..m {
+        for j in 0..k {
+            let s = slots[q * k + j] as usize;
+            assert_eq!(tier.id(s), want.id(q, j), "query {q} rank {j}");
+            assert_eq!(&gk[(q * k + j) * dk..(q * k + j + 1) * dk], want.key(q, j));
+            assert_eq!(&gv[(q * k + j) * dv..(q * k + j + 1) * dv], want.value(q, j));
+        }
+    }
+    assert!(
+        DeviceMemory::load(&store, 100, &device).await.is_err(),
+        "a tier never grows past its capacity"
+    );
+}

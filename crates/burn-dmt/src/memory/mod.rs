@@ -5,7 +5,9 @@
 //! a database round trip per token cannot keep an accelerator busy, so the
 //! durable memstore is synchronised in the background instead.
 //!
-//! This module has the exact device top-k so far; the layers, the write-behind
-//! journal and the store synchronisation are the memory-layer issue's.
+//! This module has the exact device top-k and a device tier loaded from a
+//! store so far; the layers, the write-behind journal and the store
+//! synchronisation of changes are the memory-layer issue's.
 
 pub mod device;
+pub mod tier;
