@@ -54,16 +54,19 @@ pub enum FeedForward {
     /// No feed-forward layer: the block adds nothing after attention
     /// (the "teacher without its feed-forward layers" ablation).
     Ablated(Identity),
+    /// A featural memory layer over a device tier.
+    Featural(crate::memory::featural::FeaturalMemory),
 }
 
 impl FeedForward {
     /// Applies the sub-layer to the normalised residual stream; returns what
     /// the block adds to the residual.
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        match self {
+    pub fn forward(&self, x: Tensor<3>) -> Result<Tensor<3>> {
+        Ok(match self {
             FeedForward::Mlp(m) => m.forward(x),
             FeedForward::Ablated(_) => x.zeros_like(),
-        }
+            FeedForward::Featural(f) => f.forward(x)?,
+        })
     }
 }
 
@@ -171,17 +174,17 @@ pub struct Block {
 
 impl Block {
     /// Applies the block.
-    pub fn forward(&self, x: Tensor<3>, cache: Option<&mut Option<LayerCache>>) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>, cache: Option<&mut Option<LayerCache>>) -> Result<Tensor<3>> {
         let x = x.clone() + self.attn.forward(self.ln_1.forward(x), cache);
-        x.clone() + self.mlp.forward(self.ln_2.forward(x))
+        Ok(x.clone() + self.mlp.forward(self.ln_2.forward(x))?)
     }
 
     /// The input of the feed-forward layer (after `ln_2`) and the block output,
     /// for distillation targets and memory bootstrapping.
-    pub fn forward_with_ff_input(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
+    pub fn forward_with_ff_input(&self, x: Tensor<3>) -> Result<(Tensor<3>, Tensor<3>)> {
         let x = x.clone() + self.attn.forward(self.ln_1.forward(x), None);
         let ff_in = self.ln_2.forward(x.clone());
-        (ff_in.clone(), x + self.mlp.forward(ff_in))
+        Ok((ff_in.clone(), x + self.mlp.forward(ff_in)?))
     }
 }
 
@@ -314,7 +317,7 @@ impl Gpt2 {
                 states.push(x.clone());
             }
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-            x = block.forward(x, slot);
+            x = block.forward(x, slot)?;
         }
         let x = self.ln_f.forward(x);
         if hidden {

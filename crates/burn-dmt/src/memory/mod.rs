@@ -10,4 +10,5 @@
 //! synchronisation of changes are the memory-layer issue's.
 
 pub mod device;
+pub mod featural;
 pub mod tier;

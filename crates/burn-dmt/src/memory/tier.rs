@@ -31,6 +31,7 @@ pub struct DeviceNeighbors {
 }
 
 /// A memory's working set on a device.
+#[derive(Clone, Debug)]
 pub struct DeviceMemory {
     config: MemoryConfig,
     capacity: usize,
@@ -102,6 +103,36 @@ impl DeviceMemory {
     /// Whether no slot is occupied.
     pub fn is_empty(&self) -> bool {
         self.slot_of.is_empty()
+    }
+
+    /// The memory's configuration (dimensions, metric).
+    pub fn config(&self) -> &MemoryConfig {
+        &self.config
+    }
+
+    /// Fills the tier from flat host arrays (`n` rows of keys and values, ids
+    /// in row order); refuses more rows than slots.
+    pub fn fill(&mut self, ids: &[MemoryId], keys: &[f32], values: &[f32]) -> Result<()> {
+        let (dk, dv) = (self.config.key_dim, self.config.value_dim);
+        let n = ids.len();
+        if n > self.capacity || keys.len() != n * dk || values.len() != n * dv {
+            return Err(DmtError::InvalidArgument(format!(
+                "{n} ids, {} key floats, {} value floats for a tier of {} slots of {dk}/{dv}",
+                keys.len(),
+                values.len(),
+                self.capacity
+            )));
+        }
+        let mut k = keys.to_vec();
+        k.resize(self.capacity * dk, 0.0);
+        let mut v = values.to_vec();
+        v.resize(self.capacity * dv, 0.0);
+        self.keys = Tensor::from_data(TensorData::new(k, [self.capacity, dk]), &self.device);
+        self.values = Tensor::from_data(TensorData::new(v, [self.capacity, dv]), &self.device);
+        self.valid = (0..self.capacity).map(|i| i < n).collect();
+        self.ids = (0..self.capacity).map(|i| ids.get(i).copied()).collect();
+        self.slot_of = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        Ok(())
     }
 
     /// Number of slots.

@@ -1,0 +1,101 @@
+//! The featural memory layer (meant for lower blocks), in place of a block's
+//! feed-forward layer: 1. query projection (per head, QK-normalised);
+//! 2. exact top-k memories by key distance on the device tier; 3. weighted sum
+//! of their values with weights softmax(−distance/τ), τ learnable; 4. output
+//! projection. The store is not differentiable: retrieved keys and values are
+//! constants here, so the gradient reaches the query through the distances
+//! (recomputed differentiably from the detached keys) and reaches τ and both
+//! projections. Sparse value updates and the straight-through estimator for
+//! inserted keys belong to the associative layer and the training loop.
+
+use burn::module::{Module, Param};
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::activation::softmax;
+use burn::tensor::{Device, Tensor};
+
+use super::tier::DeviceMemory;
+use crate::{DmtError, Result};
+
+/// Scales rows to unit L2 norm (QK-norm).
+pub fn unit_rows<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let norm = x.clone().powf_scalar(2.0).sum_dim(D - 1).sqrt().clamp_min(1e-6);
+    x / norm
+}
+
+/// A featural memory layer with its device tier.
+#[derive(Module, Debug)]
+pub struct FeaturalMemory {
+    /// Query projection `[n_embd, n_embd]` (heads concatenated).
+    pub query: Linear,
+    /// Output projection `[n_embd, n_embd]`.
+    pub out: Linear,
+    /// log τ, the softmax temperature of the distances.
+    pub log_tau: Param<Tensor<1>>,
+    #[module(skip)]
+    memory: DeviceMemory,
+    #[module(skip)]
+    n_head: usize,
+    #[module(skip)]
+    k: usize,
+}
+
+impl FeaturalMemory {
+    /// A layer of `n_embd` width and `n_head` heads over `memory`, whose keys
+    /// and values are one head wide; retrieves `k` memories per head.
+    pub fn new(n_embd: usize, n_head: usize, k: usize, memory: DeviceMemory, device: &Device) -> Result<Self> {
+        let dh = n_embd / n_head.max(1);
+        let c = memory.config();
+        if n_head == 0 || dh * n_head != n_embd || c.key_dim != dh || c.value_dim != dh {
+            return Err(DmtError::InvalidArgument(format!(
+                "memory of {}/{} dims does not fit {n_head} heads of {n_embd}",
+                c.key_dim, c.value_dim
+            )));
+        }
+        if k == 0 || memory.len() < k {
+            return Err(DmtError::InvalidArgument(format!(
+                "k = {k} needs at least k memories (the tier has {})",
+                memory.len()
+            )));
+        }
+        let init = burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 };
+        let lin = || {
+            LinearConfig::new(n_embd, n_embd)
+                .with_initializer(init.clone())
+                .init(device)
+        };
+        Ok(FeaturalMemory {
+            query: lin(),
+            out: lin(),
+            log_tau: Param::from_tensor(Tensor::zeros([1], device)),
+            memory,
+            n_head,
+            k,
+        })
+    }
+
+    /// The device tier.
+    pub fn memory(&self) -> &DeviceMemory {
+        &self.memory
+    }
+
+    /// Applies the layer to the normalised residual stream `[b, t, n_embd]`.
+    pub fn forward(&self, x: Tensor<3>) -> Result<Tensor<3>> {
+        let [b, t, c] = x.dims();
+        let (h, k) = (self.n_head, self.k);
+        let dh = c / h;
+        let n = b * t * h;
+        let q = unit_rows(self.query.forward(x).reshape([n, dh]));
+        let found = self.memory.search(q.clone().detach(), k)?;
+        let keys = found.keys.detach();
+        let values = found.values.detach();
+        let d = (q.unsqueeze_dim::<3>(1) - keys)
+            .powf_scalar(2.0)
+            .sum_dim(2)
+            .add_scalar(1e-12)
+            .sqrt(); // [n, k, 1]
+        let tau = self.log_tau.val().exp().reshape([1, 1, 1]);
+        let w = softmax(d.neg() / tau, 1);
+        let y = (w * values).sum_dim(1).reshape([b, t, c]);
+        Ok(self.out.forward(y))
+    }
+}
