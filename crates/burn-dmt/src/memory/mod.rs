@@ -11,4 +11,5 @@
 
 pub mod device;
 pub mod featural;
+pub mod layers;
 pub mod tier;

@@ -1,0 +1,105 @@
+//! Which blocks get which feed-forward layer: `--layers "0-5:featural,6-11:associative"`.
+//! Blocks not named keep GPT-2's MLP.
+
+use std::str::FromStr;
+
+use crate::{DmtError, Result};
+
+/// The feed-forward layer of one block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerKind {
+    /// GPT-2's MLP (the teacher's).
+    Mlp,
+    /// A featural memory layer.
+    Featural,
+    /// An associative memory layer.
+    Associative,
+    /// No feed-forward layer (ablation).
+    Ablated,
+}
+
+impl FromStr for LayerKind {
+    type Err = DmtError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "mlp" => Ok(LayerKind::Mlp),
+            "featural" => Ok(LayerKind::Featural),
+            "associative" => Ok(LayerKind::Associative),
+            "none" | "ablated" => Ok(LayerKind::Ablated),
+            other => Err(DmtError::InvalidArgument(format!(
+                "unknown layer kind {other:?} (expected mlp, featural, associative or none)"
+            ))),
+        }
+    }
+}
+
+/// Parses a layer plan for a model of `n_layer` blocks: comma-separated
+/// `RANGE:KIND` items, RANGE being `i` or `i-j` (inclusive). A block may be
+/// named once.
+pub fn parse_layers(spec: &str, n_layer: usize) -> Result<Vec<LayerKind>> {
+    let bad = |m: String| DmtError::InvalidArgument(format!("--layers {spec:?}: {m}"));
+    let mut plan = vec![LayerKind::Mlp; n_layer];
+    let mut named = vec![false; n_layer];
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (range, kind) = item
+            .split_once(':')
+            .ok_or_else(|| bad(format!("item {item:?} is not RANGE:KIND")))?;
+        let kind: LayerKind = kind.parse()?;
+        let num = |s: &str| {
+            s.trim()
+                .parse::<usize>()
+                .map_err(|_| bad(format!("{s:?} is not a block index")))
+        };
+        let (a, b) = match range.split_once('-') {
+            Some((a, b)) => (num(a)?, num(b)?),
+            None => (num(range)?, num(range)?),
+        };
+        if a > b {
+            return Err(bad(format!("range {a}-{b} is backwards")));
+        }
+        if b >= n_layer {
+            return Err(bad(format!("block {b} does not exist (the model has {n_layer})")));
+        }
+        for i in a..=b {
+            if named[i] {
+                return Err(bad(format!("block {i} is named twice")));
+            }
+            named[i] = true;
+            plan[i] = kind;
+        }
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use LayerKind::*;
+
+    #[test]
+    fn parses_ranges_and_keeps_unnamed_blocks() {
+        assert_eq!(
+            parse_layers("0-5:featural,6-11:associative", 12).unwrap(),
+            [vec![Featural; 6], vec![Associative; 6]].concat()
+        );
+        assert_eq!(
+            parse_layers("1:none, 3:featural", 4).unwrap(),
+            vec![Mlp, Ablated, Mlp, Featural]
+        );
+        assert_eq!(parse_layers("", 2).unwrap(), vec![Mlp, Mlp]);
+    }
+
+    #[test]
+    fn refuses_bad_plans() {
+        for spec in [
+            "0-12:featural",
+            "0-2:featural,2:mlp",
+            "3-1:mlp",
+            "x:mlp",
+            "0:magic",
+            "0featural",
+        ] {
+            assert!(parse_layers(spec, 12).is_err(), "{spec} was accepted");
+        }
+    }
+}
