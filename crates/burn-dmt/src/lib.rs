@@ -13,7 +13,7 @@
 //! - [`tokenizer`]: GPT-2 byte-level BPE through the `tokenizers` crate.
 //! - [`generate`]: greedy, temperature, top-k and top-p decoding.
 //! - [`device`]: `--device auto|cpu|wgpu` resolution.
-//! - [`memory`]: the device tier of memory layers (exact device top-k so far).
+//! - [`memory`]: memory layers and their device tier (featural so far).
 
 pub mod config;
 pub mod device;

@@ -5,9 +5,11 @@
 //! a database round trip per token cannot keep an accelerator busy, so the
 //! durable memstore is synchronised in the background instead.
 //!
-//! This module has the exact device top-k and a device tier loaded from a
-//! store so far; the layers, the write-behind journal and the store
-//! synchronisation of changes are the memory-layer issue's.
+//! So far: the exact device top-k ([`device`]), a device tier loaded from a
+//! store ([`tier`]), the featural layer ([`featural`]) and the per-block plan
+//! ([`layers`]). Still to come (the memory-layer issue): the associative layer,
+//! device-side insertion and recombination, and the write-behind journal that
+//! keeps the store in sync.
 
 pub mod device;
 pub mod featural;
