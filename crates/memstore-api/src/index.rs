@@ -367,18 +367,7 @@ impl MemoryIndex {
         batch.check(&self.config)?;
         let mut ov = Overlay::new(self);
         for i in 0..batch.len() {
-            ov.create(
-                batch.keys.row(i).to_vec(),
-                ValueExpr::Literal(i),
-                Meta {
-                    created: tick,
-                    last_access: tick,
-                    access_count: 1,
-                    crf: 1.0,
-                    tags: math::new_tags(batch.tags.row(i)),
-                },
-            );
-            ov.counters.inserted += 1;
+            ov.insert_row(batch, i, tick);
         }
         if let Some(cap) = self.config.capacity {
             ov.evict_to(cap);
@@ -528,18 +517,7 @@ impl MemoryIndex {
                 ov.create(merged.key, expr, meta);
                 ov.counters.merged += 1;
             } else if found.iter().all(|(d, _)| *d > cfg.novelty) {
-                ov.create(
-                    key.to_vec(),
-                    ValueExpr::Literal(i),
-                    Meta {
-                        created: tick,
-                        last_access: tick,
-                        access_count: 1,
-                        crf: 1.0,
-                        tags: math::new_tags(batch.tags.row(i)),
-                    },
-                );
-                ov.counters.inserted += 1;
+                ov.insert_row(&batch, i, tick);
             }
             for &(d, id) in &found {
                 if d >= cfg.recombine && d <= cfg.novelty {
@@ -611,6 +589,19 @@ impl<'a> Overlay<'a> {
             meta,
             alive: true,
         });
+    }
+
+    /// Creates a new memory from row `i` of `batch`, first accessed at `tick`.
+    fn insert_row(&mut self, batch: &Batch<'_>, i: usize, tick: Tick) {
+        let meta = Meta {
+            created: tick,
+            last_access: tick,
+            access_count: 1,
+            crf: 1.0,
+            tags: math::new_tags(batch.tags.row(i)),
+        };
+        self.create(batch.keys.row(i).to_vec(), ValueExpr::Literal(i), meta);
+        self.counters.inserted += 1;
     }
 
     /// The current bookkeeping and key of a live memory.
