@@ -339,11 +339,6 @@ impl Gpt2 {
         block.mlp = ff;
         Ok(())
     }
-
-    /// Number of weight parameters (every float in the module).
-    pub fn num_weights(&self) -> usize {
-        self.num_params()
-    }
 }
 
 /// Wraps a tensor as a trainable parameter.

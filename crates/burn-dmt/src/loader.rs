@@ -114,9 +114,11 @@ impl Checkpoint {
         };
         let expected = expected_tensors(config);
         for name in &names {
-            let bare = name.strip_prefix(prefix).unwrap_or(name);
-            let known = expected.contains_key(bare) || ignorable(bare) || ignorable(name);
-            if !known || (!prefix.is_empty() && !name.starts_with(prefix) && name != "lm_head.weight") {
+            let known = name == "lm_head.weight"
+                || name
+                    .strip_prefix(prefix)
+                    .is_some_and(|bare| expected.contains_key(bare) || ignorable(bare));
+            if !known {
                 let shape = st.tensor(name).map(|t| t.shape().to_vec()).unwrap_or_default();
                 return Err(DmtError::UnexpectedTensor {
                     name: name.clone(),

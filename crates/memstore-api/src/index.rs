@@ -439,10 +439,7 @@ impl MemoryIndex {
     /// Plans `learn` (see [`crate::MemoryStore::learn`]). The plan names the
     /// stored values it needs; [`LearnPlan::finish`] takes them.
     pub fn plan_learn<'b>(&'b self, batch: Batch<'b>, tick: Tick, k: usize) -> Result<LearnPlan<'b>> {
-        if k == 0 {
-            return Err(Error::ZeroK);
-        }
-        batch.check(&self.config)?;
+        self.config.check_learn(&batch, k)?;
         let cfg = &self.config;
         let lambda = self.lambda();
         let slack = k.max(8);

@@ -133,10 +133,7 @@ impl MemoryStore for InMemoryStore {
     }
 
     async fn search(&self, queries: Vectors<'_>, k: usize, filter: Option<&TagFilter>) -> Result<Neighbors> {
-        if k == 0 {
-            return Err(Error::ZeroK);
-        }
-        queries.check("queries", self.config.key_dim)?;
+        self.config.check_search(&queries, k)?;
         let st = self.lock();
         let mut out = Neighbors::empty(queries.len(), k, self.config.key_dim, self.config.value_dim);
         for i in 0..queries.len() {
@@ -217,10 +214,7 @@ impl MemoryStore for InMemoryStore {
     }
 
     async fn learn(&self, batch: Batch<'_>, tick: Tick, k: usize) -> Result<Neighbors> {
-        if k == 0 {
-            return Err(Error::ZeroK);
-        }
-        batch.check(&self.config)?;
+        self.config.check_learn(&batch, k)?;
         let lambda = self.lambda();
         let cfg = &self.config;
         let mut st = self.lock();

@@ -166,6 +166,22 @@ impl MemoryConfig {
         Ok(())
     }
 
+    /// Validates a search's inputs: `k ≥ 1`, query dimension, finite numbers.
+    pub fn check_search(&self, queries: &Vectors<'_>, k: usize) -> Result<()> {
+        if k == 0 {
+            return Err(Error::ZeroK);
+        }
+        queries.check("queries", self.key_dim)
+    }
+
+    /// Validates a `learn`'s inputs: `k ≥ 1` and the batch.
+    pub fn check_learn(&self, batch: &Batch<'_>, k: usize) -> Result<()> {
+        if k == 0 {
+            return Err(Error::ZeroK);
+        }
+        batch.check(self)
+    }
+
     /// Checks that a store persisted with `stored` may be opened with `self`:
     /// dimensions and metric must agree; the other fields are tunable.
     pub fn check_compatible(&self, stored: &MemoryConfig) -> Result<()> {

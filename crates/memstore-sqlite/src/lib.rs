@@ -636,10 +636,7 @@ impl MemoryStore for SqliteStore {
     }
 
     async fn search(&self, queries: Vectors<'_>, k: usize, filter: Option<&TagFilter>) -> Result<Neighbors> {
-        if k == 0 {
-            return Err(Error::ZeroK);
-        }
-        queries.check("queries", self.config.key_dim)?;
+        self.config.check_search(&queries, k)?;
         let index = self.index.read().await;
         let rows = cpu(|| index.search(queries, k, filter));
         let values = self.fetch_values(rows.iter().flatten().map(|(_, id)| *id)).await?;
@@ -647,7 +644,6 @@ impl MemoryStore for SqliteStore {
     }
 
     async fn insert(&self, batch: Batch<'_>, tick: Tick) -> Result<Vec<MemoryId>> {
-        batch.check(&self.config)?;
         let mut tags = self.writer.lock().await;
         let (changes, ids) = {
             let index = self.index.read().await;
@@ -707,10 +703,6 @@ impl MemoryStore for SqliteStore {
     }
 
     async fn learn(&self, batch: Batch<'_>, tick: Tick, k: usize) -> Result<Neighbors> {
-        if k == 0 {
-            return Err(Error::ZeroK);
-        }
-        batch.check(&self.config)?;
         let mut tags = self.writer.lock().await;
         let (changes, neighbours) = {
             let index = self.index.read().await;
