@@ -60,6 +60,23 @@ pub enum Error {
         /// The value asked for.
         requested: String,
     },
+    /// A change batch whose sequence number does not follow the store's last.
+    #[error("change batch {got} is out of order: the store expects batch {expected}")]
+    OutOfOrder {
+        /// The sequence number the store accepts next.
+        expected: u64,
+        /// The batch's sequence number.
+        got: u64,
+    },
+    /// A change batch's inserts do not start at the store's next id (another
+    /// writer changed the store since the batch was planned).
+    #[error("the batch's inserts start at id {got}, but the store's next id is {expected}")]
+    IdConflict {
+        /// The store's next id.
+        expected: MemoryId,
+        /// The batch's first id.
+        got: MemoryId,
+    },
     /// Stored data that cannot be decoded (wrong blob length, impossible values).
     #[error("corrupt store: {0}")]
     Corrupt(String),

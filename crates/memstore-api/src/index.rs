@@ -23,7 +23,9 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use rayon::prelude::*;
 
 use crate::math::{self, MergeSource};
-use crate::{Batch, Counters, Error, Memory, MemoryConfig, MemoryId, Neighbors, Result, TagFilter, Tick, Vectors};
+use crate::{
+    Batch, ChangeBatch, Counters, Error, Memory, MemoryConfig, MemoryId, Neighbors, Result, TagFilter, Tick, Vectors,
+};
 
 /// Access bookkeeping and tags of one memory (everything but key and value).
 #[derive(Clone, Debug, PartialEq)]
@@ -427,6 +429,54 @@ impl MemoryIndex {
             return Err(Error::Shape(format!("{} ids but {} deltas", ids.len(), deltas.len())));
         }
         self.check_ids(ids)
+    }
+
+    /// Validates a change batch and names the stored values its deltas need
+    /// (before they are fetched for [`MemoryIndex::plan_apply`]).
+    pub fn check_apply(&self, batch: &ChangeBatch) -> Result<Vec<MemoryId>> {
+        batch.check(&self.config, self.counters.last_batch, self.next_id)?;
+        self.check_ids(&batch.delete)?;
+        let gone: HashSet<MemoryId> = batch.delete.iter().copied().collect();
+        for ids in [&batch.update_ids, &batch.touch] {
+            self.check_ids(ids)?;
+            if let Some(&id) = ids.iter().find(|id| gone.contains(id)) {
+                return Err(Error::UnknownId(id));
+            }
+        }
+        Ok(batch.update_ids.clone())
+    }
+
+    /// Plans a change batch (see [`crate::MemoryStore::apply`]) given the
+    /// current values of its updated ids.
+    pub fn plan_apply(&self, batch: &ChangeBatch, current: &HashMap<MemoryId, Vec<f32>>) -> Result<Changes> {
+        self.check_apply(batch)?;
+        let inserts = batch.inserts(&self.config)?;
+        let new_values = math::apply_deltas(&batch.update_ids, batch.deltas(&self.config)?, |id| {
+            current
+                .get(&id)
+                .map(|v| v.as_slice())
+                .ok_or_else(|| Error::Corrupt(format!("no value stored for memory {id}")))
+        })?;
+        let mut ov = Overlay::new(self);
+        let unique: BTreeSet<MemoryId> = batch.delete.iter().copied().collect();
+        for &id in &unique {
+            ov.remove(id);
+        }
+        ov.counters.deleted += unique.len() as u64;
+        for &id in &batch.touch {
+            ov.access(id, batch.tick);
+        }
+        for i in 0..inserts.len() {
+            ov.insert_row(&inserts, i, batch.tick);
+        }
+        if let Some(cap) = self.config.capacity {
+            ov.evict_to(cap);
+        }
+        ov.counters.last_batch = batch.seq;
+        let mut changes = ov.finish(&inserts, &HashMap::new())?;
+        let removed: HashSet<MemoryId> = changes.removed.iter().copied().collect();
+        changes.values = new_values.into_iter().filter(|(id, _)| !removed.contains(id)).collect();
+        Ok(changes)
     }
 
     /// Plans eviction down to `target_len`.

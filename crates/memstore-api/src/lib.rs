@@ -31,6 +31,6 @@ pub use error::{Error, Result};
 pub use reference::InMemoryStore;
 pub use store::MemoryStore;
 pub use types::{
-    Batch, Counters, EvictionPolicy, Memory, MemoryConfig, MemoryId, Metric, Neighbors, Stats, TagFilter, Tags, Tick,
-    Vectors,
+    Batch, ChangeBatch, Counters, EvictionPolicy, Memory, MemoryConfig, MemoryId, Metric, Neighbors, Stats, TagFilter,
+    Tags, Tick, Vectors,
 };

@@ -10,8 +10,8 @@ use async_trait::async_trait;
 
 use crate::math::{self, MergeSource};
 use crate::{
-    Batch, Counters, Error, Memory, MemoryConfig, MemoryId, MemoryStore, Neighbors, Result, Stats, TagFilter, Tick,
-    Vectors,
+    Batch, ChangeBatch, Counters, Error, Memory, MemoryConfig, MemoryId, MemoryStore, Neighbors, Result, Stats,
+    TagFilter, Tick, Vectors,
 };
 
 /// The reference memory store: everything in a map, every search a full scan.
@@ -301,6 +301,50 @@ impl MemoryStore for InMemoryStore {
     async fn evict(&self, target_len: usize) -> Result<usize> {
         let mut st = self.lock();
         Ok(evict_to(self.lambda(), &mut st, target_len))
+    }
+
+    async fn apply(&self, batch: &ChangeBatch) -> Result<()> {
+        let cfg = &self.config;
+        let lambda = self.lambda();
+        let mut guard = self.lock();
+        batch.check(cfg, guard.counters.last_batch, guard.next_id)?;
+        // Work on a copy: a batch that fails half-way changes nothing.
+        let mut st = guard.clone();
+        check_known(&st, &batch.delete)?;
+        let unique: HashSet<MemoryId> = batch.delete.iter().copied().collect();
+        for id in &unique {
+            st.mems.remove(id);
+        }
+        st.counters.deleted += unique.len() as u64;
+        check_known(&st, &batch.update_ids)?;
+        let new_values = math::apply_deltas(&batch.update_ids, batch.deltas(cfg)?, |id| {
+            st.mems.get(&id).map(|m| m.value.as_slice()).ok_or(Error::UnknownId(id))
+        })?;
+        for (id, v) in new_values {
+            if let Some(m) = st.mems.get_mut(&id) {
+                m.value = v;
+            }
+        }
+        check_known(&st, &batch.touch)?;
+        for id in &batch.touch {
+            if let Some(m) = st.mems.get_mut(id) {
+                access(lambda, m, batch.tick);
+            }
+        }
+        let inserts = batch.inserts(cfg)?;
+        for i in 0..inserts.len() {
+            let id = st.next_id;
+            st.next_id += 1;
+            let m = new_memory(id, inserts.keys.row(i), inserts.values.row(i), &[], batch.tick);
+            st.mems.insert(id, m);
+        }
+        st.counters.inserted += inserts.len() as u64;
+        if let Some(cap) = cfg.capacity {
+            evict_to(lambda, &mut st, cap);
+        }
+        st.counters.last_batch = batch.seq;
+        *guard = st;
+        Ok(())
     }
 
     async fn ids(&self) -> Result<Vec<MemoryId>> {

@@ -2,7 +2,7 @@
 
 use async_trait::async_trait;
 
-use crate::{Batch, Memory, MemoryConfig, MemoryId, Neighbors, Result, Stats, TagFilter, Tick, Vectors};
+use crate::{Batch, ChangeBatch, Memory, MemoryConfig, MemoryId, Neighbors, Result, Stats, TagFilter, Tick, Vectors};
 
 /// A batched, durable key-value memory with top-k search.
 ///
@@ -61,6 +61,13 @@ pub trait MemoryStore: Send + Sync {
         Ok(self.len().await? == 0)
     }
 
+    /// Applies a writer's [`ChangeBatch`] in one transaction (deletes, value
+    /// deltas, touches, inserts with the ids the batch names, capacity
+    /// eviction) and records its sequence number. A batch that is out of
+    /// order, names an unknown id (or updates or touches one it deletes), or
+    /// whose inserts do not start at the store's next id changes nothing.
+    async fn apply(&self, batch: &ChangeBatch) -> Result<()>;
+
     /// Counts, totals and lifetime counters.
     async fn stats(&self) -> Result<Stats>;
 
@@ -98,6 +105,9 @@ impl<S: MemoryStore + ?Sized> MemoryStore for std::sync::Arc<S> {
     }
     async fn evict(&self, target_len: usize) -> Result<usize> {
         (**self).evict(target_len).await
+    }
+    async fn apply(&self, batch: &ChangeBatch) -> Result<()> {
+        (**self).apply(batch).await
     }
     async fn ids(&self) -> Result<Vec<MemoryId>> {
         (**self).ids().await

@@ -483,8 +483,11 @@ pub struct Counters {
     pub merged: u64,
     /// Memories removed by eviction.
     pub evicted: u64,
-    /// Memories removed by `delete`.
+    /// Memories removed by `delete` (or by a change batch's deletes).
     pub deleted: u64,
+    /// Sequence number of the last [`ChangeBatch`] applied (0: none). A
+    /// journal replays exactly the batches above it.
+    pub last_batch: u64,
 }
 
 /// A summary of the store's contents.
@@ -500,4 +503,81 @@ pub struct Stats {
     pub tag_counts: BTreeMap<String, u64>,
     /// Lifetime counters.
     pub counters: Counters,
+}
+
+/// A writer's changes since its last sync, applied by
+/// [`crate::MemoryStore::apply`] in one transaction, in this order: deletes,
+/// value deltas, accesses at `tick`, inserts at `tick` (then capacity
+/// eviction, as `insert` does).
+///
+/// It is how a model's device tier writes behind to the durable store: the
+/// tier assigns the ids of its inserts itself (`first_id`, `first_id + 1`, ...,
+/// which must be the store's next ids, so no round trip is needed), and the
+/// sequence number, persisted in the same transaction, makes a journal replay
+/// idempotent: batch `seq` applies only on top of batch `seq − 1`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChangeBatch {
+    /// Sequence number: the store's `last_batch + 1`.
+    pub seq: u64,
+    /// Access tick of the touches and inserts.
+    pub tick: Tick,
+    /// Memories to delete.
+    pub delete: Vec<MemoryId>,
+    /// Memories whose values change, one row of `deltas` each.
+    pub update_ids: Vec<MemoryId>,
+    /// Value deltas, `update_ids.len() × value_dim`, added to the stored values.
+    pub deltas: Vec<f32>,
+    /// Memories accessed at `tick` (a repeated id is accessed repeatedly).
+    pub touch: Vec<MemoryId>,
+    /// The id the first inserted row gets (the store's next id).
+    pub first_id: MemoryId,
+    /// Keys to insert, `n × key_dim`.
+    pub insert_keys: Vec<f32>,
+    /// Values to insert, `n × value_dim`.
+    pub insert_values: Vec<f32>,
+}
+
+impl ChangeBatch {
+    /// The deltas as a matrix.
+    pub fn deltas(&self, config: &MemoryConfig) -> Result<Vectors<'_>> {
+        Vectors::new(&self.deltas, config.value_dim)
+    }
+
+    /// The inserts as a batch (no tags).
+    pub fn inserts(&self, config: &MemoryConfig) -> Result<Batch<'_>> {
+        Ok(Batch::new(
+            Vectors::new(&self.insert_keys, config.key_dim)?,
+            Vectors::new(&self.insert_values, config.value_dim)?,
+        ))
+    }
+
+    /// Validates shapes, numbers, the sequence number and the first id against
+    /// a store whose last batch and next id are given (ids are the backend's
+    /// to check).
+    pub fn check(&self, config: &MemoryConfig, last_batch: u64, next_id: MemoryId) -> Result<()> {
+        if self.seq != last_batch + 1 {
+            return Err(Error::OutOfOrder {
+                expected: last_batch + 1,
+                got: self.seq,
+            });
+        }
+        let deltas = self.deltas(config)?;
+        deltas.check("deltas", config.value_dim)?;
+        if deltas.len() != self.update_ids.len() {
+            return Err(Error::Shape(format!(
+                "{} ids but {} deltas",
+                self.update_ids.len(),
+                deltas.len()
+            )));
+        }
+        let inserts = self.inserts(config)?;
+        inserts.check(config)?;
+        if !inserts.is_empty() && self.first_id != next_id {
+            return Err(Error::IdConflict {
+                expected: next_id,
+                got: self.first_id,
+            });
+        }
+        Ok(())
+    }
 }

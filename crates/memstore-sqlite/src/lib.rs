@@ -35,8 +35,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use memstore_api::index::{Changes, Meta};
 use memstore_api::{
-    Batch, Counters, Error, EvictionPolicy, Memory, MemoryConfig, MemoryId, MemoryStore, Metric, Neighbors, Result,
-    Stats, TagFilter, Tick, Vectors,
+    Batch, ChangeBatch, Counters, Error, EvictionPolicy, Memory, MemoryConfig, MemoryId, MemoryStore, Metric,
+    Neighbors, Result, Stats, TagFilter, Tick, Vectors,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
@@ -436,11 +436,12 @@ async fn write_config(tx: &mut Transaction<'_, Sqlite>, c: &MemoryConfig, sql_kn
 
 async fn load_index(tx: &mut Transaction<'_, Sqlite>, config: &MemoryConfig) -> Result<MemoryIndex> {
     let mut index = MemoryIndex::new(config.clone());
-    let meta = sqlx::query("SELECT next_id, inserted, merged, evicted, deleted FROM memstore_meta WHERE id = 1")
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(sql)?
-        .ok_or_else(|| Error::Corrupt("memstore_meta row is missing".into()))?;
+    let meta =
+        sqlx::query("SELECT next_id, inserted, merged, evicted, deleted, last_batch FROM memstore_meta WHERE id = 1")
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(sql)?
+            .ok_or_else(|| Error::Corrupt("memstore_meta row is missing".into()))?;
     let g = |i: usize| -> Result<u64> { Ok(meta.try_get::<i64, _>(i).map_err(sql)? as u64) };
     let (next_id, counters) = (
         g(0)?,
@@ -449,6 +450,7 @@ async fn load_index(tx: &mut Transaction<'_, Sqlite>, config: &MemoryConfig) -> 
             merged: g(2)?,
             evicted: g(3)?,
             deleted: g(4)?,
+            last_batch: g(5)?,
         },
     );
     let mut tags: HashMap<i64, BTreeMap<String, u64>> = HashMap::new();
@@ -616,13 +618,15 @@ async fn persist(
     }
     let c = ch.counters;
     sqlx::query(
-        "UPDATE memstore_meta SET next_id = ?, inserted = ?, merged = ?, evicted = ?, deleted = ? WHERE id = 1",
+        "UPDATE memstore_meta SET next_id = ?, inserted = ?, merged = ?, evicted = ?, deleted = ?, last_batch = ? \
+         WHERE id = 1",
     )
     .bind(ch.next_id as i64)
     .bind(c.inserted as i64)
     .bind(c.merged as i64)
     .bind(c.evicted as i64)
     .bind(c.deleted as i64)
+    .bind(c.last_batch as i64)
     .execute(&mut **tx)
     .await
     .map_err(sql)?;
@@ -722,6 +726,17 @@ impl MemoryStore for SqliteStore {
         }
         self.commit(&mut tags, &changes).await?;
         Ok(changes.removed.len())
+    }
+
+    async fn apply(&self, batch: &ChangeBatch) -> Result<()> {
+        let mut tags = self.writer.lock().await;
+        let changes = {
+            let index = self.index.read().await;
+            let needed = index.check_apply(batch)?;
+            let current = self.fetch_values(needed).await?;
+            cpu(|| index.plan_apply(batch, &current))?
+        };
+        self.commit(&mut tags, &changes).await
     }
 
     async fn ids(&self) -> Result<Vec<MemoryId>> {

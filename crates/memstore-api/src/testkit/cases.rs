@@ -10,8 +10,8 @@ use proptest::test_runner::{Config as PropConfig, TestRunner};
 use super::Harness;
 use super::util::*;
 use crate::{
-    Batch, Error, EvictionPolicy, InMemoryStore, MemoryConfig, MemoryId, MemoryStore, Metric, Neighbors, TagFilter,
-    Tags,
+    Batch, ChangeBatch, Error, EvictionPolicy, InMemoryStore, MemoryConfig, MemoryId, MemoryStore, Metric, Neighbors,
+    TagFilter, Tags,
 };
 
 /// A maker of fresh harnesses (each one an empty location).
@@ -885,6 +885,142 @@ pub async fn capacity_evicts_on_insert<H: Harness>(make: Make<'_, H>) {
     let (mems, st) = dump(&s).await;
     assert_eq!(mems.keys().copied().collect::<Vec<_>>(), vec![1, 3, new[0]]);
     assert_eq!((st.len, st.counters.evicted, st.counters.inserted), (3, 1, 4));
+}
+
+fn change_batch(seq: u64, tick: u64, first_id: MemoryId) -> ChangeBatch {
+    ChangeBatch {
+        seq,
+        tick,
+        first_id,
+        ..ChangeBatch::default()
+    }
+}
+
+/// `apply` does in one transaction what delete, update_values, touch and
+/// insert do one after another, and records the batch's sequence number
+/// durably.
+pub async fn apply_equals_the_separate_operations<H: Harness>(make: Make<'_, H>) {
+    let c = lambda_cfg(2, 2, 0.5);
+    let (h, s) = fresh(make, c.clone()).await;
+    let r = InMemoryStore::new(c.clone()).unwrap();
+    let keys = [0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
+    let vals = [1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0];
+    let ids = ins(&s, &keys, &vals, 1).await;
+    assert_eq!(ins(&r, &keys, &vals, 1).await, ids);
+    let mut b = change_batch(1, 5, ids[3] + 1);
+    b.delete = vec![ids[0]];
+    b.update_ids = vec![ids[1], ids[2], ids[1]];
+    b.deltas = vec![0.5, -0.25, 1.0, 2.0, 0.125, 0.0];
+    b.touch = vec![ids[1], ids[1], ids[3]];
+    b.insert_keys = vec![5.0, 5.0, 6.0, 6.0];
+    b.insert_values = vec![7.0, 7.5, 8.0, 8.5];
+    s.apply(&b).await.unwrap();
+    r.delete(&b.delete).await.unwrap();
+    r.update_values(&b.update_ids, v(&b.deltas, 2)).await.unwrap();
+    r.touch(&b.touch, 5).await.unwrap();
+    assert_eq!(
+        ins(&r, &b.insert_keys, &b.insert_values, 5).await,
+        vec![ids[3] + 1, ids[3] + 2]
+    );
+    let (got, st) = dump(&s).await;
+    let (want, mut want_st) = dump(&r).await;
+    assert_eq!(got, want);
+    want_st.counters.last_batch = 1;
+    assert_eq!(st, want_st);
+    let s = reopen(&h, s, c).await;
+    let (again, st2) = dump(&s).await;
+    assert_eq!(
+        (again, st2.counters.last_batch),
+        (got, 1),
+        "the batch and its number are durable"
+    );
+    let mut b2 = change_batch(2, 6, ids[3] + 3);
+    b2.touch = vec![ids[2]];
+    s.apply(&b2).await.unwrap();
+    assert_eq!(s.stats().await.unwrap().counters.last_batch, 2);
+    assert_eq!(s.get(&[ids[2]]).await.unwrap()[0].access_count, 2);
+}
+
+/// A change batch out of order, with a wrong first id, an unknown id, an
+/// update of a memory it deletes, or bad numbers changes nothing; replaying an
+/// applied batch is refused as out of order.
+pub async fn apply_rejects_bad_batches<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(1, 2)).await;
+    let ids = ins(&s, &[1.0, 2.0], &[1.0, 2.0, 3.0, 4.0], 1).await;
+    let before = dump(&s).await;
+    let next = ids[1] + 1;
+    let r = s.apply(&change_batch(2, 3, next)).await;
+    assert!(matches!(r, Err(Error::OutOfOrder { expected: 1, got: 2 })), "{r:?}");
+    let mut b = change_batch(1, 3, next + 4);
+    b.insert_keys = vec![3.0];
+    b.insert_values = vec![0.0, 0.0];
+    let r = s.apply(&b).await;
+    assert!(
+        matches!(r, Err(Error::IdConflict { got, .. }) if got == next + 4),
+        "{r:?}"
+    );
+    let mut b = change_batch(1, 3, next);
+    b.delete = vec![ids[0], 77];
+    assert!(matches!(s.apply(&b).await, Err(Error::UnknownId(77))));
+    let mut b = change_batch(1, 3, next);
+    b.delete = vec![ids[0]];
+    b.update_ids = vec![ids[0]];
+    b.deltas = vec![1.0, 1.0];
+    assert!(matches!(s.apply(&b).await, Err(Error::UnknownId(id)) if id == ids[0]));
+    let mut b = change_batch(1, 3, next);
+    b.delete = vec![ids[0]];
+    b.touch = vec![ids[0]];
+    assert!(matches!(s.apply(&b).await, Err(Error::UnknownId(id)) if id == ids[0]));
+    let mut b = change_batch(1, 3, next);
+    b.update_ids = vec![ids[1]];
+    b.deltas = vec![f32::NAN, 0.0];
+    assert!(matches!(
+        s.apply(&b).await,
+        Err(Error::NonFinite { what: "deltas", .. })
+    ));
+    let mut b = change_batch(1, 3, next);
+    b.update_ids = vec![ids[1]];
+    b.deltas = vec![1.0, 0.0, 0.0];
+    assert!(matches!(s.apply(&b).await, Err(Error::Shape(_))));
+    let mut b = change_batch(1, 3, next);
+    b.insert_keys = vec![1.0, 2.0];
+    b.insert_values = vec![0.0, 0.0];
+    assert!(matches!(s.apply(&b).await, Err(Error::Shape(_))));
+    let mut b = change_batch(1, 3, next);
+    b.delete = vec![ids[0]];
+    b.insert_keys = vec![f32::INFINITY];
+    b.insert_values = vec![0.0, 0.0];
+    assert!(matches!(s.apply(&b).await, Err(Error::NonFinite { what: "keys", .. })));
+    assert_eq!(dump(&s).await, before, "rejected batches changed the store");
+    let mut b = change_batch(1, 3, next);
+    b.delete = vec![ids[0]];
+    s.apply(&b).await.unwrap();
+    let after = dump(&s).await;
+    let r = s.apply(&b).await;
+    assert!(matches!(r, Err(Error::OutOfOrder { expected: 2, got: 1 })), "{r:?}");
+    assert_eq!(dump(&s).await, after);
+}
+
+/// A change batch's inserts past the capacity evict in LRFU order, as
+/// `insert` does, and agree with the reference model.
+pub async fn apply_respects_capacity<H: Harness>(make: Make<'_, H>) {
+    let c = lambda_cfg(1, 1, 1.0).with_capacity(3);
+    let (_h, s) = fresh(make, c.clone()).await;
+    let r = InMemoryStore::new(c).unwrap();
+    for st in [&s as &dyn MemoryStore, &r] {
+        for t in 1..=3u64 {
+            ins(st, &[t as f32], &[0.0], t).await;
+        }
+        let mut b = change_batch(1, 5, 4);
+        b.touch = vec![1];
+        b.insert_keys = vec![7.0, 8.0];
+        b.insert_values = vec![0.5, 0.25];
+        st.apply(&b).await.unwrap();
+    }
+    let (got, st) = dump(&s).await;
+    assert_eq!(got.keys().copied().collect::<Vec<_>>(), vec![1, 4, 5]);
+    assert_eq!((st.counters.evicted, st.counters.last_batch), (2, 1));
+    assert_eq!((got, st), dump(&r).await);
 }
 
 /// `stats` sums access counts and tag counts.
