@@ -29,10 +29,9 @@ fn student(device: &Device) -> (Gpt2, Gpt2) {
     let mut keys = rng.vecs(n, dh);
     unit(&mut keys, dh);
     let values = rng.vecs(n, dh);
-    let ids: Vec<u64> = (1..=n as u64).collect();
     for i in 0..s.config().n_layer {
         let mut mem = DeviceMemory::new(MemoryConfig::new(dh, dh), n, device).unwrap();
-        mem.fill(&ids, &keys, &values).unwrap();
+        mem.fill(&keys, &values, 0).unwrap();
         let f = FeaturalMemory::new(c, h, 4, mem, device).unwrap();
         s.set_feed_forward(i, FeedForward::Featural(f)).unwrap();
     }

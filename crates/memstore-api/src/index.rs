@@ -437,11 +437,17 @@ impl MemoryIndex {
         batch.check(&self.config, self.counters.last_batch, self.next_id)?;
         self.check_ids(&batch.delete)?;
         let gone: HashSet<MemoryId> = batch.delete.iter().copied().collect();
-        for ids in [&batch.update_ids, &batch.touch] {
-            self.check_ids(ids)?;
-            if let Some(&id) = ids.iter().find(|id| gone.contains(id)) {
-                return Err(Error::UnknownId(id));
-            }
+        let new = batch.first_id..batch.first_id + batch.inserts(&self.config)?.len() as u64;
+        let live = |id: &MemoryId| (self.contains(*id) && !gone.contains(id)) || new.contains(id);
+        if let Some(&id) = batch
+            .update_ids
+            .iter()
+            .find(|id| !self.contains(**id) || gone.contains(id))
+        {
+            return Err(Error::UnknownId(id));
+        }
+        if let Some(&id) = batch.touch.iter().find(|id| !live(id)) {
+            return Err(Error::UnknownId(id));
         }
         Ok(batch.update_ids.clone())
     }
@@ -463,11 +469,11 @@ impl MemoryIndex {
             ov.remove(id);
         }
         ov.counters.deleted += unique.len() as u64;
-        for &id in &batch.touch {
-            ov.access(id, batch.tick);
-        }
         for i in 0..inserts.len() {
             ov.insert_row(&inserts, i, batch.tick);
+        }
+        for &id in &batch.touch {
+            ov.access(id, batch.tick);
         }
         if let Some(cap) = self.config.capacity {
             ov.evict_to(cap);

@@ -325,12 +325,6 @@ impl MemoryStore for InMemoryStore {
                 m.value = v;
             }
         }
-        check_known(&st, &batch.touch)?;
-        for id in &batch.touch {
-            if let Some(m) = st.mems.get_mut(id) {
-                access(lambda, m, batch.tick);
-            }
-        }
         let inserts = batch.inserts(cfg)?;
         for i in 0..inserts.len() {
             let id = st.next_id;
@@ -339,6 +333,12 @@ impl MemoryStore for InMemoryStore {
             st.mems.insert(id, m);
         }
         st.counters.inserted += inserts.len() as u64;
+        check_known(&st, &batch.touch)?;
+        for id in &batch.touch {
+            if let Some(m) = st.mems.get_mut(id) {
+                access(lambda, m, batch.tick);
+            }
+        }
         if let Some(cap) = cfg.capacity {
             evict_to(lambda, &mut st, cap);
         }

@@ -62,7 +62,7 @@ pub trait MemoryStore: Send + Sync {
     }
 
     /// Applies a writer's [`ChangeBatch`] in one transaction (deletes, value
-    /// deltas, touches, inserts with the ids the batch names, capacity
+    /// deltas, inserts with the ids the batch names, touches, capacity
     /// eviction) and records its sequence number. A batch that is out of
     /// order, names an unknown id (or updates or touches one it deletes), or
     /// whose inserts do not start at the store's next id changes nothing.

@@ -507,8 +507,8 @@ pub struct Stats {
 
 /// A writer's changes since its last sync, applied by
 /// [`crate::MemoryStore::apply`] in one transaction, in this order: deletes,
-/// value deltas, accesses at `tick`, inserts at `tick` (then capacity
-/// eviction, as `insert` does).
+/// value deltas, inserts at `tick`, accesses at `tick` (of existing or just
+/// inserted memories), then capacity eviction as `insert` does.
 ///
 /// It is how a model's device tier writes behind to the durable store: the
 /// tier assigns the ids of its inserts itself (`first_id`, `first_id + 1`, ...,
@@ -527,7 +527,8 @@ pub struct ChangeBatch {
     pub update_ids: Vec<MemoryId>,
     /// Value deltas, `update_ids.len() × value_dim`, added to the stored values.
     pub deltas: Vec<f32>,
-    /// Memories accessed at `tick` (a repeated id is accessed repeatedly).
+    /// Memories accessed at `tick`, after the inserts (a repeated id is
+    /// accessed repeatedly; ids of this batch's inserts may appear).
     pub touch: Vec<MemoryId>,
     /// The id the first inserted row gets (the store's next id).
     pub first_id: MemoryId,

@@ -13,5 +13,6 @@
 
 pub mod device;
 pub mod featural;
+pub mod journal;
 pub mod layers;
 pub mod tier;

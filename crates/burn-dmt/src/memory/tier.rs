@@ -2,13 +2,25 @@
 //! values `[capacity, dv]`, a validity mask and the store ids of the slots —
 //! searched exactly on the device ([`super::device::exact_topk`]).
 //!
-//! The durable [`MemoryStore`] is the truth; a device tier is loaded from it
-//! and never grows past its configured capacity.
+//! The durable [`MemoryStore`] is the truth at rest; while a model trains, the
+//! tier is ahead of it and records every change it makes — LRFU accesses,
+//! sparse value updates, novelty inserts and the evictions that make room —
+//! as one pending [`ChangeBatch`]. [`DeviceMemory::take_changes`] hands the
+//! batch to a writer ([`super::journal::WriteBehind`]), which journals it and
+//! applies it to the store in one transaction, so after the last batch the
+//! store holds exactly the memory the model ended with.
+//!
+//! Ids are the tier's to assign: it knows the store's next id, and the store
+//! checks that a batch's inserts start there. Values change only by adding a
+//! delta (on the device and, in the batch, in the store), so both hold the
+//! same floats bit for bit. The tier never grows past its capacity: a full
+//! tier evicts its lowest-LRFU-priority slot (the store's policy, same
+//! arithmetic) among those already synced.
 
 use std::collections::HashMap;
 
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
-use memstore_api::{MemoryConfig, MemoryId, MemoryStore};
+use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
+use memstore_api::{ChangeBatch, MemoryConfig, MemoryId, MemoryStore, Tick, math};
 
 use super::device::exact_topk;
 use crate::{DmtError, Result};
@@ -39,33 +51,58 @@ pub struct DeviceMemory {
     values: Tensor<2>,
     valid: Vec<bool>,
     ids: Vec<Option<MemoryId>>,
+    crf: Vec<f64>,
+    last_access: Vec<Tick>,
     slot_of: HashMap<MemoryId, usize>,
+    next_id: MemoryId,
+    last_batch: u64,
+    pending: ChangeBatch,
+    trainable_values: bool,
     device: Device,
 }
 
 impl DeviceMemory {
-    /// An empty tier of `capacity` slots.
+    /// An empty tier of `capacity` slots for a new, empty store (ids from 1).
     pub fn new(config: MemoryConfig, capacity: usize, device: &Device) -> Result<Self> {
         if capacity == 0 {
             return Err(DmtError::InvalidArgument(
                 "a device tier needs at least one slot".into(),
             ));
         }
+        if let Some(cap) = config.capacity
+            && cap < capacity
+        {
+            return Err(DmtError::InvalidArgument(format!(
+                "the store's capacity {cap} is below the device tier's {capacity} slots: the store would evict \
+                 behind the tier's back"
+            )));
+        }
         Ok(DeviceMemory {
             keys: Tensor::zeros([capacity, config.key_dim], device),
             values: Tensor::zeros([capacity, config.value_dim], device),
             valid: vec![false; capacity],
             ids: vec![None; capacity],
+            crf: vec![0.0; capacity],
+            last_access: vec![0; capacity],
             slot_of: HashMap::new(),
+            next_id: 1,
+            last_batch: 0,
+            pending: ChangeBatch {
+                seq: 1,
+                first_id: 1,
+                ..ChangeBatch::default()
+            },
+            trainable_values: false,
             capacity,
             config,
             device: device.clone(),
         })
     }
 
-    /// Loads every memory of `store` into a new tier of `capacity` slots; a
-    /// store larger than the capacity is refused (serve it from the store's
-    /// own index instead).
+    /// Loads every memory of `store` (keys, values, LRFU bookkeeping, its next
+    /// id and last change batch) into a new tier of `capacity` slots, in id
+    /// order; a store larger than the capacity is refused (serve it from the
+    /// store's own index instead).
     pub async fn load<S: MemoryStore + ?Sized>(store: &S, capacity: usize, device: &Device) -> Result<Self> {
         let config = store.config().clone();
         let ids = store.ids().await?;
@@ -75,6 +112,7 @@ impl DeviceMemory {
                 ids.len()
             )));
         }
+        let stats = store.stats().await?;
         let (dk, dv) = (config.key_dim, config.value_dim);
         let mut keys = vec![0.0f32; capacity * dk];
         let mut values = vec![0.0f32; capacity * dv];
@@ -84,15 +122,32 @@ impl DeviceMemory {
             for m in store.get(chunk).await? {
                 keys[slot * dk..(slot + 1) * dk].copy_from_slice(&m.key);
                 values[slot * dv..(slot + 1) * dv].copy_from_slice(&m.value);
-                tier.valid[slot] = true;
-                tier.ids[slot] = Some(m.id);
-                tier.slot_of.insert(m.id, slot);
+                tier.occupy(slot, m.id, m.crf, m.last_access);
                 slot += 1;
             }
         }
         tier.keys = Tensor::from_data(TensorData::new(keys, [capacity, dk]), device);
         tier.values = Tensor::from_data(TensorData::new(values, [capacity, dv]), device);
+        tier.next_id = stats.next_id;
+        tier.last_batch = stats.counters.last_batch;
+        tier.reset_pending();
         Ok(tier)
+    }
+
+    fn occupy(&mut self, slot: usize, id: MemoryId, crf: f64, last_access: Tick) {
+        self.valid[slot] = true;
+        self.ids[slot] = Some(id);
+        self.crf[slot] = crf;
+        self.last_access[slot] = last_access;
+        self.slot_of.insert(id, slot);
+    }
+
+    fn reset_pending(&mut self) {
+        self.pending = ChangeBatch {
+            seq: self.last_batch + 1,
+            first_id: self.next_id,
+            ..ChangeBatch::default()
+        };
     }
 
     /// Number of occupied slots.
@@ -105,34 +160,14 @@ impl DeviceMemory {
         self.slot_of.is_empty()
     }
 
-    /// The memory's configuration (dimensions, metric).
+    /// The memory's configuration (dimensions, metric, thresholds).
     pub fn config(&self) -> &MemoryConfig {
         &self.config
     }
 
-    /// Fills the tier from flat host arrays (`n` rows of keys and values, ids
-    /// in row order); refuses more rows than slots.
-    pub fn fill(&mut self, ids: &[MemoryId], keys: &[f32], values: &[f32]) -> Result<()> {
-        let (dk, dv) = (self.config.key_dim, self.config.value_dim);
-        let n = ids.len();
-        if n > self.capacity || keys.len() != n * dk || values.len() != n * dv {
-            return Err(DmtError::InvalidArgument(format!(
-                "{n} ids, {} key floats, {} value floats for a tier of {} slots of {dk}/{dv}",
-                keys.len(),
-                values.len(),
-                self.capacity
-            )));
-        }
-        let mut k = keys.to_vec();
-        k.resize(self.capacity * dk, 0.0);
-        let mut v = values.to_vec();
-        v.resize(self.capacity * dv, 0.0);
-        self.keys = Tensor::from_data(TensorData::new(k, [self.capacity, dk]), &self.device);
-        self.values = Tensor::from_data(TensorData::new(v, [self.capacity, dv]), &self.device);
-        self.valid = (0..self.capacity).map(|i| i < n).collect();
-        self.ids = (0..self.capacity).map(|i| ids.get(i).copied()).collect();
-        self.slot_of = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-        Ok(())
+    /// The device the tensors live on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Number of slots.
@@ -150,10 +185,47 @@ impl DeviceMemory {
         self.slot_of.get(&id).copied()
     }
 
+    /// The keys and values of every slot (zeros where empty).
+    pub fn tensors(&self) -> (Tensor<2>, Tensor<2>) {
+        (self.keys.clone(), self.values.clone())
+    }
+
+    /// Makes the values a gradient-tracked leaf (on an autodiff device), so a
+    /// backward pass yields their gradient for [`DeviceMemory::apply_value_grad`].
+    pub fn set_trainable_values(&mut self, trainable: bool) {
+        self.trainable_values = trainable;
+        self.values = self.values.clone().detach().set_require_grad(trainable);
+    }
+
+    /// Fills an empty tier from flat host arrays (`n` rows of keys and values)
+    /// as new memories inserted at `tick` (ids assigned from the next id),
+    /// recorded in the pending batch. Refuses more rows than slots.
+    pub fn fill(&mut self, keys: &[f32], values: &[f32], tick: Tick) -> Result<Vec<MemoryId>> {
+        if !self.is_empty() {
+            return Err(DmtError::InvalidArgument("fill needs an empty tier".into()));
+        }
+        let slots = self.insert(keys, values, tick)?;
+        if slots.len() * self.config.key_dim != keys.len() {
+            return Err(DmtError::InvalidArgument(format!(
+                "{} rows do not fit a tier of {} slots",
+                keys.len() / self.config.key_dim.max(1),
+                self.capacity
+            )));
+        }
+        Ok(slots.iter().filter_map(|&s| self.id(s)).collect())
+    }
+
     /// Exact `k` nearest occupied slots of each query `[m, dk]`, with their
-    /// keys and values gathered on the device.
+    /// keys and values gathered on the device (the values keep their gradient
+    /// link when they are trainable).
     pub fn search(&self, queries: Tensor<2>, k: usize) -> Result<DeviceNeighbors> {
         let [m, _] = queries.dims();
+        if k > self.len() {
+            return Err(DmtError::InvalidArgument(format!(
+                "k = {k} exceeds the {} memories in the tier",
+                self.len()
+            )));
+        }
         let valid = Tensor::<1, Bool>::from_data(TensorData::new(self.valid.clone(), [self.capacity]), &self.device);
         let top = exact_topk(queries, self.keys.clone(), Some(valid), k, self.config.metric)?;
         let flat = top.indices.clone().reshape([m * k]);
@@ -173,5 +245,231 @@ impl DeviceMemory {
             keys,
             values,
         })
+    }
+
+    /// Records accesses of `slots` at `tick` (LRFU, as the store's `touch`; a
+    /// repeated slot is accessed repeatedly).
+    pub fn touch(&mut self, slots: &[usize], tick: Tick) -> Result<()> {
+        if !slots.is_empty() {
+            self.check_tick(tick)?;
+        }
+        let lambda = self.config.eviction.lambda();
+        for &s in slots {
+            let id = self
+                .id(s)
+                .ok_or_else(|| DmtError::InvalidArgument(format!("slot {s} is empty")))?;
+            let (crf, last) = math::access(lambda, self.crf[s], self.last_access[s], tick);
+            self.crf[s] = crf;
+            self.last_access[s] = last;
+            self.pending.touch.push(id);
+        }
+        if !slots.is_empty() {
+            self.pending.tick = self.pending.tick.max(tick);
+        }
+        Ok(())
+    }
+
+    /// The gradient of the trainable values after a backward pass (removed
+    /// from `grads`), or `None` when the values took no part.
+    pub fn take_value_grad(&self, grads: &mut burn::tensor::Gradients) -> Option<Tensor<2>> {
+        self.values.grad_remove(grads)
+    }
+
+    /// The sparse value update of Memory Layers at Scale (`value_fixed_lr`):
+    /// `value −= lr · grad` for the rows of `slots` (deduplicated), on the
+    /// device and in the pending batch (as deltas).
+    pub fn apply_value_grad(&mut self, grad: Tensor<2>, lr: f32, slots: &[usize]) -> Result<()> {
+        let mut rows: Vec<usize> = slots.to_vec();
+        rows.sort_unstable();
+        rows.dedup();
+        rows.retain(|&s| self.valid.get(s).copied().unwrap_or(false));
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let dv = self.config.value_dim;
+        let inner = self.device.clone().inner();
+        let idx = Tensor::<1, Int>::from_data(
+            TensorData::new(rows.iter().map(|&s| s as i64).collect::<Vec<_>>(), [rows.len()]),
+            &inner,
+        );
+        let delta = grad.inner().select(0, idx.clone()).mul_scalar(-lr);
+        let host: Vec<f32> = delta
+            .clone()
+            .into_data()
+            .try_into_vec::<f32>()
+            .map_err(|e| DmtError::InvalidArgument(format!("reading value deltas: {e:?}")))?;
+        if let Some(p) = host.iter().position(|x| !x.is_finite()) {
+            return Err(DmtError::InvalidArgument(format!(
+                "non-finite value gradient at slot {}",
+                rows[p / dv]
+            )));
+        }
+        let values = self
+            .values
+            .clone()
+            .inner()
+            .select_assign(0, idx, delta, IndexingUpdateOp::Add);
+        self.set_values(values);
+        for (i, &s) in rows.iter().enumerate() {
+            let id = self.ids[s].ok_or_else(|| DmtError::InvalidArgument(format!("slot {s} is empty")))?;
+            let d = &host[i * dv..(i + 1) * dv];
+            if id >= self.pending.first_id {
+                // Not in the store yet: change the row the batch will insert.
+                let r = (id - self.pending.first_id) as usize;
+                for (x, y) in self.pending.insert_values[r * dv..(r + 1) * dv].iter_mut().zip(d) {
+                    *x += y;
+                }
+            } else {
+                self.pending.update_ids.push(id);
+                self.pending.deltas.extend_from_slice(d);
+            }
+        }
+        Ok(())
+    }
+
+    fn set_values(&mut self, inner: Tensor<2>) {
+        let t = if self.device.is_autodiff() {
+            inner.autodiff()
+        } else {
+            inner
+        };
+        self.values = t.set_require_grad(self.trainable_values);
+    }
+
+    /// The slot a new memory goes to: a free one, else the lowest-priority
+    /// synced memory, which is evicted (deleted in the pending batch).
+    fn free_slot(&mut self) -> Option<usize> {
+        if let Some(s) = self.valid.iter().position(|v| !v) {
+            return Some(s);
+        }
+        let lambda = self.config.eviction.lambda();
+        let first = self.pending.first_id;
+        let victim = (0..self.capacity)
+            .filter_map(|s| self.ids[s].filter(|&id| id < first).map(|id| (s, id)))
+            .min_by(|a, b| {
+                let pa = math::priority(lambda, self.crf[a.0], self.last_access[a.0]);
+                let pb = math::priority(lambda, self.crf[b.0], self.last_access[b.0]);
+                pa.total_cmp(&pb).then(a.1.cmp(&b.1))
+            })?;
+        let (s, id) = victim;
+        self.valid[s] = false;
+        self.ids[s] = None;
+        self.slot_of.remove(&id);
+        // The batch deletes before it updates or touches: drop those of the victim.
+        let dv = self.config.value_dim;
+        let mut kept_ids = Vec::with_capacity(self.pending.update_ids.len());
+        let mut kept = Vec::with_capacity(self.pending.deltas.len());
+        for (i, &u) in self.pending.update_ids.iter().enumerate() {
+            if u != id {
+                kept_ids.push(u);
+                kept.extend_from_slice(&self.pending.deltas[i * dv..(i + 1) * dv]);
+            }
+        }
+        self.pending.update_ids = kept_ids;
+        self.pending.deltas = kept;
+        self.pending.touch.retain(|&t| t != id);
+        self.pending.delete.push(id);
+        Some(s)
+    }
+
+    /// Inserts new memories (host rows of keys and values) at `tick`, evicting
+    /// by LRFU when full. Returns the slots used, in row order; it stops early
+    /// (fewer slots) when every occupied slot holds a memory not yet synced.
+    pub fn insert(&mut self, keys: &[f32], values: &[f32], tick: Tick) -> Result<Vec<usize>> {
+        let (dk, dv) = (self.config.key_dim, self.config.value_dim);
+        let n = keys.len() / dk.max(1);
+        if keys.len() != n * dk || values.len() != n * dv {
+            return Err(DmtError::InvalidArgument(format!(
+                "{} key floats and {} value floats are not rows of {dk} and {dv}",
+                keys.len(),
+                values.len()
+            )));
+        }
+        if let Some(p) = keys.iter().chain(values).position(|x| !x.is_finite()) {
+            return Err(DmtError::InvalidArgument(format!(
+                "non-finite number at {p} in new memories"
+            )));
+        }
+        if n > 0 {
+            self.check_tick(tick)?;
+        }
+        let mut slots = Vec::with_capacity(n);
+        for i in 0..n {
+            let Some(s) = self.free_slot() else { break };
+            let id = self.next_id;
+            self.next_id += 1;
+            self.occupy(s, id, 1.0, tick);
+            self.pending.insert_keys.extend_from_slice(&keys[i * dk..(i + 1) * dk]);
+            self.pending
+                .insert_values
+                .extend_from_slice(&values[i * dv..(i + 1) * dv]);
+            self.pending.tick = self.pending.tick.max(tick);
+            slots.push(s);
+        }
+        if slots.is_empty() {
+            return Ok(slots);
+        }
+        let m = slots.len();
+        let inner = self.device.clone().inner();
+        let idx = Tensor::<1, Int>::from_data(
+            TensorData::new(slots.iter().map(|&s| s as i64).collect::<Vec<_>>(), [m]),
+            &inner,
+        );
+        let mut mask = vec![false; self.capacity];
+        for &s in &slots {
+            mask[s] = true;
+        }
+        let mask = Tensor::<1, Bool>::from_data(TensorData::new(mask, [self.capacity]), &inner);
+        let put = |table: Tensor<2>, rows: &[f32], d: usize| {
+            let new = Tensor::<2>::from_data(TensorData::new(rows.to_vec(), [m, d]), &inner);
+            let scattered = Tensor::<2>::zeros([self.capacity, d], &inner).select_assign(
+                0,
+                idx.clone(),
+                new,
+                IndexingUpdateOp::Add,
+            );
+            let rowmask = mask.clone().unsqueeze_dim::<2>(1).expand([self.capacity, d]);
+            table.inner().mask_where(rowmask, scattered)
+        };
+        let keys_new = put(self.keys.clone(), &keys[..m * dk], dk);
+        let values_new = put(self.values.clone(), &values[..m * dv], dv);
+        self.keys = if self.device.is_autodiff() {
+            keys_new.autodiff()
+        } else {
+            keys_new
+        };
+        self.set_values(values_new);
+        Ok(slots)
+    }
+
+    /// A batch carries one tick: accesses at another tick need the pending
+    /// changes taken first (the store would apply them at the batch's tick).
+    fn check_tick(&self, tick: Tick) -> Result<()> {
+        let p = &self.pending;
+        if (!p.touch.is_empty() || !p.insert_keys.is_empty()) && p.tick != tick {
+            return Err(DmtError::InvalidArgument(format!(
+                "changes at tick {} are pending: take them before accessing at tick {tick}",
+                p.tick
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether changes are waiting for the store.
+    pub fn has_changes(&self) -> bool {
+        let p = &self.pending;
+        !(p.delete.is_empty() && p.update_ids.is_empty() && p.touch.is_empty() && p.insert_keys.is_empty())
+    }
+
+    /// Takes the pending changes as the next batch for the store (`None` when
+    /// nothing changed). The caller must apply the batches in order.
+    pub fn take_changes(&mut self) -> Option<ChangeBatch> {
+        if !self.has_changes() {
+            return None;
+        }
+        let batch = std::mem::take(&mut self.pending);
+        self.last_batch = batch.seq;
+        self.reset_pending();
+        Some(batch)
     }
 }

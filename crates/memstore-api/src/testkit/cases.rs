@@ -896,8 +896,8 @@ fn change_batch(seq: u64, tick: u64, first_id: MemoryId) -> ChangeBatch {
     }
 }
 
-/// `apply` does in one transaction what delete, update_values, touch and
-/// insert do one after another, and records the batch's sequence number
+/// `apply` does in one transaction what delete, update_values, insert and
+/// touch do one after another (touching a memory it inserts too), and records the batch's sequence number
 /// durably.
 pub async fn apply_equals_the_separate_operations<H: Harness>(make: Make<'_, H>) {
     let c = lambda_cfg(2, 2, 0.5);
@@ -911,17 +911,17 @@ pub async fn apply_equals_the_separate_operations<H: Harness>(make: Make<'_, H>)
     b.delete = vec![ids[0]];
     b.update_ids = vec![ids[1], ids[2], ids[1]];
     b.deltas = vec![0.5, -0.25, 1.0, 2.0, 0.125, 0.0];
-    b.touch = vec![ids[1], ids[1], ids[3]];
+    b.touch = vec![ids[1], ids[1], ids[3], ids[3] + 2];
     b.insert_keys = vec![5.0, 5.0, 6.0, 6.0];
     b.insert_values = vec![7.0, 7.5, 8.0, 8.5];
     s.apply(&b).await.unwrap();
     r.delete(&b.delete).await.unwrap();
     r.update_values(&b.update_ids, v(&b.deltas, 2)).await.unwrap();
-    r.touch(&b.touch, 5).await.unwrap();
     assert_eq!(
         ins(&r, &b.insert_keys, &b.insert_values, 5).await,
         vec![ids[3] + 1, ids[3] + 2]
     );
+    r.touch(&b.touch, 5).await.unwrap();
     let (got, st) = dump(&s).await;
     let (want, mut want_st) = dump(&r).await;
     assert_eq!(got, want);
@@ -971,6 +971,12 @@ pub async fn apply_rejects_bad_batches<H: Harness>(make: Make<'_, H>) {
     b.delete = vec![ids[0]];
     b.touch = vec![ids[0]];
     assert!(matches!(s.apply(&b).await, Err(Error::UnknownId(id)) if id == ids[0]));
+    let mut b = change_batch(1, 3, next);
+    b.touch = vec![next];
+    assert!(
+        matches!(s.apply(&b).await, Err(Error::UnknownId(id)) if id == next),
+        "touch of an id not inserted"
+    );
     let mut b = change_batch(1, 3, next);
     b.update_ids = vec![ids[1]];
     b.deltas = vec![f32::NAN, 0.0];

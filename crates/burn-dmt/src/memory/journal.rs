@@ -1,0 +1,323 @@
+//! Write-behind from a device tier to the durable store, through a journal.
+//!
+//! The training loop must not wait for the database, and a crash must not
+//! lose what the model learnt. Each [`ChangeBatch`] a tier produces is first
+//! appended to a journal file (length, CRC-32 and payload per record, then
+//! `fsync`) and then applied to the store by a background thread, in order.
+//! The store records each batch's sequence number in the same transaction as
+//! its changes ([`MemoryStore::apply`]), so replaying the journal after a
+//! crash of the writer — at any point, even between the commit and the
+//! journal's truncation — applies exactly the batches the store has not seen
+//! and ends in the same state as an uninterrupted run. This is the classic
+//! write-ahead log (ARIES-style redo with a persisted LSN), with the store's
+//! transactions as the pages.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::thread::JoinHandle;
+
+use memstore_api::{ChangeBatch, MemoryStore};
+
+use crate::{DmtError, Result};
+
+/// First bytes of a journal file.
+const MAGIC: &[u8; 8] = b"DMTJRNL1";
+
+/// CRC-32 (IEEE 802.3, reflected, as zlib's) of `bytes`.
+pub fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            let mask = (crc & 1).wrapping_neg();
+            crc = (crc >> 1) ^ (0xEDB8_8320 & mask);
+        }
+    }
+    !crc
+}
+
+fn put_u64s(out: &mut Vec<u8>, xs: &[u64]) {
+    out.extend_from_slice(&(xs.len() as u64).to_le_bytes());
+    for x in xs {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+}
+
+fn put_f32s(out: &mut Vec<u8>, xs: &[f32]) {
+    out.extend_from_slice(&(xs.len() as u64).to_le_bytes());
+    for x in xs {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+}
+
+/// Encodes a batch as a journal payload (little-endian).
+pub fn encode(b: &ChangeBatch) -> Vec<u8> {
+    let mut out = Vec::new();
+    for x in [b.seq, b.tick, b.first_id] {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    put_u64s(&mut out, &b.delete);
+    put_u64s(&mut out, &b.update_ids);
+    put_f32s(&mut out, &b.deltas);
+    put_u64s(&mut out, &b.touch);
+    put_f32s(&mut out, &b.insert_keys);
+    put_f32s(&mut out, &b.insert_values);
+    out
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn u64(&mut self) -> Option<u64> {
+        let (head, rest) = self.0.split_first_chunk::<8>()?;
+        self.0 = rest;
+        Some(u64::from_le_bytes(*head))
+    }
+    fn len(&mut self, width: usize) -> Option<usize> {
+        let n = usize::try_from(self.u64()?).ok()?;
+        (n.checked_mul(width)? <= self.0.len()).then_some(n)
+    }
+    fn u64s(&mut self) -> Option<Vec<u64>> {
+        let n = self.len(8)?;
+        (0..n).map(|_| self.u64()).collect()
+    }
+    fn f32s(&mut self) -> Option<Vec<f32>> {
+        let n = self.len(4)?;
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (head, rest) = self.0.split_first_chunk::<4>()?;
+            self.0 = rest;
+            v.push(f32::from_le_bytes(*head));
+        }
+        Some(v)
+    }
+}
+
+/// Decodes a journal payload; `None` when it is malformed.
+pub fn decode(payload: &[u8]) -> Option<ChangeBatch> {
+    let mut r = Reader(payload);
+    let b = ChangeBatch {
+        seq: r.u64()?,
+        tick: r.u64()?,
+        first_id: r.u64()?,
+        delete: r.u64s()?,
+        update_ids: r.u64s()?,
+        deltas: r.f32s()?,
+        touch: r.u64s()?,
+        insert_keys: r.f32s()?,
+        insert_values: r.f32s()?,
+    };
+    r.0.is_empty().then_some(b)
+}
+
+/// An append-only file of change batches.
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> DmtError + '_ {
+    move |source| DmtError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Journal {
+    /// Opens (or creates) the journal at `path` and returns the batches it
+    /// holds. A torn last record (a crash during the append, before the batch
+    /// could reach the store) is cut off; damage before the last record is
+    /// reported as corruption.
+    pub fn open(path: impl AsRef<Path>) -> Result<(Journal, Vec<ChangeBatch>)> {
+        let path = path.as_ref().to_path_buf();
+        let err = io(&path);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(&err)?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(&err)?;
+        let corrupt = |m: String| DmtError::Checkpoint {
+            path: path.clone(),
+            message: format!("journal: {m}"),
+        };
+        let mut batches = Vec::new();
+        let mut good = MAGIC.len();
+        if bytes.len() < MAGIC.len() {
+            if !MAGIC.starts_with(&bytes) {
+                return Err(corrupt("not a journal file".into()));
+            }
+            file.set_len(0).map_err(&err)?;
+            file.seek(SeekFrom::Start(0)).map_err(&err)?;
+            file.write_all(MAGIC).map_err(&err)?;
+            file.sync_all().map_err(&err)?;
+        } else if &bytes[..MAGIC.len()] != MAGIC {
+            return Err(corrupt("not a journal file".into()));
+        } else {
+            let mut at = MAGIC.len();
+            while at < bytes.len() {
+                let Some(head) = bytes.get(at..at + 8) else { break };
+                let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+                let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+                let Some(payload) = bytes.get(at + 8..at + 8 + len) else {
+                    break;
+                };
+                let last = at + 8 + len == bytes.len();
+                let batch = (crc32(payload) == crc).then(|| decode(payload)).flatten();
+                match batch {
+                    Some(b) => batches.push(b),
+                    None if last => break,
+                    None => return Err(corrupt(format!("damaged record at byte {at}"))),
+                }
+                at += 8 + len;
+                good = at;
+            }
+            if good < bytes.len() {
+                file.set_len(good as u64).map_err(&err)?;
+                file.sync_all().map_err(&err)?;
+            }
+        }
+        file.seek(SeekFrom::End(0)).map_err(&err)?;
+        Ok((
+            Journal {
+                path: path.clone(),
+                file,
+            },
+            batches,
+        ))
+    }
+
+    /// Appends a batch and makes it durable before returning.
+    pub fn append(&mut self, batch: &ChangeBatch) -> Result<()> {
+        let payload = encode(batch);
+        let len = u32::try_from(payload.len())
+            .map_err(|_| DmtError::InvalidArgument(format!("change batch {} is over 4 GiB", batch.seq)))?;
+        let mut record = Vec::with_capacity(payload.len() + 8);
+        record.extend_from_slice(&len.to_le_bytes());
+        record.extend_from_slice(&crc32(&payload).to_le_bytes());
+        record.extend_from_slice(&payload);
+        let err = io(&self.path);
+        self.file.write_all(&record).map_err(&err)?;
+        self.file.sync_data().map_err(&err)
+    }
+
+    /// Empties the journal (once the store holds every batch).
+    pub fn clear(&mut self) -> Result<()> {
+        let err = io(&self.path);
+        self.file.set_len(MAGIC.len() as u64).map_err(&err)?;
+        self.file.seek(SeekFrom::End(0)).map_err(&err)?;
+        self.file.sync_all().map_err(&err)
+    }
+
+    /// The journal's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Applies, in order, the batches the store has not seen (sequence numbers
+/// above its last); returns how many were applied.
+pub async fn replay<S: MemoryStore + ?Sized>(store: &S, batches: &[ChangeBatch]) -> Result<usize> {
+    let last = store.stats().await?.counters.last_batch;
+    let mut applied = 0;
+    for b in batches.iter().filter(|b| b.seq > last) {
+        store.apply(b).await?;
+        applied += 1;
+    }
+    Ok(applied)
+}
+
+/// A background writer: journals each batch in the caller's thread, then
+/// applies it to the store on its own thread (with its own Tokio runtime).
+pub struct WriteBehind {
+    journal: Journal,
+    tx: Option<Sender<ChangeBatch>>,
+    thread: Option<JoinHandle<Result<u64>>>,
+}
+
+impl WriteBehind {
+    /// Recovers (replays the journal at `journal_path` onto `store`, then
+    /// empties it) and starts the writer thread. Returns the writer and the
+    /// number of batches the recovery applied.
+    pub async fn start(store: Arc<dyn MemoryStore>, journal_path: impl AsRef<Path>) -> Result<(WriteBehind, usize)> {
+        let (mut journal, pending) = Journal::open(journal_path)?;
+        let recovered = replay(store.as_ref(), &pending).await?;
+        if !pending.is_empty() {
+            store.flush().await?;
+            journal.clear()?;
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(io(journal.path()))?;
+        let (tx, rx) = channel::<ChangeBatch>();
+        let thread = std::thread::Builder::new()
+            .name("memstore-write-behind".into())
+            .spawn(move || writer(runtime, store, rx))
+            .map_err(io(journal.path()))?;
+        Ok((
+            WriteBehind {
+                journal,
+                tx: Some(tx),
+                thread: Some(thread),
+            },
+            recovered,
+        ))
+    }
+
+    /// Journals `batch` durably and queues it for the store.
+    pub fn submit(&mut self, batch: ChangeBatch) -> Result<()> {
+        self.journal.append(&batch)?;
+        let sent = self.tx.as_ref().map(|tx| tx.send(batch).is_ok()).unwrap_or(false);
+        if !sent {
+            // The writer stopped on an error: finish() reports it; the batch is
+            // safe in the journal for the next recovery.
+            return self.stop().and(Err(DmtError::InvalidArgument(
+                "the write-behind thread has stopped".into(),
+            )));
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self) -> Result<u64> {
+        self.tx = None;
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| DmtError::InvalidArgument("the write-behind thread panicked".into()))?,
+            None => Ok(0),
+        }
+    }
+
+    /// Waits until the store holds every submitted batch, flushes it, and
+    /// empties the journal. Returns the number of batches applied.
+    pub fn finish(mut self) -> Result<u64> {
+        let n = self.stop()?;
+        self.journal.clear()?;
+        Ok(n)
+    }
+}
+
+impl Drop for WriteBehind {
+    fn drop(&mut self) {
+        // Let the writer drain; errors surface through finish(), and whatever
+        // did not reach the store stays in the journal.
+        let _ = self.stop();
+    }
+}
+
+fn writer(runtime: tokio::runtime::Runtime, store: Arc<dyn MemoryStore>, rx: Receiver<ChangeBatch>) -> Result<u64> {
+    let mut n = 0u64;
+    while let Ok(batch) = rx.recv() {
+        runtime.block_on(store.apply(&batch))?;
+        n += 1;
+    }
+    runtime.block_on(store.flush())?;
+    Ok(n)
+}

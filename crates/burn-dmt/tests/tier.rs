@@ -1,0 +1,257 @@
+//! The device tier writes behind to the store: its change batches leave the
+//! store holding exactly the tier's memory (bit for bit, LRFU included), the
+//! tier never grows past its capacity, and the journal replays to the
+//! identical store state after the writer crashes at any point.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use burn_dmt::burn::tensor::{Device, Tensor, TensorData};
+use burn_dmt::memory::journal::{Journal, WriteBehind, decode, encode, replay};
+use burn_dmt::memory::tier::DeviceMemory;
+use memstore_api::testkit::util::{Rng, dump};
+use memstore_api::{ChangeBatch, EvictionPolicy, InMemoryStore, MemoryConfig, MemoryStore, Metric};
+use memstore_sqlite::SqliteStore;
+
+const DK: usize = 4;
+const DV: usize = 3;
+const CAP: usize = 24;
+
+fn config() -> MemoryConfig {
+    MemoryConfig::new(DK, DV)
+        .with_metric(Metric::L2)
+        .with_eviction(EvictionPolicy::Lrfu { lambda: 0.3 })
+}
+
+fn floats(t: Tensor<2>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+}
+
+/// Drives a tier the way a training loop does — search, touch what was
+/// found, sparse value updates, novelty inserts that overflow the capacity —
+/// and returns the batches it produced, checking the capacity all along.
+fn run_tier(tier: &mut DeviceMemory, steps: u64, seed: u64) -> Vec<ChangeBatch> {
+    let device = tier.device().clone();
+    let mut rng = Rng::new(seed);
+    let mut batches = Vec::new();
+    let keys = rng.vecs(16, DK);
+    let values = rng.vecs(16, DV);
+    tier.fill(&keys, &values, 1).unwrap();
+    batches.extend(tier.take_changes());
+    for tick in 2..2 + steps {
+        let q = rng.vecs(5, DK);
+        let found = tier
+            .search(Tensor::from_data(TensorData::new(q, [5, DK]), &device), 3)
+            .unwrap();
+        let slots: Vec<usize> = found
+            .slots
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|s| s as usize)
+            .collect();
+        tier.touch(&slots, tick).unwrap();
+        let grad = Tensor::<2>::from_data(TensorData::new(rng.vecs(CAP, DV), [CAP, DV]), &device);
+        tier.apply_value_grad(grad, 0.1, &slots[..6]).unwrap();
+        let n_new = 1 + (tick % 4) as usize;
+        let got = tier.insert(&rng.vecs(n_new, DK), &rng.vecs(n_new, DV), tick).unwrap();
+        assert_eq!(got.len(), n_new, "room is made by eviction");
+        // A memory inserted this step is updated and touched in the same batch.
+        let grad = Tensor::<2>::from_data(TensorData::new(rng.vecs(CAP, DV), [CAP, DV]), &device);
+        tier.apply_value_grad(grad, 0.05, &got[..1]).unwrap();
+        tier.touch(&got[..1], tick).unwrap();
+        assert!(tier.len() <= CAP, "the tier grew past its capacity");
+        batches.extend(tier.take_changes());
+    }
+    batches
+}
+
+/// Every memory of the tier, by id: key, value, and nothing else.
+fn tier_rows(tier: &DeviceMemory) -> Vec<(u64, Vec<f32>, Vec<f32>)> {
+    let (k, v) = tier.tensors();
+    let (k, v) = (floats(k), floats(v));
+    let mut rows: Vec<_> = (0..tier.capacity())
+        .filter_map(|s| {
+            tier.id(s)
+                .map(|id| (id, k[s * DK..(s + 1) * DK].to_vec(), v[s * DV..(s + 1) * DV].to_vec()))
+        })
+        .collect();
+    rows.sort_by_key(|r| r.0);
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tier_batches_leave_the_store_holding_the_tiers_memory() {
+    let device = Device::flex();
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("m.db"), config()).await.unwrap();
+    let reference = InMemoryStore::new(config()).unwrap();
+    let mut tier = DeviceMemory::load(&store, CAP, &device).await.unwrap();
+    let batches = run_tier(&mut tier, 12, 7);
+    assert!(batches.iter().any(|b| !b.delete.is_empty()), "the run evicted");
+    for b in &batches {
+        store.apply(b).await.unwrap();
+        reference.apply(b).await.unwrap();
+    }
+    let (mems, stats) = dump(&store).await;
+    assert_eq!((mems.clone(), stats.clone()), dump(&reference).await);
+    assert_eq!(stats.counters.last_batch, batches.len() as u64);
+    let stored: Vec<_> = mems.values().map(|m| (m.id, m.key.clone(), m.value.clone())).collect();
+    assert_eq!(stored, tier_rows(&tier), "store and tier differ");
+    assert_eq!(mems.len(), CAP);
+
+    // The store's LRFU bookkeeping is the tier's: a tier reloaded from it
+    // evicts the same memories as the tier that kept running.
+    let mut reloaded = DeviceMemory::load(&store, CAP, &device).await.unwrap();
+    let mut a = tier.clone();
+    let mut rng = Rng::new(99);
+    let (k, v) = (rng.vecs(5, DK), rng.vecs(5, DV));
+    a.insert(&k, &v, 40).unwrap();
+    reloaded.insert(&k, &v, 40).unwrap();
+    let (ba, bb) = (a.take_changes().unwrap(), reloaded.take_changes().unwrap());
+    assert_eq!(ba, bb);
+    assert_eq!(ba.delete.len(), 5);
+    assert_eq!(tier_rows(&a), tier_rows(&reloaded));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_journal_replays_to_the_same_store_after_a_writer_crash() {
+    let device = Device::flex();
+    let mut tier = DeviceMemory::new(config(), CAP, &device).unwrap();
+    let batches = run_tier(&mut tier, 10, 3);
+    let n = batches.len();
+    let uninterrupted = InMemoryStore::new(config()).unwrap();
+    for b in &batches {
+        uninterrupted.apply(b).await.unwrap();
+    }
+    let want = dump(&uninterrupted).await;
+
+    for crashed_after in [0, 1, n / 2, n - 1, n] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let store = Arc::new(SqliteStore::open(dir.path().join("m.db"), config()).await.unwrap());
+        {
+            // The writer journaled every batch, committed `crashed_after` of
+            // them, and died while appending one more (a torn record).
+            let (mut j, old) = Journal::open(&path).unwrap();
+            assert!(old.is_empty());
+            for b in &batches {
+                j.append(b).unwrap();
+            }
+            for b in &batches[..crashed_after] {
+                store.apply(b).await.unwrap();
+            }
+        }
+        let mut torn = encode(&batches[0]);
+        torn.truncate(11);
+        let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&(64u32).to_le_bytes()).unwrap();
+        f.write_all(&torn).unwrap();
+        drop(f);
+
+        let (w, recovered) = WriteBehind::start(store.clone(), &path).await.unwrap();
+        assert_eq!(recovered, n - crashed_after, "crash after {crashed_after}");
+        assert_eq!(w.finish().unwrap(), 0);
+        assert_eq!(dump(store.as_ref()).await, want, "crash after {crashed_after}");
+        // Recovery is idempotent: the journal is empty now, and replaying the
+        // whole history again applies nothing.
+        assert_eq!(replay(store.as_ref(), &batches).await.unwrap(), 0);
+        let (_, left) = Journal::open(&path).unwrap();
+        assert!(left.is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_behind_applies_batches_in_the_background() {
+    let device = Device::flex();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path().join("m.db"), config()).await.unwrap());
+    let (mut w, recovered) = WriteBehind::start(store.clone(), dir.path().join("journal"))
+        .await
+        .unwrap();
+    assert_eq!(recovered, 0);
+    let mut tier = DeviceMemory::load(store.as_ref(), CAP, &device).await.unwrap();
+    let batches = run_tier(&mut tier, 8, 11);
+    for b in batches.clone() {
+        w.submit(b).unwrap();
+    }
+    assert_eq!(w.finish().unwrap(), batches.len() as u64);
+    let stored: Vec<_> = dump(store.as_ref())
+        .await
+        .0
+        .values()
+        .map(|m| (m.id, m.key.clone(), m.value.clone()))
+        .collect();
+    assert_eq!(stored, tier_rows(&tier));
+
+    // A batch the store refuses (out of order) stops the writer with the
+    // store's error, and the batch stays journaled.
+    let (mut w, _) = WriteBehind::start(store.clone(), dir.path().join("journal"))
+        .await
+        .unwrap();
+    let mut stale = batches[0].clone();
+    stale.seq = 1;
+    w.submit(stale).unwrap();
+    let err = w.finish().unwrap_err().to_string();
+    assert!(err.contains("out of order"), "{err}");
+}
+
+#[test]
+fn journal_records_round_trip_and_damage_is_reported() {
+    let b = ChangeBatch {
+        seq: 7,
+        tick: 9,
+        first_id: 100,
+        delete: vec![1, 2],
+        update_ids: vec![3],
+        deltas: vec![0.5, -0.0, f32::MIN_POSITIVE],
+        touch: vec![3, 3, 100],
+        insert_keys: vec![1.0; 4],
+        insert_values: vec![2.0; 3],
+    };
+    let bytes = encode(&b);
+    assert_eq!(decode(&bytes), Some(b.clone()));
+    assert_eq!(decode(&bytes[..bytes.len() - 1]), None);
+    let mut long = bytes.clone();
+    long.push(0);
+    assert_eq!(decode(&long), None);
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal");
+    {
+        let (mut j, _) = Journal::open(&path).unwrap();
+        j.append(&b).unwrap();
+        j.append(&b).unwrap();
+    }
+    let mut raw = std::fs::read(&path).unwrap();
+    raw[8 + 8 + 3] ^= 0xFF; // inside the first record's payload
+    std::fs::write(&path, &raw).unwrap();
+    assert!(
+        Journal::open(&path).is_err(),
+        "a damaged record before the last is corruption"
+    );
+    std::fs::write(dir.path().join("other"), b"not a journal").unwrap();
+    assert!(Journal::open(dir.path().join("other")).is_err());
+}
+
+#[test]
+fn tier_refuses_bad_input_without_changing() {
+    let device = Device::flex();
+    let mut tier = DeviceMemory::new(config(), 4, &device).unwrap();
+    assert!(DeviceMemory::new(config().with_capacity(2), 4, &device).is_err());
+    assert!(tier.insert(&[1.0; 5], &[1.0; 3], 1).is_err());
+    assert!(tier.insert(&[f32::NAN; 4], &[1.0; 3], 1).is_err());
+    assert!(tier.is_empty() && !tier.has_changes());
+    tier.fill(&[0.0; 8], &[0.0; 6], 1).unwrap();
+    assert!(tier.touch(&[3], 1).is_err(), "empty slot");
+    assert!(tier.touch(&[0], 2).is_err(), "a batch carries one tick");
+    let b = tier.take_changes().unwrap();
+    assert_eq!((b.seq, b.first_id, b.insert_keys.len()), (1, 1, 8));
+    tier.touch(&[0], 2).unwrap();
+    let grad = Tensor::<2>::from_data(TensorData::new(vec![f32::INFINITY; 12], [4, DV]), &device);
+    assert!(tier.apply_value_grad(grad, 1.0, &[0]).is_err());
+    let b = tier.take_changes().unwrap();
+    assert_eq!((b.seq, b.touch.clone(), b.deltas.len()), (2, vec![1], 0));
+}
