@@ -56,6 +56,8 @@ pub enum FeedForward {
     Ablated(Identity),
     /// A featural memory layer over a device tier.
     Featural(crate::memory::featural::FeaturalMemory),
+    /// An associative memory layer over a device tier.
+    Associative(crate::memory::associative::AssociativeMemory),
 }
 
 impl FeedForward {
@@ -66,6 +68,7 @@ impl FeedForward {
             FeedForward::Mlp(m) => m.forward(x),
             FeedForward::Ablated(_) => x.zeros_like(),
             FeedForward::Featural(f) => f.forward(x)?,
+            FeedForward::Associative(a) => a.forward(x)?,
         })
     }
 }
@@ -327,6 +330,12 @@ impl Gpt2 {
             logits: self.lm_head(x),
             hidden_states: states,
         })
+    }
+
+    /// Block `i`'s feed-forward layer, to change between steps (a memory
+    /// layer's tier).
+    pub fn feed_forward_mut(&mut self, i: usize) -> Option<&mut FeedForward> {
+        self.h.get_mut(i).map(|b| &mut b.mlp)
     }
 
     /// Replaces block `i`'s feed-forward layer.

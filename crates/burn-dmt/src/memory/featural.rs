@@ -2,16 +2,21 @@
 //! feed-forward layer: 1. query projection (per head, QK-normalised);
 //! 2. exact top-k memories by key distance on the device tier; 3. weighted sum
 //! of their values with weights softmax(−distance/τ), τ learnable; 4. output
-//! projection. The store is not differentiable: retrieved keys and values are
-//! constants here, so the gradient reaches the query through the distances
-//! (recomputed differentiably from the detached keys) and reaches τ and both
-//! projections. Sparse value updates and the straight-through estimator for
-//! inserted keys belong to the associative layer and the training loop.
+//! projection. The store is not differentiable: retrieved keys are constants
+//! here, so the gradient reaches the query through the distances (recomputed
+//! differentiably from the detached keys) and reaches τ and both projections.
+//! Values are constants too, unless the tier's values are trainable: then the
+//! gradient of each retrieved value reaches the stored value, and the training
+//! loop applies it as a sparse update (Memory Layers at Scale's
+//! `value_fixed_lr`) through the tier, which journals it to the store.
 
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::softmax;
+use std::sync::{Arc, Mutex};
+
 use burn::tensor::{Device, Tensor};
+use memstore_api::Tick;
 
 use super::tier::DeviceMemory;
 use crate::{DmtError, Result};
@@ -33,6 +38,10 @@ pub struct FeaturalMemory {
     pub log_tau: Param<Tensor<1>>,
     #[module(skip)]
     memory: DeviceMemory,
+    #[module(skip)]
+    retrieved: Arc<Mutex<Vec<usize>>>,
+    #[module(skip)]
+    learning: bool,
     #[module(skip)]
     n_head: usize,
     #[module(skip)]
@@ -68,6 +77,8 @@ impl FeaturalMemory {
             out: lin(),
             log_tau: Param::from_tensor(Tensor::zeros([1], device)),
             memory,
+            retrieved: Arc::new(Mutex::new(Vec::new())),
+            learning: false,
             n_head,
             k,
         })
@@ -76,6 +87,34 @@ impl FeaturalMemory {
     /// The device tier.
     pub fn memory(&self) -> &DeviceMemory {
         &self.memory
+    }
+
+    /// The device tier, to change between steps.
+    pub fn memory_mut(&mut self) -> &mut DeviceMemory {
+        &mut self.memory
+    }
+
+    /// Whether forward passes record the slots they retrieve (for LRFU
+    /// accesses and sparse value updates at [`FeaturalMemory::commit`]).
+    pub fn set_learning(&mut self, learning: bool) {
+        self.learning = learning;
+    }
+
+    /// Takes the slots retrieved since the last call.
+    pub fn take_retrieved(&self) -> Vec<usize> {
+        std::mem::take(&mut *self.retrieved.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Between steps: records the accesses of the retrieved slots at `tick`,
+    /// and applies the sparse value update `value −= lr · grad` to them when a
+    /// value gradient is given. Returns the slots.
+    pub fn commit(&mut self, tick: Tick, value_grad: Option<(Tensor<2>, f32)>) -> Result<Vec<usize>> {
+        let slots = self.take_retrieved();
+        self.memory.touch(&slots, tick)?;
+        if let Some((g, lr)) = value_grad {
+            self.memory.apply_value_grad(g, lr, &slots)?;
+        }
+        Ok(slots)
     }
 
     /// Applies the layer to the normalised residual stream `[b, t, n_embd]`.
@@ -87,7 +126,18 @@ impl FeaturalMemory {
         let q = unit_rows(self.query.forward(x).reshape([n, dh]));
         let found = self.memory.search(q.clone().detach(), k)?;
         let keys = found.keys.detach();
-        let values = found.values.detach();
+        let values = found.values;
+        if self.learning {
+            let slots = found
+                .slots
+                .clone()
+                .into_data()
+                .convert::<i64>()
+                .try_into_vec::<i64>()
+                .map_err(|e| DmtError::InvalidArgument(format!("reading retrieved slots: {e:?}")))?;
+            let mut r = self.retrieved.lock().unwrap_or_else(|e| e.into_inner());
+            r.extend(slots.into_iter().map(|s| s as usize));
+        }
         let d = (q.unsqueeze_dim::<3>(1) - keys)
             .powf_scalar(2.0)
             .sum_dim(2)

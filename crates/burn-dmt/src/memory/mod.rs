@@ -5,12 +5,16 @@
 //! a database round trip per token cannot keep an accelerator busy, so the
 //! durable memstore is synchronised in the background instead.
 //!
-//! So far: the exact device top-k ([`device`]), a device tier loaded from a
-//! store ([`tier`]), the featural layer ([`featural`]) and the per-block plan
-//! ([`layers`]). Still to come (the memory-layer issue): the associative layer,
-//! device-side insertion and recombination, and the write-behind journal that
-//! keeps the store in sync.
+//! The pieces: the exact device top-k ([`device`]); the device tier
+//! ([`tier`]), which loads from a store, records LRFU accesses, sparse value
+//! updates, novelty inserts and evictions as change batches; the journal and
+//! write-behind thread that bring those batches to the store ([`journal`]);
+//! the featural ([`featural`]) and associative ([`associative`]) layers; and
+//! the per-block plan ([`layers`]). Not yet: recombination of near-duplicate
+//! keys on the device (the store's `learn` does it; the tier only inserts and
+//! evicts).
 
+pub mod associative;
 pub mod device;
 pub mod featural;
 pub mod journal;

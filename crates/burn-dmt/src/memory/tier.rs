@@ -197,6 +197,11 @@ impl DeviceMemory {
         self.values = self.values.clone().detach().set_require_grad(trainable);
     }
 
+    /// Whether the values are a gradient-tracked leaf (sparse value updates).
+    pub fn values_trainable(&self) -> bool {
+        self.trainable_values
+    }
+
     /// Fills an empty tier from flat host arrays (`n` rows of keys and values)
     /// as new memories inserted at `tick` (ids assigned from the next id),
     /// recorded in the pending batch. Refuses more rows than slots.

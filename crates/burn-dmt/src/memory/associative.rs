@@ -1,0 +1,302 @@
+//! The associative memory layer (meant for upper blocks), in place of a
+//! block's feed-forward layer: 1. query, key and value projections (per head,
+//! queries and keys QK-normalised); 2. the top-k memories nearest each key on
+//! the device tier; 3. where every one of them is farther than the novelty
+//! threshold, the key and value are proposed for insertion (applied by
+//! [`AssociativeMemory::commit`] between steps, within the tier's capacity);
+//! 4. attention of the query over the retrieved keys and values (scores from
+//! squared distances, see [`attend`]); 5. output projection.
+//!
+//! The store is not differentiable. Retrieved keys and values go through the
+//! straight-through estimator of the seed: a retrieved key is "the key plus
+//! noise", `k̂ = k + (retrieved − k).detach()`, so its forward value is the
+//! stored key and its gradient flows to the key projection (d key inserted =
+//! Σ d key returned); values likewise, unless the tier's values are trainable
+//! (sparse value updates, as Memory Layers at Scale), in which case the value
+//! gradient goes to the stored values instead.
+
+use std::sync::{Arc, Mutex};
+
+use burn::module::{Module, Param};
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::activation::softmax;
+use burn::tensor::{Device, Int, Tensor};
+use memstore_api::Tick;
+
+use super::featural::unit_rows;
+use super::tier::DeviceMemory;
+use crate::{DmtError, Result};
+
+/// Keys and values proposed for insertion by forward passes, waiting for
+/// [`AssociativeMemory::commit`].
+#[derive(Clone, Debug, Default)]
+pub struct Proposals {
+    /// Keys, rows of the head dimension.
+    pub keys: Vec<f32>,
+    /// Values, rows of the head dimension.
+    pub values: Vec<f32>,
+    /// Slots retrieved (their accesses are recorded at commit).
+    pub slots: Vec<usize>,
+}
+
+/// What one forward pass retrieved, per head-row: `[n, k, dh]` keys and values
+/// and `[n, k]` distances and slots.
+#[derive(Clone, Debug)]
+pub struct Retrieved {
+    /// Stored keys.
+    pub keys: Tensor<3>,
+    /// Stored values.
+    pub values: Tensor<3>,
+    /// Distances of the projected keys to them.
+    pub distances: Tensor<2>,
+    /// Their slots in the tier.
+    pub slots: Tensor<2, Int>,
+}
+
+/// Attention of `q` `[n, dh]` over `k` retrieved keys and values per row
+/// (`[n, k, dh]`), scores `−scale · ‖q − key‖²`, weights softmax over the `k`.
+///
+/// Distance scores, not dot products: under the straight-through estimator
+/// every retrieved key moves with the projected key, and a dot-product softmax
+/// is blind to a common shift of all its keys (the key gradients sum to zero),
+/// so the key projection would never learn. With squared distances the shift
+/// changes the scores unequally and the key projection is pulled towards the
+/// memories that help.
+pub fn attend(q: Tensor<2>, keys: Tensor<3>, values: Tensor<3>, scale: Tensor<1>) -> Tensor<2> {
+    let [n, _, dh] = keys.dims();
+    let scores = (q.unsqueeze_dim::<3>(1) - keys).powf_scalar(2.0).sum_dim(2).neg() * scale.reshape([1, 1, 1]);
+    let w = softmax(scores, 1);
+    (w * values).sum_dim(1).reshape([n, dh])
+}
+
+/// The straight-through estimate of retrieved rows: forward value `stored`,
+/// gradient to `x` (broadcast over the `k` retrieved rows).
+pub fn straight_through(x: Tensor<2>, stored: Tensor<3>) -> Tensor<3> {
+    let [_, k, _] = stored.dims();
+    let x = x.unsqueeze_dim::<3>(1);
+    let [n, _, d] = x.dims();
+    let x = x.expand([n, k, d]);
+    x.clone() + (stored - x).detach()
+}
+
+/// An associative memory layer with its device tier.
+#[derive(Module, Debug)]
+pub struct AssociativeMemory {
+    /// Query projection `[n_embd, n_embd]` (heads concatenated).
+    pub query: Linear,
+    /// Key projection.
+    pub key: Linear,
+    /// Value projection.
+    pub value: Linear,
+    /// Output projection.
+    pub out: Linear,
+    /// log of the attention scale over retrieved keys (QK-norm makes q·k a
+    /// cosine, so the scale is learnt, as in QK-norm transformers).
+    pub log_scale: Param<Tensor<1>>,
+    #[module(skip)]
+    memory: DeviceMemory,
+    #[module(skip)]
+    proposals: Arc<Mutex<Proposals>>,
+    #[module(skip)]
+    learning: bool,
+    #[module(skip)]
+    n_head: usize,
+    #[module(skip)]
+    k: usize,
+}
+
+impl AssociativeMemory {
+    /// A layer of `n_embd` width and `n_head` heads over `memory` (keys and
+    /// values one head wide), retrieving `k` memories per head.
+    pub fn new(n_embd: usize, n_head: usize, k: usize, memory: DeviceMemory, device: &Device) -> Result<Self> {
+        let dh = n_embd / n_head.max(1);
+        let c = memory.config();
+        if n_head == 0 || dh * n_head != n_embd || c.key_dim != dh || c.value_dim != dh {
+            return Err(DmtError::InvalidArgument(format!(
+                "memory of {}/{} dims does not fit {n_head} heads of {n_embd}",
+                c.key_dim, c.value_dim
+            )));
+        }
+        if k == 0 || memory.len() < k {
+            return Err(DmtError::InvalidArgument(format!(
+                "k = {k} needs at least k memories (the tier has {})",
+                memory.len()
+            )));
+        }
+        let init = burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 };
+        let lin = || {
+            LinearConfig::new(n_embd, n_embd)
+                .with_initializer(init.clone())
+                .init(device)
+        };
+        Ok(AssociativeMemory {
+            query: lin(),
+            key: lin(),
+            value: lin(),
+            out: lin(),
+            log_scale: Param::from_tensor(Tensor::from_floats([(dh as f32).sqrt().ln()], device)),
+            memory,
+            proposals: Arc::new(Mutex::new(Proposals::default())),
+            learning: false,
+            n_head,
+            k,
+        })
+    }
+
+    /// The device tier.
+    pub fn memory(&self) -> &DeviceMemory {
+        &self.memory
+    }
+
+    /// The device tier, to change between steps.
+    pub fn memory_mut(&mut self) -> &mut DeviceMemory {
+        &mut self.memory
+    }
+
+    /// Retrieved memories per head-row.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Whether forward passes propose novel keys for insertion (training) or
+    /// leave the memory as it is (evaluation).
+    pub fn set_learning(&mut self, learning: bool) {
+        self.learning = learning;
+    }
+
+    fn heads(&self, lin: &Linear, x: Tensor<3>) -> Tensor<2> {
+        let [b, t, c] = x.dims();
+        lin.forward(x).reshape([b * t * self.n_head, c / self.n_head])
+    }
+
+    /// Projections of the normalised residual stream `[b, t, n_embd]`: unit
+    /// queries, unit keys and values, each `[b·t·heads, dh]`.
+    pub fn project(&self, x: Tensor<3>) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
+        (
+            unit_rows(self.heads(&self.query, x.clone())),
+            unit_rows(self.heads(&self.key, x.clone())),
+            self.heads(&self.value, x),
+        )
+    }
+
+    /// The top-k memories nearest each projected key.
+    pub fn retrieve(&self, keys: Tensor<2>) -> Result<Retrieved> {
+        let found = self.memory.search(keys.detach(), self.k)?;
+        Ok(Retrieved {
+            keys: found.keys.detach(),
+            values: found.values,
+            distances: found.distances,
+            slots: found.slots,
+        })
+    }
+
+    /// Attention over what was retrieved, with the straight-through estimator,
+    /// and the output projection: `[b, t, n_embd]`.
+    pub fn attend(&self, shape: [usize; 3], q: Tensor<2>, k: Tensor<2>, v: Tensor<2>, r: &Retrieved) -> Tensor<3> {
+        let keys = straight_through(k, r.keys.clone());
+        let values = if self.memory.values_trainable() {
+            r.values.clone()
+        } else {
+            straight_through(v, r.values.clone().detach())
+        };
+        let y = attend(q, keys, values, self.log_scale.val().exp());
+        self.out.forward(y.reshape(shape))
+    }
+
+    /// Applies the layer to the normalised residual stream `[b, t, n_embd]`;
+    /// when learning, records novel keys and values and the retrieved slots.
+    pub fn forward(&self, x: Tensor<3>) -> Result<Tensor<3>> {
+        let shape = x.dims();
+        let (q, k, v) = self.project(x);
+        let r = self.retrieve(k.clone())?;
+        if self.learning {
+            self.propose(&k, &v, &r)?;
+        }
+        Ok(self.attend(shape, q, k, v, &r))
+    }
+
+    fn propose(&self, k: &Tensor<2>, v: &Tensor<2>, r: &Retrieved) -> Result<()> {
+        let read = |e: String| DmtError::InvalidArgument(format!("reading retrieval results: {e}"));
+        let nearest: Vec<f32> = r
+            .distances
+            .clone()
+            .slice([0..r.distances.dims()[0], 0..1])
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| read(format!("{e:?}")))?;
+        let slots: Vec<i64> = r
+            .slots
+            .clone()
+            .into_data()
+            .convert::<i64>()
+            .try_into_vec::<i64>()
+            .map_err(|e| read(format!("{e:?}")))?;
+        let novelty = self.memory.config().novelty;
+        let novel: Vec<usize> = (0..nearest.len()).filter(|&i| nearest[i] > novelty).collect();
+        let mut p = self.proposals.lock().unwrap_or_else(|e| e.into_inner());
+        p.slots.extend(slots.iter().map(|&s| s as usize));
+        if novel.is_empty() {
+            return Ok(());
+        }
+        let dh = k.dims()[1];
+        let keys: Vec<f32> = k
+            .clone()
+            .detach()
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| read(format!("{e:?}")))?;
+        let values: Vec<f32> = v
+            .clone()
+            .detach()
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| read(format!("{e:?}")))?;
+        for i in novel {
+            p.keys.extend_from_slice(&keys[i * dh..(i + 1) * dh]);
+            p.values.extend_from_slice(&values[i * dh..(i + 1) * dh]);
+        }
+        Ok(())
+    }
+
+    /// Takes what forward passes proposed since the last commit.
+    pub fn take_proposals(&self) -> Proposals {
+        std::mem::take(&mut *self.proposals.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Between steps: records the accesses of the retrieved slots at `tick`,
+    /// applies the sparse value update `value −= lr · grad` to them when a
+    /// value gradient is given (trainable tier values), and inserts up to
+    /// `max_inserts` proposed memories, each farther than
+    /// the novelty threshold from every memory inserted before it in this
+    /// commit (near-duplicate proposals of one batch become one memory).
+    /// Returns the number inserted.
+    pub fn commit(&mut self, tick: Tick, max_inserts: usize, value_grad: Option<(Tensor<2>, f32)>) -> Result<usize> {
+        let p = self.take_proposals();
+        self.memory.touch(&p.slots, tick)?;
+        if let Some((g, lr)) = value_grad {
+            self.memory.apply_value_grad(g, lr, &p.slots)?;
+        }
+        let dh = self.memory.config().key_dim;
+        let novelty = self.memory.config().novelty;
+        let metric = self.memory.config().metric;
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        let n = p.keys.len() / dh.max(1);
+        for i in 0..n {
+            if keys.len() / dh >= max_inserts {
+                break;
+            }
+            let key = &p.keys[i * dh..(i + 1) * dh];
+            let far = keys
+                .chunks(dh)
+                .all(|o: &[f32]| memstore_api::math::distance(metric, key, o) > novelty);
+            if far {
+                keys.extend_from_slice(key);
+                values.extend_from_slice(&p.values[i * dh..(i + 1) * dh]);
+            }
+        }
+        Ok(self.memory.insert(&keys, &values, tick)?.len())
+    }
+}
