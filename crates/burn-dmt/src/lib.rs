@@ -17,15 +17,18 @@
 
 pub mod config;
 pub mod device;
+pub mod distill;
 pub mod generate;
 pub mod gpt2;
 pub mod loader;
 pub mod memory;
 pub mod tokenizer;
+pub mod train;
 
 pub use burn;
 pub use config::Gpt2Config;
 pub use gpt2::{FeedForward, Gpt2, KvCache};
+pub use safetensors::Dtype as WeightDtype;
 
 use std::path::PathBuf;
 

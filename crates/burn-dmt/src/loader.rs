@@ -265,7 +265,18 @@ impl Gpt2 {
     /// [`Gpt2::from_pretrained`] and by `transformers`. Blocks whose
     /// feed-forward layer is not an MLP are refused.
     pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        self.save_pretrained_as(dir, Dtype::F32)
+    }
+
+    /// [`Gpt2::save_pretrained`] with the weights stored as `dtype` (F32, F16
+    /// or BF16; half precision halves the file, e.g. for a committed teacher).
+    pub fn save_pretrained_as(&self, dir: impl AsRef<Path>, dtype: Dtype) -> Result<()> {
         let dir = dir.as_ref();
+        if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+            return Err(DmtError::InvalidArgument(format!(
+                "weights can be saved as F32, F16 or BF16, not {dtype:?}"
+            )));
+        }
         if let Some(i) = self.h.iter().position(|b| !matches!(b.mlp, FeedForward::Mlp(_))) {
             return Err(DmtError::InvalidArgument(format!(
                 "block {i} has no MLP: only plain GPT-2 models are saved in the Hugging Face layout"
@@ -290,13 +301,17 @@ impl Gpt2 {
                 (
                     format!("transformer.{n}"),
                     s,
-                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    match dtype {
+                        Dtype::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+                        Dtype::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+                        _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    },
                 )
             })
             .collect();
         let views = bytes
             .iter()
-            .map(|(n, s, b)| safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.clone(), v)))
+            .map(|(n, s, b)| safetensors::tensor::TensorView::new(dtype, s.clone(), b).map(|v| (n.clone(), v)))
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| DmtError::Checkpoint {
                 path: dir.join(WEIGHTS_FILE),

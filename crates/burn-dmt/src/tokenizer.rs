@@ -63,3 +63,141 @@ impl Gpt2Tokenizer {
         self.inner.get_vocab_size(true)
     }
 }
+
+/// File name of a compact vocabulary beside a model's weights.
+pub const VOCAB_MAP_FILE: &str = "vocab_map.json";
+
+/// A compact vocabulary: the GPT-2 tokens a small model knows, in model-id
+/// order, so its embedding and LM head cover only the tokens of its corpus
+/// (vocabulary trimming; tiny-shakespeare uses about a quarter of GPT-2's
+/// 50257 tokens, and the LM head dominates a small model's cost). Tokens
+/// outside it map to the `unknown` model id. A model without a map uses the
+/// GPT-2 ids directly.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VocabMap {
+    /// GPT-2 id of each model id.
+    pub gpt2_ids: Vec<u32>,
+    /// The model id that stands for every token outside the map.
+    pub unknown: u32,
+}
+
+impl VocabMap {
+    /// The tokens of `corpus` (GPT-2 ids), most frequent first (ties by id),
+    /// plus `unknown_gpt2` (GPT-2's `<|endoftext|>` is the usual choice).
+    pub fn from_corpus(corpus: &[u32], unknown_gpt2: u32) -> Self {
+        let mut counts: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
+        for &t in corpus {
+            *counts.entry(t).or_insert(0) += 1;
+        }
+        counts.entry(unknown_gpt2).or_insert(0);
+        let mut ids: Vec<(u32, u64)> = counts.into_iter().collect();
+        ids.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let gpt2_ids: Vec<u32> = ids.into_iter().map(|(t, _)| t).collect();
+        let unknown = gpt2_ids.iter().position(|&t| t == unknown_gpt2).unwrap_or(0) as u32;
+        VocabMap { gpt2_ids, unknown }
+    }
+
+    /// Number of model tokens.
+    pub fn len(&self) -> usize {
+        self.gpt2_ids.len()
+    }
+
+    /// Whether the map is empty.
+    pub fn is_empty(&self) -> bool {
+        self.gpt2_ids.is_empty()
+    }
+
+    /// Model ids of GPT-2 ids.
+    pub fn to_model(&self, gpt2: &[u32]) -> Vec<u32> {
+        let index: std::collections::HashMap<u32, u32> =
+            self.gpt2_ids.iter().enumerate().map(|(i, &t)| (t, i as u32)).collect();
+        gpt2.iter()
+            .map(|t| index.get(t).copied().unwrap_or(self.unknown))
+            .collect()
+    }
+
+    /// GPT-2 ids of model ids (unknown ids become the unknown token).
+    pub fn to_gpt2(&self, model: &[u32]) -> Vec<u32> {
+        let unk = self.gpt2_ids.get(self.unknown as usize).copied().unwrap_or(0);
+        model
+            .iter()
+            .map(|&i| self.gpt2_ids.get(i as usize).copied().unwrap_or(unk))
+            .collect()
+    }
+
+    /// Reads `dir/vocab_map.json` if present.
+    pub fn load(dir: impl AsRef<Path>) -> Result<Option<Self>> {
+        let path = dir.as_ref().join(VOCAB_MAP_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| DmtError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let map: VocabMap = serde_json::from_str(&text).map_err(|e| DmtError::Config {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        if map.unknown as usize >= map.len() {
+            return Err(DmtError::Config {
+                path,
+                message: format!("unknown id {} outside the {} tokens", map.unknown, map.len()),
+            });
+        }
+        Ok(Some(map))
+    }
+
+    /// Writes `dir/vocab_map.json` atomically.
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let text = serde_json::to_string(self).map_err(err)?;
+        crate::loader::write_atomic(&dir.as_ref().join(VOCAB_MAP_FILE), text.as_bytes())
+    }
+}
+
+/// Text to model ids and back for one model: its GPT-2 tokenizer and, for a
+/// model with a compact vocabulary, the map.
+pub struct TextCodec {
+    /// The tokenizer.
+    pub tokenizer: Gpt2Tokenizer,
+    /// The compact vocabulary, if the model has one.
+    pub map: Option<VocabMap>,
+}
+
+impl TextCodec {
+    /// The codec of the model in `dir`: its tokenizer files (or those in
+    /// `tokenizer_dir`) and its `vocab_map.json` if any.
+    pub fn for_model(dir: impl AsRef<Path>, tokenizer_dir: Option<&Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let tokenizer = Gpt2Tokenizer::from_dir(tokenizer_dir.unwrap_or(dir))?;
+        Ok(TextCodec {
+            tokenizer,
+            map: VocabMap::load(dir)?,
+        })
+    }
+
+    /// Model ids of `text`.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let ids = self.tokenizer.encode(text)?;
+        Ok(match &self.map {
+            Some(m) => m.to_model(&ids),
+            None => ids,
+        })
+    }
+
+    /// Text of model ids.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        match &self.map {
+            Some(m) => self.tokenizer.decode(&m.to_gpt2(ids)),
+            None => self.tokenizer.decode(ids),
+        }
+    }
+
+    /// The model's vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        match &self.map {
+            Some(m) => m.len(),
+            None => self.tokenizer.vocab_size(),
+        }
+    }
+}

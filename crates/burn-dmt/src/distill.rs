@@ -1,0 +1,774 @@
+//! Knowledge distillation of a GPT-2 teacher into a discrete-memory student:
+//! the student is the teacher with its feed-forward layers replaced by memory
+//! layers (featural below, associative above, per [`super::memory::layers`]),
+//! every other weight copied; it learns to imitate the teacher with
+//! `α·T²·KL(teacher_T ‖ student_T) + (1 − α)·CE` (Hinton et al. 2015; T = 2,
+//! α = 0.5, the Hugging Face distillation defaults), AdamW with warm-up,
+//! cosine decay and gradient clipping.
+//!
+//! Each memory layer's memory is bootstrapped from the teacher (key = the
+//! projected, normalised input of the teacher's feed-forward layer, value =
+//! its output, per head; output projection = identity), so the student starts
+//! as a k-nearest-neighbour regression of the teacher's MLPs. Memories live
+//! on a device tier and are written behind to one durable store per layer
+//! (SQLite under the run directory) through a journal; the run directory is
+//! self-contained (student weights as safetensors, `student.json`, the
+//! stores) and `--eval-only` rebuilds the student from it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::module::{Module, Param};
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::store::{ModuleSnapshot, SafetensorsStore};
+use burn::tensor::{Device, Tensor, TensorData};
+use memstore_api::{EvictionPolicy, MemoryConfig, MemoryStore, Metric};
+use memstore_sqlite::SqliteStore;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Gpt2Config;
+use crate::memory::associative::AssociativeMemory;
+use crate::memory::featural::{FeaturalMemory, unit_rows};
+use crate::memory::journal::WriteBehind;
+use crate::memory::layers::{LayerKind, parse_layers};
+use crate::memory::tier::DeviceMemory;
+use crate::tokenizer::TextCodec;
+use crate::train::{
+    Corpus, EvalStats, SplitMix, Window, cross_entropy, distill_kl, eval_batches, evaluate, lr_at, sample_batch, value,
+};
+use crate::{DmtError, FeedForward, Gpt2, Result};
+
+/// The student's description, saved as `student.json` in the run directory.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StudentSpec {
+    /// The teacher's directory (for `--eval-only` comparisons and the tokenizer).
+    pub teacher: PathBuf,
+    /// The architecture (the teacher's).
+    pub config: Gpt2Config,
+    /// Each block's feed-forward layer.
+    pub layers: Vec<String>,
+    /// Memories retrieved per head.
+    pub k: usize,
+    /// Device-tier slots per memory layer.
+    pub capacity: usize,
+    /// Novelty threshold of the associative layers' insertion (L2 between unit keys).
+    pub novelty: f32,
+    /// LRFU λ.
+    pub lambda: f64,
+}
+
+/// Everything a distillation run is asked to do.
+#[derive(Clone, Debug)]
+pub struct DistillOptions {
+    /// Teacher: a Hugging Face GPT-2 directory (with tokenizer files, and
+    /// `vocab_map.json` for a compact vocabulary).
+    pub teacher: PathBuf,
+    /// Tokenizer directory if not the teacher's.
+    pub tokenizer: Option<PathBuf>,
+    /// Training text.
+    pub corpus: PathBuf,
+    /// Held-out text (default: the last 10% of the corpus).
+    pub eval_corpus: Option<PathBuf>,
+    /// Run directory.
+    pub run_dir: PathBuf,
+    /// Layer plan (`"0-2:featural,3:associative"`); `None`: the lower three
+    /// quarters featural, the rest associative.
+    pub layers: Option<String>,
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Sequences per step.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Distillation temperature T.
+    pub temperature: f64,
+    /// Weight α of the distillation term.
+    pub alpha: f64,
+    /// Seed of the batches and the student's new weights.
+    pub seed: u64,
+    /// Memories retrieved per head.
+    pub k: usize,
+    /// Device-tier slots per memory layer (and memories bootstrapped).
+    pub capacity: usize,
+    /// Learning rate of the sparse value updates (0: values fixed, the
+    /// associative layer then trains its value projection through the STE).
+    pub value_lr: f32,
+    /// Novelty threshold of associative insertion.
+    pub novelty: f32,
+    /// Most memories an associative layer inserts per step.
+    pub max_inserts: usize,
+    /// Held-out windows evaluated.
+    pub eval_windows: usize,
+    /// Print progress every this many steps.
+    pub log_every: usize,
+    /// Device of the student and teacher.
+    pub device: Device,
+    /// How the device was chosen (for the report).
+    pub device_name: String,
+}
+
+impl DistillOptions {
+    /// The embedded default: the committed teacher and corpus under `root`
+    /// (the repository), a run directory `runs/distill`, the CPU.
+    pub fn embedded(root: &Path) -> Self {
+        DistillOptions {
+            teacher: root.join("assets/teacher"),
+            tokenizer: None,
+            corpus: root.join("assets/data/tinyshakespeare.txt"),
+            eval_corpus: None,
+            run_dir: PathBuf::from("runs/distill"),
+            layers: None,
+            steps: 300,
+            batch: 16,
+            seq: 64,
+            lr: 2e-3,
+            temperature: 2.0,
+            alpha: 0.5,
+            seed: 1,
+            k: 8,
+            capacity: 4096,
+            value_lr: 0.05,
+            novelty: 0.3,
+            max_inserts: 64,
+            eval_windows: 128,
+            log_every: 10,
+            device: Device::flex(),
+            device_name: "cpu (burn flex backend)".into(),
+        }
+    }
+}
+
+/// One row of `metrics.csv`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepMetrics {
+    /// Step (1-based).
+    pub step: usize,
+    /// Total loss.
+    pub loss: f64,
+    /// Distillation term T²·KL.
+    pub kd: f64,
+    /// Cross-entropy term.
+    pub ce: f64,
+    /// Learning rate.
+    pub lr: f64,
+    /// Memories inserted this step (all layers).
+    pub inserted: usize,
+}
+
+/// What a run (or `--eval-only`) reports.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// Teacher on the held-out text.
+    pub teacher: EvalStats,
+    /// Student on the held-out text, against the teacher.
+    pub student: EvalStats,
+    /// Teacher without feed-forward layers.
+    pub ablated: EvalStats,
+    /// Teacher weights (all / non-embedding).
+    pub teacher_params: (usize, usize),
+    /// Student weights (all / non-embedding; memories are not weights).
+    pub student_params: (usize, usize),
+    /// Memory rows per block (`None`: an MLP block).
+    pub memory_rows: Vec<Option<usize>>,
+    /// Bytes of the stores on disk.
+    pub store_bytes: u64,
+    /// Training tokens per second (`None` for `--eval-only`).
+    pub train_tokens_per_s: Option<f64>,
+    /// Device.
+    pub device: String,
+    /// Per-step metrics.
+    pub steps: Vec<StepMetrics>,
+}
+
+impl Report {
+    /// Share of the ablation gap the student closes:
+    /// `(ppl_ablated − ppl_student) / (ppl_ablated − ppl_teacher)`.
+    pub fn gap_closed(&self) -> f64 {
+        let (a, s, t) = (
+            self.ablated.perplexity(),
+            self.student.perplexity(),
+            self.teacher.perplexity(),
+        );
+        (a - s) / (a - t)
+    }
+
+    /// The report as Markdown.
+    pub fn markdown(&self) -> String {
+        let mut s = String::from(
+            "# Distillation report\n\n| model | held-out perplexity | KL(teacher ‖ model) | top-1 agreement | tokens/s (eval) |\n| --- | --- | --- | --- | --- |\n",
+        );
+        for (name, e) in [
+            ("teacher", &self.teacher),
+            ("student", &self.student),
+            ("teacher without feed-forward layers", &self.ablated),
+        ] {
+            s += &format!(
+                "| {name} | {:.3} | {} | {} | {:.0} |\n",
+                e.perplexity(),
+                e.kl.map_or("—".into(), |v| format!("{v:.4}")),
+                e.agreement.map_or("—".into(), |v| format!("{:.1}%", 100.0 * v)),
+                e.tokens as f64 / e.seconds.max(1e-9)
+            );
+        }
+        s += &format!(
+            "\nGap closed: **{:.1}%** of the ablation gap ((ppl_ablated − ppl_student) / (ppl_ablated − ppl_teacher)).\n\n",
+            100.0 * self.gap_closed()
+        );
+        s += &format!(
+            "| | weights | non-embedding weights |\n| --- | --- | --- |\n| teacher | {} | {} |\n| student | {} | {} ({:.1}% of the teacher's) |\n\n",
+            self.teacher_params.0,
+            self.teacher_params.1,
+            self.student_params.0,
+            self.student_params.1,
+            100.0 * self.student_params.1 as f64 / self.teacher_params.1.max(1) as f64
+        );
+        let rows: Vec<String> = self
+            .memory_rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| match r {
+                Some(n) => format!("block {i}: {n}"),
+                None => format!("block {i}: MLP"),
+            })
+            .collect();
+        s += &format!(
+            "Memory rows: {}. Stores on disk: {:.2} MB.\n\n",
+            rows.join(", "),
+            self.store_bytes as f64 / 1e6
+        );
+        if let Some(t) = self.train_tokens_per_s {
+            s += &format!("Training: {t:.0} tokens/s. ");
+        }
+        s += &format!(
+            "Held-out text: {} positions. Device: {}.\n",
+            self.student.tokens, self.device
+        );
+        s
+    }
+
+    /// `metrics.csv`.
+    pub fn csv(&self) -> String {
+        let mut s = String::from("step,loss,kd,ce,lr,inserted\n");
+        for m in &self.steps {
+            s += &format!("{},{},{},{},{},{}\n", m.step, m.loss, m.kd, m.ce, m.lr, m.inserted);
+        }
+        s
+    }
+}
+
+/// The default plan: the lower three quarters featural, the rest associative.
+pub fn default_layers(n_layer: usize) -> String {
+    let f = (3 * n_layer).div_ceil(4).min(n_layer);
+    match (f, n_layer) {
+        (_, 0) => String::new(),
+        (f, n) if f == n => format!("0-{}:featural", n - 1),
+        (f, n) => format!("0-{}:featural,{}-{}:associative", f - 1, f, n - 1),
+    }
+}
+
+fn kind_name(k: LayerKind) -> &'static str {
+    match k {
+        LayerKind::Mlp => "mlp",
+        LayerKind::Featural => "featural",
+        LayerKind::Associative => "associative",
+        LayerKind::Ablated => "none",
+    }
+}
+
+/// Weights of a model: (all, non-embedding).
+pub fn param_counts(m: &Gpt2) -> (usize, usize) {
+    let emb = m.wte.weight.val().dims().iter().product::<usize>() + m.wpe.weight.val().dims().iter().product::<usize>();
+    let all = m.num_params();
+    (all, all - emb)
+}
+
+fn memory_config(dh: usize, spec: &StudentSpec) -> MemoryConfig {
+    MemoryConfig::new(dh, dh)
+        .with_metric(Metric::L2)
+        .with_eviction(EvictionPolicy::Lrfu { lambda: spec.lambda })
+        .with_thresholds(spec.novelty / 4.0, spec.novelty)
+}
+
+fn store_path(run_dir: &Path, block: usize) -> PathBuf {
+    run_dir.join("memory").join(format!("block{block}.db"))
+}
+
+fn identity(n: usize, device: &Device) -> Tensor<2> {
+    let mut eye = vec![0.0f32; n * n];
+    for i in 0..n {
+        eye[i * n + i] = 1.0;
+    }
+    Tensor::from_data(TensorData::new(eye, [n, n]), device)
+}
+
+fn host(t: Tensor<2>) -> Result<Vec<f32>> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| DmtError::InvalidArgument(format!("reading a tensor: {e:?}")))
+}
+
+/// The teacher's feed-forward inputs (after `ln_2`) and outputs at block `i`
+/// on `windows`, each `[positions, n_embd]`.
+fn teacher_ff(teacher: &Gpt2, i: usize, windows: &[Window]) -> Result<(Tensor<2>, Tensor<2>)> {
+    let device = teacher.device();
+    let c = teacher.config().n_embd;
+    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    for w in windows {
+        let out = teacher.forward_full(w.inputs(&device), None, true)?;
+        let h = out.hidden_states[i].clone();
+        let (ff_in, _) = teacher.h[i].forward_with_ff_input(h)?;
+        let ff_out = teacher.h[i].mlp.forward(ff_in.clone())?;
+        let n = w.b * w.t;
+        xs.push(ff_in.reshape([n, c]));
+        ys.push(ff_out.reshape([n, c]));
+    }
+    Ok((Tensor::cat(xs, 0), Tensor::cat(ys, 0)))
+}
+
+/// A memory layer for block `i`, bootstrapped from the teacher: keys = unit
+/// per-head projections of the teacher's feed-forward inputs, values = the
+/// per-head slices of its outputs, output projection = identity.
+fn bootstrap_layer(
+    kind: LayerKind,
+    teacher: &Gpt2,
+    i: usize,
+    windows: &[Window],
+    spec: &StudentSpec,
+    device: &Device,
+) -> Result<FeedForward> {
+    let c = spec.config.n_embd;
+    let h = spec.config.n_head;
+    let dh = c / h;
+    let (x, y) = teacher_ff(teacher, i, windows)?;
+    let n = x.dims()[0];
+    let rows = (spec.capacity / h).min(n);
+    if rows * h < spec.k {
+        return Err(DmtError::InvalidArgument(format!(
+            "{} bootstrap memories are fewer than k = {}",
+            rows * h,
+            spec.k
+        )));
+    }
+    let x = x.slice([0..rows, 0..c]);
+    let y = y.slice([0..rows, 0..c]);
+    let config = memory_config(dh, spec);
+    let placeholder = {
+        let mut t = DeviceMemory::new(config.clone(), spec.capacity, device)?;
+        t.fill(&vec![0.0; spec.k * dh], &vec![0.0; spec.k * dh], 0)?;
+        t
+    };
+    let project = |lin: &burn::nn::Linear| -> Result<Vec<f32>> {
+        let w = lin.weight.val().inner();
+        let b = lin.bias.as_ref().map(|b| b.val().inner());
+        let mut p = x.clone().matmul(w.to_device(&teacher.device()));
+        if let Some(b) = b {
+            p = p + b.to_device(&teacher.device()).unsqueeze_dim::<2>(0);
+        }
+        host(unit_rows(p.reshape([rows * h, dh])))
+    };
+    let values = host(y.reshape([rows * h, dh]))?;
+    let out_identity = |lin: &mut burn::nn::Linear| {
+        lin.weight = Param::from_tensor(identity(c, device));
+        lin.bias = lin.bias.take().map(|b| Param::from_tensor(b.val().zeros_like()));
+    };
+    let fresh = |keys: Vec<f32>| -> Result<DeviceMemory> {
+        let mut t = DeviceMemory::new(config.clone(), spec.capacity, device)?;
+        t.fill(&keys, &values, 0)?;
+        Ok(t)
+    };
+    Ok(match kind {
+        LayerKind::Featural => {
+            let mut f = FeaturalMemory::new(c, h, spec.k, placeholder, device)?;
+            out_identity(&mut f.out);
+            *f.memory_mut() = fresh(project(&f.query)?)?;
+            FeedForward::Featural(f)
+        }
+        LayerKind::Associative => {
+            let mut a = AssociativeMemory::new(c, h, spec.k, placeholder, device)?;
+            out_identity(&mut a.out);
+            // Queries start where the keys are, so retrieval attends at once.
+            a.query = a.key.clone();
+            *a.memory_mut() = fresh(project(&a.key)?)?;
+            FeedForward::Associative(a)
+        }
+        _ => unreachable!("only memory layers are bootstrapped"),
+    })
+}
+
+fn tier_mut(ff: &mut FeedForward) -> Option<&mut DeviceMemory> {
+    match ff {
+        FeedForward::Featural(f) => Some(f.memory_mut()),
+        FeedForward::Associative(a) => Some(a.memory_mut()),
+        _ => None,
+    }
+}
+
+fn tier_len(ff: &FeedForward) -> Option<usize> {
+    match ff {
+        FeedForward::Featural(f) => Some(f.memory().len()),
+        FeedForward::Associative(a) => Some(a.memory().len()),
+        _ => None,
+    }
+}
+
+fn set_learning(model: &mut Gpt2, on: bool) {
+    for b in model.h.iter_mut() {
+        match &mut b.mlp {
+            FeedForward::Featural(f) => f.set_learning(on),
+            FeedForward::Associative(a) => a.set_learning(on),
+            _ => {}
+        }
+    }
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|it| {
+            it.filter_map(|e| e.ok())
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> DmtError + '_ {
+    move |source| DmtError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn read_tokens(codec: &TextCodec, path: &Path) -> Result<Vec<u32>> {
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    codec.encode(&text)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| DmtError::Io {
+            path: PathBuf::from("<tokio runtime>"),
+            source,
+        })
+}
+
+fn final_report(
+    teacher: &Gpt2,
+    student: &mut Gpt2,
+    eval: &[Window],
+    run_dir: &Path,
+    train_tokens_per_s: Option<f64>,
+    device: &str,
+    steps: Vec<StepMetrics>,
+) -> Result<Report> {
+    set_learning(student, false);
+    let ablated = crate::loader::ablate_all(teacher.clone());
+    let report = Report {
+        teacher: evaluate(teacher, None, eval)?,
+        student: evaluate(student, Some(teacher), eval)?,
+        ablated: evaluate(&ablated, Some(teacher), eval)?,
+        teacher_params: param_counts(teacher),
+        student_params: param_counts(student),
+        memory_rows: student.h.iter().map(|b| tier_len(&b.mlp)).collect(),
+        store_bytes: dir_bytes(&run_dir.join("memory")),
+        train_tokens_per_s,
+        device: device.to_string(),
+        steps,
+    };
+    if train_tokens_per_s.is_some() {
+        crate::loader::write_atomic(&run_dir.join("report.md"), report.markdown().as_bytes())?;
+        crate::loader::write_atomic(&run_dir.join("metrics.csv"), report.csv().as_bytes())?;
+    } else {
+        // --eval-only keeps the training report and metrics.
+        crate::loader::write_atomic(&run_dir.join("eval-report.md"), report.markdown().as_bytes())?;
+    }
+    Ok(report)
+}
+
+/// Runs a distillation end to end and writes the run directory; prints
+/// progress with `log`.
+pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
+    let device = opts.device.clone();
+    device.seed(opts.seed);
+    let ad = device.clone().autodiff();
+    let codec = TextCodec::for_model(&opts.teacher, opts.tokenizer.as_deref())?;
+    let teacher = Gpt2::from_pretrained(&opts.teacher, &device)?;
+    let config = teacher.config().clone();
+    if codec.vocab_size() > config.vocab_size {
+        return Err(DmtError::InvalidArgument(format!(
+            "the tokenizer has {} tokens, the teacher only {}",
+            codec.vocab_size(),
+            config.vocab_size
+        )));
+    }
+    let tokens = read_tokens(&codec, &opts.corpus)?;
+    let corpus = match &opts.eval_corpus {
+        Some(p) => Corpus {
+            train: tokens,
+            eval: read_tokens(&codec, p)?,
+        },
+        None => Corpus::split(tokens, 0.1),
+    };
+    let seq = opts.seq.min(config.n_positions);
+    log(&format!(
+        "teacher {} ({} blocks × {}), corpus {} ({} training / {} held-out tokens), device {}",
+        opts.teacher.display(),
+        config.n_layer,
+        config.n_embd,
+        opts.corpus.display(),
+        corpus.train.len(),
+        corpus.eval.len(),
+        opts.device_name
+    ));
+    let plan_text = opts.layers.clone().unwrap_or_else(|| default_layers(config.n_layer));
+    let plan = parse_layers(&plan_text, config.n_layer)?;
+    let spec = StudentSpec {
+        teacher: std::fs::canonicalize(&opts.teacher).unwrap_or_else(|_| opts.teacher.clone()),
+        config: config.clone(),
+        layers: plan.iter().map(|k| kind_name(*k).to_string()).collect(),
+        k: opts.k,
+        capacity: opts.capacity,
+        novelty: opts.novelty,
+        lambda: 0.01,
+    };
+    std::fs::create_dir_all(opts.run_dir.join("memory")).map_err(io(&opts.run_dir))?;
+    for i in 0..config.n_layer {
+        let p = store_path(&opts.run_dir, i);
+        if p.exists() {
+            return Err(DmtError::InvalidArgument(format!(
+                "{} already holds a run (choose another --run-dir or remove it)",
+                opts.run_dir.display()
+            )));
+        }
+    }
+
+    // The student: the teacher's weights, memory layers bootstrapped from it.
+    let mut rng = SplitMix(opts.seed ^ 0x5EED);
+    let boot_windows: Vec<Window> = (0..(opts.capacity / config.n_head).div_ceil(opts.batch * seq).max(1))
+        .map(|_| sample_batch(&corpus.train, opts.batch, seq, &mut rng))
+        .collect::<Result<_>>()?;
+    let mut student = Gpt2::from_pretrained(&opts.teacher, &ad)?;
+    let rt = runtime()?;
+    let mut writers: Vec<Option<WriteBehind>> = Vec::new();
+    for (i, kind) in plan.iter().enumerate() {
+        if matches!(kind, LayerKind::Featural | LayerKind::Associative) {
+            let mut ff = bootstrap_layer(*kind, &teacher, i, &boot_windows, &spec, &ad)?;
+            let store: Arc<dyn MemoryStore> = Arc::new(rt.block_on(SqliteStore::open(
+                store_path(&opts.run_dir, i),
+                memory_config(config.n_embd / config.n_head, &spec),
+            ))?);
+            let (mut w, _) = rt.block_on(WriteBehind::start(
+                store,
+                opts.run_dir.join("memory").join(format!("block{i}.journal")),
+            ))?;
+            if let Some(t) = tier_mut(&mut ff) {
+                if opts.value_lr > 0.0 {
+                    t.set_trainable_values(true);
+                }
+                if let Some(b) = t.take_changes() {
+                    w.submit(b)?;
+                }
+            }
+            student.set_feed_forward(i, ff)?;
+            writers.push(Some(w));
+        } else {
+            if *kind == LayerKind::Ablated {
+                student.set_feed_forward(i, FeedForward::Ablated(burn::nn::Identity))?;
+            }
+            writers.push(None);
+        }
+    }
+    set_learning(&mut student, true);
+    let spec_text = serde_json::to_string_pretty(&spec).map_err(|e| DmtError::InvalidArgument(e.to_string()))?;
+    crate::loader::write_atomic(&opts.run_dir.join("student.json"), spec_text.as_bytes())?;
+    let (tp, sp) = (param_counts(&teacher), param_counts(&student));
+    log(&format!(
+        "student: {plan_text}; non-embedding weights {} of the teacher's {} ({:.1}%)",
+        sp.1,
+        tp.1,
+        100.0 * sp.1 as f64 / tp.1 as f64
+    ));
+
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(0.01)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
+        .init();
+    let mut rng = SplitMix(opts.seed);
+    let warmup = (opts.steps / 10).max(1);
+    let mut metrics = Vec::with_capacity(opts.steps);
+    let start = Instant::now();
+    for step in 0..opts.steps {
+        let tick = step as u64 + 1;
+        let b = sample_batch(&corpus.train, opts.batch, seq, &mut rng)?;
+        let tl = teacher.forward(b.inputs(&device), None)?;
+        let sl = student.forward(b.inputs(&ad), None)?;
+        let kd = distill_kl(sl.clone(), tl, opts.temperature);
+        let ce = cross_entropy(sl, b.targets(&ad));
+        let loss = kd.clone().mul_scalar(opts.alpha) + ce.clone().mul_scalar(1.0 - opts.alpha);
+        let (l, kdv, cev) = (value(loss.clone())?, value(kd)?, value(ce)?);
+        if !l.is_finite() {
+            return Err(DmtError::InvalidArgument(format!(
+                "the loss diverged at step {} ({l}); lower --lr",
+                step + 1
+            )));
+        }
+        let mut grads = loss.backward();
+        let mut value_grads = Vec::with_capacity(config.n_layer);
+        for blk in student.h.iter() {
+            value_grads.push(match &blk.mlp {
+                FeedForward::Featural(f) => f.memory().take_value_grad(&mut grads),
+                FeedForward::Associative(a) => a.memory().take_value_grad(&mut grads),
+                _ => None,
+            });
+        }
+        let lr = lr_at(step, opts.steps, warmup, opts.lr, 0.1);
+        let gp = GradientsParams::from_grads(grads, &student);
+        student = optim.step(lr, student, gp);
+        let mut inserted = 0;
+        for (i, g) in value_grads.into_iter().enumerate() {
+            let vg = g.map(|g| (g, opts.value_lr));
+            let Some(ff) = student.feed_forward_mut(i) else {
+                continue;
+            };
+            match ff {
+                FeedForward::Featural(f) => {
+                    f.commit(tick, vg)?;
+                }
+                FeedForward::Associative(a) => {
+                    inserted += a.commit(tick, opts.max_inserts, vg)?;
+                }
+                _ => continue,
+            }
+            if let (Some(t), Some(Some(w))) = (tier_mut(ff), writers.get_mut(i))
+                && let Some(batch) = t.take_changes()
+            {
+                w.submit(batch)?;
+            }
+        }
+        metrics.push(StepMetrics {
+            step: step + 1,
+            loss: l,
+            kd: kdv,
+            ce: cev,
+            lr,
+            inserted,
+        });
+        if (step + 1) % opts.log_every.max(1) == 0 || step + 1 == opts.steps {
+            let toks = (step + 1) * opts.batch * seq;
+            log(&format!(
+                "step {:>5}/{}  loss {l:.4}  (T²·KL {kdv:.4}, CE {cev:.4})  lr {lr:.2e}  inserted {inserted}  {:.0} tokens/s",
+                step + 1,
+                opts.steps,
+                toks as f64 / start.elapsed().as_secs_f64()
+            ));
+        }
+    }
+    let train_tps = (opts.steps * opts.batch * seq) as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    for w in writers.into_iter().flatten() {
+        w.finish()?;
+    }
+    student
+        .save_into(&mut SafetensorsStore::from_file(
+            opts.run_dir.join("student.safetensors"),
+        ))
+        .map_err(|e| DmtError::Checkpoint {
+            path: opts.run_dir.join("student.safetensors"),
+            message: e.to_string(),
+        })?;
+    log("evaluating ...");
+    let eval = eval_batches(&corpus.eval, opts.batch, seq, opts.eval_windows);
+    final_report(
+        &teacher,
+        &mut student,
+        &eval,
+        &opts.run_dir,
+        Some(train_tps),
+        &opts.device_name,
+        metrics,
+    )
+}
+
+/// Rebuilds the student of `run_dir` (its weights and, from the stores, its
+/// memories) and evaluates it on `corpus` against its teacher.
+pub fn eval_only(run_dir: &Path, corpus: &Path, opts: &DistillOptions) -> Result<Report> {
+    let device = opts.device.clone();
+    let ad = device.clone().autodiff();
+    let spec_path = run_dir.join("student.json");
+    let text = std::fs::read_to_string(&spec_path).map_err(io(&spec_path))?;
+    let spec: StudentSpec = serde_json::from_str(&text).map_err(|e| DmtError::Config {
+        path: spec_path.clone(),
+        message: e.to_string(),
+    })?;
+    let codec = TextCodec::for_model(&spec.teacher, opts.tokenizer.as_deref())?;
+    let teacher = Gpt2::from_pretrained(&spec.teacher, &device)?;
+    let plan = spec
+        .layers
+        .iter()
+        .map(|s| s.parse::<LayerKind>())
+        .collect::<Result<Vec<_>>>()?;
+    let mut student = Gpt2::from_pretrained(&spec.teacher, &ad)?;
+    let (c, h) = (spec.config.n_embd, spec.config.n_head);
+    let rt = runtime()?;
+    for (i, kind) in plan.iter().enumerate() {
+        let ff = match kind {
+            LayerKind::Featural | LayerKind::Associative => {
+                let path = store_path(run_dir, i);
+                if !path.exists() {
+                    return Err(DmtError::InvalidArgument(format!(
+                        "{} is missing: {} is not a complete run directory",
+                        path.display(),
+                        run_dir.display()
+                    )));
+                }
+                let store = rt.block_on(SqliteStore::open_existing(&path))?;
+                let tier = rt.block_on(DeviceMemory::load(&store, spec.capacity, &ad))?;
+                rt.block_on(store.close());
+                if *kind == LayerKind::Featural {
+                    FeedForward::Featural(FeaturalMemory::new(c, h, spec.k, tier, &ad)?)
+                } else {
+                    FeedForward::Associative(AssociativeMemory::new(c, h, spec.k, tier, &ad)?)
+                }
+            }
+            LayerKind::Ablated => FeedForward::Ablated(burn::nn::Identity),
+            LayerKind::Mlp => continue,
+        };
+        student.set_feed_forward(i, ff)?;
+    }
+    let weights = run_dir.join("student.safetensors");
+    let result = student
+        .load_from(&mut SafetensorsStore::from_file(&weights))
+        .map_err(|e| DmtError::Checkpoint {
+            path: weights.clone(),
+            message: e.to_string(),
+        })?;
+    if !result.missing.is_empty() {
+        return Err(DmtError::Checkpoint {
+            path: weights,
+            message: format!("missing weights: {:?}", result.missing),
+        });
+    }
+    let tokens = read_tokens(&codec, corpus)?;
+    let eval = eval_batches(
+        &tokens,
+        opts.batch,
+        opts.seq.min(spec.config.n_positions),
+        opts.eval_windows,
+    );
+    final_report(
+        &teacher,
+        &mut student,
+        &eval,
+        run_dir,
+        None,
+        &opts.device_name,
+        Vec::new(),
+    )
+}

@@ -1,0 +1,222 @@
+//! Training and evaluation pieces shared by the teacher trainer and the
+//! distillation job: a tokenised corpus split into train and held-out text,
+//! a deterministic batch sampler, the warm-up + cosine schedule, the losses
+//! (next-token cross-entropy and Hinton et al.'s distillation loss
+//! T²·KL(teacher_T ‖ student_T), as Hugging Face's distillation examples use
+//! it) and held-out evaluation (perplexity, KL to a teacher, top-1 agreement).
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::{DmtError, Gpt2, Result};
+
+/// SplitMix64: a tiny deterministic generator for batch sampling, so a run
+/// (and a resumed run) sees the same batches for the same seed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+}
+
+/// Token ids of a corpus, split into training and held-out parts.
+#[derive(Clone, Debug)]
+pub struct Corpus {
+    /// Training tokens.
+    pub train: Vec<u32>,
+    /// Held-out tokens (the end of the text).
+    pub eval: Vec<u32>,
+}
+
+impl Corpus {
+    /// Splits `tokens`, keeping the last `eval_fraction` for evaluation.
+    pub fn split(tokens: Vec<u32>, eval_fraction: f64) -> Self {
+        let cut = ((tokens.len() as f64) * (1.0 - eval_fraction)).round() as usize;
+        let cut = cut.min(tokens.len());
+        Corpus {
+            eval: tokens[cut..].to_vec(),
+            train: tokens[..cut].to_vec(),
+        }
+    }
+}
+
+/// A batch of `[b, t]` inputs and the next tokens as targets, on the host
+/// (so models on different devices can take the same batch).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Window {
+    /// Sequences.
+    pub b: usize,
+    /// Positions per sequence.
+    pub t: usize,
+    /// Input ids, row-major `[b, t]`.
+    pub inputs: Vec<i64>,
+    /// Target ids (inputs shifted by one).
+    pub targets: Vec<i64>,
+}
+
+impl Window {
+    /// The inputs as a tensor on `device`.
+    pub fn inputs(&self, device: &Device) -> Tensor<2, Int> {
+        Tensor::from_data(TensorData::new(self.inputs.clone(), [self.b, self.t]), device)
+    }
+
+    /// The targets as a tensor on `device`.
+    pub fn targets(&self, device: &Device) -> Tensor<2, Int> {
+        Tensor::from_data(TensorData::new(self.targets.clone(), [self.b, self.t]), device)
+    }
+
+    fn from_starts(tokens: &[u32], starts: &[usize], t: usize) -> Self {
+        let mut inputs = Vec::with_capacity(starts.len() * t);
+        let mut targets = Vec::with_capacity(starts.len() * t);
+        for &s in starts {
+            inputs.extend(tokens[s..s + t].iter().map(|&v| v as i64));
+            targets.extend(tokens[s + 1..s + t + 1].iter().map(|&v| v as i64));
+        }
+        Window {
+            b: starts.len(),
+            t,
+            inputs,
+            targets,
+        }
+    }
+}
+
+/// `b` random windows of `t + 1` tokens from `tokens`.
+pub fn sample_batch(tokens: &[u32], b: usize, t: usize, rng: &mut SplitMix) -> Result<Window> {
+    if tokens.len() < t + 2 {
+        return Err(DmtError::InvalidArgument(format!(
+            "the corpus has {} tokens, too few for windows of {}",
+            tokens.len(),
+            t + 1
+        )));
+    }
+    let starts: Vec<usize> = (0..b).map(|_| rng.below(tokens.len() - t - 1)).collect();
+    Ok(Window::from_starts(tokens, &starts, t))
+}
+
+/// Consecutive, non-overlapping windows over `tokens` (evaluation), at most
+/// `max_windows`, grouped into batches of `b`.
+pub fn eval_batches(tokens: &[u32], b: usize, t: usize, max_windows: usize) -> Vec<Window> {
+    let starts: Vec<usize> = (0..)
+        .map(|i| i * t)
+        .take_while(|s| s + t < tokens.len())
+        .take(max_windows)
+        .collect();
+    starts
+        .chunks(b.max(1))
+        .map(|chunk| Window::from_starts(tokens, chunk, t))
+        .collect()
+}
+
+/// Learning rate at `step` (0-based) of `total`: linear warm-up over
+/// `warmup` steps to `peak`, then cosine decay to `peak · floor`.
+pub fn lr_at(step: usize, total: usize, warmup: usize, peak: f64, floor: f64) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1) as f64;
+    let p = ((step - warmup) as f64 / span).min(1.0);
+    peak * (floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()))
+}
+
+fn flat(logits: Tensor<3>) -> Tensor<2> {
+    let [b, t, v] = logits.dims();
+    logits.reshape([b * t, v])
+}
+
+/// Mean next-token cross-entropy (nats) of `logits` `[b, t, v]` against `targets` `[b, t]`.
+pub fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
+    let [b, t] = targets.dims();
+    let logp = log_softmax(flat(logits), 1);
+    logp.gather(1, targets.reshape([b * t, 1])).mean().neg()
+}
+
+/// The distillation loss `T² · KL(softmax(teacher/T) ‖ softmax(student/T))`,
+/// mean over positions (Hinton et al. 2015).
+pub fn distill_kl(student: Tensor<3>, teacher: Tensor<3>, temperature: f64) -> Tensor<1> {
+    let t = temperature;
+    let s = log_softmax(flat(student).div_scalar(t), 1);
+    let lt = log_softmax(flat(teacher).div_scalar(t), 1).detach();
+    let pt = lt.clone().exp();
+    (pt * (lt - s)).sum_dim(1).mean().mul_scalar(t * t)
+}
+
+fn scalar(t: Tensor<1>) -> Result<f64> {
+    t.into_data()
+        .convert::<f64>()
+        .try_into_vec::<f64>()
+        .map_err(|e| DmtError::InvalidArgument(format!("reading a scalar: {e:?}")))?
+        .first()
+        .copied()
+        .ok_or_else(|| DmtError::InvalidArgument("empty scalar".into()))
+}
+
+/// Reads a scalar tensor's value.
+pub fn value(t: Tensor<1>) -> Result<f64> {
+    scalar(t)
+}
+
+/// Held-out statistics of a model, optionally against a teacher.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EvalStats {
+    /// Positions evaluated.
+    pub tokens: usize,
+    /// Mean next-token cross-entropy (nats).
+    pub nll: f64,
+    /// Mean KL(teacher ‖ model) at temperature 1 (nats), when a teacher is given.
+    pub kl: Option<f64>,
+    /// Share of positions whose argmax equals the teacher's, when given.
+    pub agreement: Option<f64>,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+impl EvalStats {
+    /// Perplexity, `exp(nll)`.
+    pub fn perplexity(&self) -> f64 {
+        self.nll.exp()
+    }
+}
+
+/// Evaluates `model` on `batches` (and, with `teacher`, the KL to it and the
+/// top-1 agreement with it).
+pub fn evaluate(model: &Gpt2, teacher: Option<&Gpt2>, batches: &[Window]) -> Result<EvalStats> {
+    let start = std::time::Instant::now();
+    let (mut nll, mut kl, mut agree, mut n) = (0.0f64, 0.0f64, 0.0f64, 0usize);
+    let device = model.device();
+    for b in batches {
+        let m = b.b * b.t;
+        let logits = model.forward(b.inputs(&device), None)?.detach();
+        nll += scalar(cross_entropy(logits.clone(), b.targets(&device)))? * m as f64;
+        if let Some(teacher) = teacher {
+            let tl = teacher.forward(b.inputs(&teacher.device()), None)?.detach();
+            let logits = logits.inner();
+            kl += scalar(distill_kl(logits.clone(), tl.clone(), 1.0))? * m as f64;
+            let same = flat(logits).argmax(1).equal(flat(tl).argmax(1)).int().sum();
+            agree += scalar(same.float())?;
+        }
+        n += m;
+    }
+    if n == 0 {
+        return Err(DmtError::InvalidArgument("no held-out text to evaluate".into()));
+    }
+    Ok(EvalStats {
+        tokens: n,
+        nll: nll / n as f64,
+        kl: teacher.map(|_| kl / n as f64),
+        agreement: teacher.map(|_| agree / n as f64),
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}

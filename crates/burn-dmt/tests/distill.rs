@@ -1,0 +1,126 @@
+//! The distillation pipeline end to end at a tiny size: a few steps with
+//! both memory layer types, a report whose numbers are finite and consistent,
+//! a self-contained run directory, and `--eval-only` reproducing the final
+//! evaluation from it.
+
+mod common;
+
+use std::path::Path;
+
+use burn_dmt::burn::tensor::Device;
+use burn_dmt::distill::{DistillOptions, eval_only, run};
+use burn_dmt::tokenizer::{Gpt2Tokenizer, VocabMap};
+use burn_dmt::{Gpt2, Gpt2Config};
+use common::assets;
+
+/// A random GPT-2 teacher with a compact vocabulary over a slice of the
+/// corpus; returns (training text, held-out text) files.
+fn tiny_setup(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let text = std::fs::read_to_string(assets().join("data/tinyshakespeare.txt")).unwrap();
+    let text: String = text.chars().take(24_000).collect();
+    let (train, eval) = text.split_at(20_000);
+    let tok = Gpt2Tokenizer::from_dir(assets().join("gpt2-tokenizer")).unwrap();
+    let map = VocabMap::from_corpus(&tok.encode(train).unwrap(), 50256);
+    let teacher = dir.join("teacher");
+    let config = Gpt2Config::new(2, 32, 2, 32, map.len());
+    Gpt2::init(&config, &Device::flex())
+        .unwrap()
+        .save_pretrained(&teacher)
+        .unwrap();
+    map.save(&teacher).unwrap();
+    for f in ["vocab.json", "merges.txt"] {
+        std::fs::copy(assets().join("gpt2-tokenizer").join(f), teacher.join(f)).unwrap();
+    }
+    let (a, b) = (dir.join("train.txt"), dir.join("eval.txt"));
+    std::fs::write(&a, train).unwrap();
+    std::fs::write(&b, eval).unwrap();
+    (a, b)
+}
+
+#[test]
+fn distillation_runs_end_to_end_and_eval_only_reproduces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, eval) = tiny_setup(dir.path());
+    let mut o = DistillOptions::embedded(Path::new(env!("CARGO_MANIFEST_DIR")));
+    o.teacher = dir.path().join("teacher");
+    o.corpus = train;
+    o.eval_corpus = Some(eval.clone());
+    o.run_dir = dir.path().join("run");
+    o.layers = Some("0:featural,1:associative".into());
+    o.steps = 4;
+    o.batch = 2;
+    o.seq = 16;
+    o.capacity = 64;
+    o.k = 4;
+    o.eval_windows = 6;
+    o.max_inserts = 8;
+    let mut lines = Vec::new();
+    let r = run(&o, &mut |l| lines.push(l.to_string())).unwrap();
+    assert!(lines.iter().any(|l| l.contains("step     4/4")), "{lines:?}");
+
+    eprintln!("{}", r.markdown());
+    // Finite, consistent numbers.
+    assert_eq!(r.steps.len(), 4);
+    for m in &r.steps {
+        assert!(m.loss.is_finite() && m.kd >= 0.0 && m.ce > 0.0, "{m:?}");
+        assert!((m.loss - (0.5 * m.kd + 0.5 * m.ce)).abs() < 1e-4 * m.loss.abs().max(1.0));
+    }
+    for e in [&r.teacher, &r.student, &r.ablated] {
+        assert!(e.perplexity().is_finite() && e.perplexity() > 1.0, "{e:?}");
+        assert_eq!(e.tokens, 6 * 16);
+    }
+    assert!(r.teacher.kl.is_none());
+    for e in [&r.student, &r.ablated] {
+        let (kl, agree) = (e.kl.unwrap(), e.agreement.unwrap());
+        assert!(kl >= 0.0 && kl.is_finite(), "{kl}");
+        assert!((0.0..=1.0).contains(&agree), "{agree}");
+    }
+    assert!(r.gap_closed().is_finite());
+    assert!(
+        r.student_params.1 < r.teacher_params.1,
+        "{:?} vs {:?}",
+        r.student_params,
+        r.teacher_params
+    );
+    assert!(matches!(r.memory_rows.as_slice(), [Some(a), Some(b)] if *a >= 4 && *b >= 4 && *a <= 64 && *b <= 64));
+    assert!(r.store_bytes > 0);
+
+    // The run directory is self-contained.
+    let run_dir = dir.path().join("run");
+    for f in [
+        "student.json",
+        "student.safetensors",
+        "report.md",
+        "metrics.csv",
+        "memory/block0.db",
+        "memory/block1.db",
+    ] {
+        assert!(run_dir.join(f).exists(), "{f} is missing");
+    }
+    let md = std::fs::read_to_string(run_dir.join("report.md")).unwrap();
+    assert!(md.contains("Gap closed"), "{md}");
+    assert_eq!(
+        std::fs::read_to_string(run_dir.join("metrics.csv"))
+            .unwrap()
+            .lines()
+            .count(),
+        5
+    );
+
+    // --eval-only rebuilds the student from the run directory.
+    let again = eval_only(&run_dir, &eval, &o).unwrap();
+    assert_eq!(again.teacher.nll, r.teacher.nll);
+    let rel = |a: f64, b: f64| (a - b).abs() / b.abs();
+    assert!(
+        rel(again.student.perplexity(), r.student.perplexity()) < 1e-3,
+        "{} vs {}",
+        again.student.perplexity(),
+        r.student.perplexity()
+    );
+    assert!(rel(again.student.kl.unwrap(), r.student.kl.unwrap()) < 1e-3);
+    assert_eq!(again.memory_rows, r.memory_rows);
+    assert!(run_dir.join("eval-report.md").exists());
+
+    // A second run into the same directory is refused instead of mixing runs.
+    assert!(run(&o, &mut |_| {}).is_err());
+}

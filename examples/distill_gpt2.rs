@@ -1,0 +1,139 @@
+//! The main job: distil a GPT-2 teacher into a student whose feed-forward
+//! layers are memory layers backed by memstore, then report how much of the
+//! teacher it recovers.
+//!
+//! ```text
+//! cargo run --release --example distill_gpt2                      # the embedded default
+//! cargo run --release --example distill_gpt2 -- --teacher DIR     # a Hugging Face GPT-2
+//! cargo run --release --example distill_gpt2 -- --eval-only --student runs/distill --corpus FILE
+//! ```
+//!
+//! With no arguments it needs nothing but the repository: the teacher in
+//! `assets/teacher` (a small GPT-2 this project trained on tiny-shakespeare,
+//! see its TEACHER.md), the corpus in `assets/data`, SQLite stores under the
+//! run directory, the CPU.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn_dmt::device::{DeviceChoice, select};
+use burn_dmt::distill::{DistillOptions, eval_only, run};
+use clap::Parser;
+
+/// Distil GPT-2 into a discrete-memory transformer.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Teacher: a Hugging Face GPT-2 directory (config.json, model.safetensors, tokenizer files).
+    #[arg(long)]
+    teacher: Option<PathBuf>,
+    /// Tokenizer directory, if not the teacher's.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Training text (default: the bundled tiny-shakespeare). With --eval-only: the text to evaluate on.
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    /// Held-out text (default: the last 10% of the corpus).
+    #[arg(long)]
+    eval_corpus: Option<PathBuf>,
+    /// Run directory (student weights, student.json, memory stores, report.md, metrics.csv).
+    #[arg(long, default_value = "runs/distill")]
+    run_dir: PathBuf,
+    /// Device: auto (a wgpu GPU when one exists, else the CPU), cpu or wgpu.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
+    /// Which blocks get which memory type, e.g. "0-2:featural,3:associative" (default: the lower three quarters
+    /// featural, the rest associative; "mlp" keeps a block's MLP, "none" removes it).
+    #[arg(long)]
+    layers: Option<String>,
+    /// Optimiser steps.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Sequences per step.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Tokens per sequence.
+    #[arg(long)]
+    seq: Option<usize>,
+    /// Peak learning rate (AdamW, warm-up then cosine decay).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Distillation temperature T.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Weight α of the distillation term (1 − α on the next-token cross-entropy).
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// Seed of batches and new weights.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Memories retrieved per head.
+    #[arg(long)]
+    k: Option<usize>,
+    /// Memory slots per layer (the device tier's capacity; bootstrapped from the teacher).
+    #[arg(long)]
+    capacity: Option<usize>,
+    /// Learning rate of the sparse updates of retrieved values (0: values fixed).
+    #[arg(long)]
+    value_lr: Option<f32>,
+    /// Novelty threshold of associative insertion (L2 distance between unit keys).
+    #[arg(long)]
+    novelty: Option<f32>,
+    /// Held-out windows to evaluate.
+    #[arg(long)]
+    eval_windows: Option<usize>,
+    /// Evaluate a trained student (--student RUN_DIR) on --corpus instead of training.
+    #[arg(long, requires_all = ["student", "corpus"])]
+    eval_only: bool,
+    /// The run directory of the student to evaluate.
+    #[arg(long)]
+    student: Option<PathBuf>,
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut o = DistillOptions::embedded(&root);
+    let selected = select(args.device)?;
+    o.device = selected.device;
+    o.device_name = selected.description;
+    if let Some(t) = args.teacher {
+        o.teacher = t;
+    }
+    o.tokenizer = args.tokenizer;
+    if let Some(c) = args.corpus.clone() {
+        o.corpus = c;
+    }
+    o.eval_corpus = args.eval_corpus;
+    o.run_dir = args.run_dir;
+    o.layers = args.layers;
+    macro_rules! set {
+        ($($f:ident),*) => { $(if let Some(v) = args.$f { o.$f = v; })* };
+    }
+    set!(
+        steps,
+        batch,
+        seq,
+        lr,
+        temperature,
+        alpha,
+        seed,
+        k,
+        capacity,
+        value_lr,
+        novelty,
+        eval_windows
+    );
+    let start = Instant::now();
+    let report = if args.eval_only {
+        let (Some(student), Some(corpus)) = (args.student, args.corpus) else {
+            return Err("--eval-only needs --student RUN_DIR and --corpus FILE".into());
+        };
+        eval_only(&student, &corpus, &o)?
+    } else {
+        run(&o, &mut |line| println!("{line}"))?
+    };
+    println!("\n{}", report.markdown());
+    println!("({:.0} s in all)", start.elapsed().as_secs_f64());
+    Ok(())
+}
