@@ -82,6 +82,15 @@ struct Args {
     /// Held-out windows to evaluate.
     #[arg(long)]
     eval_windows: Option<usize>,
+    /// Continue the run in --run-dir from its last checkpoint (same flags as the first run).
+    #[arg(long)]
+    resume: bool,
+    /// Write a resumable checkpoint every this many steps (and at the end).
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Stop after this step as if interrupted (continue later with --resume).
+    #[arg(long)]
+    halt_after: Option<usize>,
     /// Evaluate a trained student (--student RUN_DIR) on --corpus instead of training.
     #[arg(long, requires_all = ["student", "corpus"])]
     eval_only: bool,

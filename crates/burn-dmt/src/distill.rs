@@ -105,6 +105,12 @@ pub struct DistillOptions {
     pub eval_windows: usize,
     /// Print progress every this many steps.
     pub log_every: usize,
+    /// Write a resumable checkpoint every this many steps (and at the end).
+    pub checkpoint_every: usize,
+    /// Continue the run in `run_dir` from its last checkpoint.
+    pub resume: bool,
+    /// Stop after this step as if interrupted (the run can be resumed).
+    pub halt_after: Option<usize>,
     /// Device of the student and teacher.
     pub device: Device,
     /// How the device was chosen (for the report).
@@ -136,6 +142,9 @@ impl DistillOptions {
             max_inserts: 64,
             eval_windows: 128,
             log_every: 10,
+            checkpoint_every: 100,
+            resume: false,
+            halt_after: None,
             device: Device::flex(),
             device_name: "cpu (burn flex backend)".into(),
         }
@@ -143,7 +152,7 @@ impl DistillOptions {
 }
 
 /// One row of `metrics.csv`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepMetrics {
     /// Step (1-based).
     pub step: usize,
@@ -297,12 +306,59 @@ fn store_path(run_dir: &Path, block: usize) -> PathBuf {
     run_dir.join("memory").join(format!("block{block}.db"))
 }
 
+fn journal_path(run_dir: &Path, block: usize) -> PathBuf {
+    run_dir.join("memory").join(format!("block{block}.journal"))
+}
+
+/// `checkpoint.json`: where a run can continue from. Written last (atomically)
+/// after the checkpoint's files, so it always names a complete checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Checkpoint {
+    /// Steps done.
+    step: usize,
+    /// The batch sampler's state.
+    rng: u64,
+    /// Metrics of the steps done.
+    metrics: Vec<StepMetrics>,
+    /// Each memory block's slot layout.
+    layouts: Vec<Option<Vec<Option<u64>>>>,
+    /// The checkpoint's folder under `checkpoints/`.
+    dir: String,
+}
+
+/// Removes a SQLite store's files (database, WAL, shared memory) and its journal.
+fn remove_store_files(run_dir: &Path, block: usize) -> Result<()> {
+    let db = store_path(run_dir, block);
+    for p in [
+        db.clone(),
+        PathBuf::from(format!("{}-wal", db.display())),
+        PathBuf::from(format!("{}-shm", db.display())),
+        journal_path(run_dir, block),
+    ] {
+        if p.exists() {
+            std::fs::remove_file(&p).map_err(io(&p))?;
+        }
+    }
+    Ok(())
+}
+
 fn identity(n: usize, device: &Device) -> Tensor<2> {
     let mut eye = vec![0.0f32; n * n];
     for i in 0..n {
         eye[i * n + i] = 1.0;
     }
     Tensor::from_data(TensorData::new(eye, [n, n]), device)
+}
+
+/// A `[n, n]` matrix of N(0, 0.02²) entries from `rng` (Box–Muller), so a
+/// run's new weights depend on its seed alone, not on a process-wide
+/// generator other work may draw from.
+fn seeded_normal(n: usize, rng: &mut SplitMix, device: &Device) -> Tensor<2> {
+    let mut u = || ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    let data: Vec<f32> = (0..n * n)
+        .map(|_| (0.02 * (-2.0 * u().ln()).sqrt() * (2.0 * std::f64::consts::PI * u()).cos()) as f32)
+        .collect();
+    Tensor::from_data(TensorData::new(data, [n, n]), device)
 }
 
 fn host(t: Tensor<2>) -> Result<Vec<f32>> {
@@ -339,6 +395,7 @@ fn bootstrap_layer(
     i: usize,
     windows: &[Window],
     spec: &StudentSpec,
+    rng: &mut SplitMix,
     device: &Device,
 ) -> Result<FeedForward> {
     let c = spec.config.n_embd;
@@ -376,6 +433,10 @@ fn bootstrap_layer(
         lin.weight = Param::from_tensor(identity(c, device));
         lin.bias = lin.bias.take().map(|b| Param::from_tensor(b.val().zeros_like()));
     };
+    let mut seeded = |lin: &mut burn::nn::Linear| {
+        lin.weight = Param::from_tensor(seeded_normal(c, rng, device));
+        lin.bias = lin.bias.take().map(|b| Param::from_tensor(b.val().zeros_like()));
+    };
     let fresh = |keys: Vec<f32>| -> Result<DeviceMemory> {
         let mut t = DeviceMemory::new(config.clone(), spec.capacity, device)?;
         t.fill(&keys, &values, 0)?;
@@ -385,12 +446,15 @@ fn bootstrap_layer(
         LayerKind::Featural => {
             let mut f = FeaturalMemory::new(c, h, spec.k, placeholder, device)?;
             out_identity(&mut f.out);
+            seeded(&mut f.query);
             *f.memory_mut() = fresh(project(&f.query)?)?;
             FeedForward::Featural(f)
         }
         LayerKind::Associative => {
             let mut a = AssociativeMemory::new(c, h, spec.k, placeholder, device)?;
             out_identity(&mut a.out);
+            seeded(&mut a.key);
+            seeded(&mut a.value);
             // Queries start where the keys are, so retrieval attends at once.
             a.query = a.key.clone();
             *a.memory_mut() = fresh(project(&a.key)?)?;
@@ -493,11 +557,11 @@ fn final_report(
     Ok(report)
 }
 
-/// Runs a distillation end to end and writes the run directory; prints
-/// progress with `log`.
+/// Runs a distillation end to end (or, with `resume`, from the run
+/// directory's last checkpoint) and writes the run directory; prints progress
+/// with `log`.
 pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
     let device = opts.device.clone();
-    device.seed(opts.seed);
     let ad = device.clone().autodiff();
     let codec = TextCodec::for_model(&opts.teacher, opts.tokenizer.as_deref())?;
     let teacher = Gpt2::from_pretrained(&opts.teacher, &device)?;
@@ -528,84 +592,126 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         corpus.eval.len(),
         opts.device_name
     ));
-    let plan_text = opts.layers.clone().unwrap_or_else(|| default_layers(config.n_layer));
-    let plan = parse_layers(&plan_text, config.n_layer)?;
-    let spec = StudentSpec {
-        teacher: std::fs::canonicalize(&opts.teacher).unwrap_or_else(|_| opts.teacher.clone()),
-        config: config.clone(),
-        layers: plan.iter().map(|k| kind_name(*k).to_string()).collect(),
-        k: opts.k,
-        capacity: opts.capacity,
-        novelty: opts.novelty,
-        lambda: 0.01,
+    let run_dir = opts.run_dir.as_path();
+    let rt = runtime()?;
+    let fresh_optim = || {
+        AdamWConfig::new()
+            .with_weight_decay(0.01)
+            .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
+            .init()
     };
-    std::fs::create_dir_all(opts.run_dir.join("memory")).map_err(io(&opts.run_dir))?;
-    for i in 0..config.n_layer {
-        let p = store_path(&opts.run_dir, i);
-        if p.exists() {
+    let ckpt_err = |path: PathBuf| {
+        move |e: burn::store::RecordError| DmtError::Checkpoint {
+            path: path.clone(),
+            message: e.to_string(),
+        }
+    };
+
+    let (spec, mut student, mut optim, mut rng, mut metrics, first_step) = if opts.resume {
+        let spec = read_spec(run_dir)?;
+        if spec.config != config {
             return Err(DmtError::InvalidArgument(format!(
-                "{} already holds a run (choose another --run-dir or remove it)",
-                opts.run_dir.display()
+                "{} was distilled from another teacher than {}",
+                run_dir.display(),
+                opts.teacher.display()
             )));
         }
-    }
-
-    // The student: the teacher's weights, memory layers bootstrapped from it.
-    let mut rng = SplitMix(opts.seed ^ 0x5EED);
-    let boot_windows: Vec<Window> = (0..(opts.capacity / config.n_head).div_ceil(opts.batch * seq).max(1))
-        .map(|_| sample_batch(&corpus.train, opts.batch, seq, &mut rng))
-        .collect::<Result<_>>()?;
-    let mut student = Gpt2::from_pretrained(&opts.teacher, &ad)?;
-    let rt = runtime()?;
-    let mut writers: Vec<Option<WriteBehind>> = Vec::new();
-    for (i, kind) in plan.iter().enumerate() {
-        if matches!(kind, LayerKind::Featural | LayerKind::Associative) {
-            let mut ff = bootstrap_layer(*kind, &teacher, i, &boot_windows, &spec, &ad)?;
-            let store: Arc<dyn MemoryStore> = Arc::new(rt.block_on(SqliteStore::open(
-                store_path(&opts.run_dir, i),
-                memory_config(config.n_embd / config.n_head, &spec),
-            ))?);
-            let (mut w, _) = rt.block_on(WriteBehind::start(
-                store,
-                opts.run_dir.join("memory").join(format!("block{i}.journal")),
-            ))?;
-            if let Some(t) = tier_mut(&mut ff) {
-                if opts.value_lr > 0.0 {
-                    t.set_trainable_values(true);
-                }
-                if let Some(b) = t.take_changes() {
-                    w.submit(b)?;
-                }
+        let cp_path = run_dir.join("checkpoint.json");
+        let text = std::fs::read_to_string(&cp_path).map_err(io(&cp_path))?;
+        let cp: Checkpoint = serde_json::from_str(&text).map_err(|e| DmtError::Config {
+            path: cp_path.clone(),
+            message: e.to_string(),
+        })?;
+        let cdir = run_dir.join("checkpoints").join(&cp.dir);
+        // The stores went on past the checkpoint: put back their state at it.
+        for (i, l) in cp.layouts.iter().enumerate() {
+            if l.is_some() {
+                remove_store_files(run_dir, i)?;
+                let from = cdir.join(format!("block{i}.db"));
+                std::fs::copy(&from, store_path(run_dir, i)).map_err(io(&from))?;
             }
-            student.set_feed_forward(i, ff)?;
-            writers.push(Some(w));
-        } else {
-            if *kind == LayerKind::Ablated {
-                student.set_feed_forward(i, FeedForward::Ablated(burn::nn::Identity))?;
-            }
-            writers.push(None);
         }
-    }
-    set_learning(&mut student, true);
-    let spec_text = serde_json::to_string_pretty(&spec).map_err(|e| DmtError::InvalidArgument(e.to_string()))?;
-    crate::loader::write_atomic(&opts.run_dir.join("student.json"), spec_text.as_bytes())?;
+        let student = student_from_run(run_dir, &spec, Some(&cp.layouts), &ad, &rt)?;
+        let path = cdir.join("student.bpk");
+        let student = student.try_load_file(&path).map_err(ckpt_err(path))?;
+        let path = cdir.join("optim.bpk");
+        let optim = fresh_optim().load(&path).map_err(ckpt_err(path))?;
+        log(&format!("resuming {} after step {}", run_dir.display(), cp.step));
+        (spec, student, optim, SplitMix(cp.rng), cp.metrics, cp.step)
+    } else {
+        let plan_text = opts.layers.clone().unwrap_or_else(|| default_layers(config.n_layer));
+        let plan = parse_layers(&plan_text, config.n_layer)?;
+        let spec = StudentSpec {
+            teacher: std::fs::canonicalize(&opts.teacher).unwrap_or_else(|_| opts.teacher.clone()),
+            config: config.clone(),
+            layers: plan.iter().map(|k| kind_name(*k).to_string()).collect(),
+            k: opts.k,
+            capacity: opts.capacity,
+            novelty: opts.novelty,
+            lambda: 0.01,
+        };
+        if run_dir.join("student.json").exists() || (0..config.n_layer).any(|i| store_path(run_dir, i).exists()) {
+            return Err(DmtError::InvalidArgument(format!(
+                "{} already holds a run (--resume it, choose another --run-dir or remove it)",
+                run_dir.display()
+            )));
+        }
+        std::fs::create_dir_all(run_dir.join("memory")).map_err(io(run_dir))?;
+        // The student: the teacher's weights, memory layers bootstrapped from it.
+        let mut boot_rng = SplitMix(opts.seed ^ 0x5EED);
+        let boot_windows: Vec<Window> = (0..(opts.capacity / config.n_head).div_ceil(opts.batch * seq).max(1))
+            .map(|_| sample_batch(&corpus.train, opts.batch, seq, &mut boot_rng))
+            .collect::<Result<_>>()?;
+        let mut student = Gpt2::from_pretrained(&opts.teacher, &ad)?;
+        for (i, kind) in plan.iter().enumerate() {
+            match kind {
+                LayerKind::Featural | LayerKind::Associative => {
+                    let ff = bootstrap_layer(*kind, &teacher, i, &boot_windows, &spec, &mut boot_rng, &ad)?;
+                    student.set_feed_forward(i, ff)?;
+                }
+                LayerKind::Ablated => student.set_feed_forward(i, FeedForward::Ablated(burn::nn::Identity))?,
+                LayerKind::Mlp => {}
+            }
+        }
+        let spec_text = serde_json::to_string_pretty(&spec).map_err(|e| DmtError::InvalidArgument(e.to_string()))?;
+        crate::loader::write_atomic(&run_dir.join("student.json"), spec_text.as_bytes())?;
+        log(&format!("student: {plan_text}"));
+        (spec, student, fresh_optim(), SplitMix(opts.seed), Vec::new(), 0)
+    };
     let (tp, sp) = (param_counts(&teacher), param_counts(&student));
     log(&format!(
-        "student: {plan_text}; non-embedding weights {} of the teacher's {} ({:.1}%)",
+        "non-embedding weights: student {} of the teacher's {} ({:.1}%)",
         sp.1,
         tp.1,
         100.0 * sp.1 as f64 / tp.1 as f64
     ));
 
-    let mut optim = AdamWConfig::new()
-        .with_weight_decay(0.01)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
-        .init();
-    let mut rng = SplitMix(opts.seed);
+    // One durable store per memory layer, written behind through a journal.
+    let dh = config.n_embd / config.n_head;
+    let mut stores: Vec<Option<Arc<SqliteStore>>> = Vec::with_capacity(config.n_layer);
+    let mut writers: Vec<Option<WriteBehind>> = Vec::with_capacity(config.n_layer);
+    for i in 0..config.n_layer {
+        let Some(tier) = student.feed_forward_mut(i).and_then(tier_mut) else {
+            stores.push(None);
+            writers.push(None);
+            continue;
+        };
+        if opts.value_lr > 0.0 {
+            tier.set_trainable_values(true);
+        }
+        let store = Arc::new(rt.block_on(SqliteStore::open(store_path(run_dir, i), memory_config(dh, &spec)))?);
+        let (mut w, _) = rt.block_on(WriteBehind::start(store.clone(), journal_path(run_dir, i)))?;
+        if let Some(b) = tier.take_changes() {
+            w.submit(b)?;
+        }
+        stores.push(Some(store));
+        writers.push(Some(w));
+    }
+    set_learning(&mut student, true);
+
     let warmup = (opts.steps / 10).max(1);
-    let mut metrics = Vec::with_capacity(opts.steps);
     let start = Instant::now();
-    for step in 0..opts.steps {
+    for step in first_step..opts.steps {
         let tick = step as u64 + 1;
         let b = sample_batch(&corpus.train, opts.batch, seq, &mut rng)?;
         let tl = teacher.forward(b.inputs(&device), None)?;
@@ -662,7 +768,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
             inserted,
         });
         if (step + 1) % opts.log_every.max(1) == 0 || step + 1 == opts.steps {
-            let toks = (step + 1) * opts.batch * seq;
+            let toks = (step + 1 - first_step) * opts.batch * seq;
             log(&format!(
                 "step {:>5}/{}  loss {l:.4}  (T²·KL {kdv:.4}, CE {cev:.4})  lr {lr:.2e}  inserted {inserted}  {:.0} tokens/s",
                 step + 1,
@@ -670,17 +776,74 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
                 toks as f64 / start.elapsed().as_secs_f64()
             ));
         }
+        if (step + 1) % opts.checkpoint_every.max(1) == 0 || step + 1 == opts.steps {
+            // The stores must hold every change up to here before they are copied.
+            for w in writers.iter_mut() {
+                if let Some(w) = w.take() {
+                    w.finish()?;
+                }
+            }
+            let name = format!("step-{:07}", step + 1);
+            let cdir = run_dir.join("checkpoints").join(&name);
+            if cdir.exists() {
+                std::fs::remove_dir_all(&cdir).map_err(io(&cdir))?;
+            }
+            std::fs::create_dir_all(&cdir).map_err(io(&cdir))?;
+            let mut layouts = Vec::with_capacity(config.n_layer);
+            for (i, store) in stores.iter().enumerate() {
+                match store {
+                    Some(st) => {
+                        rt.block_on(st.backup_to(cdir.join(format!("block{i}.db"))))?;
+                        let tier = student.feed_forward_mut(i).and_then(tier_mut);
+                        layouts.push(tier.map(|t| t.layout()));
+                    }
+                    None => layouts.push(None),
+                }
+            }
+            let path = cdir.join("student.bpk");
+            student.clone().save_file(&path).map_err(ckpt_err(path))?;
+            let path = cdir.join("optim.bpk");
+            optim.save(&path).map_err(ckpt_err(path))?;
+            let cp = Checkpoint {
+                step: step + 1,
+                rng: rng.0,
+                metrics: metrics.clone(),
+                layouts,
+                dir: name.clone(),
+            };
+            let text = serde_json::to_string(&cp).map_err(|e| DmtError::InvalidArgument(e.to_string()))?;
+            crate::loader::write_atomic(&run_dir.join("checkpoint.json"), text.as_bytes())?;
+            for e in std::fs::read_dir(run_dir.join("checkpoints"))
+                .map_err(io(run_dir))?
+                .flatten()
+            {
+                if e.file_name().to_string_lossy() != name.as_str() {
+                    std::fs::remove_dir_all(e.path()).map_err(io(&e.path()))?;
+                }
+            }
+            for (i, store) in stores.iter().enumerate() {
+                if let Some(st) = store {
+                    let (w, _) = rt.block_on(WriteBehind::start(st.clone(), journal_path(run_dir, i)))?;
+                    writers[i] = Some(w);
+                }
+            }
+        }
+        if opts.halt_after == Some(step + 1) {
+            return Err(DmtError::Halted { step: step + 1 });
+        }
     }
-    let train_tps = (opts.steps * opts.batch * seq) as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    let done = opts.steps.saturating_sub(first_step);
+    let train_tps = (done * opts.batch * seq) as f64 / start.elapsed().as_secs_f64().max(1e-9);
     for w in writers.into_iter().flatten() {
         w.finish()?;
     }
+    for st in stores.into_iter().flatten() {
+        rt.block_on(st.flush())?;
+    }
     student
-        .save_into(&mut SafetensorsStore::from_file(
-            opts.run_dir.join("student.safetensors"),
-        ))
+        .save_into(&mut SafetensorsStore::from_file(run_dir.join("student.safetensors")))
         .map_err(|e| DmtError::Checkpoint {
-            path: opts.run_dir.join("student.safetensors"),
+            path: run_dir.join("student.safetensors"),
             message: e.to_string(),
         })?;
     log("evaluating ...");
@@ -689,34 +852,39 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         &teacher,
         &mut student,
         &eval,
-        &opts.run_dir,
+        run_dir,
         Some(train_tps),
         &opts.device_name,
         metrics,
     )
 }
 
-/// Rebuilds the student of `run_dir` (its weights and, from the stores, its
-/// memories) and evaluates it on `corpus` against its teacher.
-pub fn eval_only(run_dir: &Path, corpus: &Path, opts: &DistillOptions) -> Result<Report> {
-    let device = opts.device.clone();
-    let ad = device.clone().autodiff();
+fn read_spec(run_dir: &Path) -> Result<StudentSpec> {
     let spec_path = run_dir.join("student.json");
     let text = std::fs::read_to_string(&spec_path).map_err(io(&spec_path))?;
-    let spec: StudentSpec = serde_json::from_str(&text).map_err(|e| DmtError::Config {
+    serde_json::from_str(&text).map_err(|e| DmtError::Config {
         path: spec_path.clone(),
         message: e.to_string(),
-    })?;
-    let codec = TextCodec::for_model(&spec.teacher, opts.tokenizer.as_deref())?;
-    let teacher = Gpt2::from_pretrained(&spec.teacher, &device)?;
+    })
+}
+
+/// The student skeleton of a run directory: the teacher's weights with memory
+/// layers over tiers loaded from the run's stores (in `layouts` when given);
+/// the caller loads the trained weights over it.
+fn student_from_run(
+    run_dir: &Path,
+    spec: &StudentSpec,
+    layouts: Option<&[Option<Vec<Option<u64>>>]>,
+    ad: &Device,
+    rt: &tokio::runtime::Runtime,
+) -> Result<Gpt2> {
     let plan = spec
         .layers
         .iter()
         .map(|s| s.parse::<LayerKind>())
         .collect::<Result<Vec<_>>>()?;
-    let mut student = Gpt2::from_pretrained(&spec.teacher, &ad)?;
+    let mut student = Gpt2::from_pretrained(&spec.teacher, ad)?;
     let (c, h) = (spec.config.n_embd, spec.config.n_head);
-    let rt = runtime()?;
     for (i, kind) in plan.iter().enumerate() {
         let ff = match kind {
             LayerKind::Featural | LayerKind::Associative => {
@@ -729,12 +897,16 @@ pub fn eval_only(run_dir: &Path, corpus: &Path, opts: &DistillOptions) -> Result
                     )));
                 }
                 let store = rt.block_on(SqliteStore::open_existing(&path))?;
-                let tier = rt.block_on(DeviceMemory::load(&store, spec.capacity, &ad))?;
+                let layout = layouts.and_then(|l| l.get(i).cloned().flatten());
+                let tier = match layout {
+                    Some(l) => rt.block_on(DeviceMemory::load_with_layout(&store, &l, ad))?,
+                    None => rt.block_on(DeviceMemory::load(&store, spec.capacity, ad))?,
+                };
                 rt.block_on(store.close());
                 if *kind == LayerKind::Featural {
-                    FeedForward::Featural(FeaturalMemory::new(c, h, spec.k, tier, &ad)?)
+                    FeedForward::Featural(FeaturalMemory::new(c, h, spec.k, tier, ad)?)
                 } else {
-                    FeedForward::Associative(AssociativeMemory::new(c, h, spec.k, tier, &ad)?)
+                    FeedForward::Associative(AssociativeMemory::new(c, h, spec.k, tier, ad)?)
                 }
             }
             LayerKind::Ablated => FeedForward::Ablated(burn::nn::Identity),
@@ -742,6 +914,19 @@ pub fn eval_only(run_dir: &Path, corpus: &Path, opts: &DistillOptions) -> Result
         };
         student.set_feed_forward(i, ff)?;
     }
+    Ok(student)
+}
+
+/// Rebuilds the student of `run_dir` (its weights and, from the stores, its
+/// memories) and evaluates it on `corpus` against its teacher.
+pub fn eval_only(run_dir: &Path, corpus: &Path, opts: &DistillOptions) -> Result<Report> {
+    let device = opts.device.clone();
+    let ad = device.clone().autodiff();
+    let spec = read_spec(run_dir)?;
+    let codec = TextCodec::for_model(&spec.teacher, opts.tokenizer.as_deref())?;
+    let teacher = Gpt2::from_pretrained(&spec.teacher, &device)?;
+    let rt = runtime()?;
+    let mut student = student_from_run(run_dir, &spec, None, &ad, &rt)?;
     let weights = run_dir.join("student.safetensors");
     let result = student
         .load_from(&mut SafetensorsStore::from_file(&weights))

@@ -119,6 +119,12 @@ pub enum DmtError {
     /// The requested device is not available.
     #[error("device: {0}")]
     Device(String),
+    /// A run stopped after a step as asked (`halt_after`); it can be resumed.
+    #[error("stopped after step {step} as asked; continue with --resume")]
+    Halted {
+        /// The last step done.
+        step: usize,
+    },
     /// The memory store failed.
     #[error("memory store: {0}")]
     Store(#[from] memstore_api::Error),

@@ -340,6 +340,27 @@ impl SqliteStore {
         self.sql_knn
     }
 
+    /// Writes a consistent copy of the committed store to `dest` (SQLite's
+    /// `VACUUM INTO`: one read transaction, so concurrent writers are neither
+    /// blocked for long nor half-copied). `dest` must not exist. Used for
+    /// training checkpoints: reopening the copy gives the store as it was.
+    pub async fn backup_to(&self, dest: impl AsRef<Path>) -> Result<()> {
+        let dest = dest.as_ref();
+        if dest.exists() {
+            return Err(Error::storage(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} already exists", dest.display()),
+            )));
+        }
+        let _w = self.writer.lock().await;
+        sqlx::query("VACUUM INTO ?")
+            .bind(dest.to_string_lossy().into_owned())
+            .execute(&self.pool)
+            .await
+            .map_err(sql)?;
+        Ok(())
+    }
+
     /// Closes the connection pool, checkpointing the WAL.
     pub async fn close(self) {
         self.pool.close().await;

@@ -6,8 +6,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use memstore_api::testkit::util::{Rng, ins, v};
-use memstore_api::{Batch, Error, MemoryConfig, MemoryStore, Metric};
+use memstore_api::testkit::util::{Rng, dump, ins, v};
+use memstore_api::{Batch, Error, MemoryConfig, MemoryStore, Metric, Vectors};
 use memstore_sqlite::{SqliteError, SqliteStore};
 use sqlx::Row;
 
@@ -220,4 +220,40 @@ async fn a_second_open_of_the_same_file_is_refused_until_the_first_closes() {
     s.close().await;
     let s = SqliteStore::open(&path, MemoryConfig::new(2, 2)).await.unwrap();
     assert_eq!(s.len().await.unwrap(), 1);
+}
+
+/// A backup reopens as the store was at the time of the copy, with its
+/// sequence number; later writes do not reach it; an existing target is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_is_a_consistent_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = MemoryConfig::new(2, 1);
+    let store = SqliteStore::open(dir.path().join("a.db"), config.clone())
+        .await
+        .unwrap();
+    let keys = [0.0, 1.0, 2.0, 3.0];
+    store
+        .insert(
+            Batch::new(Vectors::new(&keys, 2).unwrap(), Vectors::new(&[5.0, 6.0], 1).unwrap()),
+            1,
+        )
+        .await
+        .unwrap();
+    store
+        .apply(&memstore_api::ChangeBatch {
+            seq: 1,
+            tick: 2,
+            touch: vec![1],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let before = dump(&store).await;
+    store.backup_to(dir.path().join("b.db")).await.unwrap();
+    assert!(store.backup_to(dir.path().join("b.db")).await.is_err());
+    store.delete(&[2]).await.unwrap();
+    let copy = SqliteStore::open_existing(dir.path().join("b.db")).await.unwrap();
+    assert_eq!(dump(&copy).await, before);
+    assert_eq!(copy.stats().await.unwrap().counters.last_batch, 1);
+    assert_eq!(store.len().await.unwrap(), 1);
 }

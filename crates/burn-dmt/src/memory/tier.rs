@@ -104,7 +104,6 @@ impl DeviceMemory {
     /// order; a store larger than the capacity is refused (serve it from the
     /// store's own index instead).
     pub async fn load<S: MemoryStore + ?Sized>(store: &S, capacity: usize, device: &Device) -> Result<Self> {
-        let config = store.config().clone();
         let ids = store.ids().await?;
         if ids.len() > capacity {
             return Err(DmtError::InvalidArgument(format!(
@@ -112,18 +111,47 @@ impl DeviceMemory {
                 ids.len()
             )));
         }
+        let layout: Vec<Option<MemoryId>> = (0..capacity).map(|s| ids.get(s).copied()).collect();
+        Self::load_with_layout(store, &layout, device).await
+    }
+
+    /// Loads `store` with each memory in the slot `layout` names (as
+    /// [`DeviceMemory::layout`] returned it), so a resumed run's tier is the
+    /// interrupted one slot for slot; the layout must name every stored id once.
+    pub async fn load_with_layout<S: MemoryStore + ?Sized>(
+        store: &S,
+        layout: &[Option<MemoryId>],
+        device: &Device,
+    ) -> Result<Self> {
+        let config = store.config().clone();
+        let capacity = layout.len();
+        let mut stored = store.ids().await?;
+        let mut named: Vec<MemoryId> = layout.iter().flatten().copied().collect();
+        stored.sort_unstable();
+        named.sort_unstable();
+        if stored != named {
+            return Err(DmtError::InvalidArgument(format!(
+                "the slot layout names {} memories, the store holds {} others",
+                named.len(),
+                stored.len()
+            )));
+        }
         let stats = store.stats().await?;
         let (dk, dv) = (config.key_dim, config.value_dim);
         let mut keys = vec![0.0f32; capacity * dk];
         let mut values = vec![0.0f32; capacity * dv];
         let mut tier = DeviceMemory::new(config, capacity, device)?;
-        let mut slot = 0;
-        for chunk in ids.chunks(LOAD_CHUNK) {
-            for m in store.get(chunk).await? {
+        let slots: Vec<(usize, MemoryId)> = layout
+            .iter()
+            .enumerate()
+            .filter_map(|(s, id)| id.map(|id| (s, id)))
+            .collect();
+        for chunk in slots.chunks(LOAD_CHUNK) {
+            let ids: Vec<MemoryId> = chunk.iter().map(|(_, id)| *id).collect();
+            for (m, &(slot, _)) in store.get(&ids).await?.into_iter().zip(chunk) {
                 keys[slot * dk..(slot + 1) * dk].copy_from_slice(&m.key);
                 values[slot * dv..(slot + 1) * dv].copy_from_slice(&m.value);
                 tier.occupy(slot, m.id, m.crf, m.last_access);
-                slot += 1;
             }
         }
         tier.keys = Tensor::from_data(TensorData::new(keys, [capacity, dk]), device);
@@ -132,6 +160,11 @@ impl DeviceMemory {
         tier.last_batch = stats.counters.last_batch;
         tier.reset_pending();
         Ok(tier)
+    }
+
+    /// The store id of every slot (`None`: free), for [`DeviceMemory::load_with_layout`].
+    pub fn layout(&self) -> Vec<Option<MemoryId>> {
+        self.ids.clone()
     }
 
     fn occupy(&mut self, slot: usize, id: MemoryId, crf: f64, last_access: Tick) {
