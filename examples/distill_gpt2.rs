@@ -79,6 +79,9 @@ struct Args {
     /// Novelty threshold of associative insertion (L2 distance between unit keys).
     #[arg(long)]
     novelty: Option<f32>,
+    /// Start the memories random instead of from the teacher's feed-forward layers (an ablation).
+    #[arg(long)]
+    no_bootstrap: bool,
     /// Held-out windows to evaluate.
     #[arg(long)]
     eval_windows: Option<usize>,

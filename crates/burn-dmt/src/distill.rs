@@ -101,6 +101,9 @@ pub struct DistillOptions {
     pub novelty: f32,
     /// Most memories an associative layer inserts per step.
     pub max_inserts: usize,
+    /// Seed the memories from the teacher's feed-forward layers (otherwise:
+    /// random unit keys and small random values, output projection random).
+    pub bootstrap: bool,
     /// Held-out windows evaluated.
     pub eval_windows: usize,
     /// Print progress every this many steps.
@@ -140,6 +143,7 @@ impl DistillOptions {
             value_lr: 0.05,
             novelty: 0.3,
             max_inserts: 64,
+            bootstrap: true,
             eval_windows: 128,
             log_every: 10,
             checkpoint_every: 100,
@@ -350,15 +354,15 @@ fn identity(n: usize, device: &Device) -> Tensor<2> {
     Tensor::from_data(TensorData::new(eye, [n, n]), device)
 }
 
-/// A `[n, n]` matrix of N(0, 0.02²) entries from `rng` (Box–Muller), so a
+/// A `[r, c]` matrix of N(0, 0.02²) entries from `rng` (Box–Muller), so a
 /// run's new weights depend on its seed alone, not on a process-wide
 /// generator other work may draw from.
-fn seeded_normal(n: usize, rng: &mut SplitMix, device: &Device) -> Tensor<2> {
+fn seeded_normal(r: usize, c: usize, rng: &mut SplitMix, device: &Device) -> Tensor<2> {
     let mut u = || ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-    let data: Vec<f32> = (0..n * n)
+    let data: Vec<f32> = (0..r * c)
         .map(|_| (0.02 * (-2.0 * u().ln()).sqrt() * (2.0 * std::f64::consts::PI * u()).cos()) as f32)
         .collect();
-    Tensor::from_data(TensorData::new(data, [n, n]), device)
+    Tensor::from_data(TensorData::new(data, [r, c]), device)
 }
 
 fn host(t: Tensor<2>) -> Result<Vec<f32>> {
@@ -391,11 +395,11 @@ fn teacher_ff(teacher: &Gpt2, i: usize, windows: &[Window]) -> Result<(Tensor<2>
 /// per-head slices of its outputs, output projection = identity.
 fn bootstrap_layer(
     kind: LayerKind,
-    teacher: &Gpt2,
     i: usize,
-    windows: &[Window],
+    (teacher, windows): (&Gpt2, &[Window]),
     spec: &StudentSpec,
     rng: &mut SplitMix,
+    from_teacher: bool,
     device: &Device,
 ) -> Result<FeedForward> {
     let c = spec.config.n_embd;
@@ -428,16 +432,28 @@ fn bootstrap_layer(
         }
         host(unit_rows(p.reshape([rows * h, dh])))
     };
-    let values = host(y.reshape([rows * h, dh]))?;
     let out_identity = |lin: &mut burn::nn::Linear| {
         lin.weight = Param::from_tensor(identity(c, device));
         lin.bias = lin.bias.take().map(|b| Param::from_tensor(b.val().zeros_like()));
     };
-    let mut seeded = |lin: &mut burn::nn::Linear| {
-        lin.weight = Param::from_tensor(seeded_normal(c, rng, device));
+    let seeded = |lin: &mut burn::nn::Linear, rng: &mut SplitMix| {
+        lin.weight = Param::from_tensor(seeded_normal(c, c, rng, device));
         lin.bias = lin.bias.take().map(|b| Param::from_tensor(b.val().zeros_like()));
     };
-    let fresh = |keys: Vec<f32>| -> Result<DeviceMemory> {
+    // Without bootstrapping (the ablation): random unit keys and small random
+    // values, as many as bootstrapping would give.
+    let random = !from_teacher;
+    let values = if random {
+        host(seeded_normal(rows * h, dh, rng, device))?
+    } else {
+        host(y.reshape([rows * h, dh]))?
+    };
+    let fresh = |lin: &burn::nn::Linear, rng: &mut SplitMix| -> Result<DeviceMemory> {
+        let keys = if random {
+            host(unit_rows(seeded_normal(rows * h, dh, rng, device)))?
+        } else {
+            project(lin)?
+        };
         let mut t = DeviceMemory::new(config.clone(), spec.capacity, device)?;
         t.fill(&keys, &values, 0)?;
         Ok(t)
@@ -446,18 +462,18 @@ fn bootstrap_layer(
         LayerKind::Featural => {
             let mut f = FeaturalMemory::new(c, h, spec.k, placeholder, device)?;
             out_identity(&mut f.out);
-            seeded(&mut f.query);
-            *f.memory_mut() = fresh(project(&f.query)?)?;
+            seeded(&mut f.query, rng);
+            *f.memory_mut() = fresh(&f.query, rng)?;
             FeedForward::Featural(f)
         }
         LayerKind::Associative => {
             let mut a = AssociativeMemory::new(c, h, spec.k, placeholder, device)?;
             out_identity(&mut a.out);
-            seeded(&mut a.key);
-            seeded(&mut a.value);
+            seeded(&mut a.key, rng);
+            seeded(&mut a.value, rng);
             // Queries start where the keys are, so retrieval attends at once.
             a.query = a.key.clone();
-            *a.memory_mut() = fresh(project(&a.key)?)?;
+            *a.memory_mut() = fresh(&a.key, rng)?;
             FeedForward::Associative(a)
         }
         _ => unreachable!("only memory layers are bootstrapped"),
@@ -666,7 +682,15 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         for (i, kind) in plan.iter().enumerate() {
             match kind {
                 LayerKind::Featural | LayerKind::Associative => {
-                    let ff = bootstrap_layer(*kind, &teacher, i, &boot_windows, &spec, &mut boot_rng, &ad)?;
+                    let ff = bootstrap_layer(
+                        *kind,
+                        i,
+                        (&teacher, &boot_windows),
+                        &spec,
+                        &mut boot_rng,
+                        opts.bootstrap,
+                        &ad,
+                    )?;
                     student.set_feed_forward(i, ff)?;
                 }
                 LayerKind::Ablated => student.set_feed_forward(i, FeedForward::Ablated(burn::nn::Identity))?,
