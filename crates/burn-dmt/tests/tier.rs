@@ -255,3 +255,67 @@ fn tier_refuses_bad_input_without_changing() {
     let b = tier.take_changes().unwrap();
     assert_eq!((b.seq, b.touch.clone(), b.deltas.len()), (2, vec![1], 0));
 }
+
+/// Inference from the store alone: a memory larger than the device tier's
+/// capacity is searched through the store's index and gives the device
+/// path's top-k (same keys and values; distances to rounding), and the same
+/// featural-layer output; such a tier refuses to learn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_backed_memory_matches_the_device_tier() {
+    use burn_dmt::memory::featural::FeaturalMemory;
+    let device = Device::flex();
+    let (n, dh, heads, k) = (300usize, 8usize, 2usize, 5usize);
+    let dir = tempfile::tempdir().unwrap();
+    let config = MemoryConfig::new(dh, dh).with_metric(Metric::L2);
+    let store = Arc::new(SqliteStore::open(dir.path().join("m.db"), config).await.unwrap());
+    let mut rng = Rng::new(21);
+    let (keys, values) = (rng.vecs(n, dh), rng.vecs(n, dh));
+    store
+        .insert(
+            memstore_api::Batch::new(
+                memstore_api::Vectors::new(&keys, dh).unwrap(),
+                memstore_api::Vectors::new(&values, dh).unwrap(),
+            ),
+            1,
+        )
+        .await
+        .unwrap();
+    assert!(
+        DeviceMemory::load(store.as_ref(), 100, &device).await.is_err(),
+        "too big for 100 slots"
+    );
+    let on_disk = DeviceMemory::from_store(store.clone(), &device).await.unwrap();
+    let on_device = DeviceMemory::load(store.as_ref(), 512, &device).await.unwrap();
+    assert_eq!(on_disk.len(), n);
+    let q = Tensor::<2>::from_data(TensorData::new(rng.vecs(20, dh), [20, dh]), &device);
+    let (a, b) = (
+        on_disk.search(q.clone(), k).unwrap(),
+        on_device.search(q.clone(), k).unwrap(),
+    );
+    assert_eq!(
+        floats(a.keys.reshape([20 * k, dh])),
+        floats(b.keys.reshape([20 * k, dh]))
+    );
+    assert_eq!(
+        floats(a.values.reshape([20 * k, dh])),
+        floats(b.values.reshape([20 * k, dh]))
+    );
+    for (x, y) in floats(a.distances).iter().zip(floats(b.distances)) {
+        assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+    }
+
+    let x = Tensor::<3>::from_data(TensorData::new(rng.vecs(6, dh * heads), [1, 6, dh * heads]), &device);
+    let f_device = FeaturalMemory::new(dh * heads, heads, k, on_device, &device).unwrap();
+    let mut f_disk = f_device.clone();
+    *f_disk.memory_mut() = on_disk.clone();
+    let (ya, yb) = (
+        f_disk.forward(x.clone()).unwrap().reshape([6, dh * heads]),
+        f_device.forward(x).unwrap().reshape([6, dh * heads]),
+    );
+    for (p, r) in floats(ya).iter().zip(floats(yb)) {
+        assert!((p - r).abs() < 1e-5, "{p} vs {r}");
+    }
+    let mut ro = on_disk;
+    assert!(ro.insert(&[0.0; 8], &[0.0; 8], 2).is_err());
+    assert!(ro.touch(&[0], 2).is_err());
+}

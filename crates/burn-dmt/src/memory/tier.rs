@@ -18,9 +18,10 @@
 //! arithmetic) among those already synced.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
-use memstore_api::{ChangeBatch, MemoryConfig, MemoryId, MemoryStore, Tick, math};
+use memstore_api::{ChangeBatch, MemoryConfig, MemoryId, MemoryStore, Tick, Vectors, math};
 
 use super::device::exact_topk;
 use crate::{DmtError, Result};
@@ -42,9 +43,24 @@ pub struct DeviceNeighbors {
     pub values: Tensor<3>,
 }
 
+/// A store answering a tier's searches itself (inference from the store
+/// alone, for memories larger than a device's capacity).
+#[derive(Clone)]
+struct StoreBacking {
+    store: Arc<dyn MemoryStore>,
+    len: usize,
+}
+
+impl std::fmt::Debug for StoreBacking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoreBacking({} memories)", self.len)
+    }
+}
+
 /// A memory's working set on a device.
 #[derive(Clone, Debug)]
 pub struct DeviceMemory {
+    store: Option<StoreBacking>,
     config: MemoryConfig,
     capacity: usize,
     keys: Tensor<2>,
@@ -78,6 +94,7 @@ impl DeviceMemory {
             )));
         }
         Ok(DeviceMemory {
+            store: None,
             keys: Tensor::zeros([capacity, config.key_dim], device),
             values: Tensor::zeros([capacity, config.value_dim], device),
             valid: vec![false; capacity],
@@ -183,14 +200,92 @@ impl DeviceMemory {
         };
     }
 
-    /// Number of occupied slots.
+    /// A read-only tier whose searches go to `store`'s own index on the CPU
+    /// (the memory stays on disk; only the found rows reach the device), for
+    /// inference with a memory larger than the device could hold. It finds
+    /// the same top-k as a device tier holding the same memories; it cannot
+    /// learn (touch, update or insert), and its slots are meaningless.
+    pub async fn from_store(store: Arc<dyn MemoryStore>, device: &Device) -> Result<Self> {
+        let len = store.len().await?;
+        let mut config = store.config().clone();
+        config.capacity = None;
+        let mut tier = DeviceMemory::new(config, 1, device)?;
+        tier.store = Some(StoreBacking { store, len });
+        Ok(tier)
+    }
+
+    /// Whether searches go to a store instead of device tensors.
+    pub fn is_store_backed(&self) -> bool {
+        self.store.is_some()
+    }
+
+    fn search_store(&self, b: &StoreBacking, queries: Tensor<2>, k: usize) -> Result<DeviceNeighbors> {
+        let [m, dk] = queries.dims();
+        let dv = self.config.value_dim;
+        let q = queries
+            .inner()
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| DmtError::InvalidArgument(format!("reading queries: {e:?}")))?;
+        // The store is async; a scoped thread with its own small runtime keeps
+        // this callable from inside or outside an async runtime.
+        let found = std::thread::scope(|s| {
+            s.spawn(|| -> Result<memstore_api::Neighbors> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|source| DmtError::Io {
+                        path: "<tokio runtime>".into(),
+                        source,
+                    })?;
+                let v = Vectors::new(&q, dk)?;
+                Ok(rt.block_on(b.store.search(v, k, None))?)
+            })
+            .join()
+        })
+        .map_err(|_| DmtError::InvalidArgument("the store search thread panicked".into()))??;
+        let (mut d, mut keys, mut values) = (
+            Vec::with_capacity(m * k),
+            Vec::with_capacity(m * k * dk),
+            Vec::with_capacity(m * k * dv),
+        );
+        for i in 0..m {
+            for j in 0..k {
+                d.push(found.distance(i, j));
+                keys.extend_from_slice(found.key(i, j));
+                values.extend_from_slice(found.value(i, j));
+            }
+        }
+        let dev = &self.device;
+        Ok(DeviceNeighbors {
+            distances: Tensor::from_data(TensorData::new(d, [m, k]), dev),
+            slots: Tensor::zeros([m, k], dev),
+            keys: Tensor::from_data(TensorData::new(keys, [m, k, dk]), dev),
+            values: Tensor::from_data(TensorData::new(values, [m, k, dv]), dev),
+        })
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        match self.store {
+            Some(_) => Err(DmtError::InvalidArgument(
+                "a store-backed memory is read-only (load a device tier to learn)".into(),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Number of memories (occupied slots, or the backing store's rows).
     pub fn len(&self) -> usize {
-        self.slot_of.len()
+        match &self.store {
+            Some(b) => b.len,
+            None => self.slot_of.len(),
+        }
     }
 
     /// Whether no slot is occupied.
     pub fn is_empty(&self) -> bool {
-        self.slot_of.is_empty()
+        self.len() == 0
     }
 
     /// The memory's configuration (dimensions, metric, thresholds).
@@ -264,6 +359,9 @@ impl DeviceMemory {
                 self.len()
             )));
         }
+        if let Some(b) = &self.store {
+            return self.search_store(b, queries, k);
+        }
         let valid = Tensor::<1, Bool>::from_data(TensorData::new(self.valid.clone(), [self.capacity]), &self.device);
         let top = exact_topk(queries, self.keys.clone(), Some(valid), k, self.config.metric)?;
         let flat = top.indices.clone().reshape([m * k]);
@@ -288,6 +386,7 @@ impl DeviceMemory {
     /// Records accesses of `slots` at `tick` (LRFU, as the store's `touch`; a
     /// repeated slot is accessed repeatedly).
     pub fn touch(&mut self, slots: &[usize], tick: Tick) -> Result<()> {
+        self.check_writable()?;
         if !slots.is_empty() {
             self.check_tick(tick)?;
         }
@@ -317,6 +416,7 @@ impl DeviceMemory {
     /// `value −= lr · grad` for the rows of `slots` (deduplicated), on the
     /// device and in the pending batch (as deltas).
     pub fn apply_value_grad(&mut self, grad: Tensor<2>, lr: f32, slots: &[usize]) -> Result<()> {
+        self.check_writable()?;
         let mut rows: Vec<usize> = slots.to_vec();
         rows.sort_unstable();
         rows.dedup();
@@ -414,6 +514,7 @@ impl DeviceMemory {
     /// by LRFU when full. Returns the slots used, in row order; it stops early
     /// (fewer slots) when every occupied slot holds a memory not yet synced.
     pub fn insert(&mut self, keys: &[f32], values: &[f32], tick: Tick) -> Result<Vec<usize>> {
+        self.check_writable()?;
         let (dk, dv) = (self.config.key_dim, self.config.value_dim);
         let n = keys.len() / dk.max(1);
         if keys.len() != n * dk || values.len() != n * dv {
