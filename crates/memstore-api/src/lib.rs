@@ -18,6 +18,7 @@
 //! - `testkit` (feature): the conformance suite every backend runs unchanged.
 
 mod error;
+pub mod gemm;
 pub mod index;
 pub mod math;
 mod reference;

@@ -3,7 +3,7 @@
 //! for cosine, `1 − q·k` for inner product — memstore's metrics), invalid
 //! slots masked to `+∞`, and `topk` along the key axis.
 
-use burn::tensor::{Bool, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use memstore_api::Metric;
 
 use crate::{DmtError, Result};
@@ -59,14 +59,62 @@ pub fn exact_topk(
             "k = {k} must be in 1..={n} (the key slots)"
         )));
     }
-    let mut scores = distances(queries, keys, metric).neg();
+    let device = queries.device();
+    if on_cpu(&device) {
+        return host_topk(queries, keys, valid, k, metric, &device);
+    }
+    let mut d = distances(queries, keys, metric);
     if let Some(valid) = valid {
         let invalid = valid.bool_not().unsqueeze_dim::<2>(0).expand([m, n]);
-        scores = scores.mask_fill(invalid, f32::NEG_INFINITY);
+        d = d.mask_fill(invalid, f32::INFINITY);
     }
-    let (neg, indices) = scores.topk_with_indices(k, 1);
+    let (neg, indices) = d.neg().topk_with_indices(k, 1);
     Ok(TopK {
         distances: neg.neg(),
         indices,
+    })
+}
+
+/// Whether tensors on `device` live in host memory (the CPU backend).
+pub fn on_cpu(device: &Device) -> bool {
+    device.clone().inner() == Device::flex()
+}
+
+/// The CPU backend's exact top-k: memstore's blocked-SGEMM search
+/// ([`memstore_api::gemm::topk`]) on the host data, which never materialises
+/// the whole distance matrix (the tensor path's matrix + `topk` sorts whole
+/// rows: 6× slower at 4096 × 4096, benches/tier.rs).
+fn host_topk(
+    queries: Tensor<2>,
+    keys: Tensor<2>,
+    valid: Option<Tensor<1, Bool>>,
+    k: usize,
+    metric: Metric,
+    device: &Device,
+) -> Result<TopK> {
+    let [m, d] = queries.dims();
+    let read = |t: Tensor<2>| -> Result<Vec<f32>> {
+        t.detach()
+            .inner()
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| DmtError::InvalidArgument(format!("reading a tensor: {e:?}")))
+    };
+    let mask = valid
+        .map(|v| {
+            v.into_data()
+                .try_into_vec::<bool>()
+                .map_err(|e| DmtError::InvalidArgument(format!("reading a mask: {e:?}")))
+        })
+        .transpose()?;
+    let (dist, idx) = memstore_api::gemm::topk(metric, &read(queries)?, &read(keys)?, d, k, mask.as_deref())?;
+    let idx: Vec<i64> = idx
+        .into_iter()
+        .map(|i| if i == u32::MAX { 0 } else { i as i64 })
+        .collect();
+    Ok(TopK {
+        distances: Tensor::from_data(TensorData::new(dist, [m, k]), device),
+        indices: Tensor::from_data(TensorData::new(idx, [m, k]), device),
     })
 }

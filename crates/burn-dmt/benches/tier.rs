@@ -1,0 +1,84 @@
+//! Per-step cost of a memory layer's device tier on the CPU backend (burn
+//! flex), at the embedded default's shape: 16 × 64 tokens × 4 heads = 4096
+//! queries of dimension 32 against 4096 memories, k = 8. Compared in the same
+//! run with the MLP it replaces (128 → 512 → 128, forward and backward).
+//! `cargo bench -p burn-dmt --bench tier`.
+
+use std::time::Duration;
+
+use burn_dmt::burn::nn::LinearConfig;
+use burn_dmt::burn::tensor::{Device, Tensor, TensorData};
+use burn_dmt::memory::featural::FeaturalMemory;
+use burn_dmt::memory::tier::DeviceMemory;
+use burn_dmt::train::SplitMix;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use memstore_api::MemoryConfig;
+
+fn data(n: usize, rng: &mut SplitMix) -> Vec<f32> {
+    (0..n)
+        .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+        .collect()
+}
+
+fn tier_step(c: &mut Criterion) {
+    let (b, t, heads, dh, cap, k) = (16usize, 64usize, 4usize, 32usize, 4096usize, 8usize);
+    let width = heads * dh;
+    let mut rng = SplitMix(3);
+    let mut g = c.benchmark_group("memory_layer_step_cpu");
+    g.sample_size(10).measurement_time(Duration::from_secs(8));
+    g.throughput(Throughput::Elements((b * t) as u64));
+    let device = Device::flex();
+    let ad = device.clone().autodiff();
+    let mut tier = DeviceMemory::new(MemoryConfig::new(dh, dh), cap, &ad).expect("tier");
+    let mut keys = data(cap * dh, &mut rng);
+    for row in keys.chunks_mut(dh) {
+        let n = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        row.iter_mut().for_each(|x| *x /= n);
+    }
+    tier.fill(&keys, &data(cap * dh, &mut rng), 0).expect("fill");
+    tier.take_changes();
+    tier.set_trainable_values(true);
+    let queries = Tensor::<2>::from_data(
+        TensorData::new(data(b * t * heads * dh, &mut rng), [b * t * heads, dh]),
+        &ad,
+    );
+    g.bench_function("device top-k search (4096 x 4096 x 32, k 8)", |bench| {
+        bench.iter(|| {
+            let found = tier.search(queries.clone(), k).expect("search");
+            found.distances.sum().into_scalar::<f32>()
+        })
+    });
+
+    let mut layer = FeaturalMemory::new(width, heads, k, tier, &ad).expect("layer");
+    layer.set_learning(true);
+    let x = Tensor::<3>::from_data(TensorData::new(data(b * t * width, &mut rng), [b, t, width]), &ad);
+    let mut tick = 1;
+    g.bench_function(
+        "featural layer: forward + backward + commit (touch, sparse value update)",
+        |bench| {
+            bench.iter(|| {
+                let y = layer.forward(x.clone()).expect("forward");
+                let mut grads = y.powf_scalar(2.0).mean().backward();
+                let vg = layer.memory().take_value_grad(&mut grads).expect("value gradient");
+                layer.commit(tick, Some((vg, 0.01))).expect("commit");
+                let batch = layer.memory_mut().take_changes();
+                tick += 1;
+                batch.map(|b| b.touch.len())
+            })
+        },
+    );
+
+    let fc = LinearConfig::new(width, 4 * width).init(&ad);
+    let proj = LinearConfig::new(4 * width, width).init(&ad);
+    g.bench_function("baseline: the MLP it replaces, forward + backward", |bench| {
+        bench.iter(|| {
+            let y = proj.forward(burn_dmt::burn::tensor::activation::gelu(fc.forward(x.clone())));
+            let grads = y.powf_scalar(2.0).mean().backward();
+            fc.weight.val().grad(&grads).map(|g| g.dims())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, tier_step);
+criterion_main!(benches);
