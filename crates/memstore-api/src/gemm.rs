@@ -26,7 +26,7 @@ pub fn topk(
     k: usize,
     mask: Option<&[bool]>,
 ) -> Result<(Vec<f32>, Vec<u32>)> {
-    if dim == 0 || queries.len() % dim != 0 || keys.len() % dim != 0 {
+    if dim == 0 || !queries.len().is_multiple_of(dim) || !keys.len().is_multiple_of(dim) {
         return Err(Error::Shape(format!(
             "{} query and {} key floats are not rows of {dim}",
             queries.len(),
