@@ -564,7 +564,16 @@ fn final_report(
         steps,
     };
     if train_tokens_per_s.is_some() {
-        crate::loader::write_atomic(&run_dir.join("report.md"), report.markdown().as_bytes())?;
+        let col = |f: fn(&StepMetrics) -> f64| report.steps.iter().map(f).collect::<Vec<f64>>();
+        let (loss, kd, ce) = (col(|m| m.loss), col(|m| m.kd), col(|m| m.ce));
+        let (lo, hi) = crate::plot::loss_curves(&run_dir.join("loss.png"), &[&loss, &kd, &ce])?;
+        let md = format!(
+            "{}\n`loss.png`: training loss per step (x: step 1 to {}; y: linear, {lo:.4} to {hi:.4}); \
+             blue: total loss, red: T²·KL(teacher ‖ student), green: next-token cross-entropy.\n",
+            report.markdown(),
+            report.steps.len()
+        );
+        crate::loader::write_atomic(&run_dir.join("report.md"), md.as_bytes())?;
         crate::loader::write_atomic(&run_dir.join("metrics.csv"), report.csv().as_bytes())?;
     } else {
         // --eval-only keeps the training report and metrics.

@@ -22,6 +22,7 @@ pub mod generate;
 pub mod gpt2;
 pub mod loader;
 pub mod memory;
+pub mod plot;
 pub mod tokenizer;
 pub mod train;
 

@@ -102,7 +102,9 @@ fn distillation_runs_end_to_end_and_eval_only_reproduces_it() {
         assert!(run_dir.join(f).exists(), "{f} is missing");
     }
     let md = std::fs::read_to_string(run_dir.join("report.md")).unwrap();
-    assert!(md.contains("Gap closed"), "{md}");
+    assert!(md.contains("Gap closed") && md.contains("loss.png"), "{md}");
+    let png = std::fs::read(run_dir.join("loss.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
     assert_eq!(
         std::fs::read_to_string(run_dir.join("metrics.csv"))
             .unwrap()
