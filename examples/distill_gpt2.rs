@@ -39,8 +39,9 @@ struct Args {
     /// Run directory (student weights, student.json, memory stores, report.md, metrics.csv).
     #[arg(long, default_value = "runs/distill")]
     run_dir: PathBuf,
-    /// Device: auto (a wgpu GPU when one exists, else the CPU), cpu or wgpu.
-    #[arg(long, default_value = "cpu")]
+    /// Device: auto (a wgpu GPU when the build has burn-dmt's `wgpu` feature and an adapter answers, else the
+    /// CPU), cpu or wgpu.
+    #[arg(long, default_value = "auto")]
     device: DeviceChoice,
     /// Which blocks get which memory type, e.g. "0-2:featural,3:associative" (default: the lower three quarters
     /// featural, the rest associative; "mlp" keeps a block's MLP, "none" removes it).

@@ -228,7 +228,7 @@ impl Report {
             );
         }
         s += &format!(
-            "\nGap closed: **{:.1}%** of the ablation gap ((ppl_ablated − ppl_student) / (ppl_ablated − ppl_teacher)).\n\n",
+            "\nGap closed: **{:.2}%** of the ablation gap ((ppl_ablated − ppl_student) / (ppl_ablated − ppl_teacher)).\n\n",
             100.0 * self.gap_closed()
         );
         s += &format!(
