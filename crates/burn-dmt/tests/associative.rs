@@ -200,7 +200,13 @@ fn novel_keys_are_inserted_within_capacity_and_only_once() {
     let before = layer.memory().len();
     layer.forward(x).unwrap();
     let again = layer.commit(2, 100, None).unwrap();
-    assert_eq!(again, 0, "keys already stored are not novel");
+    // Keys already stored are not novel: each merges with its stored copy.
+    let batch = layer.memory_mut().take_changes().unwrap();
+    assert_eq!(batch.delete.len(), again);
+    assert!(
+        batch.insert_meta.iter().all(|m| m.created == 1 && m.access_count >= 2),
+        "{batch:?}"
+    );
     assert_eq!(layer.memory().len(), before);
     layer.set_learning(false);
     layer
@@ -272,4 +278,85 @@ async fn a_student_persists_to_sqlite_and_reloads_with_identical_outputs() {
     }
     let got = values(reloaded.forward(input, None).unwrap());
     close(&got, &want, 1e-6, "logits after reload");
+}
+
+/// Observations closer than the recombination threshold to stored memories
+/// are merged with them on the device tier, with the store's arithmetic; the
+/// change batches leave the store holding the tier's memories and the merged
+/// history (summed access counts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_duplicates_are_recombined_on_the_device_and_in_the_store() {
+    use memstore_api::InMemoryStore;
+    let device = Device::flex();
+    let (c, h, t) = (8, 2, 3);
+    let dh = c / h;
+    let mut tier0 = tier(4, dh, 20, 0.4, 11, &device);
+    let store = InMemoryStore::new(tier0.config().clone()).unwrap();
+    store.apply(&tier0.take_changes().unwrap()).await.unwrap();
+    let mut layer = AssociativeMemory::new(c, h, 2, tier0, &device).unwrap();
+    layer.set_learning(true);
+    let x1 = Rng::new(12).vecs(t, c);
+    layer.forward(tensor(x1.clone(), [1, t, c], &device)).unwrap();
+    let inserted = layer.commit(1, 100, None).unwrap();
+    assert!(inserted > 0);
+    let b1 = layer.memory_mut().take_changes().unwrap();
+    store.apply(&b1).await.unwrap();
+
+    // The same text again, slightly perturbed: its keys fall within the
+    // recombination threshold of the memories the first pass inserted.
+    let x2: Vec<f32> = x1
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v + 1e-4 * ((i % 3) as f32 - 1.0))
+        .collect();
+    let before = store.stats().await.unwrap();
+    layer.forward(tensor(x2, [1, t, c], &device)).unwrap();
+    let merged = layer.commit(2, 100, None).unwrap();
+    assert!(merged > 0, "near-duplicates were merged");
+    let b2 = layer.memory_mut().take_changes().unwrap();
+    assert!(!b2.delete.is_empty(), "the merged sources are deleted");
+    assert!(b2.insert_meta.iter().any(|m| m.access_count >= 3 && m.created == 1));
+    let sources: Vec<u64> = b2.delete.clone();
+    let counts: u64 = store.get(&sources).await.unwrap().iter().map(|m| m.access_count).sum();
+    store.apply(&b2).await.unwrap();
+    let after = store.stats().await.unwrap();
+    assert_eq!(
+        after.len,
+        before.len - b2.delete.len() as u64 + (b2.insert_keys.len() / dh) as u64
+    );
+    // A merged memory's count is its sources' counts (with this step's
+    // retrievals of them, at most t·h·k) plus one: the merged rows carry
+    // every access (no eviction here: the tier has room).
+    let merged_rows: Vec<_> = b2.insert_meta.iter().filter(|m| m.created < 2).collect();
+    assert!(!merged_rows.is_empty());
+    let carried: u64 = merged_rows.iter().map(|m| m.access_count).sum();
+    let floor = counts + merged_rows.len() as u64;
+    assert!(
+        carried >= floor && carried <= floor + (t * h * 2) as u64,
+        "{carried} vs {floor}"
+    );
+    // The store holds exactly the tier's memories.
+    let (keys, vals) = layer.memory().tensors();
+    let (keys, vals) = (values(keys), values(vals));
+    let mut rows: Vec<(u64, Vec<f32>, Vec<f32>)> = (0..20)
+        .filter_map(|s| {
+            layer.memory().id(s).map(|id| {
+                (
+                    id,
+                    keys[s * dh..(s + 1) * dh].to_vec(),
+                    vals[s * dh..(s + 1) * dh].to_vec(),
+                )
+            })
+        })
+        .collect();
+    rows.sort_by_key(|r| r.0);
+    let ids = store.ids().await.unwrap();
+    let stored: Vec<(u64, Vec<f32>, Vec<f32>)> = store
+        .get(&ids)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.id, m.key, m.value))
+        .collect();
+    assert_eq!(stored, rows);
 }

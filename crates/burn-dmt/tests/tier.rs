@@ -210,6 +210,12 @@ fn journal_records_round_trip_and_damage_is_reported() {
         touch: vec![3, 3, 100],
         insert_keys: vec![1.0; 4],
         insert_values: vec![2.0; 3],
+        insert_meta: vec![memstore_api::InsertMeta {
+            created: 1,
+            last_access: 9,
+            access_count: 3,
+            crf: 1.5,
+        }],
     };
     let bytes = encode(&b);
     assert_eq!(decode(&bytes), Some(b.clone()));

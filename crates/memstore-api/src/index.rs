@@ -471,6 +471,12 @@ impl MemoryIndex {
         ov.counters.deleted += unique.len() as u64;
         for i in 0..inserts.len() {
             ov.insert_row(&inserts, i, batch.tick);
+            if let (Some(meta), Some(c)) = (batch.insert_meta.get(i), ov.created.last_mut()) {
+                c.meta.created = meta.created;
+                c.meta.last_access = meta.last_access;
+                c.meta.access_count = meta.access_count;
+                c.meta.crf = meta.crf;
+            }
         }
         for &id in &batch.touch {
             ov.access(id, batch.tick);

@@ -32,6 +32,6 @@ pub use error::{Error, Result};
 pub use reference::InMemoryStore;
 pub use store::MemoryStore;
 pub use types::{
-    Batch, ChangeBatch, Counters, EvictionPolicy, Memory, MemoryConfig, MemoryId, Metric, Neighbors, Stats, TagFilter,
-    Tags, Tick, Vectors,
+    Batch, ChangeBatch, Counters, EvictionPolicy, InsertMeta, Memory, MemoryConfig, MemoryId, Metric, Neighbors, Stats,
+    TagFilter, Tags, Tick, Vectors,
 };

@@ -536,6 +536,23 @@ pub struct ChangeBatch {
     pub insert_keys: Vec<f32>,
     /// Values to insert, `n × value_dim`.
     pub insert_values: Vec<f32>,
+    /// Bookkeeping of the inserted rows (empty: each is new, created and
+    /// first accessed at `tick`; otherwise one per row, e.g. a recombined
+    /// memory keeping the history of the memories it replaces).
+    pub insert_meta: Vec<InsertMeta>,
+}
+
+/// Access bookkeeping of a row a [`ChangeBatch`] inserts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct InsertMeta {
+    /// Creation tick.
+    pub created: Tick,
+    /// Last access tick (at least `created`).
+    pub last_access: Tick,
+    /// Number of accesses (at least 1).
+    pub access_count: u64,
+    /// LRFU CRF at `last_access` (finite, positive).
+    pub crf: f64,
 }
 
 impl ChangeBatch {
@@ -573,6 +590,20 @@ impl ChangeBatch {
         }
         let inserts = self.inserts(config)?;
         inserts.check(config)?;
+        if !self.insert_meta.is_empty() && self.insert_meta.len() != inserts.len() {
+            return Err(Error::Shape(format!(
+                "{} insert bookkeeping entries for {} inserted rows",
+                self.insert_meta.len(),
+                inserts.len()
+            )));
+        }
+        if let Some(m) = self
+            .insert_meta
+            .iter()
+            .find(|m| !(m.crf.is_finite() && m.crf > 0.0) || m.access_count == 0 || m.created > m.last_access)
+        {
+            return Err(Error::Shape(format!("impossible insert bookkeeping {m:?}")));
+        }
         if !inserts.is_empty() && self.first_id != next_id {
             return Err(Error::IdConflict {
                 expected: next_id,

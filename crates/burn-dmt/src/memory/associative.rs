@@ -2,8 +2,10 @@
 //! block's feed-forward layer: 1. query, key and value projections (per head,
 //! queries and keys QK-normalised); 2. the top-k memories nearest each key on
 //! the device tier; 3. where every one of them is farther than the novelty
-//! threshold, the key and value are proposed for insertion (applied by
-//! [`AssociativeMemory::commit`] between steps, within the tier's capacity);
+//! threshold, the key and value are proposed for insertion, and where some
+//! are closer than the recombination threshold, for recombination with them
+//! (both applied by [`AssociativeMemory::commit`] between steps, within the
+//! tier's capacity);
 //! 4. attention of the query over the retrieved keys and values (scores from
 //! squared distances, see [`attend`]); 5. output projection.
 //!
@@ -21,7 +23,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor};
-use memstore_api::Tick;
+use memstore_api::{MemoryId, Tick};
 
 use super::featural::unit_rows;
 use super::tier::DeviceMemory;
@@ -37,6 +39,9 @@ pub struct Proposals {
     pub values: Vec<f32>,
     /// Slots retrieved (their accesses are recorded at commit).
     pub slots: Vec<usize>,
+    /// Observations closer than the recombination threshold to stored
+    /// memories: (key, value, the ids of those memories).
+    pub merges: Vec<(Vec<f32>, Vec<f32>, Vec<MemoryId>)>,
 }
 
 /// What one forward pass retrieved, per head-row: `[n, k, dh]` keys and values
@@ -217,10 +222,10 @@ impl AssociativeMemory {
 
     fn propose(&self, k: &Tensor<2>, v: &Tensor<2>, r: &Retrieved) -> Result<()> {
         let read = |e: String| DmtError::InvalidArgument(format!("reading retrieval results: {e}"));
-        let nearest: Vec<f32> = r
+        let [n, kk] = r.distances.dims();
+        let distances: Vec<f32> = r
             .distances
             .clone()
-            .slice([0..r.distances.dims()[0], 0..1])
             .into_data()
             .convert::<f32>()
             .try_into_vec::<f32>()
@@ -232,31 +237,39 @@ impl AssociativeMemory {
             .convert::<i64>()
             .try_into_vec::<i64>()
             .map_err(|e| read(format!("{e:?}")))?;
-        let novelty = self.memory.config().novelty;
-        let novel: Vec<usize> = (0..nearest.len()).filter(|&i| nearest[i] > novelty).collect();
+        let config = self.memory.config();
+        let (novelty, recombine) = (config.novelty, config.recombine);
+        let novel: Vec<usize> = (0..n).filter(|&i| distances[i * kk] > novelty).collect();
+        let close: Vec<usize> = (0..n).filter(|&i| distances[i * kk] < recombine).collect();
         let mut p = self.proposals.lock().unwrap_or_else(|e| e.into_inner());
         p.slots.extend(slots.iter().map(|&s| s as usize));
-        if novel.is_empty() {
+        if novel.is_empty() && close.is_empty() {
             return Ok(());
         }
         let dh = k.dims()[1];
-        let keys: Vec<f32> = k
-            .clone()
-            .detach()
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .map_err(|e| read(format!("{e:?}")))?;
-        let values: Vec<f32> = v
-            .clone()
-            .detach()
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .map_err(|e| read(format!("{e:?}")))?;
+        let host = |t: &Tensor<2>| -> Result<Vec<f32>> {
+            t.clone()
+                .detach()
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .map_err(|e| read(format!("{e:?}")))
+        };
+        let (keys, values) = (host(k)?, host(v)?);
         for i in novel {
             p.keys.extend_from_slice(&keys[i * dh..(i + 1) * dh]);
             p.values.extend_from_slice(&values[i * dh..(i + 1) * dh]);
+        }
+        for i in close {
+            let sources: Vec<MemoryId> = (0..kk)
+                .filter(|&j| distances[i * kk + j] < recombine)
+                .filter_map(|j| self.memory.id(slots[i * kk + j] as usize))
+                .collect();
+            p.merges.push((
+                keys[i * dh..(i + 1) * dh].to_vec(),
+                values[i * dh..(i + 1) * dh].to_vec(),
+                sources,
+            ));
         }
         Ok(())
     }
@@ -268,16 +281,27 @@ impl AssociativeMemory {
 
     /// Between steps: records the accesses of the retrieved slots at `tick`,
     /// applies the sparse value update `value −= lr · grad` to them when a
-    /// value gradient is given (trainable tier values), and inserts up to
-    /// `max_inserts` proposed memories, each farther than
-    /// the novelty threshold from every memory inserted before it in this
-    /// commit (near-duplicate proposals of one batch become one memory).
-    /// Returns the number inserted.
+    /// value gradient is given (trainable tier values), recombines each
+    /// observation closer than the recombination threshold with those
+    /// memories ([`DeviceMemory::merge`], as the store's `learn` does), and
+    /// inserts novel observations, each farther than the novelty threshold
+    /// from every memory inserted before it in this commit (near-duplicate
+    /// proposals of one batch become one memory): at most `max_inserts`
+    /// merges and inserts together. Returns that number.
     pub fn commit(&mut self, tick: Tick, max_inserts: usize, value_grad: Option<(Tensor<2>, f32)>) -> Result<usize> {
         let p = self.take_proposals();
         self.memory.touch(&p.slots, tick)?;
         if let Some((g, lr)) = value_grad {
             self.memory.apply_value_grad(g, lr, &p.slots)?;
+        }
+        let mut done = 0;
+        for (key, value, sources) in &p.merges {
+            if done >= max_inserts {
+                break;
+            }
+            if self.memory.merge(sources, key, value, tick)?.is_some() {
+                done += 1;
+            }
         }
         let dh = self.memory.config().key_dim;
         let novelty = self.memory.config().novelty;
@@ -285,7 +309,7 @@ impl AssociativeMemory {
         let (mut keys, mut values) = (Vec::new(), Vec::new());
         let n = p.keys.len() / dh.max(1);
         for i in 0..n {
-            if keys.len() / dh >= max_inserts {
+            if done + keys.len() / dh >= max_inserts {
                 break;
             }
             let key = &p.keys[i * dh..(i + 1) * dh];
@@ -297,6 +321,6 @@ impl AssociativeMemory {
                 values.extend_from_slice(&p.values[i * dh..(i + 1) * dh]);
             }
         }
-        Ok(self.memory.insert(&keys, &values, tick)?.len())
+        Ok(done + self.memory.insert(&keys, &values, tick)?.len())
     }
 }

@@ -19,12 +19,12 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 
-use memstore_api::{ChangeBatch, MemoryStore};
+use memstore_api::{ChangeBatch, InsertMeta, MemoryStore};
 
 use crate::{DmtError, Result};
 
 /// First bytes of a journal file.
-const MAGIC: &[u8; 8] = b"DMTJRNL1";
+const MAGIC: &[u8; 8] = b"DMTJRNL2";
 
 /// CRC-32 (IEEE 802.3, reflected, as zlib's) of `bytes`.
 pub fn crc32(bytes: &[u8]) -> u32 {
@@ -65,6 +65,12 @@ pub fn encode(b: &ChangeBatch) -> Vec<u8> {
     put_u64s(&mut out, &b.touch);
     put_f32s(&mut out, &b.insert_keys);
     put_f32s(&mut out, &b.insert_values);
+    out.extend_from_slice(&(b.insert_meta.len() as u64).to_le_bytes());
+    for m in &b.insert_meta {
+        for x in [m.created, m.last_access, m.access_count, m.crf.to_bits()] {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
     out
 }
 
@@ -109,6 +115,19 @@ pub fn decode(payload: &[u8]) -> Option<ChangeBatch> {
         touch: r.u64s()?,
         insert_keys: r.f32s()?,
         insert_values: r.f32s()?,
+        insert_meta: {
+            let n = r.len(32)?;
+            (0..n)
+                .map(|_| {
+                    Some(InsertMeta {
+                        created: r.u64()?,
+                        last_access: r.u64()?,
+                        access_count: r.u64()?,
+                        crf: f64::from_bits(r.u64()?),
+                    })
+                })
+                .collect::<Option<Vec<_>>>()?
+        },
     };
     r.0.is_empty().then_some(b)
 }

@@ -10,9 +10,9 @@
 //! updates, novelty inserts and evictions as change batches; the journal and
 //! write-behind thread that bring those batches to the store ([`journal`]);
 //! the featural ([`featural`]) and associative ([`associative`]) layers; and
-//! the per-block plan ([`layers`]). Not yet: recombination of near-duplicate
-//! keys on the device (the store's `learn` does it; the tier only inserts and
-//! evicts).
+//! the per-block plan ([`layers`]). Novelty insertion and recombination of
+//! near-duplicates happen on the device tier, with the store's arithmetic
+//! ([`memstore_api::math`]), and reach the store as change batches.
 
 pub mod associative;
 pub mod device;

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
-use memstore_api::{ChangeBatch, MemoryConfig, MemoryId, MemoryStore, Tick, Vectors, math};
+use memstore_api::{ChangeBatch, InsertMeta, MemoryConfig, MemoryId, MemoryStore, Tick, Vectors, math};
 
 use super::device::exact_topk;
 use crate::{DmtError, Result};
@@ -69,6 +69,8 @@ pub struct DeviceMemory {
     ids: Vec<Option<MemoryId>>,
     crf: Vec<f64>,
     last_access: Vec<Tick>,
+    created: Vec<Tick>,
+    access_count: Vec<u64>,
     slot_of: HashMap<MemoryId, usize>,
     next_id: MemoryId,
     last_batch: u64,
@@ -101,6 +103,8 @@ impl DeviceMemory {
             ids: vec![None; capacity],
             crf: vec![0.0; capacity],
             last_access: vec![0; capacity],
+            created: vec![0; capacity],
+            access_count: vec![0; capacity],
             slot_of: HashMap::new(),
             next_id: 1,
             last_batch: 0,
@@ -168,7 +172,16 @@ impl DeviceMemory {
             for (m, &(slot, _)) in store.get(&ids).await?.into_iter().zip(chunk) {
                 keys[slot * dk..(slot + 1) * dk].copy_from_slice(&m.key);
                 values[slot * dv..(slot + 1) * dv].copy_from_slice(&m.value);
-                tier.occupy(slot, m.id, m.crf, m.last_access);
+                tier.occupy(
+                    slot,
+                    m.id,
+                    InsertMeta {
+                        created: m.created,
+                        last_access: m.last_access,
+                        access_count: m.access_count,
+                        crf: m.crf,
+                    },
+                );
             }
         }
         tier.keys = Tensor::from_data(TensorData::new(keys, [capacity, dk]), device);
@@ -184,11 +197,13 @@ impl DeviceMemory {
         self.ids.clone()
     }
 
-    fn occupy(&mut self, slot: usize, id: MemoryId, crf: f64, last_access: Tick) {
+    fn occupy(&mut self, slot: usize, id: MemoryId, m: InsertMeta) {
         self.valid[slot] = true;
         self.ids[slot] = Some(id);
-        self.crf[slot] = crf;
-        self.last_access[slot] = last_access;
+        self.crf[slot] = m.crf;
+        self.last_access[slot] = m.last_access;
+        self.created[slot] = m.created;
+        self.access_count[slot] = m.access_count;
         self.slot_of.insert(id, slot);
     }
 
@@ -398,6 +413,7 @@ impl DeviceMemory {
             let (crf, last) = math::access(lambda, self.crf[s], self.last_access[s], tick);
             self.crf[s] = crf;
             self.last_access[s] = last;
+            self.access_count[s] = self.access_count[s].saturating_add(1);
             self.pending.touch.push(id);
         }
         if !slots.is_empty() {
@@ -489,11 +505,18 @@ impl DeviceMemory {
                 let pb = math::priority(lambda, self.crf[b.0], self.last_access[b.0]);
                 pa.total_cmp(&pb).then(a.1.cmp(&b.1))
             })?;
-        let (s, id) = victim;
+        let (s, _) = victim;
+        self.remove_synced(s);
+        Some(s)
+    }
+
+    /// Removes the synced memory in slot `s` (deleted in the pending batch;
+    /// its pending updates and touches dropped, since a batch deletes first).
+    fn remove_synced(&mut self, s: usize) {
+        let Some(id) = self.ids[s] else { return };
         self.valid[s] = false;
         self.ids[s] = None;
         self.slot_of.remove(&id);
-        // The batch deletes before it updates or touches: drop those of the victim.
         let dv = self.config.value_dim;
         let mut kept_ids = Vec::with_capacity(self.pending.update_ids.len());
         let mut kept = Vec::with_capacity(self.pending.deltas.len());
@@ -507,13 +530,107 @@ impl DeviceMemory {
         self.pending.deltas = kept;
         self.pending.touch.retain(|&t| t != id);
         self.pending.delete.push(id);
-        Some(s)
     }
 
     /// Inserts new memories (host rows of keys and values) at `tick`, evicting
     /// by LRFU when full. Returns the slots used, in row order; it stops early
     /// (fewer slots) when every occupied slot holds a memory not yet synced.
     pub fn insert(&mut self, keys: &[f32], values: &[f32], tick: Tick) -> Result<Vec<usize>> {
+        self.insert_rows(keys, values, None, tick)
+    }
+
+    /// Recombines memories `sources` (synced, present) with an observation
+    /// (`key`, `value`) at `tick`, as the store's `learn` merges
+    /// near-duplicates ([`math::merge`]: exp(−d)-weighted means, the
+    /// observation weighing 1, oldest creation, counts summed, CRFs combined):
+    /// the sources are deleted and the merged memory is inserted with their
+    /// history (accesses recorded earlier in the same step included). Returns its slot, or `None` (nothing changed) when a source is
+    /// gone or not yet in the store.
+    pub fn merge(&mut self, sources: &[MemoryId], key: &[f32], value: &[f32], tick: Tick) -> Result<Option<usize>> {
+        self.check_writable()?;
+        let (dk, dv) = (self.config.key_dim, self.config.value_dim);
+        if key.len() != dk || value.len() != dv {
+            return Err(DmtError::InvalidArgument(format!(
+                "a merged observation of {}/{} dims for memories of {dk}/{dv}",
+                key.len(),
+                value.len()
+            )));
+        }
+        let mut slots = Vec::with_capacity(sources.len());
+        for id in sources {
+            match self.slot(*id) {
+                Some(s) if *id < self.pending.first_id && !slots.contains(&s) => slots.push(s),
+                _ => return Ok(None),
+            }
+        }
+        if slots.is_empty() {
+            return Ok(None);
+        }
+        self.check_tick(tick)?;
+        let inner = self.device.clone().inner();
+        let idx = Tensor::<1, Int>::from_data(
+            TensorData::new(slots.iter().map(|&s| s as i64).collect::<Vec<_>>(), [slots.len()]),
+            &inner,
+        );
+        let rows = |t: &Tensor<2>| -> Result<Vec<f32>> {
+            t.clone()
+                .inner()
+                .select(0, idx.clone())
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .map_err(|e| DmtError::InvalidArgument(format!("reading memories: {e:?}")))
+        };
+        let (skeys, svalues) = (rows(&self.keys)?, rows(&self.values)?);
+        let no_tags = std::collections::BTreeMap::new();
+        let src: Vec<math::MergeSource<'_>> = slots
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| {
+                let k = &skeys[i * dk..(i + 1) * dk];
+                math::MergeSource {
+                    distance: math::distance(self.config.metric, key, k),
+                    key: k,
+                    created: self.created[s],
+                    last_access: self.last_access[s],
+                    access_count: self.access_count[s],
+                    crf: self.crf[s],
+                    tags: &no_tags,
+                }
+            })
+            .collect();
+        let merged = math::merge(self.config.eviction.lambda(), key, &[], tick, &src);
+        let mvalue = math::weighted_mean(
+            value,
+            merged
+                .weights
+                .iter()
+                .copied()
+                .zip((0..slots.len()).map(|i| &svalues[i * dv..(i + 1) * dv])),
+        );
+        if mvalue.iter().chain(&merged.key).any(|x| !x.is_finite()) {
+            return Err(DmtError::InvalidArgument("a merge produced a non-finite number".into()));
+        }
+        for &s in &slots {
+            self.remove_synced(s);
+        }
+        let meta = InsertMeta {
+            created: merged.created,
+            last_access: merged.last_access,
+            access_count: merged.access_count,
+            crf: merged.crf,
+        };
+        let got = self.insert_rows(&merged.key, &mvalue, Some(&[meta]), tick)?;
+        Ok(got.first().copied())
+    }
+
+    fn insert_rows(
+        &mut self,
+        keys: &[f32],
+        values: &[f32],
+        metas: Option<&[InsertMeta]>,
+        tick: Tick,
+    ) -> Result<Vec<usize>> {
         self.check_writable()?;
         let (dk, dv) = (self.config.key_dim, self.config.value_dim);
         let n = keys.len() / dk.max(1);
@@ -537,7 +654,14 @@ impl DeviceMemory {
             let Some(s) = self.free_slot() else { break };
             let id = self.next_id;
             self.next_id += 1;
-            self.occupy(s, id, 1.0, tick);
+            let meta = metas.and_then(|m| m.get(i).copied()).unwrap_or(InsertMeta {
+                created: tick,
+                last_access: tick,
+                access_count: 1,
+                crf: 1.0,
+            });
+            self.occupy(s, id, meta);
+            self.pending.insert_meta.push(meta);
             self.pending.insert_keys.extend_from_slice(&keys[i * dk..(i + 1) * dk]);
             self.pending
                 .insert_values

@@ -1007,6 +1007,42 @@ pub async fn apply_rejects_bad_batches<H: Harness>(make: Make<'_, H>) {
     assert_eq!(dump(&s).await, after);
 }
 
+/// Rows a change batch inserts with bookkeeping keep it (a recombined memory
+/// keeps its sources' history), durably; impossible bookkeeping is refused.
+pub async fn apply_keeps_insert_bookkeeping<H: Harness>(make: Make<'_, H>) {
+    let c = lambda_cfg(1, 1, 0.5);
+    let (h, s) = fresh(make, c.clone()).await;
+    let meta = crate::InsertMeta {
+        created: 2,
+        last_access: 7,
+        access_count: 5,
+        crf: 2.75,
+    };
+    let mut b = change_batch(1, 7, 1);
+    b.insert_keys = vec![1.0, 2.0];
+    b.insert_values = vec![3.0, 4.0];
+    b.insert_meta = vec![meta, meta];
+    let mut bad = b.clone();
+    bad.insert_meta = vec![meta];
+    assert!(matches!(s.apply(&bad).await, Err(Error::Shape(_))));
+    bad.insert_meta = vec![meta, crate::InsertMeta { crf: f64::NAN, ..meta }];
+    assert!(matches!(s.apply(&bad).await, Err(Error::Shape(_))));
+    bad.insert_meta = vec![
+        meta,
+        crate::InsertMeta {
+            access_count: 0,
+            ..meta
+        },
+    ];
+    assert!(matches!(s.apply(&bad).await, Err(Error::Shape(_))));
+    assert_eq!(s.len().await.unwrap(), 0);
+    s.apply(&b).await.unwrap();
+    let s = reopen(&h, s, c).await;
+    let m = &s.get(&[2]).await.unwrap()[0];
+    assert_eq!((m.created, m.last_access, m.access_count, m.crf), (2, 7, 5, 2.75));
+    assert_eq!(s.stats().await.unwrap().access_count_total, 10);
+}
+
 /// A change batch's inserts past the capacity evict in LRFU order, as
 /// `insert` does, and agree with the reference model.
 pub async fn apply_respects_capacity<H: Harness>(make: Make<'_, H>) {

@@ -139,6 +139,7 @@ macro_rules! conformance_suite {
             apply_equals_the_separate_operations,
             apply_rejects_bad_batches,
             apply_respects_capacity,
+            apply_keeps_insert_bookkeeping,
             stats_report_totals,
             ids_lists_every_memory,
             flush_keeps_state,
