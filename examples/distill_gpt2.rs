@@ -135,8 +135,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         capacity,
         value_lr,
         novelty,
-        eval_windows
+        eval_windows,
+        checkpoint_every
     );
+    o.resume = args.resume;
+    o.halt_after = args.halt_after;
+    o.bootstrap = !args.no_bootstrap;
     let start = Instant::now();
     let report = if args.eval_only {
         let (Some(student), Some(corpus)) = (args.student, args.corpus) else {
