@@ -80,6 +80,10 @@ struct Args {
     /// Novelty threshold of associative insertion (L2 distance between unit keys).
     #[arg(long)]
     novelty: Option<f32>,
+    /// Weight of the hidden-state loss (MSE between each memory layer's output and the teacher MLP's output on the
+    /// same input; 0: off).
+    #[arg(long)]
+    hidden_loss: Option<f64>,
     /// Start the memories random instead of from the teacher's feed-forward layers (an ablation).
     #[arg(long)]
     no_bootstrap: bool,
@@ -136,7 +140,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         value_lr,
         novelty,
         eval_windows,
-        checkpoint_every
+        checkpoint_every,
+        hidden_loss
     );
     o.resume = args.resume;
     o.halt_after = args.halt_after;

@@ -101,6 +101,10 @@ pub struct DistillOptions {
     pub novelty: f32,
     /// Most memories an associative layer inserts per step.
     pub max_inserts: usize,
+    /// Weight of the hidden-state loss: for each memory block, the MSE between
+    /// the memory layer's output and the teacher's MLP output on the same
+    /// input (0: off).
+    pub hidden_loss: f64,
     /// Seed the memories from the teacher's feed-forward layers (otherwise:
     /// random unit keys and small random values, output projection random).
     pub bootstrap: bool,
@@ -144,6 +148,7 @@ impl DistillOptions {
             novelty: 0.3,
             max_inserts: 64,
             bootstrap: true,
+            hidden_loss: 0.0,
             eval_windows: 128,
             log_every: 10,
             checkpoint_every: 100,
@@ -748,10 +753,21 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         let tick = step as u64 + 1;
         let b = sample_batch(&corpus.train, opts.batch, seq, &mut rng)?;
         let tl = teacher.forward(b.inputs(&device), None)?;
-        let sl = student.forward(b.inputs(&ad), None)?;
+        let (sl, ff) = if opts.hidden_loss > 0.0 {
+            student.forward_with_ff(b.inputs(&ad))?
+        } else {
+            (student.forward(b.inputs(&ad), None)?, Vec::new())
+        };
         let kd = distill_kl(sl.clone(), tl, opts.temperature);
         let ce = cross_entropy(sl, b.targets(&ad));
-        let loss = kd.clone().mul_scalar(opts.alpha) + ce.clone().mul_scalar(1.0 - opts.alpha);
+        let mut loss = kd.clone().mul_scalar(opts.alpha) + ce.clone().mul_scalar(1.0 - opts.alpha);
+        for (i, (ff_in, ff_out)) in ff.into_iter().enumerate() {
+            if matches!(student.h[i].mlp, FeedForward::Featural(_) | FeedForward::Associative(_)) {
+                let target = teacher.h[i].mlp.forward(ff_in.inner())?;
+                let mse = (ff_out - target).powf_scalar(2.0).mean();
+                loss = loss + mse.mul_scalar(opts.hidden_loss);
+            }
+        }
         let (l, kdv, cev) = (value(loss.clone())?, value(kd)?, value(ce)?);
         if !l.is_finite() {
             return Err(DmtError::InvalidArgument(format!(

@@ -332,6 +332,22 @@ impl Gpt2 {
         })
     }
 
+    /// Logits and, for each block, the input of its feed-forward layer (after
+    /// `ln_2`) and that layer's output — the hidden-state distillation
+    /// targets.
+    pub fn forward_with_ff(&self, ids: Tensor<2, Int>) -> Result<(Tensor<3>, Vec<(Tensor<3>, Tensor<3>)>)> {
+        let mut x = self.embed(ids, 0)?;
+        let mut ff = Vec::with_capacity(self.h.len());
+        for block in &self.h {
+            let h = x.clone() + block.attn.forward(block.ln_1.forward(x), None);
+            let ff_in = block.ln_2.forward(h.clone());
+            let ff_out = block.mlp.forward(ff_in.clone())?;
+            x = h + ff_out.clone();
+            ff.push((ff_in, ff_out));
+        }
+        Ok((self.lm_head(self.ln_f.forward(x)), ff))
+    }
+
     /// Block `i`'s feed-forward layer, to change between steps (a memory
     /// layer's tier).
     pub fn feed_forward_mut(&mut self, i: usize) -> Option<&mut FeedForward> {

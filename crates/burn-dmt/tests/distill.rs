@@ -180,3 +180,35 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     assert!(near(resumed.student.kl.unwrap(), whole.student.kl.unwrap()));
     assert_eq!(resumed.memory_rows, whole.memory_rows);
 }
+
+/// The optional hidden-state loss adds the memory layers' MSE to the teacher
+/// MLPs' outputs on the same inputs; `forward_with_ff` gives the same logits
+/// as `forward` and the MLP outputs on the recorded inputs.
+#[test]
+fn the_hidden_state_loss_adds_its_term() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, eval) = tiny_setup(dir.path());
+    let device = Device::flex();
+    let teacher = Gpt2::from_pretrained(dir.path().join("teacher"), &device).unwrap();
+    let ids = burn_dmt::burn::tensor::Tensor::<2, burn_dmt::burn::tensor::Int>::from_data(
+        burn_dmt::burn::tensor::TensorData::new((0..32i64).collect::<Vec<_>>(), [2, 16]),
+        &device,
+    );
+    let (logits, ff) = teacher.forward_with_ff(ids.clone()).unwrap();
+    let plain = teacher.forward(ids, None).unwrap();
+    let diff: f32 = (logits - plain).abs().max().into_scalar();
+    assert!(diff < 1e-5, "{diff}");
+    assert_eq!(ff.len(), 2);
+    let (x, y) = ff[1].clone();
+    let again: f32 = (teacher.h[1].mlp.forward(x).unwrap() - y).abs().max().into_scalar();
+    assert_eq!(again, 0.0);
+
+    let mut o = options(dir.path(), train, &eval);
+    o.steps = 2;
+    o.hidden_loss = 1.0;
+    let r = run(&o, &mut |_| {}).unwrap();
+    for m in &r.steps {
+        let plain = 0.5 * m.kd + 0.5 * m.ce;
+        assert!(m.loss.is_finite() && m.loss > plain, "{m:?}");
+    }
+}
