@@ -114,6 +114,11 @@ impl Ord for Cand {
 /// Rows scanned per parallel task.
 const CHUNK: usize = 8192;
 
+/// Queries below which the scalar scan beats setting up SGEMM blocks.
+const GEMM_MIN_QUERIES: usize = 8;
+/// Extra candidates per query before the exact re-rank.
+const GEMM_SLACK: usize = 8;
+
 /// Keys, bookkeeping and priorities of every memory of one store.
 pub struct MemoryIndex {
     config: MemoryConfig,
@@ -331,6 +336,9 @@ impl MemoryIndex {
         let mask = mask.as_deref();
         let n = queries.len();
         let work = n * self.ids.len() * self.config.key_dim;
+        if work >= 1 << 22 && n >= GEMM_MIN_QUERIES {
+            return self.search_gemm(queries, k, mask);
+        }
         if work < 1 << 18 {
             (0..n).map(|i| self.topk(queries.row(i), k, mask, false)).collect()
         } else if n >= 2 * rayon::current_num_threads() {
@@ -341,6 +349,44 @@ impl MemoryIndex {
         } else {
             (0..n).map(|i| self.topk(queries.row(i), k, mask, true)).collect()
         }
+    }
+
+    /// Batched search by blocked SGEMM ([`crate::gemm::topk`]): `k + slack`
+    /// candidates per query ranked by the matrix product, re-ranked by exact
+    /// distance (ties by id). A query whose k-th exact distance comes within
+    /// rounding of the last candidate's (ties or near-ties at the cut, e.g.
+    /// duplicate keys) is answered by the exact scan instead, so results are
+    /// always those of the scalar scan.
+    fn search_gemm(&self, queries: Vectors<'_>, k: usize, mask: Option<&[bool]>) -> Vec<Vec<(f32, MemoryId)>> {
+        let n = self.ids.len();
+        let want = (k + GEMM_SLACK).min(n);
+        let qualifying = mask.map_or(n, |m| m.iter().filter(|x| **x).count());
+        let d = self.config.key_dim;
+        let Ok((dist, idx)) = crate::gemm::topk(self.config.metric, queries.data(), &self.keys, d, want, mask) else {
+            return (0..queries.len())
+                .into_par_iter()
+                .map(|i| self.topk(queries.row(i), k, mask, false))
+                .collect();
+        };
+        (0..queries.len())
+            .into_par_iter()
+            .map(|i| {
+                let mut cands: Vec<(f32, MemoryId)> = (0..want)
+                    .filter(|&j| idx[i * want + j] != u32::MAX)
+                    .map(|j| (dist[i * want + j], self.ids[idx[i * want + j] as usize]))
+                    .collect();
+                cands.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                let truncated = cands.len() < qualifying;
+                if truncated && cands.len() > k {
+                    let (kth, last) = (cands[k - 1].0, cands[cands.len() - 1].0);
+                    if kth >= last - (1e-4 * last.abs() + 1e-6) {
+                        return self.topk(queries.row(i), k, mask, false);
+                    }
+                }
+                cands.truncate(k);
+                cands
+            })
+            .collect()
     }
 
     /// Builds fixed-shape [`Neighbors`] from search rows, keys from the index

@@ -117,6 +117,7 @@ macro_rules! conformance_suite {
             search_breaks_ties_by_id,
             search_large_batch_matches_brute_force,
             search_large_store_single_query,
+            search_large_batch_with_ties_and_filters,
             delete_removes_memories,
             delete_unknown_id_changes_nothing,
             update_values_adds_deltas,
