@@ -38,7 +38,7 @@ use crate::tokenizer::TextCodec;
 use crate::train::{
     Corpus, EvalStats, SplitMix, Window, cross_entropy, distill_kl, eval_batches, evaluate, lr_at, sample_batch, value,
 };
-use crate::{DmtError, FeedForward, Gpt2, Result};
+use crate::{DmtError, FeedForward, Gpt2, Result, host_f32, io_error as io, runtime};
 
 /// The student's description, saved as `student.json` in the run directory.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -370,38 +370,32 @@ fn seeded_normal(r: usize, c: usize, rng: &mut SplitMix, device: &Device) -> Ten
     Tensor::from_data(TensorData::new(data, [r, c]), device)
 }
 
-fn host(t: Tensor<2>) -> Result<Vec<f32>> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .map_err(|e| DmtError::InvalidArgument(format!("reading a tensor: {e:?}")))
-}
-
-/// The teacher's feed-forward inputs (after `ln_2`) and outputs at block `i`
-/// on `windows`, each `[positions, n_embd]`.
-fn teacher_ff(teacher: &Gpt2, i: usize, windows: &[Window]) -> Result<(Tensor<2>, Tensor<2>)> {
+/// The teacher's feed-forward inputs (after `ln_2`) and outputs of every
+/// block on `windows`, each `[positions, n_embd]` (one teacher pass per window).
+fn teacher_ff(teacher: &Gpt2, windows: &[Window]) -> Result<Vec<(Tensor<2>, Tensor<2>)>> {
     let device = teacher.device();
     let c = teacher.config().n_embd;
-    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    let mut per_block: Vec<(Vec<Tensor<2>>, Vec<Tensor<2>>)> = vec![(Vec::new(), Vec::new()); teacher.h.len()];
     for w in windows {
-        let out = teacher.forward_full(w.inputs(&device), None, true)?;
-        let h = out.hidden_states[i].clone();
-        let (ff_in, _) = teacher.h[i].forward_with_ff_input(h)?;
-        let ff_out = teacher.h[i].mlp.forward(ff_in.clone())?;
         let n = w.b * w.t;
-        xs.push(ff_in.reshape([n, c]));
-        ys.push(ff_out.reshape([n, c]));
+        let (_, ff) = teacher.forward_with_ff(w.inputs(&device))?;
+        for ((xs, ys), (x, y)) in per_block.iter_mut().zip(ff) {
+            xs.push(x.reshape([n, c]));
+            ys.push(y.reshape([n, c]));
+        }
     }
-    Ok((Tensor::cat(xs, 0), Tensor::cat(ys, 0)))
+    Ok(per_block
+        .into_iter()
+        .map(|(xs, ys)| (Tensor::cat(xs, 0), Tensor::cat(ys, 0)))
+        .collect())
 }
 
-/// A memory layer for block `i`, bootstrapped from the teacher: keys = unit
-/// per-head projections of the teacher's feed-forward inputs, values = the
-/// per-head slices of its outputs, output projection = identity.
+/// A memory layer bootstrapped from the teacher's feed-forward inputs `x`
+/// and outputs `y` at its block: keys = unit per-head projections of `x`,
+/// values = the per-head slices of `y`, output projection = identity.
 fn bootstrap_layer(
     kind: LayerKind,
-    i: usize,
-    (teacher, windows): (&Gpt2, &[Window]),
+    (x, y): (Tensor<2>, Tensor<2>),
     spec: &StudentSpec,
     rng: &mut SplitMix,
     from_teacher: bool,
@@ -410,7 +404,6 @@ fn bootstrap_layer(
     let c = spec.config.n_embd;
     let h = spec.config.n_head;
     let dh = c / h;
-    let (x, y) = teacher_ff(teacher, i, windows)?;
     let n = x.dims()[0];
     let rows = (spec.capacity / h).min(n);
     if rows * h < spec.k {
@@ -431,11 +424,11 @@ fn bootstrap_layer(
     let project = |lin: &burn::nn::Linear| -> Result<Vec<f32>> {
         let w = lin.weight.val().inner();
         let b = lin.bias.as_ref().map(|b| b.val().inner());
-        let mut p = x.clone().matmul(w.to_device(&teacher.device()));
+        let mut p = x.clone().matmul(w.to_device(&x.device()));
         if let Some(b) = b {
-            p = p + b.to_device(&teacher.device()).unsqueeze_dim::<2>(0);
+            p = p + b.to_device(&x.device()).unsqueeze_dim::<2>(0);
         }
-        host(unit_rows(p.reshape([rows * h, dh])))
+        host_f32(unit_rows(p.reshape([rows * h, dh])))
     };
     let out_identity = |lin: &mut burn::nn::Linear| {
         lin.weight = Param::from_tensor(identity(c, device));
@@ -449,13 +442,13 @@ fn bootstrap_layer(
     // values, as many as bootstrapping would give.
     let random = !from_teacher;
     let values = if random {
-        host(seeded_normal(rows * h, dh, rng, device))?
+        host_f32(seeded_normal(rows * h, dh, rng, device))?
     } else {
-        host(y.reshape([rows * h, dh]))?
+        host_f32(y.reshape([rows * h, dh]))?
     };
     let fresh = |lin: &burn::nn::Linear, rng: &mut SplitMix| -> Result<DeviceMemory> {
         let keys = if random {
-            host(unit_rows(seeded_normal(rows * h, dh, rng, device)))?
+            host_f32(unit_rows(seeded_normal(rows * h, dh, rng, device)))?
         } else {
             project(lin)?
         };
@@ -485,29 +478,9 @@ fn bootstrap_layer(
     })
 }
 
-fn tier_mut(ff: &mut FeedForward) -> Option<&mut DeviceMemory> {
-    match ff {
-        FeedForward::Featural(f) => Some(f.memory_mut()),
-        FeedForward::Associative(a) => Some(a.memory_mut()),
-        _ => None,
-    }
-}
-
-fn tier_len(ff: &FeedForward) -> Option<usize> {
-    match ff {
-        FeedForward::Featural(f) => Some(f.memory().len()),
-        FeedForward::Associative(a) => Some(a.memory().len()),
-        _ => None,
-    }
-}
-
 fn set_learning(model: &mut Gpt2, on: bool) {
     for b in model.h.iter_mut() {
-        match &mut b.mlp {
-            FeedForward::Featural(f) => f.set_learning(on),
-            FeedForward::Associative(a) => a.set_learning(on),
-            _ => {}
-        }
+        b.mlp.set_learning(on);
     }
 }
 
@@ -523,26 +496,9 @@ fn dir_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> DmtError + '_ {
-    move |source| DmtError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 fn read_tokens(codec: &TextCodec, path: &Path) -> Result<Vec<u32>> {
     let text = std::fs::read_to_string(path).map_err(io(path))?;
     codec.encode(&text)
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| DmtError::Io {
-            path: PathBuf::from("<tokio runtime>"),
-            source,
-        })
 }
 
 fn final_report(
@@ -562,7 +518,7 @@ fn final_report(
         ablated: evaluate(&ablated, Some(teacher), eval)?,
         teacher_params: param_counts(teacher),
         student_params: param_counts(student),
-        memory_rows: student.h.iter().map(|b| tier_len(&b.mlp)).collect(),
+        memory_rows: student.h.iter().map(|b| b.mlp.memory().map(|t| t.len())).collect(),
         store_bytes: dir_bytes(&run_dir.join("memory")),
         train_tokens_per_s,
         device: device.to_string(),
@@ -692,19 +648,12 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         let boot_windows: Vec<Window> = (0..(opts.capacity / config.n_head).div_ceil(opts.batch * seq).max(1))
             .map(|_| sample_batch(&corpus.train, opts.batch, seq, &mut boot_rng))
             .collect::<Result<_>>()?;
+        let boot_ff = teacher_ff(&teacher, &boot_windows)?;
         let mut student = Gpt2::from_pretrained(&opts.teacher, &ad)?;
         for (i, kind) in plan.iter().enumerate() {
             match kind {
                 LayerKind::Featural | LayerKind::Associative => {
-                    let ff = bootstrap_layer(
-                        *kind,
-                        i,
-                        (&teacher, &boot_windows),
-                        &spec,
-                        &mut boot_rng,
-                        opts.bootstrap,
-                        &ad,
-                    )?;
+                    let ff = bootstrap_layer(*kind, boot_ff[i].clone(), &spec, &mut boot_rng, opts.bootstrap, &ad)?;
                     student.set_feed_forward(i, ff)?;
                 }
                 LayerKind::Ablated => student.set_feed_forward(i, FeedForward::Ablated(burn::nn::Identity))?,
@@ -729,7 +678,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
     let mut stores: Vec<Option<Arc<SqliteStore>>> = Vec::with_capacity(config.n_layer);
     let mut writers: Vec<Option<WriteBehind>> = Vec::with_capacity(config.n_layer);
     for i in 0..config.n_layer {
-        let Some(tier) = student.feed_forward_mut(i).and_then(tier_mut) else {
+        let Some(tier) = student.feed_forward_mut(i).and_then(FeedForward::memory_mut) else {
             stores.push(None);
             writers.push(None);
             continue;
@@ -778,11 +727,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         let mut grads = loss.backward();
         let mut value_grads = Vec::with_capacity(config.n_layer);
         for blk in student.h.iter() {
-            value_grads.push(match &blk.mlp {
-                FeedForward::Featural(f) => f.memory().take_value_grad(&mut grads),
-                FeedForward::Associative(a) => a.memory().take_value_grad(&mut grads),
-                _ => None,
-            });
+            value_grads.push(blk.mlp.memory().and_then(|t| t.take_value_grad(&mut grads)));
         }
         let lr = lr_at(step, opts.steps, warmup, opts.lr, 0.1);
         let gp = GradientsParams::from_grads(grads, &student);
@@ -802,7 +747,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
                 }
                 _ => continue,
             }
-            if let (Some(t), Some(Some(w))) = (tier_mut(ff), writers.get_mut(i))
+            if let (Some(t), Some(Some(w))) = (ff.memory_mut(), writers.get_mut(i))
                 && let Some(batch) = t.take_changes()
             {
                 w.submit(batch)?;
@@ -843,7 +788,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
                 match store {
                     Some(st) => {
                         rt.block_on(st.backup_to(cdir.join(format!("block{i}.db"))))?;
-                        let tier = student.feed_forward_mut(i).and_then(tier_mut);
+                        let tier = student.feed_forward_mut(i).and_then(FeedForward::memory_mut);
                         layouts.push(tier.map(|t| t.layout()));
                     }
                     None => layouts.push(None),

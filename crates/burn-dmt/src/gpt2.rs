@@ -71,6 +71,34 @@ impl FeedForward {
             FeedForward::Associative(a) => a.forward(x)?,
         })
     }
+
+    /// The device tier of a memory layer (`None` for an MLP or an ablation).
+    pub fn memory(&self) -> Option<&crate::memory::tier::DeviceMemory> {
+        match self {
+            FeedForward::Featural(f) => Some(f.memory()),
+            FeedForward::Associative(a) => Some(a.memory()),
+            _ => None,
+        }
+    }
+
+    /// The device tier of a memory layer, to change between steps.
+    pub fn memory_mut(&mut self) -> Option<&mut crate::memory::tier::DeviceMemory> {
+        match self {
+            FeedForward::Featural(f) => Some(f.memory_mut()),
+            FeedForward::Associative(a) => Some(a.memory_mut()),
+            _ => None,
+        }
+    }
+
+    /// Whether a memory layer records its retrievals and proposals (training)
+    /// or leaves its memory as it is (evaluation); no effect on other layers.
+    pub fn set_learning(&mut self, learning: bool) {
+        match self {
+            FeedForward::Featural(f) => f.set_learning(learning),
+            FeedForward::Associative(a) => a.set_learning(learning),
+            _ => {}
+        }
+    }
 }
 
 /// Cached keys and values of one block, `[batch, heads, past, head_dim]`.
@@ -180,14 +208,6 @@ impl Block {
     pub fn forward(&self, x: Tensor<3>, cache: Option<&mut Option<LayerCache>>) -> Result<Tensor<3>> {
         let x = x.clone() + self.attn.forward(self.ln_1.forward(x), cache);
         Ok(x.clone() + self.mlp.forward(self.ln_2.forward(x))?)
-    }
-
-    /// The input of the feed-forward layer (after `ln_2`) and the block output,
-    /// for distillation targets and memory bootstrapping.
-    pub fn forward_with_ff_input(&self, x: Tensor<3>) -> Result<(Tensor<3>, Tensor<3>)> {
-        let x = x.clone() + self.attn.forward(self.ln_1.forward(x), None);
-        let ff_in = self.ln_2.forward(x.clone());
-        Ok((ff_in.clone(), x + self.mlp.forward(ff_in)?))
     }
 }
 

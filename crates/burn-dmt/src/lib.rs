@@ -133,3 +133,37 @@ pub enum DmtError {
 
 /// Result alias of burn-dmt.
 pub type Result<T, E = DmtError> = std::result::Result<T, E>;
+
+/// Maps an I/O error to [`DmtError::Io`] naming `path`.
+pub(crate) fn io_error(path: &std::path::Path) -> impl Fn(std::io::Error) -> DmtError + '_ {
+    move |source| DmtError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A small single-threaded Tokio runtime, to drive the async store from
+/// synchronous code (the training loop, the write-behind thread).
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io_error(std::path::Path::new("<tokio runtime>")))
+}
+
+/// A float tensor's values on the host (row-major), without its graph.
+pub(crate) fn host_f32<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<Vec<f32>> {
+    t.detach()
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| DmtError::InvalidArgument(format!("reading a tensor: {e:?}")))
+}
+
+/// An integer tensor's values on the host (row-major).
+pub(crate) fn host_i64<const D: usize>(t: burn::tensor::Tensor<D, burn::tensor::Int>) -> Result<Vec<i64>> {
+    t.into_data()
+        .convert::<i64>()
+        .try_into_vec::<i64>()
+        .map_err(|e| DmtError::InvalidArgument(format!("reading a tensor: {e:?}")))
+}

@@ -23,12 +23,7 @@ pub const CONFIG_FILE: &str = "config.json";
 /// The weights file.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DmtError + '_ {
-    move |source| DmtError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
+use crate::io_error as io;
 
 /// Every tensor the model needs, by name without prefix, with its shape.
 pub fn expected_tensors(c: &Gpt2Config) -> BTreeMap<String, Vec<usize>> {

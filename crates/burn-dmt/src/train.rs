@@ -153,7 +153,8 @@ pub fn distill_kl(student: Tensor<3>, teacher: Tensor<3>, temperature: f64) -> T
     (pt * (lt - s)).sum_dim(1).mean().mul_scalar(t * t)
 }
 
-fn scalar(t: Tensor<1>) -> Result<f64> {
+/// Reads a scalar tensor's value.
+pub fn value(t: Tensor<1>) -> Result<f64> {
     t.into_data()
         .convert::<f64>()
         .try_into_vec::<f64>()
@@ -161,11 +162,6 @@ fn scalar(t: Tensor<1>) -> Result<f64> {
         .first()
         .copied()
         .ok_or_else(|| DmtError::InvalidArgument("empty scalar".into()))
-}
-
-/// Reads a scalar tensor's value.
-pub fn value(t: Tensor<1>) -> Result<f64> {
-    scalar(t)
 }
 
 /// Held-out statistics of a model, optionally against a teacher.
@@ -199,13 +195,13 @@ pub fn evaluate(model: &Gpt2, teacher: Option<&Gpt2>, batches: &[Window]) -> Res
     for b in batches {
         let m = b.b * b.t;
         let logits = model.forward(b.inputs(&device), None)?.detach();
-        nll += scalar(cross_entropy(logits.clone(), b.targets(&device)))? * m as f64;
+        nll += value(cross_entropy(logits.clone(), b.targets(&device)))? * m as f64;
         if let Some(teacher) = teacher {
             let tl = teacher.forward(b.inputs(&teacher.device()), None)?.detach();
             let logits = logits.inner();
-            kl += scalar(distill_kl(logits.clone(), tl.clone(), 1.0))? * m as f64;
+            kl += value(distill_kl(logits.clone(), tl.clone(), 1.0))? * m as f64;
             let same = flat(logits).argmax(1).equal(flat(tl).argmax(1)).int().sum();
-            agree += scalar(same.float())?;
+            agree += value(same.float())?;
         }
         n += m;
     }

@@ -1,7 +1,7 @@
 //! The device top-k returns the reference store's top-k on the same contents,
 //! for every metric, with invalid slots skipped.
 
-use burn_dmt::burn::tensor::{Bool, Device, Tensor, TensorData};
+use burn_dmt::burn::tensor::{Device, Tensor, TensorData};
 use burn_dmt::memory::device::exact_topk;
 use memstore_api::testkit::util::Rng;
 use memstore_api::{Batch, InMemoryStore, MemoryConfig, MemoryStore, Metric, Vectors};
@@ -35,10 +35,7 @@ async fn device_topk_equals_the_reference_store() {
         let top = exact_topk(
             Tensor::from_data(TensorData::new(queries.clone(), [m, d]), &device),
             Tensor::from_data(TensorData::new(keys.clone(), [n, d]), &device),
-            Some(Tensor::<1, Bool>::from_data(
-                TensorData::new(valid.clone(), [n]),
-                &device,
-            )),
+            Some(&valid),
             k,
             metric,
         )
@@ -61,9 +58,9 @@ async fn device_topk_equals_the_reference_store() {
 fn padding_slots_are_infinite_and_bad_k_is_refused() {
     let device = Device::flex();
     let keys = Tensor::<2>::from_data(TensorData::new(vec![0.0f32, 0.0, 1.0, 0.0, 5.0, 5.0], [3, 2]), &device);
-    let valid = Tensor::<1, Bool>::from_data(TensorData::new(vec![true, false, true], [3]), &device);
+    let valid = [true, false, true];
     let q = Tensor::<2>::from_data(TensorData::new(vec![0.9f32, 0.0], [1, 2]), &device);
-    let top = exact_topk(q.clone(), keys.clone(), Some(valid), 3, Metric::L2).unwrap();
+    let top = exact_topk(q.clone(), keys.clone(), Some(&valid), 3, Metric::L2).unwrap();
     let dist: Vec<f32> = top.distances.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
     let idx: Vec<i64> = top.indices.into_data().convert::<i64>().try_to_vec::<i64>().unwrap();
     assert_eq!(idx[..2], [0, 2]);

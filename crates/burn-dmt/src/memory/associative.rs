@@ -20,14 +20,14 @@
 use std::sync::{Arc, Mutex};
 
 use burn::module::{Module, Param};
-use burn::nn::{Linear, LinearConfig};
+use burn::nn::Linear;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor};
 use memstore_api::{MemoryId, Tick};
 
-use super::featural::unit_rows;
+use super::featural::{check_layer, projection, unit_rows};
 use super::tier::DeviceMemory;
-use crate::{DmtError, Result};
+use crate::{Result, host_f32, host_i64};
 
 /// Keys and values proposed for insertion by forward passes, waiting for
 /// [`AssociativeMemory::commit`].
@@ -114,32 +114,14 @@ impl AssociativeMemory {
     /// A layer of `n_embd` width and `n_head` heads over `memory` (keys and
     /// values one head wide), retrieving `k` memories per head.
     pub fn new(n_embd: usize, n_head: usize, k: usize, memory: DeviceMemory, device: &Device) -> Result<Self> {
-        let dh = n_embd / n_head.max(1);
-        let c = memory.config();
-        if n_head == 0 || dh * n_head != n_embd || c.key_dim != dh || c.value_dim != dh {
-            return Err(DmtError::InvalidArgument(format!(
-                "memory of {}/{} dims does not fit {n_head} heads of {n_embd}",
-                c.key_dim, c.value_dim
-            )));
-        }
-        if k == 0 || memory.len() < k {
-            return Err(DmtError::InvalidArgument(format!(
-                "k = {k} needs at least k memories (the tier has {})",
-                memory.len()
-            )));
-        }
-        let init = burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 };
-        let lin = || {
-            LinearConfig::new(n_embd, n_embd)
-                .with_initializer(init.clone())
-                .init(device)
-        };
+        check_layer(n_embd, n_head, k, &memory)?;
+        let lin = || projection(n_embd, device);
         Ok(AssociativeMemory {
             query: lin(),
             key: lin(),
             value: lin(),
             out: lin(),
-            log_scale: Param::from_tensor(Tensor::from_floats([(dh as f32).sqrt().ln()], device)),
+            log_scale: Param::from_tensor(Tensor::from_floats([((n_embd / n_head) as f32).sqrt().ln()], device)),
             memory,
             proposals: Arc::new(Mutex::new(Proposals::default())),
             learning: false,
@@ -221,22 +203,9 @@ impl AssociativeMemory {
     }
 
     fn propose(&self, k: &Tensor<2>, v: &Tensor<2>, r: &Retrieved) -> Result<()> {
-        let read = |e: String| DmtError::InvalidArgument(format!("reading retrieval results: {e}"));
         let [n, kk] = r.distances.dims();
-        let distances: Vec<f32> = r
-            .distances
-            .clone()
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .map_err(|e| read(format!("{e:?}")))?;
-        let slots: Vec<i64> = r
-            .slots
-            .clone()
-            .into_data()
-            .convert::<i64>()
-            .try_into_vec::<i64>()
-            .map_err(|e| read(format!("{e:?}")))?;
+        let distances = host_f32(r.distances.clone())?;
+        let slots = host_i64(r.slots.clone())?;
         let config = self.memory.config();
         let (novelty, recombine) = (config.novelty, config.recombine);
         let novel: Vec<usize> = (0..n).filter(|&i| distances[i * kk] > novelty).collect();
@@ -247,15 +216,7 @@ impl AssociativeMemory {
             return Ok(());
         }
         let dh = k.dims()[1];
-        let host = |t: &Tensor<2>| -> Result<Vec<f32>> {
-            t.clone()
-                .detach()
-                .into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .map_err(|e| read(format!("{e:?}")))
-        };
-        let (keys, values) = (host(k)?, host(v)?);
+        let (keys, values) = (host_f32(k.clone())?, host_f32(v.clone())?);
         for i in novel {
             p.keys.extend_from_slice(&keys[i * dh..(i + 1) * dh]);
             p.values.extend_from_slice(&values[i * dh..(i + 1) * dh]);

@@ -6,7 +6,7 @@
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use memstore_api::Metric;
 
-use crate::{DmtError, Result};
+use crate::{DmtError, Result, host_f32};
 
 /// The `k` nearest keys of each query: distances ascending and key-row indices,
 /// both `[queries, k]`. Slots beyond the valid keys have distance `+∞`.
@@ -39,11 +39,12 @@ pub fn distances(queries: Tensor<2>, keys: Tensor<2>, metric: Metric) -> Tensor<
 }
 
 /// Exact top-k of `queries` `[m, d]` among the rows of `keys` `[n, d]` whose
-/// `valid` flag is set (all rows when `None`). `k` may not exceed `n`.
+/// `valid` flag is set (all rows when `None`; a host mask, since the CPU path
+/// needs it there and the GPU path uploads it once). `k` may not exceed `n`.
 pub fn exact_topk(
     queries: Tensor<2>,
     keys: Tensor<2>,
-    valid: Option<Tensor<1, Bool>>,
+    valid: Option<&[bool]>,
     k: usize,
     metric: Metric,
 ) -> Result<TopK> {
@@ -59,12 +60,21 @@ pub fn exact_topk(
             "k = {k} must be in 1..={n} (the key slots)"
         )));
     }
+    if let Some(v) = valid
+        && v.len() != n
+    {
+        return Err(DmtError::InvalidArgument(format!(
+            "a validity mask of {} for {n} keys",
+            v.len()
+        )));
+    }
     let device = queries.device();
     if on_cpu(&device) {
         return host_topk(queries, keys, valid, k, metric, &device);
     }
     let mut d = distances(queries, keys, metric);
     if let Some(valid) = valid {
+        let valid = Tensor::<1, Bool>::from_data(TensorData::new(valid.to_vec(), [n]), &device);
         let invalid = valid.bool_not().unsqueeze_dim::<2>(0).expand([m, n]);
         d = d.mask_fill(invalid, f32::INFINITY);
     }
@@ -87,28 +97,13 @@ pub fn on_cpu(device: &Device) -> bool {
 fn host_topk(
     queries: Tensor<2>,
     keys: Tensor<2>,
-    valid: Option<Tensor<1, Bool>>,
+    valid: Option<&[bool]>,
     k: usize,
     metric: Metric,
     device: &Device,
 ) -> Result<TopK> {
     let [m, d] = queries.dims();
-    let read = |t: Tensor<2>| -> Result<Vec<f32>> {
-        t.detach()
-            .inner()
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .map_err(|e| DmtError::InvalidArgument(format!("reading a tensor: {e:?}")))
-    };
-    let mask = valid
-        .map(|v| {
-            v.into_data()
-                .try_into_vec::<bool>()
-                .map_err(|e| DmtError::InvalidArgument(format!("reading a mask: {e:?}")))
-        })
-        .transpose()?;
-    let (dist, idx) = memstore_api::gemm::topk(metric, &read(queries)?, &read(keys)?, d, k, mask.as_deref())?;
+    let (dist, idx) = memstore_api::gemm::topk(metric, &host_f32(queries)?, &host_f32(keys)?, d, k, valid)?;
     let idx: Vec<i64> = idx
         .into_iter()
         .map(|i| if i == u32::MAX { 0 } else { i as i64 })

@@ -19,12 +19,39 @@ use burn::tensor::{Device, Tensor};
 use memstore_api::Tick;
 
 use super::tier::DeviceMemory;
-use crate::{DmtError, Result};
+use crate::{DmtError, Result, host_i64};
 
 /// Scales rows to unit L2 norm (QK-norm).
 pub fn unit_rows<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     let norm = x.clone().powf_scalar(2.0).sum_dim(D - 1).sqrt().clamp_min(1e-6);
     x / norm
+}
+
+/// Checks that a memory layer of `n_embd` width and `n_head` heads fits
+/// `memory` (keys and values one head wide) and can retrieve `k` memories.
+pub(crate) fn check_layer(n_embd: usize, n_head: usize, k: usize, memory: &DeviceMemory) -> Result<()> {
+    let dh = n_embd / n_head.max(1);
+    let c = memory.config();
+    if n_head == 0 || dh * n_head != n_embd || c.key_dim != dh || c.value_dim != dh {
+        return Err(DmtError::InvalidArgument(format!(
+            "memory of {}/{} dims does not fit {n_head} heads of {n_embd}",
+            c.key_dim, c.value_dim
+        )));
+    }
+    if k == 0 || memory.len() < k {
+        return Err(DmtError::InvalidArgument(format!(
+            "k = {k} needs at least k memories (the tier has {})",
+            memory.len()
+        )));
+    }
+    Ok(())
+}
+
+/// A memory layer's `[n, n]` projection, initialised N(0, 0.02²) as GPT-2's weights.
+pub(crate) fn projection(n: usize, device: &Device) -> Linear {
+    LinearConfig::new(n, n)
+        .with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 })
+        .init(device)
 }
 
 /// A featural memory layer with its device tier.
@@ -52,26 +79,8 @@ impl FeaturalMemory {
     /// A layer of `n_embd` width and `n_head` heads over `memory`, whose keys
     /// and values are one head wide; retrieves `k` memories per head.
     pub fn new(n_embd: usize, n_head: usize, k: usize, memory: DeviceMemory, device: &Device) -> Result<Self> {
-        let dh = n_embd / n_head.max(1);
-        let c = memory.config();
-        if n_head == 0 || dh * n_head != n_embd || c.key_dim != dh || c.value_dim != dh {
-            return Err(DmtError::InvalidArgument(format!(
-                "memory of {}/{} dims does not fit {n_head} heads of {n_embd}",
-                c.key_dim, c.value_dim
-            )));
-        }
-        if k == 0 || memory.len() < k {
-            return Err(DmtError::InvalidArgument(format!(
-                "k = {k} needs at least k memories (the tier has {})",
-                memory.len()
-            )));
-        }
-        let init = burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 };
-        let lin = || {
-            LinearConfig::new(n_embd, n_embd)
-                .with_initializer(init.clone())
-                .init(device)
-        };
+        check_layer(n_embd, n_head, k, &memory)?;
+        let lin = || projection(n_embd, device);
         Ok(FeaturalMemory {
             query: lin(),
             out: lin(),
@@ -128,13 +137,7 @@ impl FeaturalMemory {
         let keys = found.keys.detach();
         let values = found.values;
         if self.learning {
-            let slots = found
-                .slots
-                .clone()
-                .into_data()
-                .convert::<i64>()
-                .try_into_vec::<i64>()
-                .map_err(|e| DmtError::InvalidArgument(format!("reading retrieved slots: {e:?}")))?;
+            let slots = host_i64(found.slots.clone())?;
             let mut r = self.retrieved.lock().unwrap_or_else(|e| e.into_inner());
             r.extend(slots.into_iter().map(|s| s as usize));
         }

@@ -138,12 +138,7 @@ pub struct Journal {
     file: File,
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> DmtError + '_ {
-    move |source| DmtError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
+use crate::io_error as io;
 
 impl Journal {
     /// Opens (or creates) the journal at `path` and returns the batches it
@@ -271,10 +266,7 @@ impl WriteBehind {
             store.flush().await?;
             journal.clear()?;
         }
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(io(journal.path()))?;
+        let runtime = crate::runtime()?;
         let (tx, rx) = channel::<ChangeBatch>();
         let thread = std::thread::Builder::new()
             .name("memstore-write-behind".into())

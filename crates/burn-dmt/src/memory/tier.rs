@@ -24,7 +24,7 @@ use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 use memstore_api::{ChangeBatch, InsertMeta, MemoryConfig, MemoryId, MemoryStore, Tick, Vectors, math};
 
 use super::device::exact_topk;
-use crate::{DmtError, Result};
+use crate::{DmtError, Result, host_f32};
 
 /// Ids fetched from the store per `get` call while loading.
 const LOAD_CHUNK: usize = 4096;
@@ -237,23 +237,12 @@ impl DeviceMemory {
     fn search_store(&self, b: &StoreBacking, queries: Tensor<2>, k: usize) -> Result<DeviceNeighbors> {
         let [m, dk] = queries.dims();
         let dv = self.config.value_dim;
-        let q = queries
-            .inner()
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .map_err(|e| DmtError::InvalidArgument(format!("reading queries: {e:?}")))?;
+        let q = host_f32(queries)?;
         // The store is async; a scoped thread with its own small runtime keeps
         // this callable from inside or outside an async runtime.
         let found = std::thread::scope(|s| {
             s.spawn(|| -> Result<memstore_api::Neighbors> {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|source| DmtError::Io {
-                        path: "<tokio runtime>".into(),
-                        source,
-                    })?;
+                let rt = crate::runtime()?;
                 let v = Vectors::new(&q, dk)?;
                 Ok(rt.block_on(b.store.search(v, k, None))?)
             })
@@ -377,8 +366,7 @@ impl DeviceMemory {
         if let Some(b) = &self.store {
             return self.search_store(b, queries, k);
         }
-        let valid = Tensor::<1, Bool>::from_data(TensorData::new(self.valid.clone(), [self.capacity]), &self.device);
-        let top = exact_topk(queries, self.keys.clone(), Some(valid), k, self.config.metric)?;
+        let top = exact_topk(queries, self.keys.clone(), Some(&self.valid), k, self.config.metric)?;
         let flat = top.indices.clone().reshape([m * k]);
         let keys = self
             .keys
@@ -447,11 +435,7 @@ impl DeviceMemory {
             &inner,
         );
         let delta = grad.inner().select(0, idx.clone()).mul_scalar(-lr);
-        let host: Vec<f32> = delta
-            .clone()
-            .into_data()
-            .try_into_vec::<f32>()
-            .map_err(|e| DmtError::InvalidArgument(format!("reading value deltas: {e:?}")))?;
+        let host = host_f32(delta.clone())?;
         if let Some(p) = host.iter().position(|x| !x.is_finite()) {
             return Err(DmtError::InvalidArgument(format!(
                 "non-finite value gradient at slot {}",
@@ -572,15 +556,7 @@ impl DeviceMemory {
             TensorData::new(slots.iter().map(|&s| s as i64).collect::<Vec<_>>(), [slots.len()]),
             &inner,
         );
-        let rows = |t: &Tensor<2>| -> Result<Vec<f32>> {
-            t.clone()
-                .inner()
-                .select(0, idx.clone())
-                .into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .map_err(|e| DmtError::InvalidArgument(format!("reading memories: {e:?}")))
-        };
+        let rows = |t: &Tensor<2>| host_f32(t.clone().inner().select(0, idx.clone()));
         let (skeys, svalues) = (rows(&self.keys)?, rows(&self.values)?);
         let no_tags = std::collections::BTreeMap::new();
         let src: Vec<math::MergeSource<'_>> = slots
