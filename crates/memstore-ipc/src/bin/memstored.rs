@@ -1,0 +1,198 @@
+//! `memstored`: serves one memstore (a SQLite file) to many processes on a
+//! Unix domain socket and, optionally, on loopback TCP with a shared token.
+//!
+//! ```text
+//! memstored --db /var/lib/dmt/memory.db --socket /run/user/1000/memstored.sock
+//! memstored --db mem.db --key-dim 64 --value-dim 64 --capacity 1000000 --tcp 127.0.0.1:7878 --token-file token
+//! ```
+//!
+//! SIGTERM or SIGINT: stop accepting, finish the requests in flight, flush,
+//! exit 0.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, ValueEnum};
+use memstore_api::{EvictionPolicy, MemoryConfig, Metric};
+use memstore_ipc::server;
+use memstore_ipc::{Server, ServerOptions, SqliteOpener, TOKEN_ENV};
+use memstore_sqlite::{SqliteOptions, SqliteSynchronous};
+use tracing::{error, info};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum MetricArg {
+    L2,
+    Cosine,
+    Ip,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SyncArg {
+    /// Every commit durable against power loss.
+    Full,
+    /// Durable against process crashes (WAL); faster.
+    Normal,
+}
+
+/// Serve one memstore to many processes.
+#[derive(Parser, Debug)]
+#[command(name = "memstored", version, about, long_about = None)]
+struct Args {
+    /// The SQLite store file (created at the first configured connection or
+    /// with --key-dim/--value-dim if absent).
+    #[arg(long)]
+    db: PathBuf,
+    /// The Unix socket to listen on [default: <db>.sock].
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Permission bits of the Unix socket, octal.
+    #[arg(long, default_value = "600")]
+    socket_mode: String,
+    /// Also listen on TCP at this address (loopback unless --allow-remote);
+    /// TCP clients must present the shared token.
+    #[arg(long)]
+    tcp: Option<String>,
+    /// Allow a non-loopback --tcp address.
+    #[arg(long)]
+    allow_remote: bool,
+    /// File holding the shared token (else $MEMSTORED_TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Largest frame accepted, in bytes.
+    #[arg(long, default_value_t = memstore_ipc::protocol::DEFAULT_MAX_FRAME)]
+    max_frame: usize,
+    /// Requests one connection may have running at once.
+    #[arg(long, default_value_t = 64)]
+    max_in_flight: usize,
+    /// SQLite durability.
+    #[arg(long, value_enum, default_value = "full")]
+    synchronous: SyncArg,
+    /// Key dimension: open (or create) the store at start-up with this configuration.
+    #[arg(long, requires = "value_dim")]
+    key_dim: Option<usize>,
+    /// Value dimension.
+    #[arg(long, requires = "key_dim")]
+    value_dim: Option<usize>,
+    /// Distance between keys.
+    #[arg(long, value_enum, default_value = "l2", requires = "key_dim")]
+    metric: MetricArg,
+    /// Capacity (LRFU eviction beyond it).
+    #[arg(long, requires = "key_dim")]
+    capacity: Option<usize>,
+    /// LRFU λ.
+    #[arg(long, default_value_t = 0.5, requires = "key_dim")]
+    lambda: f64,
+    /// `learn` inserts only when every neighbour is farther than this.
+    #[arg(long, default_value_t = 0.0, requires = "key_dim")]
+    novelty: f32,
+    /// `learn` merges with neighbours closer than this.
+    #[arg(long, default_value_t = 0.0, requires = "key_dim")]
+    recombine: f32,
+    /// Log filter (tracing's env-filter syntax; $RUST_LOG wins).
+    #[arg(long, default_value = "info")]
+    log: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let token = match &args.token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| format!("token file {}: {e}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var(TOKEN_ENV).ok().map(|t| t.trim().to_string()),
+    }
+    .filter(|t| !t.is_empty());
+    let mode =
+        u32::from_str_radix(&args.socket_mode, 8).map_err(|e| format!("--socket-mode {}: {e}", args.socket_mode))?;
+    let config = match (args.key_dim, args.value_dim) {
+        (Some(k), Some(v)) => Some(MemoryConfig {
+            key_dim: k,
+            value_dim: v,
+            metric: match args.metric {
+                MetricArg::L2 => Metric::L2,
+                MetricArg::Cosine => Metric::Cosine,
+                MetricArg::Ip => Metric::InnerProduct,
+            },
+            capacity: args.capacity,
+            eviction: EvictionPolicy::Lrfu { lambda: args.lambda },
+            novelty: args.novelty,
+            recombine: args.recombine,
+        }),
+        _ => None,
+    };
+    let opener = SqliteOpener {
+        path: args.db.clone(),
+        options: SqliteOptions {
+            synchronous: match args.synchronous {
+                SyncArg::Full => SqliteSynchronous::Full,
+                SyncArg::Normal => SqliteSynchronous::Normal,
+            },
+            ..SqliteOptions::default()
+        },
+    };
+    let server = Server::new(
+        opener,
+        ServerOptions {
+            max_frame: args.max_frame,
+            token: token.clone(),
+            max_in_flight: args.max_in_flight,
+            ..ServerOptions::default()
+        },
+    );
+    if !server.open_store(config.as_ref()).await? {
+        info!(db = %args.db.display(), "no store yet: the first client that sends a configuration creates it");
+    }
+    let socket = args.socket.clone().unwrap_or_else(|| {
+        let mut p = args.db.clone().into_os_string();
+        p.push(".sock");
+        PathBuf::from(p)
+    });
+    let mut listeners = vec![server::bind_unix(&socket, mode)?];
+    if let Some(addr) = &args.tcp {
+        if token.is_none() {
+            return Err(format!("--tcp needs a shared token: --token-file or ${TOKEN_ENV}").into());
+        }
+        listeners.push(server::bind_tcp(addr, args.allow_remote).await?);
+    }
+    server.serve(listeners, shutdown_signal()).await?;
+    info!("bye");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM"),
+        _ = int.recv() => info!("SIGINT"),
+    }
+}

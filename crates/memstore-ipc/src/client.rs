@@ -1,0 +1,473 @@
+//! [`IpcStore`]: a [`MemoryStore`] served by `memstored`.
+//!
+//! One connection carries many requests at once: each call encodes its frame
+//! in the caller's task (the one copy of its vectors), hands it to a writer
+//! task, and waits for the reply with its request id, which a reader task
+//! routes back. Calls from many tasks on one `IpcStore` (behind an `Arc`)
+//! therefore pipeline. A dropped call leaves the connection intact: frames
+//! are written whole by the writer task.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use memstore_api::{
+    Batch, ChangeBatch, Error, Memory, MemoryConfig, MemoryId, MemoryStore, Neighbors, Result, Stats, TagFilter, Tags,
+    Tick, Vectors,
+};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::codec::FramedRead;
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::protocol::{
+    self, DEFAULT_MAX_FRAME, F32s, Hello, MAGIC, PROTOCOL_VERSION, ProtocolError, Request, Response, WireBatch,
+    WireChangeBatch, WireConfig, WireError, WireTags,
+};
+use crate::{Endpoint, IpcError, TOKEN_ENV};
+
+/// How a client connects.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// The shared token (TCP requires one; defaults to `$MEMSTORED_TOKEN`).
+    pub token: Option<String>,
+    /// Largest frame the client sends or accepts.
+    pub max_frame: usize,
+    /// How long to wait for the connection and the handshake.
+    pub connect_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            token: std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()),
+            max_frame: DEFAULT_MAX_FRAME,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+type Pending = Mutex<HashMap<u64, oneshot::Sender<Bytes>>>;
+
+struct Conn {
+    writer: mpsc::Sender<Vec<u8>>,
+    pending: Arc<Pending>,
+    /// Why the connection ended, once it has.
+    closed: Arc<Mutex<Option<String>>>,
+    next_id: AtomicU64,
+    max_frame: usize,
+}
+
+/// A [`MemoryStore`] whose store lives in a `memstored` daemon.
+pub struct IpcStore {
+    config: MemoryConfig,
+    endpoint: Endpoint,
+    conn: Conn,
+    /// Routes replies; aborted when the store is dropped.
+    _reader: AbortOnDropHandle<()>,
+    writer: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for IpcStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IpcStore")
+            .field("endpoint", &self.endpoint)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl IpcStore {
+    /// Connects to the daemon at `endpoint`. With `config`, the daemon opens
+    /// (or creates) its store with it, or checks it against the open store:
+    /// another dimension or metric is [`Error::ConfigMismatch`]. Without, the
+    /// client takes the store's configuration.
+    pub async fn connect(endpoint: &Endpoint, config: Option<MemoryConfig>) -> Result<IpcStore> {
+        Self::connect_with(endpoint, config, ClientOptions::default()).await
+    }
+
+    /// [`IpcStore::connect`] with options.
+    pub async fn connect_with(
+        endpoint: &Endpoint,
+        config: Option<MemoryConfig>,
+        options: ClientOptions,
+    ) -> Result<IpcStore> {
+        if let Some(c) = &config {
+            c.validate()?;
+        }
+        let timeout = options.connect_timeout;
+        let fut = Self::connect_inner(endpoint, config, options);
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(IpcError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no handshake from {endpoint} within {timeout:?}"),
+            ))
+            .into()),
+        }
+    }
+
+    async fn connect_inner(
+        endpoint: &Endpoint,
+        config: Option<MemoryConfig>,
+        options: ClientOptions,
+    ) -> Result<IpcStore> {
+        match endpoint {
+            Endpoint::Unix(path) => {
+                let s = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+                    IpcError::Io(std::io::Error::new(
+                        e.kind(),
+                        format!("connecting to {}: {e}", path.display()),
+                    ))
+                })?;
+                let (r, w) = s.into_split();
+                Self::start(endpoint.clone(), r, w, config, options).await
+            }
+            Endpoint::Tcp(addr) => {
+                let s = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| IpcError::Io(std::io::Error::new(e.kind(), format!("connecting to {addr}: {e}"))))?;
+                s.set_nodelay(true).map_err(IpcError::Io)?;
+                let (r, w) = s.into_split();
+                Self::start(endpoint.clone(), r, w, config, options).await
+            }
+        }
+    }
+
+    async fn start<R, W>(
+        endpoint: Endpoint,
+        r: R,
+        mut w: W,
+        config: Option<MemoryConfig>,
+        options: ClientOptions,
+    ) -> Result<IpcStore>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let hello = Request::Hello(Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            token: options.token.clone(),
+            config: config.as_ref().map(WireConfig::from),
+        });
+        let frame = protocol::encode_frame(0, &hello, options.max_frame).map_err(WireError::into_error)?;
+        w.write_all(&frame).await.map_err(IpcError::Io)?;
+        w.flush().await.map_err(IpcError::Io)?;
+        let mut frames = FramedRead::new(r, protocol::codec(options.max_frame));
+        let first = match frames.next().await {
+            Some(Ok(f)) => f.freeze(),
+            Some(Err(e)) => return Err(IpcError::Disconnected(format!("during the handshake: {e}")).into()),
+            None => {
+                return Err(
+                    IpcError::Disconnected("the daemon closed the connection during the handshake".into()).into(),
+                );
+            }
+        };
+        let (_, reply): (u64, Response) = protocol::decode_frame(&first).map_err(WireError::into_error)?;
+        let store_config = match reply {
+            Response::Welcome { version, config, .. } => {
+                if version != PROTOCOL_VERSION {
+                    return Err(IpcError::Protocol {
+                        kind: ProtocolError::Version,
+                        message: format!("daemon speaks version {version}, this client {PROTOCOL_VERSION}"),
+                    }
+                    .into());
+                }
+                config.to_config().map_err(WireError::into_error)?
+            }
+            Response::Error(e) => return Err(e.into_error()),
+            other => {
+                return Err(IpcError::Protocol {
+                    kind: ProtocolError::Sequence,
+                    message: format!("expected a handshake reply, got {other:?}"),
+                }
+                .into());
+            }
+        };
+
+        let pending: Arc<Pending> = Arc::default();
+        let closed: Arc<Mutex<Option<String>>> = Arc::default();
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(256);
+        let writer_closed = closed.clone();
+        let writer = tokio::spawn(async move {
+            while let Some(frame) = rx.recv().await {
+                if let Err(e) = w.write_all(&frame).await {
+                    set_closed(&writer_closed, format!("writing: {e}"));
+                    return;
+                }
+            }
+            let _ = w.shutdown().await;
+        });
+        let reader_pending = pending.clone();
+        let reader_closed = closed.clone();
+        let reader = tokio::spawn(async move {
+            let why = loop {
+                match frames.next().await {
+                    Some(Ok(frame)) => {
+                        let frame = frame.freeze();
+                        let (id, _) = protocol::peek(&frame);
+                        let waiter = lock(&reader_pending).remove(&id);
+                        match waiter {
+                            Some(tx) => {
+                                let _ = tx.send(frame);
+                            }
+                            None => {
+                                // An error the daemon could not tie to a request
+                                // (id 0) precedes it closing the connection.
+                                if let Ok((_, Response::Error(e))) = protocol::decode_frame::<Response>(&frame) {
+                                    break format!("the daemon reported {e:?}");
+                                }
+                            }
+                        }
+                    }
+                    Some(Err(e)) => break format!("reading: {e}"),
+                    None => break "the daemon closed the connection".to_string(),
+                }
+            };
+            set_closed(&reader_closed, why);
+            // Wake every waiter: their senders drop.
+            lock(&reader_pending).clear();
+        });
+        Ok(IpcStore {
+            config: store_config,
+            endpoint,
+            conn: Conn {
+                writer: tx,
+                pending,
+                closed,
+                next_id: AtomicU64::new(1),
+                max_frame: options.max_frame,
+            },
+            _reader: AbortOnDropHandle::new(reader),
+            writer,
+        })
+    }
+
+    /// The daemon's endpoint.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Leaves politely: the daemon finishes this connection's requests,
+    /// answers, and ends the session before this returns (so a following
+    /// connection may reconfigure the store).
+    pub async fn close(self) -> Result<()> {
+        let r = self.call(&Request::Goodbye).await;
+        let out = match r {
+            Ok(reply) => match decode(&reply)? {
+                Response::Done => Ok(()),
+                other => Err(unexpected(other)),
+            },
+            Err(e) => Err(e),
+        };
+        let IpcStore { conn, writer, .. } = self;
+        drop(conn);
+        let _ = writer.await;
+        out
+    }
+
+    /// Sends one request and waits for its reply frame.
+    async fn call(&self, req: &Request<'_>) -> Result<Bytes> {
+        let id = self.conn.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = protocol::encode_frame(id, req, self.conn.max_frame).map_err(WireError::into_error)?;
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut p = lock(&self.conn.pending);
+            if let Some(why) = lock(&self.conn.closed).clone() {
+                return Err(IpcError::Disconnected(why).into());
+            }
+            p.insert(id, tx);
+        }
+        if self.conn.writer.send(frame).await.is_err() {
+            lock(&self.conn.pending).remove(&id);
+            return Err(self.disconnected());
+        }
+        rx.await.map_err(|_| self.disconnected())
+    }
+
+    fn disconnected(&self) -> Error {
+        let why = lock(&self.conn.closed)
+            .clone()
+            .unwrap_or_else(|| "the connection ended".into());
+        IpcError::Disconnected(why).into()
+    }
+}
+
+fn set_closed(closed: &Mutex<Option<String>>, why: String) {
+    let mut c = lock(closed);
+    if c.is_none() {
+        *c = Some(why);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn decode(frame: &Bytes) -> Result<Response<'_>> {
+    let (_, r): (u64, Response) = protocol::decode_frame(frame).map_err(WireError::into_error)?;
+    match r {
+        Response::Error(e) => Err(e.into_error()),
+        r => Ok(r),
+    }
+}
+
+fn unexpected(r: Response<'_>) -> Error {
+    let name = match r {
+        Response::Welcome { .. } => "Welcome",
+        Response::Neighbors(_) => "Neighbors",
+        Response::Ids(_) => "Ids",
+        Response::Memories(_) => "Memories",
+        Response::Count(_) => "Count",
+        Response::Done => "Done",
+        Response::Stats(_) => "Stats",
+        Response::Error(_) => "Error",
+    };
+    IpcError::Protocol {
+        kind: ProtocolError::Sequence,
+        message: format!("unexpected reply {name}"),
+    }
+    .into()
+}
+
+fn wire_batch<'a>(b: &Batch<'a>) -> WireBatch<'a> {
+    WireBatch {
+        keys: F32s::from_slice(b.keys.data()),
+        key_dim: b.keys.dim() as u64,
+        values: F32s::from_slice(b.values.data()),
+        value_dim: b.values.dim() as u64,
+        tags: match b.tags {
+            Tags::None => WireTags::None,
+            Tags::Same(t) => WireTags::Same(t.into()),
+            Tags::PerRow(t) => WireTags::PerRow(t.into()),
+        },
+    }
+}
+
+fn count(r: Response<'_>) -> Result<usize> {
+    match r {
+        Response::Count(n) => protocol::usize_of(n).map_err(WireError::into_error),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn done(r: Response<'_>) -> Result<()> {
+    match r {
+        Response::Done => Ok(()),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn neighbors(r: Response<'_>) -> Result<Neighbors> {
+    match r {
+        Response::Neighbors(n) => n.to_neighbors().map_err(WireError::into_error),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn ids(r: Response<'_>) -> Result<Vec<MemoryId>> {
+    match r {
+        Response::Ids(ids) => Ok(ids.into_owned()),
+        other => Err(unexpected(other)),
+    }
+}
+
+#[async_trait]
+impl MemoryStore for IpcStore {
+    fn config(&self) -> &MemoryConfig {
+        &self.config
+    }
+
+    async fn search(&self, queries: Vectors<'_>, k: usize, filter: Option<&TagFilter>) -> Result<Neighbors> {
+        let req = Request::Search {
+            queries: F32s::from_slice(queries.data()),
+            dim: queries.dim() as u64,
+            k: k as u64,
+            filter: filter.map(Into::into),
+        };
+        neighbors(decode(&self.call(&req).await?)?)
+    }
+
+    async fn insert(&self, batch: Batch<'_>, tick: Tick) -> Result<Vec<MemoryId>> {
+        let req = Request::Insert {
+            batch: wire_batch(&batch),
+            tick,
+        };
+        ids(decode(&self.call(&req).await?)?)
+    }
+
+    async fn get(&self, ids: &[MemoryId]) -> Result<Vec<Memory>> {
+        let reply = self.call(&Request::Get(ids.into())).await?;
+        match decode(&reply)? {
+            Response::Memories(ms) => ms
+                .iter()
+                .map(|m| m.to_memory().map_err(WireError::into_error))
+                .collect(),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn delete(&self, ids: &[MemoryId]) -> Result<usize> {
+        count(decode(&self.call(&Request::Delete(ids.into())).await?)?)
+    }
+
+    async fn update_values(&self, ids: &[MemoryId], deltas: Vectors<'_>) -> Result<()> {
+        let req = Request::UpdateValues {
+            ids: ids.into(),
+            deltas: F32s::from_slice(deltas.data()),
+            dim: deltas.dim() as u64,
+        };
+        done(decode(&self.call(&req).await?)?)
+    }
+
+    async fn touch(&self, ids: &[MemoryId], tick: Tick) -> Result<()> {
+        let req = Request::Touch { ids: ids.into(), tick };
+        done(decode(&self.call(&req).await?)?)
+    }
+
+    async fn learn(&self, batch: Batch<'_>, tick: Tick, k: usize) -> Result<Neighbors> {
+        let req = Request::Learn {
+            batch: wire_batch(&batch),
+            tick,
+            k: k as u64,
+        };
+        neighbors(decode(&self.call(&req).await?)?)
+    }
+
+    async fn evict(&self, target_len: usize) -> Result<usize> {
+        let req = Request::Evict {
+            target_len: target_len as u64,
+        };
+        count(decode(&self.call(&req).await?)?)
+    }
+
+    async fn apply(&self, batch: &ChangeBatch) -> Result<()> {
+        let req = Request::Apply(WireChangeBatch::from_batch(batch));
+        done(decode(&self.call(&req).await?)?)
+    }
+
+    async fn ids(&self) -> Result<Vec<MemoryId>> {
+        ids(decode(&self.call(&Request::Ids).await?)?)
+    }
+
+    async fn len(&self) -> Result<usize> {
+        count(decode(&self.call(&Request::Len).await?)?)
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        match decode(&self.call(&Request::Stats).await?)? {
+            Response::Stats(s) => Ok(s.into()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn flush(&self) -> Result<()> {
+        done(decode(&self.call(&Request::Flush).await?)?)
+    }
+}

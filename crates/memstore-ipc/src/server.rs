@@ -1,0 +1,845 @@
+//! The daemon's core: one store, many connections.
+//!
+//! - **Store.** A [`StoreOpener`] opens the store: at start-up when the file
+//!   exists or a configuration is given, otherwise at the first handshake that
+//!   carries a configuration. A later handshake with another dimension or
+//!   metric is refused with [`memstore_api::Error::ConfigMismatch`]; one with
+//!   other tunable fields (capacity, thresholds, λ) reopens the store with
+//!   them when no other session is connected, and is refused
+//!   ([`ProtocolError::ConfigInUse`]) otherwise.
+//! - **Concurrency.** Each connection reads frames in order and runs each
+//!   request as its own task (at most `max_in_flight` per connection), so a
+//!   client may pipeline; reads from all connections run in parallel and
+//!   writes are serialised by the store's transactions.
+//! - **Faults.** A frame that does not decode gets a typed error and the
+//!   connection goes on (its boundaries are intact); an oversized frame, a
+//!   truncated one, a wrong version or token, or a request before the
+//!   handshake gets a typed error and the connection is closed. No such
+//!   frame reaches the store.
+//! - **Shutdown.** [`Server::serve`] stops accepting when its shutdown future
+//!   completes, lets every connection finish the requests it has read, then
+//!   flushes and closes the store.
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use memstore_api::{Batch, Memory, MemoryConfig, MemoryStore, Neighbors, Result, Stats, Tags, Vectors};
+use memstore_sqlite::{SqliteOptions, SqliteStore};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Mutex, RwLock, Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::IpcError;
+use crate::protocol::{
+    self, DEFAULT_MAX_FRAME, MAGIC, PROTOCOL_VERSION, ProtocolError, Request, Response, WireBatch, WireConfig,
+    WireError, WireMemory, WireNeighbors, WireStats, WireTags, usize_of,
+};
+
+/// Wire type number of [`Request::Goodbye`] (checked by a unit test).
+const GOODBYE: u32 = 14;
+
+/// Opens and closes the store a daemon serves.
+#[async_trait]
+pub trait StoreOpener: Send + Sync + 'static {
+    /// The store type.
+    type Store: MemoryStore + 'static;
+
+    /// A description for logs (the path).
+    fn describe(&self) -> String;
+
+    /// Opens the store with `config`, creating it if absent.
+    async fn open(&self, config: &MemoryConfig) -> Result<Self::Store>;
+
+    /// Opens the store with its persisted configuration; `None` if there is none yet.
+    async fn open_existing(&self) -> Result<Option<Self::Store>>;
+
+    /// Flushes and closes a store opened here.
+    async fn close(&self, store: Self::Store) -> Result<()>;
+}
+
+/// Serves a SQLite store file.
+#[derive(Clone, Debug)]
+pub struct SqliteOpener {
+    /// The database file.
+    pub path: PathBuf,
+    /// Backend options.
+    pub options: SqliteOptions,
+}
+
+#[async_trait]
+impl StoreOpener for SqliteOpener {
+    type Store = SqliteStore;
+
+    fn describe(&self) -> String {
+        format!("sqlite:{}", self.path.display())
+    }
+
+    async fn open(&self, config: &MemoryConfig) -> Result<SqliteStore> {
+        SqliteStore::open_with(&self.path, config.clone(), self.options.clone()).await
+    }
+
+    async fn open_existing(&self) -> Result<Option<SqliteStore>> {
+        if !self.path.exists() {
+            return Ok(None);
+        }
+        SqliteStore::open_existing(&self.path).await.map(Some)
+    }
+
+    async fn close(&self, store: SqliteStore) -> Result<()> {
+        store.flush().await?;
+        store.close().await;
+        Ok(())
+    }
+}
+
+/// Daemon settings.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Largest frame accepted (and sent).
+    pub max_frame: usize,
+    /// The shared token. TCP connections must present it; Unix-socket
+    /// connections are protected by the socket's mode and need none.
+    pub token: Option<String>,
+    /// Requests one connection may have running at once.
+    pub max_in_flight: usize,
+    /// How long a new connection has to complete its handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            max_frame: DEFAULT_MAX_FRAME,
+            token: None,
+            max_in_flight: 64,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A bound listener.
+#[derive(Debug)]
+pub enum Listener {
+    /// A Unix socket and its path (removed at shutdown).
+    Unix(tokio::net::UnixListener, PathBuf),
+    /// A TCP listener.
+    Tcp(tokio::net::TcpListener),
+}
+
+impl Listener {
+    /// Where it listens.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Unix(_, p) => format!("unix:{}", p.display()),
+            Listener::Tcp(l) => match l.local_addr() {
+                Ok(a) => format!("tcp:{a}"),
+                Err(_) => "tcp:?".into(),
+            },
+        }
+    }
+}
+
+/// Binds a Unix socket at `path` with permission bits `mode` (e.g. `0o600`).
+///
+/// The directory must exist, belong to this user or root, and not be writable
+/// by others unless it has the sticky bit (like `/tmp`). A stale socket left
+/// by a dead daemon is replaced; a live one (another daemon answers) or a
+/// file that is not a socket is an error.
+pub fn bind_unix(path: &Path, mode: u32) -> Result<Listener, IpcError> {
+    let setup = |m: String| IpcError::Setup(m);
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let meta = std::fs::metadata(&dir).map_err(|e| setup(format!("socket directory {}: {e}", dir.display())))?;
+    if !meta.is_dir() {
+        return Err(setup(format!("{} is not a directory", dir.display())));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(setup(format!(
+            "socket directory {} belongs to uid {}, not to this user ({me}) or root",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    let bits = meta.permissions().mode();
+    if bits & 0o022 != 0 && bits & 0o1000 == 0 {
+        return Err(setup(format!(
+            "socket directory {} is writable by others (mode {:o}) without the sticky bit",
+            dir.display(),
+            bits & 0o7777
+        )));
+    }
+    if mode & !0o777 != 0 {
+        return Err(setup(format!("socket mode {mode:o} has bits beyond 0777")));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(setup(format!("another daemon is listening on {}", path.display())));
+            }
+            std::fs::remove_file(path).map_err(|e| setup(format!("removing stale socket {}: {e}", path.display())))?;
+        }
+        Ok(_) => {
+            return Err(setup(format!("{} exists and is not a socket", path.display())));
+        }
+        Err(_) => {}
+    }
+    // The socket is created with the mode already in place: no window in
+    // which another user could connect.
+    // SAFETY: umask only swaps the process's file-creation mask.
+    let old = unsafe { libc::umask((!mode & 0o777) as libc::mode_t) };
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let l = bound.map_err(|e| setup(format!("binding {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| setup(format!("chmod {}: {e}", path.display())))?;
+    l.set_nonblocking(true).map_err(IpcError::Io)?;
+    let l = tokio::net::UnixListener::from_std(l).map_err(IpcError::Io)?;
+    Ok(Listener::Unix(l, path.to_path_buf()))
+}
+
+/// Binds TCP at `addr`. Anything but a loopback address needs `allow_remote`.
+pub async fn bind_tcp(addr: &str, allow_remote: bool) -> Result<Listener, IpcError> {
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| IpcError::Setup(format!("resolving {addr}: {e}")))?
+        .collect();
+    let Some(first) = addrs.first().copied() else {
+        return Err(IpcError::Setup(format!("{addr} resolves to nothing")));
+    };
+    if !allow_remote && addrs.iter().any(|a| !a.ip().is_loopback()) {
+        return Err(IpcError::Setup(format!(
+            "{addr} is not a loopback address; pass --allow-remote to listen beyond this machine"
+        )));
+    }
+    let l = tokio::net::TcpListener::bind(first)
+        .await
+        .map_err(|e| IpcError::Setup(format!("binding {first}: {e}")))?;
+    Ok(Listener::Tcp(l))
+}
+
+struct Shared<O: StoreOpener> {
+    opener: O,
+    store: RwLock<Option<Arc<O::Store>>>,
+    handshakes: Mutex<()>,
+    sessions: AtomicUsize,
+    options: ServerOptions,
+    shutdown: CancellationToken,
+}
+
+/// The daemon: a store and the connections that use it.
+pub struct Server<O: StoreOpener> {
+    shared: Arc<Shared<O>>,
+}
+
+impl<O: StoreOpener> Server<O> {
+    /// A server for the store `opener` opens; nothing is opened yet.
+    pub fn new(opener: O, options: ServerOptions) -> Self {
+        Server {
+            shared: Arc::new(Shared {
+                opener,
+                store: RwLock::new(None),
+                handshakes: Mutex::new(()),
+                sessions: AtomicUsize::new(0),
+                options,
+                shutdown: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// Opens the store now: with `config` (creating it if absent), or the
+    /// existing one. Returns whether a store is open.
+    pub async fn open_store(&self, config: Option<&MemoryConfig>) -> Result<bool> {
+        let mut slot = self.shared.store.write().await;
+        let store = match config {
+            Some(c) => {
+                c.validate()?;
+                Some(self.shared.opener.open(c).await?)
+            }
+            None => self.shared.opener.open_existing().await?,
+        };
+        let open = store.is_some();
+        if let Some(s) = store {
+            info!(store = %self.shared.opener.describe(), config = ?s.config(), "store open");
+            *slot = Some(Arc::new(s));
+        }
+        Ok(open)
+    }
+
+    /// The configuration of the open store, if one is open.
+    pub async fn config(&self) -> Option<MemoryConfig> {
+        self.shared.store.read().await.as_ref().map(|s| s.config().clone())
+    }
+
+    /// Connections that have completed their handshake and not left.
+    pub fn sessions(&self) -> usize {
+        self.shared.sessions.load(Ordering::SeqCst)
+    }
+
+    /// Serves `listeners` until `shutdown` completes, then stops accepting,
+    /// lets connections finish the requests they have read, flushes and
+    /// closes the store, and removes the Unix socket files.
+    pub async fn serve(
+        &self,
+        listeners: Vec<Listener>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), IpcError> {
+        if self.shared.options.token.is_none() && listeners.iter().any(|l| matches!(l, Listener::Tcp(_))) {
+            return Err(IpcError::Setup(
+                "TCP needs a shared token (--token-file or $MEMSTORED_TOKEN)".into(),
+            ));
+        }
+        let tracker = TaskTracker::new();
+        let mut sockets = Vec::new();
+        for l in listeners {
+            info!(listen = %l.describe(), "listening");
+            if let Listener::Unix(_, p) = &l {
+                sockets.push(p.clone());
+            }
+            tracker.spawn(accept_loop(self.shared.clone(), l, tracker.clone()));
+        }
+        shutdown.await;
+        info!("shutting down: no new connections; finishing requests in flight");
+        self.shared.shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+        for p in sockets {
+            let _ = std::fs::remove_file(p);
+        }
+        let store = self.shared.store.write().await.take();
+        if let Some(s) = store {
+            match Arc::try_unwrap(s) {
+                Ok(s) => self
+                    .shared
+                    .opener
+                    .close(s)
+                    .await
+                    .map_err(|e| IpcError::Remote(format!("closing the store: {e}")))?,
+                Err(s) => s
+                    .flush()
+                    .await
+                    .map_err(|e| IpcError::Remote(format!("flushing the store: {e}")))?,
+            }
+        }
+        info!("store flushed and closed");
+        Ok(())
+    }
+
+    /// Serves one already-connected stream (for tests and embedding).
+    pub async fn serve_stream<R, W>(&self, r: R, w: W, needs_token: bool)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        connection(self.shared.clone(), r, w, needs_token, "stream".into()).await
+    }
+}
+
+async fn accept_loop<O: StoreOpener>(shared: Arc<Shared<O>>, listener: Listener, tracker: TaskTracker) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            a = accept(&listener) => a,
+        };
+        match accepted {
+            Ok(Accepted::Unix(s)) => {
+                let (r, w) = s.into_split();
+                tracker.spawn(connection(shared.clone(), r, w, false, "unix".into()));
+            }
+            Ok(Accepted::Tcp(s, peer)) => {
+                let _ = s.set_nodelay(true);
+                let (r, w) = s.into_split();
+                tracker.spawn(connection(shared.clone(), r, w, true, peer.to_string()));
+            }
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+enum Accepted {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream, std::net::SocketAddr),
+}
+
+async fn accept(l: &Listener) -> std::io::Result<Accepted> {
+    match l {
+        Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
+        Listener::Tcp(l) => l.accept().await.map(|(s, a)| Accepted::Tcp(s, a)),
+    }
+}
+
+/// Decrements the session count when a session ends.
+struct Session<'a>(&'a AtomicUsize);
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn send(tx: &mpsc::Sender<Vec<u8>>, id: u64, r: &Response<'_>, max_frame: usize) {
+    let frame = match protocol::encode_frame(id, r, max_frame) {
+        Ok(f) => f,
+        Err(e) => match protocol::encode_frame(id, &Response::Error(e), max_frame) {
+            Ok(f) => f,
+            Err(_) => return,
+        },
+    };
+    let _ = tx.send(frame).await;
+}
+
+async fn connection<O, R, W>(shared: Arc<Shared<O>>, r: R, mut w: W, needs_token: bool, peer: String)
+where
+    O: StoreOpener,
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let max_frame = shared.options.max_frame;
+    let mut frames = FramedRead::new(r, protocol::codec(max_frame));
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if w.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+        let _ = w.flush().await;
+        let _ = w.shutdown().await;
+    });
+
+    // The handshake.
+    let first = tokio::select! {
+        _ = shared.shutdown.cancelled() => None,
+        f = tokio::time::timeout(shared.options.handshake_timeout, frames.next()) => Some(f),
+    };
+    let first = match first {
+        None => Err(WireError::protocol(
+            ProtocolError::ShuttingDown,
+            "the daemon is shutting down",
+        )),
+        Some(Err(_)) => Err(WireError::protocol(ProtocolError::Sequence, "no handshake in time")),
+        Some(Ok(None)) => {
+            drop(tx);
+            let _ = writer.await;
+            return;
+        }
+        Some(Ok(Some(Err(e)))) => Err(frame_error(&e, max_frame)),
+        Some(Ok(Some(Ok(f)))) => Ok(f.freeze()),
+    };
+    let accepted = match first {
+        Ok(f) => handshake(&shared, &f, needs_token).await,
+        Err(e) => Err(e),
+    };
+    let config = match accepted {
+        Ok(c) => c,
+        Err(e) => {
+            info!(peer = %peer, error = ?e, "handshake refused");
+            send(&tx, 0, &Response::Error(e), max_frame).await;
+            drop(tx);
+            let _ = writer.await;
+            return;
+        }
+    };
+    let session = Session(&shared.sessions);
+    debug!(peer = %peer, "session started");
+    send(
+        &tx,
+        0,
+        &Response::Welcome {
+            version: PROTOCOL_VERSION,
+            config: WireConfig::from(&config),
+            max_frame: max_frame as u64,
+        },
+        max_frame,
+    )
+    .await;
+
+    let permits = Arc::new(Semaphore::new(shared.options.max_in_flight.max(1)));
+    let mut in_flight = JoinSet::new();
+    let mut goodbye = None;
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => break,
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => continue,
+            f = frames.next() => f,
+        };
+        match next {
+            None => break,
+            Some(Err(e)) => {
+                let e = frame_error(&e, max_frame);
+                info!(peer = %peer, error = ?e, "closing the connection");
+                send(&tx, 0, &Response::Error(e), max_frame).await;
+                break;
+            }
+            Some(Ok(frame)) => {
+                let frame = frame.freeze();
+                let (id, kind) = protocol::peek(&frame);
+                if kind == Some(GOODBYE) {
+                    goodbye = Some(id);
+                    break;
+                }
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    break;
+                };
+                let (shared, tx) = (shared.clone(), tx.clone());
+                in_flight.spawn(async move {
+                    let _permit = permit;
+                    handle(&shared, frame, &tx).await;
+                });
+            }
+        }
+    }
+    while in_flight.join_next().await.is_some() {}
+    drop(session);
+    if let Some(id) = goodbye {
+        send(&tx, id, &Response::Done, max_frame).await;
+    }
+    debug!(peer = %peer, "session ended");
+    drop(tx);
+    let _ = writer.await;
+}
+
+fn frame_error(e: &std::io::Error, max_frame: usize) -> WireError {
+    let msg = e.to_string();
+    if msg.contains("frame size too big") {
+        WireError::protocol(
+            ProtocolError::TooLarge,
+            format!("frame over the {max_frame}-byte limit"),
+        )
+    } else {
+        WireError::protocol(ProtocolError::Malformed, format!("reading a frame: {msg}"))
+    }
+}
+
+async fn handshake<O: StoreOpener>(
+    shared: &Shared<O>,
+    frame: &Bytes,
+    needs_token: bool,
+) -> Result<MemoryConfig, WireError> {
+    let (_, req): (u64, Request) = match protocol::decode_frame(frame) {
+        Ok(r) => r,
+        Err(e) => {
+            // A client of another version may not decode; say so when it is one.
+            if let Ok((_, (_kind, magic, version))) = postcard::from_bytes::<(u64, (u32, [u8; 4], u32))>(frame)
+                && magic == MAGIC
+                && version != PROTOCOL_VERSION
+            {
+                return Err(version_error(version));
+            }
+            let detail = match e {
+                WireError::Protocol { message, .. } => message,
+                other => format!("{other:?}"),
+            };
+            return Err(WireError::protocol(
+                ProtocolError::Malformed,
+                format!("not a memstore handshake ({detail})"),
+            ));
+        }
+    };
+    let Request::Hello(hello) = req else {
+        return Err(WireError::protocol(
+            ProtocolError::Sequence,
+            "the first frame must be the handshake",
+        ));
+    };
+    if hello.magic != MAGIC {
+        return Err(WireError::protocol(
+            ProtocolError::Version,
+            "not a memstore client (bad magic)",
+        ));
+    }
+    if hello.version != PROTOCOL_VERSION {
+        return Err(version_error(hello.version));
+    }
+    if needs_token {
+        let ok = match (&shared.options.token, &hello.token) {
+            (Some(want), Some(got)) => constant_time_eq(want.as_bytes(), got.as_bytes()),
+            _ => false,
+        };
+        if !ok {
+            return Err(WireError::protocol(
+                ProtocolError::Unauthorized,
+                "missing or wrong token",
+            ));
+        }
+    }
+    let requested = hello.config.map(|c| c.to_config()).transpose()?;
+    if let Some(c) = &requested {
+        c.validate().map_err(|e| WireError::from(&e))?;
+    }
+    let _one_at_a_time = shared.handshakes.lock().await;
+    if shared.shutdown.is_cancelled() {
+        return Err(WireError::protocol(
+            ProtocolError::ShuttingDown,
+            "the daemon is shutting down",
+        ));
+    }
+    let mut slot = shared.store.write().await;
+    let wire = |e: memstore_api::Error| WireError::from(&e);
+    match (slot.as_ref(), requested) {
+        (None, None) => match shared.opener.open_existing().await.map_err(wire)? {
+            Some(s) => *slot = Some(Arc::new(s)),
+            None => {
+                return Err(WireError::protocol(
+                    ProtocolError::NoStore,
+                    "no store exists yet: connect with a configuration to create it",
+                ));
+            }
+        },
+        (None, Some(c)) => {
+            *slot = Some(Arc::new(shared.opener.open(&c).await.map_err(wire)?));
+            info!(store = %shared.opener.describe(), config = ?c, "store open");
+        }
+        (Some(s), Some(c)) => {
+            c.check_compatible(s.config()).map_err(wire)?;
+            if s.config() != &c {
+                let others = shared.sessions.load(Ordering::SeqCst);
+                if others > 0 {
+                    return Err(WireError::protocol(
+                        ProtocolError::ConfigInUse,
+                        format!(
+                            "the store runs with {:?}; its tunable fields change only when no other session is connected ({others} are)",
+                            s.config()
+                        ),
+                    ));
+                }
+                let Some(old) = slot.take() else {
+                    return Err(WireError::protocol(ProtocolError::NoStore, "no store"));
+                };
+                let old = Arc::try_unwrap(old).map_err(|old| {
+                    // Still referenced by a finishing request: keep it.
+                    *slot = Some(old);
+                    WireError::protocol(ProtocolError::ConfigInUse, "the store is still busy; try again")
+                })?;
+                shared.opener.close(old).await.map_err(wire)?;
+                let reopened = match shared.opener.open(&c).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Keep serving the store as it was.
+                        if let Ok(Some(s)) = shared.opener.open_existing().await {
+                            *slot = Some(Arc::new(s));
+                        }
+                        return Err(wire(e));
+                    }
+                };
+                info!(config = ?c, "store reopened with new tunables");
+                *slot = Some(Arc::new(reopened));
+            }
+        }
+        (Some(_), None) => {}
+    }
+    let config = slot
+        .as_ref()
+        .map(|s| s.config().clone())
+        .ok_or_else(|| WireError::protocol(ProtocolError::NoStore, "no store"))?;
+    shared.sessions.fetch_add(1, Ordering::SeqCst);
+    Ok(config)
+}
+
+fn version_error(v: u32) -> WireError {
+    WireError::protocol(
+        ProtocolError::Version,
+        format!("client speaks protocol version {v}, this daemon speaks {PROTOCOL_VERSION}"),
+    )
+}
+
+/// Compares without an early exit, so the time taken says nothing about the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= usize::from(x ^ y);
+    }
+    diff == 0
+}
+
+/// What a request produced, owned so that its reply can borrow it.
+enum Outcome {
+    Neighbors(Neighbors),
+    Ids(Vec<u64>),
+    Memories(Vec<Memory>),
+    Count(u64),
+    Done,
+    Stats(Stats),
+}
+
+async fn handle<O: StoreOpener>(shared: &Shared<O>, frame: Bytes, tx: &mpsc::Sender<Vec<u8>>) {
+    let max_frame = shared.options.max_frame;
+    let (id, req): (u64, Request) = match protocol::decode_frame(&frame) {
+        Ok(r) => r,
+        Err(e) => {
+            debug!(error = ?e, "undecodable request");
+            send(tx, protocol::peek(&frame).0, &Response::Error(e), max_frame).await;
+            return;
+        }
+    };
+    let store = shared.store.read().await.clone();
+    let outcome = match store {
+        Some(s) => execute(s.as_ref(), req, max_frame).await,
+        None => Err(WireError::protocol(ProtocolError::NoStore, "no store is open")),
+    };
+    match &outcome {
+        Ok(Outcome::Neighbors(n)) => {
+            send(
+                tx,
+                id,
+                &Response::Neighbors(WireNeighbors::from_neighbors(n)),
+                max_frame,
+            )
+            .await
+        }
+        Ok(Outcome::Ids(ids)) => send(tx, id, &Response::Ids(ids.as_slice().into()), max_frame).await,
+        Ok(Outcome::Memories(ms)) => {
+            let ms = ms.iter().map(WireMemory::from_memory).collect();
+            send(tx, id, &Response::Memories(ms), max_frame).await
+        }
+        Ok(Outcome::Count(n)) => send(tx, id, &Response::Count(*n), max_frame).await,
+        Ok(Outcome::Done) => send(tx, id, &Response::Done, max_frame).await,
+        Ok(Outcome::Stats(s)) => send(tx, id, &Response::Stats(WireStats::from(s)), max_frame).await,
+        Err(e) => send(tx, id, &Response::Error(e.clone()), max_frame).await,
+    }
+}
+
+/// Owned rows of a batch from the wire.
+struct Rows {
+    keys: Vec<f32>,
+    key_dim: usize,
+    values: Vec<f32>,
+    value_dim: usize,
+}
+
+impl Rows {
+    fn of(b: &WireBatch<'_>) -> Result<Rows, WireError> {
+        Ok(Rows {
+            keys: b.keys.to_vec("keys")?,
+            key_dim: usize_of(b.key_dim)?,
+            values: b.values.to_vec("values")?,
+            value_dim: usize_of(b.value_dim)?,
+        })
+    }
+
+    fn batch<'a>(&'a self, tags: &'a WireTags<'_>) -> Result<Batch<'a>> {
+        let tags = match tags {
+            WireTags::None => Tags::None,
+            WireTags::Same(t) => Tags::Same(t.as_ref()),
+            WireTags::PerRow(t) => Tags::PerRow(t.as_ref()),
+        };
+        Ok(Batch::new(
+            Vectors::new(&self.keys, self.key_dim)?,
+            Vectors::new(&self.values, self.value_dim)?,
+        )
+        .with_tags(tags))
+    }
+}
+
+/// Refuses a search or learn whose reply could not fit in a frame, before
+/// the store allocates it.
+fn check_reply_size(config: &MemoryConfig, rows: usize, k: u64, max_frame: usize) -> Result<(), WireError> {
+    let per_slot = 4 * (config.key_dim + config.value_dim) + 10;
+    let bytes = (rows as u128) * (k as u128) * (per_slot as u128);
+    if bytes > max_frame as u128 {
+        return Err(WireError::protocol(
+            ProtocolError::TooLarge,
+            format!("{rows} rows x k = {k} would need a reply of {bytes} bytes, over the {max_frame}-byte frame limit"),
+        ));
+    }
+    Ok(())
+}
+
+async fn execute<S: MemoryStore + ?Sized>(s: &S, req: Request<'_>, max_frame: usize) -> Result<Outcome, WireError> {
+    let api = |e: memstore_api::Error| WireError::from(&e);
+    let out = match req {
+        Request::Hello(_) => {
+            return Err(WireError::protocol(ProtocolError::Sequence, "a second handshake"));
+        }
+        Request::Goodbye => Outcome::Done,
+        Request::Search {
+            queries,
+            dim,
+            k,
+            filter,
+        } => {
+            let q = queries.to_vec("queries")?;
+            let q = Vectors::new(&q, usize_of(dim)?).map_err(api)?;
+            check_reply_size(s.config(), q.len(), k, max_frame)?;
+            let filter = filter.map(Into::into);
+            Outcome::Neighbors(s.search(q, usize_of(k)?, filter.as_ref()).await.map_err(api)?)
+        }
+        Request::Insert { batch, tick } => {
+            let rows = Rows::of(&batch)?;
+            let b = rows.batch(&batch.tags).map_err(api)?;
+            Outcome::Ids(s.insert(b, tick).await.map_err(api)?)
+        }
+        Request::Learn { batch, tick, k } => {
+            let rows = Rows::of(&batch)?;
+            let b = rows.batch(&batch.tags).map_err(api)?;
+            check_reply_size(s.config(), b.len(), k, max_frame)?;
+            Outcome::Neighbors(s.learn(b, tick, usize_of(k)?).await.map_err(api)?)
+        }
+        Request::Get(ids) => Outcome::Memories(s.get(&ids).await.map_err(api)?),
+        Request::Delete(ids) => Outcome::Count(s.delete(&ids).await.map_err(api)? as u64),
+        Request::UpdateValues { ids, deltas, dim } => {
+            let d = deltas.to_vec("deltas")?;
+            let d = Vectors::new(&d, usize_of(dim)?).map_err(api)?;
+            s.update_values(&ids, d).await.map_err(api)?;
+            Outcome::Done
+        }
+        Request::Touch { ids, tick } => {
+            s.touch(&ids, tick).await.map_err(api)?;
+            Outcome::Done
+        }
+        Request::Evict { target_len } => Outcome::Count(s.evict(usize_of(target_len)?).await.map_err(api)? as u64),
+        Request::Apply(b) => {
+            s.apply(&b.to_batch()?).await.map_err(api)?;
+            Outcome::Done
+        }
+        Request::Ids => Outcome::Ids(s.ids().await.map_err(api)?),
+        Request::Len => Outcome::Count(s.len().await.map_err(api)? as u64),
+        Request::Stats => Outcome::Stats(s.stats().await.map_err(api)?),
+        Request::Flush => {
+            s.flush().await.map_err(api)?;
+            Outcome::Done
+        }
+    };
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn goodbye_has_its_wire_number() {
+        let f = protocol::encode_frame(5, &Request::Goodbye, 1 << 20).unwrap();
+        assert_eq!(protocol::peek(&f[4..]), (5, Some(GOODBYE)));
+        let f = protocol::encode_frame(5, &Request::Len, 1 << 20).unwrap();
+        assert_ne!(protocol::peek(&f[4..]).1, Some(GOODBYE));
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+}

@@ -1,0 +1,640 @@
+//! `memstored` as a process: bad input on the wire, security, many client
+//! processes, graceful shutdown, reconfiguration and `kill -9` recovery.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Daemon, LOAD, MEMSTORED};
+use memstore_api::{Batch, Error, Memory, MemoryConfig, MemoryStore, Stats, Tags, Vectors};
+use memstore_ipc::protocol::{
+    self, F32s, Hello, MAGIC, PROTOCOL_VERSION, ProtocolError, REQUEST_TYPES, Request, Response, WireConfig, WireError,
+};
+use memstore_ipc::{ClientOptions, Endpoint, IpcStore, protocol_error};
+
+fn cfg() -> MemoryConfig {
+    MemoryConfig::new(4, 2)
+}
+
+fn cfg_args() -> [&'static str; 4] {
+    ["--key-dim", "4", "--value-dim", "2"]
+}
+
+/// A deterministic pseudo-random sequence in [0, 1).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 24) as f32
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        (self.next() as f64 * n as f64) as u64
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.next()).collect()
+    }
+}
+
+async fn snapshot(s: &IpcStore) -> (Vec<Memory>, Stats) {
+    let ids = s.ids().await.unwrap();
+    (s.get(&ids).await.unwrap(), s.stats().await.unwrap())
+}
+
+async fn fill(s: &IpcStore, n: usize, seed: u64) -> Vec<u64> {
+    let mut rng = Rng(seed | 1);
+    let k = rng.vec(n * 4);
+    let v = rng.vec(n * 2);
+    let t = vec!["seed".to_string()];
+    s.insert(
+        Batch::new(Vectors::new(&k, 4).unwrap(), Vectors::new(&v, 2).unwrap()).with_tags(Tags::Same(&t)),
+        1,
+    )
+    .await
+    .unwrap()
+}
+
+/// A client speaking raw frames over a blocking socket.
+struct Raw(UnixStream);
+
+enum Reply {
+    Ok(u64, String),
+    Err(u64, WireError),
+    Closed,
+}
+
+impl Raw {
+    fn connect(socket: &Path) -> Raw {
+        let s = UnixStream::connect(socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Raw(s)
+    }
+
+    fn hello(socket: &Path) -> Raw {
+        let mut r = Raw::connect(socket);
+        r.send(0, &hello(PROTOCOL_VERSION, MAGIC, None, None));
+        match r.recv() {
+            Reply::Ok(0, kind) => assert_eq!(kind, "Welcome"),
+            _ => panic!("handshake refused"),
+        }
+        r
+    }
+
+    fn send(&mut self, id: u64, req: &Request<'_>) {
+        let f = protocol::encode_frame(id, req, usize::MAX).unwrap();
+        self.0.write_all(&f).unwrap();
+    }
+
+    fn send_payload(&mut self, payload: &[u8]) {
+        let mut f = (payload.len() as u32).to_le_bytes().to_vec();
+        f.extend_from_slice(payload);
+        // The daemon may already have closed the connection: that is allowed.
+        let _ = self.0.write_all(&f);
+    }
+
+    fn recv(&mut self) -> Reply {
+        let mut len = [0u8; 4];
+        if self.0.read_exact(&mut len).is_err() {
+            return Reply::Closed;
+        }
+        let mut payload = vec![0u8; u32::from_le_bytes(len) as usize];
+        if self.0.read_exact(&mut payload).is_err() {
+            return Reply::Closed;
+        }
+        let (id, r): (u64, Response) = protocol::decode_frame(&payload).expect("the daemon's frames decode");
+        match r {
+            Response::Error(e) => Reply::Err(id, e),
+            Response::Welcome { .. } => Reply::Ok(id, "Welcome".into()),
+            Response::Count(n) => Reply::Ok(id, format!("Count({n})")),
+            other => Reply::Ok(id, format!("{other:?}").chars().take(40).collect()),
+        }
+    }
+
+    /// The typed error the daemon sent, then the connection must close.
+    fn expect_error_then_close(&mut self, kind: ProtocolError) {
+        match self.recv() {
+            Reply::Err(_, WireError::Protocol { kind: k, message }) => assert_eq!(k, kind, "{message}"),
+            Reply::Err(_, e) => panic!("expected {kind:?}, got {e:?}"),
+            Reply::Ok(_, r) => panic!("expected {kind:?}, got {r}"),
+            Reply::Closed => panic!("expected {kind:?}, the connection closed first"),
+        }
+        assert!(matches!(self.recv(), Reply::Closed), "the daemon closes the connection");
+    }
+}
+
+fn hello(version: u32, magic: [u8; 4], token: Option<&str>, config: Option<&MemoryConfig>) -> Request<'static> {
+    Request::Hello(Hello {
+        magic,
+        version,
+        token: token.map(String::from),
+        config: config.map(WireConfig::from),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_get_typed_errors_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("d.sock");
+    let mut extra = cfg_args().to_vec();
+    extra.extend(["--max-frame", "1048576"]);
+    let d = Daemon::start(&dir.path().join("s.db"), &socket, &extra);
+    let good = IpcStore::connect(&d.endpoint(), None).await.unwrap();
+    fill(&good, 50, 3).await;
+    let before = snapshot(&good).await;
+
+    // A payload that does not decode: a typed error, and the connection goes on.
+    let mut r = Raw::hello(&socket);
+    r.send_payload(&[0x07, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+    match r.recv() {
+        Reply::Err(_, WireError::Protocol { kind, .. }) => assert_eq!(kind, ProtocolError::Malformed),
+        _ => panic!("expected a Malformed error"),
+    }
+    // Truncated vectors (not a whole number of f32s) are malformed too.
+    let bad_vec = Request::Search {
+        queries: F32s(vec![0u8; 7].into()),
+        dim: 4,
+        k: 1,
+        filter: None,
+    };
+    r.send(8, &bad_vec);
+    match r.recv() {
+        Reply::Err(8, WireError::Protocol { kind, .. }) => assert_eq!(kind, ProtocolError::Malformed),
+        _ => panic!("expected a Malformed error for request 8"),
+    }
+    r.send(9, &Request::Len);
+    match r.recv() {
+        Reply::Ok(9, s) => assert_eq!(s, "Count(50)"),
+        _ => panic!("the connection keeps working after a malformed frame"),
+    }
+
+    // An unknown request type is named as such, with its request id.
+    let mut payload = postcard::to_stdvec(&11u64).unwrap();
+    payload.extend(postcard::to_stdvec(&(REQUEST_TYPES + 40)).unwrap());
+    r.send_payload(&payload);
+    match r.recv() {
+        Reply::Err(11, WireError::Protocol { kind, .. }) => assert_eq!(kind, ProtocolError::UnknownRequest),
+        _ => panic!("expected UnknownRequest for request 11"),
+    }
+
+    // A request whose reply could not fit in a frame is refused before the store allocates it.
+    let q = [0.0f32; 4];
+    r.send(
+        12,
+        &Request::Search {
+            queries: F32s::from_slice(&q),
+            dim: 4,
+            k: u64::MAX / 2,
+            filter: None,
+        },
+    );
+    match r.recv() {
+        Reply::Err(12, WireError::Protocol { kind, .. }) => assert_eq!(kind, ProtocolError::TooLarge),
+        _ => panic!("expected TooLarge for request 12"),
+    }
+
+    // An oversized frame: a typed error, then the connection is closed.
+    let mut r = Raw::hello(&socket);
+    r.0.write_all(&(2u32 << 20).to_le_bytes()).unwrap();
+    r.0.write_all(&[0u8; 64]).unwrap();
+    r.expect_error_then_close(ProtocolError::TooLarge);
+
+    // A wrong protocol version, a wrong magic, a request before the handshake,
+    // a handshake that does not decode.
+    let mut r = Raw::connect(&socket);
+    r.send(0, &hello(PROTOCOL_VERSION + 98, MAGIC, None, None));
+    r.expect_error_then_close(ProtocolError::Version);
+    let mut r = Raw::connect(&socket);
+    r.send(0, &hello(PROTOCOL_VERSION, *b"HTTP", None, None));
+    r.expect_error_then_close(ProtocolError::Version);
+    let mut r = Raw::connect(&socket);
+    r.send(1, &Request::Len);
+    r.expect_error_then_close(ProtocolError::Sequence);
+    let mut r = Raw::connect(&socket);
+    r.send_payload(b"GET / HTTP/1.1\r\n\r\n");
+    r.expect_error_then_close(ProtocolError::Malformed);
+
+    // A second handshake on a live session.
+    let mut r = Raw::hello(&socket);
+    r.send(5, &hello(PROTOCOL_VERSION, MAGIC, None, None));
+    match r.recv() {
+        Reply::Err(5, WireError::Protocol { kind, .. }) => assert_eq!(kind, ProtocolError::Sequence),
+        _ => panic!("expected Sequence"),
+    }
+
+    // Clients that vanish mid-frame, before and after the handshake.
+    let mut r = Raw::connect(&socket);
+    r.0.write_all(&1000u32.to_le_bytes()).unwrap();
+    r.0.write_all(&[1u8; 10]).unwrap();
+    drop(r);
+    let mut r = Raw::hello(&socket);
+    let big = vec![1.0f32; 4000];
+    let f = protocol::encode_frame(
+        3,
+        &Request::Insert {
+            batch: protocol::WireBatch {
+                keys: F32s::from_slice(&big),
+                key_dim: 4,
+                values: F32s::from_slice(&big[..2000]),
+                value_dim: 2,
+                tags: protocol::WireTags::None,
+            },
+            tick: 5,
+        },
+        usize::MAX,
+    )
+    .unwrap();
+    r.0.write_all(&f[..f.len() / 2]).unwrap();
+    drop(r);
+
+    // Every other client is still served, and the store is as it was.
+    assert_eq!(snapshot(&good).await, before);
+    let late = IpcStore::connect(&d.endpoint(), None).await.unwrap();
+    assert_eq!(snapshot(&late).await, before);
+    let status = d.stop();
+    assert!(status.success(), "{status}");
+}
+
+/// Random bytes as frames never bring the daemon down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_frames_do_not_hurt_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("d.sock");
+    let d = Daemon::start(&dir.path().join("s.db"), &socket, &cfg_args());
+    let good = IpcStore::connect(&d.endpoint(), None).await.unwrap();
+    fill(&good, 20, 5).await;
+    let mut rng = Rng(0xDEAD_BEEF);
+    let valid = protocol::encode_frame(1, &Request::Get(vec![1u64, 2, 3].into()), usize::MAX).unwrap();
+    for round in 0..300 {
+        let mut r = if round % 3 == 0 {
+            Raw::connect(&socket)
+        } else {
+            Raw::hello(&socket)
+        };
+        let payload: Vec<u8> = if round % 2 == 0 {
+            (0..rng.below(200)).map(|_| rng.below(256) as u8).collect()
+        } else {
+            // A valid request with a few bytes flipped.
+            let mut p = valid[4..].to_vec();
+            for _ in 0..1 + rng.below(3) {
+                let i = rng.below(p.len() as u64) as usize;
+                p[i] ^= 1 << rng.below(8);
+            }
+            p
+        };
+        r.send_payload(&payload);
+        let _ = r.recv();
+    }
+    assert!(d.child_alive(), "the daemon survived");
+    assert_eq!(good.len().await.unwrap(), 20);
+    assert!(d.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_is_private_and_its_directory_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("d.sock");
+    let d = Daemon::start(&dir.path().join("s.db"), &socket, &cfg_args());
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // A second daemon on the same socket is refused; the first keeps it.
+    let out = Command::new(MEMSTORED)
+        .args(["--db"])
+        .arg(dir.path().join("other.db"))
+        .arg("--socket")
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another daemon"));
+    assert!(d.stop().success());
+    assert!(!socket.exists(), "the socket is removed at shutdown");
+
+    let d = Daemon::start(&dir.path().join("s.db"), &socket, &["--socket-mode", "660"]);
+    assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o660);
+    assert!(d.stop().success());
+
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = Command::new(MEMSTORED)
+        .arg("--db")
+        .arg(dir.path().join("s.db"))
+        .arg("--socket")
+        .arg(open.join("d.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a world-writable socket directory is refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("writable by others"));
+    assert!(!open.join("d.sock").exists());
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_is_loopback_and_needs_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.db");
+    let socket = dir.path().join("d.sock");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+
+    // Without a token, or on a non-loopback address, TCP does not start.
+    let run = |extra: &[&str]| {
+        Command::new(MEMSTORED)
+            .arg("--db")
+            .arg(&db)
+            .arg("--socket")
+            .arg(&socket)
+            .args(extra)
+            .env_remove(memstore_ipc::TOKEN_ENV)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--tcp", &addr]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("token"));
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let tf = token_file.to_str().unwrap();
+    let out = run(&["--tcp", &format!("0.0.0.0:{port}"), "--token-file", tf]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+
+    // With a token file: a wrong or missing token is refused before the store
+    // is touched (no store exists, and none is created).
+    let d = Daemon::start(&db, &socket, &["--tcp", &addr, "--token-file", tf]);
+    let tcp = Endpoint::Tcp(addr.clone());
+    let opts = |t: Option<&str>| ClientOptions {
+        token: t.map(String::from),
+        ..ClientOptions::default()
+    };
+    for t in [None, Some("wrong"), Some("s3cret-token2")] {
+        let e = IpcStore::connect_with(&tcp, Some(cfg()), opts(t)).await.unwrap_err();
+        assert_eq!(protocol_error(&e), Some(ProtocolError::Unauthorized), "{t:?}: {e}");
+    }
+    assert!(!db.exists(), "a refused client created no store");
+    let s = IpcStore::connect_with(&tcp, Some(cfg()), opts(Some("s3cret-token")))
+        .await
+        .unwrap();
+    fill(&s, 3, 1).await;
+    assert_eq!(s.len().await.unwrap(), 3);
+    // The Unix socket needs no token (its mode protects it).
+    let u = IpcStore::connect(&d.endpoint(), None).await.unwrap();
+    assert_eq!(u.len().await.unwrap(), 3);
+    assert!(d.stop().success());
+}
+
+/// Eight client processes, 500 `learn` batches each with their own tags: the
+/// counts afterwards are exactly what they sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_processes_share_one_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("d.sock");
+    let d = Daemon::start(
+        &dir.path().join("s.db"),
+        &socket,
+        &["--key-dim", "8", "--value-dim", "4", "--synchronous", "normal"],
+    );
+    let (procs, batches, rows) = (8usize, 500u64, 4u64);
+    let endpoint = d.endpoint().to_string();
+    let children: Vec<_> = (0..procs)
+        .map(|p| {
+            Command::new(LOAD)
+                .args([
+                    endpoint.as_str(),
+                    &format!("p{p}"),
+                    &batches.to_string(),
+                    &rows.to_string(),
+                    "learn",
+                ])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "a client failed: {}", out.status);
+        assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count() as u64, batches);
+    }
+    let s = IpcStore::connect(&d.endpoint(), None).await.unwrap();
+    let st = s.stats().await.unwrap();
+    let total = procs as u64 * batches * rows;
+    assert_eq!(st.len, total);
+    assert_eq!(st.counters.inserted, total);
+    assert_eq!(st.access_count_total, total);
+    for p in 0..procs {
+        assert_eq!(
+            st.tag_counts.get(&format!("p{p}")),
+            Some(&(batches * rows)),
+            "process {p}"
+        );
+        for i in 0..batches {
+            assert_eq!(
+                st.tag_counts.get(&format!("p{p}-{i}")),
+                Some(&rows),
+                "process {p} batch {i}"
+            );
+        }
+    }
+    let ids = s.ids().await.unwrap();
+    assert_eq!(ids, (1..=total).collect::<Vec<_>>(), "ids are unique and dense");
+    assert!(d.stop().success());
+}
+
+/// `kill -9` of the daemon in the middle of a stream of writes, 20 times:
+/// every acknowledged batch is there after a restart, no batch is half
+/// there, and the file opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_nine_loses_no_acknowledged_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.db");
+    let socket = dir.path().join("d.sock");
+    let args = ["--key-dim", "8", "--value-dim", "4", "--synchronous", "normal"];
+    let rows = 16u64;
+    let mut rng = Rng(0x5EED_1234_5678_9ABC);
+    let mut acked: Vec<u64> = Vec::new();
+    let rounds = 20;
+    for round in 0..rounds {
+        let d = Daemon::start(&db, &socket, &args);
+        let mut load = Command::new(LOAD)
+            .args([
+                d.endpoint().to_string().as_str(),
+                &format!("r{round}"),
+                "1000000",
+                &rows.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(load.stdout.take().unwrap()).lines();
+        // Let a random number of batches commit, then kill the daemon.
+        let wait_for = 1 + rng.below(40);
+        let mut last = None;
+        for _ in 0..wait_for {
+            let l = lines.next().unwrap().unwrap();
+            last = Some(l.strip_prefix("ack ").unwrap().parse::<u64>().unwrap());
+        }
+        std::thread::sleep(Duration::from_micros(rng.below(3000)));
+        let status = d.signal_and_wait(libc::SIGKILL);
+        assert!(!status.success());
+        for l in lines {
+            let l = l.unwrap();
+            last = Some(l.strip_prefix("ack ").unwrap().parse::<u64>().unwrap());
+        }
+        let _ = load.wait();
+        acked.push(last.unwrap() + 1);
+    }
+    let d = Daemon::start(&db, &socket, &args);
+    let s = IpcStore::connect(&d.endpoint(), None).await.unwrap();
+    let st = s.stats().await.unwrap();
+    let mut expected_len = 0;
+    for (round, &n) in acked.iter().enumerate() {
+        for i in 0..n {
+            assert_eq!(
+                st.tag_counts.get(&format!("r{round}-{i}")),
+                Some(&rows),
+                "round {round}: acknowledged batch {i} is whole"
+            );
+        }
+        // The batch in flight at the kill is either whole or absent.
+        let extra = st.tag_counts.get(&format!("r{round}-{n}")).copied();
+        assert!(
+            extra.is_none() || extra == Some(rows),
+            "round {round}: batch {n} is half there"
+        );
+        let total = st.tag_counts.get(&format!("r{round}")).copied().unwrap_or(0);
+        assert_eq!(
+            total,
+            (n + u64::from(extra.is_some())) * rows,
+            "round {round}: nothing else"
+        );
+        assert!(!st.tag_counts.contains_key(&format!("r{round}-{}", n + 1)));
+        expected_len += total;
+    }
+    assert_eq!(st.len, expected_len);
+    drop(s);
+    assert!(d.stop().success());
+    // The file opens directly too.
+    let direct = memstore_sqlite::SqliteStore::open_existing(&db).await.unwrap();
+    assert_eq!(direct.len().await.unwrap() as u64, expected_len);
+    direct.close().await;
+}
+
+/// SIGTERM: requests the daemon has read are finished and answered, then it
+/// flushes and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_requests_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.db");
+    let socket = dir.path().join("d.sock");
+    let d = Daemon::start(&db, &socket, &["--key-dim", "32", "--value-dim", "8"]);
+    let s = Arc::new(IpcStore::connect(&d.endpoint(), None).await.unwrap());
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng(t * 77 + 1);
+            let k = rng.vec(2000 * 32);
+            let v = rng.vec(2000 * 8);
+            let tag = vec![format!("t{t}")];
+            let b = Batch::new(Vectors::new(&k, 32).unwrap(), Vectors::new(&v, 8).unwrap()).with_tags(Tags::Same(&tag));
+            s.learn(b, 1, 8).await.map(|_| t)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let status = tokio::task::spawn_blocking(move || d.stop()).await.unwrap();
+    assert!(status.success(), "SIGTERM exits 0: {status}");
+    let mut done = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(t) => done.push(t),
+            Err(e) => assert!(matches!(e, Error::Storage(_)), "{e}"),
+        }
+    }
+    assert!(!done.is_empty(), "requests read before the signal were answered");
+    let direct = memstore_sqlite::SqliteStore::open_existing(&db).await.unwrap();
+    let st = direct.stats().await.unwrap();
+    for t in &done {
+        assert_eq!(
+            st.tag_counts.get(&format!("t{t}")),
+            Some(&2000),
+            "answered batch t{t} is durable"
+        );
+    }
+    direct.close().await;
+}
+
+/// Tunable fields change only when a client is alone; dimensions never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconfiguration_waits_for_other_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&dir.path().join("s.db"), &dir.path().join("d.sock"), &[]);
+    let e = d.endpoint();
+    let none = IpcStore::connect(&e, None).await.unwrap_err();
+    assert_eq!(protocol_error(&none), Some(ProtocolError::NoStore));
+    let a = IpcStore::connect(&e, Some(cfg())).await.unwrap();
+    fill(&a, 10, 9).await;
+    let c2 = cfg().with_capacity(100).with_thresholds(0.1, 0.2);
+    let busy = IpcStore::connect(&e, Some(c2.clone())).await.unwrap_err();
+    assert_eq!(protocol_error(&busy), Some(ProtocolError::ConfigInUse), "{busy}");
+    match IpcStore::connect(&e, Some(MemoryConfig::new(5, 2))).await {
+        Err(Error::ConfigMismatch { field, .. }) => assert_eq!(field, "key_dim"),
+        other => panic!("{other:?}"),
+    }
+    a.close().await.unwrap();
+    let b = IpcStore::connect(&e, Some(c2.clone())).await.unwrap();
+    assert_eq!(b.config(), &c2);
+    assert_eq!(b.len().await.unwrap(), 10);
+    let c = IpcStore::connect(&e, None).await.unwrap();
+    assert_eq!(c.config(), &c2, "a client without a configuration takes the store's");
+    drop((b, c));
+    assert!(d.stop().success());
+}
+
+/// Calls from many tasks pipeline on one connection and each gets its own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_calls_get_their_own_replies() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&dir.path().join("s.db"), &dir.path().join("d.sock"), &cfg_args());
+    let s = Arc::new(IpcStore::connect(&d.endpoint(), None).await.unwrap());
+    fill(&s, 500, 11).await;
+    let mut rng = Rng(99);
+    let queries: Vec<Vec<f32>> = (0..64).map(|i| rng.vec(4 * (1 + i % 7))).collect();
+    let mut sequential = Vec::new();
+    for q in &queries {
+        sequential.push(s.search(Vectors::new(q, 4).unwrap(), 5, None).await.unwrap());
+    }
+    let mut tasks = Vec::new();
+    for q in queries.clone() {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.search(Vectors::new(&q, 4).unwrap(), 5, None).await
+        }));
+    }
+    let mut by_task = BTreeMap::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        by_task.insert(i, t.await.unwrap().unwrap());
+    }
+    for (i, want) in sequential.iter().enumerate() {
+        assert_eq!(&by_task[&i], want, "query set {i}");
+    }
+    drop(s);
+    assert!(d.stop().success());
+}
