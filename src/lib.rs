@@ -4,9 +4,13 @@
 //!
 //! This facade re-exports [`memstore_api`] (the trait, types, errors and the
 //! reference [`InMemoryStore`]) and, behind features, the backends:
-//! `sqlite` (default) gives [`SqliteStore`].
+//! `sqlite` (default) gives [`SqliteStore`]; `ipc` (default) gives
+//! [`IpcStore`], the client of the `memstored` daemon (crate `memstore-ipc`).
 
 pub use memstore_api::*;
 
 #[cfg(feature = "sqlite")]
 pub use memstore_sqlite::{SqliteError, SqliteOptions, SqliteStore, SqliteSynchronous};
+
+#[cfg(feature = "ipc")]
+pub use memstore_ipc::{ClientOptions, Endpoint, IpcError, IpcStore};
