@@ -7,12 +7,18 @@
 //! product-key and large memory layers use (Lample et al. 2019; Berges et al.
 //! 2024), on the CPU.
 
+use std::borrow::Cow;
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+
 use rayon::prelude::*;
 
 use crate::{Error, Metric, Result, math};
 
-/// Queries per SGEMM block (a block's score buffer is `BLOCK × n` floats).
-const BLOCK: usize = 64;
+/// Queries per SGEMM block.
+const QBLOCK: usize = 256;
+/// Keys per SGEMM chunk (a thread's score buffer is `QBLOCK × KCHUNK` floats, 8 MiB).
+const KCHUNK: usize = 8192;
 
 /// The `k` nearest rows of `keys` (`n × dim`, row-major) for each query
 /// (`m × dim`), among rows whose `mask` entry is set (all when `None`):
@@ -57,9 +63,9 @@ pub fn topk(
         }
         out
     };
-    let (qs, ks) = match metric {
-        Metric::Cosine => (unit(queries), unit(keys)),
-        _ => (queries.to_vec(), keys.to_vec()),
+    let (qs, ks): (Cow<'_, [f32]>, Cow<'_, [f32]>) = match metric {
+        Metric::Cosine => (Cow::Owned(unit(queries)), Cow::Owned(unit(keys))),
+        _ => (Cow::Borrowed(queries), Cow::Borrowed(keys)),
     };
     let bias: Vec<f32> = match metric {
         Metric::L2 => ks.chunks(dim).map(|r| math::dot(r, r)).collect(),
@@ -67,73 +73,183 @@ pub fn topk(
     };
     let scale = if metric == Metric::L2 { -2.0 } else { -1.0 };
     let kk = k.min(n);
+    // Work items: (query block, key range). Query blocks of QBLOCK rows run
+    // in parallel; when there are fewer blocks than threads, the keys are
+    // split into ranges too so that a small batch still uses every core.
+    // Each item walks its key range in chunks of KCHUNK rows (one SGEMM each,
+    // packing each chunk of keys once per query block) and keeps a bounded
+    // heap per query; the items' candidates are merged per query at the end.
+    let blocks = m.div_ceil(QBLOCK);
+    let threads = rayon::current_num_threads().max(1);
+    let ranges = if blocks >= threads || n < 2 * KCHUNK {
+        1
+    } else {
+        threads.div_ceil(blocks).min(n / KCHUNK).max(1)
+    };
+    let span = n.div_ceil(ranges);
+    let items: Vec<(usize, usize)> = (0..blocks).flat_map(|b| (0..ranges).map(move |r| (b, r))).collect();
+    let found: Vec<Vec<Vec<Cand>>> = items
+        .par_iter()
+        .map_init(
+            || vec![0.0f32; QBLOCK * KCHUNK],
+            |buf, &(b, r)| {
+                let q0 = b * QBLOCK;
+                let rows = QBLOCK.min(m - q0);
+                let q = &qs[q0 * dim..(q0 + rows) * dim];
+                let (lo, hi) = (r * span, ((r + 1) * span).min(n));
+                let mut heaps: Vec<BinaryHeap<Cand>> = (0..rows).map(|_| BinaryHeap::with_capacity(kk + 1)).collect();
+                let mut c0 = lo;
+                while c0 < hi {
+                    let cols = KCHUNK.min(hi - c0);
+                    // buf[r, j] = scale · q_r · k_(c0 + j).
+                    // SAFETY: the pointers and strides describe `q` (rows ×
+                    // dim), the key rows c0..c0 + cols read as their transpose
+                    // (dim × cols) and `buf` (rows × cols), all in bounds; beta
+                    // = 0 so `buf`'s old contents are unused.
+                    unsafe {
+                        matrixmultiply::sgemm(
+                            rows,
+                            dim,
+                            cols,
+                            scale,
+                            q.as_ptr(),
+                            dim as isize,
+                            1,
+                            ks[c0 * dim..].as_ptr(),
+                            1,
+                            dim as isize,
+                            0.0,
+                            buf.as_mut_ptr(),
+                            cols as isize,
+                            1,
+                        );
+                    }
+                    for (row, heap) in heaps.iter_mut().enumerate() {
+                        let scores = &mut buf[row * cols..(row + 1) * cols];
+                        select(
+                            scores,
+                            &bias[c0..c0 + cols],
+                            mask.map(|m| &m[c0..c0 + cols]),
+                            c0,
+                            kk,
+                            heap,
+                        );
+                    }
+                    c0 += cols;
+                }
+                heaps.into_iter().map(BinaryHeap::into_vec).collect()
+            },
+        )
+        .collect();
     let mut dist = vec![f32::INFINITY; m * k];
     let mut idx = vec![u32::MAX; m * k];
-    dist.par_chunks_mut(BLOCK * k)
-        .zip(idx.par_chunks_mut(BLOCK * k))
+    dist.par_chunks_mut(k)
+        .zip(idx.par_chunks_mut(k))
         .enumerate()
-        .for_each_init(
-            || (vec![0.0f32; BLOCK * n], Vec::<u32>::with_capacity(n)),
-            |(buf, order), (b, (dblock, iblock))| {
-                let rows = dblock.len() / k;
-                let q = &qs[b * BLOCK * dim..(b * BLOCK + rows) * dim];
-                // buf[r, j] = scale · q_r · k_j, then + bias_j.
-                // SAFETY: the pointers and strides describe `q` (rows × dim),
-                // `ks` read as its transpose (dim × n) and `buf` (rows × n),
-                // all in bounds; beta = 0 so `buf`'s old contents are unused.
-                unsafe {
-                    matrixmultiply::sgemm(
-                        rows,
-                        dim,
-                        n,
-                        scale,
-                        q.as_ptr(),
-                        dim as isize,
-                        1,
-                        ks.as_ptr(),
-                        1,
-                        dim as isize,
-                        0.0,
-                        buf.as_mut_ptr(),
-                        n as isize,
-                        1,
-                    );
-                }
-                for r in 0..rows {
-                    let row = &mut buf[r * n..(r + 1) * n];
-                    for (s, b) in row.iter_mut().zip(&bias) {
-                        *s += b;
-                    }
-                    order.clear();
-                    match mask {
-                        Some(mask) => order.extend((0..n as u32).filter(|&j| mask[j as usize])),
-                        None => order.extend(0..n as u32),
-                    }
-                    let take = kk.min(order.len());
-                    if take == 0 {
-                        continue;
-                    }
-                    let cmp = |a: &u32, b: &u32| row[*a as usize].total_cmp(&row[*b as usize]).then(a.cmp(b));
-                    if take < order.len() {
-                        order.select_nth_unstable_by(take - 1, cmp);
-                    }
-                    let qrow = &queries[(b * BLOCK + r) * dim..(b * BLOCK + r + 1) * dim];
-                    let mut top: Vec<(f32, u32)> = order[..take]
-                        .iter()
-                        .map(|&j| {
-                            let key = &keys[j as usize * dim..(j as usize + 1) * dim];
-                            (math::distance(metric, qrow, key), j)
-                        })
-                        .collect();
-                    top.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-                    for (j, (d, i)) in top.into_iter().enumerate() {
-                        dblock[r * k + j] = d;
-                        iblock[r * k + j] = i;
-                    }
-                }
-            },
-        );
+        .for_each(|(i, (drow, irow))| {
+            let (b, row) = (i / QBLOCK, i % QBLOCK);
+            let mut cands: Vec<Cand> = (0..ranges)
+                .flat_map(|r| found[b * ranges + r][row].iter().copied())
+                .collect();
+            if cands.len() > kk {
+                cands.select_nth_unstable(kk - 1);
+                cands.truncate(kk);
+            }
+            let qrow = &queries[i * dim..(i + 1) * dim];
+            let mut top: Vec<(f32, u32)> = cands
+                .iter()
+                .map(|c| {
+                    let j = c.1 as usize;
+                    (math::distance(metric, qrow, &keys[j * dim..(j + 1) * dim]), c.1)
+                })
+                .collect();
+            top.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            for (j, (d, x)) in top.into_iter().enumerate() {
+                drow[j] = d;
+                irow[j] = x;
+            }
+        });
     Ok((dist, idx))
+}
+
+/// A candidate ordered by (score, row): the max-heap's top is the worst kept.
+#[derive(Clone, Copy, Debug)]
+struct Cand(f32, u32);
+
+impl PartialEq for Cand {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for Cand {}
+impl PartialOrd for Cand {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Cand {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.total_cmp(&other.0).then(self.1.cmp(&other.1))
+    }
+}
+
+/// Adds to `heap` the rows `offset + j` of this chunk, keeping the `take`
+/// smallest `scores[j] + bias[j]` seen so far (ties by row) among rows the
+/// mask admits: one pass with a bounded max-heap. Once the heap
+/// is full, whole chunks of rows are skipped by one vectorisable comparison
+/// with the worst score kept, so a row costs a fraction of a nanosecond (a
+/// full partial sort of every row cost more than the matrix product at 100k
+/// keys).
+fn select(
+    scores: &mut [f32],
+    bias: &[f32],
+    mask: Option<&[bool]>,
+    offset: usize,
+    take: usize,
+    heap: &mut BinaryHeap<Cand>,
+) {
+    const CHUNK: usize = 16;
+    if take == 0 {
+        return;
+    }
+    for (s, b) in scores.iter_mut().zip(bias) {
+        *s += b;
+    }
+    let mut worst = if heap.len() == take {
+        heap.peek().map_or(f32::NAN, |c| c.0)
+    } else {
+        f32::NAN
+    };
+    let offer = |j: usize, s: f32, heap: &mut BinaryHeap<Cand>, worst: &mut f32| {
+        if mask.is_some_and(|m| !m[j]) {
+            return;
+        }
+        let j = offset + j;
+        if heap.len() < take {
+            heap.push(Cand(s, j as u32));
+            if heap.len() == take {
+                *worst = heap.peek().map_or(f32::NAN, |c| c.0);
+            }
+        } else if s.total_cmp(worst) == Ordering::Less {
+            // Rows come in increasing order, so a tie with the worst kept
+            // score never displaces it: only a strictly smaller score does.
+            if let Some(mut top) = heap.peek_mut() {
+                *top = Cand(s, j as u32);
+            }
+            *worst = heap.peek().map_or(f32::NAN, |c| c.0);
+        }
+    };
+    for (c, chunk) in scores.chunks(CHUNK).enumerate() {
+        // `<=` admits everything `total_cmp` could call smaller (−0 vs +0
+        // included); a NaN worst (heap not full yet, or NaN scores) admits all.
+        let w = worst;
+        if !w.is_nan() && !chunk.iter().fold(false, |any, &x| any | (x <= w)) {
+            continue;
+        }
+        for (i, &x) in chunk.iter().enumerate() {
+            offer(c * CHUNK + i, x, heap, &mut worst);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -172,6 +288,60 @@ mod tests {
                     let got: Vec<(f32, u32)> = (0..k).map(|j| (dist[i * k + j], idx[i * k + j])).collect();
                     assert_eq!(got, want, "{metric:?} row {i}");
                 }
+            }
+        }
+        // More keys than one chunk, few queries: the keys are split into
+        // ranges searched in parallel and merged (on a machine with 2+ threads).
+        let big: Vec<f32> = (0..(2 * KCHUNK + 1000) * 3).map(|_| rng(&mut s)).collect();
+        let nb = big.len() / 3;
+        let bmask: Vec<bool> = (0..nb).map(|j| j % 5 != 1).collect();
+        for mask in [None, Some(&bmask[..])] {
+            let (dist, idx) = topk(Metric::L2, &q[..3 * 3], &big, 3, 9, mask).unwrap();
+            for i in 0..3 {
+                let mut want: Vec<(f32, u32)> = (0..nb)
+                    .filter(|&j| mask.is_none_or(|m| m[j]))
+                    .map(|j| {
+                        let key = &big[j * 3..(j + 1) * 3];
+                        (math::distance(Metric::L2, &q[i * 3..(i + 1) * 3], key), j as u32)
+                    })
+                    .collect();
+                want.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                want.truncate(9);
+                let got: Vec<(f32, u32)> = (0..9).map(|j| (dist[i * 9 + j], idx[i * 9 + j])).collect();
+                assert_eq!(got, want, "query {i}");
+            }
+        }
+        // Many exact ties (keys on a coarse grid, duplicated): the lowest rows win.
+        let grid: Vec<f32> = (0..400 * d).map(|_| (rng(&mut s) * 4.0).round()).collect();
+        for metric in [Metric::L2, Metric::InnerProduct] {
+            let (dist, idx) = topk(metric, &q[..8 * d], &grid, d, 7, None).unwrap();
+            for i in 0..8 {
+                let mut want: Vec<(f32, u32)> = (0..400)
+                    .map(|j| {
+                        let key = &grid[j * d..(j + 1) * d];
+                        (math::distance(metric, &q[i * d..(i + 1) * d], key), j as u32)
+                    })
+                    .collect();
+                want.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                let got: Vec<u32> = idx[i * 7..(i + 1) * 7].to_vec();
+                let cut = want[6].0;
+                // Rows strictly inside the cut must all be there; at the cut the
+                // matrix product's rounding may pick other rows with the same
+                // exact distance, which is what `MemoryIndex` re-ranks for.
+                for w in want.iter().take(7).filter(|w| w.0 < cut) {
+                    assert!(got.contains(&w.1), "{metric:?} row {i}: {w:?} missing from {got:?}");
+                }
+                for (j, &g) in got.iter().enumerate() {
+                    assert_eq!(
+                        dist[i * 7 + j],
+                        math::distance(
+                            metric,
+                            &q[i * d..(i + 1) * d],
+                            &grid[g as usize * d..(g as usize + 1) * d]
+                        )
+                    );
+                }
+                assert!(dist[i * 7..(i + 1) * 7].windows(2).all(|w| w[0] <= w[1]));
             }
         }
         let few = vec![true, false, false, true, false, false];

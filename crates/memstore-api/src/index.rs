@@ -578,8 +578,13 @@ impl MemoryIndex {
             for c in ov.created.iter().filter(|c| c.alive) {
                 found.push((math::distance(cfg.metric, key, &c.key), c.id));
             }
+            // Select before sorting: a large batch creates thousands of
+            // memories, and sorting all of them per row dominated `learn`.
+            if found.len() > k {
+                found.select_nth_unstable_by(k - 1, |a, b| math::neighbour_order(*a, *b));
+                found.truncate(k);
+            }
             found.sort_by(|a, b| math::neighbour_order(*a, *b));
-            found.truncate(k);
 
             let close: Vec<(f32, MemoryId)> = found.iter().copied().filter(|(d, _)| *d < cfg.recombine).collect();
             if !close.is_empty() {
