@@ -1,0 +1,87 @@
+//! Exact vs HNSW search on random keys: throughput with recall@k next to
+//! every HNSW figure, both measured in the same run. A bench binary that
+//! prints a markdown table: `cargo bench -p memstore-index --bench index`
+//! (`-- N DIM` to change the size; default 100000 64).
+
+use std::time::Instant;
+
+use memstore_api::MemoryId;
+use memstore_api::Metric;
+use memstore_index::{ExactIndex, HnswIndex, HnswOptions, KeyIndex};
+
+fn rand_vecs(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let n: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(100_000);
+    let d: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(64);
+    let (k, batch) = (8usize, 4096usize);
+    let ids: Vec<MemoryId> = (1..=n as u64).collect();
+    let keys = rand_vecs(1, n * d);
+    let q = rand_vecs(2, batch * d);
+
+    let mut exact = ExactIndex::new(Metric::L2, d).unwrap();
+    exact.add(&ids, &keys).unwrap();
+    let t = Instant::now();
+    let truth = exact.search(&q, k, None).unwrap();
+    let exact_s = t.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    for i in 0..64 {
+        exact.search(&q[i * d..(i + 1) * d], k, None).unwrap();
+    }
+    let exact_1 = t1.elapsed().as_secs_f64() / 64.0;
+
+    let t = Instant::now();
+    let mut h = HnswIndex::build(Metric::L2, d, HnswOptions::default(), &ids, &keys).unwrap();
+    let build_s = t.elapsed().as_secs_f64();
+
+    println!(
+        "random keys, N = {n}, dim = {d}, k = {k}, L2, {} threads",
+        rayon::current_num_threads()
+    );
+    println!();
+    println!("| index | recall@{k} | batch {batch} queries/s | batch 1 queries/s |");
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| exact (blocked SGEMM) | 1.000 | {:.0} | {:.0} |",
+        batch as f64 / exact_s,
+        1.0 / exact_1
+    );
+    for ef in [32usize, 64, 128, 256, 512] {
+        h.set_expansion_search(ef);
+        let t = Instant::now();
+        let got = h.search(&q, k, None).unwrap();
+        let s = t.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        for i in 0..256 {
+            h.search(&q[i * d..(i + 1) * d], k, None).unwrap();
+        }
+        let one = t1.elapsed().as_secs_f64() / 256.0;
+        let hits: usize = got
+            .iter()
+            .zip(&truth)
+            .map(|(g, t)| g.iter().filter(|(_, id)| t.iter().any(|x| x.1 == *id)).count())
+            .sum();
+        let o = h.options();
+        println!(
+            "| HNSW M={} efC={} ef={ef} | {:.3} | {:.0} | {:.0} |",
+            o.connectivity,
+            o.expansion_add,
+            hits as f64 / (batch * k) as f64,
+            batch as f64 / s,
+            1.0 / one
+        );
+    }
+    println!();
+    println!("HNSW build: {build_s:.1} s ({:.0} keys/s)", n as f64 / build_s);
+}

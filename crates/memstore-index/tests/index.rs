@@ -1,0 +1,242 @@
+//! Both index kinds against brute force: the exact index returns the same
+//! ids and distances as a scalar scan; the HNSW index's recall is measured
+//! (and printed) and must reach the documented floor; persistence refuses
+//! stale, corrupt and truncated files.
+
+use memstore_api::{MemoryId, Metric, math};
+use memstore_index::{ExactIndex, HnswIndex, HnswOptions, IndexError, KeyIndex, Opened, Quantization};
+
+fn rand_vecs(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn brute(
+    metric: Metric,
+    q: &[f32],
+    ids: &[MemoryId],
+    keys: &[f32],
+    d: usize,
+    k: usize,
+    pass: &dyn Fn(MemoryId) -> bool,
+) -> Vec<(f32, MemoryId)> {
+    let mut all: Vec<(f32, MemoryId)> = ids
+        .iter()
+        .enumerate()
+        .filter(|(_, id)| pass(**id))
+        .map(|(i, &id)| (math::distance(metric, q, &keys[i * d..(i + 1) * d]), id))
+        .collect();
+    all.sort_by(|a, b| math::neighbour_order(*a, *b));
+    all.truncate(k);
+    all
+}
+
+#[test]
+fn exact_index_equals_brute_force() {
+    let d = 12;
+    for metric in [Metric::L2, Metric::Cosine, Metric::InnerProduct] {
+        let mut idx = ExactIndex::new(metric, d).unwrap();
+        let ids: Vec<MemoryId> = (1..=3000).collect();
+        // Coarse keys: many exact ties, which must break by id.
+        let keys: Vec<f32> = rand_vecs(1, 3000 * d).iter().map(|x| (x * 3.0).round()).collect();
+        idx.add(&ids[..2000], &keys[..2000 * d]).unwrap();
+        idx.add(&ids[2000..], &keys[2000 * d..]).unwrap();
+        let gone: Vec<MemoryId> = (1..=3000).filter(|i| i % 7 == 0).collect();
+        assert_eq!(idx.remove(&gone).unwrap(), gone.len());
+        assert_eq!(idx.remove(&gone).unwrap(), 0, "removing twice removes nothing");
+        let live: Vec<MemoryId> = ids.iter().copied().filter(|i| i % 7 != 0).collect();
+        let live_keys: Vec<f32> = live
+            .iter()
+            .flat_map(|&i| keys[(i as usize - 1) * d..i as usize * d].to_vec())
+            .collect();
+        let q = rand_vecs(2, 40 * d);
+        let odd = |id: MemoryId| id % 2 == 1;
+        for filter in [None, Some(&odd as &(dyn Fn(MemoryId) -> bool + Sync))] {
+            let mut got = idx.search(&q, 10, filter).unwrap();
+            // Batches under 8 queries take the scan path: the same answers.
+            for i in 0..5 {
+                assert_eq!(
+                    idx.search(&q[i * d..(i + 1) * d], 10, filter).unwrap()[0],
+                    got[i],
+                    "scan, query {i}"
+                );
+            }
+            got.truncate(40);
+            for (i, row) in got.iter().enumerate() {
+                let want = brute(metric, &q[i * d..(i + 1) * d], &live, &live_keys, d, 10, &|id| {
+                    filter.is_none_or(|f| f(id))
+                });
+                assert_eq!(row, &want, "{metric:?} query {i}");
+            }
+        }
+    }
+}
+
+fn recall(metric: Metric, options: HnswOptions, n: usize, d: usize) -> f64 {
+    let ids: Vec<MemoryId> = (1..=n as u64).collect();
+    let keys = rand_vecs(3, n * d);
+    let h = HnswIndex::build(metric, d, options, &ids, &keys).unwrap();
+    let q = rand_vecs(4, 200 * d);
+    let got = h.search(&q, 8, None).unwrap();
+    let mut hit = 0;
+    for (i, row) in got.iter().enumerate() {
+        let want = brute(metric, &q[i * d..(i + 1) * d], &ids, &keys, d, 8, &|_| true);
+        hit += row.iter().filter(|(_, id)| want.iter().any(|w| w.1 == *id)).count();
+        // Distances are in memstore's metric (L2 not squared).
+        if options.quantization == Quantization::F32 {
+            for &(dist, id) in row {
+                let exact = math::distance(
+                    metric,
+                    &q[i * d..(i + 1) * d],
+                    &keys[(id as usize - 1) * d..id as usize * d],
+                );
+                assert!((dist - exact).abs() <= 1e-3 * exact.abs().max(1.0), "{dist} vs {exact}");
+            }
+        }
+    }
+    hit as f64 / (200.0 * 8.0)
+}
+
+#[test]
+fn hnsw_recall_meets_the_default_floor() {
+    let r = recall(Metric::L2, HnswOptions::default(), 10_000, 64);
+    println!(
+        "HNSW recall@8, 10k random 64-d keys, L2, defaults {:?}: {r:.3}",
+        HnswOptions::default()
+    );
+    assert!(r >= 0.95, "recall@8 {r}");
+    let low = HnswOptions {
+        expansion_search: 16,
+        ..HnswOptions::default()
+    };
+    let r16 = recall(Metric::L2, low, 10_000, 64);
+    println!("  with expansion_search 16: {r16:.3}");
+    assert!(r16 < r, "a smaller search expansion loses recall ({r16} vs {r})");
+    let cos = recall(Metric::Cosine, HnswOptions::default(), 5_000, 32);
+    println!("  cosine, 5k × 32: {cos:.3}");
+    assert!(cos >= 0.95);
+    let f16 = recall(
+        Metric::L2,
+        HnswOptions {
+            quantization: Quantization::F16,
+            ..HnswOptions::default()
+        },
+        5_000,
+        32,
+    );
+    println!("  f16 storage, 5k × 32: {f16:.3}");
+    assert!(f16 >= 0.9);
+    let i8 = recall(
+        Metric::Cosine,
+        HnswOptions {
+            quantization: Quantization::I8,
+            ..HnswOptions::default()
+        },
+        5_000,
+        32,
+    );
+    println!("  i8 storage, cosine, 5k × 32: {i8:.3}");
+    assert!(i8 >= 0.7);
+}
+
+#[test]
+fn hnsw_filters_inside_the_search_and_forgets_removed_keys() {
+    let (n, d) = (4000usize, 16usize);
+    let ids: Vec<MemoryId> = (1..=n as u64).collect();
+    let keys = rand_vecs(5, n * d);
+    let mut h = HnswIndex::build(Metric::L2, d, HnswOptions::default(), &ids, &keys).unwrap();
+    let q = rand_vecs(6, 50 * d);
+    // A filter that passes one key in 10: k results still come back.
+    let rare = |id: MemoryId| id % 10 == 3;
+    for row in h.search(&q, 8, Some(&rare)).unwrap() {
+        assert_eq!(row.len(), 8);
+        assert!(row.iter().all(|(_, id)| rare(*id)));
+    }
+    // Remove 40% (triggers a compaction): removed ids never come back.
+    let gone: Vec<MemoryId> = ids.iter().copied().filter(|i| i % 5 < 2).collect();
+    assert_eq!(h.remove(&gone).unwrap(), gone.len());
+    assert_eq!(h.len(), n - gone.len());
+    for row in h.search(&q, 8, None).unwrap() {
+        assert_eq!(row.len(), 8);
+        assert!(row.iter().all(|(_, id)| id % 5 >= 2));
+    }
+    // Bad input is a typed error.
+    assert!(matches!(h.search(&q, 0, None), Err(IndexError::ZeroK)));
+    assert!(matches!(h.search(&q[..d + 1], 1, None), Err(IndexError::Shape(_))));
+    assert!(matches!(
+        h.add(&[99_999], &[f32::NAN; 16]),
+        Err(IndexError::NonFinite { .. })
+    ));
+    assert!(matches!(h.add(&[8], &[0.0; 16]), Err(IndexError::Duplicate(8))));
+    assert!(matches!(h.add(&[7, 7], &[0.0; 32]), Err(IndexError::Duplicate(7))));
+    assert!(
+        HnswIndex::new(
+            Metric::L2,
+            4,
+            HnswOptions {
+                connectivity: 1,
+                ..HnswOptions::default()
+            }
+        )
+        .is_err()
+    );
+}
+
+#[test]
+fn saved_index_is_used_only_when_it_matches_the_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.hnsw");
+    let (n, d) = (2000usize, 8usize);
+    let ids: Vec<MemoryId> = (1..=n as u64).collect();
+    let keys = rand_vecs(7, n * d);
+    let o = HnswOptions::default();
+    let (h, how) = HnswIndex::open_or_build(&path, Metric::L2, d, o, &ids, &keys).unwrap();
+    assert_eq!(how, Opened::Built);
+    let q = rand_vecs(8, 20 * d);
+    let before = h.search(&q, 5, None).unwrap();
+    drop(h);
+    assert!(!path.with_extension("tmp").exists(), "no temporary file is left behind");
+
+    let (h, how) = HnswIndex::open_or_build(&path, Metric::L2, d, o, &ids, &keys).unwrap();
+    assert_eq!(how, Opened::Loaded);
+    assert_eq!(h.search(&q, 5, None).unwrap(), before);
+    drop(h);
+
+    // Rows that changed since the save: rebuilt.
+    let mut moved = keys.clone();
+    moved[17] += 0.5;
+    let (_, how) = HnswIndex::open_or_build(&path, Metric::L2, d, o, &ids, &moved).unwrap();
+    assert!(
+        matches!(how, Opened::Rebuilt(ref r) if r.contains("other rows")),
+        "{how:?}"
+    );
+    // (the file now matches `moved`)
+    let (_, how) = HnswIndex::open_or_build(&path, Metric::L2, d, o, &ids[..n - 1], &moved[..(n - 1) * d]).unwrap();
+    assert!(matches!(how, Opened::Rebuilt(_)), "{how:?}");
+
+    // A flipped byte or a truncated file: rebuilt, never loaded.
+    let good = std::fs::read(&path).unwrap();
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x40;
+    std::fs::write(&path, &bad).unwrap();
+    let (h, how) = HnswIndex::open_or_build(&path, Metric::L2, d, o, &ids[..n - 1], &moved[..(n - 1) * d]).unwrap();
+    assert!(
+        matches!(how, Opened::Rebuilt(ref r) if r.contains("checksum")),
+        "{how:?}"
+    );
+    assert_eq!(h.len(), n - 1);
+    std::fs::write(&path, &good[..good.len() / 3]).unwrap();
+    let (_, how) = HnswIndex::open_or_build(&path, Metric::L2, d, o, &ids[..n - 1], &moved[..(n - 1) * d]).unwrap();
+    assert!(matches!(how, Opened::Rebuilt(_)), "{how:?}");
+    // Another metric or dimension: rebuilt.
+    let (_, how) = HnswIndex::open_or_build(&path, Metric::Cosine, d, o, &ids[..n - 1], &moved[..(n - 1) * d]).unwrap();
+    assert!(matches!(how, Opened::Rebuilt(ref r) if r.contains("metric")), "{how:?}");
+}
