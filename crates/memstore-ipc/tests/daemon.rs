@@ -653,3 +653,42 @@ async fn pipelined_calls_get_their_own_replies() {
     drop(s);
     assert!(d.stop().success());
 }
+
+/// `memstored --help` documents every flag.
+#[test]
+fn help_documents_every_flag() {
+    let out = Command::new(MEMSTORED).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--db",
+        "--socket",
+        "--socket-mode",
+        "--tcp",
+        "--allow-remote",
+        "--token-file",
+        "--max-frame",
+        "--max-in-flight",
+        "--synchronous",
+        "--key-dim",
+        "--value-dim",
+        "--metric",
+        "--capacity",
+        "--lambda",
+        "--novelty",
+        "--recombine",
+        "--log",
+    ] {
+        let line = help
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{flag} ")) || l.trim_start() == flag)
+            .unwrap_or_else(|| panic!("{flag} is not in --help:\n{help}"));
+        let documented = line.len() > flag.len() + 12
+            || help
+                .lines()
+                .skip_while(|l| l != &line)
+                .nth(1)
+                .is_some_and(|next| !next.trim().is_empty() && !next.trim_start().starts_with("--"));
+        assert!(documented, "{flag} has no description");
+    }
+}
