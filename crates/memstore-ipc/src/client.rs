@@ -272,6 +272,16 @@ impl IpcStore {
         out
     }
 
+    /// Has the daemon write a consistent copy of the store to a new file at
+    /// `path` (absolute, on the daemon's machine): a checkpoint of a shared
+    /// memory. The copy opens as a store of its own (`SqliteStore::open_existing`).
+    pub async fn backup_to(&self, path: &std::path::Path) -> Result<()> {
+        let path = path
+            .to_str()
+            .ok_or_else(|| Error::Shape(format!("backup path {} is not UTF-8", path.display())))?;
+        done(decode(&self.call(&Request::Backup { path: path.into() }).await?)?)
+    }
+
     /// Sends one request and waits for its reply frame.
     async fn call(&self, req: &Request<'_>) -> Result<Bytes> {
         let id = self.conn.next_id.fetch_add(1, Ordering::Relaxed);

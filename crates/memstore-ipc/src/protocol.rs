@@ -370,10 +370,16 @@ pub enum Request<'a> {
     Flush,
     /// The client leaves: the daemon finishes its requests, answers, closes.
     Goodbye,
+    /// A consistent copy of the store written by the daemon to a new file
+    /// at this absolute path on its machine (a checkpoint).
+    Backup {
+        /// Where the copy goes; it must not exist.
+        path: String,
+    },
 }
 
 /// Number of request types ([`Request`]'s variants).
-pub const REQUEST_TYPES: u32 = 15;
+pub const REQUEST_TYPES: u32 = 16;
 
 /// A stored memory on the wire.
 #[derive(Clone, Debug, Serialize, Deserialize)]

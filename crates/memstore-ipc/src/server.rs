@@ -65,6 +65,9 @@ pub trait StoreOpener: Send + Sync + 'static {
 
     /// Flushes and closes a store opened here.
     async fn close(&self, store: Self::Store) -> Result<()>;
+
+    /// Writes a consistent copy of the store to a new file at `path`.
+    async fn backup(&self, store: &Self::Store, path: &Path) -> Result<()>;
 }
 
 /// Serves a SQLite store file.
@@ -99,6 +102,10 @@ impl StoreOpener for SqliteOpener {
         store.flush().await?;
         store.close().await;
         Ok(())
+    }
+
+    async fn backup(&self, store: &SqliteStore, path: &Path) -> Result<()> {
+        store.backup_to(path).await
     }
 }
 
@@ -693,9 +700,10 @@ async fn handle<O: StoreOpener>(shared: &Shared<O>, frame: Bytes, tx: &mpsc::Sen
         }
     };
     let store = shared.store.read().await.clone();
-    let outcome = match store {
-        Some(s) => execute(s.as_ref(), req, max_frame).await,
-        None => Err(WireError::protocol(ProtocolError::NoStore, "no store is open")),
+    let outcome = match (store, req) {
+        (Some(s), Request::Backup { path }) => backup(&shared.opener, s.as_ref(), &path).await,
+        (Some(s), req) => execute(s.as_ref(), req, max_frame).await,
+        (None, _) => Err(WireError::protocol(ProtocolError::NoStore, "no store is open")),
     };
     match &outcome {
         Ok(Outcome::Neighbors(n)) => {
@@ -717,6 +725,17 @@ async fn handle<O: StoreOpener>(shared: &Shared<O>, frame: Bytes, tx: &mpsc::Sen
         Ok(Outcome::Stats(s)) => send(tx, id, &Response::Stats(WireStats::from(s)), max_frame).await,
         Err(e) => send(tx, id, &Response::Error(e.clone()), max_frame).await,
     }
+}
+
+/// Writes a copy of the store to `path` (absolute, new, in an existing directory).
+async fn backup<O: StoreOpener>(opener: &O, store: &O::Store, path: &str) -> Result<Outcome, WireError> {
+    let p = Path::new(path);
+    if !p.is_absolute() {
+        return Err(WireError::Shape(format!("backup path {path:?} must be absolute")));
+    }
+    opener.backup(store, p).await.map_err(|e| WireError::from(&e))?;
+    info!(path = %p.display(), "backup written");
+    Ok(Outcome::Done)
 }
 
 /// Owned rows of a batch from the wire.
@@ -772,6 +791,12 @@ async fn execute<S: MemoryStore + ?Sized>(s: &S, req: Request<'_>, max_frame: us
             return Err(WireError::protocol(ProtocolError::Sequence, "a second handshake"));
         }
         Request::Goodbye => Outcome::Done,
+        Request::Backup { .. } => {
+            return Err(WireError::protocol(
+                ProtocolError::Sequence,
+                "backup is handled by the daemon",
+            ));
+        }
         Request::Search {
             queries,
             dim,

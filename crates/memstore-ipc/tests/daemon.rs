@@ -692,3 +692,27 @@ fn help_documents_every_flag() {
         assert!(documented, "{flag} has no description");
     }
 }
+
+/// A backup through the daemon is a consistent copy that opens on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_through_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&dir.path().join("s.db"), &dir.path().join("d.sock"), &cfg_args());
+    let s = IpcStore::connect(&d.endpoint(), None).await.unwrap();
+    let ids = fill(&s, 300, 21).await;
+    s.touch(&ids[..10], 5).await.unwrap();
+    let before = snapshot(&s).await;
+    let copy = dir.path().join("copy.db");
+    s.backup_to(&copy).await.unwrap();
+    // Refused: an existing file, a relative path.
+    assert!(s.backup_to(&copy).await.is_err());
+    assert!(matches!(s.backup_to(Path::new("rel.db")).await, Err(Error::Shape(_))));
+    // The store goes on; the copy is the state at the backup.
+    fill(&s, 5, 22).await;
+    let direct = memstore_sqlite::SqliteStore::open_existing(&copy).await.unwrap();
+    let ids = direct.ids().await.unwrap();
+    assert_eq!((direct.get(&ids).await.unwrap(), direct.stats().await.unwrap()), before);
+    direct.close().await;
+    drop(s);
+    assert!(d.stop().success());
+}
