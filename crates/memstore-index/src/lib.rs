@@ -141,6 +141,15 @@ fn check_rows(what: &'static str, data: &[f32], dim: usize, rows: Option<usize>)
     Ok(n)
 }
 
+/// Refuses ids already present or repeated in the batch.
+fn check_new(ids: &[MemoryId], present: impl Fn(MemoryId) -> bool) -> Result<()> {
+    let mut seen = std::collections::HashSet::with_capacity(ids.len());
+    match ids.iter().find(|&&id| present(id) || !seen.insert(id)) {
+        Some(&id) => Err(IndexError::Duplicate(id)),
+        None => Ok(()),
+    }
+}
+
 /// Queries below which [`ExactIndex`] scans instead of multiplying matrices.
 const GEMM_MIN_QUERIES: usize = 8;
 /// Rows per parallel task of a scan.
@@ -221,10 +230,7 @@ impl KeyIndex for ExactIndex {
 
     fn add(&mut self, ids: &[MemoryId], keys: &[f32]) -> Result<()> {
         check_rows("keys", keys, self.dim, Some(ids.len()))?;
-        let mut seen = std::collections::HashSet::with_capacity(ids.len());
-        if let Some(&id) = ids.iter().find(|id| self.pos.contains_key(id) || !seen.insert(**id)) {
-            return Err(IndexError::Duplicate(id));
-        }
+        check_new(ids, |id| self.pos.contains_key(&id))?;
         let appends =
             ids.first().is_none_or(|f| self.ids.last().is_none_or(|l| f > l)) && ids.windows(2).all(|w| w[0] < w[1]);
         if appends {
@@ -617,10 +623,7 @@ impl KeyIndex for HnswIndex {
 
     fn add(&mut self, ids: &[MemoryId], keys: &[f32]) -> Result<()> {
         check_rows("keys", keys, self.dim, Some(ids.len()))?;
-        let mut seen = std::collections::HashSet::with_capacity(ids.len());
-        if let Some(&id) = ids.iter().find(|id| self.index.contains(**id) || !seen.insert(**id)) {
-            return Err(IndexError::Duplicate(id));
-        }
+        check_new(ids, |id| self.index.contains(id))?;
         let threads = rayon::current_num_threads().max(1);
         self.index
             .reserve_capacity_and_threads(self.index.size() + ids.len(), threads)
