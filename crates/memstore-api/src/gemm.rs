@@ -88,7 +88,7 @@ pub fn topk(
     };
     let span = n.div_ceil(ranges);
     let items: Vec<(usize, usize)> = (0..blocks).flat_map(|b| (0..ranges).map(move |r| (b, r))).collect();
-    let found: Vec<Vec<Vec<Cand>>> = items
+    let found: Vec<Vec<Vec<Cand<u32>>>> = items
         .par_iter()
         .map_init(
             || vec![0.0f32; QBLOCK * KCHUNK],
@@ -97,7 +97,8 @@ pub fn topk(
                 let rows = QBLOCK.min(m - q0);
                 let q = &qs[q0 * dim..(q0 + rows) * dim];
                 let (lo, hi) = (r * span, ((r + 1) * span).min(n));
-                let mut heaps: Vec<BinaryHeap<Cand>> = (0..rows).map(|_| BinaryHeap::with_capacity(kk + 1)).collect();
+                let mut heaps: Vec<BinaryHeap<Cand<u32>>> =
+                    (0..rows).map(|_| BinaryHeap::with_capacity(kk + 1)).collect();
                 let mut c0 = lo;
                 while c0 < hi {
                     let cols = KCHUNK.min(hi - c0);
@@ -148,7 +149,7 @@ pub fn topk(
         .enumerate()
         .for_each(|(i, (drow, irow))| {
             let (b, row) = (i / QBLOCK, i % QBLOCK);
-            let mut cands: Vec<Cand> = (0..ranges)
+            let mut cands: Vec<Cand<u32>> = (0..ranges)
                 .flat_map(|r| found[b * ranges + r][row].iter().copied())
                 .collect();
             if cands.len() > kk {
@@ -172,25 +173,86 @@ pub fn topk(
     Ok((dist, idx))
 }
 
-/// A candidate ordered by (score, row): the max-heap's top is the worst kept.
+/// A candidate ordered by (score, then `I`: a row or an id); in a max-heap
+/// the top is the worst kept. Shared by the matrix-product search and the
+/// scalar scan so that both break ties the same way.
 #[derive(Clone, Copy, Debug)]
-struct Cand(f32, u32);
+pub(crate) struct Cand<I>(pub(crate) f32, pub(crate) I);
 
-impl PartialEq for Cand {
+impl<I: Ord> PartialEq for Cand<I> {
     fn eq(&self, other: &Self) -> bool {
         self.cmp(other) == Ordering::Equal
     }
 }
-impl Eq for Cand {}
-impl PartialOrd for Cand {
+impl<I: Ord> Eq for Cand<I> {}
+impl<I: Ord> PartialOrd for Cand<I> {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
-impl Ord for Cand {
+impl<I: Ord> Ord for Cand<I> {
     fn cmp(&self, other: &Self) -> Ordering {
         self.0.total_cmp(&other.0).then(self.1.cmp(&other.1))
     }
+}
+
+/// Rows per parallel task of [`scan`].
+const SCAN_CHUNK: usize = 8192;
+
+/// The `k` nearest rows of `keys` (one id per row in `ids`) to one query by
+/// exact distance ([`math::distance`]), nearest first, ties by id, among rows
+/// whose `mask` entry is set. With `parallel`, chunks of rows are scanned on
+/// all cores. The path for a few queries, where a matrix product does not pay.
+pub fn scan<I: Ord + Copy + Send + Sync>(
+    metric: Metric,
+    q: &[f32],
+    keys: &[f32],
+    ids: &[I],
+    k: usize,
+    mask: Option<&[bool]>,
+    parallel: bool,
+) -> Result<Vec<(f32, I)>> {
+    let dim = q.len();
+    if dim == 0 || keys.len() != ids.len() * dim || mask.is_some_and(|m| m.len() != ids.len()) {
+        return Err(Error::Shape(format!(
+            "a query of {dim} floats against {} key floats, {} ids and a mask of {:?}",
+            keys.len(),
+            ids.len(),
+            mask.map(<[bool]>::len)
+        )));
+    }
+    if k == 0 {
+        return Err(Error::ZeroK);
+    }
+    let best = |rows: std::ops::Range<usize>| -> Vec<Cand<I>> {
+        let mut heap: BinaryHeap<Cand<I>> = BinaryHeap::with_capacity(k + 1);
+        for r in rows {
+            if mask.is_some_and(|m| !m[r]) {
+                continue;
+            }
+            let c = Cand(math::distance(metric, q, &keys[r * dim..(r + 1) * dim]), ids[r]);
+            if heap.len() < k {
+                heap.push(c);
+            } else if let Some(mut top) = heap.peek_mut()
+                && c < *top
+            {
+                *top = c;
+            }
+        }
+        heap.into_vec()
+    };
+    let n = ids.len();
+    let mut all: Vec<Cand<I>> = if parallel && n > SCAN_CHUNK {
+        (0..n.div_ceil(SCAN_CHUNK))
+            .into_par_iter()
+            .flat_map_iter(|c| best(c * SCAN_CHUNK..((c + 1) * SCAN_CHUNK).min(n)))
+            .collect()
+    } else {
+        best(0..n)
+    };
+    all.sort();
+    all.truncate(k);
+    Ok(all.into_iter().map(|c| (c.0, c.1)).collect())
 }
 
 /// Adds to `heap` the rows `offset + j` of this chunk, keeping the `take`
@@ -206,7 +268,7 @@ fn select(
     mask: Option<&[bool]>,
     offset: usize,
     take: usize,
-    heap: &mut BinaryHeap<Cand>,
+    heap: &mut BinaryHeap<Cand<u32>>,
 ) {
     const CHUNK: usize = 16;
     if take == 0 {
@@ -220,7 +282,7 @@ fn select(
     } else {
         f32::NAN
     };
-    let offer = |j: usize, s: f32, heap: &mut BinaryHeap<Cand>, worst: &mut f32| {
+    let offer = |j: usize, s: f32, heap: &mut BinaryHeap<Cand<u32>>, worst: &mut f32| {
         if mask.is_some_and(|m| !m[j]) {
             return;
         }
@@ -287,6 +349,9 @@ mod tests {
                     want.truncate(k);
                     let got: Vec<(f32, u32)> = (0..k).map(|j| (dist[i * k + j], idx[i * k + j])).collect();
                     assert_eq!(got, want, "{metric:?} row {i}");
+                    let rows: Vec<u32> = (0..n as u32).collect();
+                    let scanned = scan(metric, &q[i * d..(i + 1) * d], &keys, &rows, k, mask, i % 2 == 0).unwrap();
+                    assert_eq!(scanned, want, "scan, {metric:?} row {i}");
                 }
             }
         }
@@ -349,6 +414,8 @@ mod tests {
         assert_eq!(&idx[2..], &[u32::MAX, u32::MAX]);
         assert!(dist[2].is_infinite() && dist[3].is_infinite());
         assert!(topk(Metric::L2, &q[..d], &keys, d, 0, None).is_err());
+        assert!(scan(Metric::L2, &q[..d], &keys, &[0u32; 3], 1, None, false).is_err());
+        assert!(scan(Metric::L2, &q[..d], &keys, &vec![0u32; n], 0, None, false).is_err());
         assert!(topk(Metric::L2, &q[..d + 1], &keys, d, 1, None).is_err());
         assert!(topk(Metric::L2, &q[..d], &keys, d, 1, Some(&few)).is_err());
     }

@@ -18,7 +18,7 @@
 //! single-row re-search only for rows whose slack was used up.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use rayon::prelude::*;
 
@@ -95,24 +95,6 @@ impl Ord for Prio {
         self.0.total_cmp(&other.0)
     }
 }
-
-/// A heap entry ordered by (distance, id): the heap's top is the worst kept.
-#[derive(Clone, Copy, PartialEq)]
-struct Cand(f32, MemoryId);
-impl Eq for Cand {}
-impl PartialOrd for Cand {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Cand {
-    fn cmp(&self, other: &Self) -> Ordering {
-        math::neighbour_order((self.0, self.1), (other.0, other.1))
-    }
-}
-
-/// Rows scanned per parallel task.
-const CHUNK: usize = 8192;
 
 /// Queries below which the scalar scan beats setting up SGEMM blocks.
 const GEMM_MIN_QUERIES: usize = 8;
@@ -291,42 +273,12 @@ impl MemoryIndex {
         filter.map(|f| self.meta.iter().map(|m| f.matches(&m.tags)).collect())
     }
 
-    fn scan(&self, q: &[f32], k: usize, rows: std::ops::Range<usize>, mask: Option<&[bool]>) -> Vec<Cand> {
-        let d = self.config.key_dim;
-        let metric = self.config.metric;
-        let mut heap: BinaryHeap<Cand> = BinaryHeap::with_capacity(k + 1);
-        for r in rows {
-            if let Some(m) = mask
-                && !m[r]
-            {
-                continue;
-            }
-            let c = Cand(math::distance(metric, q, &self.keys[r * d..(r + 1) * d]), self.ids[r]);
-            if heap.len() < k {
-                heap.push(c);
-            } else if let Some(top) = heap.peek()
-                && c < *top
-            {
-                heap.pop();
-                heap.push(c);
-            }
-        }
-        heap.into_vec()
-    }
-
     fn topk(&self, q: &[f32], k: usize, mask: Option<&[bool]>, parallel_rows: bool) -> Vec<(f32, MemoryId)> {
-        let n = self.ids.len();
-        let mut all: Vec<Cand> = if parallel_rows && n > CHUNK {
-            (0..n.div_ceil(CHUNK))
-                .into_par_iter()
-                .flat_map_iter(|c| self.scan(q, k, c * CHUNK..((c + 1) * CHUNK).min(n), mask))
-                .collect()
-        } else {
-            self.scan(q, k, 0..n, mask)
-        };
-        all.sort();
-        all.truncate(k);
-        all.into_iter().map(|c| (c.0, c.1)).collect()
+        // The index's own rows, ids and mask always agree in shape and `k`
+        // is checked by every caller, so the scan cannot fail.
+        let found = crate::gemm::scan(self.config.metric, q, &self.keys, &self.ids, k, mask, parallel_rows);
+        debug_assert!(found.is_ok(), "scan of the index's own rows failed: {found:?}");
+        found.unwrap_or_default()
     }
 
     /// The exact `k` nearest memories of each query (distance, id), nearest

@@ -152,8 +152,6 @@ fn check_new(ids: &[MemoryId], present: impl Fn(MemoryId) -> bool) -> Result<()>
 
 /// Queries below which [`ExactIndex`] scans instead of multiplying matrices.
 const GEMM_MIN_QUERIES: usize = 8;
-/// Rows per parallel task of a scan.
-const SCAN_CHUNK: usize = 8192;
 
 /// Exact search over a contiguous key matrix kept in id order.
 #[derive(Clone, Debug)]
@@ -178,35 +176,6 @@ impl ExactIndex {
             keys: Vec::new(),
             pos: HashMap::new(),
         })
-    }
-
-    /// One query by a scalar scan, key chunks in parallel, ties by id.
-    fn scan(&self, q: &[f32], k: usize, filter: Option<Filter<'_>>) -> Row {
-        let d = self.dim;
-        let best = |range: std::ops::Range<usize>| -> Row {
-            let mut top: Row = Vec::with_capacity(k + 1);
-            for r in range {
-                let id = self.ids[r];
-                if filter.is_some_and(|f| !f(id)) {
-                    continue;
-                }
-                let c = (math::distance(self.metric, q, &self.keys[r * d..(r + 1) * d]), id);
-                if top.len() < k || math::neighbour_order(c, top[k - 1]).is_lt() {
-                    let at = top.partition_point(|x| math::neighbour_order(*x, c).is_lt());
-                    top.insert(at, c);
-                    top.truncate(k);
-                }
-            }
-            top
-        };
-        let n = self.ids.len();
-        let mut all: Row = (0..n.div_ceil(SCAN_CHUNK))
-            .into_par_iter()
-            .flat_map_iter(|c| best(c * SCAN_CHUNK..((c + 1) * SCAN_CHUNK).min(n)))
-            .collect();
-        all.sort_by(|a, b| math::neighbour_order(*a, *b));
-        all.truncate(k);
-        all
     }
 
     fn reindex(&mut self) {
@@ -287,13 +256,18 @@ impl KeyIndex for ExactIndex {
         if self.ids.is_empty() {
             return Ok(vec![Vec::new(); m]);
         }
+        let mask: Option<Vec<bool>> = filter.map(|f| self.ids.par_iter().map(|&id| f(id)).collect());
         if m < GEMM_MIN_QUERIES {
             // A few queries: a parallel scan beats setting up SGEMM blocks.
-            return Ok((0..m)
-                .map(|i| self.scan(&queries[i * self.dim..(i + 1) * self.dim], k, filter))
-                .collect());
+            let d = self.dim;
+            return (0..m)
+                .map(|i| {
+                    let q = &queries[i * d..(i + 1) * d];
+                    gemm::scan(self.metric, q, &self.keys, &self.ids, k, mask.as_deref(), true)
+                        .map_err(|e| IndexError::Shape(e.to_string()))
+                })
+                .collect();
         }
-        let mask: Option<Vec<bool>> = filter.map(|f| self.ids.par_iter().map(|&id| f(id)).collect());
         let (dist, idx) = gemm::topk(self.metric, queries, &self.keys, self.dim, k, mask.as_deref())
             .map_err(|e| IndexError::Shape(e.to_string()))?;
         Ok((0..m)
