@@ -5,7 +5,8 @@
 //! This facade re-exports [`memstore_api`] (the trait, types, errors and the
 //! reference [`InMemoryStore`]) and, behind features, the backends:
 //! `sqlite` (default) gives [`SqliteStore`]; `ipc` (default) gives
-//! [`IpcStore`], the client of the `memstored` daemon (crate `memstore-ipc`).
+//! [`IpcStore`], the client of the `memstored` daemon (crate `memstore-ipc`);
+//! `duckdb` gives `DuckdbStore` (crate `memstore-duckdb`, which links DuckDB).
 
 pub use memstore_api::*;
 
@@ -14,3 +15,6 @@ pub use memstore_sqlite::{SqliteError, SqliteOptions, SqliteStore, SqliteSynchro
 
 #[cfg(feature = "ipc")]
 pub use memstore_ipc::{ClientOptions, Endpoint, IpcError, IpcStore};
+
+#[cfg(feature = "duckdb")]
+pub use memstore_duckdb::{DuckdbError, DuckdbStore};
