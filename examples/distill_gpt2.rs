@@ -39,6 +39,12 @@ struct Args {
     /// Run directory (student weights, student.json, memory stores, report.md, metrics.csv).
     #[arg(long, default_value = "runs/distill")]
     run_dir: PathBuf,
+    /// Where the memory layers' stores live: sqlite[:DIR] (SQLite files DIR/block{i}.db; default DIR is
+    /// RUN_DIR/memory), duckdb[:DIR] (DuckDB files; needs a build with --features duckdb) or ipc:DIR (memstored
+    /// daemons listening at DIR/block{i}.sock, one per memory layer, shared with other processes). Recorded in
+    /// the run directory: --resume and --eval-only use the same stores.
+    #[arg(long, default_value = "sqlite")]
+    store: burn_dmt::storage::StoreLocation,
     /// Device: auto (a wgpu GPU when the build has burn-dmt's `wgpu` feature and an adapter answers, else the
     /// CPU), cpu or wgpu.
     #[arg(long, default_value = "auto")]
@@ -130,6 +136,7 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
     }
     o.eval_corpus = args.eval_corpus;
     o.run_dir = args.run_dir;
+    o.store = args.store;
     o.layers = args.layers;
     macro_rules! set {
         ($($f:ident),*) => { $(if let Some(v) = args.$f { o.$f = v; })* };

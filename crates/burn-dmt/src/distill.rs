@@ -16,16 +16,15 @@
 //! stores) and `--eval-only` rebuilds the student from it.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
+use crate::storage::{LayerStore, StoreLocation};
 use burn::module::{Module, Param};
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::store::{ModuleSnapshot, SafetensorsStore};
 use burn::tensor::{Device, Tensor, TensorData};
-use memstore_api::{EvictionPolicy, MemoryConfig, MemoryStore, Metric};
-use memstore_sqlite::SqliteStore;
+use memstore_api::{EvictionPolicy, MemoryConfig, Metric};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Gpt2Config;
@@ -57,6 +56,17 @@ pub struct StudentSpec {
     pub novelty: f32,
     /// LRFU λ.
     pub lambda: f64,
+    /// Where the memory layers' stores live (`--store`); absent in runs made
+    /// before the flag existed, which used SQLite in `memory/`.
+    #[serde(default)]
+    pub store: Option<String>,
+}
+
+impl StudentSpec {
+    /// Where this run's stores live.
+    pub fn store_location(&self) -> Result<StoreLocation> {
+        self.store.as_deref().map_or(Ok(StoreLocation::default()), str::parse)
+    }
 }
 
 /// Everything a distillation run is asked to do.
@@ -67,6 +77,8 @@ pub struct DistillOptions {
     pub teacher: PathBuf,
     /// Tokenizer directory if not the teacher's.
     pub tokenizer: Option<PathBuf>,
+    /// Where the memory layers' stores live (`--store`).
+    pub store: StoreLocation,
     /// Training text.
     pub corpus: PathBuf,
     /// Held-out text (default: the last 10% of the corpus).
@@ -134,6 +146,7 @@ impl DistillOptions {
             corpus: root.join("assets/data/tinyshakespeare.txt"),
             eval_corpus: None,
             run_dir: PathBuf::from("runs/distill"),
+            store: StoreLocation::default(),
             layers: None,
             steps: 300,
             batch: 16,
@@ -311,10 +324,6 @@ fn memory_config(dh: usize, spec: &StudentSpec) -> MemoryConfig {
         .with_thresholds(spec.novelty / 4.0, spec.novelty)
 }
 
-fn store_path(run_dir: &Path, block: usize) -> PathBuf {
-    run_dir.join("memory").join(format!("block{block}.db"))
-}
-
 fn journal_path(run_dir: &Path, block: usize) -> PathBuf {
     run_dir.join("memory").join(format!("block{block}.journal"))
 }
@@ -336,19 +345,26 @@ struct Checkpoint {
 }
 
 /// Removes a SQLite store's files (database, WAL, shared memory) and its journal.
-fn remove_store_files(run_dir: &Path, block: usize) -> Result<()> {
-    let db = store_path(run_dir, block);
-    for p in [
-        db.clone(),
-        PathBuf::from(format!("{}-wal", db.display())),
-        PathBuf::from(format!("{}-shm", db.display())),
-        journal_path(run_dir, block),
-    ] {
-        if p.exists() {
-            std::fs::remove_file(&p).map_err(io(&p))?;
-        }
+/// Removes block `block`'s write-behind journal (its batches are in the store
+/// or superseded by a checkpoint being restored).
+fn remove_journal(run_dir: &Path, block: usize) -> Result<()> {
+    let p = journal_path(run_dir, block);
+    if p.exists() {
+        std::fs::remove_file(&p).map_err(io(&p))?;
     }
     Ok(())
+}
+
+/// The location with its directory made absolute (recorded in `student.json`,
+/// so that `--resume` and `--eval-only` find the stores from anywhere).
+fn absolute_location(loc: &StoreLocation) -> Result<StoreLocation> {
+    let abs = |d: &PathBuf| std::path::absolute(d).map_err(io(d));
+    Ok(match loc {
+        StoreLocation::Sqlite(Some(d)) => StoreLocation::Sqlite(Some(abs(d)?)),
+        StoreLocation::Duckdb(Some(d)) => StoreLocation::Duckdb(Some(abs(d)?)),
+        StoreLocation::Ipc(d) => StoreLocation::Ipc(abs(d)?),
+        other => other.clone(),
+    })
 }
 
 fn identity(n: usize, device: &Device) -> Tensor<2> {
@@ -501,11 +517,13 @@ fn read_tokens(codec: &TextCodec, path: &Path) -> Result<Vec<u32>> {
     codec.encode(&text)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn final_report(
     teacher: &Gpt2,
     student: &mut Gpt2,
     eval: &[Window],
     run_dir: &Path,
+    store_dir: &Path,
     train_tokens_per_s: Option<f64>,
     device: &str,
     steps: Vec<StepMetrics>,
@@ -519,7 +537,7 @@ fn final_report(
         teacher_params: param_counts(teacher),
         student_params: param_counts(student),
         memory_rows: student.h.iter().map(|b| b.mlp.memory().map(|t| t.len())).collect(),
-        store_bytes: dir_bytes(&run_dir.join("memory")),
+        store_bytes: dir_bytes(store_dir),
         train_tokens_per_s,
         device: device.to_string(),
         steps,
@@ -610,11 +628,11 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         })?;
         let cdir = run_dir.join("checkpoints").join(&cp.dir);
         // The stores went on past the checkpoint: put back their state at it.
+        let loc = spec.store_location()?;
         for (i, l) in cp.layouts.iter().enumerate() {
             if l.is_some() {
-                remove_store_files(run_dir, i)?;
-                let from = cdir.join(format!("block{i}.db"));
-                std::fs::copy(&from, store_path(run_dir, i)).map_err(io(&from))?;
+                remove_journal(run_dir, i)?;
+                rt.block_on(loc.restore(run_dir, i, &cdir.join(loc.checkpoint_name(i))))?;
             }
         }
         let student = student_from_run(run_dir, &spec, Some(&cp.layouts), &ad, &rt)?;
@@ -635,14 +653,18 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
             capacity: opts.capacity,
             novelty: opts.novelty,
             lambda: 0.01,
+            store: Some(absolute_location(&opts.store)?.to_string()),
         };
-        if run_dir.join("student.json").exists() || (0..config.n_layer).any(|i| store_path(run_dir, i).exists()) {
+        let loc = spec.store_location()?;
+        if run_dir.join("student.json").exists() || (0..config.n_layer).any(|i| loc.exists(run_dir, i)) {
             return Err(DmtError::InvalidArgument(format!(
                 "{} already holds a run (--resume it, choose another --run-dir or remove it)",
                 run_dir.display()
             )));
         }
         std::fs::create_dir_all(run_dir.join("memory")).map_err(io(run_dir))?;
+        let store_dir = loc.dir(run_dir);
+        std::fs::create_dir_all(&store_dir).map_err(io(&store_dir))?;
         // The student: the teacher's weights, memory layers bootstrapped from it.
         let mut boot_rng = SplitMix(opts.seed ^ 0x5EED);
         let boot_windows: Vec<Window> = (0..(opts.capacity / config.n_head).div_ceil(opts.batch * seq).max(1))
@@ -675,7 +697,9 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
 
     // One durable store per memory layer, written behind through a journal.
     let dh = config.n_embd / config.n_head;
-    let mut stores: Vec<Option<Arc<SqliteStore>>> = Vec::with_capacity(config.n_layer);
+    let loc = spec.store_location()?;
+    log(&format!("memory stores: {loc}"));
+    let mut stores: Vec<Option<LayerStore>> = Vec::with_capacity(config.n_layer);
     let mut writers: Vec<Option<WriteBehind>> = Vec::with_capacity(config.n_layer);
     for i in 0..config.n_layer {
         let Some(tier) = student.feed_forward_mut(i).and_then(FeedForward::memory_mut) else {
@@ -686,8 +710,8 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         if opts.value_lr > 0.0 {
             tier.set_trainable_values(true);
         }
-        let store = Arc::new(rt.block_on(SqliteStore::open(store_path(run_dir, i), memory_config(dh, &spec)))?);
-        let (mut w, _) = rt.block_on(WriteBehind::start(store.clone(), journal_path(run_dir, i)))?;
+        let store = rt.block_on(loc.open(run_dir, i, memory_config(dh, &spec)))?;
+        let (mut w, _) = rt.block_on(WriteBehind::start(store.shared(), journal_path(run_dir, i)))?;
         if let Some(b) = tier.take_changes() {
             w.submit(b)?;
         }
@@ -787,7 +811,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
             for (i, store) in stores.iter().enumerate() {
                 match store {
                     Some(st) => {
-                        rt.block_on(st.backup_to(cdir.join(format!("block{i}.db"))))?;
+                        rt.block_on(st.backup_to(&cdir.join(loc.checkpoint_name(i))))?;
                         let tier = student.feed_forward_mut(i).and_then(FeedForward::memory_mut);
                         layouts.push(tier.map(|t| t.layout()));
                     }
@@ -817,7 +841,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
             }
             for (i, store) in stores.iter().enumerate() {
                 if let Some(st) = store {
-                    let (w, _) = rt.block_on(WriteBehind::start(st.clone(), journal_path(run_dir, i)))?;
+                    let (w, _) = rt.block_on(WriteBehind::start(st.shared(), journal_path(run_dir, i)))?;
                     writers[i] = Some(w);
                 }
             }
@@ -832,7 +856,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         w.finish()?;
     }
     for st in stores.into_iter().flatten() {
-        rt.block_on(st.flush())?;
+        rt.block_on(st.close())?;
     }
     student
         .save_into(&mut SafetensorsStore::from_file(run_dir.join("student.safetensors")))
@@ -847,6 +871,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         &mut student,
         &eval,
         run_dir,
+        &loc.dir(run_dir),
         Some(train_tps),
         &opts.device_name,
         metrics,
@@ -878,25 +903,27 @@ fn student_from_run(
         .map(|s| s.parse::<LayerKind>())
         .collect::<Result<Vec<_>>>()?;
     let mut student = Gpt2::from_pretrained(&spec.teacher, ad)?;
+    let loc = spec.store_location()?;
     let (c, h) = (spec.config.n_embd, spec.config.n_head);
     for (i, kind) in plan.iter().enumerate() {
         let ff = match kind {
             LayerKind::Featural | LayerKind::Associative => {
-                let path = store_path(run_dir, i);
-                if !path.exists() {
+                if let Some(path) = loc.file(run_dir, i).filter(|p| !p.exists()) {
                     return Err(DmtError::InvalidArgument(format!(
                         "{} is missing: {} is not a complete run directory",
                         path.display(),
                         run_dir.display()
                     )));
                 }
-                let store = rt.block_on(SqliteStore::open_existing(&path))?;
+                let layer_store = rt.block_on(loc.open_existing(run_dir, i))?;
+                let store = layer_store.shared();
                 let layout = layouts.and_then(|l| l.get(i).cloned().flatten());
                 let tier = match layout {
                     Some(l) => rt.block_on(DeviceMemory::load_with_layout(&store, &l, ad))?,
                     None => rt.block_on(DeviceMemory::load(&store, spec.capacity, ad))?,
                 };
-                rt.block_on(store.close());
+                drop(store);
+                rt.block_on(layer_store.close())?;
                 if *kind == LayerKind::Featural {
                     FeedForward::Featural(FeaturalMemory::new(c, h, spec.k, tier, ad)?)
                 } else {
@@ -946,6 +973,7 @@ pub fn eval_only(run_dir: &Path, corpus: &Path, opts: &DistillOptions) -> Result
         &mut student,
         &eval,
         run_dir,
+        &spec.store_location()?.dir(run_dir),
         None,
         &opts.device_name,
         Vec::new(),

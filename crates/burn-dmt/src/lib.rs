@@ -23,6 +23,7 @@ pub mod gpt2;
 pub mod loader;
 pub mod memory;
 pub mod plot;
+pub mod storage;
 pub mod tokenizer;
 pub mod train;
 
@@ -142,10 +143,14 @@ pub(crate) fn io_error(path: &std::path::Path) -> impl Fn(std::io::Error) -> Dmt
     }
 }
 
-/// A small single-threaded Tokio runtime, to drive the async store from
+/// A small Tokio runtime (one worker thread), to drive the async store from
 /// synchronous code (the training loop, the write-behind thread).
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
+    // One worker thread of its own: an IpcStore's connection tasks live on the
+    // runtime that opened it and must run while other threads (the
+    // write-behind) use the store and this thread trains.
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .map_err(io_error(std::path::Path::new("<tokio runtime>")))

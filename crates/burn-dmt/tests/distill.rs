@@ -212,3 +212,146 @@ fn the_hidden_state_loss_adds_its_term() {
         assert!(m.loss.is_finite() && m.loss > plain, "{m:?}");
     }
 }
+
+/// Serves one SQLite store per memory layer with memstore-ipc's daemon core
+/// (what `memstored` runs) on `dir/block{i}.sock`, until dropped.
+struct Daemons {
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Daemons {
+    fn start(dir: &Path, blocks: usize) -> Daemons {
+        use memstore_ipc::{Server, ServerOptions, SqliteOpener, server};
+        std::fs::create_dir_all(dir).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut tasks = Vec::new();
+        let guard = rt.enter();
+        for i in 0..blocks {
+            let opener = SqliteOpener {
+                path: dir.join(format!("block{i}.db")),
+                options: Default::default(),
+            };
+            let listener = server::bind_unix(&dir.join(format!("block{i}.sock")), 0o600).unwrap();
+            let s = Server::new(opener, ServerOptions::default());
+            let mut stopped = stopped.clone();
+            tasks.push(rt.spawn(async move {
+                s.serve(vec![listener], async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await
+                .unwrap()
+            }));
+        }
+        drop(guard);
+        let thread = std::thread::spawn(move || {
+            rt.block_on(async {
+                for t in tasks {
+                    t.await.unwrap();
+                }
+            })
+        });
+        Daemons {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Daemons {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `--store ipc:DIR`: the memory layers live in memstored daemons (one per
+/// layer). An interrupted run resumes through the daemons' Restore request and
+/// equals a run with local SQLite stores in another directory
+/// (`--store sqlite:DIR`); `--eval-only` reads the memories back from the
+/// daemons.
+#[test]
+fn memory_in_daemons_and_external_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, eval) = tiny_setup(dir.path());
+    let mut o = options(dir.path(), train, &eval);
+    o.steps = 5;
+    o.checkpoint_every = 2;
+    o.value_lr = 0.1;
+    o.max_inserts = 4;
+    o.store = format!("sqlite:{}", dir.path().join("elsewhere").display())
+        .parse()
+        .unwrap();
+    let local = run(&o, &mut |_| {}).unwrap();
+    assert!(dir.path().join("elsewhere/block0.db").exists());
+    assert!(!o.run_dir.join("memory/block0.db").exists());
+    // --eval-only finds the stores through student.json.
+    let again = eval_only(&o.run_dir, &eval, &o).unwrap();
+    assert!((again.student.nll - local.student.nll).abs() < 1e-3 * local.student.nll);
+
+    let sockets = dir.path().join("sockets");
+    let daemons = Daemons::start(&sockets, 2);
+    o.run_dir = dir.path().join("shared");
+    o.store = format!("ipc:{}", sockets.display()).parse().unwrap();
+    o.halt_after = Some(3);
+    assert!(matches!(
+        run(&o, &mut |_| {}).unwrap_err(),
+        burn_dmt::DmtError::Halted { step: 3 }
+    ));
+    o.halt_after = None;
+    o.resume = true;
+    let resumed = run(&o, &mut |_| {}).unwrap();
+    let near = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1e-3);
+    for (r, w) in resumed.steps.iter().zip(&local.steps) {
+        assert_eq!((r.step, r.inserted), (w.step, w.inserted));
+        assert!(near(r.loss, w.loss) && near(r.kd, w.kd), "{r:?} vs {w:?}");
+    }
+    assert!(near(resumed.student.nll, local.student.nll));
+    assert_eq!(resumed.memory_rows, local.memory_rows);
+    assert!(sockets.join("block1.db").exists());
+    let again = eval_only(&o.run_dir, &eval, &o).unwrap();
+    assert!((again.student.nll - resumed.student.nll).abs() < 1e-3 * resumed.student.nll);
+    drop(daemons);
+    // Without daemons the run says what to start.
+    let err = eval_only(&o.run_dir, &eval, &o).unwrap_err().to_string();
+    assert!(err.contains("memstored --db"), "{err}");
+}
+
+/// `--store duckdb` (feature `duckdb`; CI runs it): an interrupted run resumes
+/// from DuckDB checkpoint copies and equals the SQLite run step for step.
+#[cfg(feature = "duckdb")]
+#[test]
+fn memory_in_duckdb_resumes_like_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, eval) = tiny_setup(dir.path());
+    let mut o = options(dir.path(), train, &eval);
+    o.steps = 5;
+    o.checkpoint_every = 2;
+    o.value_lr = 0.1;
+    o.max_inserts = 4;
+    let sqlite = run(&o, &mut |_| {}).unwrap();
+    o.run_dir = dir.path().join("duck");
+    o.store = "duckdb".parse().unwrap();
+    o.halt_after = Some(3);
+    assert!(run(&o, &mut |_| {}).is_err());
+    o.halt_after = None;
+    o.resume = true;
+    let duck = run(&o, &mut |_| {}).unwrap();
+    assert!(o.run_dir.join("memory/block1.duckdb").exists());
+    assert!(o.run_dir.join("checkpoints/step-0000005/block1.duckdb").exists());
+    let near = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1e-3);
+    for (r, w) in duck.steps.iter().zip(&sqlite.steps) {
+        assert_eq!((r.step, r.inserted), (w.step, w.inserted));
+        assert!(near(r.loss, w.loss) && near(r.kd, w.kd), "{r:?} vs {w:?}");
+    }
+    assert_eq!(duck.memory_rows, sqlite.memory_rows);
+    let again = eval_only(&o.run_dir, &eval, &o).unwrap();
+    assert!((again.student.nll - duck.student.nll).abs() < 1e-3 * duck.student.nll);
+}

@@ -282,6 +282,19 @@ impl IpcStore {
         done(decode(&self.call(&Request::Backup { path: path.into() }).await?)?)
     }
 
+    /// Has the daemon replace its store with the backup at `path` (absolute,
+    /// on the daemon's machine, written by [`IpcStore::backup_to`]): how a
+    /// training run resumes from a checkpoint. The backup itself is left as it
+    /// is (the store continues from a copy). Refused with
+    /// [`crate::ProtocolError::ConfigInUse`] while other sessions are connected;
+    /// a backup that does not open leaves the store unchanged.
+    pub async fn restore_from(&self, path: &std::path::Path) -> Result<()> {
+        let path = path
+            .to_str()
+            .ok_or_else(|| Error::Shape(format!("restore path {} is not UTF-8", path.display())))?;
+        done(decode(&self.call(&Request::Restore { path: path.into() }).await?)?)
+    }
+
     /// Sends one request and waits for its reply frame.
     async fn call(&self, req: &Request<'_>) -> Result<Bytes> {
         let id = self.conn.next_id.fetch_add(1, Ordering::Relaxed);

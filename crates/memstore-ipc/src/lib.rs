@@ -29,6 +29,8 @@ use std::path::PathBuf;
 
 pub use client::{ClientOptions, IpcStore};
 pub use protocol::ProtocolError;
+#[cfg(feature = "duckdb")]
+pub use server::DuckdbOpener;
 pub use server::{Server, ServerOptions, SqliteOpener, StoreOpener};
 
 /// Errors of the IPC layer. At the [`memstore_api::MemoryStore`] boundary they

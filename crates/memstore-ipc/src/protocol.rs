@@ -376,10 +376,16 @@ pub enum Request<'a> {
         /// Where the copy goes; it must not exist.
         path: String,
     },
+    /// Replaces the store with a copy written by `Backup` (a checkpoint to
+    /// resume from). Only the sole connected session may ask.
+    Restore {
+        /// The backup file, absolute, on the daemon's machine.
+        path: String,
+    },
 }
 
 /// Number of request types ([`Request`]'s variants).
-pub const REQUEST_TYPES: u32 = 16;
+pub const REQUEST_TYPES: u32 = 17;
 
 /// A stored memory on the wire.
 #[derive(Clone, Debug, Serialize, Deserialize)]

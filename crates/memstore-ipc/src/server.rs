@@ -68,6 +68,10 @@ pub trait StoreOpener: Send + Sync + 'static {
 
     /// Writes a consistent copy of the store to a new file at `path`.
     async fn backup(&self, store: &Self::Store, path: &Path) -> Result<()>;
+
+    /// Replaces the (closed) store's file with a copy of the backup at `from`
+    /// and opens it. A backup that does not open leaves the file unchanged.
+    async fn restore(&self, from: &Path) -> Result<Self::Store>;
 }
 
 /// Serves a SQLite store file.
@@ -107,6 +111,116 @@ impl StoreOpener for SqliteOpener {
     async fn backup(&self, store: &SqliteStore, path: &Path) -> Result<()> {
         store.backup_to(path).await
     }
+
+    async fn restore(&self, from: &Path) -> Result<SqliteStore> {
+        restore_file(
+            &self.path,
+            from,
+            |p| async move { SqliteStore::open_existing(p).await },
+            |s| async move {
+                s.close().await;
+                Ok(())
+            },
+        )
+        .await
+    }
+}
+
+/// Serves a DuckDB store file (feature `duckdb`).
+#[cfg(feature = "duckdb")]
+#[derive(Clone, Debug)]
+pub struct DuckdbOpener {
+    /// The database file.
+    pub path: PathBuf,
+}
+
+#[cfg(feature = "duckdb")]
+#[async_trait]
+impl StoreOpener for DuckdbOpener {
+    type Store = memstore_duckdb::DuckdbStore;
+
+    fn describe(&self) -> String {
+        format!("duckdb:{}", self.path.display())
+    }
+
+    async fn open(&self, config: &MemoryConfig) -> Result<Self::Store> {
+        memstore_duckdb::DuckdbStore::open(&self.path, config.clone()).await
+    }
+
+    async fn open_existing(&self) -> Result<Option<Self::Store>> {
+        if !self.path.exists() {
+            return Ok(None);
+        }
+        memstore_duckdb::DuckdbStore::open_existing(&self.path).await.map(Some)
+    }
+
+    async fn close(&self, store: Self::Store) -> Result<()> {
+        store.close().await
+    }
+
+    async fn backup(&self, store: &Self::Store, path: &Path) -> Result<()> {
+        store.backup_to(path).await
+    }
+
+    async fn restore(&self, from: &Path) -> Result<Self::Store> {
+        restore_file(
+            &self.path,
+            from,
+            |p| async move { memstore_duckdb::DuckdbStore::open_existing(p).await },
+            |s| async move { s.close().await },
+        )
+        .await
+    }
+}
+
+/// Copies `from` beside `path`, checks that the copy opens as a store, then
+/// moves it over `path` (dropping `path`'s WAL files) and opens it.
+async fn restore_file<S, Open, OpenFut, Close, CloseFut>(
+    path: &Path,
+    from: &Path,
+    open: Open,
+    close: Close,
+) -> Result<S>
+where
+    Open: Fn(PathBuf) -> OpenFut,
+    OpenFut: std::future::Future<Output = Result<S>>,
+    Close: Fn(S) -> CloseFut,
+    CloseFut: std::future::Future<Output = Result<()>>,
+{
+    let io = |what: &str, e: std::io::Error| {
+        memstore_api::Error::storage(std::io::Error::new(e.kind(), format!("{what}: {e}")))
+    };
+    if !from.is_file() {
+        return Err(memstore_api::Error::Shape(format!("no backup at {}", from.display())));
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".restoring");
+    let tmp = PathBuf::from(tmp);
+    let suffixed = |p: &Path, s: &str| {
+        let mut n = p.as_os_str().to_owned();
+        n.push(s);
+        PathBuf::from(n)
+    };
+    let clean = |p: &Path| {
+        for s in ["", "-wal", "-shm", ".wal", ".lock"] {
+            let _ = std::fs::remove_file(suffixed(p, s));
+        }
+    };
+    clean(&tmp);
+    std::fs::copy(from, &tmp).map_err(|e| io(&format!("copying {}", from.display()), e))?;
+    match open(tmp.clone()).await {
+        Ok(s) => close(s).await?,
+        Err(e) => {
+            clean(&tmp);
+            return Err(e);
+        }
+    }
+    for s in ["-wal", "-shm", ".wal"] {
+        let _ = std::fs::remove_file(suffixed(path, s));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| io(&format!("moving the restored copy to {}", path.display()), e))?;
+    clean(&tmp);
+    open(path.to_path_buf()).await
 }
 
 /// Daemon settings.
@@ -702,6 +816,10 @@ async fn handle<O: StoreOpener>(shared: &Shared<O>, frame: Bytes, tx: &mpsc::Sen
     let store = shared.store.read().await.clone();
     let outcome = match (store, req) {
         (Some(s), Request::Backup { path }) => backup(&shared.opener, s.as_ref(), &path).await,
+        (Some(s), Request::Restore { path }) => {
+            drop(s);
+            restore(shared, &path).await
+        }
         (Some(s), req) => execute(s.as_ref(), req, max_frame).await,
         (None, _) => Err(WireError::protocol(ProtocolError::NoStore, "no store is open")),
     };
@@ -736,6 +854,47 @@ async fn backup<O: StoreOpener>(opener: &O, store: &O::Store, path: &str) -> Res
     opener.backup(store, p).await.map_err(|e| WireError::from(&e))?;
     info!(path = %p.display(), "backup written");
     Ok(Outcome::Done)
+}
+
+/// Replaces the store with the backup at `path`, when the asking session is
+/// the only one and no other request holds the store.
+async fn restore<O: StoreOpener>(shared: &Shared<O>, path: &str) -> Result<Outcome, WireError> {
+    let p = Path::new(path);
+    if !p.is_absolute() {
+        return Err(WireError::Shape(format!("restore path {path:?} must be absolute")));
+    }
+    let wire = |e: memstore_api::Error| WireError::from(&e);
+    let _one_at_a_time = shared.handshakes.lock().await;
+    let sessions = shared.sessions.load(Ordering::SeqCst);
+    if sessions > 1 {
+        return Err(WireError::protocol(
+            ProtocolError::ConfigInUse,
+            format!("a restore replaces the store: it needs the only session ({sessions} are connected)"),
+        ));
+    }
+    let mut slot = shared.store.write().await;
+    let Some(old) = slot.take() else {
+        return Err(WireError::protocol(ProtocolError::NoStore, "no store is open"));
+    };
+    let old = Arc::try_unwrap(old).map_err(|old| {
+        *slot = Some(old);
+        WireError::protocol(ProtocolError::ConfigInUse, "the store is still busy; try again")
+    })?;
+    shared.opener.close(old).await.map_err(wire)?;
+    match shared.opener.restore(p).await {
+        Ok(s) => {
+            info!(from = %p.display(), "store restored from a backup");
+            *slot = Some(Arc::new(s));
+            Ok(Outcome::Done)
+        }
+        Err(e) => {
+            // Keep serving the store as it was.
+            if let Ok(Some(s)) = shared.opener.open_existing().await {
+                *slot = Some(Arc::new(s));
+            }
+            Err(wire(e))
+        }
+    }
 }
 
 /// Owned rows of a batch from the wire.
@@ -791,10 +950,10 @@ async fn execute<S: MemoryStore + ?Sized>(s: &S, req: Request<'_>, max_frame: us
             return Err(WireError::protocol(ProtocolError::Sequence, "a second handshake"));
         }
         Request::Goodbye => Outcome::Done,
-        Request::Backup { .. } => {
+        Request::Backup { .. } | Request::Restore { .. } => {
             return Err(WireError::protocol(
                 ProtocolError::Sequence,
-                "backup is handled by the daemon",
+                "backup and restore are handled by the daemon",
             ));
         }
         Request::Search {

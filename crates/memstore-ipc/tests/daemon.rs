@@ -662,6 +662,7 @@ fn help_documents_every_flag() {
     let help = String::from_utf8_lossy(&out.stdout);
     for flag in [
         "--db",
+        "--backend",
         "--socket",
         "--socket-mode",
         "--tcp",
@@ -715,4 +716,79 @@ async fn backup_through_the_daemon() {
     direct.close().await;
     drop(s);
     assert!(d.stop().success());
+}
+
+/// A restore puts back the store as it was at a backup (the resume of a
+/// training run from a checkpoint); it needs the only session, and a bad
+/// backup leaves the store as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_through_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&dir.path().join("s.db"), &dir.path().join("d.sock"), &cfg_args());
+    let s = IpcStore::connect(&d.endpoint(), None).await.unwrap();
+    let ids = fill(&s, 200, 31).await;
+    s.touch(&ids[..10], 5).await.unwrap();
+    let at_backup = snapshot(&s).await;
+    let copy = dir.path().join("copy.db");
+    s.backup_to(&copy).await.unwrap();
+    fill(&s, 50, 32).await;
+    s.delete(&ids[..20]).await.unwrap();
+    let moved_on = snapshot(&s).await;
+    assert_ne!(moved_on, at_backup);
+    // Refused while another session is connected; nothing changes.
+    let other = IpcStore::connect(&d.endpoint(), None).await.unwrap();
+    match s.restore_from(&copy).await {
+        Err(e) => assert_eq!(
+            memstore_ipc::protocol_error(&e),
+            Some(memstore_ipc::ProtocolError::ConfigInUse),
+            "{e}"
+        ),
+        Ok(()) => panic!("restored under another session"),
+    }
+    other.close().await.unwrap();
+    // Refused: a relative path, a missing file, a file that is not a store.
+    assert!(matches!(
+        s.restore_from(Path::new("rel.db")).await,
+        Err(Error::Shape(_))
+    ));
+    assert!(s.restore_from(&dir.path().join("missing.db")).await.is_err());
+    let junk = dir.path().join("junk.db");
+    std::fs::write(&junk, vec![7u8; 4096]).unwrap();
+    assert!(s.restore_from(&junk).await.is_err());
+    assert_eq!(snapshot(&s).await, moved_on);
+    // Restored: the state at the backup, which goes on from there.
+    s.restore_from(&copy).await.unwrap();
+    assert_eq!(snapshot(&s).await, at_backup);
+    fill(&s, 3, 33).await;
+    assert_eq!(s.len().await.unwrap(), 203);
+    // The backup itself is untouched, and the restored store survives a restart.
+    if common::backend() == "sqlite" {
+        let direct = memstore_sqlite::SqliteStore::open_existing(&copy).await.unwrap();
+        assert_eq!(direct.len().await.unwrap(), 200);
+        direct.close().await;
+    }
+    let after = snapshot(&s).await;
+    s.close().await.unwrap();
+    assert!(d.stop().success());
+    let d = Daemon::start(&dir.path().join("s.db"), &dir.path().join("d.sock"), &cfg_args());
+    let s = IpcStore::connect(&d.endpoint(), None).await.unwrap();
+    assert_eq!(snapshot(&s).await, after);
+    drop(s);
+    assert!(d.stop().success());
+}
+
+/// A daemon built without DuckDB says so for `--backend duckdb`.
+#[cfg(not(feature = "duckdb"))]
+#[test]
+fn duckdb_backend_needs_the_feature() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(MEMSTORED)
+        .args(["--backend", "duckdb", "--db"])
+        .arg(dir.path().join("x.duckdb"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--features duckdb"), "{err}");
+    assert!(!dir.path().join("x.duckdb").exists());
 }

@@ -1,4 +1,5 @@
-//! `memstored`: serves one memstore (a SQLite file) to many processes on a
+//! `memstored`: serves one memstore (a SQLite file, or a DuckDB file when built
+//! with the `duckdb` feature) to many processes on a
 //! Unix domain socket and, optionally, on loopback TCP with a shared token.
 //!
 //! ```text
@@ -15,7 +16,7 @@ use std::process::ExitCode;
 use clap::{Parser, ValueEnum};
 use memstore_api::{EvictionPolicy, MemoryConfig, Metric};
 use memstore_ipc::server;
-use memstore_ipc::{Server, ServerOptions, SqliteOpener, TOKEN_ENV};
+use memstore_ipc::{Server, ServerOptions, SqliteOpener, StoreOpener, TOKEN_ENV};
 use memstore_sqlite::{SqliteOptions, SqliteSynchronous};
 use tracing::{error, info};
 
@@ -24,6 +25,14 @@ enum MetricArg {
     L2,
     Cosine,
     Ip,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum BackendArg {
+    /// A SQLite file (memstore-sqlite).
+    Sqlite,
+    /// A DuckDB file (memstore-duckdb; needs a memstored built with --features duckdb).
+    Duckdb,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -42,6 +51,9 @@ struct Args {
     /// with --key-dim/--value-dim if absent).
     #[arg(long)]
     db: PathBuf,
+    /// The database engine of the store file.
+    #[arg(long, value_enum, default_value = "sqlite")]
+    backend: BackendArg,
     /// The Unix socket to listen on [default: <db>.sock].
     #[arg(long)]
     socket: Option<PathBuf>,
@@ -64,7 +76,7 @@ struct Args {
     /// Requests one connection may have running at once.
     #[arg(long, default_value_t = 64)]
     max_in_flight: usize,
-    /// SQLite durability.
+    /// SQLite durability (DuckDB commits are always synced).
     #[arg(long, value_enum, default_value = "full")]
     synchronous: SyncArg,
     /// Key dimension: open (or create) the store at start-up with this configuration.
@@ -146,25 +158,46 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }),
         _ => None,
     };
-    let opener = SqliteOpener {
-        path: args.db.clone(),
-        options: SqliteOptions {
-            synchronous: match args.synchronous {
-                SyncArg::Full => SqliteSynchronous::Full,
-                SyncArg::Normal => SqliteSynchronous::Normal,
-            },
-            ..SqliteOptions::default()
-        },
+    let options = ServerOptions {
+        max_frame: args.max_frame,
+        token: token.clone(),
+        max_in_flight: args.max_in_flight,
+        ..ServerOptions::default()
     };
-    let server = Server::new(
-        opener,
-        ServerOptions {
-            max_frame: args.max_frame,
-            token: token.clone(),
-            max_in_flight: args.max_in_flight,
-            ..ServerOptions::default()
-        },
-    );
+    match args.backend {
+        BackendArg::Sqlite => {
+            let opener = SqliteOpener {
+                path: args.db.clone(),
+                options: SqliteOptions {
+                    synchronous: match args.synchronous {
+                        SyncArg::Full => SqliteSynchronous::Full,
+                        SyncArg::Normal => SqliteSynchronous::Normal,
+                    },
+                    ..SqliteOptions::default()
+                },
+            };
+            serve(Server::new(opener, options), &args, config, token, mode).await
+        }
+        #[cfg(feature = "duckdb")]
+        BackendArg::Duckdb => {
+            let opener = memstore_ipc::DuckdbOpener { path: args.db.clone() };
+            serve(Server::new(opener, options), &args, config, token, mode).await
+        }
+        #[cfg(not(feature = "duckdb"))]
+        BackendArg::Duckdb => Err(
+            "this memstored was built without DuckDB: build it with `--features duckdb` (see crates/memstore-duckdb)"
+                .into(),
+        ),
+    }
+}
+
+async fn serve<O: StoreOpener>(
+    server: Server<O>,
+    args: &Args,
+    config: Option<MemoryConfig>,
+    token: Option<String>,
+    mode: u32,
+) -> Result<(), Box<dyn std::error::Error>> {
     if !server.open_store(config.as_ref()).await? {
         info!(db = %args.db.display(), "no store yet: the first client that sends a configuration creates it");
     }

@@ -21,6 +21,7 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts `memstored --db DB --socket SOCKET EXTRA...` and waits until it accepts connections.
+    /// Starts `memstored` on `db` with the backend the tests run against.
     pub fn start(db: &Path, socket: &Path, extra: &[&str]) -> Daemon {
         let child = Command::new(MEMSTORED)
             .arg("--db")
@@ -28,6 +29,7 @@ impl Daemon {
             .arg("--socket")
             .arg(socket)
             .args(["--log", "warn"])
+            .args(["--backend", &backend()])
             .args(extra)
             .stdin(Stdio::null())
             .spawn()
@@ -88,4 +90,10 @@ impl Drop for Daemon {
             let _ = self.child.wait();
         }
     }
+}
+
+/// The backend the daemon tests run against: `$MEMSTORE_IPC_BACKEND`
+/// (`sqlite` unless set; CI also runs the conformance suite with `duckdb`).
+pub fn backend() -> String {
+    std::env::var("MEMSTORE_IPC_BACKEND").unwrap_or_else(|_| "sqlite".into())
 }
