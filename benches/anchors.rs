@@ -1,12 +1,24 @@
-//! memstore's search against the raw SQL anchor in the same run: sqlite-vec's
-//! `vec0` kNN in plain SQL (one query per statement, as SQL allows) on the
-//! very same keys (the store mirrors its keys into `vec0`), and memstore's
-//! batched exact search through the `MemoryStore` trait. 100k random 64-d
-//! keys, k = 8. Run with `cargo bench --bench anchors`; table with
-//! `python3 scripts/bench_table.py anchor_ --baseline sqlite-vec-sql`.
+//! The store benchmark matrix, with the raw SQL anchors in the same run:
+//!
+//! - search (queries/s, k = 8) at batch 1, 64 and 4096 through the
+//!   `MemoryStore` trait (SQLite, and DuckDB with `--features duckdb`), against
+//!   one kNN statement per query in plain SQL on the very same keys:
+//!   sqlite-vec's `vec0` (the SQLite store mirrors its keys into it) and
+//!   DuckDB's `array_distance ... ORDER BY ... LIMIT` (the DuckDB store keeps
+//!   keys as `FLOAT[dim]`);
+//! - durable writes of 4096 rows (keys/s): `insert`, `learn` (search +
+//!   novelty gate + insert in one transaction) and `evict` (4096 LRFU
+//!   victims), each on a store of N keys (the rows are removed again, untimed,
+//!   so N stays put).
+//!
+//! Sizes: `MEMSTORE_BENCH_SIZES="64x10000,64x100000,768x10000"` (dim × N;
+//! default `64x100000`). Run with `cargo bench --bench anchors` (add
+//! `--features duckdb` after `scripts/fetch-libduckdb.sh`); tables with
+//! `python3 scripts/bench_table.py anchor_search --baseline sqlite-vec-sql`
+//! and `python3 scripts/bench_table.py anchor_write`.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use memstore::{Batch, MemoryConfig, MemoryStore, SqliteStore, Vectors};
@@ -14,69 +26,203 @@ use memstore::{Batch, MemoryConfig, MemoryStore, SqliteStore, Vectors};
 mod common;
 use common::data;
 
-const DIM: usize = 64;
-const N: usize = 100_000;
 const K: usize = 8;
+const WRITE: usize = 4096;
 
-fn anchors(c: &mut Criterion) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store = rt.block_on(async {
-        let s = SqliteStore::open(dir.path().join("anchor.db"), MemoryConfig::new(DIM, DIM))
-            .await
-            .unwrap();
-        let keys = data(1, N * DIM);
-        let vals = data(2, N * DIM);
-        for (k, v) in keys.chunks(4096 * DIM).zip(vals.chunks(4096 * DIM)) {
-            s.insert(
-                Batch::new(Vectors::new(k, DIM).unwrap(), Vectors::new(v, DIM).unwrap()),
-                0,
-            )
-            .await
-            .unwrap();
-        }
-        Arc::new(s)
-    });
-    let mut g = c.benchmark_group(format!("anchor_search_dim{DIM}_n{}k_k{K}", N / 1000));
-    g.sample_size(10).measurement_time(Duration::from_secs(4));
-
-    // The anchor: one vec0 kNN statement per query (what SQL offers).
-    let q1 = data(3, DIM);
-    let blob: Vec<u8> = q1.iter().flat_map(|x| x.to_le_bytes()).collect();
-    g.throughput(Throughput::Elements(1));
-    g.bench_function(BenchmarkId::new("sqlite-vec-sql", 1), |b| {
-        b.to_async(&rt).iter(|| {
-            let (s, blob) = (store.clone(), blob.clone());
-            async move {
-                tokio::spawn(async move {
-                    sqlx::query("SELECT rowid, distance FROM memory_keys WHERE key MATCH ? AND k = ? ORDER BY distance")
-                        .bind(blob)
-                        .bind(K as i64)
-                        .fetch_all(s.pool())
-                        .await
-                        .unwrap()
-                        .len()
-                })
-                .await
-                .unwrap()
-            }
+fn sizes() -> Vec<(usize, usize)> {
+    let spec = std::env::var("MEMSTORE_BENCH_SIZES").unwrap_or_else(|_| "64x100000".into());
+    spec.split(',')
+        .filter_map(|s| {
+            let (d, n) = s.trim().split_once('x')?;
+            Some((d.parse().ok()?, n.parse().ok()?))
         })
-    });
+        .collect()
+}
+
+async fn fill(s: &dyn MemoryStore, dim: usize, n: usize) {
+    let keys = data(1, n * dim);
+    let vals = data(2, n * dim);
+    for (k, v) in keys.chunks(4096 * dim).zip(vals.chunks(4096 * dim)) {
+        s.insert(
+            Batch::new(Vectors::new(k, dim).unwrap(), Vectors::new(v, dim).unwrap()),
+            0,
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// Searches through the trait at batch 1, 64 and 4096.
+fn bench_search(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    store: Arc<dyn MemoryStore>,
+    dim: usize,
+) {
     for batch in [1usize, 64, 4096] {
-        let q = Arc::new(data(4, batch * DIM));
+        let q = Arc::new(data(4, batch * dim));
         g.throughput(Throughput::Elements(batch as u64));
-        g.bench_function(BenchmarkId::new("memstore-sqlite", batch), |b| {
-            b.to_async(&rt).iter(|| {
+        g.bench_function(BenchmarkId::new(name, batch), |b| {
+            b.to_async(rt).iter(|| {
                 let (s, q) = (store.clone(), q.clone());
                 async move {
-                    tokio::spawn(async move { s.search(Vectors::new(&q, DIM).unwrap(), K, None).await.unwrap() })
+                    tokio::spawn(async move { s.search(Vectors::new(&q, dim).unwrap(), K, None).await.unwrap() })
                         .await
                         .unwrap()
                 }
             })
         });
     }
-    g.finish();
+}
+
+/// Durable insert, learn and evict of 4096 rows on a store of N keys; the
+/// rows are removed again (untimed) so the store keeps its size.
+fn bench_writes(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    store: Arc<dyn MemoryStore>,
+    dim: usize,
+) {
+    g.throughput(Throughput::Elements(WRITE as u64));
+    let keys = Arc::new(data(7, WRITE * dim));
+    let vals = Arc::new(data(8, WRITE * dim));
+    for op in ["insert", "learn", "evict"] {
+        g.bench_function(BenchmarkId::new(format!("{op}-{name}"), WRITE), |b| {
+            b.iter_custom(|iters| {
+                let mut spent = Duration::ZERO;
+                for i in 0..iters {
+                    let (k, v) = (keys.to_vec(), vals.to_vec());
+                    let s = store.clone();
+                    spent += rt.block_on(async move {
+                        tokio::spawn(async move {
+                            let b = Batch::new(Vectors::new(&k, dim).unwrap(), Vectors::new(&v, dim).unwrap());
+                            let before = s.stats().await.unwrap().next_id;
+                            let len = s.len().await.unwrap();
+                            let t = Instant::now();
+                            let spent = match op {
+                                "insert" => {
+                                    s.insert(b, i + 1).await.unwrap();
+                                    t.elapsed()
+                                }
+                                "learn" => {
+                                    s.learn(b, i + 1, K).await.unwrap();
+                                    t.elapsed()
+                                }
+                                _ => {
+                                    s.insert(b, i + 1).await.unwrap();
+                                    let t = Instant::now();
+                                    assert_eq!(s.evict(len).await.unwrap(), WRITE);
+                                    return t.elapsed();
+                                }
+                            };
+                            let after = s.stats().await.unwrap().next_id;
+                            let new: Vec<u64> = (before..after).collect();
+                            s.delete(&new).await.unwrap();
+                            spent
+                        })
+                        .await
+                        .unwrap()
+                    });
+                }
+                spent
+            })
+        });
+    }
+}
+
+fn anchors(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (dim, n) in sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = rt.block_on(async {
+            let s = SqliteStore::open(dir.path().join("anchor.db"), MemoryConfig::new(dim, dim))
+                .await
+                .unwrap();
+            fill(&s, dim, n).await;
+            Arc::new(s)
+        });
+        #[cfg(feature = "duckdb")]
+        let duck = rt.block_on(async {
+            let s = memstore::DuckdbStore::open(dir.path().join("anchor.duckdb"), MemoryConfig::new(dim, dim))
+                .await
+                .unwrap();
+            fill(&s, dim, n).await;
+            Arc::new(s)
+        });
+        let label = if n >= 1_000_000 {
+            format!("{}M", n / 1_000_000)
+        } else {
+            format!("{}k", n / 1000)
+        };
+
+        let mut g = c.benchmark_group(format!("anchor_search_dim{dim}_n{label}_k{K}"));
+        g.sample_size(10).measurement_time(Duration::from_secs(4));
+        // The anchors: one kNN statement per query (what SQL offers).
+        let q1 = data(3, dim);
+        let blob: Vec<u8> = q1.iter().flat_map(|x| x.to_le_bytes()).collect();
+        g.throughput(Throughput::Elements(1));
+        let s = sqlite.clone();
+        g.bench_function(BenchmarkId::new("sqlite-vec-sql", 1), |b| {
+            b.to_async(&rt).iter(|| {
+                let (s, blob) = (s.clone(), blob.clone());
+                async move {
+                    tokio::spawn(async move {
+                        sqlx::query(
+                            "SELECT rowid, distance FROM memory_keys WHERE key MATCH ? AND k = ? ORDER BY distance",
+                        )
+                        .bind(blob)
+                        .bind(K as i64)
+                        .fetch_all(s.pool())
+                        .await
+                        .unwrap()
+                        .len()
+                    })
+                    .await
+                    .unwrap()
+                }
+            })
+        });
+        #[cfg(feature = "duckdb")]
+        {
+            let literal = q1.iter().map(|x| format!("{x:?}")).collect::<Vec<_>>().join(",");
+            let sql = Arc::new(format!(
+                "SELECT id, array_distance(key, [{literal}]::FLOAT[{dim}]) AS d FROM memories ORDER BY d LIMIT {K}"
+            ));
+            let s = duck.clone();
+            g.bench_function(BenchmarkId::new("duckdb-sql", 1), |b| {
+                b.to_async(&rt).iter(|| {
+                    let (s, sql) = (s.clone(), sql.clone());
+                    async move {
+                        tokio::spawn(async move {
+                            s.with_reader(|c| {
+                                let mut st = c.prepare(&sql)?;
+                                let rows = st.query_map([], |r| r.get::<_, i64>(0))?;
+                                rows.collect::<Result<Vec<_>, _>>()
+                            })
+                            .await
+                            .unwrap()
+                            .len()
+                        })
+                        .await
+                        .unwrap()
+                    }
+                })
+            });
+        }
+        bench_search(&mut g, &rt, "memstore-sqlite", sqlite.clone(), dim);
+        #[cfg(feature = "duckdb")]
+        bench_search(&mut g, &rt, "memstore-duckdb", duck.clone(), dim);
+        g.finish();
+
+        let mut g = c.benchmark_group(format!("anchor_write_dim{dim}_n{label}"));
+        g.sample_size(10).measurement_time(Duration::from_secs(4));
+        bench_writes(&mut g, &rt, "sqlite", sqlite.clone(), dim);
+        #[cfg(feature = "duckdb")]
+        bench_writes(&mut g, &rt, "duckdb", duck.clone(), dim);
+        g.finish();
+    }
 }
 
 criterion_group!(benches, anchors);

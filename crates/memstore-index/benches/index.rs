@@ -8,6 +8,7 @@ use std::time::Instant;
 use memstore_api::MemoryId;
 use memstore_api::Metric;
 use memstore_index::{ExactIndex, HnswIndex, HnswOptions, KeyIndex};
+use rayon::prelude::*;
 
 fn rand_vecs(seed: u64, n: usize) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -50,10 +51,12 @@ fn main() {
         rayon::current_num_threads()
     );
     println!();
-    println!("| index | recall@{k} | batch {batch} queries/s | batch 1 queries/s |");
-    println!("| --- | --- | --- | --- |");
     println!(
-        "| exact (blocked SGEMM) | 1.000 | {:.0} | {:.0} |",
+        "| index | recall@{k} | batch {batch} queries/s | batch 1 queries/s | raw usearch, batch {batch} / batch 1 queries/s | memstore / raw (batch {batch}, 1) |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| exact (blocked SGEMM) | 1.000 | {:.0} | {:.0} | | |",
         batch as f64 / exact_s,
         1.0 / exact_1
     );
@@ -72,14 +75,33 @@ fn main() {
             .zip(&truth)
             .map(|(g, t)| g.iter().filter(|(_, id)| t.iter().any(|x| x.1 == *id)).count())
             .sum();
+        // The raw anchor: usearch's own search on the same graph, the same
+        // queries, parallel over the batch the same way (rayon).
+        let raw = h.raw();
+        let t = Instant::now();
+        let n_raw: usize = (0..batch)
+            .into_par_iter()
+            .map(|i| raw.search(&q[i * d..(i + 1) * d], k).unwrap().keys.len())
+            .sum();
+        let raw_s = t.elapsed().as_secs_f64();
+        assert_eq!(n_raw, batch * k);
+        let t1 = Instant::now();
+        for i in 0..256 {
+            raw.search(&q[i * d..(i + 1) * d], k).unwrap();
+        }
+        let raw_one = t1.elapsed().as_secs_f64() / 256.0;
         let o = h.options();
         println!(
-            "| HNSW M={} efC={} ef={ef} | {:.3} | {:.0} | {:.0} |",
+            "| HNSW M={} efC={} ef={ef} | {:.3} | {:.0} | {:.0} | {:.0} / {:.0} | {:.2} / {:.2} |",
             o.connectivity,
             o.expansion_add,
             hits as f64 / (batch * k) as f64,
             batch as f64 / s,
-            1.0 / one
+            1.0 / one,
+            batch as f64 / raw_s,
+            1.0 / raw_one,
+            raw_s / s,
+            raw_one / one
         );
     }
     println!();

@@ -425,6 +425,12 @@ impl HnswIndex {
         self.index.change_expansion_search(ef.max(1));
     }
 
+    /// The usearch index underneath, for read-only use (the benchmarks call
+    /// it directly as the raw anchor of this wrapper's overhead).
+    pub fn raw(&self) -> &usearch::Index {
+        &self.index
+    }
+
     /// Builds an index of `(ids, keys)`.
     pub fn build(metric: Metric, dim: usize, options: HnswOptions, ids: &[MemoryId], keys: &[f32]) -> Result<Self> {
         let mut h = HnswIndex::new(metric, dim, options)?;
