@@ -24,7 +24,8 @@ use rayon::prelude::*;
 
 use crate::math::{self, MergeSource};
 use crate::{
-    Batch, ChangeBatch, Counters, Error, Memory, MemoryConfig, MemoryId, Neighbors, Result, TagFilter, Tick, Vectors,
+    Batch, ChangeBatch, Counters, Error, Memory, MemoryConfig, MemoryId, Neighbors, Result, Stats, TagFilter, Tick,
+    Vectors,
 };
 
 /// Access bookkeeping and tags of one memory (everything but key and value).
@@ -131,6 +132,48 @@ impl MemoryIndex {
     /// The configuration.
     pub fn config(&self) -> &MemoryConfig {
         &self.config
+    }
+
+    /// Counts, totals and lifetime counters of the indexed memories (what a
+    /// backend's `stats` reports).
+    pub fn stats(&self) -> Stats {
+        let mut tag_counts = BTreeMap::new();
+        let mut access_count_total = 0u64;
+        for m in &self.meta {
+            access_count_total += m.access_count;
+            for (t, c) in &m.tags {
+                *tag_counts.entry(t.clone()).or_insert(0) += c;
+            }
+        }
+        Stats {
+            len: self.len() as u64,
+            next_id: self.next_id,
+            access_count_total,
+            tag_counts,
+            counters: self.counters,
+        }
+    }
+
+    /// The memories `ids`, in the order asked, completed with their values
+    /// read from the database (a backend's `get`).
+    pub fn memories(&self, ids: &[MemoryId], values: &HashMap<MemoryId, Vec<f32>>) -> Result<Vec<Memory>> {
+        ids.iter()
+            .map(|id| {
+                let (Some(key), Some(m), Some(value)) = (self.key(*id), self.meta(*id), values.get(id)) else {
+                    return Err(Error::UnknownId(*id));
+                };
+                Ok(Memory {
+                    id: *id,
+                    key: key.to_vec(),
+                    value: value.clone(),
+                    created: m.created,
+                    last_access: m.last_access,
+                    access_count: m.access_count,
+                    crf: m.crf,
+                    tags: m.tags.clone(),
+                })
+            })
+            .collect()
     }
 
     fn lambda(&self) -> f64 {

@@ -815,23 +815,7 @@ impl MemoryStore for DuckdbStore {
         let index = self.index.read().await;
         index.check_ids(ids)?;
         let values = self.fetch_values(ids.iter().copied()).await?;
-        ids.iter()
-            .map(|id| {
-                let (Some(key), Some(m), Some(value)) = (index.key(*id), index.meta(*id), values.get(id)) else {
-                    return Err(Error::UnknownId(*id));
-                };
-                Ok(Memory {
-                    id: *id,
-                    key: key.to_vec(),
-                    value: value.clone(),
-                    created: m.created,
-                    last_access: m.last_access,
-                    access_count: m.access_count,
-                    crf: m.crf,
-                    tags: m.tags.clone(),
-                })
-            })
-            .collect()
+        index.memories(ids, &values)
     }
 
     async fn delete(&self, ids: &[MemoryId]) -> Result<usize> {
@@ -902,24 +886,7 @@ impl MemoryStore for DuckdbStore {
     }
 
     async fn stats(&self) -> Result<Stats> {
-        let index = self.index.read().await;
-        let mut tag_counts = BTreeMap::new();
-        let mut access_count_total = 0u64;
-        for &id in index.ids() {
-            if let Some(m) = index.meta(id) {
-                access_count_total += m.access_count;
-                for (t, c) in &m.tags {
-                    *tag_counts.entry(t.clone()).or_insert(0) += c;
-                }
-            }
-        }
-        Ok(Stats {
-            len: index.len() as u64,
-            next_id: index.next_id(),
-            access_count_total,
-            tag_counts,
-            counters: index.counters(),
-        })
+        Ok(self.index.read().await.stats())
     }
 
     async fn flush(&self) -> Result<()> {
