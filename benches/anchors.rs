@@ -11,6 +11,12 @@
 //!   victims), each on a store of N keys (the rows are removed again, untimed,
 //!   so N stays put).
 //!
+//! - with `--features hnsw`: the SQLite store again with the HNSW index kind
+//!   (`memstore-sqlite-hnsw`, default HNSW options), its recall@8 against the
+//!   exact store printed for the same 4096 queries; and the in-memory
+//!   reference store (a plain scalar scan, the naive baseline; batches 1 and
+//!   64 only).
+//!
 //! Sizes: `MEMSTORE_BENCH_SIZES="64x10000,64x100000,768x10000"` (dim × N;
 //! default `64x100000`). Run with `cargo bench --bench anchors` (add
 //! `--features duckdb` after `scripts/fetch-libduckdb.sh`); tables with
@@ -28,6 +34,7 @@ use common::data;
 
 const K: usize = 8;
 const WRITE: usize = 4096;
+const BATCHES: [usize; 3] = [1, 64, 4096];
 
 fn sizes() -> Vec<(usize, usize)> {
     let spec = std::env::var("MEMSTORE_BENCH_SIZES").unwrap_or_else(|_| "64x100000".into());
@@ -52,15 +59,16 @@ async fn fill(s: &dyn MemoryStore, dim: usize, n: usize) {
     }
 }
 
-/// Searches through the trait at batch 1, 64 and 4096.
+/// Searches through the trait at these batch sizes.
 fn bench_search(
     g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     rt: &tokio::runtime::Runtime,
     name: &str,
     store: Arc<dyn MemoryStore>,
     dim: usize,
+    batches: &[usize],
 ) {
-    for batch in [1usize, 64, 4096] {
+    for &batch in batches {
         let q = Arc::new(data(4, batch * dim));
         g.throughput(Throughput::Elements(batch as u64));
         g.bench_function(BenchmarkId::new(name, batch), |b| {
@@ -151,6 +159,48 @@ fn anchors(c: &mut Criterion) {
             fill(&s, dim, n).await;
             Arc::new(s)
         });
+        #[cfg(feature = "hnsw")]
+        let hnsw = rt.block_on(async {
+            let options = memstore::SqliteOptions {
+                ann: Some(Arc::new(memstore::Hnsw::new(memstore::HnswOptions::default()))),
+                sql_knn: false,
+                ..memstore::SqliteOptions::default()
+            };
+            let t = Instant::now();
+            let s = SqliteStore::open_with(dir.path().join("anchor-hnsw.db"), MemoryConfig::new(dim, dim), options)
+                .await
+                .unwrap();
+            fill(&s, dim, n).await;
+            eprintln!(
+                "memstore-sqlite-hnsw dim {dim} n {n}: filled in {:.1} s",
+                t.elapsed().as_secs_f64()
+            );
+            Arc::new(s)
+        });
+        #[cfg(feature = "hnsw")]
+        let reference = rt.block_on(async {
+            let s = memstore::InMemoryStore::new(MemoryConfig::new(dim, dim)).unwrap();
+            fill(&s, dim, n).await;
+            Arc::new(s)
+        });
+        #[cfg(feature = "hnsw")]
+        rt.block_on(async {
+            let q = data(4, 4096 * dim);
+            let exact = sqlite.search(Vectors::new(&q, dim).unwrap(), K, None).await.unwrap();
+            let approx = hnsw.search(Vectors::new(&q, dim).unwrap(), K, None).await.unwrap();
+            let mut hit = 0;
+            for i in 0..4096 {
+                let want: std::collections::HashSet<_> = exact.row_ids(i).iter().flatten().collect();
+                hit += approx
+                    .row_ids(i)
+                    .iter()
+                    .flatten()
+                    .filter(|id| want.contains(id))
+                    .count();
+            }
+            let recall = hit as f64 / (4096 * K) as f64;
+            eprintln!("memstore-sqlite-hnsw dim {dim} n {n}: recall@{K} {recall:.4} (4096 queries, vs exact)");
+        });
         let label = if n >= 1_000_000 {
             format!("{}M", n / 1_000_000)
         } else {
@@ -211,9 +261,14 @@ fn anchors(c: &mut Criterion) {
                 })
             });
         }
-        bench_search(&mut g, &rt, "memstore-sqlite", sqlite.clone(), dim);
+        bench_search(&mut g, &rt, "memstore-sqlite", sqlite.clone(), dim, &BATCHES);
         #[cfg(feature = "duckdb")]
-        bench_search(&mut g, &rt, "memstore-duckdb", duck.clone(), dim);
+        bench_search(&mut g, &rt, "memstore-duckdb", duck.clone(), dim, &BATCHES);
+        #[cfg(feature = "hnsw")]
+        bench_search(&mut g, &rt, "memstore-sqlite-hnsw", hnsw.clone(), dim, &BATCHES);
+        #[cfg(feature = "hnsw")]
+        // The naive scan answers 4096 queries in minutes: batches 1 and 64 only.
+        bench_search(&mut g, &rt, "in-memory", reference.clone(), dim, &BATCHES[..2]);
         g.finish();
 
         let mut g = c.benchmark_group(format!("anchor_write_dim{dim}_n{label}"));
@@ -221,6 +276,8 @@ fn anchors(c: &mut Criterion) {
         bench_writes(&mut g, &rt, "sqlite", sqlite.clone(), dim);
         #[cfg(feature = "duckdb")]
         bench_writes(&mut g, &rt, "duckdb", duck.clone(), dim);
+        #[cfg(feature = "hnsw")]
+        bench_writes(&mut g, &rt, "sqlite-hnsw", hnsw.clone(), dim);
         g.finish();
     }
 }

@@ -6,7 +6,9 @@
 //! reference [`InMemoryStore`]) and, behind features, the backends:
 //! `sqlite` (default) gives [`SqliteStore`]; `ipc` (default) gives
 //! [`IpcStore`], the client of the `memstored` daemon (crate `memstore-ipc`);
-//! `duckdb` gives `DuckdbStore` (crate `memstore-duckdb`, which links DuckDB).
+//! `duckdb` gives `DuckdbStore` (crate `memstore-duckdb`, which links DuckDB);
+//! `hnsw` gives `Hnsw` and `HnswOptions` (crate `memstore-index`), the
+//! approximate index kind that the SQL backends take in their options.
 
 pub use memstore_api::*;
 
@@ -17,4 +19,7 @@ pub use memstore_sqlite::{SqliteError, SqliteOptions, SqliteStore, SqliteSynchro
 pub use memstore_ipc::{ClientOptions, Endpoint, IpcError, IpcStore};
 
 #[cfg(feature = "duckdb")]
-pub use memstore_duckdb::{DuckdbError, DuckdbStore};
+pub use memstore_duckdb::{DuckdbError, DuckdbOptions, DuckdbStore};
+
+#[cfg(feature = "hnsw")]
+pub use memstore_index::{Hnsw, HnswOptions, Quantization};

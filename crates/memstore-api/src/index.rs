@@ -19,9 +19,13 @@
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::{Arc, OnceLock};
 
 use rayon::prelude::*;
 
+use crate::ann::{AnnBuilder, AnnFilter, AnnIndex, AnnOpened, AnnStatus};
 use crate::math::{self, MergeSource};
 use crate::{
     Batch, ChangeBatch, Counters, Error, Memory, MemoryConfig, MemoryId, Neighbors, Result, Stats, TagFilter, Tick,
@@ -102,6 +106,21 @@ const GEMM_MIN_QUERIES: usize = 8;
 /// Extra candidates per query before the exact re-rank.
 const GEMM_SLACK: usize = 8;
 
+/// Extra candidates per query asked of an approximate index before the
+/// exact re-rank.
+const ANN_SLACK: usize = 8;
+
+/// An approximate search structure attached to a [`MemoryIndex`].
+struct Ann {
+    builder: Arc<dyn AnnBuilder>,
+    /// `None` once disabled (see [`AnnStatus::disabled`]).
+    index: Option<Box<dyn AnnIndex>>,
+    opened: AnnOpened,
+    fallbacks: AtomicU64,
+    rebuilds: u64,
+    disabled: Option<String>,
+}
+
 /// Keys, bookkeeping and priorities of every memory of one store.
 pub struct MemoryIndex {
     config: MemoryConfig,
@@ -112,6 +131,7 @@ pub struct MemoryIndex {
     by_priority: BTreeSet<(Prio, MemoryId)>,
     next_id: MemoryId,
     counters: Counters,
+    ann: Option<Ann>,
 }
 
 impl MemoryIndex {
@@ -126,6 +146,77 @@ impl MemoryIndex {
             by_priority: BTreeSet::new(),
             next_id: 1,
             counters: Counters::default(),
+            ann: None,
+        }
+    }
+
+    /// Attaches an approximate search structure built by `builder` for the
+    /// rows loaded so far (from the file `saved` when it matches them; see
+    /// [`crate::ann`]). From now on searches ask it for candidates and
+    /// [`MemoryIndex::apply`] keeps it in step.
+    pub fn attach_ann(&mut self, builder: Arc<dyn AnnBuilder>, saved: Option<&Path>) -> Result<AnnOpened> {
+        let (index, opened) = builder.open(self.config.metric, self.config.key_dim, saved, &self.ids, &self.keys)?;
+        self.ann = Some(Ann {
+            builder,
+            index: Some(index),
+            opened: opened.clone(),
+            fallbacks: AtomicU64::new(0),
+            rebuilds: 0,
+            disabled: None,
+        });
+        Ok(opened)
+    }
+
+    /// Saves the attached approximate structure to `path` with the
+    /// fingerprint of the current rows (nothing when none is attached).
+    pub fn save_ann(&self, path: &Path) -> Result<()> {
+        match self.ann.as_ref().and_then(|a| a.index.as_ref()) {
+            Some(index) => index.save(path, &self.ids, &self.keys),
+            None => Ok(()),
+        }
+    }
+
+    /// What the approximate search is doing (`None` in exact mode).
+    pub fn ann_status(&self) -> Option<AnnStatus> {
+        self.ann.as_ref().map(|a| AnnStatus {
+            kind: a.builder.describe(),
+            opened: a.opened.clone(),
+            exact_fallbacks: a.fallbacks.load(AtomicOrdering::Relaxed),
+            rebuilds: a.rebuilds,
+            disabled: a.disabled.clone(),
+        })
+    }
+
+    /// Brings the approximate structure in step with committed changes. If
+    /// that fails, or deletions fragmented it, rebuilds it from the rows; if
+    /// the rebuild fails, drops it (searches stay correct: exact from then on).
+    fn apply_ann(&mut self, changes: &Changes) {
+        let Some(ann) = self.ann.as_mut() else { return };
+        let Some(index) = ann.index.as_mut() else { return };
+        let d = self.config.key_dim;
+        let inserted: Vec<MemoryId> = changes.inserted.iter().map(|m| m.id).collect();
+        let mut keys = Vec::with_capacity(inserted.len() * d);
+        for m in &changes.inserted {
+            keys.extend_from_slice(&m.key);
+        }
+        let failed = match index
+            .remove(&changes.removed)
+            .and_then(|()| index.add(&inserted, &keys))
+        {
+            Ok(()) if !index.needs_rebuild() => return,
+            Ok(()) => None,
+            Err(e) => Some(e),
+        };
+        ann.rebuilds += 1;
+        match ann.builder.open(self.config.metric, d, None, &self.ids, &self.keys) {
+            Ok((rebuilt, _)) => ann.index = Some(rebuilt),
+            Err(e2) => {
+                ann.index = None;
+                ann.disabled = Some(match failed {
+                    Some(e) => format!("update failed ({e}); rebuild failed ({e2})"),
+                    None => format!("rebuild failed ({e2})"),
+                });
+            }
         }
     }
 
@@ -300,6 +391,7 @@ impl MemoryIndex {
         }
         self.next_id = changes.next_id;
         self.counters = changes.counters;
+        self.apply_ann(changes);
         Ok(())
     }
 
@@ -324,9 +416,21 @@ impl MemoryIndex {
         found.unwrap_or_default()
     }
 
-    /// The exact `k` nearest memories of each query (distance, id), nearest
-    /// first, ties by id; only rows passing `filter`. Runs on all cores.
+    /// The `k` nearest memories of each query (distance, id), nearest
+    /// first, ties by id; only rows passing `filter`. Exact (on all cores)
+    /// unless an approximate structure is attached ([`crate::ann`]).
     pub fn search(&self, queries: Vectors<'_>, k: usize, filter: Option<&TagFilter>) -> Vec<Vec<(f32, MemoryId)>> {
+        if let Some(ann) = &self.ann
+            && let Some(index) = &ann.index
+            && !self.ids.is_empty()
+        {
+            return self.search_ann(index.as_ref(), &ann.fallbacks, queries, k, filter);
+        }
+        self.search_exact(queries, k, filter)
+    }
+
+    /// The exact search (see [`MemoryIndex::search`]).
+    fn search_exact(&self, queries: Vectors<'_>, k: usize, filter: Option<&TagFilter>) -> Vec<Vec<(f32, MemoryId)>> {
         let mask = self.mask(filter);
         let mask = mask.as_deref();
         let n = queries.len();
@@ -380,6 +484,67 @@ impl MemoryIndex {
                 }
                 cands.truncate(k);
                 cands
+            })
+            .collect()
+    }
+
+    /// Search through the approximate structure: `k + slack` candidates per
+    /// query, re-ranked by exact distance (ties by id); a query answered with
+    /// fewer than `min(k, matching rows)` goes to the exact scan.
+    fn search_ann(
+        &self,
+        ann: &dyn AnnIndex,
+        fallbacks: &AtomicU64,
+        queries: Vectors<'_>,
+        k: usize,
+        filter: Option<&TagFilter>,
+    ) -> Vec<Vec<(f32, MemoryId)>> {
+        let passes = |id: MemoryId| match filter {
+            None => true,
+            Some(f) => self.pos.get(&id).is_some_and(|&r| f.matches(&self.meta[r].tags)),
+        };
+        let pred: Option<AnnFilter<'_>> = filter.map(|_| &passes as AnnFilter<'_>);
+        let want = (k + ANN_SLACK).min(self.ids.len());
+        let Ok(found) = ann.search(queries.data(), want, pred) else {
+            fallbacks.fetch_add(queries.len() as u64, AtomicOrdering::Relaxed);
+            return self.search_exact(queries, k, filter);
+        };
+        if found.len() != queries.len() {
+            fallbacks.fetch_add(queries.len() as u64, AtomicOrdering::Relaxed);
+            return self.search_exact(queries, k, filter);
+        }
+        let qualifying = OnceLock::new();
+        let mask = OnceLock::new();
+        let metric = self.config.metric;
+        found
+            .into_par_iter()
+            .enumerate()
+            .map(|(i, cands)| {
+                let q = queries.row(i);
+                let mut row: Vec<(f32, MemoryId)> = cands
+                    .into_iter()
+                    .filter(|&(_, id)| passes(id))
+                    .filter_map(|(_, id)| self.key(id).map(|key| (math::distance(metric, q, key), id)))
+                    .collect();
+                row.sort_by(|a, b| math::neighbour_order(*a, *b));
+                row.dedup_by_key(|x| x.1);
+                // Ties running past the candidates: the lowest ids among the
+                // tied may be missing, so the exact scan decides.
+                let tied_at_cut = row.len() > k && row[k - 1].0 >= row[row.len() - 1].0;
+                row.truncate(k);
+                let short = tied_at_cut
+                    || row.len() < k
+                        && row.len()
+                            < *qualifying.get_or_init(|| match filter {
+                                None => self.ids.len(),
+                                Some(f) => self.meta.iter().filter(|m| f.matches(&m.tags)).count(),
+                            });
+                if short {
+                    fallbacks.fetch_add(1, AtomicOrdering::Relaxed);
+                    let mask = mask.get_or_init(|| self.mask(filter));
+                    return self.topk(q, k, mask.as_deref(), false);
+                }
+                row
             })
             .collect()
     }

@@ -15,8 +15,11 @@
 //!   every backend against (as redb does).
 //! - [`index::MemoryIndex`]: the in-process key index and write planner that
 //!   SQL backends keep beside their tables.
+//! - [`ann`]: the seam for approximate search structures (HNSW in
+//!   memstore-index) that a `MemoryIndex` keeps in step with its rows.
 //! - `testkit` (feature): the conformance suite every backend runs unchanged.
 
+pub mod ann;
 mod error;
 pub mod gemm;
 pub mod index;

@@ -17,6 +17,10 @@
 //! - **Reads**: values are fetched by id on a second connection (DuckDB's MVCC
 //!   shows it only committed data), as Arrow batches.
 //!
+//! - **Index kind**: [`DuckdbOptions::ann`] swaps the exact search for an
+//!   approximate structure (memstore-index's HNSW), kept in step the same way
+//!   and saved beside the database on close (see [`memstore_api::ann`]).
+//!
 //! One store owns a file at a time: opening takes an exclusive advisory lock on
 //! `<path>.lock` (DuckDB's own lock does not stop a second open in the same
 //! process); a second open fails with [`DuckdbError::Locked`].
@@ -34,6 +38,7 @@ use duckdb::arrow::array::{Array, ArrayRef, FixedSizeListArray, Float32Array, Fl
 use duckdb::arrow::datatypes::{DataType, Field, Schema};
 use duckdb::arrow::record_batch::RecordBatch;
 use duckdb::{Connection, params};
+use memstore_api::ann::{AnnBuilder, AnnStatus};
 use memstore_api::index::{AccessUpdate, Changes, Meta};
 use memstore_api::{
     Batch, ChangeBatch, Counters, Error, EvictionPolicy, Memory, MemoryConfig, MemoryId, MemoryStore, Metric,
@@ -124,11 +129,23 @@ struct Writer {
     tags: HashMap<String, i64>,
 }
 
+/// Options of the DuckDB backend beyond the memory configuration.
+#[derive(Clone, Debug, Default)]
+pub struct DuckdbOptions {
+    /// The index kind: `None` (default) searches exactly; an approximate
+    /// structure (e.g. memstore-index's `Hnsw`) is kept in step with the rows
+    /// and saved beside the database as `<path>.<extension>` on close
+    /// (see [`memstore_api::ann`]).
+    pub ann: Option<Arc<dyn AnnBuilder>>,
+}
+
 /// A memory store in one DuckDB file.
 pub struct DuckdbStore {
     config: MemoryConfig,
     path: PathBuf,
     index: RwLock<MemoryIndex>,
+    /// Where the approximate index is saved (`None` in exact mode).
+    ann_file: Option<PathBuf>,
     writer: Mutex<Writer>,
     reader: Mutex<Connection>,
     /// Exclusive advisory lock on `<path>.lock`, held while the store is open.
@@ -140,21 +157,31 @@ impl DuckdbStore {
     /// exist. An existing store must have the same dimensions and metric;
     /// its tunable fields (capacity, thresholds, λ) are updated to `config`.
     pub async fn open(path: impl AsRef<Path>, config: MemoryConfig) -> Result<Self> {
+        Self::open_with(path, config, DuckdbOptions::default()).await
+    }
+
+    /// [`DuckdbStore::open`] with backend options.
+    pub async fn open_with(path: impl AsRef<Path>, config: MemoryConfig, options: DuckdbOptions) -> Result<Self> {
         config.validate()?;
         let path = path.as_ref().to_path_buf();
-        blocking(move || Self::open_sync(&path, Some(config)))
+        blocking(move || Self::open_sync(&path, Some(config), options))
     }
 
     /// Opens an existing store with the configuration persisted in it.
     pub async fn open_existing(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_existing_with(path, DuckdbOptions::default()).await
+    }
+
+    /// [`DuckdbStore::open_existing`] with backend options.
+    pub async fn open_existing_with(path: impl AsRef<Path>, options: DuckdbOptions) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         if !path.exists() {
             return Err(DuckdbError::NotFound(path).into());
         }
-        blocking(move || Self::open_sync(&path, None))
+        blocking(move || Self::open_sync(&path, None, options))
     }
 
-    fn open_sync(path: &Path, config: Option<MemoryConfig>) -> Result<Self> {
+    fn open_sync(path: &Path, config: Option<MemoryConfig>, options: DuckdbOptions) -> Result<Self> {
         let lock = lock_file(path)?;
         let mut conn = Connection::open(path).map_err(db)?;
         let tx = conn.transaction().map_err(db)?;
@@ -207,7 +234,7 @@ impl DuckdbStore {
                 (c, changed)
             }
         };
-        let index = load_index(&tx, &config)?;
+        let mut index = load_index(&tx, &config)?;
         if lambda_changed {
             // The priority column depends on λ: recompute it for the new policy.
             let lambda = config.eviction.lambda();
@@ -239,10 +266,19 @@ impl DuckdbStore {
         }
         tx.commit().map_err(db)?;
         let reader = conn.try_clone().map_err(db)?;
+        let ann_file = match options.ann {
+            Some(builder) => {
+                let file = memstore_api::ann::saved_path(path, builder.as_ref());
+                index.attach_ann(builder, Some(&file))?;
+                Some(file)
+            }
+            None => None,
+        };
         Ok(DuckdbStore {
             config,
             path: path.to_path_buf(),
             index: RwLock::new(index),
+            ann_file,
             writer: Mutex::new(Writer { conn, tags }),
             reader: Mutex::new(reader),
             _lock: lock,
@@ -294,8 +330,26 @@ impl DuckdbStore {
         })
     }
 
-    /// Closes the store, checkpointing the WAL into the database file.
+    /// Saves the approximate index beside the database (`<path>.<ext>`) with
+    /// the fingerprint of the committed rows, so that the next open loads it
+    /// instead of rebuilding. Nothing to do in exact mode.
+    pub async fn save_index(&self) -> Result<()> {
+        let Some(file) = &self.ann_file else { return Ok(()) };
+        let _w = self.writer.lock().await;
+        let index = self.index.read().await;
+        blocking(|| index.save_ann(file))
+    }
+
+    /// What the approximate index is doing (`None` in exact mode).
+    pub async fn ann_status(&self) -> Option<AnnStatus> {
+        self.index.read().await.ann_status()
+    }
+
+    /// Closes the store, checkpointing the WAL into the database file, after
+    /// saving the approximate index (if any; a failed save leaves the old
+    /// file, which the next open finds stale and rebuilds from the rows).
     pub async fn close(self) -> Result<()> {
+        let _ = self.save_index().await;
         let w = self.writer.into_inner();
         let r = self.reader.into_inner();
         blocking(move || {

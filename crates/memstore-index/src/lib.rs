@@ -14,7 +14,11 @@
 //!   using HNSW graphs", 2018) through [usearch](https://github.com/unum-cloud/usearch):
 //!   configurable connectivity, expansion at insert and search time, f32, f16
 //!   or i8 storage; filtered search inside the graph walk (usearch's
-//!   `filtered_search`), deletes by `remove` with a periodic `compact`.
+//!   `filtered_search`), deletes by `remove` (usearch reuses the freed slots
+//!   for later inserts). usearch's own `compact` is never called: it
+//!   corrupted the heap here under insert/remove churn (double free at dim 4,
+//!   usearch 2.26.6); a graph with too many unreused deletions reports
+//!   [`HnswIndex::fragmented`] and its owner rebuilds it from the rows.
 //!
 //! Distances follow [`memstore_api::Metric`] everywhere: `L2` is Euclidean
 //! (usearch's squared L2 is square-rooted), `Cosine` is `1 − cos`,
@@ -32,6 +36,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use memstore_api::ann::{AnnBuilder, AnnFilter, AnnIndex, AnnOpened};
 use memstore_api::{MemoryId, Metric, gemm, math};
 use rayon::prelude::*;
 
@@ -303,8 +308,9 @@ pub struct HnswOptions {
     pub expansion_search: usize,
     /// Vector storage.
     pub quantization: Quantization,
-    /// Compact the graph once this share of its slots are deleted.
-    pub compact_after: f32,
+    /// Rebuild the graph from the rows once this share of its slots hold
+    /// deleted, not yet reused entries ([`HnswIndex::fragmented`]).
+    pub rebuild_after: f32,
 }
 
 impl Default for HnswOptions {
@@ -316,7 +322,7 @@ impl Default for HnswOptions {
             expansion_add: 128,
             expansion_search: 256,
             quantization: Quantization::F32,
-            compact_after: 0.25,
+            rebuild_after: 0.25,
         }
     }
 }
@@ -328,10 +334,10 @@ impl HnswOptions {
                 "connectivity ≥ 2 and expansions ≥ 1 required, got {self:?}"
             )));
         }
-        if !(self.compact_after > 0.0 && self.compact_after <= 1.0) {
+        if !(self.rebuild_after > 0.0 && self.rebuild_after <= 1.0) {
             return Err(IndexError::InvalidOptions(format!(
-                "compact_after must be in (0, 1], got {}",
-                self.compact_after
+                "rebuild_after must be in (0, 1], got {}",
+                self.rebuild_after
             )));
         }
         Ok(())
@@ -373,7 +379,7 @@ pub enum Opened {
     Rebuilt(String),
 }
 
-const MAGIC: &[u8; 8] = b"MSHNSW01";
+const MAGIC: &[u8; 8] = b"MSHNSW02";
 
 impl HnswIndex {
     /// An empty index.
@@ -425,6 +431,19 @@ impl HnswIndex {
         self.index.change_expansion_search(ef.max(1));
     }
 
+    /// Deleted entries whose slots no insert has reused yet.
+    pub fn tombstones(&self) -> usize {
+        self.deleted
+    }
+
+    /// Whether deleted, unreused entries fill at least `rebuild_after` of the
+    /// graph's slots (they still route searches and cost memory): time to
+    /// rebuild from the rows.
+    pub fn fragmented(&self) -> bool {
+        let slots = self.index.size() + self.deleted;
+        self.deleted > 0 && self.deleted as f32 >= self.options.rebuild_after * slots as f32
+    }
+
     /// The usearch index underneath, for read-only use (the benchmarks call
     /// it directly as the raw anchor of this wrapper's overhead).
     pub fn raw(&self) -> &usearch::Index {
@@ -464,7 +483,9 @@ impl HnswIndex {
         out.extend_from_slice(&graph);
         let sum = fnv(&out);
         out.extend_from_slice(&sum.to_le_bytes());
-        let tmp = path.with_extension("tmp");
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
         {
             let mut f = std::fs::File::create(&tmp).map_err(io)?;
             f.write_all(&out).map_err(io)?;
@@ -557,22 +578,26 @@ impl HnswIndex {
     }
 }
 
-/// A 64-bit hash of the rows (ids and key bits, in the order given).
+/// A 64-bit hash of the rows: every `(id, key bits)` pair hashed on its own
+/// and the hashes summed, so the order of the rows does not matter (a store
+/// keeps them in storage order, which deletes permute).
 pub fn fingerprint(ids: &[MemoryId], keys: &[f32]) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    let mut eat = |x: u64| {
-        h ^= x;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        h ^= h >> 29;
-    };
-    eat(ids.len() as u64);
-    for &id in ids {
+    let dim = keys.len().checked_div(ids.len()).unwrap_or(0);
+    let mut sum = (ids.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for (i, &id) in ids.iter().enumerate() {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        let mut eat = |x: u64| {
+            h ^= x;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            h ^= h >> 29;
+        };
         eat(id);
+        for &k in &keys[i * dim..(i + 1) * dim] {
+            eat(u64::from(k.to_bits()));
+        }
+        sum = sum.wrapping_add(h.wrapping_mul(0xff51_afd7_ed55_8ccd) ^ (h >> 33));
     }
-    for &k in keys {
-        eat(u64::from(k.to_bits()));
-    }
-    h
+    sum
 }
 
 fn fnv(b: &[u8]) -> u64 {
@@ -612,6 +637,8 @@ impl KeyIndex for HnswIndex {
         ids.par_iter()
             .enumerate()
             .try_for_each(|(i, &id)| self.index.add(id, &keys[i * d..(i + 1) * d]).map_err(us))?;
+        // Inserts take freed slots first.
+        self.deleted = self.deleted.saturating_sub(ids.len());
         Ok(())
     }
 
@@ -623,11 +650,6 @@ impl KeyIndex for HnswIndex {
             }
         }
         self.deleted += n;
-        let slots = self.index.size() + self.deleted;
-        if self.deleted > 0 && self.deleted as f32 >= self.options.compact_after * slots as f32 {
-            self.index.compact().map_err(us)?;
-            self.deleted = 0;
-        }
         Ok(n)
     }
 
@@ -656,5 +678,86 @@ impl KeyIndex for HnswIndex {
                 Ok(row)
             })
             .collect()
+    }
+}
+
+impl From<Opened> for AnnOpened {
+    fn from(o: Opened) -> Self {
+        match o {
+            Opened::Loaded => AnnOpened::Loaded,
+            Opened::Built => AnnOpened::Built,
+            Opened::Rebuilt(why) => AnnOpened::Rebuilt(why),
+        }
+    }
+}
+
+/// An [`HnswIndex`] seen as a `MemoryIndex`'s approximate structure (a
+/// wrapper, so that the two traits' methods never clash on `HnswIndex`).
+struct HnswAnn(HnswIndex);
+
+impl AnnIndex for HnswAnn {
+    fn add(&mut self, ids: &[MemoryId], keys: &[f32]) -> memstore_api::Result<()> {
+        Ok(self.0.add(ids, keys)?)
+    }
+    fn remove(&mut self, ids: &[MemoryId]) -> memstore_api::Result<()> {
+        self.0.remove(ids)?;
+        Ok(())
+    }
+    fn search(
+        &self,
+        queries: &[f32],
+        k: usize,
+        filter: Option<AnnFilter<'_>>,
+    ) -> memstore_api::Result<Vec<Vec<(f32, MemoryId)>>> {
+        Ok(self.0.search(queries, k, filter)?)
+    }
+    fn save(&self, path: &Path, ids: &[MemoryId], keys: &[f32]) -> memstore_api::Result<()> {
+        Ok(self.0.save(path, ids, keys)?)
+    }
+    fn needs_rebuild(&self) -> bool {
+        self.0.fragmented()
+    }
+}
+
+/// The HNSW index kind for the SQL backends' `MemoryIndex` (an
+/// [`AnnBuilder`]): pass `Arc::new(Hnsw::new(options))` in the backend's
+/// options. The graph is saved beside the database as `<db>.hnsw`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Hnsw {
+    /// The graph's parameters.
+    pub options: HnswOptions,
+}
+
+impl Hnsw {
+    /// An HNSW kind with these parameters.
+    pub fn new(options: HnswOptions) -> Self {
+        Hnsw { options }
+    }
+}
+
+impl AnnBuilder for Hnsw {
+    fn describe(&self) -> String {
+        let o = &self.options;
+        format!(
+            "hnsw (usearch; M {}, ef_add {}, ef {}, {:?})",
+            o.connectivity, o.expansion_add, o.expansion_search, o.quantization
+        )
+    }
+    fn extension(&self) -> &str {
+        "hnsw"
+    }
+    fn open(
+        &self,
+        metric: Metric,
+        dim: usize,
+        saved: Option<&Path>,
+        ids: &[MemoryId],
+        keys: &[f32],
+    ) -> memstore_api::Result<(Box<dyn AnnIndex>, AnnOpened)> {
+        let (index, opened) = match saved {
+            Some(path) => HnswIndex::open_or_build(path, metric, dim, self.options, ids, keys)?,
+            None => (HnswIndex::build(metric, dim, self.options, ids, keys)?, Opened::Built),
+        };
+        Ok((Box::new(HnswAnn(index)), opened.into()))
     }
 }

@@ -21,6 +21,10 @@
 //!   search sees a deleted id or misses a committed one. Values are read from
 //!   the database by id.
 //!
+//! - **Index kind.** [`SqliteOptions::ann`] swaps the exact search for an
+//!   approximate structure (memstore-index's HNSW), kept in step the same way
+//!   and saved beside the database on close (see [`memstore_api::ann`]).
+//!
 //! One store owns a file at a time (the index is per process): opening takes an
 //! exclusive advisory lock on `<path>.lock` and a second open fails with
 //! [`SqliteError::Locked`]. To share a store between processes, serve it with
@@ -29,10 +33,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Once;
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use memstore_api::ann::{AnnBuilder, AnnStatus};
 use memstore_api::index::{Changes, Meta};
 use memstore_api::{
     Batch, ChangeBatch, Counters, Error, EvictionPolicy, Memory, MemoryConfig, MemoryId, MemoryStore, Metric,
@@ -87,6 +92,11 @@ pub struct SqliteOptions {
     pub sql_knn: bool,
     /// Connections in the pool (one writes at a time; the others read values).
     pub max_connections: u32,
+    /// The index kind: `None` (default) searches exactly; an approximate
+    /// structure (e.g. memstore-index's `Hnsw`) is kept in step with the rows
+    /// and saved beside the database as `<path>.<extension>` on close
+    /// (see [`memstore_api::ann`]).
+    pub ann: Option<Arc<dyn AnnBuilder>>,
 }
 
 impl Default for SqliteOptions {
@@ -95,6 +105,7 @@ impl Default for SqliteOptions {
             synchronous: SqliteSynchronous::Full,
             sql_knn: true,
             max_connections: 4,
+            ann: None,
         }
     }
 }
@@ -127,6 +138,8 @@ pub struct SqliteStore {
     path: PathBuf,
     sql_knn: bool,
     index: RwLock<MemoryIndex>,
+    /// Where the approximate index is saved (`None` in exact mode).
+    ann_file: Option<PathBuf>,
     writer: Mutex<HashMap<String, i64>>,
     /// Exclusive advisory lock on `<path>.lock`, held while the store is open
     /// (the kernel releases it if the process dies).
@@ -205,7 +218,16 @@ impl SqliteStore {
         if !path.exists() {
             return Err(SqliteError::NotFound(path.to_path_buf()).into());
         }
-        Self::open_inner(path, None, SqliteOptions::default()).await
+        Self::open_existing_with(path, SqliteOptions::default()).await
+    }
+
+    /// [`SqliteStore::open_existing`] with backend options.
+    pub async fn open_existing_with(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self> {
+        let path = path.as_ref();
+        if !path.exists() {
+            return Err(SqliteError::NotFound(path.to_path_buf()).into());
+        }
+        Self::open_inner(path, None, options).await
     }
 
     async fn open_inner(path: &Path, config: Option<MemoryConfig>, options: SqliteOptions) -> Result<Self> {
@@ -286,7 +308,7 @@ impl SqliteStore {
                 (c, knn, changed)
             }
         };
-        let index = load_index(&mut tx, &config).await?;
+        let mut index = load_index(&mut tx, &config).await?;
         if lambda_changed {
             // The priority column depends on λ: recompute it for the new policy.
             let lambda = config.eviction.lambda();
@@ -313,12 +335,21 @@ impl SqliteStore {
             );
         }
         tx.commit().await.map_err(sql)?;
+        let ann_file = match options.ann {
+            Some(builder) => {
+                let file = memstore_api::ann::saved_path(path, builder.as_ref());
+                cpu(|| index.attach_ann(builder, Some(&file)))?;
+                Some(file)
+            }
+            None => None,
+        };
         Ok(SqliteStore {
             pool,
             config,
             path: path.to_path_buf(),
             sql_knn,
             index: RwLock::new(index),
+            ann_file,
             writer: Mutex::new(tag_ids),
             _lock: lock,
         })
@@ -361,9 +392,27 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Closes the connection pool, checkpointing the WAL.
+    /// Closes the connection pool, checkpointing the WAL, after saving the
+    /// approximate index (if any; a save that fails leaves the old file, which
+    /// the next open finds stale and rebuilds from the rows).
     pub async fn close(self) {
+        let _ = self.save_index().await;
         self.pool.close().await;
+    }
+
+    /// Saves the approximate index beside the database (`<path>.<ext>`) with
+    /// the fingerprint of the committed rows, so that the next open loads it
+    /// instead of rebuilding. Nothing to do in exact mode.
+    pub async fn save_index(&self) -> Result<()> {
+        let Some(file) = &self.ann_file else { return Ok(()) };
+        let _w = self.writer.lock().await;
+        let index = self.index.read().await;
+        cpu(|| index.save_ann(file))
+    }
+
+    /// What the approximate index is doing (`None` in exact mode).
+    pub async fn ann_status(&self) -> Option<AnnStatus> {
+        self.index.read().await.ann_status()
     }
 
     /// Values of `ids` (deduplicated), read from the committed state.

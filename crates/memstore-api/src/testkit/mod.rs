@@ -81,8 +81,40 @@ impl Harness for InMemoryHarness {
 
 /// Expands to one `#[tokio::test]` per conformance case, each calling the
 /// case with a closure that makes a fresh harness from `$make`.
+///
+/// `conformance_suite!(approximate: $make)` is the same suite for a store
+/// whose search is approximate by design (an HNSW index kind): the cases that
+/// demand the exact top-k of random data are replaced by cases that measure
+/// recall against brute force and check everything an approximate answer
+/// must still get right (exact distances for what it returns, order, no
+/// duplicates or deleted ids, filters, k results whenever k match). Every
+/// other case runs unchanged.
 #[macro_export]
 macro_rules! conformance_suite {
+    (approximate: $make:expr) => {
+        $crate::__conformance_common!($make);
+        $crate::__conformance_cases!($make;
+            search_approximate_recall,
+            search_approximate_ties_and_filters,
+        );
+    };
+    ($make:expr) => {
+        $crate::__conformance_common!($make);
+        $crate::__conformance_cases!($make;
+            search_l2_matches_brute_force,
+            search_cosine_matches_brute_force,
+            search_inner_product_matches_brute_force,
+            search_large_batch_matches_brute_force,
+            search_large_store_single_query,
+            search_large_batch_with_ties_and_filters,
+        );
+    };
+}
+
+/// The cases that every store runs, exact or approximate.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_common {
     ($make:expr) => {
         $crate::__conformance_cases!($make;
             config_is_kept,
@@ -102,9 +134,6 @@ macro_rules! conformance_suite {
             insert_rejects_non_finite,
             insert_rejects_bad_tag_count,
             rejected_batches_change_nothing,
-            search_l2_matches_brute_force,
-            search_cosine_matches_brute_force,
-            search_inner_product_matches_brute_force,
             search_pads_missing_slots,
             search_empty_store,
             search_rejects_k_zero,
@@ -115,9 +144,6 @@ macro_rules! conformance_suite {
             search_filter_unknown_tag_is_empty,
             search_does_not_touch,
             search_breaks_ties_by_id,
-            search_large_batch_matches_brute_force,
-            search_large_store_single_query,
-            search_large_batch_with_ties_and_filters,
             delete_removes_memories,
             delete_unknown_id_changes_nothing,
             update_values_adds_deltas,
