@@ -116,12 +116,24 @@ fn lock_file(path: &Path) -> Result<std::fs::File> {
         .write(true)
         .open(&lock_path)
         .map_err(|e| DuckdbError::LockFile(lock_path.clone(), e))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(DuckdbError::Locked(path.to_path_buf()).into()),
-        Err(std::fs::TryLockError::Error(e)) => Err(DuckdbError::LockFile(lock_path, e).into()),
+    // A lock just released can still be held for a moment by a child
+    // process forked between our open and its exec (the descriptor is shared
+    // until exec closes it): retry briefly before calling the file locked.
+    let deadline = std::time::Instant::now() + LOCK_GRACE;
+    loop {
+        match f.try_lock() {
+            Ok(()) => return Ok(f),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(std::fs::TryLockError::WouldBlock) => return Err(DuckdbError::Locked(path.to_path_buf()).into()),
+            Err(std::fs::TryLockError::Error(e)) => return Err(DuckdbError::LockFile(lock_path, e).into()),
+        }
     }
 }
+
+/// How long an open waits for a lock held by someone else before failing.
+const LOCK_GRACE: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// The writer's connection and the tag-name → id map it keeps in sync.
 struct Writer {

@@ -157,12 +157,24 @@ fn lock_file(path: &Path) -> Result<std::fs::File> {
         .write(true)
         .open(&lock_path)
         .map_err(|e| SqliteError::LockFile(lock_path.clone(), e))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(SqliteError::Locked(path.to_path_buf()).into()),
-        Err(std::fs::TryLockError::Error(e)) => Err(SqliteError::LockFile(lock_path, e).into()),
+    // A lock just released can still be held for a moment by a child
+    // process forked between our open and its exec (the descriptor is shared
+    // until exec closes it): retry briefly before calling the file locked.
+    let deadline = std::time::Instant::now() + LOCK_GRACE;
+    loop {
+        match f.try_lock() {
+            Ok(()) => return Ok(f),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(std::fs::TryLockError::WouldBlock) => return Err(SqliteError::Locked(path.to_path_buf()).into()),
+            Err(std::fs::TryLockError::Error(e)) => return Err(SqliteError::LockFile(lock_path, e).into()),
+        }
     }
 }
+
+/// How long an open waits for a lock held by someone else before failing.
+const LOCK_GRACE: std::time::Duration = std::time::Duration::from_millis(300);
 
 fn f32_blob(v: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(v.len() * 4);
