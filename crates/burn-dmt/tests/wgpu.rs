@@ -1,19 +1,37 @@
-//! The wgpu backend reproduces `transformers` too (built with `--features wgpu`;
-//! needs a Vulkan/Metal/DX12 adapter — CI installs Mesa's lavapipe, a CPU
-//! Vulkan driver, so this runs without a GPU).
+//! The wgpu backend reproduces `transformers` too (built with the `wgpu`
+//! feature, which the root package turns on by default; needs a
+//! Vulkan/Metal/DX12 adapter — CI installs Mesa's lavapipe, a CPU Vulkan
+//! driver, so this runs without a GPU).
+//!
+//! On a machine with no adapter at all these tests say so and stop, unless
+//! `MEMSTORE_REQUIRE_WGPU=1` (CI sets it: there a missing adapter fails them),
+//! so that `cargo test --workspace` works on any fresh machine.
 
 #![cfg(feature = "wgpu")]
 
 mod common;
 
 use burn_dmt::Gpt2;
-use burn_dmt::device::{DeviceChoice, select};
+use burn_dmt::device::{DeviceChoice, Selected, select};
 use burn_dmt::generate::{Sampling, generate};
 use common::*;
 
+/// The wgpu adapter, or `None` (with a message) where there is none and
+/// `MEMSTORE_REQUIRE_WGPU` is unset.
+fn adapter() -> Option<Selected> {
+    match select(DeviceChoice::Wgpu) {
+        Ok(s) => Some(s),
+        Err(e) if std::env::var_os("MEMSTORE_REQUIRE_WGPU").is_none() => {
+            eprintln!("NOT RUN: {e} (set MEMSTORE_REQUIRE_WGPU=1 to make this a failure)");
+            None
+        }
+        Err(e) => panic!("a wgpu adapter is required here: {e}"),
+    }
+}
+
 #[test]
 fn wgpu_matches_transformers_on_both_layouts() {
-    let selected = select(DeviceChoice::Wgpu).expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
+    let Some(selected) = adapter() else { return };
     eprintln!("device: {}", selected.description);
     for dir in ["tiny-gpt2", "tiny-gpt2-legacy"] {
         let model = Gpt2::from_pretrained(fixture(dir), &selected.device).unwrap();
@@ -36,7 +54,7 @@ fn wgpu_matches_transformers_on_both_layouts() {
 
 #[test]
 fn auto_prefers_a_real_gpu_and_limits_are_known() {
-    let wgpu = select(DeviceChoice::Wgpu).expect("a wgpu adapter");
+    let Some(wgpu) = adapter() else { return };
     let auto = select(DeviceChoice::Auto).unwrap();
     eprintln!("wgpu: {} / auto: {}", wgpu.description, auto.description);
     if wgpu.description.ends_with("Cpu)") {
