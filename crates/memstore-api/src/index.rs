@@ -28,8 +28,8 @@ use rayon::prelude::*;
 use crate::ann::{AnnBuilder, AnnFilter, AnnIndex, AnnOpened, AnnStatus};
 use crate::math::{self, MergeSource};
 use crate::{
-    Batch, ChangeBatch, Counters, Error, Memory, MemoryConfig, MemoryId, Neighbors, Result, Stats, TagFilter, Tick,
-    Vectors,
+    Batch, ChangeBatch, Counters, Error, Memory, MemoryConfig, MemoryId, Metric, Neighbors, Result, Stats, TagFilter,
+    Tick, Vectors,
 };
 
 /// Access bookkeeping and tags of one memory (everything but key and value).
@@ -715,7 +715,11 @@ impl MemoryIndex {
         let pre = self.search(batch.keys, k0, None);
         let mut ov = Overlay::new(self);
         let mut found_rows = Vec::with_capacity(batch.len());
+        let mut in_batch = InBatchScan::default();
         for (i, pre_row) in pre.into_iter().enumerate() {
+            if i % LEARN_BLOCK == 0 {
+                in_batch.prepare(&ov, cfg, batch.keys, i, k0);
+            }
             let key = batch.keys.row(i);
             // Nearest among stored memories still present. The survivors of the
             // pre-batch top-k0 are exact while at least k remain (anything not in
@@ -735,9 +739,7 @@ impl MemoryIndex {
                     .collect();
             }
             // Nearest among memories created earlier in this batch.
-            for c in ov.created.iter().filter(|c| c.alive) {
-                found.push((math::distance(cfg.metric, key, &c.key), c.id));
-            }
+            found.extend(in_batch.nearest(&ov, cfg.metric, key, i, k));
             // Select before sorting: a large batch creates thousands of
             // memories, and sorting all of them per row dominated `learn`.
             if found.len() > k {
@@ -808,6 +810,93 @@ impl MemoryIndex {
     }
 }
 
+/// Rows of a `learn` batch per block of [`InBatchScan`].
+const LEARN_BLOCK: usize = 512;
+
+/// The nearest memories created earlier in the same `learn` batch, for each
+/// row: row `i` must see what rows `< i` created (the batch is applied row by
+/// row), which a scalar scan makes O(n²) distance computations per batch.
+/// Instead, at the start of each block of [`LEARN_BLOCK`] rows, one blocked
+/// SGEMM ([`crate::gemm::topk`]) ranks the block's rows against every
+/// memory created before the block (`k + slack` candidates each, exact
+/// distances); within the block only the memories the block itself creates
+/// are scanned. A candidate merged away since the block began is skipped;
+/// when fewer than `k` survive, or the `k`-th is within rounding of the last
+/// candidate, the row falls back to the exact scan, so results are those of
+/// the scalar scan (the same rule as [`MemoryIndex::search`]).
+#[derive(Default)]
+struct InBatchScan {
+    /// First batch row of the current block.
+    start: usize,
+    /// Memories (indices into the overlay's `created`) the block's product covered.
+    upto: usize,
+    /// Candidates per row.
+    want: usize,
+    dist: Vec<f32>,
+    idx: Vec<u32>,
+}
+
+impl InBatchScan {
+    /// Ranks rows `start..start + LEARN_BLOCK` of `keys` against the memories created so far.
+    fn prepare(&mut self, ov: &Overlay<'_>, cfg: &MemoryConfig, keys: Vectors<'_>, start: usize, want: usize) {
+        self.start = start;
+        self.upto = 0;
+        let created = ov.created.len();
+        if created == 0 {
+            return;
+        }
+        let dim = cfg.key_dim;
+        let end = (start + LEARN_BLOCK).min(keys.len());
+        let mask: Vec<bool> = ov.created.iter().map(|c| c.alive).collect();
+        let rows = &keys.data()[start * dim..end * dim];
+        // Shapes are the overlay's own and `want` > 0: this cannot fail; if
+        // it did, `upto` = 0 leaves every row to the scalar scan.
+        if let Ok((dist, idx)) = crate::gemm::topk(cfg.metric, rows, &ov.created_keys, dim, want, Some(&mask)) {
+            (self.dist, self.idx, self.want, self.upto) = (dist, idx, want, created);
+        }
+    }
+
+    /// Row `row`'s `k` nearest live memories created earlier in the batch
+    /// (fewer when fewer exist), exact distances, in no particular order.
+    fn nearest(&self, ov: &Overlay<'_>, metric: Metric, key: &[f32], row: usize, k: usize) -> Vec<(f32, MemoryId)> {
+        let mut out: Vec<(f32, MemoryId)> = Vec::new();
+        if self.upto > 0 {
+            let r = row - self.start;
+            let cands: Vec<(f32, usize)> = (r * self.want..(r + 1) * self.want)
+                .filter(|&j| self.idx[j] != u32::MAX)
+                .map(|j| (self.dist[j], self.idx[j] as usize))
+                .collect();
+            out = cands
+                .iter()
+                .filter(|(_, c)| ov.created[*c].alive)
+                .map(|&(d, c)| (d, ov.created[c].id))
+                .collect();
+            out.sort_by(|a, b| math::neighbour_order(*a, *b));
+            // Fewer candidates than asked: the product returned every memory
+            // alive at the block's start, so the survivors are all there is.
+            let all = cands.len() < self.want;
+            let exact = all
+                || (out.len() >= k && {
+                    let (kth, last) = (out[k - 1].0, cands[cands.len() - 1].0);
+                    kth < last - (1e-4 * last.abs() + 1e-6)
+                });
+            if exact {
+                out.truncate(k);
+            } else {
+                out = ov.created[..self.upto]
+                    .iter()
+                    .filter(|c| c.alive)
+                    .map(|c| (math::distance(metric, key, &c.key), c.id))
+                    .collect();
+            }
+        }
+        for c in ov.created[self.upto..].iter().filter(|c| c.alive) {
+            out.push((math::distance(metric, key, &c.key), c.id));
+        }
+        out
+    }
+}
+
 /// How a new memory's value is obtained once stored values are at hand.
 enum ValueExpr {
     /// Row `i` of the batch's values.
@@ -830,6 +919,8 @@ struct Overlay<'a> {
     removed: HashSet<MemoryId>,
     accessed: HashMap<MemoryId, (Tick, u64, f64)>,
     created: Vec<Created>,
+    /// The keys of `created`, row after row (for the in-batch product).
+    created_keys: Vec<f32>,
     created_pos: HashMap<MemoryId, usize>,
     next_id: MemoryId,
     counters: Counters,
@@ -842,6 +933,7 @@ impl<'a> Overlay<'a> {
             removed: HashSet::new(),
             accessed: HashMap::new(),
             created: Vec::new(),
+            created_keys: Vec::new(),
             created_pos: HashMap::new(),
             next_id: base.next_id,
             counters: base.counters,
@@ -852,6 +944,7 @@ impl<'a> Overlay<'a> {
         let id = self.next_id;
         self.next_id += 1;
         self.created_pos.insert(id, self.created.len());
+        self.created_keys.extend_from_slice(&key);
         self.created.push(Created {
             id,
             key,

@@ -856,6 +856,42 @@ pub async fn learn_matches_reference_on_clusters<H: Harness>(make: Make<'_, H>) 
     );
 }
 
+/// Batches larger than the block of `learn`'s in-batch matrix product (512
+/// rows): every row sees the memories that earlier rows of the batch created
+/// or merged away, exactly as the reference model applies the batch row by
+/// row: neighbours, merges and the final state agree, with exact duplicates
+/// of earlier rows (merges of memories created blocks before, ties) included.
+pub async fn learn_large_batches_match_reference<H: Harness>(make: Make<'_, H>) {
+    let c = lambda_cfg(4, 2, 0.3).with_thresholds(0.02, 0.25).with_capacity(1500);
+    let (_h, s) = fresh(make, c.clone()).await;
+    let r = InMemoryStore::new(c).unwrap();
+    let mut rng = Rng::new(1234);
+    let centres: Vec<f32> = rng.vecs(400, 4).iter().map(|x| x * 4.0).collect();
+    let n = 1300;
+    for step in 0..3u64 {
+        let mut keys = clustered(&mut rng, n, &centres, 4, 0.2);
+        for i in (600..n).step_by(5) {
+            let j = rng.below(i as u64) as usize;
+            let row: Vec<f32> = keys[j * 4..(j + 1) * 4].to_vec();
+            keys[i * 4..(i + 1) * 4].copy_from_slice(&row);
+        }
+        let vals = rng.vecs(n, 2);
+        let b = Batch::new(v(&keys, 4), v(&vals, 2));
+        let got = s.learn(b, step, 5).await.unwrap();
+        let want = r.learn(b, step, 5).await.unwrap();
+        assert_eq!(got, want, "neighbours differ at step {step}");
+    }
+    let (got, gst) = dump(&s).await;
+    let (want, wst) = dump(&r).await;
+    assert_eq!(gst, wst);
+    assert_eq!(got, want);
+    let c = wst.counters;
+    assert!(
+        c.merged > 150 && c.inserted > 1000 && c.evicted > 100,
+        "the scenario must exercise every path: {c:?}"
+    );
+}
+
 /// λ = 1 evicts the least recently used.
 pub async fn evict_lru_order<H: Harness>(make: Make<'_, H>) {
     let (_h, s) = fresh(make, lambda_cfg(1, 1, 1.0)).await;
