@@ -40,9 +40,10 @@ struct Args {
     #[arg(long, default_value = "runs/distill")]
     run_dir: PathBuf,
     /// Where the memory layers' stores live: sqlite[:DIR] (SQLite files DIR/block{i}.db; default DIR is
-    /// RUN_DIR/memory), duckdb[:DIR] (DuckDB files; needs a build with --features duckdb) or ipc:DIR (memstored
-    /// daemons listening at DIR/block{i}.sock, one per memory layer, shared with other processes). Recorded in
-    /// the run directory: --resume and --eval-only use the same stores.
+    /// RUN_DIR/memory), duckdb[:DIR] (DuckDB files; needs a build with --features duckdb) or ipc:SOCKET (one
+    /// memstored serving named stores, started with `memstored --stores DIR`, socket DIR/memstored.sock: layer i
+    /// uses its store block{i}, shared with other processes). Recorded in the run directory: --resume and
+    /// --eval-only use the same stores.
     #[arg(long, default_value = "sqlite")]
     store: burn_dmt::storage::StoreLocation,
     /// Device: auto (a wgpu GPU when the build has burn-dmt's `wgpu` feature and an adapter answers, else the

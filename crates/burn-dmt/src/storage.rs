@@ -3,10 +3,11 @@
 //!
 //! - `sqlite[:DIR]`: SQLite files `DIR/block{i}.db` (default `DIR` = `RUN_DIR/memory`).
 //! - `duckdb[:DIR]`: DuckDB files `DIR/block{i}.duckdb` (burn-dmt feature `duckdb`).
-//! - `ipc:DIR`: `memstored` daemons listening at `DIR/block{i}.sock`, one per
-//!   memory layer, started beforehand (`memstored --db DIR/block0.db --socket
-//!   DIR/block0.sock`): the memory is shared with other processes. The first
-//!   connection creates each daemon's store with the layer's configuration.
+//! - `ipc:SOCKET`: a `memstored` serving named stores, started beforehand
+//!   (`memstored --stores DIR`, whose socket is `DIR/memstored.sock`): block
+//!   `i` uses its store `block{i}` (`DIR/block{i}.db`), so one socket serves
+//!   every memory layer and the memory is shared with other processes. The
+//!   first connection creates each store with the layer's configuration.
 //!
 //! Checkpoints copy each store (`backup_to`: SQLite `VACUUM INTO`, DuckDB
 //! `COPY FROM DATABASE`, or the daemon's own copy); `--resume` puts the copies
@@ -18,7 +19,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use memstore_api::{MemoryConfig, MemoryStore};
-use memstore_ipc::{Endpoint, IpcStore};
+use memstore_ipc::{ClientOptions, Endpoint, IpcStore};
 use memstore_sqlite::SqliteStore;
 
 use crate::{DmtError, Result, io_error};
@@ -30,7 +31,7 @@ pub enum StoreLocation {
     Sqlite(Option<PathBuf>),
     /// DuckDB files in a directory (`None`: the run directory's `memory/`).
     Duckdb(Option<PathBuf>),
-    /// `memstored` sockets in a directory.
+    /// The socket of a `memstored` serving named stores (`--stores DIR`).
     Ipc(PathBuf),
 }
 
@@ -62,10 +63,11 @@ impl FromStr for StoreLocation {
             ("duckdb", d) => Ok(StoreLocation::Duckdb(d)),
             ("ipc", Some(d)) => Ok(StoreLocation::Ipc(d)),
             ("ipc", None) => Err(DmtError::InvalidArgument(
-                "--store ipc:DIR needs the directory of the daemons' sockets (DIR/block{i}.sock)".into(),
+                "--store ipc:SOCKET needs the socket of a memstored serving named stores (memstored --stores DIR)"
+                    .into(),
             )),
             _ => Err(DmtError::InvalidArgument(format!(
-                "--store {s}: expected sqlite[:DIR], duckdb[:DIR] or ipc:DIR"
+                "--store {s}: expected sqlite[:DIR], duckdb[:DIR] or ipc:SOCKET"
             ))),
         }
     }
@@ -86,20 +88,29 @@ impl fmt::Display for StoreLocation {
 }
 
 impl StoreLocation {
-    /// The directory that holds the stores (or the daemons' sockets).
+    /// The directory that holds the stores (for a daemon, its socket's
+    /// directory: `memstored --stores DIR` puts its socket in `DIR`).
     pub fn dir(&self, run_dir: &Path) -> PathBuf {
         match self {
-            StoreLocation::Sqlite(Some(d)) | StoreLocation::Duckdb(Some(d)) | StoreLocation::Ipc(d) => d.clone(),
+            StoreLocation::Sqlite(Some(d)) | StoreLocation::Duckdb(Some(d)) => d.clone(),
+            StoreLocation::Ipc(socket) => match socket.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            },
             StoreLocation::Sqlite(None) | StoreLocation::Duckdb(None) => run_dir.join("memory"),
         }
     }
 
-    /// The file name of block `i`'s store (or socket).
+    /// The name of block `i`'s store (a daemon's named store).
+    pub fn store_name(block: usize) -> String {
+        format!("block{block}")
+    }
+
+    /// The file name of block `i`'s store.
     fn name(&self, block: usize) -> String {
         match self {
-            StoreLocation::Sqlite(_) => format!("block{block}.db"),
             StoreLocation::Duckdb(_) => format!("block{block}.duckdb"),
-            StoreLocation::Ipc(_) => format!("block{block}.sock"),
+            _ => format!("block{block}.db"),
         }
     }
 
@@ -117,10 +128,6 @@ impl StoreLocation {
             StoreLocation::Duckdb(_) => format!("block{block}.duckdb"),
             _ => format!("block{block}.db"),
         }
-    }
-
-    fn endpoint(&self, run_dir: &Path, block: usize) -> Endpoint {
-        Endpoint::Unix(self.dir(run_dir).join(self.name(block)))
     }
 
     /// Opens block `i`'s store, creating it with `config` if absent.
@@ -148,19 +155,23 @@ impl StoreLocation {
     }
 
     async fn connect(&self, run_dir: &Path, block: usize, config: Option<MemoryConfig>) -> Result<LayerStore> {
-        let ep = self.endpoint(run_dir, block);
-        match IpcStore::connect(&ep, config).await {
+        let StoreLocation::Ipc(socket) = self else {
+            return Err(DmtError::InvalidArgument(format!("{self} is not a daemon")));
+        };
+        let name = Self::store_name(block);
+        let options = ClientOptions {
+            store: Some(name.clone()),
+            ..ClientOptions::default()
+        };
+        match IpcStore::connect_with(&Endpoint::Unix(socket.clone()), config, options).await {
             Ok(s) => Ok(LayerStore::Ipc(Arc::new(s))),
-            Err(e) => {
-                let sock = self.dir(run_dir).join(self.name(block));
-                Err(DmtError::InvalidArgument(format!(
-                    "memory layer {block}: no usable memstored at {} ({e}); start one per memory layer, e.g. \
-                     `memstored --db {} --socket {}`",
-                    sock.display(),
-                    self.dir(run_dir).join(format!("block{block}.db")).display(),
-                    sock.display()
-                )))
-            }
+            Err(e) => Err(DmtError::InvalidArgument(format!(
+                "memory layer {block}: no usable store {name:?} at memstored {} ({e}); start one serving named \
+                 stores, e.g. `memstored --stores {} --socket {}`",
+                socket.display(),
+                self.dir(run_dir).display(),
+                socket.display()
+            ))),
         }
     }
 
@@ -289,7 +300,13 @@ mod tests {
 
     #[test]
     fn parses_and_prints_locations() {
-        for s in ["sqlite", "sqlite:/tmp/m", "duckdb", "duckdb:rel/dir", "ipc:/run/dmt"] {
+        for s in [
+            "sqlite",
+            "sqlite:/tmp/m",
+            "duckdb",
+            "duckdb:rel/dir",
+            "ipc:/run/dmt/memstored.sock",
+        ] {
             match s.parse::<StoreLocation>() {
                 Ok(l) => assert_eq!(l.to_string(), s),
                 Err(e) => {
@@ -305,8 +322,11 @@ mod tests {
         let run = Path::new("/r");
         let l = StoreLocation::Duckdb(None);
         assert_eq!(l.file(run, 2), Some(PathBuf::from("/r/memory/block2.duckdb")));
-        let l: StoreLocation = "ipc:/s".parse().unwrap();
+        let l: StoreLocation = "ipc:/s/d.sock".parse().unwrap();
         assert_eq!(l.file(run, 2), None);
-        assert_eq!(l.endpoint(run, 2), Endpoint::Unix(PathBuf::from("/s/block2.sock")));
+        assert_eq!(l.dir(run), PathBuf::from("/s"));
+        let l: StoreLocation = "ipc:d.sock".parse().unwrap();
+        assert_eq!(l.dir(run), PathBuf::from("."));
+        assert_eq!(StoreLocation::store_name(3), "block3");
     }
 }

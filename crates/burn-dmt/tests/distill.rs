@@ -213,15 +213,16 @@ fn the_hidden_state_loss_adds_its_term() {
     }
 }
 
-/// Serves one SQLite store per memory layer with memstore-ipc's daemon core
-/// (what `memstored` runs) on `dir/block{i}.sock`, until dropped.
-struct Daemons {
+/// Serves named SQLite stores from `dir` on `dir/memstored.sock` with
+/// memstore-ipc's daemon core (what `memstored --stores DIR` runs), until dropped.
+struct Daemon {
     stop: tokio::sync::watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    socket: std::path::PathBuf,
 }
 
-impl Daemons {
-    fn start(dir: &Path, blocks: usize) -> Daemons {
+impl Daemon {
+    fn start(dir: &Path) -> Daemon {
         use memstore_ipc::{Server, ServerOptions, SqliteOpener, server};
         std::fs::create_dir_all(dir).unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -229,41 +230,37 @@ impl Daemons {
             .enable_all()
             .build()
             .unwrap();
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let mut tasks = Vec::new();
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let socket = dir.join("memstored.sock");
         let guard = rt.enter();
-        for i in 0..blocks {
-            let opener = SqliteOpener {
-                path: dir.join(format!("block{i}.db")),
-                options: Default::default(),
-            };
-            let listener = server::bind_unix(&dir.join(format!("block{i}.sock")), 0o600).unwrap();
-            let s = Server::new(opener, ServerOptions::default());
-            let mut stopped = stopped.clone();
-            tasks.push(rt.spawn(async move {
-                s.serve(vec![listener], async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                })
-                .await
-                .unwrap()
-            }));
-        }
-        drop(guard);
-        let thread = std::thread::spawn(move || {
-            rt.block_on(async {
-                for t in tasks {
-                    t.await.unwrap();
-                }
+        let template = SqliteOpener {
+            path: std::path::PathBuf::new(),
+            options: Default::default(),
+        };
+        let options = ServerOptions {
+            stores_dir: Some(dir.to_path_buf()),
+            ..ServerOptions::default()
+        };
+        let s = Server::named_only(template, options).unwrap();
+        let listener = server::bind_unix(&socket, 0o600).unwrap();
+        let task = rt.spawn(async move {
+            s.serve(vec![listener], async move {
+                let _ = stopped.wait_for(|s| *s).await;
             })
+            .await
+            .unwrap()
         });
-        Daemons {
+        drop(guard);
+        let thread = std::thread::spawn(move || rt.block_on(task).unwrap());
+        Daemon {
             stop,
             thread: Some(thread),
+            socket,
         }
     }
 }
 
-impl Drop for Daemons {
+impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
         if let Some(t) = self.thread.take() {
@@ -272,8 +269,9 @@ impl Drop for Daemons {
     }
 }
 
-/// `--store ipc:DIR`: the memory layers live in memstored daemons (one per
-/// layer). An interrupted run resumes through the daemons' Restore request and
+/// `--store ipc:SOCKET`: the memory layers live in one memstored serving a
+/// named store per layer. An interrupted run resumes through the daemon's
+/// Restore request and
 /// equals a run with local SQLite stores in another directory
 /// (`--store sqlite:DIR`); `--eval-only` reads the memories back from the
 /// daemons.
@@ -296,10 +294,10 @@ fn memory_in_daemons_and_external_directories() {
     let again = eval_only(&o.run_dir, &eval, &o).unwrap();
     assert!((again.student.nll - local.student.nll).abs() < 1e-3 * local.student.nll);
 
-    let sockets = dir.path().join("sockets");
-    let daemons = Daemons::start(&sockets, 2);
+    let stores = dir.path().join("daemon");
+    let daemon = Daemon::start(&stores);
     o.run_dir = dir.path().join("shared");
-    o.store = format!("ipc:{}", sockets.display()).parse().unwrap();
+    o.store = format!("ipc:{}", daemon.socket.display()).parse().unwrap();
     o.halt_after = Some(3);
     assert!(matches!(
         run(&o, &mut |_| {}).unwrap_err(),
@@ -315,13 +313,13 @@ fn memory_in_daemons_and_external_directories() {
     }
     assert!(near(resumed.student.nll, local.student.nll));
     assert_eq!(resumed.memory_rows, local.memory_rows);
-    assert!(sockets.join("block1.db").exists());
+    assert!(stores.join("block0.db").exists() && stores.join("block1.db").exists());
     let again = eval_only(&o.run_dir, &eval, &o).unwrap();
     assert!((again.student.nll - resumed.student.nll).abs() < 1e-3 * resumed.student.nll);
-    drop(daemons);
-    // Without daemons the run says what to start.
+    drop(daemon);
+    // Without the daemon the run says what to start.
     let err = eval_only(&o.run_dir, &eval, &o).unwrap_err().to_string();
-    assert!(err.contains("memstored --db"), "{err}");
+    assert!(err.contains("memstored --stores"), "{err}");
 }
 
 /// `--store duckdb` (feature `duckdb`; CI runs it): an interrupted run resumes

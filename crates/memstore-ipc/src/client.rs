@@ -40,6 +40,9 @@ pub struct ClientOptions {
     pub max_frame: usize,
     /// How long to wait for the connection and the handshake.
     pub connect_timeout: Duration,
+    /// The named store to use, for a daemon serving several (`memstored
+    /// --stores DIR`); `None` is the daemon's own store.
+    pub store: Option<String>,
 }
 
 impl Default for ClientOptions {
@@ -48,6 +51,7 @@ impl Default for ClientOptions {
             token: std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()),
             max_frame: DEFAULT_MAX_FRAME,
             connect_timeout: Duration::from_secs(10),
+            store: None,
         }
     }
 }
@@ -99,6 +103,9 @@ impl IpcStore {
     ) -> Result<IpcStore> {
         if let Some(c) = &config {
             c.validate()?;
+        }
+        if let Some(name) = &options.store {
+            protocol::check_store_name(name).map_err(WireError::into_error)?;
         }
         let timeout = options.connect_timeout;
         let fut = Self::connect_inner(endpoint, config, options);
@@ -155,6 +162,7 @@ impl IpcStore {
             version: PROTOCOL_VERSION,
             token: options.token.clone(),
             config: config.as_ref().map(WireConfig::from),
+            store: options.store.clone(),
         });
         let frame = protocol::encode_frame(0, &hello, options.max_frame).map_err(WireError::into_error)?;
         w.write_all(&frame).await.map_err(IpcError::Io)?;

@@ -13,7 +13,8 @@
 //!
 //! **Handshake.** The first frame a client sends is [`Request::Hello`] with
 //! id 0: magic, protocol version, an optional shared token (required on TCP)
-//! and optionally the store configuration the client expects. The daemon
+//! and optionally the store configuration the client expects and the name of
+//! the store (a daemon may serve several named stores). The daemon
 //! answers [`Response::Welcome`] with the store's configuration, or an error
 //! (wrong version, wrong token, configuration mismatch) and closes.
 //!
@@ -31,7 +32,7 @@ use serde::{Deserialize, Serialize};
 /// The four bytes a [`Request::Hello`] starts with.
 pub const MAGIC: [u8; 4] = *b"MSTD";
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Default largest frame (payload bytes) either side accepts.
 pub const DEFAULT_MAX_FRAME: usize = 256 << 20;
 /// Bytes of the length prefix.
@@ -126,6 +127,31 @@ impl WireConfig {
             novelty: self.novelty,
             recombine: self.recombine,
         })
+    }
+}
+
+/// Longest store name a handshake may carry.
+pub const MAX_STORE_NAME: usize = 64;
+
+/// Checks a store name: 1 to [`MAX_STORE_NAME`] ASCII letters, digits, `_`,
+/// `-` or `.`, not starting with `.`, so that `DIR/NAME.db` never leaves
+/// `DIR` and never names a hidden file.
+pub fn check_store_name(name: &str) -> Result<(), WireError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_STORE_NAME
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(WireError::protocol(
+            ProtocolError::StoreName,
+            format!(
+                "store name {name:?}: expected 1 to {MAX_STORE_NAME} ASCII letters, digits, '_', '-' or '.', not starting with '.'"
+            ),
+        ))
     }
 }
 
@@ -294,6 +320,9 @@ pub struct Hello {
     pub token: Option<String>,
     /// The configuration the client expects; `None` takes the store's.
     pub config: Option<WireConfig>,
+    /// The named store to use (a daemon started with `--stores DIR` serves
+    /// `DIR/NAME.db`); `None` is the daemon's own store (`--db`).
+    pub store: Option<String>,
 }
 
 /// A client's request. Variant order is the wire's request type number:
@@ -603,6 +632,9 @@ pub enum ProtocolError {
     Sequence,
     /// The daemon is shutting down.
     ShuttingDown,
+    /// A store name that is not a plain name, or a named store asked of a
+    /// daemon that serves none (or the default store of one that has none).
+    StoreName,
 }
 
 /// An error on the wire: one variant per [`memstore_api::Error`] variant,

@@ -1,8 +1,14 @@
-//! The daemon's core: one store, many connections.
+//! The daemon's core: one store (or several named stores), many connections.
 //!
 //! - **Store.** A [`StoreOpener`] opens the store: at start-up when the file
 //!   exists or a configuration is given, otherwise at the first handshake that
-//!   carries a configuration. A later handshake with another dimension or
+//!   carries a configuration.
+//! - **Named stores.** With [`ServerOptions::stores_dir`] the daemon also
+//!   serves stores by name: a handshake naming `NAME` gets the store in
+//!   `DIR/NAME.<ext>` (opened by [`StoreOpener::named`]), created at the first
+//!   handshake that carries a configuration. Each named store has its own
+//!   sessions, configuration, backup and restore, exactly as the default one;
+//!   this is how one socket serves every memory layer of a model. A later handshake with another dimension or
 //!   metric is refused with [`memstore_api::Error::ConfigMismatch`]; one with
 //!   other tunable fields (capacity, thresholds, λ) reopens the store with
 //!   them when no other session is connected, and is refused
@@ -20,6 +26,7 @@
 //!   completes, lets every connection finish the requests it has read, then
 //!   flushes and closes the store.
 
+use std::collections::HashMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -50,7 +57,7 @@ const GOODBYE: u32 = 14;
 
 /// Opens and closes the store a daemon serves.
 #[async_trait]
-pub trait StoreOpener: Send + Sync + 'static {
+pub trait StoreOpener: Clone + Send + Sync + 'static {
     /// The store type.
     type Store: MemoryStore + 'static;
 
@@ -72,6 +79,10 @@ pub trait StoreOpener: Send + Sync + 'static {
     /// Replaces the (closed) store's file with a copy of the backup at `from`
     /// and opens it. A backup that does not open leaves the file unchanged.
     async fn restore(&self, from: &Path) -> Result<Self::Store>;
+
+    /// An opener of the same kind and options for the store named `name` in
+    /// `dir` (the name has passed [`protocol::check_store_name`]).
+    fn named(&self, dir: &Path, name: &str) -> Self;
 }
 
 /// Serves a SQLite store file.
@@ -99,7 +110,9 @@ impl StoreOpener for SqliteOpener {
         if !self.path.exists() {
             return Ok(None);
         }
-        SqliteStore::open_existing(&self.path).await.map(Some)
+        SqliteStore::open_existing_with(&self.path, self.options.clone())
+            .await
+            .map(Some)
     }
 
     async fn close(&self, store: SqliteStore) -> Result<()> {
@@ -116,13 +129,23 @@ impl StoreOpener for SqliteOpener {
         restore_file(
             &self.path,
             from,
-            |p| async move { SqliteStore::open_existing(p).await },
+            |p| {
+                let options = self.options.clone();
+                async move { SqliteStore::open_existing_with(p, options).await }
+            },
             |s| async move {
                 s.close().await;
                 Ok(())
             },
         )
         .await
+    }
+
+    fn named(&self, dir: &Path, name: &str) -> Self {
+        SqliteOpener {
+            path: dir.join(format!("{name}.db")),
+            options: self.options.clone(),
+        }
     }
 }
 
@@ -132,6 +155,8 @@ impl StoreOpener for SqliteOpener {
 pub struct DuckdbOpener {
     /// The database file.
     pub path: PathBuf,
+    /// Backend options.
+    pub options: memstore_duckdb::DuckdbOptions,
 }
 
 #[cfg(feature = "duckdb")]
@@ -144,14 +169,16 @@ impl StoreOpener for DuckdbOpener {
     }
 
     async fn open(&self, config: &MemoryConfig) -> Result<Self::Store> {
-        memstore_duckdb::DuckdbStore::open(&self.path, config.clone()).await
+        memstore_duckdb::DuckdbStore::open_with(&self.path, config.clone(), self.options.clone()).await
     }
 
     async fn open_existing(&self) -> Result<Option<Self::Store>> {
         if !self.path.exists() {
             return Ok(None);
         }
-        memstore_duckdb::DuckdbStore::open_existing(&self.path).await.map(Some)
+        memstore_duckdb::DuckdbStore::open_existing_with(&self.path, self.options.clone())
+            .await
+            .map(Some)
     }
 
     async fn close(&self, store: Self::Store) -> Result<()> {
@@ -166,10 +193,20 @@ impl StoreOpener for DuckdbOpener {
         restore_file(
             &self.path,
             from,
-            |p| async move { memstore_duckdb::DuckdbStore::open_existing(p).await },
+            |p| {
+                let options = self.options.clone();
+                async move { memstore_duckdb::DuckdbStore::open_existing_with(p, options).await }
+            },
             |s| async move { s.close().await },
         )
         .await
+    }
+
+    fn named(&self, dir: &Path, name: &str) -> Self {
+        DuckdbOpener {
+            path: dir.join(format!("{name}.duckdb")),
+            options: self.options.clone(),
+        }
     }
 }
 
@@ -235,6 +272,9 @@ pub struct ServerOptions {
     pub max_in_flight: usize,
     /// How long a new connection has to complete its handshake.
     pub handshake_timeout: Duration,
+    /// Serve named stores from this directory (`DIR/NAME.<ext>`); `None`
+    /// serves only the default store.
+    pub stores_dir: Option<PathBuf>,
 }
 
 impl Default for ServerOptions {
@@ -244,6 +284,7 @@ impl Default for ServerOptions {
             token: None,
             max_in_flight: 64,
             handshake_timeout: Duration::from_secs(10),
+            stores_dir: None,
         }
     }
 }
@@ -353,62 +394,155 @@ pub async fn bind_tcp(addr: &str, allow_remote: bool) -> Result<Listener, IpcErr
     Ok(Listener::Tcp(l))
 }
 
-struct Shared<O: StoreOpener> {
+/// One store the daemon serves (the default one or a named one).
+struct Slot<O: StoreOpener> {
     opener: O,
     store: RwLock<Option<Arc<O::Store>>>,
-    handshakes: Mutex<()>,
     sessions: AtomicUsize,
+}
+
+impl<O: StoreOpener> Slot<O> {
+    fn new(opener: O) -> Arc<Self> {
+        Arc::new(Slot {
+            opener,
+            store: RwLock::new(None),
+            sessions: AtomicUsize::new(0),
+        })
+    }
+
+    /// Flushes and closes the store if one is open.
+    async fn shut(&self) -> Result<(), IpcError> {
+        let store = self.store.write().await.take();
+        if let Some(s) = store {
+            let what = self.opener.describe();
+            match Arc::try_unwrap(s) {
+                Ok(s) => self
+                    .opener
+                    .close(s)
+                    .await
+                    .map_err(|e| IpcError::Remote(format!("closing {what}: {e}")))?,
+                Err(s) => s
+                    .flush()
+                    .await
+                    .map_err(|e| IpcError::Remote(format!("flushing {what}: {e}")))?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The named stores of a daemon started with a stores directory.
+struct Named<O: StoreOpener> {
+    dir: PathBuf,
+    template: O,
+    slots: Mutex<HashMap<String, Arc<Slot<O>>>>,
+}
+
+struct Shared<O: StoreOpener> {
+    default: Option<Arc<Slot<O>>>,
+    named: Option<Named<O>>,
+    handshakes: Mutex<()>,
     options: ServerOptions,
     shutdown: CancellationToken,
 }
 
-/// The daemon: a store and the connections that use it.
+/// The daemon: its stores and the connections that use them.
 pub struct Server<O: StoreOpener> {
     shared: Arc<Shared<O>>,
 }
 
 impl<O: StoreOpener> Server<O> {
-    /// A server for the store `opener` opens; nothing is opened yet.
+    /// A server for the store `opener` opens (and for named stores when
+    /// `options.stores_dir` is set, opened like `opener`); nothing is opened yet.
     pub fn new(opener: O, options: ServerOptions) -> Self {
+        let named = Self::named_part(&opener, &options);
+        let default = Some(Slot::new(opener));
+        Self::build(default, named, options)
+    }
+
+    /// A server of named stores only (in `options.stores_dir`, opened like
+    /// `template`): a handshake must name its store.
+    pub fn named_only(template: O, options: ServerOptions) -> Result<Self, IpcError> {
+        let Some(named) = Self::named_part(&template, &options) else {
+            return Err(IpcError::Setup(
+                "a server of named stores needs a stores directory".into(),
+            ));
+        };
+        Ok(Self::build(None, Some(named), options))
+    }
+
+    fn named_part(template: &O, options: &ServerOptions) -> Option<Named<O>> {
+        options.stores_dir.as_ref().map(|dir| Named {
+            dir: dir.clone(),
+            template: template.clone(),
+            slots: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn build(default: Option<Arc<Slot<O>>>, named: Option<Named<O>>, options: ServerOptions) -> Self {
         Server {
             shared: Arc::new(Shared {
-                opener,
-                store: RwLock::new(None),
+                default,
+                named,
                 handshakes: Mutex::new(()),
-                sessions: AtomicUsize::new(0),
                 options,
                 shutdown: CancellationToken::new(),
             }),
         }
     }
 
-    /// Opens the store now: with `config` (creating it if absent), or the
-    /// existing one. Returns whether a store is open.
+    /// Opens the default store now: with `config` (creating it if absent), or
+    /// the existing one. Returns whether a store is open (`false` also when
+    /// this server has no default store).
     pub async fn open_store(&self, config: Option<&MemoryConfig>) -> Result<bool> {
-        let mut slot = self.shared.store.write().await;
-        let store = match config {
+        let Some(slot) = &self.shared.default else {
+            return Ok(false);
+        };
+        let mut store = slot.store.write().await;
+        let opened = match config {
             Some(c) => {
                 c.validate()?;
-                Some(self.shared.opener.open(c).await?)
+                Some(slot.opener.open(c).await?)
             }
-            None => self.shared.opener.open_existing().await?,
+            None => slot.opener.open_existing().await?,
         };
-        let open = store.is_some();
-        if let Some(s) = store {
-            info!(store = %self.shared.opener.describe(), config = ?s.config(), "store open");
-            *slot = Some(Arc::new(s));
+        let open = opened.is_some();
+        if let Some(s) = opened {
+            info!(store = %slot.opener.describe(), config = ?s.config(), "store open");
+            *store = Some(Arc::new(s));
         }
         Ok(open)
     }
 
-    /// The configuration of the open store, if one is open.
+    /// The configuration of the open default store, if one is open.
     pub async fn config(&self) -> Option<MemoryConfig> {
-        self.shared.store.read().await.as_ref().map(|s| s.config().clone())
+        let slot = self.shared.default.as_ref()?;
+        slot.store.read().await.as_ref().map(|s| s.config().clone())
     }
 
-    /// Connections that have completed their handshake and not left.
-    pub fn sessions(&self) -> usize {
-        self.shared.sessions.load(Ordering::SeqCst)
+    /// The names of the named stores open now, sorted.
+    pub async fn named_stores(&self) -> Vec<String> {
+        let Some(named) = &self.shared.named else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = named.slots.lock().await.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Connections that have completed their handshake and not left (all stores).
+    pub async fn sessions(&self) -> usize {
+        let mut n = self
+            .shared
+            .default
+            .as_ref()
+            .map_or(0, |s| s.sessions.load(Ordering::SeqCst));
+        if let Some(named) = &self.shared.named {
+            for slot in named.slots.lock().await.values() {
+                n += slot.sessions.load(Ordering::SeqCst);
+            }
+        }
+        n
     }
 
     /// Serves `listeners` until `shutdown` completes, then stops accepting,
@@ -441,22 +575,22 @@ impl<O: StoreOpener> Server<O> {
         for p in sockets {
             let _ = std::fs::remove_file(p);
         }
-        let store = self.shared.store.write().await.take();
-        if let Some(s) = store {
-            match Arc::try_unwrap(s) {
-                Ok(s) => self
-                    .shared
-                    .opener
-                    .close(s)
-                    .await
-                    .map_err(|e| IpcError::Remote(format!("closing the store: {e}")))?,
-                Err(s) => s
-                    .flush()
-                    .await
-                    .map_err(|e| IpcError::Remote(format!("flushing the store: {e}")))?,
+        let mut slots: Vec<Arc<Slot<O>>> = self.shared.default.iter().cloned().collect();
+        if let Some(named) = &self.shared.named {
+            slots.extend(named.slots.lock().await.drain().map(|(_, s)| s));
+        }
+        // Close every store even when one fails; report the first failure.
+        let mut first = None;
+        for slot in slots {
+            if let Err(e) = slot.shut().await {
+                warn!(error = %e, "closing a store failed");
+                first.get_or_insert(e);
             }
         }
-        info!("store flushed and closed");
+        if let Some(e) = first {
+            return Err(e);
+        }
+        info!("stores flushed and closed");
         Ok(())
     }
 
@@ -568,7 +702,7 @@ where
         Ok(f) => handshake(&shared, &f, needs_token).await,
         Err(e) => Err(e),
     };
-    let config = match accepted {
+    let (config, slot) = match accepted {
         Ok(c) => c,
         Err(e) => {
             info!(peer = %peer, error = ?e, "handshake refused");
@@ -578,7 +712,7 @@ where
             return;
         }
     };
-    let session = Session(&shared.sessions);
+    let session = Session(&slot.sessions);
     debug!(peer = %peer, "session started");
     send(
         &tx,
@@ -620,10 +754,10 @@ where
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     break;
                 };
-                let (shared, tx) = (shared.clone(), tx.clone());
+                let (shared, slot, tx) = (shared.clone(), slot.clone(), tx.clone());
                 in_flight.spawn(async move {
                     let _permit = permit;
-                    handle(&shared, frame, &tx).await;
+                    handle(&shared, &slot, frame, &tx).await;
                 });
             }
         }
@@ -654,7 +788,7 @@ async fn handshake<O: StoreOpener>(
     shared: &Shared<O>,
     frame: &Bytes,
     needs_token: bool,
-) -> Result<MemoryConfig, WireError> {
+) -> Result<(MemoryConfig, Arc<Slot<O>>), WireError> {
     let (_, req): (u64, Request) = match protocol::decode_frame(frame) {
         Ok(r) => r,
         Err(e) => {
@@ -706,6 +840,9 @@ async fn handshake<O: StoreOpener>(
     if let Some(c) = &requested {
         c.validate().map_err(|e| WireError::from(&e))?;
     }
+    if let Some(name) = &hello.store {
+        protocol::check_store_name(name)?;
+    }
     let _one_at_a_time = shared.handshakes.lock().await;
     if shared.shutdown.is_cancelled() {
         return Err(WireError::protocol(
@@ -713,26 +850,62 @@ async fn handshake<O: StoreOpener>(
             "the daemon is shutting down",
         ));
     }
-    let mut slot = shared.store.write().await;
+    match &hello.store {
+        None => {
+            let Some(slot) = &shared.default else {
+                return Err(WireError::protocol(
+                    ProtocolError::StoreName,
+                    "this daemon serves named stores only: the handshake must name one",
+                ));
+            };
+            let config = attach(slot, requested).await?;
+            Ok((config, slot.clone()))
+        }
+        Some(name) => {
+            let Some(named) = &shared.named else {
+                return Err(WireError::protocol(
+                    ProtocolError::StoreName,
+                    format!(
+                        "store {name:?}: this daemon serves one store and no named ones (start it with --stores DIR)"
+                    ),
+                ));
+            };
+            let known = named.slots.lock().await.get(name).cloned();
+            let slot = known.unwrap_or_else(|| Slot::new(named.template.named(&named.dir, name)));
+            let config = attach(&slot, requested).await?;
+            // Kept once its store is open (a refused handshake adds nothing).
+            named.slots.lock().await.insert(name.clone(), slot.clone());
+            Ok((config, slot))
+        }
+    }
+}
+
+/// Opens, checks or reconfigures `slot`'s store for a new session and counts
+/// the session (the caller holds the handshake lock).
+async fn attach<O: StoreOpener>(slot: &Slot<O>, requested: Option<MemoryConfig>) -> Result<MemoryConfig, WireError> {
+    let mut store = slot.store.write().await;
     let wire = |e: memstore_api::Error| WireError::from(&e);
-    match (slot.as_ref(), requested) {
-        (None, None) => match shared.opener.open_existing().await.map_err(wire)? {
-            Some(s) => *slot = Some(Arc::new(s)),
+    match (store.as_ref(), requested) {
+        (None, None) => match slot.opener.open_existing().await.map_err(wire)? {
+            Some(s) => *store = Some(Arc::new(s)),
             None => {
                 return Err(WireError::protocol(
                     ProtocolError::NoStore,
-                    "no store exists yet: connect with a configuration to create it",
+                    format!(
+                        "no store exists yet at {}: connect with a configuration to create it",
+                        slot.opener.describe()
+                    ),
                 ));
             }
         },
         (None, Some(c)) => {
-            *slot = Some(Arc::new(shared.opener.open(&c).await.map_err(wire)?));
-            info!(store = %shared.opener.describe(), config = ?c, "store open");
+            *store = Some(Arc::new(slot.opener.open(&c).await.map_err(wire)?));
+            info!(store = %slot.opener.describe(), config = ?c, "store open");
         }
         (Some(s), Some(c)) => {
             c.check_compatible(s.config()).map_err(wire)?;
             if s.config() != &c {
-                let others = shared.sessions.load(Ordering::SeqCst);
+                let others = slot.sessions.load(Ordering::SeqCst);
                 if others > 0 {
                     return Err(WireError::protocol(
                         ProtocolError::ConfigInUse,
@@ -742,36 +915,36 @@ async fn handshake<O: StoreOpener>(
                         ),
                     ));
                 }
-                let Some(old) = slot.take() else {
+                let Some(old) = store.take() else {
                     return Err(WireError::protocol(ProtocolError::NoStore, "no store"));
                 };
                 let old = Arc::try_unwrap(old).map_err(|old| {
                     // Still referenced by a finishing request: keep it.
-                    *slot = Some(old);
+                    *store = Some(old);
                     WireError::protocol(ProtocolError::ConfigInUse, "the store is still busy; try again")
                 })?;
-                shared.opener.close(old).await.map_err(wire)?;
-                let reopened = match shared.opener.open(&c).await {
+                slot.opener.close(old).await.map_err(wire)?;
+                let reopened = match slot.opener.open(&c).await {
                     Ok(s) => s,
                     Err(e) => {
                         // Keep serving the store as it was.
-                        if let Ok(Some(s)) = shared.opener.open_existing().await {
-                            *slot = Some(Arc::new(s));
+                        if let Ok(Some(s)) = slot.opener.open_existing().await {
+                            *store = Some(Arc::new(s));
                         }
                         return Err(wire(e));
                     }
                 };
-                info!(config = ?c, "store reopened with new tunables");
-                *slot = Some(Arc::new(reopened));
+                info!(store = %slot.opener.describe(), config = ?c, "store reopened with new tunables");
+                *store = Some(Arc::new(reopened));
             }
         }
         (Some(_), None) => {}
     }
-    let config = slot
+    let config = store
         .as_ref()
         .map(|s| s.config().clone())
         .ok_or_else(|| WireError::protocol(ProtocolError::NoStore, "no store"))?;
-    shared.sessions.fetch_add(1, Ordering::SeqCst);
+    slot.sessions.fetch_add(1, Ordering::SeqCst);
     Ok(config)
 }
 
@@ -803,7 +976,7 @@ enum Outcome {
     Stats(Stats),
 }
 
-async fn handle<O: StoreOpener>(shared: &Shared<O>, frame: Bytes, tx: &mpsc::Sender<Vec<u8>>) {
+async fn handle<O: StoreOpener>(shared: &Shared<O>, slot: &Slot<O>, frame: Bytes, tx: &mpsc::Sender<Vec<u8>>) {
     let max_frame = shared.options.max_frame;
     let (id, req): (u64, Request) = match protocol::decode_frame(&frame) {
         Ok(r) => r,
@@ -813,12 +986,12 @@ async fn handle<O: StoreOpener>(shared: &Shared<O>, frame: Bytes, tx: &mpsc::Sen
             return;
         }
     };
-    let store = shared.store.read().await.clone();
+    let store = slot.store.read().await.clone();
     let outcome = match (store, req) {
-        (Some(s), Request::Backup { path }) => backup(&shared.opener, s.as_ref(), &path).await,
+        (Some(s), Request::Backup { path }) => backup(&slot.opener, s.as_ref(), &path).await,
         (Some(s), Request::Restore { path }) => {
             drop(s);
-            restore(shared, &path).await
+            restore(shared, slot, &path).await
         }
         (Some(s), req) => execute(s.as_ref(), req, max_frame).await,
         (None, _) => Err(WireError::protocol(ProtocolError::NoStore, "no store is open")),
@@ -857,40 +1030,40 @@ async fn backup<O: StoreOpener>(opener: &O, store: &O::Store, path: &str) -> Res
 }
 
 /// Replaces the store with the backup at `path`, when the asking session is
-/// the only one and no other request holds the store.
-async fn restore<O: StoreOpener>(shared: &Shared<O>, path: &str) -> Result<Outcome, WireError> {
+/// the only one of that store and no other request holds the store.
+async fn restore<O: StoreOpener>(shared: &Shared<O>, slot: &Slot<O>, path: &str) -> Result<Outcome, WireError> {
     let p = Path::new(path);
     if !p.is_absolute() {
         return Err(WireError::Shape(format!("restore path {path:?} must be absolute")));
     }
     let wire = |e: memstore_api::Error| WireError::from(&e);
     let _one_at_a_time = shared.handshakes.lock().await;
-    let sessions = shared.sessions.load(Ordering::SeqCst);
+    let sessions = slot.sessions.load(Ordering::SeqCst);
     if sessions > 1 {
         return Err(WireError::protocol(
             ProtocolError::ConfigInUse,
             format!("a restore replaces the store: it needs the only session ({sessions} are connected)"),
         ));
     }
-    let mut slot = shared.store.write().await;
-    let Some(old) = slot.take() else {
+    let mut store = slot.store.write().await;
+    let Some(old) = store.take() else {
         return Err(WireError::protocol(ProtocolError::NoStore, "no store is open"));
     };
     let old = Arc::try_unwrap(old).map_err(|old| {
-        *slot = Some(old);
+        *store = Some(old);
         WireError::protocol(ProtocolError::ConfigInUse, "the store is still busy; try again")
     })?;
-    shared.opener.close(old).await.map_err(wire)?;
-    match shared.opener.restore(p).await {
+    slot.opener.close(old).await.map_err(wire)?;
+    match slot.opener.restore(p).await {
         Ok(s) => {
-            info!(from = %p.display(), "store restored from a backup");
-            *slot = Some(Arc::new(s));
+            info!(store = %slot.opener.describe(), from = %p.display(), "store restored from a backup");
+            *store = Some(Arc::new(s));
             Ok(Outcome::Done)
         }
         Err(e) => {
             // Keep serving the store as it was.
-            if let Ok(Some(s)) = shared.opener.open_existing().await {
-                *slot = Some(Arc::new(s));
+            if let Ok(Some(s)) = slot.opener.open_existing().await {
+                *store = Some(Arc::new(s));
             }
             Err(wire(e))
         }

@@ -73,6 +73,7 @@ fn valid_frames() -> Vec<Vec<u8>> {
             version: protocol::PROTOCOL_VERSION,
             token: Some("t".into()),
             config: Some(WireConfig::from(&MemoryConfig::new(4, 2))),
+            store: Some("block0".into()),
         }),
         Request::Learn {
             batch: WireBatch {

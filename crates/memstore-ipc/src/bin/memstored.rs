@@ -1,10 +1,12 @@
-//! `memstored`: serves one memstore (a SQLite file, or a DuckDB file when built
-//! with the `duckdb` feature) to many processes on a
-//! Unix domain socket and, optionally, on loopback TCP with a shared token.
+//! `memstored`: serves a memstore (a SQLite file, or a DuckDB file when built
+//! with the `duckdb` feature), and optionally a directory of named stores, to
+//! many processes on a Unix domain socket and, optionally, on loopback TCP
+//! with a shared token.
 //!
 //! ```text
 //! memstored --db /var/lib/dmt/memory.db --socket /run/user/1000/memstored.sock
 //! memstored --db mem.db --key-dim 64 --value-dim 64 --capacity 1000000 --tcp 127.0.0.1:7878 --token-file token
+//! memstored --stores /var/lib/dmt/layers --socket /run/user/1000/dmt.sock   # block0.db, block1.db, ...
 //! ```
 //!
 //! SIGTERM or SIGINT: stop accepting, finish the requests in flight, flush,
@@ -14,7 +16,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
+use std::sync::Arc;
+
+use memstore_api::ann::AnnBuilder;
 use memstore_api::{EvictionPolicy, MemoryConfig, Metric};
+use memstore_index::{Hnsw, HnswOptions};
 use memstore_ipc::server;
 use memstore_ipc::{Server, ServerOptions, SqliteOpener, StoreOpener, TOKEN_ENV};
 use memstore_sqlite::{SqliteOptions, SqliteSynchronous};
@@ -36,6 +42,15 @@ enum BackendArg {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum IndexArg {
+    /// Exact search by blocked matrix products (the default; up to ~1M keys).
+    Exact,
+    /// An HNSW graph (usearch), approximate, saved beside each store file as
+    /// <file>.hnsw at shutdown and rebuilt from the rows when stale.
+    Hnsw,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum SyncArg {
     /// Every commit durable against power loss.
     Full,
@@ -43,18 +58,23 @@ enum SyncArg {
     Normal,
 }
 
-/// Serve one memstore to many processes.
+/// Serve a memstore (and optionally a directory of named stores) to many processes.
 #[derive(Parser, Debug)]
 #[command(name = "memstored", version, about, long_about = None)]
 struct Args {
-    /// The SQLite store file (created at the first configured connection or
+    /// The store file (created at the first configured connection or
     /// with --key-dim/--value-dim if absent).
+    #[arg(long, required_unless_present = "stores")]
+    db: Option<PathBuf>,
+    /// Also serve named stores from this directory (created if absent): a
+    /// client naming store NAME gets DIR/NAME.db (DuckDB: DIR/NAME.duckdb),
+    /// created at its first configured connection.
     #[arg(long)]
-    db: PathBuf,
+    stores: Option<PathBuf>,
     /// The database engine of the store file.
     #[arg(long, value_enum, default_value = "sqlite")]
     backend: BackendArg,
-    /// The Unix socket to listen on [default: <db>.sock].
+    /// The Unix socket to listen on [default: <db>.sock, else <stores>/memstored.sock].
     #[arg(long)]
     socket: Option<PathBuf>,
     /// Permission bits of the Unix socket, octal.
@@ -76,11 +96,23 @@ struct Args {
     /// Requests one connection may have running at once.
     #[arg(long, default_value_t = 64)]
     max_in_flight: usize,
+    /// The stores' search index.
+    #[arg(long, value_enum, default_value = "exact")]
+    index: IndexArg,
+    /// HNSW edges per node (M).
+    #[arg(long, default_value_t = HnswOptions::default().connectivity)]
+    hnsw_connectivity: usize,
+    /// HNSW candidate list size while inserting (efConstruction).
+    #[arg(long, default_value_t = HnswOptions::default().expansion_add)]
+    hnsw_expansion_add: usize,
+    /// HNSW candidate list size while searching (ef): the recall/speed knob.
+    #[arg(long, default_value_t = HnswOptions::default().expansion_search)]
+    hnsw_expansion_search: usize,
     /// SQLite durability (DuckDB commits are always synced).
     #[arg(long, value_enum, default_value = "full")]
     synchronous: SyncArg,
-    /// Key dimension: open (or create) the store at start-up with this configuration.
-    #[arg(long, requires = "value_dim")]
+    /// Key dimension: open (or create) the --db store at start-up with this configuration.
+    #[arg(long, requires_all = ["value_dim", "db"])]
     key_dim: Option<usize>,
     /// Value dimension.
     #[arg(long, requires = "key_dim")]
@@ -158,30 +190,49 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }),
         _ => None,
     };
+    if let Some(dir) = &args.stores {
+        std::fs::create_dir_all(dir).map_err(|e| format!("--stores {}: {e}", dir.display()))?;
+    }
     let options = ServerOptions {
         max_frame: args.max_frame,
         token: token.clone(),
         max_in_flight: args.max_in_flight,
+        stores_dir: args.stores.clone(),
         ..ServerOptions::default()
+    };
+    // The template of named stores when there is no --db.
+    let db = args.db.clone().unwrap_or_default();
+    let ann: Option<Arc<dyn AnnBuilder>> = match args.index {
+        IndexArg::Exact => None,
+        IndexArg::Hnsw => Some(Arc::new(Hnsw::new(HnswOptions {
+            connectivity: args.hnsw_connectivity,
+            expansion_add: args.hnsw_expansion_add,
+            expansion_search: args.hnsw_expansion_search,
+            ..HnswOptions::default()
+        }))),
     };
     match args.backend {
         BackendArg::Sqlite => {
             let opener = SqliteOpener {
-                path: args.db.clone(),
+                path: db,
                 options: SqliteOptions {
                     synchronous: match args.synchronous {
                         SyncArg::Full => SqliteSynchronous::Full,
                         SyncArg::Normal => SqliteSynchronous::Normal,
                     },
+                    ann,
                     ..SqliteOptions::default()
                 },
             };
-            serve(Server::new(opener, options), &args, config, token, mode).await
+            serve(server(opener, options, &args)?, &args, config, token, mode).await
         }
         #[cfg(feature = "duckdb")]
         BackendArg::Duckdb => {
-            let opener = memstore_ipc::DuckdbOpener { path: args.db.clone() };
-            serve(Server::new(opener, options), &args, config, token, mode).await
+            let opener = memstore_ipc::DuckdbOpener {
+                path: db,
+                options: memstore_duckdb::DuckdbOptions { ann },
+            };
+            serve(server(opener, options, &args)?, &args, config, token, mode).await
         }
         #[cfg(not(feature = "duckdb"))]
         BackendArg::Duckdb => Err(
@@ -191,6 +242,18 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
 }
 
+/// A server of the --db store (and named stores with --stores), or of named stores only.
+fn server<O: StoreOpener>(
+    opener: O,
+    options: ServerOptions,
+    args: &Args,
+) -> Result<Server<O>, Box<dyn std::error::Error>> {
+    Ok(match args.db {
+        Some(_) => Server::new(opener, options),
+        None => Server::named_only(opener, options)?,
+    })
+}
+
 async fn serve<O: StoreOpener>(
     server: Server<O>,
     args: &Args,
@@ -198,14 +261,24 @@ async fn serve<O: StoreOpener>(
     token: Option<String>,
     mode: u32,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    if !server.open_store(config.as_ref()).await? {
-        info!(db = %args.db.display(), "no store yet: the first client that sends a configuration creates it");
+    if let Some(db) = &args.db
+        && !server.open_store(config.as_ref()).await?
+    {
+        info!(db = %db.display(), "no store yet: the first client that sends a configuration creates it");
     }
-    let socket = args.socket.clone().unwrap_or_else(|| {
-        let mut p = args.db.clone().into_os_string();
-        p.push(".sock");
-        PathBuf::from(p)
-    });
+    if let Some(dir) = &args.stores {
+        info!(dir = %dir.display(), "serving named stores");
+    }
+    let socket = match (&args.socket, &args.db, &args.stores) {
+        (Some(s), _, _) => s.clone(),
+        (None, Some(db), _) => {
+            let mut p = db.clone().into_os_string();
+            p.push(".sock");
+            PathBuf::from(p)
+        }
+        (None, None, Some(dir)) => dir.join("memstored.sock"),
+        (None, None, None) => return Err("--db or --stores is required".into()),
+    };
     let mut listeners = vec![server::bind_unix(&socket, mode)?];
     if let Some(addr) = &args.tcp {
         if token.is_none() {

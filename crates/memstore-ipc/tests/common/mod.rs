@@ -20,17 +20,23 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `memstored --db DB --socket SOCKET EXTRA...` and waits until it accepts connections.
-    /// Starts `memstored` on `db` with the backend the tests run against.
+    /// Starts `memstored --db DB --socket SOCKET EXTRA...` with the backend
+    /// the tests run against and waits until it accepts connections.
     pub fn start(db: &Path, socket: &Path, extra: &[&str]) -> Daemon {
+        let mut args = vec!["--db".as_ref(), db.as_os_str()];
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        Self::start_args(socket, &args)
+    }
+
+    /// Starts `memstored --socket SOCKET ARGS...` with the backend the tests
+    /// run against and waits until it accepts connections.
+    pub fn start_args(socket: &Path, args: &[&std::ffi::OsStr]) -> Daemon {
         let child = Command::new(MEMSTORED)
-            .arg("--db")
-            .arg(db)
             .arg("--socket")
             .arg(socket)
             .args(["--log", "warn"])
             .args(["--backend", &backend()])
-            .args(extra)
+            .args(args)
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn memstored");
