@@ -80,7 +80,7 @@ pub fn select(choice: DeviceChoice) -> Result<Selected> {
         }),
         DeviceChoice::Auto => Ok(gpu::pick(false).unwrap_or_else(|| {
             cpu(if cfg!(feature = "wgpu") {
-                "; no GPU adapter found"
+                "; no hardware GPU adapter found (software ones such as lavapipe are skipped: slower than flex)"
             } else {
                 "; built without wgpu"
             })

@@ -1,11 +1,13 @@
 //! # memstore-ipc
 //!
-//! One memory, many processes: `memstored` serves a store (SQLite) on a Unix
-//! domain socket and optionally on loopback TCP, and [`IpcStore`] is a
+//! One memory, many processes: `memstored` serves a store (SQLite, or DuckDB
+//! with the `duckdb` feature), and optionally a directory of named stores
+//! (`--stores DIR`: one per memory layer of a model behind one socket), on a
+//! Unix domain socket and optionally on loopback TCP, and [`IpcStore`] is a
 //! [`MemoryStore`](memstore_api::MemoryStore) that talks to it, so trainers
 //! and an inference server on one machine share a memory through the same
 //! trait they would use in process. It passes the conformance suite of
-//! `memstore-api` unchanged.
+//! `memstore-api` unchanged (and its approximate form with `--index hnsw`).
 //!
 //! The design follows the usual shape of a local database daemon (Redis,
 //! PostgreSQL's Unix-socket listener): a length-prefixed binary protocol with
