@@ -91,25 +91,19 @@ fn device_topk_on_wgpu_finds_the_cpu_neighbours() {
         let keys = rng.vecs(n, d);
         let queries = rng.vecs(m, d);
         let valid: Vec<bool> = (0..n).map(|i| i % 7 != 0).collect();
-        let cpu = burn_dmt::burn::tensor::Device::flex();
-        let want = exact_topk(
-            Tensor::from_data(TensorData::new(queries.clone(), [m, d]), &cpu),
-            Tensor::from_data(TensorData::new(keys.clone(), [n, d]), &cpu),
-            Some(&valid),
-            k,
-            metric,
-        )
-        .unwrap();
-        let want: Vec<f32> = values(want.distances);
-        for device in [selected.device.clone(), selected.device.clone().autodiff()] {
-            let top = exact_topk(
-                Tensor::from_data(TensorData::new(queries.clone(), [m, d]), &device),
-                Tensor::from_data(TensorData::new(keys.clone(), [n, d]), &device),
+        let search = |device: &burn_dmt::burn::tensor::Device| {
+            exact_topk(
+                Tensor::from_data(TensorData::new(queries.clone(), [m, d]), device),
+                Tensor::from_data(TensorData::new(keys.clone(), [n, d]), device),
                 Some(&valid),
                 k,
                 metric,
             )
-            .unwrap();
+            .unwrap()
+        };
+        let want: Vec<f32> = values(search(&burn_dmt::burn::tensor::Device::flex()).distances);
+        for device in [selected.device.clone(), selected.device.clone().autodiff()] {
+            let top = search(&device);
             assert_eq!(top.distances.is_autodiff(), device.is_autodiff());
             assert!(!top.distances.is_tracked(), "the search is not differentiated");
             let idx: Vec<i64> = top.indices.into_data().convert::<i64>().try_to_vec::<i64>().unwrap();

@@ -828,6 +828,16 @@ fn clustered(rng: &mut Rng, n: usize, centres: &[f32], dk: usize, noise: f32) ->
     out
 }
 
+/// Asserts that `s` holds exactly the reference model's memories and stats;
+/// returns the counters (for the scenario's coverage check).
+async fn same_state_as_reference<S: MemoryStore>(s: &S, r: &InMemoryStore) -> crate::Counters {
+    let (got, gst) = dump(s).await;
+    let (want, wst) = dump(r).await;
+    assert_eq!(gst, wst);
+    assert_eq!(got, want);
+    wst.counters
+}
+
 /// A long clustered `learn` stream (merges, touches, inserts and eviction)
 /// leaves exactly the reference model's state and returns its neighbours.
 pub async fn learn_matches_reference_on_clusters<H: Harness>(make: Make<'_, H>) {
@@ -845,11 +855,7 @@ pub async fn learn_matches_reference_on_clusters<H: Harness>(make: Make<'_, H>) 
         let want = r.learn(b, step, 5).await.unwrap();
         assert_eq!(got, want, "neighbours differ at step {step}");
     }
-    let (got, gst) = dump(&s).await;
-    let (want, wst) = dump(&r).await;
-    assert_eq!(gst, wst);
-    assert_eq!(got, want);
-    let c = wst.counters;
+    let c = same_state_as_reference(&s, &r).await;
     assert!(
         c.merged > 20 && c.inserted > 20 && c.evicted > 20,
         "the scenario must exercise every path: {c:?}"
@@ -881,11 +887,7 @@ pub async fn learn_large_batches_match_reference<H: Harness>(make: Make<'_, H>) 
         let want = r.learn(b, step, 5).await.unwrap();
         assert_eq!(got, want, "neighbours differ at step {step}");
     }
-    let (got, gst) = dump(&s).await;
-    let (want, wst) = dump(&r).await;
-    assert_eq!(gst, wst);
-    assert_eq!(got, want);
-    let c = wst.counters;
+    let c = same_state_as_reference(&s, &r).await;
     assert!(
         c.merged > 150 && c.inserted > 1000 && c.evicted > 100,
         "the scenario must exercise every path: {c:?}"

@@ -103,3 +103,77 @@ impl Drop for Daemon {
 pub fn backend() -> String {
     std::env::var("MEMSTORE_IPC_BACKEND").unwrap_or_else(|_| "sqlite".into())
 }
+
+/// The conformance suite's harness: a `memstored` process per store, started
+/// at the first open and stopped gracefully (SIGTERM, which must exit 0) at
+/// close, so every reopen in the suite also checks that a restart loses
+/// nothing.
+pub struct DaemonHarness {
+    dir: tempfile::TempDir,
+    daemon: std::sync::Mutex<Option<Daemon>>,
+    /// Serve a named store of `memstored --stores DIR --index hnsw` instead of `--db`.
+    named_hnsw: bool,
+}
+
+impl DaemonHarness {
+    /// The daemon's own store (`--db`), exact search.
+    pub fn plain() -> Self {
+        Self::new(false)
+    }
+
+    /// The store `block0` of a daemon serving named stores with the HNSW index.
+    pub fn named_hnsw() -> Self {
+        Self::new(true)
+    }
+
+    fn new(named_hnsw: bool) -> Self {
+        DaemonHarness {
+            dir: tempfile::tempdir().expect("temporary directory"),
+            daemon: std::sync::Mutex::new(None),
+            named_hnsw,
+        }
+    }
+
+    fn start(&self) -> Daemon {
+        let socket = self.dir.path().join("d.sock");
+        if self.named_hnsw {
+            let stores = self.dir.path().join("stores");
+            let args: [&std::ffi::OsStr; 4] = [
+                "--stores".as_ref(),
+                stores.as_os_str(),
+                "--index".as_ref(),
+                "hnsw".as_ref(),
+            ];
+            Daemon::start_args(&socket, &args)
+        } else {
+            Daemon::start(&self.dir.path().join("store.db"), &socket, &[])
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl memstore_api::testkit::Harness for DaemonHarness {
+    type Store = memstore_ipc::IpcStore;
+
+    async fn open(&self, config: memstore_api::MemoryConfig) -> memstore_api::Result<Self::Store> {
+        let endpoint = {
+            let mut d = self.daemon.lock().unwrap();
+            d.get_or_insert_with(|| self.start()).endpoint()
+        };
+        let options = memstore_ipc::ClientOptions {
+            store: self.named_hnsw.then(|| "block0".to_string()),
+            ..memstore_ipc::ClientOptions::default()
+        };
+        memstore_ipc::IpcStore::connect_with(&endpoint, Some(config), options).await
+    }
+
+    async fn close(&self, store: Self::Store) -> memstore_api::Result<()> {
+        store.close().await?;
+        let d = self.daemon.lock().unwrap().take();
+        if let Some(d) = d {
+            let status = d.stop();
+            assert!(status.success(), "memstored exited with {status} on SIGTERM");
+        }
+        Ok(())
+    }
+}
