@@ -61,6 +61,11 @@ pub fn neighbour_order(a: (f32, u64), b: (f32, u64)) -> Ordering {
 /// `2^(−λ·Δt)`, the LRFU weighting of an access `Δt` ticks ago.
 #[inline]
 pub fn decay(lambda: f64, dt: u64) -> f64 {
+    // Repeated accesses within one tick (the common case in training: a
+    // step's retrievals) skip the exp2; 2^(−0) is exactly 1 either way.
+    if dt == 0 {
+        return 1.0;
+    }
     (-lambda * dt as f64).exp2()
 }
 
