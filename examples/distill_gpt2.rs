@@ -106,6 +106,10 @@ struct Args {
     /// Stop after this step as if interrupted (continue later with --resume).
     #[arg(long)]
     halt_after: Option<usize>,
+    /// Synchronise the device at each phase of a training step, so that the phase times in the log and the report
+    /// are exact on a GPU (costs some throughput).
+    #[arg(long)]
+    profile: bool,
     /// Evaluate a trained student (--student RUN_DIR) on --corpus instead of training.
     #[arg(long, requires_all = ["student", "corpus"])]
     eval_only: bool,
@@ -160,6 +164,7 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
     );
     o.resume = args.resume;
     o.halt_after = args.halt_after;
+    o.profile = args.profile;
     o.bootstrap = !args.no_bootstrap;
     let start = Instant::now();
     let report = if args.eval_only {

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use burn_dmt::burn::nn::LinearConfig;
-use burn_dmt::burn::tensor::{Device, Tensor, TensorData};
+use burn_dmt::burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_dmt::memory::featural::FeaturalMemory;
 use burn_dmt::memory::tier::DeviceMemory;
 use burn_dmt::train::SplitMix;
@@ -80,5 +80,50 @@ fn tier_step(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, tier_step);
+/// The gradient of the retrieved values reaching the tier's value table, at a
+/// GPU-sized step (8 × 256 tokens × 12 heads × k 8 = 196,608 rows of 64 from
+/// 4096 memories): rows taken by `select` (backward: a select-assign) against
+/// `gather` with the row index repeated per column (backward: a scatter-add),
+/// on the CPU and, with the `wgpu` feature, on the wgpu adapter.
+fn value_gradient(c: &mut Criterion) {
+    let (rows, cap, dv) = (196_608usize, 4096usize, 64usize);
+    let mut rng = SplitMix(5);
+    let table = data(cap * dv, &mut rng);
+    let weights = data(rows * dv, &mut rng);
+    let slots: Vec<i64> = (0..rows).map(|_| (rng.next_u64() % cap as u64) as i64).collect();
+    let mut devices = vec![("cpu", Device::flex())];
+    #[cfg(feature = "wgpu")]
+    match burn_dmt::device::select(burn_dmt::device::DeviceChoice::Wgpu) {
+        Ok(s) => devices.push(("wgpu", s.device)),
+        Err(e) => eprintln!("no wgpu rows: {e}"),
+    }
+    let mut g = c.benchmark_group("value_gradient");
+    g.sample_size(10).measurement_time(Duration::from_secs(8));
+    g.throughput(Throughput::Elements(rows as u64));
+    for (name, device) in devices {
+        let ad = device.autodiff();
+        let values = Tensor::<2>::from_data(TensorData::new(table.clone(), [cap, dv]), &ad).require_grad();
+        let w = Tensor::<2>::from_data(TensorData::new(weights.clone(), [rows, dv]), &ad);
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(slots.clone(), [rows]), &ad);
+        let by_column = idx.clone().reshape([rows, 1]).expand([rows, dv]);
+        type Take<'a> = Box<dyn Fn(Tensor<2>) -> Tensor<2> + 'a>;
+        let variants: [(&str, Take<'_>); 2] = [
+            ("select", Box::new(|v: Tensor<2>| v.select(0, idx.clone()))),
+            ("gather", Box::new(|v: Tensor<2>| v.gather(0, by_column.clone()))),
+        ];
+        for (variant, take) in variants {
+            g.bench_function(format!("{name}: {variant}, forward + backward"), |bench| {
+                bench.iter(|| {
+                    let loss = (take(values.clone()) * w.clone()).sum();
+                    let grads = loss.backward();
+                    let grad = values.grad(&grads).expect("a value gradient");
+                    grad.slice([0..1, 0..1]).into_scalar::<f32>()
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, tier_step, value_gradient);
 criterion_main!(benches);

@@ -130,6 +130,9 @@ pub struct DistillOptions {
     pub resume: bool,
     /// Stop after this step as if interrupted (the run can be resumed).
     pub halt_after: Option<usize>,
+    /// Synchronise the device at each phase of a training step, so that the
+    /// report's phase times are exact on a GPU (costs some throughput).
+    pub profile: bool,
     /// Device of the student and teacher.
     pub device: Device,
     /// How the device was chosen (for the report).
@@ -167,6 +170,7 @@ impl DistillOptions {
             checkpoint_every: 100,
             resume: false,
             halt_after: None,
+            profile: false,
             device: Device::flex(),
             device_name: "cpu (burn flex backend)".into(),
         }
@@ -190,6 +194,78 @@ pub struct StepMetrics {
     pub inserted: usize,
 }
 
+/// Wall time of the training loop by phase, summed over the steps of one
+/// run (a resumed run counts its own steps). Without `--profile` a GPU's
+/// queued work is counted in the phase that waits for it (the loss read-back
+/// at the end of the student's forward pass, the host copies of the memory
+/// commit); with it, the device is synchronised at every phase boundary.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PhaseTimes {
+    /// Seconds per phase, in the order of [`PhaseTimes::NAMES`].
+    pub seconds: [f64; 7],
+    /// Steps timed.
+    pub steps: usize,
+    /// Whether the device was synchronised at each boundary (`--profile`).
+    pub synchronised: bool,
+}
+
+impl PhaseTimes {
+    /// The phases: batch sampling and the teacher's forward pass; the
+    /// student's forward pass and the loss; the backward pass; the optimiser
+    /// step; the memory layers' commit (accesses, value updates, merges and
+    /// inserts on the device tier); journalling the change batches; checkpoints.
+    pub const NAMES: [&'static str; 7] = [
+        "teacher forward",
+        "student forward + loss",
+        "backward",
+        "optimizer",
+        "memory commit",
+        "journal",
+        "checkpoint",
+    ];
+
+    /// Milliseconds per step of each phase.
+    pub fn per_step_ms(&self) -> [f64; 7] {
+        self.seconds.map(|s| 1e3 * s / self.steps.max(1) as f64)
+    }
+
+    /// One line: `name ms` per phase and the total, per step.
+    pub fn summary(&self) -> String {
+        let ms = self.per_step_ms();
+        let parts: Vec<String> = Self::NAMES.iter().zip(ms).map(|(n, m)| format!("{n} {m:.1}")).collect();
+        format!("ms/step: {} (total {:.1})", parts.join(", "), ms.iter().sum::<f64>())
+    }
+}
+
+/// Times the phases of one step: [`Lap::lap`] charges the time since the
+/// previous lap to a phase, after synchronising the device when profiling.
+struct Lap<'a> {
+    times: &'a mut PhaseTimes,
+    device: Option<&'a Device>,
+    last: Instant,
+}
+
+impl<'a> Lap<'a> {
+    fn new(times: &'a mut PhaseTimes, device: Option<&'a Device>) -> Self {
+        Lap {
+            times,
+            device,
+            last: Instant::now(),
+        }
+    }
+
+    fn lap(&mut self, phase: usize) -> Result<()> {
+        if let Some(d) = self.device {
+            d.sync()
+                .map_err(|e| DmtError::InvalidArgument(format!("device synchronisation failed: {e:?}")))?;
+        }
+        let now = Instant::now();
+        self.times.seconds[phase] += (now - self.last).as_secs_f64();
+        self.last = now;
+        Ok(())
+    }
+}
+
 /// What a run (or `--eval-only`) reports.
 #[derive(Clone, Debug)]
 pub struct Report {
@@ -209,6 +285,8 @@ pub struct Report {
     pub store_bytes: u64,
     /// Training tokens per second (`None` for `--eval-only`).
     pub train_tokens_per_s: Option<f64>,
+    /// Where the training time went (`None` for `--eval-only`).
+    pub phases: Option<PhaseTimes>,
     /// Device.
     pub device: String,
     /// Per-step metrics.
@@ -278,6 +356,18 @@ impl Report {
             "Held-out text: {} positions. Device: {}.\n",
             self.student.tokens, self.device
         );
+        if let Some(p) = &self.phases {
+            s += &format!(
+                "\n| training phase | ms per step | share |\n| --- | --- | --- |\n{}\n{} steps timed{}.\n",
+                phase_rows(p),
+                p.steps,
+                if p.synchronised {
+                    ", device synchronised at each phase (--profile)"
+                } else {
+                    "; GPU work is counted where the host waits for it (--profile synchronises)"
+                }
+            );
+        }
         s
     }
 
@@ -289,6 +379,17 @@ impl Report {
         }
         s
     }
+}
+
+fn phase_rows(p: &PhaseTimes) -> String {
+    let ms = p.per_step_ms();
+    let total: f64 = ms.iter().sum();
+    PhaseTimes::NAMES
+        .iter()
+        .zip(ms)
+        .map(|(n, m)| format!("| {n} | {m:.1} | {:.1}% |", 100.0 * m / total.max(1e-12)))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The default plan: the lower three quarters featural, the rest associative.
@@ -524,10 +625,14 @@ fn final_report(
     eval: &[Window],
     run_dir: &Path,
     store_dir: &Path,
-    train_tokens_per_s: Option<f64>,
+    training: Option<(f64, PhaseTimes)>,
     device: &str,
     steps: Vec<StepMetrics>,
 ) -> Result<Report> {
+    let (train_tokens_per_s, phases) = match training {
+        Some((t, p)) => (Some(t), Some(p)),
+        None => (None, None),
+    };
     set_learning(student, false);
     let ablated = crate::loader::ablate_all(teacher.clone());
     let report = Report {
@@ -539,6 +644,7 @@ fn final_report(
         memory_rows: student.h.iter().map(|b| b.mlp.memory().map(|t| t.len())).collect(),
         store_bytes: dir_bytes(store_dir),
         train_tokens_per_s,
+        phases,
         device: device.to_string(),
         steps,
     };
@@ -721,11 +827,17 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
     set_learning(&mut student, true);
 
     let warmup = (opts.steps / 10).max(1);
+    let mut times = PhaseTimes {
+        synchronised: opts.profile,
+        ..PhaseTimes::default()
+    };
     let start = Instant::now();
     for step in first_step..opts.steps {
         let tick = step as u64 + 1;
+        let mut lap = Lap::new(&mut times, opts.profile.then_some(&device));
         let b = sample_batch(&corpus.train, opts.batch, seq, &mut rng)?;
         let tl = teacher.forward(b.inputs(&device), None)?;
+        lap.lap(0)?;
         let (sl, ff) = if opts.hidden_loss > 0.0 {
             student.forward_with_ff(b.inputs(&ad))?
         } else {
@@ -748,15 +860,19 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
                 step + 1
             )));
         }
+        lap.lap(1)?;
         let mut grads = loss.backward();
         let mut value_grads = Vec::with_capacity(config.n_layer);
         for blk in student.h.iter() {
             value_grads.push(blk.mlp.memory().and_then(|t| t.take_value_grad(&mut grads)));
         }
+        lap.lap(2)?;
         let lr = lr_at(step, opts.steps, warmup, opts.lr, 0.1);
         let gp = GradientsParams::from_grads(grads, &student);
         student = optim.step(lr, student, gp);
+        lap.lap(3)?;
         let mut inserted = 0;
+        let mut batches = Vec::with_capacity(config.n_layer);
         for (i, g) in value_grads.into_iter().enumerate() {
             let vg = g.map(|g| (g, opts.value_lr));
             let Some(ff) = student.feed_forward_mut(i) else {
@@ -771,12 +887,20 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
                 }
                 _ => continue,
             }
-            if let (Some(t), Some(Some(w))) = (ff.memory_mut(), writers.get_mut(i))
-                && let Some(batch) = t.take_changes()
-            {
-                w.submit(batch)?;
+            if let Some(batch) = ff.memory_mut().and_then(DeviceMemory::take_changes) {
+                batches.push((i, batch));
             }
         }
+        lap.lap(4)?;
+        for (i, batch) in batches {
+            let w = writers
+                .get_mut(i)
+                .and_then(Option::as_mut)
+                .ok_or_else(|| DmtError::InvalidArgument(format!("block {i}'s memory has no store writer")))?;
+            w.submit(batch)?;
+        }
+        lap.lap(5)?;
+        times.steps += 1;
         metrics.push(StepMetrics {
             step: step + 1,
             loss: l,
@@ -793,7 +917,11 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
                 opts.steps,
                 toks as f64 / start.elapsed().as_secs_f64()
             ));
+            if opts.profile {
+                log(&format!("        {}", times.summary()));
+            }
         }
+        let checkpoint_start = Instant::now();
         if (step + 1) % opts.checkpoint_every.max(1) == 0 || step + 1 == opts.steps {
             // The stores must hold every change up to here before they are copied.
             for w in writers.iter_mut() {
@@ -846,6 +974,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
                 }
             }
         }
+        times.seconds[6] += checkpoint_start.elapsed().as_secs_f64();
         if opts.halt_after == Some(step + 1) {
             return Err(DmtError::Halted { step: step + 1 });
         }
@@ -872,7 +1001,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         &eval,
         run_dir,
         &loc.dir(run_dir),
-        Some(train_tps),
+        Some((train_tps, times)),
         &opts.device_name,
         metrics,
     )

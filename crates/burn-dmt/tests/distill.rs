@@ -60,8 +60,20 @@ fn distillation_runs_end_to_end_and_eval_only_reproduces_it() {
     let (train, eval) = tiny_setup(dir.path());
     let o = options(dir.path(), train, &eval);
     let mut lines = Vec::new();
+    let started = std::time::Instant::now();
     let r = run(&o, &mut |l| lines.push(l.to_string())).unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
     assert!(lines.iter().any(|l| l.contains("step     4/4")), "{lines:?}");
+    // Without --profile no phase line is logged, and the phases are timed anyway.
+    assert!(!lines.iter().any(|l| l.contains("ms/step")), "{lines:?}");
+    let phases = r.phases.clone().expect("a training run times its phases");
+    assert_eq!(phases.steps, 4);
+    assert!(!phases.synchronised);
+    assert!(phases.seconds.iter().all(|s| s.is_finite() && *s >= 0.0), "{phases:?}");
+    let timed: f64 = phases.seconds.iter().sum();
+    assert!(timed > 0.0 && timed <= elapsed, "{timed} s timed of {elapsed} s");
+    // Forward passes and checkpoints (steps 4: the final one) took time.
+    assert!(phases.seconds[0] > 0.0 && phases.seconds[1] > 0.0 && phases.seconds[6] > 0.0);
 
     // Finite, consistent numbers.
     assert_eq!(r.steps.len(), 4);
@@ -103,6 +115,10 @@ fn distillation_runs_end_to_end_and_eval_only_reproduces_it() {
     }
     let md = std::fs::read_to_string(run_dir.join("report.md")).unwrap();
     assert!(md.contains("Gap closed") && md.contains("loss.png"), "{md}");
+    for name in burn_dmt::distill::PhaseTimes::NAMES {
+        assert!(md.contains(&format!("| {name} |")), "{name} missing from {md}");
+    }
+    assert!(md.contains("4 steps timed"), "{md}");
     let png = std::fs::read(run_dir.join("loss.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
     assert_eq!(
@@ -206,7 +222,19 @@ fn the_hidden_state_loss_adds_its_term() {
     let mut o = options(dir.path(), train, &eval);
     o.steps = 2;
     o.hidden_loss = 1.0;
-    let r = run(&o, &mut |_| {}).unwrap();
+    // With --profile the phases are logged with each progress line.
+    o.profile = true;
+    o.log_every = 1;
+    let mut lines = Vec::new();
+    let r = run(&o, &mut |l| lines.push(l.to_string())).unwrap();
+    assert_eq!(
+        lines.iter().filter(|l| l.contains("ms/step: teacher forward")).count(),
+        2,
+        "{lines:?}"
+    );
+    let phases = r.phases.clone().unwrap();
+    assert!(phases.synchronised && phases.steps == 2, "{phases:?}");
+    assert!(r.markdown().contains("device synchronised at each phase"));
     for m in &r.steps {
         let plain = 0.5 * m.kd + 0.5 * m.ce;
         assert!(m.loss.is_finite() && m.loss > plain, "{m:?}");

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use burn_dmt::burn::tensor::{Device, Tensor, TensorData};
-use burn_dmt::memory::journal::{Journal, WriteBehind, decode, encode, replay};
+use burn_dmt::memory::journal::{Journal, WriteBehind, crc32, decode, encode, replay};
 use burn_dmt::memory::tier::DeviceMemory;
 use memstore_api::testkit::util::{Rng, dump};
 use memstore_api::{ChangeBatch, EvictionPolicy, InMemoryStore, MemoryConfig, MemoryStore, Metric};
@@ -200,6 +200,9 @@ async fn write_behind_applies_batches_in_the_background() {
 
 #[test]
 fn journal_records_round_trip_and_damage_is_reported() {
+    // The records' checksum is zlib's CRC-32 (its standard check value).
+    assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    assert_eq!(crc32(b""), 0);
     let b = ChangeBatch {
         seq: 7,
         tick: 9,
@@ -240,6 +243,58 @@ fn journal_records_round_trip_and_damage_is_reported() {
     );
     std::fs::write(dir.path().join("other"), b"not a journal").unwrap();
     assert!(Journal::open(dir.path().join("other")).is_err());
+
+    // Accesses are stored as runs of one id: a GPU-sized step's (a few
+    // thousand memories, each retrieved dozens of times) take 16 bytes a
+    // memory; any order round-trips.
+    let mut many = b.clone();
+    many.touch = (1..=4096u64).flat_map(|id| std::iter::repeat_n(id, 48)).collect();
+    let bytes = encode(&many);
+    assert!(bytes.len() < 4096 * 16 + 512, "{} bytes", bytes.len());
+    assert_eq!(decode(&bytes), Some(many.clone()));
+    many.touch = vec![3, 100, 3, 3, 7, 100];
+    assert_eq!(decode(&encode(&many)), Some(many.clone()));
+    // A run of zero accesses is malformed.
+    let mut zero = b.clone();
+    zero.touch = vec![5];
+    let mut bytes = encode(&zero);
+    let at = 24 + (8 + 8 * 2) + (8 + 8) + (8 + 4 * 3); // seq..first_id, delete, update_ids, deltas
+    assert_eq!(
+        &bytes[at..at + 24],
+        [1u64, 5, 1].map(u64::to_le_bytes).concat().as_slice()
+    );
+    bytes[at + 16] = 0;
+    assert_eq!(decode(&bytes), None);
+
+    // A journal of format 2 (accesses one by one) is read and rewritten in
+    // the current format.
+    let v2 = |b: &ChangeBatch| {
+        let mut without = b.clone();
+        without.touch.clear();
+        let mut p = encode(&without);
+        let mut list = (b.touch.len() as u64).to_le_bytes().to_vec();
+        for id in &b.touch {
+            list.extend_from_slice(&id.to_le_bytes());
+        }
+        p.splice(at..at + 8, list);
+        let mut r = (p.len() as u32).to_le_bytes().to_vec();
+        r.extend_from_slice(&crc32(&p).to_le_bytes());
+        r.extend_from_slice(&p);
+        r
+    };
+    let path = dir.path().join("old-journal");
+    let mut c = b.clone();
+    c.seq = 8;
+    let old = [b"DMTJRNL2".to_vec(), v2(&b), v2(&c)].concat();
+    std::fs::write(&path, &old).unwrap();
+    let (mut j, got) = Journal::open(&path).unwrap();
+    assert_eq!(got, vec![b.clone(), c.clone()]);
+    let mut d = b.clone();
+    d.seq = 9;
+    j.append(&d).unwrap();
+    drop(j);
+    assert_eq!(&std::fs::read(&path).unwrap()[..8], b"DMTJRNL3");
+    assert_eq!(Journal::open(&path).unwrap().1, vec![b, c, d]);
 }
 
 #[test]
@@ -260,6 +315,71 @@ fn tier_refuses_bad_input_without_changing() {
     assert!(tier.apply_value_grad(grad, 1.0, &[0]).is_err());
     let b = tier.take_changes().unwrap();
     assert_eq!((b.seq, b.touch.clone(), b.deltas.len()), (2, vec![1], 0));
+}
+
+/// Recombining a commit's near-duplicates in one batch (one device read of
+/// the sources, one write of the merged rows) gives what merging them one by
+/// one gives: the same slots, rows, bookkeeping and change batch, including
+/// an item whose source an earlier item merged away (skipped), the limit,
+/// and an error part-way (the rows merged before it are on the device).
+#[test]
+fn merging_in_one_batch_equals_merging_one_by_one() {
+    let device = Device::flex();
+    let mut tier = DeviceMemory::new(config(), CAP, &device).unwrap();
+    let mut rng = Rng::new(5);
+    tier.fill(&rng.vecs(16, DK), &rng.vecs(16, DV), 1).unwrap();
+    tier.take_changes().unwrap();
+    tier.touch(&[0, 1, 1, 5], 2).unwrap();
+    let mut item = |sources: &[u64]| (rng.vecs(1, DK), rng.vecs(1, DV), sources.to_vec());
+    let items = vec![
+        item(&[1, 2]),
+        item(&[2, 3]), // 2 is merged away by the first item: skipped
+        item(&[4]),
+        item(&[40]), // unknown: skipped
+        item(&[5, 6, 7]),
+        item(&[8]), // over the limit of 3
+    ];
+    let one_by_one = |tier: &mut DeviceMemory, items: &[(Vec<f32>, Vec<f32>, Vec<u64>)], limit: usize| {
+        let mut slots = Vec::new();
+        for (k, v, s) in items {
+            if slots.len() >= limit {
+                break;
+            }
+            if let Some(slot) = tier.merge(s, k, v, 2)? {
+                slots.push(slot);
+            }
+        }
+        Ok::<_, burn_dmt::DmtError>(slots)
+    };
+    let (mut a, mut b) = (tier.clone(), tier.clone());
+    let sa = one_by_one(&mut a, &items, 3).unwrap();
+    let sb = b.merge_many(&items, 2, 3).unwrap();
+    assert_eq!(sa.len(), 3);
+    assert_eq!(sa, sb);
+    assert_eq!(tier_rows(&a), tier_rows(&b));
+    assert_eq!(a.layout(), b.layout());
+    let (ba, bb) = (a.take_changes().unwrap(), b.take_changes().unwrap());
+    assert_eq!(ba, bb);
+    assert_eq!(ba.delete, vec![1, 2, 4, 5, 6, 7]);
+    assert_eq!(ba.insert_meta.len(), 3);
+    // A merged memory carries its sources' accesses (memory 1: its insert
+    // and one touch; memory 2: its insert and two) and the observation's.
+    assert_eq!(ba.insert_meta[0].access_count, 2 + 3 + 1);
+
+    // An observation that makes a non-finite merge stops both at the same
+    // point, with the first item's merge on the device and in the batch.
+    let bad = vec![item(&[9]), (vec![f32::NAN; DK], vec![0.5; DV], vec![10]), item(&[11])];
+    let (mut a, mut b) = (tier.clone(), tier.clone());
+    assert!(one_by_one(&mut a, &bad, 10).is_err());
+    assert!(b.merge_many(&bad, 2, 10).is_err());
+    assert_eq!(tier_rows(&a), tier_rows(&b));
+    assert_eq!(a.take_changes(), b.take_changes());
+    assert!(
+        tier_rows(&b)
+            .iter()
+            .any(|(id, k, _)| *id == 17 && k.iter().all(|x| x.is_finite()))
+    );
+    assert!(!tier_rows(&b).iter().any(|(id, _, _)| *id == 9));
 }
 
 /// Inference from the store alone: a memory larger than the device tier's

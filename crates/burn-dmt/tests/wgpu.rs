@@ -133,3 +133,40 @@ fn device_topk_on_wgpu_finds_the_cpu_neighbours() {
         }
     }
 }
+
+/// On a GPU the tier takes trainable values with a gather (its gradient, a
+/// scatter-add, runs in parallel there) instead of the CPU's select: the
+/// retrieved values and the gradient reaching the value table are the CPU's,
+/// with many queries retrieving the same memory (summed by atomic adds).
+#[test]
+fn value_gradients_on_wgpu_equal_the_cpus() {
+    use burn_dmt::burn::tensor::{Device, Tensor, TensorData};
+    use burn_dmt::memory::tier::DeviceMemory;
+    use memstore_api::MemoryConfig;
+    use memstore_api::testkit::util::Rng;
+
+    let Some(selected) = adapter() else { return };
+    let (cap, d, m, k) = (64usize, 8usize, 400usize, 4usize);
+    let mut rng = Rng::new(31);
+    let (keys, vals) = (rng.vecs(cap, d), rng.vecs(cap, d));
+    let (queries, weights) = (rng.vecs(m, d), rng.vecs(m * k * d, 1));
+    let run = |device: &Device| {
+        let ad = device.clone().autodiff();
+        let mut tier = DeviceMemory::new(MemoryConfig::new(d, d), cap, &ad).unwrap();
+        tier.fill(&keys, &vals, 1).unwrap();
+        tier.set_trainable_values(true);
+        let found = tier
+            .search(Tensor::from_data(TensorData::new(queries.clone(), [m, d]), &ad), k)
+            .unwrap();
+        let w = Tensor::<3>::from_data(TensorData::new(weights.clone(), [m, k, d]), &ad);
+        let mut grads = (found.values.clone() * w).sum().backward();
+        let grad = tier.take_value_grad(&mut grads).expect("a value gradient");
+        (values(found.values.reshape([m * k, d])), values(grad))
+    };
+    let (want_rows, want_grad) = run(&Device::flex());
+    let (rows, grad) = run(&selected.device);
+    assert_eq!(rows, want_rows, "the retrieved values");
+    let diff = max_abs_diff(&grad, &want_grad);
+    assert!(diff <= 1e-4, "value gradients differ by {diff}");
+    assert!(want_grad.iter().filter(|g| g.abs() > 0.0).count() > cap * d / 2);
+}

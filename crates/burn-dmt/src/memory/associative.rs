@@ -84,6 +84,18 @@ pub fn straight_through(x: Tensor<2>, stored: Tensor<3>) -> Tensor<3> {
     x.clone() + (stored - x).detach()
 }
 
+/// What a learning forward pass leaves for the commit: the projected keys and
+/// values and what they retrieved, as detached device tensors. They are read
+/// back at the commit, once the step's work is queued, so a forward pass never
+/// waits for the device.
+#[derive(Clone, Debug)]
+struct Observed {
+    keys: Tensor<2>,
+    values: Tensor<2>,
+    distances: Tensor<2>,
+    slots: Tensor<2, Int>,
+}
+
 /// An associative memory layer with its device tier.
 #[derive(Module, Debug)]
 pub struct AssociativeMemory {
@@ -101,7 +113,7 @@ pub struct AssociativeMemory {
     #[module(skip)]
     memory: DeviceMemory,
     #[module(skip)]
-    proposals: Arc<Mutex<Proposals>>,
+    observed: Arc<Mutex<Vec<Observed>>>,
     #[module(skip)]
     learning: bool,
     #[module(skip)]
@@ -123,7 +135,7 @@ impl AssociativeMemory {
             out: lin(),
             log_scale: Param::from_tensor(Tensor::from_floats([((n_embd / n_head) as f32).sqrt().ln()], device)),
             memory,
-            proposals: Arc::new(Mutex::new(Proposals::default())),
+            observed: Arc::new(Mutex::new(Vec::new())),
             learning: false,
             n_head,
             k,
@@ -197,26 +209,33 @@ impl AssociativeMemory {
         let (q, k, v) = self.project(x);
         let r = self.retrieve(k.clone())?;
         if self.learning {
-            self.propose(&k, &v, &r)?;
+            let mut o = self.observed.lock().unwrap_or_else(|e| e.into_inner());
+            o.push(Observed {
+                keys: k.clone().detach(),
+                values: v.clone().detach(),
+                distances: r.distances.clone().detach(),
+                slots: r.slots.clone(),
+            });
         }
         Ok(self.attend(shape, q, k, v, &r))
     }
 
-    fn propose(&self, k: &Tensor<2>, v: &Tensor<2>, r: &Retrieved) -> Result<()> {
-        let [n, kk] = r.distances.dims();
-        let distances = host_f32(r.distances.clone())?;
-        let slots = host_i64(r.slots.clone())?;
+    /// Adds what one forward pass observed to `p`: the retrieved slots, the
+    /// novel keys and values, and the observations to recombine.
+    fn propose(&self, o: Observed, p: &mut Proposals) -> Result<()> {
+        let [n, kk] = o.distances.dims();
+        let distances = host_f32(o.distances)?;
+        let slots = host_i64(o.slots)?;
         let config = self.memory.config();
         let (novelty, recombine) = (config.novelty, config.recombine);
         let novel: Vec<usize> = (0..n).filter(|&i| distances[i * kk] > novelty).collect();
         let close: Vec<usize> = (0..n).filter(|&i| distances[i * kk] < recombine).collect();
-        let mut p = self.proposals.lock().unwrap_or_else(|e| e.into_inner());
         p.slots.extend(slots.iter().map(|&s| s as usize));
         if novel.is_empty() && close.is_empty() {
             return Ok(());
         }
-        let dh = k.dims()[1];
-        let (keys, values) = (host_f32(k.clone())?, host_f32(v.clone())?);
+        let dh = o.keys.dims()[1];
+        let (keys, values) = (host_f32(o.keys)?, host_f32(o.values)?);
         for i in novel {
             p.keys.extend_from_slice(&keys[i * dh..(i + 1) * dh]);
             p.values.extend_from_slice(&values[i * dh..(i + 1) * dh]);
@@ -235,35 +254,33 @@ impl AssociativeMemory {
         Ok(())
     }
 
-    /// Takes what forward passes proposed since the last commit.
-    pub fn take_proposals(&self) -> Proposals {
-        std::mem::take(&mut *self.proposals.lock().unwrap_or_else(|e| e.into_inner()))
+    /// Takes what forward passes proposed since the last commit (reading
+    /// their observations from the device).
+    pub fn take_proposals(&self) -> Result<Proposals> {
+        let observed = std::mem::take(&mut *self.observed.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut p = Proposals::default();
+        for o in observed {
+            self.propose(o, &mut p)?;
+        }
+        Ok(p)
     }
 
     /// Between steps: records the accesses of the retrieved slots at `tick`,
     /// applies the sparse value update `value −= lr · grad` to them when a
     /// value gradient is given (trainable tier values), recombines each
     /// observation closer than the recombination threshold with those
-    /// memories ([`DeviceMemory::merge`], as the store's `learn` does), and
+    /// memories ([`DeviceMemory::merge_many`], as the store's `learn` does), and
     /// inserts novel observations, each farther than the novelty threshold
     /// from every memory inserted before it in this commit (near-duplicate
     /// proposals of one batch become one memory): at most `max_inserts`
     /// merges and inserts together. Returns that number.
     pub fn commit(&mut self, tick: Tick, max_inserts: usize, value_grad: Option<(Tensor<2>, f32)>) -> Result<usize> {
-        let p = self.take_proposals();
+        let p = self.take_proposals()?;
         self.memory.touch(&p.slots, tick)?;
         if let Some((g, lr)) = value_grad {
             self.memory.apply_value_grad(g, lr, &p.slots)?;
         }
-        let mut done = 0;
-        for (key, value, sources) in &p.merges {
-            if done >= max_inserts {
-                break;
-            }
-            if self.memory.merge(sources, key, value, tick)?.is_some() {
-                done += 1;
-            }
-        }
+        let done = self.memory.merge_many(&p.merges, tick, max_inserts)?.len();
         let dh = self.memory.config().key_dim;
         let novelty = self.memory.config().novelty;
         let metric = self.memory.config().metric;

@@ -15,7 +15,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::softmax;
 use std::sync::{Arc, Mutex};
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Int, Tensor};
 use memstore_api::Tick;
 
 use super::tier::DeviceMemory;
@@ -65,8 +65,11 @@ pub struct FeaturalMemory {
     pub log_tau: Param<Tensor<1>>,
     #[module(skip)]
     memory: DeviceMemory,
+    /// Slots retrieved by learning forward passes, on the device until the
+    /// commit reads them (a read-back in the forward pass made the host wait
+    /// for the device at every memory layer).
     #[module(skip)]
-    retrieved: Arc<Mutex<Vec<usize>>>,
+    retrieved: Arc<Mutex<Vec<Tensor<2, Int>>>>,
     #[module(skip)]
     learning: bool,
     #[module(skip)]
@@ -109,16 +112,22 @@ impl FeaturalMemory {
         self.learning = learning;
     }
 
-    /// Takes the slots retrieved since the last call.
-    pub fn take_retrieved(&self) -> Vec<usize> {
-        std::mem::take(&mut *self.retrieved.lock().unwrap_or_else(|e| e.into_inner()))
+    /// Takes the slots retrieved since the last call (reading them from the
+    /// device).
+    pub fn take_retrieved(&self) -> Result<Vec<usize>> {
+        let found = std::mem::take(&mut *self.retrieved.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut slots = Vec::new();
+        for t in found {
+            slots.extend(host_i64(t)?.into_iter().map(|s| s as usize));
+        }
+        Ok(slots)
     }
 
     /// Between steps: records the accesses of the retrieved slots at `tick`,
     /// and applies the sparse value update `value −= lr · grad` to them when a
     /// value gradient is given. Returns the slots.
     pub fn commit(&mut self, tick: Tick, value_grad: Option<(Tensor<2>, f32)>) -> Result<Vec<usize>> {
-        let slots = self.take_retrieved();
+        let slots = self.take_retrieved()?;
         self.memory.touch(&slots, tick)?;
         if let Some((g, lr)) = value_grad {
             self.memory.apply_value_grad(g, lr, &slots)?;
@@ -137,9 +146,8 @@ impl FeaturalMemory {
         let keys = found.keys.detach();
         let values = found.values;
         if self.learning {
-            let slots = host_i64(found.slots.clone())?;
             let mut r = self.retrieved.lock().unwrap_or_else(|e| e.into_inner());
-            r.extend(slots.into_iter().map(|s| s as usize));
+            r.push(found.slots.clone());
         }
         let d = (q.unsqueeze_dim::<3>(1) - keys)
             .powf_scalar(2.0)

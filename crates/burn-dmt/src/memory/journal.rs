@@ -24,19 +24,17 @@ use memstore_api::{ChangeBatch, InsertMeta, MemoryStore};
 use crate::{DmtError, Result};
 
 /// First bytes of a journal file.
-const MAGIC: &[u8; 8] = b"DMTJRNL2";
+const MAGIC: &[u8; 8] = b"DMTJRNL3";
 
-/// CRC-32 (IEEE 802.3, reflected, as zlib's) of `bytes`.
+/// First bytes of a journal of format 2 (accesses listed one by one), read
+/// and rewritten in the current format on open.
+const MAGIC_V2: &[u8; 8] = b"DMTJRNL2";
+
+/// CRC-32 (IEEE 802.3, reflected, as zlib's) of `bytes`. Table-free bitwise
+/// CRC cost ~10 ms per MB here, and a GPU-sized step journals megabytes per
+/// layer; crc32fast uses the CPU's carry-less multiply.
 pub fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in bytes {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            let mask = (crc & 1).wrapping_neg();
-            crc = (crc >> 1) ^ (0xEDB8_8320 & mask);
-        }
-    }
-    !crc
+    crc32fast::hash(bytes)
 }
 
 fn put_u64s(out: &mut Vec<u8>, xs: &[u64]) {
@@ -53,6 +51,24 @@ fn put_f32s(out: &mut Vec<u8>, xs: &[f32]) {
     }
 }
 
+/// Accesses as runs of one id: `(id, count)` pairs (a tier lists a memory's
+/// accesses together, so a GPU-sized step's hundreds of thousands of
+/// accesses take a few thousand pairs).
+fn put_runs(out: &mut Vec<u8>, ids: &[u64]) {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &id in ids {
+        match runs.last_mut() {
+            Some((last, n)) if *last == id => *n += 1,
+            _ => runs.push((id, 1)),
+        }
+    }
+    out.extend_from_slice(&(runs.len() as u64).to_le_bytes());
+    for (id, n) in runs {
+        out.extend_from_slice(&id.to_le_bytes());
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+}
+
 /// Encodes a batch as a journal payload (little-endian).
 pub fn encode(b: &ChangeBatch) -> Vec<u8> {
     let mut out = Vec::new();
@@ -62,7 +78,7 @@ pub fn encode(b: &ChangeBatch) -> Vec<u8> {
     put_u64s(&mut out, &b.delete);
     put_u64s(&mut out, &b.update_ids);
     put_f32s(&mut out, &b.deltas);
-    put_u64s(&mut out, &b.touch);
+    put_runs(&mut out, &b.touch);
     put_f32s(&mut out, &b.insert_keys);
     put_f32s(&mut out, &b.insert_values);
     out.extend_from_slice(&(b.insert_meta.len() as u64).to_le_bytes());
@@ -90,6 +106,21 @@ impl Reader<'_> {
         let n = self.len(8)?;
         (0..n).map(|_| self.u64()).collect()
     }
+    fn runs(&mut self) -> Option<Vec<u64>> {
+        let n = self.len(16)?;
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            let (id, count) = (self.u64()?, self.u64()?);
+            // A run is at least one access; absurd totals (only a
+            // hand-made record could hold them) are refused before allocating.
+            let count = usize::try_from(count).ok().filter(|&c| c >= 1)?;
+            if ids.len().checked_add(count)? > u32::MAX as usize {
+                return None;
+            }
+            ids.extend(std::iter::repeat_n(id, count));
+        }
+        Some(ids)
+    }
     fn f32s(&mut self) -> Option<Vec<f32>> {
         let n = self.len(4)?;
         let mut v = Vec::with_capacity(n);
@@ -104,6 +135,10 @@ impl Reader<'_> {
 
 /// Decodes a journal payload; `None` when it is malformed.
 pub fn decode(payload: &[u8]) -> Option<ChangeBatch> {
+    decode_format(payload, 3)
+}
+
+fn decode_format(payload: &[u8], format: u8) -> Option<ChangeBatch> {
     let mut r = Reader(payload);
     let b = ChangeBatch {
         seq: r.u64()?,
@@ -112,7 +147,7 @@ pub fn decode(payload: &[u8]) -> Option<ChangeBatch> {
         delete: r.u64s()?,
         update_ids: r.u64s()?,
         deltas: r.f32s()?,
-        touch: r.u64s()?,
+        touch: if format == 2 { r.u64s()? } else { r.runs()? },
         insert_keys: r.f32s()?,
         insert_values: r.f32s()?,
         insert_meta: {
@@ -130,6 +165,18 @@ pub fn decode(payload: &[u8]) -> Option<ChangeBatch> {
         },
     };
     r.0.is_empty().then_some(b)
+}
+
+/// A journal record: payload length, CRC-32 of the payload, payload.
+fn record(batch: &ChangeBatch) -> Result<Vec<u8>> {
+    let payload = encode(batch);
+    let len = u32::try_from(payload.len())
+        .map_err(|_| DmtError::InvalidArgument(format!("change batch {} is over 4 GiB", batch.seq)))?;
+    let mut record = Vec::with_capacity(payload.len() + 8);
+    record.extend_from_slice(&len.to_le_bytes());
+    record.extend_from_slice(&crc32(&payload).to_le_bytes());
+    record.extend_from_slice(&payload);
+    Ok(record)
 }
 
 /// An append-only file of change batches.
@@ -163,6 +210,7 @@ impl Journal {
         };
         let mut batches = Vec::new();
         let mut good = MAGIC.len();
+        let format = if bytes.starts_with(MAGIC_V2) { 2 } else { 3 };
         if bytes.len() < MAGIC.len() {
             if !MAGIC.starts_with(&bytes) {
                 return Err(corrupt("not a journal file".into()));
@@ -171,7 +219,7 @@ impl Journal {
             file.seek(SeekFrom::Start(0)).map_err(&err)?;
             file.write_all(MAGIC).map_err(&err)?;
             file.sync_all().map_err(&err)?;
-        } else if &bytes[..MAGIC.len()] != MAGIC {
+        } else if format == 3 && &bytes[..MAGIC.len()] != MAGIC {
             return Err(corrupt("not a journal file".into()));
         } else {
             let mut at = MAGIC.len();
@@ -183,7 +231,9 @@ impl Journal {
                     break;
                 };
                 let last = at + 8 + len == bytes.len();
-                let batch = (crc32(payload) == crc).then(|| decode(payload)).flatten();
+                let batch = (crc32(payload) == crc)
+                    .then(|| decode_format(payload, format))
+                    .flatten();
                 match batch {
                     Some(b) => batches.push(b),
                     None if last => break,
@@ -192,7 +242,21 @@ impl Journal {
                 at += 8 + len;
                 good = at;
             }
-            if good < bytes.len() {
+            if format == 2 {
+                // Rewritten in the current format (atomically: the old file
+                // stays whole until the new one is durable).
+                let mut tmp = path.clone();
+                tmp.as_mut_os_string().push(".tmp");
+                let mut new = MAGIC.to_vec();
+                for b in &batches {
+                    new.extend_from_slice(&record(b)?);
+                }
+                let mut f = File::create(&tmp).map_err(io(&tmp))?;
+                f.write_all(&new).map_err(io(&tmp))?;
+                f.sync_all().map_err(io(&tmp))?;
+                std::fs::rename(&tmp, &path).map_err(&err)?;
+                file = OpenOptions::new().read(true).write(true).open(&path).map_err(&err)?;
+            } else if good < bytes.len() {
                 file.set_len(good as u64).map_err(&err)?;
                 file.sync_all().map_err(&err)?;
             }
@@ -209,13 +273,7 @@ impl Journal {
 
     /// Appends a batch and makes it durable before returning.
     pub fn append(&mut self, batch: &ChangeBatch) -> Result<()> {
-        let payload = encode(batch);
-        let len = u32::try_from(payload.len())
-            .map_err(|_| DmtError::InvalidArgument(format!("change batch {} is over 4 GiB", batch.seq)))?;
-        let mut record = Vec::with_capacity(payload.len() + 8);
-        record.extend_from_slice(&len.to_le_bytes());
-        record.extend_from_slice(&crc32(&payload).to_le_bytes());
-        record.extend_from_slice(&payload);
+        let record = record(batch)?;
         let err = io(&self.path);
         self.file.write_all(&record).map_err(&err)?;
         self.file.sync_data().map_err(&err)

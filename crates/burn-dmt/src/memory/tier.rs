@@ -23,7 +23,7 @@ use std::sync::Arc;
 use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 use memstore_api::{ChangeBatch, InsertMeta, MemoryConfig, MemoryId, MemoryStore, Tick, Vectors, math};
 
-use super::device::exact_topk;
+use super::device::{exact_topk, on_cpu};
 use crate::{DmtError, Result, host_f32};
 
 /// Ids fetched from the store per `get` call while loading.
@@ -75,6 +75,13 @@ pub struct DeviceMemory {
     next_id: MemoryId,
     last_batch: u64,
     pending: ChangeBatch,
+    /// Accesses of each slot in the pending batch (its `touch` list is built
+    /// from them at [`DeviceMemory::take_changes`]: a GPU-sized step touches
+    /// hundreds of thousands of times, and dropping an evicted memory's
+    /// touches from a list was a scan of it per eviction).
+    touches: Vec<u64>,
+    /// Sum of `touches`.
+    touched: u64,
     trainable_values: bool,
     device: Device,
 }
@@ -113,6 +120,8 @@ impl DeviceMemory {
                 first_id: 1,
                 ..ChangeBatch::default()
             },
+            touches: vec![0; capacity],
+            touched: 0,
             trainable_values: false,
             capacity,
             config,
@@ -373,11 +382,23 @@ impl DeviceMemory {
             .clone()
             .select(0, flat.clone())
             .reshape([m, k, self.config.key_dim]);
-        let values = self
-            .values
-            .clone()
-            .select(0, flat)
-            .reshape([m, k, self.config.value_dim]);
+        let dv = self.config.value_dim;
+        let values = if self.trainable_values && !on_cpu(&self.device) {
+            // On a GPU, gathered element-wise rather than selected by row: the
+            // same rows, but a gather's gradient is a scatter-add, which
+            // cubecl runs with one atomic add per element where the device
+            // adds floats atomically, while a select's is a select-assign,
+            // whose kernel has one unit per column (dv of them) walk all m·k
+            // rows serially (m·k is 196,608 at 8 × 256 tokens, 12 heads,
+            // k 8), which leaves a GPU nearly idle. On the CPU the select is
+            // the faster (3.2× at that size; lavapipe 1.9×):
+            // `cargo bench -p burn-dmt --features wgpu --bench tier -- value_gradient`.
+            let idx = flat.reshape([m * k, 1]).expand([m * k, dv]);
+            self.values.clone().gather(0, idx)
+        } else {
+            self.values.clone().select(0, flat)
+        }
+        .reshape([m, k, dv]);
         Ok(DeviceNeighbors {
             distances: top.distances,
             slots: top.indices,
@@ -387,26 +408,27 @@ impl DeviceMemory {
     }
 
     /// Records accesses of `slots` at `tick` (LRFU, as the store's `touch`; a
-    /// repeated slot is accessed repeatedly).
+    /// repeated slot is accessed repeatedly). Nothing changes when a slot is
+    /// empty.
     pub fn touch(&mut self, slots: &[usize], tick: Tick) -> Result<()> {
         self.check_writable()?;
-        if !slots.is_empty() {
-            self.check_tick(tick)?;
+        if slots.is_empty() {
+            return Ok(());
+        }
+        self.check_tick(tick)?;
+        if let Some(s) = slots.iter().find(|&&s| self.id(s).is_none()) {
+            return Err(DmtError::InvalidArgument(format!("slot {s} is empty")));
         }
         let lambda = self.config.eviction.lambda();
         for &s in slots {
-            let id = self
-                .id(s)
-                .ok_or_else(|| DmtError::InvalidArgument(format!("slot {s} is empty")))?;
             let (crf, last) = math::access(lambda, self.crf[s], self.last_access[s], tick);
             self.crf[s] = crf;
             self.last_access[s] = last;
             self.access_count[s] = self.access_count[s].saturating_add(1);
-            self.pending.touch.push(id);
+            self.touches[s] += 1;
         }
-        if !slots.is_empty() {
-            self.pending.tick = self.pending.tick.max(tick);
-        }
+        self.touched += slots.len() as u64;
+        self.pending.tick = self.pending.tick.max(tick);
         Ok(())
     }
 
@@ -421,10 +443,15 @@ impl DeviceMemory {
     /// device and in the pending batch (as deltas).
     pub fn apply_value_grad(&mut self, grad: Tensor<2>, lr: f32, slots: &[usize]) -> Result<()> {
         self.check_writable()?;
-        let mut rows: Vec<usize> = slots.to_vec();
-        rows.sort_unstable();
-        rows.dedup();
-        rows.retain(|&s| self.valid.get(s).copied().unwrap_or(false));
+        // Distinct valid slots in order (a mask, not a sort: a GPU-sized step
+        // names hundreds of thousands of slots).
+        let mut named = vec![false; self.capacity];
+        for &s in slots {
+            if let Some(n) = named.get_mut(s) {
+                *n = true;
+            }
+        }
+        let rows: Vec<usize> = (0..self.capacity).filter(|&s| named[s] && self.valid[s]).collect();
         if rows.is_empty() {
             return Ok(());
         }
@@ -512,7 +539,8 @@ impl DeviceMemory {
         }
         self.pending.update_ids = kept_ids;
         self.pending.deltas = kept;
-        self.pending.touch.retain(|&t| t != id);
+        self.touched -= self.touches[s];
+        self.touches[s] = 0;
         self.pending.delete.push(id);
     }
 
@@ -528,79 +556,153 @@ impl DeviceMemory {
     /// near-duplicates ([`math::merge`]: exp(−d)-weighted means, the
     /// observation weighing 1, oldest creation, counts summed, CRFs combined):
     /// the sources are deleted and the merged memory is inserted with their
-    /// history (accesses recorded earlier in the same step included). Returns its slot, or `None` (nothing changed) when a source is
-    /// gone or not yet in the store.
+    /// history (accesses recorded earlier in the same step included). Returns
+    /// its slot, or `None` (nothing changed) when a source is gone or not yet
+    /// in the store.
     pub fn merge(&mut self, sources: &[MemoryId], key: &[f32], value: &[f32], tick: Tick) -> Result<Option<usize>> {
+        let item = (key.to_vec(), value.to_vec(), sources.to_vec());
+        Ok(self.merge_many(std::slice::from_ref(&item), tick, 1)?.first().copied())
+    }
+
+    /// [`DeviceMemory::merge`] for each `(key, value, sources)` in order,
+    /// until `limit` merges are done, with one device read of the source rows
+    /// and one device write of the merged rows for all of them (a merge per
+    /// call cost two read-backs and a rewrite of both tables). An item whose
+    /// sources an earlier item merged away is skipped, as a later `merge`
+    /// call would skip it. Returns the slots of the merged memories, in order.
+    pub fn merge_many(
+        &mut self,
+        items: &[(Vec<f32>, Vec<f32>, Vec<MemoryId>)],
+        tick: Tick,
+        limit: usize,
+    ) -> Result<Vec<usize>> {
         self.check_writable()?;
         let (dk, dv) = (self.config.key_dim, self.config.value_dim);
-        if key.len() != dk || value.len() != dv {
-            return Err(DmtError::InvalidArgument(format!(
-                "a merged observation of {}/{} dims for memories of {dk}/{dv}",
-                key.len(),
-                value.len()
-            )));
-        }
-        let mut slots = Vec::with_capacity(sources.len());
-        for id in sources {
-            match self.slot(*id) {
-                Some(s) if *id < self.pending.first_id && !slots.contains(&s) => slots.push(s),
-                _ => return Ok(None),
-            }
-        }
-        if slots.is_empty() {
-            return Ok(None);
-        }
-        self.check_tick(tick)?;
-        let inner = self.device.clone().inner();
-        let idx = Tensor::<1, Int>::from_data(
-            TensorData::new(slots.iter().map(|&s| s as i64).collect::<Vec<_>>(), [slots.len()]),
-            &inner,
-        );
-        let rows = |t: &Tensor<2>| host_f32(t.clone().inner().select(0, idx.clone()));
-        let (skeys, svalues) = (rows(&self.keys)?, rows(&self.values)?);
-        let no_tags = std::collections::BTreeMap::new();
-        let src: Vec<math::MergeSource<'_>> = slots
+        // A memory's row does not change within the call (merged rows go to
+        // new memories, which are never sources), so every source row is read
+        // once, before the first merge.
+        let mut wanted: Vec<usize> = items
             .iter()
-            .enumerate()
-            .map(|(i, &s)| {
-                let k = &skeys[i * dk..(i + 1) * dk];
-                math::MergeSource {
-                    distance: math::distance(self.config.metric, key, k),
-                    key: k,
-                    created: self.created[s],
-                    last_access: self.last_access[s],
-                    access_count: self.access_count[s],
-                    crf: self.crf[s],
-                    tags: &no_tags,
-                }
-            })
+            .flat_map(|(_, _, sources)| sources.iter().filter_map(|id| self.slot(*id)))
             .collect();
-        let merged = math::merge(self.config.eviction.lambda(), key, &[], tick, &src);
-        let mvalue = math::weighted_mean(
-            value,
-            merged
-                .weights
-                .iter()
-                .copied()
-                .zip((0..slots.len()).map(|i| &svalues[i * dv..(i + 1) * dv])),
-        );
-        if mvalue.iter().chain(&merged.key).any(|x| !x.is_finite()) {
-            return Err(DmtError::InvalidArgument("a merge produced a non-finite number".into()));
-        }
-        for &s in &slots {
-            self.remove_synced(s);
-        }
-        let meta = InsertMeta {
-            created: merged.created,
-            last_access: merged.last_access,
-            access_count: merged.access_count,
-            crf: merged.crf,
+        wanted.sort_unstable();
+        wanted.dedup();
+        let (skeys, svalues) = if wanted.is_empty() || limit == 0 {
+            (Vec::new(), Vec::new())
+        } else {
+            let inner = self.device.clone().inner();
+            let idx = Tensor::<1, Int>::from_data(
+                TensorData::new(wanted.iter().map(|&s| s as i64).collect::<Vec<_>>(), [wanted.len()]),
+                &inner,
+            );
+            let rows = |t: &Tensor<2>| host_f32(t.clone().inner().select(0, idx.clone()));
+            (rows(&self.keys)?, rows(&self.values)?)
         };
-        let got = self.insert_rows(&merged.key, &mvalue, Some(&[meta]), tick)?;
-        Ok(got.first().copied())
+        let row = |s: usize| wanted.binary_search(&s).ok();
+        let (mut placed, mut new_keys, mut new_values) = (Vec::new(), Vec::new(), Vec::new());
+        let mut plan = || -> Result<()> {
+            for (key, value, sources) in items {
+                if placed.len() >= limit {
+                    break;
+                }
+                if key.len() != dk || value.len() != dv {
+                    return Err(DmtError::InvalidArgument(format!(
+                        "a merged observation of {}/{} dims for memories of {dk}/{dv}",
+                        key.len(),
+                        value.len()
+                    )));
+                }
+                let mut slots = Vec::with_capacity(sources.len());
+                let mut usable = true;
+                for id in sources {
+                    match self.slot(*id) {
+                        Some(s) if *id < self.pending.first_id && !slots.contains(&s) => slots.push(s),
+                        _ => {
+                            usable = false;
+                            break;
+                        }
+                    }
+                }
+                if !usable || slots.is_empty() {
+                    continue;
+                }
+                self.check_tick(tick)?;
+                let mut rows = Vec::with_capacity(slots.len());
+                for &s in &slots {
+                    let r = row(s).ok_or_else(|| DmtError::InvalidArgument(format!("slot {s} was not read")))?;
+                    rows.push(r);
+                }
+                let no_tags = std::collections::BTreeMap::new();
+                let src: Vec<math::MergeSource<'_>> = slots
+                    .iter()
+                    .zip(&rows)
+                    .map(|(&s, &r)| {
+                        let k = &skeys[r * dk..(r + 1) * dk];
+                        math::MergeSource {
+                            distance: math::distance(self.config.metric, key, k),
+                            key: k,
+                            created: self.created[s],
+                            last_access: self.last_access[s],
+                            access_count: self.access_count[s],
+                            crf: self.crf[s],
+                            tags: &no_tags,
+                        }
+                    })
+                    .collect();
+                let merged = math::merge(self.config.eviction.lambda(), key, &[], tick, &src);
+                let mvalue = math::weighted_mean(
+                    value,
+                    merged
+                        .weights
+                        .iter()
+                        .copied()
+                        .zip(rows.iter().map(|&r| &svalues[r * dv..(r + 1) * dv])),
+                );
+                if mvalue.iter().chain(&merged.key).any(|x| !x.is_finite()) {
+                    return Err(DmtError::InvalidArgument("a merge produced a non-finite number".into()));
+                }
+                for &s in &slots {
+                    self.remove_synced(s);
+                }
+                let meta = InsertMeta {
+                    created: merged.created,
+                    last_access: merged.last_access,
+                    access_count: merged.access_count,
+                    crf: merged.crf,
+                };
+                for s in self.place_rows(&merged.key, &mvalue, Some(&[meta]), tick)? {
+                    placed.push(s);
+                    new_keys.extend_from_slice(&merged.key);
+                    new_values.extend_from_slice(&mvalue);
+                }
+            }
+            Ok(())
+        };
+        let planned = plan();
+        // The rows placed before an error are written too, so the device
+        // tables always match the bookkeeping.
+        self.write_rows(&placed, &new_keys, &new_values);
+        planned.map(|()| placed)
     }
 
     fn insert_rows(
+        &mut self,
+        keys: &[f32],
+        values: &[f32],
+        metas: Option<&[InsertMeta]>,
+        tick: Tick,
+    ) -> Result<Vec<usize>> {
+        let slots = self.place_rows(keys, values, metas, tick)?;
+        let (dk, dv) = (self.config.key_dim, self.config.value_dim);
+        let m = slots.len();
+        self.write_rows(&slots, &keys[..m * dk], &values[..m * dv]);
+        Ok(slots)
+    }
+
+    /// The bookkeeping of an insert (slots, ids, LRFU state, the pending
+    /// batch) without the device write; [`DeviceMemory::write_rows`] must
+    /// follow with the rows of the returned slots.
+    fn place_rows(
         &mut self,
         keys: &[f32],
         values: &[f32],
@@ -645,17 +747,24 @@ impl DeviceMemory {
             self.pending.tick = self.pending.tick.max(tick);
             slots.push(s);
         }
-        if slots.is_empty() {
-            return Ok(slots);
-        }
+        Ok(slots)
+    }
+
+    /// Writes rows of keys and values into distinct `slots` of the device
+    /// tables, in one scatter per table.
+    fn write_rows(&mut self, slots: &[usize], keys: &[f32], values: &[f32]) {
         let m = slots.len();
+        if m == 0 {
+            return;
+        }
+        let (dk, dv) = (self.config.key_dim, self.config.value_dim);
         let inner = self.device.clone().inner();
         let idx = Tensor::<1, Int>::from_data(
             TensorData::new(slots.iter().map(|&s| s as i64).collect::<Vec<_>>(), [m]),
             &inner,
         );
         let mut mask = vec![false; self.capacity];
-        for &s in &slots {
+        for &s in slots {
             mask[s] = true;
         }
         let mask = Tensor::<1, Bool>::from_data(TensorData::new(mask, [self.capacity]), &inner);
@@ -678,14 +787,13 @@ impl DeviceMemory {
             keys_new
         };
         self.set_values(values_new);
-        Ok(slots)
     }
 
     /// A batch carries one tick: accesses at another tick need the pending
     /// changes taken first (the store would apply them at the batch's tick).
     fn check_tick(&self, tick: Tick) -> Result<()> {
         let p = &self.pending;
-        if (!p.touch.is_empty() || !p.insert_keys.is_empty()) && p.tick != tick {
+        if (self.touched > 0 || !p.insert_keys.is_empty()) && p.tick != tick {
             return Err(DmtError::InvalidArgument(format!(
                 "changes at tick {} are pending: take them before accessing at tick {tick}",
                 p.tick
@@ -697,16 +805,29 @@ impl DeviceMemory {
     /// Whether changes are waiting for the store.
     pub fn has_changes(&self) -> bool {
         let p = &self.pending;
-        !(p.delete.is_empty() && p.update_ids.is_empty() && p.touch.is_empty() && p.insert_keys.is_empty())
+        !(p.delete.is_empty() && p.update_ids.is_empty() && self.touched == 0 && p.insert_keys.is_empty())
     }
 
     /// Takes the pending changes as the next batch for the store (`None` when
-    /// nothing changed). The caller must apply the batches in order.
+    /// nothing changed; accesses listed by slot, a memory's repeated). The
+    /// caller must apply the batches in order.
     pub fn take_changes(&mut self) -> Option<ChangeBatch> {
         if !self.has_changes() {
             return None;
         }
-        let batch = std::mem::take(&mut self.pending);
+        let mut batch = std::mem::take(&mut self.pending);
+        // Accesses in slot order (the store's arithmetic is per memory, so the
+        // order of different memories' accesses does not matter).
+        batch.touch.reserve(self.touched as usize);
+        for (s, n) in self.touches.iter_mut().enumerate() {
+            if *n > 0 {
+                if let Some(id) = self.ids[s] {
+                    batch.touch.extend(std::iter::repeat_n(id, *n as usize));
+                }
+                *n = 0;
+            }
+        }
+        self.touched = 0;
         self.last_batch = batch.seq;
         self.reset_pending();
         Some(batch)
