@@ -9,6 +9,8 @@
 # as distill_gpt2.xz) and, where the machine has no Vulkan loader, the Debian
 # packages libvulkan1 libglvnd0 libegl1 libgl1 libglx0 libgles2 libopengl0
 # (`apt-get download ...`).
+# PROFILE=1 adds --profile (the device synchronised at each phase of a step;
+# the phase table in the log and the report).
 set -u
 t0=$(date +%s)
 for f in .gpu/*.deb; do [ -e "$f" ] && dpkg -x "$f" /; done; ldconfig
@@ -21,5 +23,5 @@ python3 scripts/gpu/make_teacher.py /tmp/teacher 2>&1 | tail -1
 PYTHONUNBUFFERED=1 timeout 120 python3 scripts/gpu/torch_bench.py 2>&1 | grep -v -i warn | tee "$OUT/torch.log"
 timeout "${DISTILL_TIMEOUT:-600}" /tmp/distill_gpt2 --teacher /tmp/teacher --corpus assets/data/tinyshakespeare.txt \
   --device wgpu --steps "${STEPS:-300}" --batch 8 --seq 256 --run-dir /tmp/gpu-run --checkpoint-every 100000 \
-  --eval-windows 32 2>&1 | while IFS= read -r l; do echo "+$(( $(date +%s) - t0 ))s $l"; done | tee "$OUT/distill.log"
+  --eval-windows 32 ${PROFILE:+--profile} 2>&1 | while IFS= read -r l; do echo "+$(( $(date +%s) - t0 ))s $l"; done | tee "$OUT/distill.log"
 cp /tmp/gpu-run/report.md /tmp/gpu-run/metrics.csv "$OUT/" 2>/dev/null

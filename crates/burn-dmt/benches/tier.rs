@@ -9,6 +9,7 @@ use std::time::Duration;
 use burn_dmt::burn::nn::LinearConfig;
 use burn_dmt::burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_dmt::memory::featural::FeaturalMemory;
+use burn_dmt::memory::journal::Journal;
 use burn_dmt::memory::tier::DeviceMemory;
 use burn_dmt::train::SplitMix;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -125,5 +126,41 @@ fn value_gradient(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, tier_step, value_gradient);
+/// The host side of a memory layer's commit at a GPU-sized step on a full
+/// tier (4096 memories of 64; 8 × 256 tokens × 12 heads × k 8 = 196,608
+/// accesses): LRFU accesses, the sparse value update of the accessed rows,
+/// 64 inserts that evict 64 memories, the change batch taken and journalled
+/// (encoded, checksummed, written and synced).
+fn tier_commit(c: &mut Criterion) {
+    let (cap, dh, accesses, inserts) = (4096usize, 64usize, 196_608usize, 64usize);
+    let mut rng = SplitMix(9);
+    let device = Device::flex();
+    let mut tier = DeviceMemory::new(MemoryConfig::new(dh, dh), cap, &device).expect("tier");
+    tier.fill(&data(cap * dh, &mut rng), &data(cap * dh, &mut rng), 1)
+        .expect("fill");
+    tier.take_changes();
+    let slots: Vec<usize> = (0..accesses).map(|_| (rng.next_u64() % cap as u64) as usize).collect();
+    let grad = Tensor::<2>::from_data(TensorData::new(data(cap * dh, &mut rng), [cap, dh]), &device);
+    let (keys, values) = (data(inserts * dh, &mut rng), data(inserts * dh, &mut rng));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut journal, _) = Journal::open(dir.path().join("journal")).expect("journal");
+    let mut tick = 1;
+    let mut g = c.benchmark_group("tier_commit");
+    g.sample_size(10).measurement_time(Duration::from_secs(8));
+    g.throughput(Throughput::Elements(accesses as u64));
+    g.bench_function("196608 accesses, value update, 64 evicting inserts, journal", |bench| {
+        bench.iter(|| {
+            tick += 1;
+            tier.touch(&slots, tick).expect("touch");
+            tier.apply_value_grad(grad.clone(), 0.01, &slots).expect("value update");
+            tier.insert(&keys, &values, tick).expect("insert");
+            let batch = tier.take_changes().expect("a batch");
+            journal.append(&batch).expect("append");
+            batch.touch.len()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, tier_step, value_gradient, tier_commit);
 criterion_main!(benches);
