@@ -13,7 +13,8 @@
 //!
 //! - with `--features hnsw`: the SQLite store again with the HNSW index kind
 //!   (`memstore-sqlite-hnsw`, default HNSW options), its recall@8 against the
-//!   exact store printed for the same 4096 queries; and the in-memory
+//!   exact store printed for the same 4096 queries (with `duckdb` too, the
+//!   DuckDB store with the HNSW index kind, `memstore-duckdb-hnsw`); and the in-memory
 //!   reference store (a plain scalar scan, the naive baseline; batches 1 and
 //!   64 only).
 //!
@@ -183,23 +184,50 @@ fn anchors(c: &mut Criterion) {
             fill(&s, dim, n).await;
             Arc::new(s)
         });
+        #[cfg(all(feature = "hnsw", feature = "duckdb"))]
+        let duck_hnsw = rt.block_on(async {
+            let options = memstore::DuckdbOptions {
+                ann: Some(Arc::new(memstore::Hnsw::new(memstore::HnswOptions::default()))),
+            };
+            let t = Instant::now();
+            let s = memstore::DuckdbStore::open_with(
+                dir.path().join("anchor-hnsw.duckdb"),
+                MemoryConfig::new(dim, dim),
+                options,
+            )
+            .await
+            .unwrap();
+            fill(&s, dim, n).await;
+            eprintln!(
+                "memstore-duckdb-hnsw dim {dim} n {n}: filled in {:.1} s",
+                t.elapsed().as_secs_f64()
+            );
+            Arc::new(s)
+        });
         #[cfg(feature = "hnsw")]
         rt.block_on(async {
             let q = data(4, 4096 * dim);
             let exact = sqlite.search(Vectors::new(&q, dim).unwrap(), K, None).await.unwrap();
-            let approx = hnsw.search(Vectors::new(&q, dim).unwrap(), K, None).await.unwrap();
-            let mut hit = 0;
-            for i in 0..4096 {
-                let want: std::collections::HashSet<_> = exact.row_ids(i).iter().flatten().collect();
-                hit += approx
-                    .row_ids(i)
-                    .iter()
-                    .flatten()
-                    .filter(|id| want.contains(id))
-                    .count();
+            #[allow(unused_mut)]
+            let mut approximate: Vec<(&str, Arc<dyn MemoryStore>)> =
+                vec![("memstore-sqlite-hnsw", hnsw.clone() as Arc<dyn MemoryStore>)];
+            #[cfg(feature = "duckdb")]
+            approximate.push(("memstore-duckdb-hnsw", duck_hnsw.clone() as Arc<dyn MemoryStore>));
+            for (name, store) in approximate {
+                let approx = store.search(Vectors::new(&q, dim).unwrap(), K, None).await.unwrap();
+                let mut hit = 0;
+                for i in 0..4096 {
+                    let want: std::collections::HashSet<_> = exact.row_ids(i).iter().flatten().collect();
+                    hit += approx
+                        .row_ids(i)
+                        .iter()
+                        .flatten()
+                        .filter(|id| want.contains(id))
+                        .count();
+                }
+                let recall = hit as f64 / (4096 * K) as f64;
+                eprintln!("{name} dim {dim} n {n}: recall@{K} {recall:.4} (4096 queries, vs exact)");
             }
-            let recall = hit as f64 / (4096 * K) as f64;
-            eprintln!("memstore-sqlite-hnsw dim {dim} n {n}: recall@{K} {recall:.4} (4096 queries, vs exact)");
         });
         let label = if n >= 1_000_000 {
             format!("{}M", n / 1_000_000)
@@ -266,6 +294,8 @@ fn anchors(c: &mut Criterion) {
         bench_search(&mut g, &rt, "memstore-duckdb", duck.clone(), dim, &BATCHES);
         #[cfg(feature = "hnsw")]
         bench_search(&mut g, &rt, "memstore-sqlite-hnsw", hnsw.clone(), dim, &BATCHES);
+        #[cfg(all(feature = "hnsw", feature = "duckdb"))]
+        bench_search(&mut g, &rt, "memstore-duckdb-hnsw", duck_hnsw.clone(), dim, &BATCHES);
         #[cfg(feature = "hnsw")]
         // The naive scan answers 4096 queries in minutes: batches 1 and 64 only.
         bench_search(&mut g, &rt, "in-memory", reference.clone(), dim, &BATCHES[..2]);
@@ -278,6 +308,8 @@ fn anchors(c: &mut Criterion) {
         bench_writes(&mut g, &rt, "duckdb", duck.clone(), dim);
         #[cfg(feature = "hnsw")]
         bench_writes(&mut g, &rt, "sqlite-hnsw", hnsw.clone(), dim);
+        #[cfg(all(feature = "hnsw", feature = "duckdb"))]
+        bench_writes(&mut g, &rt, "duckdb-hnsw", duck_hnsw.clone(), dim);
         g.finish();
     }
 }
