@@ -47,6 +47,15 @@ fn sizes() -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// [`fill`], printing how long it took (an HNSW store builds its graph as it
+/// fills: minutes at dim 768).
+#[cfg(feature = "hnsw")]
+async fn fill_timed(name: &str, s: &dyn MemoryStore, dim: usize, n: usize) {
+    let t = Instant::now();
+    fill(s, dim, n).await;
+    eprintln!("{name} dim {dim} n {n}: filled in {:.1} s", t.elapsed().as_secs_f64());
+}
+
 async fn fill(s: &dyn MemoryStore, dim: usize, n: usize) {
     let keys = data(1, n * dim);
     let vals = data(2, n * dim);
@@ -167,15 +176,10 @@ fn anchors(c: &mut Criterion) {
                 sql_knn: false,
                 ..memstore::SqliteOptions::default()
             };
-            let t = Instant::now();
             let s = SqliteStore::open_with(dir.path().join("anchor-hnsw.db"), MemoryConfig::new(dim, dim), options)
                 .await
                 .unwrap();
-            fill(&s, dim, n).await;
-            eprintln!(
-                "memstore-sqlite-hnsw dim {dim} n {n}: filled in {:.1} s",
-                t.elapsed().as_secs_f64()
-            );
+            fill_timed("memstore-sqlite-hnsw", &s, dim, n).await;
             Arc::new(s)
         });
         #[cfg(feature = "hnsw")]
@@ -189,7 +193,6 @@ fn anchors(c: &mut Criterion) {
             let options = memstore::DuckdbOptions {
                 ann: Some(Arc::new(memstore::Hnsw::new(memstore::HnswOptions::default()))),
             };
-            let t = Instant::now();
             let s = memstore::DuckdbStore::open_with(
                 dir.path().join("anchor-hnsw.duckdb"),
                 MemoryConfig::new(dim, dim),
@@ -197,11 +200,7 @@ fn anchors(c: &mut Criterion) {
             )
             .await
             .unwrap();
-            fill(&s, dim, n).await;
-            eprintln!(
-                "memstore-duckdb-hnsw dim {dim} n {n}: filled in {:.1} s",
-                t.elapsed().as_secs_f64()
-            );
+            fill_timed("memstore-duckdb-hnsw", &s, dim, n).await;
             Arc::new(s)
         });
         #[cfg(feature = "hnsw")]
