@@ -659,22 +659,43 @@ impl KeyIndex for HnswIndex {
         }
         let m = check_rows("queries", queries, self.dim, None)?;
         let d = self.dim;
+        let size = self.index.size();
+        // A graph no larger than the search's candidate list is answered by
+        // usearch's exhaustive scan (it skips removed slots): exact, and no
+        // dearer than the walk, which on a small graph whose nearest keys
+        // all fail the filter can stop short of the k that pass.
+        let exhaustive = size <= self.options.expansion_search;
         (0..m)
             .into_par_iter()
             .map(|i| {
                 let q = &queries[i * d..(i + 1) * d];
-                let found = match filter {
-                    Some(f) => self.index.filtered_search(q, k, f),
-                    None => self.index.search(q, k),
-                }
-                .map_err(us)?;
-                let mut row: Row = found
-                    .keys
-                    .iter()
-                    .zip(&found.distances)
-                    .map(|(&id, &dist)| (self.to_metric(dist), id))
-                    .collect();
+                let mut row: Row = if size == 0 {
+                    Vec::new()
+                } else if exhaustive {
+                    let wanted = if filter.is_some() { size } else { k.min(size) };
+                    let found = self.index.exact_search(q, wanted).map_err(us)?;
+                    found
+                        .keys
+                        .iter()
+                        .zip(&found.distances)
+                        .filter(|(id, _)| filter.is_none_or(|f| f(**id)))
+                        .map(|(&id, &dist)| (self.to_metric(dist), id))
+                        .collect()
+                } else {
+                    let found = match filter {
+                        Some(f) => self.index.filtered_search(q, k, f),
+                        None => self.index.search(q, k),
+                    }
+                    .map_err(us)?;
+                    found
+                        .keys
+                        .iter()
+                        .zip(&found.distances)
+                        .map(|(&id, &dist)| (self.to_metric(dist), id))
+                        .collect()
+                };
                 row.sort_by(|a, b| math::neighbour_order(*a, *b));
+                row.truncate(k);
                 Ok(row)
             })
             .collect()

@@ -293,3 +293,51 @@ fn hnsw_survives_insert_remove_churn() {
     let all: std::collections::HashSet<MemoryId> = live.iter().map(|x| x.0).collect();
     assert!(rows.iter().flatten().all(|(_, id)| all.contains(id)));
 }
+
+#[test]
+fn small_graphs_answer_exactly_with_filters_and_removals() {
+    // 200 near keys that fail the filter and 10 far ones that pass: a graph
+    // walk on so small a graph could stop short; an index no larger than
+    // the search expansion is scanned instead. Repeated, because graph
+    // construction is multi-threaded (each build differs).
+    let near: Vec<f32> = (0..200).map(|i| i as f32 * 0.01).collect();
+    let far: Vec<f32> = (0..10).map(|i| 100.0 + i as f32).collect();
+    let ids: Vec<MemoryId> = (1..=210).collect();
+    let passes = |id: MemoryId| id > 200;
+    for _ in 0..100 {
+        // Two batches, as a store adds them (near keys first).
+        let mut h = HnswIndex::build(Metric::L2, 1, HnswOptions::default(), &ids[..200], &near).unwrap();
+        h.add(&ids[200..], &far).unwrap();
+        let rows = h.search(&[0.0, 50.0], 5, Some(&passes)).unwrap();
+        for row in &rows {
+            assert_eq!(
+                row.iter().map(|r| r.1).collect::<Vec<_>>(),
+                vec![201, 202, 203, 204, 205]
+            );
+        }
+        assert_eq!(rows[0][0].0, 100.0);
+        // More wanted than pass: all that pass, no more.
+        assert_eq!(h.search(&[0.0], 12, Some(&passes)).unwrap()[0].len(), 10);
+        // Removed keys never come back from the scan either.
+        assert_eq!(h.remove(&[201, 1, 2]).unwrap(), 3);
+        let row = &h.search(&[0.0], 5, Some(&passes)).unwrap()[0];
+        assert_eq!(
+            row.iter().map(|r| r.1).collect::<Vec<_>>(),
+            vec![202, 203, 204, 205, 206]
+        );
+        let row = &h.search(&[0.0], 3, None).unwrap()[0];
+        assert_eq!(row.iter().map(|r| r.1).collect::<Vec<_>>(), vec![3, 4, 5]);
+    }
+    // Past the expansion the graph answers (and still finds the far keys).
+    let small_ef = HnswOptions {
+        expansion_search: 16,
+        ..HnswOptions::default()
+    };
+    let keys: Vec<f32> = near.iter().chain(&far).copied().collect();
+    let h = HnswIndex::build(Metric::L2, 1, small_ef, &ids, &keys).unwrap();
+    let row = &h.search(&[0.0], 3, None).unwrap()[0];
+    assert_eq!(row.len(), 3);
+    // An empty index answers empty rows.
+    let e = HnswIndex::new(Metric::L2, 1, HnswOptions::default()).unwrap();
+    assert_eq!(e.search(&[0.0], 3, None).unwrap(), vec![Vec::<(f32, MemoryId)>::new()]);
+}
