@@ -6,6 +6,18 @@
 use memstore_api::{MemoryId, Metric, math};
 use memstore_index::{ExactIndex, HnswIndex, HnswOptions, IndexError, KeyIndex, Opened, Quantization};
 
+/// Recall@8 of `h` (built from `ids`/`keys`, L2) on 200 fresh random queries.
+fn recall_of(h: &HnswIndex, ids: &[MemoryId], keys: &[f32], d: usize) -> f64 {
+    let q = rand_vecs(40, 200 * d);
+    let got = h.search(&q, 8, None).unwrap();
+    let mut hit = 0;
+    for (i, row) in got.iter().enumerate() {
+        let want = brute(Metric::L2, &q[i * d..(i + 1) * d], ids, keys, d, 8, &|_| true);
+        hit += row.iter().filter(|(_, id)| want.iter().any(|w| w.1 == *id)).count();
+    }
+    hit as f64 / 1600.0
+}
+
 fn rand_vecs(seed: u64, n: usize) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
@@ -114,6 +126,7 @@ fn hnsw_recall_meets_the_default_floor() {
     assert!(r >= 0.95, "recall@8 {r}");
     let low = HnswOptions {
         expansion_search: 16,
+        target_recall: None,
         ..HnswOptions::default()
     };
     let r16 = recall(Metric::L2, low, 10_000, 64);
@@ -340,4 +353,96 @@ fn small_graphs_answer_exactly_with_filters_and_removals() {
     // An empty index answers empty rows.
     let e = HnswIndex::new(Metric::L2, 1, HnswOptions::default()).unwrap();
     assert_eq!(e.search(&[0.0], 3, None).unwrap(), vec![Vec::<(f32, MemoryId)>::new()]);
+}
+
+#[test]
+fn calibration_raises_ef_until_the_target_recall() {
+    // A sparse graph (M 6) searched with ef 8: far below 0.95 as it stands.
+    let (n, d) = (6000usize, 32usize);
+    let ids: Vec<MemoryId> = (1..=n as u64).collect();
+    let keys = rand_vecs(41, n * d);
+    let fixed = HnswOptions {
+        connectivity: 6,
+        expansion_add: 32,
+        expansion_search: 8,
+        target_recall: None,
+        ..HnswOptions::default()
+    };
+    let h = HnswIndex::build(Metric::L2, d, fixed, &ids, &keys).unwrap();
+    assert_eq!(h.expansion_search(), 8);
+    assert!(h.calibration().is_none());
+    let r_fixed = recall_of(&h, &ids, &keys, d);
+    let tuned = HnswOptions {
+        target_recall: Some(0.95),
+        ..fixed
+    };
+    let mut h = HnswIndex::build(Metric::L2, d, tuned, &ids, &keys).unwrap();
+    let c = h.calibration().expect("calibrated on build");
+    let r_tuned = recall_of(&h, &ids, &keys, d);
+    println!("fixed ef 8: recall {r_fixed:.3}; calibrated: {c:?}, fresh-query recall {r_tuned:.3}");
+    assert!(r_fixed < 0.9, "the fixed ef should be too small here ({r_fixed})");
+    // Measured with 128 held-out keys of the batch, on the rest of it.
+    assert_eq!((c.size, c.queries), (n - 128, 128));
+    assert_eq!(c.expansion_search, h.expansion_search());
+    assert!(c.expansion_search > 8 && c.recall >= 0.95, "{c:?}");
+    assert_eq!(h.len(), n, "held-out keys are inserted too");
+    // Held-out keys are fresh queries: new ones get about the same.
+    assert!(r_tuned >= 0.93, "fresh-query recall {r_tuned}");
+    // A quarter of the chosen ef would not do.
+    h.set_expansion_search(c.expansion_search / 4);
+    assert_eq!(h.expansion_search(), c.expansion_search / 4);
+    assert!(recall_of(&h, &ids, &keys, d) < r_tuned);
+
+    // Growing: calibration runs again once the index has doubled, on
+    // batches of at least 64 keys.
+    let mut g = HnswIndex::build(Metric::L2, d, tuned, &ids[..1000], &keys[..1000 * d]).unwrap();
+    assert_eq!(g.calibration().expect("calibrated").size, 1000 - 128);
+    g.add(&ids[1000..1500], &keys[1000 * d..1500 * d]).unwrap();
+    assert_eq!(g.calibration().unwrap().size, 872, "not doubled yet");
+    g.add(&ids[1500..1740], &keys[1500 * d..1740 * d]).unwrap();
+    assert_eq!(g.calibration().unwrap().size, 872, "not doubled yet");
+    // Due, but a batch of 40 is too small to hold 32 out of: it waits.
+    g.add(&ids[1740..1780], &keys[1740 * d..1780 * d]).unwrap();
+    assert_eq!(g.calibration().unwrap().size, 872);
+    g.add(&ids[1780..1980], &keys[1780 * d..1980 * d]).unwrap();
+    let c = g.calibration().unwrap();
+    assert_eq!((c.size, c.queries), (1980 - 100, 100), "half of a 200-key batch");
+    // Explicit queries (the application's own) work on any state.
+    let gone: Vec<MemoryId> = (1..1980).filter(|i| i % 2 == 0).collect();
+    g.remove(&gone).unwrap();
+    let q = rand_vecs(42, 64 * d);
+    let c = g.calibrate_with(&q).unwrap().expect("target set");
+    assert!(c.queries == 64 && c.recall >= 0.95, "{c:?}");
+    assert!(matches!(g.calibrate_with(&q[..d + 1]), Err(IndexError::Shape(_))));
+    assert!(matches!(g.calibrate_with(&[]), Err(IndexError::Shape(_))));
+    // No target: nothing to calibrate.
+    let mut f = HnswIndex::build(Metric::L2, d, fixed, &ids[..500], &keys[..500 * d]).unwrap();
+    assert_eq!(f.calibrate_with(&q).unwrap(), None);
+    // Saved and loaded with the index; a different target recalibrates later.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("g.hnsw");
+    let (gi, gk) = (&ids[..1000], &keys[..1000 * d]);
+    let (g, _) = HnswIndex::open_or_build(&path, Metric::L2, d, tuned, gi, gk).unwrap();
+    let (back, how) = HnswIndex::open_or_build(&path, Metric::L2, d, tuned, gi, gk).unwrap();
+    assert_eq!(how, Opened::Loaded);
+    assert_eq!(back.calibration(), g.calibration());
+    assert_eq!(back.expansion_search(), g.expansion_search());
+    let other = HnswOptions {
+        target_recall: Some(0.99),
+        ..tuned
+    };
+    let (back, how) = HnswIndex::open_or_build(&path, Metric::L2, d, other, gi, gk).unwrap();
+    assert_eq!(how, Opened::Loaded);
+    assert_eq!((back.calibration(), back.expansion_search()), (None, 8));
+    // Bad targets are typed errors.
+    for bad in [0.0, 1.5, f32::NAN] {
+        let o = HnswOptions {
+            target_recall: Some(bad),
+            ..HnswOptions::default()
+        };
+        assert!(matches!(
+            HnswIndex::new(Metric::L2, d, o),
+            Err(IndexError::InvalidOptions(_))
+        ));
+    }
 }

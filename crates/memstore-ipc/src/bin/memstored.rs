@@ -105,9 +105,14 @@ struct Args {
     /// HNSW candidate list size while inserting (efConstruction).
     #[arg(long, default_value_t = HnswOptions::default().expansion_add)]
     hnsw_expansion_add: usize,
-    /// HNSW candidate list size while searching (ef): the recall/speed knob.
+    /// HNSW candidate list size while searching (ef): the recall/speed knob
+    /// (the floor of the calibration below).
     #[arg(long, default_value_t = HnswOptions::default().expansion_search)]
     hnsw_expansion_search: usize,
+    /// Recall@8 that HNSW's ef is calibrated to on the data as it grows
+    /// (held-out keys of insert batches); 0 keeps ef fixed.
+    #[arg(long, default_value_t = HnswOptions::default().target_recall.unwrap_or(0.0))]
+    hnsw_target_recall: f32,
     /// SQLite durability (DuckDB commits are always synced).
     #[arg(long, value_enum, default_value = "full")]
     synchronous: SyncArg,
@@ -208,6 +213,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             connectivity: args.hnsw_connectivity,
             expansion_add: args.hnsw_expansion_add,
             expansion_search: args.hnsw_expansion_search,
+            target_recall: (args.hnsw_target_recall != 0.0).then_some(args.hnsw_target_recall),
             ..HnswOptions::default()
         }))),
     };
