@@ -18,6 +18,9 @@
 //!   reference store (a plain scalar scan, the naive baseline; batches 1 and
 //!   64 only).
 //!
+//! `MEMSTORE_BENCH_LEARN_ONCE=1` also times one `learn` of 4096 keys on each
+//! HNSW store (printed), for sizes where criterion's ten samples take too long.
+//!
 //! Sizes: `MEMSTORE_BENCH_SIZES="64x10000,64x100000,768x10000"` (dim × N;
 //! default `64x100000`). Run with `cargo bench --bench anchors` (add
 //! `--features duckdb` after `scripts/fetch-libduckdb.sh`); tables with
@@ -226,6 +229,24 @@ fn anchors(c: &mut Criterion) {
                 }
                 let recall = hit as f64 / (4096 * K) as f64;
                 eprintln!("{name} dim {dim} n {n}: recall@{K} {recall:.4} (4096 queries, vs exact)");
+                // One learn of 4096 keys, timed once: at dim 768 an HNSW
+                // store's learn takes minutes (its 4096 searches run at the
+                // calibrated ef), too long for criterion's ten samples
+                // (filter it out there with a regex, see docs/benchmarks.md).
+                if std::env::var_os("MEMSTORE_BENCH_LEARN_ONCE").is_some() {
+                    let (k, v) = (data(7, WRITE * dim), data(8, WRITE * dim));
+                    let before = store.stats().await.unwrap().next_id;
+                    let t = Instant::now();
+                    let b = Batch::new(Vectors::new(&k, dim).unwrap(), Vectors::new(&v, dim).unwrap());
+                    store.learn(b, 1, K).await.unwrap();
+                    let spent = t.elapsed().as_secs_f64();
+                    let after = store.stats().await.unwrap().next_id;
+                    store.delete(&(before..after).collect::<Vec<_>>()).await.unwrap();
+                    eprintln!(
+                        "{name} dim {dim} n {n}: one learn of {WRITE} keys in {spent:.1} s ({:.0} keys/s)",
+                        WRITE as f64 / spent
+                    );
+                }
             }
         });
         let label = if n >= 1_000_000 {

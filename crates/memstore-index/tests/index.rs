@@ -393,22 +393,20 @@ fn calibration_raises_ef_until_the_target_recall() {
     assert_eq!(h.expansion_search(), c.expansion_search / 4);
     assert!(recall_of(&h, &ids, &keys, d) < r_tuned);
 
-    // Growing: calibration runs again once the index has doubled, on
-    // batches of at least 64 keys.
+    // Growing: calibration runs again once the index has grown by a
+    // quarter, on batches of at least 64 keys.
     let mut g = HnswIndex::build(Metric::L2, d, tuned, &ids[..1000], &keys[..1000 * d]).unwrap();
     assert_eq!(g.calibration().expect("calibrated").size, 1000 - 128);
-    g.add(&ids[1000..1500], &keys[1000 * d..1500 * d]).unwrap();
-    assert_eq!(g.calibration().unwrap().size, 872, "not doubled yet");
-    g.add(&ids[1500..1740], &keys[1500 * d..1740 * d]).unwrap();
-    assert_eq!(g.calibration().unwrap().size, 872, "not doubled yet");
+    g.add(&ids[1000..1080], &keys[1000 * d..1080 * d]).unwrap();
+    assert_eq!(g.calibration().unwrap().size, 872, "not grown by 1.25 yet");
     // Due, but a batch of 40 is too small to hold 32 out of: it waits.
-    g.add(&ids[1740..1780], &keys[1740 * d..1780 * d]).unwrap();
+    g.add(&ids[1080..1120], &keys[1080 * d..1120 * d]).unwrap();
     assert_eq!(g.calibration().unwrap().size, 872);
-    g.add(&ids[1780..1980], &keys[1780 * d..1980 * d]).unwrap();
+    g.add(&ids[1120..1320], &keys[1120 * d..1320 * d]).unwrap();
     let c = g.calibration().unwrap();
-    assert_eq!((c.size, c.queries), (1980 - 100, 100), "half of a 200-key batch");
+    assert_eq!((c.size, c.queries), (1320 - 100, 100), "half of a 200-key batch");
     // Explicit queries (the application's own) work on any state.
-    let gone: Vec<MemoryId> = (1..1980).filter(|i| i % 2 == 0).collect();
+    let gone: Vec<MemoryId> = (1..1320).filter(|i| i % 2 == 0).collect();
     g.remove(&gone).unwrap();
     let q = rand_vecs(42, 64 * d);
     let c = g.calibrate_with(&q).unwrap().expect("target set");
