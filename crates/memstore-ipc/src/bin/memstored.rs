@@ -285,6 +285,10 @@ async fn serve<O: StoreOpener>(
         (None, None, Some(dir)) => dir.join("memstored.sock"),
         (None, None, None) => return Err("--db or --stores is required".into()),
     };
+    // Signal handlers go in before the socket appears: a SIGTERM sent as
+    // soon as a client can connect must stop the daemon cleanly (flushing
+    // its stores), not kill it with the default action.
+    let shutdown = shutdown_signal();
     let mut listeners = vec![server::bind_unix(&socket, mode)?];
     if let Some(addr) = &args.tcp {
         if token.is_none() {
@@ -292,19 +296,25 @@ async fn serve<O: StoreOpener>(
         }
         listeners.push(server::bind_tcp(addr, args.allow_remote).await?);
     }
-    server.serve(listeners, shutdown_signal()).await?;
+    server.serve(listeners, shutdown).await?;
     info!("bye");
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now (`signal` registers them
+/// when called, not when the future is first polled) and returns the future
+/// that resolves on either.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM"),
-        _ = int.recv() => info!("SIGINT"),
+    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            error!("cannot install signal handlers; stop with SIGKILL");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM"),
+            _ = int.recv() => info!("SIGINT"),
+        }
     }
 }
