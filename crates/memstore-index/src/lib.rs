@@ -535,6 +535,16 @@ impl HnswIndex {
     /// its neighbours, so they are found far more easily than new points —
     /// measured at 256-d: 0.97 for stored keys where new queries got 0.87.)
     pub fn calibrate_with(&mut self, queries: &[f32]) -> Result<Option<Calibration>> {
+        let before = self.ef;
+        let found = self.calibrate_inner(queries);
+        if found.is_err() {
+            // The ef in use stays what it was; the calibration stays due.
+            self.set_ef(before);
+        }
+        found
+    }
+
+    fn calibrate_inner(&mut self, queries: &[f32]) -> Result<Option<Calibration>> {
         let Some(target) = self.options.target_recall else {
             return Ok(None);
         };
@@ -854,37 +864,35 @@ impl KeyIndex for HnswIndex {
             .map_err(us)?;
         let d = self.dim;
         let n = ids.len();
-        let insert = |this: &Self, rows: &[usize]| -> Result<()> {
-            rows.par_iter()
-                .try_for_each(|&i| this.index.add(ids[i], &keys[i * d..(i + 1) * d]).map_err(us))
-        };
-        // Held-out keys: evenly spread over the batch, inserted last.
+        let insert = |this: &Self, i: usize| this.index.add(ids[i], &keys[i * d..(i + 1) * d]).map_err(us);
         let held = if self.calibration_due(self.index.size() + n) && n >= 2 * CALIBRATION_MIN {
             CALIBRATION_SAMPLE.min(n / 2)
         } else {
             0
         };
-        let mut out = vec![false; n];
-        for j in 0..held {
-            out[j * n / held] = true;
-        }
-        let (last, first): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| out[i]);
-        insert(self, &first)?;
-        let mut result = Ok(());
-        if held > 0 {
+        if held == 0 {
+            (0..n).into_par_iter().try_for_each(|i| insert(self, i))?;
+        } else {
+            // Held-out keys: evenly spread over the batch, inserted last.
+            let last: Vec<usize> = (0..held).map(|j| j * n / held).collect();
+            let mut out = vec![false; n];
+            last.iter().for_each(|&i| out[i] = true);
+            (0..n)
+                .into_par_iter()
+                .filter(|&i| !out[i])
+                .try_for_each(|i| insert(self, i))?;
             let queries: Vec<f32> = last
                 .iter()
                 .flat_map(|&i| keys[i * d..(i + 1) * d].iter().copied())
                 .collect();
-            // A failed calibration leaves the ef as it was; the batch is
-            // inserted all the same (the graph must hold what the store
-            // committed).
-            result = self.calibrate_with(&queries).map(|_| ());
+            // Calibration is tuning, not the insert: if usearch fails it, the
+            // ef in use stays and the next due insert tries again.
+            let _ = self.calibrate_with(&queries);
+            last.par_iter().try_for_each(|&i| insert(self, i))?;
         }
-        insert(self, &last)?;
         // Inserts take freed slots first.
         self.deleted = self.deleted.saturating_sub(n);
-        result
+        Ok(())
     }
 
     fn remove(&mut self, ids: &[MemoryId]) -> Result<usize> {
@@ -914,31 +922,24 @@ impl KeyIndex for HnswIndex {
             .into_par_iter()
             .map(|i| {
                 let q = &queries[i * d..(i + 1) * d];
-                let mut row: Row = if size == 0 {
-                    Vec::new()
-                } else if exhaustive {
-                    let wanted = if filter.is_some() { size } else { k.min(size) };
-                    let found = self.index.exact_search(q, wanted).map_err(us)?;
-                    found
-                        .keys
-                        .iter()
-                        .zip(&found.distances)
-                        .filter(|(id, _)| filter.is_none_or(|f| f(**id)))
-                        .map(|(&id, &dist)| (self.to_metric(dist), id))
-                        .collect()
-                } else {
-                    let found = match filter {
-                        Some(f) => self.index.filtered_search(q, k, f),
-                        None => self.index.search(q, k),
-                    }
-                    .map_err(us)?;
-                    found
-                        .keys
-                        .iter()
-                        .zip(&found.distances)
-                        .map(|(&id, &dist)| (self.to_metric(dist), id))
-                        .collect()
-                };
+                if size == 0 {
+                    return Ok(Vec::new());
+                }
+                let found = match filter {
+                    // The scan filters afterwards: all of it, then the k best that pass.
+                    Some(_) if exhaustive => self.index.exact_search(q, size),
+                    None if exhaustive => self.index.exact_search(q, k.min(size)),
+                    Some(f) => self.index.filtered_search(q, k, f),
+                    None => self.index.search(q, k),
+                }
+                .map_err(us)?;
+                let mut row: Row = found
+                    .keys
+                    .iter()
+                    .zip(&found.distances)
+                    .filter(|(id, _)| filter.is_none_or(|f| f(**id)))
+                    .map(|(&id, &dist)| (self.to_metric(dist), id))
+                    .collect();
                 row.sort_by(|a, b| math::neighbour_order(*a, *b));
                 row.truncate(k);
                 Ok(row)
