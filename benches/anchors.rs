@@ -19,7 +19,14 @@
 //!   64 only).
 //!
 //! `MEMSTORE_BENCH_LEARN_ONCE=1` also times one `learn` of 4096 keys on each
-//! HNSW store (printed), for sizes where criterion's ten samples take too long.
+//! HNSW store (printed), for sizes where criterion's ten samples take too long;
+//! the recall line of each HNSW store also gives the time of its batch of 4096
+//! (one call), and `MEMSTORE_BENCH_REFERENCE_4096=1` times one batch of 4096 on
+//! the in-memory reference.
+//!
+//! `MEMSTORE_BENCH_KEYS=clustered` fills the stores with keys that cluster
+//! like embeddings (1024 centroids, a 16-dimensional spread; queries from the
+//! same distribution) instead of uniform random keys (HNSW's worst case).
 //!
 //! Sizes: `MEMSTORE_BENCH_SIZES="64x10000,64x100000,768x10000"` (dim × N;
 //! default `64x100000`). Run with `cargo bench --bench anchors` (add
@@ -34,7 +41,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use memstore::{Batch, MemoryConfig, MemoryStore, SqliteStore, Vectors};
 
 mod common;
-use common::data;
+use common::{data, keys};
 
 const K: usize = 8;
 const WRITE: usize = 4096;
@@ -60,7 +67,7 @@ async fn fill_timed(name: &str, s: &dyn MemoryStore, dim: usize, n: usize) {
 }
 
 async fn fill(s: &dyn MemoryStore, dim: usize, n: usize) {
-    let keys = data(1, n * dim);
+    let keys = keys(1, n, dim);
     let vals = data(2, n * dim);
     for (k, v) in keys.chunks(4096 * dim).zip(vals.chunks(4096 * dim)) {
         s.insert(
@@ -82,7 +89,7 @@ fn bench_search(
     batches: &[usize],
 ) {
     for &batch in batches {
-        let q = Arc::new(data(4, batch * dim));
+        let q = Arc::new(keys(4, batch, dim));
         g.throughput(Throughput::Elements(batch as u64));
         g.bench_function(BenchmarkId::new(name, batch), |b| {
             b.to_async(rt).iter(|| {
@@ -107,7 +114,7 @@ fn bench_writes(
     dim: usize,
 ) {
     g.throughput(Throughput::Elements(WRITE as u64));
-    let keys = Arc::new(data(7, WRITE * dim));
+    let keys = Arc::new(keys(7, WRITE, dim));
     let vals = Arc::new(data(8, WRITE * dim));
     for op in ["insert", "learn", "evict"] {
         g.bench_function(BenchmarkId::new(format!("{op}-{name}"), WRITE), |b| {
@@ -208,7 +215,7 @@ fn anchors(c: &mut Criterion) {
         });
         #[cfg(feature = "hnsw")]
         rt.block_on(async {
-            let q = data(4, 4096 * dim);
+            let q = keys(4, 4096, dim);
             let exact = sqlite.search(Vectors::new(&q, dim).unwrap(), K, None).await.unwrap();
             #[allow(unused_mut)]
             let mut approximate: Vec<(&str, Arc<dyn MemoryStore>)> =
@@ -216,7 +223,9 @@ fn anchors(c: &mut Criterion) {
             #[cfg(feature = "duckdb")]
             approximate.push(("memstore-duckdb-hnsw", duck_hnsw.clone() as Arc<dyn MemoryStore>));
             for (name, store) in approximate {
+                let t = Instant::now();
                 let approx = store.search(Vectors::new(&q, dim).unwrap(), K, None).await.unwrap();
+                let spent = t.elapsed().as_secs_f64();
                 let mut hit = 0;
                 for i in 0..4096 {
                     let want: std::collections::HashSet<_> = exact.row_ids(i).iter().flatten().collect();
@@ -228,13 +237,17 @@ fn anchors(c: &mut Criterion) {
                         .count();
                 }
                 let recall = hit as f64 / (4096 * K) as f64;
-                eprintln!("{name} dim {dim} n {n}: recall@{K} {recall:.4} (4096 queries, vs exact)");
+                eprintln!(
+                    "{name} dim {dim} n {n}: recall@{K} {recall:.4} (4096 queries, vs exact); \
+                     that batch of 4096 timed once: {spent:.2} s ({:.0} queries/s)",
+                    4096.0 / spent
+                );
                 // One learn of 4096 keys, timed once: at dim 768 an HNSW
                 // store's learn takes minutes (its 4096 searches run at the
                 // calibrated ef), too long for criterion's ten samples
                 // (filter it out there with a regex, see docs/benchmarks.md).
                 if std::env::var_os("MEMSTORE_BENCH_LEARN_ONCE").is_some() {
-                    let (k, v) = (data(7, WRITE * dim), data(8, WRITE * dim));
+                    let (k, v) = (keys(7, WRITE, dim), data(8, WRITE * dim));
                     let before = store.stats().await.unwrap().next_id;
                     let t = Instant::now();
                     let b = Batch::new(Vectors::new(&k, dim).unwrap(), Vectors::new(&v, dim).unwrap());
@@ -248,6 +261,18 @@ fn anchors(c: &mut Criterion) {
                     );
                 }
             }
+            // The naive scan at batch 4096, timed once (minutes: criterion
+            // runs it at batches 1 and 64 only).
+            if std::env::var_os("MEMSTORE_BENCH_REFERENCE_4096").is_some() {
+                let t = Instant::now();
+                let got = reference.search(Vectors::new(&q, dim).unwrap(), K, None).await.unwrap();
+                let spent = t.elapsed().as_secs_f64();
+                assert_eq!(got.row_ids(4095).iter().flatten().count(), K);
+                eprintln!(
+                    "in-memory dim {dim} n {n}: one batch of 4096 queries in {spent:.1} s ({:.1} queries/s)",
+                    4096.0 / spent
+                );
+            }
         });
         let label = if n >= 1_000_000 {
             format!("{}M", n / 1_000_000)
@@ -258,7 +283,7 @@ fn anchors(c: &mut Criterion) {
         let mut g = c.benchmark_group(format!("anchor_search_dim{dim}_n{label}_k{K}"));
         g.sample_size(10).measurement_time(Duration::from_secs(4));
         // The anchors: one kNN statement per query (what SQL offers).
-        let q1 = data(3, dim);
+        let q1 = keys(3, 1, dim);
         let blob: Vec<u8> = q1.iter().flat_map(|x| x.to_le_bytes()).collect();
         g.throughput(Throughput::Elements(1));
         let s = sqlite.clone();

@@ -4,6 +4,8 @@
 //! (`-- N DIM` to change the size; default 100000 64). Each figure is the
 //! best of three runs (one where a run takes over 20 s). The first HNSW row
 //! is the default: ef calibrated to recall@8 0.95 on held-out keys.
+//! `MEMSTORE_BENCH_KEYS=clustered` uses keys that cluster like embeddings
+//! (the root benches' generator) instead of uniform random ones.
 
 use std::time::Instant;
 
@@ -11,6 +13,10 @@ use memstore_api::MemoryId;
 use memstore_api::Metric;
 use memstore_index::{ExactIndex, HnswIndex, HnswOptions, KeyIndex};
 use rayon::prelude::*;
+
+// The root benches' key generators (uniform and clustered).
+#[path = "../../../benches/common/mod.rs"]
+mod common;
 
 fn rand_vecs(seed: u64, n: usize) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -47,8 +53,12 @@ fn main() {
     let d: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(64);
     let (k, batch) = (8usize, 4096usize);
     let ids: Vec<MemoryId> = (1..=n as u64).collect();
-    let keys = rand_vecs(1, n * d);
-    let q = rand_vecs(2, batch * d);
+    let clustered = common::clustered_keys();
+    let (keys, q) = if clustered {
+        (common::clustered(1, n, d), common::clustered(2, batch, d))
+    } else {
+        (rand_vecs(1, n * d), rand_vecs(2, batch * d))
+    };
 
     let mut exact = ExactIndex::new(Metric::L2, d).unwrap();
     exact.add(&ids, &keys).unwrap();
@@ -67,7 +77,12 @@ fn main() {
     let build_s = t.elapsed().as_secs_f64();
 
     println!(
-        "random keys, N = {n}, dim = {d}, k = {k}, L2, {} threads",
+        "{} keys, N = {n}, dim = {d}, k = {k}, L2, {} threads",
+        if clustered {
+            "clustered (1024 centroids, 16-d spread)"
+        } else {
+            "random"
+        },
         rayon::current_num_threads()
     );
     println!();

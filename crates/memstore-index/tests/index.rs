@@ -8,14 +8,32 @@ use memstore_index::{ExactIndex, HnswIndex, HnswOptions, IndexError, KeyIndex, O
 
 /// Recall@8 of `h` (built from `ids`/`keys`, L2) on 200 fresh random queries.
 fn recall_of(h: &HnswIndex, ids: &[MemoryId], keys: &[f32], d: usize) -> f64 {
-    let q = rand_vecs(40, 200 * d);
-    let got = h.search(&q, 8, None).unwrap();
+    recall_for(h, ids, keys, d, &rand_vecs(40, 200 * d))
+}
+
+/// Recall@8 of `h` for these queries against brute force.
+fn recall_for(h: &HnswIndex, ids: &[MemoryId], keys: &[f32], d: usize, q: &[f32]) -> f64 {
+    let got = h.search(q, 8, None).unwrap();
     let mut hit = 0;
     for (i, row) in got.iter().enumerate() {
         let want = brute(Metric::L2, &q[i * d..(i + 1) * d], ids, keys, d, 8, &|_| true);
         hit += row.iter().filter(|(_, id)| want.iter().any(|w| w.1 == *id)).count();
     }
-    hit as f64 / 1600.0
+    hit as f64 / (8 * got.len()) as f64
+}
+
+/// `n` points of a random 3-d subspace of R^d (easy for a graph: its
+/// neighbourhoods are those of 3-d space).
+fn flat_vecs(seed: u64, n: usize, d: usize) -> Vec<f32> {
+    let basis = rand_vecs(7, 3 * d);
+    let z = rand_vecs(seed, 3 * n);
+    (0..n)
+        .flat_map(|i| {
+            let z = &z[i * 3..i * 3 + 3];
+            let basis = &basis;
+            (0..d).map(move |j| z[0] * basis[j] + z[1] * basis[d + j] + z[2] * basis[2 * d + j])
+        })
+        .collect()
 }
 
 fn rand_vecs(seed: u64, n: usize) -> Vec<f32> {
@@ -443,4 +461,52 @@ fn calibration_raises_ef_until_the_target_recall() {
             Err(IndexError::InvalidOptions(_))
         ));
     }
+}
+
+#[test]
+fn calibration_lowers_ef_on_easy_data() {
+    // Keys on a 3-d subspace: the default start (ef 256) is far more than
+    // the target needs; calibration halves it while the target holds.
+    let (n, d) = (6000usize, 32usize);
+    let ids: Vec<MemoryId> = (1..=n as u64).collect();
+    let keys = flat_vecs(51, n, d);
+    let q = flat_vecs(52, 200, d);
+    let mut h = HnswIndex::build(Metric::L2, d, HnswOptions::default(), &ids, &keys).unwrap();
+    let c = h.calibration().expect("calibrated on build");
+    let fresh = recall_for(&h, &ids, &keys, d, &q);
+    println!("calibrated: {c:?}, fresh-query recall {fresh:.3}");
+    assert!(c.expansion_search < 256 && c.expansion_search >= 16, "{c:?}");
+    assert!(c.recall >= 0.95, "{c:?}");
+    assert!(fresh >= 0.93, "fresh-query recall {fresh}");
+    // The fixed default (no target) keeps 256.
+    h.set_expansion_search(256);
+    assert!(recall_for(&h, &ids, &keys, d, &q) >= fresh);
+
+    // Calibration measures unfiltered searches: filtered walks at a lowered
+    // ef must hold up too. Random keys and a low target (0.5) give a low ef
+    // (16 here, unfiltered recall 0.87); a tag held by 1 key in 50 still
+    // gets k matches, nearly all right (1.0 measured: usearch's filtered walk
+    // goes on through the keys that fail the filter).
+    let keys = rand_vecs(53, n * d);
+    let q = rand_vecs(54, 200 * d);
+    let low = HnswOptions {
+        target_recall: Some(0.5),
+        ..HnswOptions::default()
+    };
+    let h = HnswIndex::build(Metric::L2, d, low, &ids, &keys).unwrap();
+    let ef = h.expansion_search();
+    let unfiltered = recall_for(&h, &ids, &keys, d, &q);
+    let tagged = |id: MemoryId| id.is_multiple_of(50);
+    let got = h.search(&q, 8, Some(&tagged)).unwrap();
+    let mut hit = 0;
+    for (i, row) in got.iter().enumerate() {
+        assert_eq!(row.len(), 8, "query {i}: {row:?}");
+        assert!(row.iter().all(|(_, id)| tagged(*id)));
+        let want = brute(Metric::L2, &q[i * d..(i + 1) * d], &ids, &keys, d, 8, &tagged);
+        hit += row.iter().filter(|(_, id)| want.iter().any(|w| w.1 == *id)).count();
+    }
+    let filtered = hit as f64 / (8 * got.len()) as f64;
+    println!("target 0.5: ef {ef}, unfiltered recall {unfiltered:.3}, filtered (1 in 50) {filtered:.3}");
+    assert!(ef < 256, "ef {ef}");
+    assert!(filtered >= 0.9, "filtered recall {filtered}");
 }
