@@ -106,7 +106,7 @@ struct Args {
     #[arg(long, default_value_t = HnswOptions::default().expansion_add)]
     hnsw_expansion_add: usize,
     /// HNSW candidate list size while searching (ef): the recall/speed knob
-    /// (the floor of the calibration below).
+    /// (where the calibration below starts; it goes up or down from there).
     #[arg(long, default_value_t = HnswOptions::default().expansion_search)]
     hnsw_expansion_search: usize,
     /// Recall@8 that HNSW's ef is calibrated to on the data as it grows
