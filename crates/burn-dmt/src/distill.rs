@@ -202,7 +202,7 @@ pub struct StepMetrics {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PhaseTimes {
     /// Seconds per phase, in the order of [`PhaseTimes::NAMES`].
-    pub seconds: [f64; 7],
+    pub seconds: [f64; 8],
     /// Steps timed.
     pub steps: usize,
     /// Whether the device was synchronised at each boundary (`--profile`).
@@ -211,12 +211,15 @@ pub struct PhaseTimes {
 
 impl PhaseTimes {
     /// The phases: batch sampling and the teacher's forward pass; the
-    /// student's forward pass and the loss; the backward pass; the optimiser
-    /// step; the memory layers' commit (accesses, value updates, merges and
-    /// inserts on the device tier); journalling the change batches; checkpoints.
-    pub const NAMES: [&'static str; 7] = [
+    /// student's forward pass (to the logits); the loss (KL and
+    /// cross-entropy over the vocabulary, the optional hidden-state loss, and
+    /// reading the loss values); the backward pass; the optimiser step; the
+    /// memory layers' commit (accesses, value updates, merges and inserts on
+    /// the device tier); journalling the change batches; checkpoints.
+    pub const NAMES: [&'static str; 8] = [
         "teacher forward",
-        "student forward + loss",
+        "student forward",
+        "loss",
         "backward",
         "optimizer",
         "memory commit",
@@ -225,7 +228,7 @@ impl PhaseTimes {
     ];
 
     /// Milliseconds per step of each phase.
-    pub fn per_step_ms(&self) -> [f64; 7] {
+    pub fn per_step_ms(&self) -> [f64; 8] {
         self.seconds.map(|s| 1e3 * s / self.steps.max(1) as f64)
     }
 
@@ -843,6 +846,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         } else {
             (student.forward(b.inputs(&ad), None)?, Vec::new())
         };
+        lap.lap(1)?;
         let kd = distill_kl(sl.clone(), tl, opts.temperature);
         let ce = cross_entropy(sl, b.targets(&ad));
         let mut loss = kd.clone().mul_scalar(opts.alpha) + ce.clone().mul_scalar(1.0 - opts.alpha);
@@ -860,17 +864,17 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
                 step + 1
             )));
         }
-        lap.lap(1)?;
+        lap.lap(2)?;
         let mut grads = loss.backward();
         let mut value_grads = Vec::with_capacity(config.n_layer);
         for blk in student.h.iter() {
             value_grads.push(blk.mlp.memory().and_then(|t| t.take_value_grad(&mut grads)));
         }
-        lap.lap(2)?;
+        lap.lap(3)?;
         let lr = lr_at(step, opts.steps, warmup, opts.lr, 0.1);
         let gp = GradientsParams::from_grads(grads, &student);
         student = optim.step(lr, student, gp);
-        lap.lap(3)?;
+        lap.lap(4)?;
         let mut inserted = 0;
         let mut batches = Vec::with_capacity(config.n_layer);
         for (i, g) in value_grads.into_iter().enumerate() {
@@ -891,7 +895,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
                 batches.push((i, batch));
             }
         }
-        lap.lap(4)?;
+        lap.lap(5)?;
         for (i, batch) in batches {
             let w = writers
                 .get_mut(i)
@@ -899,7 +903,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
                 .ok_or_else(|| DmtError::InvalidArgument(format!("block {i}'s memory has no store writer")))?;
             w.submit(batch)?;
         }
-        lap.lap(5)?;
+        lap.lap(6)?;
         times.steps += 1;
         metrics.push(StepMetrics {
             step: step + 1,
@@ -974,7 +978,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
                 }
             }
         }
-        times.seconds[6] += checkpoint_start.elapsed().as_secs_f64();
+        times.seconds[7] += checkpoint_start.elapsed().as_secs_f64();
         if opts.halt_after == Some(step + 1) {
             return Err(DmtError::Halted { step: step + 1 });
         }
