@@ -533,13 +533,13 @@ impl HnswIndex {
     /// which is then scanned), or, when `expansion_search` already meets
     /// it with a margin (two standard errors of the sample), halves while
     /// that margin holds (not below 16); then the point halfway to the last
-    /// ef that missed is tried. The result
-    /// stays in use until the next calibration.
+    /// ef that missed is tried. The result stays in use until the next
+    /// calibration.
     ///
     /// Inserts calibrate on their own: when the graph has grown by a
-    /// quarter, up to
-    /// 128 keys of an insert batch of at least 64 are held out, the rest
-    /// inserted, the held-out keys used as fresh queries, then inserted.
+    /// quarter, up to 128 keys of an insert batch of at least 64 are held
+    /// out, the rest inserted, the held-out keys used as fresh queries, then
+    /// inserted.
     /// (Stored keys make poor calibration queries: the graph linked each to
     /// its neighbours, so they are found far more easily than new points —
     /// measured at 256-d: 0.97 for stored keys where new queries got 0.87.)
