@@ -628,13 +628,15 @@ impl HnswIndex {
                 (ef, recall) = (ef / 2, r);
             }
         }
+        // The halfway point must pass the same test as the ef it replaces.
+        let passes = |r: f32| if lowering { clears(r) } else { r >= target };
         if let Some(lo) = below
             && recall >= target
         {
             let mid = lo + (ef - lo) / 2;
             if mid > lo && mid < size {
                 let r = measure(self, mid)?;
-                if (lowering && clears(r)) || (!lowering && r >= target) {
+                if passes(r) {
                     (ef, recall) = (mid, r);
                 }
             }
