@@ -1054,17 +1054,18 @@ impl<'a> Overlay<'a> {
 
     /// Evaluates new values and lists the changes.
     fn finish(self, batch: &Batch<'_>, stored: &HashMap<MemoryId, Vec<f32>>) -> Result<Changes> {
-        let (changes, _) = self.finish_with_values(batch, stored)?;
-        Ok(changes)
+        let values = self.created_values(batch, stored)?;
+        Ok(self.into_changes(values))
     }
 
-    fn finish_with_values(
-        self,
+    /// The values of the memories created so far (merges read their sources
+    /// from `stored` or from earlier creations).
+    fn created_values(
+        &self,
         batch: &Batch<'_>,
         stored: &HashMap<MemoryId, Vec<f32>>,
-    ) -> Result<(Changes, HashMap<MemoryId, Vec<f32>>)> {
-        let lambda = self.base.lambda();
-        let mut values: HashMap<MemoryId, Vec<f32>> = HashMap::new();
+    ) -> Result<HashMap<MemoryId, Vec<f32>>> {
+        let mut values: HashMap<MemoryId, Vec<f32>> = HashMap::with_capacity(self.created.len());
         for c in &self.created {
             let v = match &c.value {
                 ValueExpr::Literal(row) => batch.values.row(*row).to_vec(),
@@ -1082,6 +1083,21 @@ impl<'a> Overlay<'a> {
             };
             values.insert(c.id, v);
         }
+        Ok(values)
+    }
+
+    /// The key of a memory created so far.
+    fn created_key(&self, id: MemoryId) -> Option<&[f32]> {
+        let dim = self.base.config.key_dim;
+        self.created_pos
+            .get(&id)
+            .map(|&i| &self.created_keys[i * dim..(i + 1) * dim])
+    }
+
+    /// The changes to persist, the created memories taking their values
+    /// from `values` (moved, not copied).
+    fn into_changes(self, mut values: HashMap<MemoryId, Vec<f32>>) -> Changes {
+        let lambda = self.base.lambda();
         let mut removed: Vec<MemoryId> = self.removed.into_iter().collect();
         removed.sort_unstable();
         let mut accessed: Vec<AccessUpdate> = self
@@ -1102,7 +1118,7 @@ impl<'a> Overlay<'a> {
             .filter(|c| c.alive)
             .map(|c| Memory {
                 id: c.id,
-                value: values.get(&c.id).cloned().unwrap_or_default(),
+                value: values.remove(&c.id).unwrap_or_default(),
                 key: c.key,
                 created: c.meta.created,
                 last_access: c.meta.last_access,
@@ -1111,17 +1127,14 @@ impl<'a> Overlay<'a> {
                 tags: c.meta.tags,
             })
             .collect();
-        Ok((
-            Changes {
-                removed,
-                accessed,
-                values: Vec::new(),
-                inserted,
-                next_id: self.next_id,
-                counters: self.counters,
-            },
-            values,
-        ))
+        Changes {
+            removed,
+            accessed,
+            values: Vec::new(),
+            inserted,
+            next_id: self.next_id,
+            counters: self.counters,
+        }
     }
 }
 
@@ -1134,36 +1147,33 @@ pub struct LearnPlan<'a> {
 }
 
 impl LearnPlan<'_> {
-    /// The stored memories whose values the plan needs (neighbours and merge sources).
+    /// The stored memories whose values the plan needs (neighbours and merge
+    /// sources), ascending.
     pub fn needed_values(&self) -> Vec<MemoryId> {
-        let mut ids: BTreeSet<MemoryId> = BTreeSet::new();
-        for row in &self.found {
-            for &(_, id) in row {
-                if self.overlay.base.contains(id) {
-                    ids.insert(id);
-                }
-            }
-        }
-        ids.into_iter().collect()
+        let mut ids: Vec<MemoryId> = self
+            .found
+            .iter()
+            .flatten()
+            .map(|&(_, id)| id)
+            .filter(|&id| self.overlay.base.contains(id))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 
     /// The changes to persist and the neighbours to return.
     pub fn finish(self, stored: &HashMap<MemoryId, Vec<f32>>) -> Result<(Changes, Neighbors)> {
         let base = self.overlay.base;
-        let cfg = base.config.clone();
-        let created_keys: HashMap<MemoryId, Vec<f32>> =
-            self.overlay.created.iter().map(|c| (c.id, c.key.clone())).collect();
-        let (changes, new_values) = self.overlay.finish_with_values(&self.batch, stored)?;
+        let cfg = &base.config;
+        let new_values = self.overlay.created_values(&self.batch, stored)?;
         let mut out = Neighbors::empty(self.found.len(), self.k, cfg.key_dim, cfg.value_dim);
         for (i, row) in self.found.iter().enumerate() {
             for (j, &(d, id)) in row.iter().enumerate() {
-                let key = match base.key(id) {
-                    Some(k) => k,
-                    None => created_keys
-                        .get(&id)
-                        .map(|k| k.as_slice())
-                        .ok_or(Error::UnknownId(id))?,
-                };
+                let key = base
+                    .key(id)
+                    .or_else(|| self.overlay.created_key(id))
+                    .ok_or(Error::UnknownId(id))?;
                 let value = new_values
                     .get(&id)
                     .or_else(|| stored.get(&id))
@@ -1171,6 +1181,6 @@ impl LearnPlan<'_> {
                 out.set(i, j, id, d, key, value);
             }
         }
-        Ok((changes, out))
+        Ok((self.overlay.into_changes(new_values), out))
     }
 }
