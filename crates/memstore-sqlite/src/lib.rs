@@ -13,7 +13,12 @@
 //!   exact kNN works in plain SQL for ad-hoc inspection:
 //!   `SELECT rowid, distance FROM memory_keys WHERE key MATCH ? AND k = 8`.
 //!   (vec0 has no inner-product metric: for `Metric::InnerProduct` the table
-//!   uses L2, which orders the same only for normalised keys.)
+//!   uses L2, which orders the same only for normalised keys.) The mirror
+//!   costs writes: a durable insert of 4096 rows of 64-d took 31 ms with it
+//!   and 9.5 ms without ([`SqliteOptions::sql_knn`] = false). Without it, SQL
+//!   kNN still works by scan through sqlite-vec's scalar functions on the
+//!   key blobs: `SELECT id, vec_distance_l2(key, ?) AS d FROM memories
+//!   ORDER BY d, id LIMIT 8` (`vec_distance_cosine` for cosine).
 //! - **Hot path.** sqlite-vec answers one query at a time, so batched search
 //!   never goes through SQL: the keys and access bookkeeping are kept in an
 //!   in-process [`MemoryIndex`] loaded on open, searched exactly and in
@@ -88,7 +93,9 @@ pub struct SqliteOptions {
     /// against power loss; `Normal` in WAL mode is durable against process crashes.
     pub synchronous: SqliteSynchronous,
     /// Mirror keys into the sqlite-vec `vec0` table for SQL kNN (fixed when the
-    /// store is created; later opens follow the file).
+    /// store is created; later opens follow the file). On by default; off
+    /// makes durable inserts about three times cheaper, and SQL kNN then runs
+    /// by scan with `vec_distance_l2(key, ?)` on `memories` (module docs).
     pub sql_knn: bool,
     /// Connections in the pool (one writes at a time; the others read values).
     pub max_connections: u32,
