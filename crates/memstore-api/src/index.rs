@@ -712,7 +712,15 @@ impl MemoryIndex {
         let lambda = self.lambda();
         let slack = k.max(8);
         let k0 = k + slack;
-        let pre = self.search(batch.keys, k0, None);
+        // Stored memories leave the overlay during the rows only by merging
+        // (eviction comes after them). L2 distances are never negative, so
+        // under L2 with `recombine <= 0` nothing can merge or be removed and
+        // the store's top-k needs no slack (k + slack candidates cost a third
+        // more search at 10k keys). Cosine and inner-product distances can
+        // fall below 0 (rounding, or any dot product above 1): they keep it.
+        let no_merges = cfg.metric == Metric::L2 && cfg.recombine <= 0.0;
+        let k_store = if no_merges { k } else { k0 };
+        let pre = self.search(batch.keys, k_store, None);
         let mut ov = Overlay::new(self);
         let mut found_rows = Vec::with_capacity(batch.len());
         let mut in_batch = InBatchScan::default();
@@ -730,7 +738,7 @@ impl MemoryIndex {
                 .filter(|(_, id)| !ov.removed.contains(id))
                 .take(k)
                 .collect();
-            if found.len() < k && pre_row.len() == k0 {
+            if found.len() < k && pre_row.len() == k_store {
                 found = self
                     .topk(key, k + ov.removed.len(), None, true)
                     .into_iter()

@@ -894,6 +894,70 @@ pub async fn learn_large_batches_match_reference<H: Harness>(make: Make<'_, H>) 
     );
 }
 
+/// `learn` with recombination off (threshold 0) and the novelty gate on,
+/// in large batches (the blocked-GEMM path) over a store of 2000 keys, with
+/// exact duplicates of stored keys and of earlier rows, and eviction at
+/// capacity: neighbours and final state equal the reference's. Under L2
+/// nothing can merge (the store's search then asks for exactly k); under
+/// cosine a duplicate's distance can round below 0 and merge, so both run.
+pub async fn learn_without_recombination_matches_reference<H: Harness>(make: Make<'_, H>) {
+    for (metric, novelty) in [(Metric::L2, 0.05), (Metric::Cosine, 0.001)] {
+        let c = lambda_cfg(8, 2, 0.3)
+            .with_metric(metric)
+            .with_thresholds(0.0, novelty)
+            .with_capacity(3500);
+        let (_h, s) = fresh(make, c.clone()).await;
+        let r = InMemoryStore::new(c).unwrap();
+        let mut rng = Rng::new(4321);
+        let centres: Vec<f32> = rng.vecs(300, 8).iter().map(|x| x * 4.0 + 0.5).collect();
+        let stored = clustered(&mut rng, 2000, &centres, 8, 0.3);
+        let vals = rng.vecs(2000, 2);
+        for (k, v) in stored.chunks(1000 * 8).zip(vals.chunks(1000 * 2)) {
+            s.insert(
+                Batch::new(crate::Vectors::new(k, 8).unwrap(), crate::Vectors::new(v, 2).unwrap()),
+                0,
+            )
+            .await
+            .unwrap();
+            r.insert(
+                Batch::new(crate::Vectors::new(k, 8).unwrap(), crate::Vectors::new(v, 2).unwrap()),
+                0,
+            )
+            .await
+            .unwrap();
+        }
+        let n = 1300;
+        let mut learned = 0u64;
+        for step in 1..=3u64 {
+            let mut keys = clustered(&mut rng, n, &centres, 8, 0.3);
+            for i in (0..n).step_by(7) {
+                let j = rng.below(2000) as usize;
+                keys[i * 8..(i + 1) * 8].copy_from_slice(&stored[j * 8..(j + 1) * 8]);
+            }
+            for i in (600..n).step_by(11) {
+                let j = rng.below(i as u64) as usize;
+                let row: Vec<f32> = keys[j * 8..(j + 1) * 8].to_vec();
+                keys[i * 8..(i + 1) * 8].copy_from_slice(&row);
+            }
+            let vals = rng.vecs(n, 2);
+            let b = Batch::new(v(&keys, 8), v(&vals, 2));
+            let got = s.learn(b, step, 6).await.unwrap();
+            let want = r.learn(b, step, 6).await.unwrap();
+            assert_eq!(got, want, "{metric:?}: neighbours differ at step {step}");
+            learned += n as u64;
+        }
+        let c = same_state_as_reference(&s, &r).await;
+        let created = c.inserted + c.merged - 2000;
+        assert!(
+            created > 1000 && created < learned && c.evicted > 0,
+            "{metric:?}: the scenario must gate rows, insert others and evict: {c:?}"
+        );
+        if metric == Metric::L2 {
+            assert_eq!(c.merged, 0, "L2 distances are never below a threshold of 0");
+        }
+    }
+}
+
 /// λ = 1 evicts the least recently used.
 pub async fn evict_lru_order<H: Harness>(make: Make<'_, H>) {
     let (_h, s) = fresh(make, lambda_cfg(1, 1, 1.0)).await;

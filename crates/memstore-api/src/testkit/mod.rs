@@ -108,6 +108,7 @@ macro_rules! conformance_suite {
             search_large_store_single_query,
             search_large_batch_with_ties_and_filters,
             learn_large_batches_match_reference,
+            learn_without_recombination_matches_reference,
         );
     };
 }
