@@ -11,17 +11,36 @@ use memstore_api::{Batch, Error, MemoryConfig, MemoryStore, Metric, Vectors};
 use memstore_sqlite::{SqliteError, SqliteStore};
 use sqlx::Row;
 
-async fn sql_knn(store: &SqliteStore, q: &[f32], k: i64) -> Vec<(u64, f64)> {
+/// sqlite-vec's `vec0` kNN on the mirror.
+const VEC0_KNN: &str = "SELECT rowid, distance FROM memory_keys WHERE key MATCH ? AND k = ? ORDER BY distance";
+
+/// Runs a kNN statement taking the query blob and k: (id, distance) rows.
+async fn sql_knn(store: &SqliteStore, statement: &'static str, q: &[f32], k: i64) -> Vec<(u64, f64)> {
     let blob: Vec<u8> = q.iter().flat_map(|x| x.to_le_bytes()).collect();
-    sqlx::query("SELECT rowid, distance FROM memory_keys WHERE key MATCH ? AND k = ? ORDER BY distance")
+    sqlx::query(statement)
         .bind(blob)
         .bind(k)
         .fetch_all(store.pool())
         .await
-        .expect("vec0 kNN")
+        .expect("SQL kNN")
         .into_iter()
         .map(|r| (r.get::<i64, _>(0) as u64, r.get::<f64, _>(1)))
         .collect()
+}
+
+/// Ten random queries: the SQL statement's k = 5 rows are the store's
+/// search results, ids in order and distances within 1e-4.
+async fn agrees_with_search(s: &SqliteStore, rng: &mut Rng, statement: &'static str, metric: Metric) {
+    for _ in 0..10 {
+        let q = rng.vecs(1, 16);
+        let mine = s.search(v(&q, 16), 5, None).await.unwrap();
+        let theirs = sql_knn(s, statement, &q, 5).await;
+        assert_eq!(theirs.len(), 5);
+        for (j, (id, d)) in theirs.iter().enumerate() {
+            assert_eq!(mine.id(0, j), Some(*id), "{metric:?} slot {j}");
+            assert!((mine.distance(0, j) as f64 - d).abs() < 1e-4, "{metric:?} distance");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -35,28 +54,19 @@ async fn sql_knn_agrees_with_store_search() {
         assert!(s.has_sql_knn());
         let mut rng = Rng::new(11);
         ins(&s, &rng.vecs(500, 16), &vec![0.0; 1000], 1).await;
-        for _ in 0..10 {
-            let q = rng.vecs(1, 16);
-            let mine = s.search(v(&q, 16), 5, None).await.unwrap();
-            let theirs = sql_knn(&s, &q, 5).await;
-            assert_eq!(theirs.len(), 5);
-            for (j, (id, d)) in theirs.iter().enumerate() {
-                assert_eq!(mine.id(0, j), Some(*id), "{metric:?} slot {j}");
-                assert!((mine.distance(0, j) as f64 - d).abs() < 1e-4, "{metric:?} distance");
-            }
-        }
+        agrees_with_search(&s, &mut rng, VEC0_KNN, metric).await;
         s.close().await;
     }
 }
 
 /// Without the `vec0` mirror (`sql_knn: false`, which makes durable inserts
-/// about three times cheaper) exact kNN still works in plain SQL: sqlite-vec's
+/// about three times cheaper: docs/benchmarks.md) exact kNN still works in plain SQL: sqlite-vec's
 /// scalar distance functions read the `memories.key` blobs directly, by scan.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_knn_by_scan_without_the_mirror() {
     let dir = tempfile::tempdir().unwrap();
-    const L2: &str = "SELECT id, vec_distance_l2(key, ?) AS d FROM memories ORDER BY d, id LIMIT 5";
-    const COSINE: &str = "SELECT id, vec_distance_cosine(key, ?) AS d FROM memories ORDER BY d, id LIMIT 5";
+    const L2: &str = "SELECT id, vec_distance_l2(key, ?) AS d FROM memories ORDER BY d, id LIMIT ?";
+    const COSINE: &str = "SELECT id, vec_distance_cosine(key, ?) AS d FROM memories ORDER BY d, id LIMIT ?";
     for (metric, knn) in [(Metric::L2, L2), (Metric::Cosine, COSINE)] {
         let path = dir.path().join(format!("scan-{}.db", metric.as_str()));
         let options = memstore_sqlite::SqliteOptions {
@@ -74,24 +84,7 @@ async fn sql_knn_by_scan_without_the_mirror() {
         assert_eq!(mirror, 0, "no vec0 table without the mirror");
         let mut rng = Rng::new(12);
         ins(&s, &rng.vecs(500, 16), &vec![0.0; 1000], 1).await;
-        for _ in 0..10 {
-            let q = rng.vecs(1, 16);
-            let blob: Vec<u8> = q.iter().flat_map(|x| x.to_le_bytes()).collect();
-            let theirs: Vec<(u64, f64)> = sqlx::query(knn)
-                .bind(blob)
-                .fetch_all(s.pool())
-                .await
-                .expect("SQL kNN by scan")
-                .into_iter()
-                .map(|r| (r.get::<i64, _>(0) as u64, r.get::<f64, _>(1)))
-                .collect();
-            let mine = s.search(v(&q, 16), 5, None).await.unwrap();
-            assert_eq!(theirs.len(), 5);
-            for (j, (id, d)) in theirs.iter().enumerate() {
-                assert_eq!(mine.id(0, j), Some(*id), "{metric:?} slot {j}");
-                assert!((mine.distance(0, j) as f64 - d).abs() < 1e-4, "{metric:?} distance");
-            }
-        }
+        agrees_with_search(&s, &mut rng, knn, metric).await;
         s.close().await;
     }
 }

@@ -912,19 +912,9 @@ pub async fn learn_without_recombination_matches_reference<H: Harness>(make: Mak
         let centres: Vec<f32> = rng.vecs(300, 8).iter().map(|x| x * 4.0 + 0.5).collect();
         let stored = clustered(&mut rng, 2000, &centres, 8, 0.3);
         let vals = rng.vecs(2000, 2);
-        for (k, v) in stored.chunks(1000 * 8).zip(vals.chunks(1000 * 2)) {
-            s.insert(
-                Batch::new(crate::Vectors::new(k, 8).unwrap(), crate::Vectors::new(v, 2).unwrap()),
-                0,
-            )
-            .await
-            .unwrap();
-            r.insert(
-                Batch::new(crate::Vectors::new(k, 8).unwrap(), crate::Vectors::new(v, 2).unwrap()),
-                0,
-            )
-            .await
-            .unwrap();
+        for (keys, values) in stored.chunks(1000 * 8).zip(vals.chunks(1000 * 2)) {
+            ins(&s, keys, values, 0).await;
+            ins(&r, keys, values, 0).await;
         }
         let n = 1300;
         let mut learned = 0u64;
