@@ -6,6 +6,14 @@
 //! Query blocks run on all cores (rayon). This is the exact search that
 //! product-key and large memory layers use (Lample et al. 2019; Berges et al.
 //! 2024), on the CPU.
+//!
+//! On a CPU with AVX-512 VNNI, large batches take an exact 8-bit prefilter
+//! instead (module `q8`, after FAISS's scalar quantiser with refinement):
+//! integer dot products with proven error bounds select every row that can
+//! be among the `k` nearest, which are then ranked by [`math::distance`] —
+//! the brute-force answer, 1.5–7× faster than SGEMM here (docs/benchmarks.md).
+//! [`topk_ranked`] with a [`KeyCache`] lets an index keep the keys'
+//! quantisation between searches. `MEMSTORE_NO_Q8=1` turns the path off.
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
@@ -24,10 +32,20 @@ const QBLOCK: usize = 256;
 /// change at dim 768).
 const KCHUNK: usize = 2048;
 
+/// Queries per call from which [`topk`] takes the 8-bit path (module `q8`)
+/// when it must quantise every key for the call, which a few queries do not
+/// repay.
+const Q8_MIN_QUERIES: usize = 256;
+/// The same with the keys' quantisation kept in a [`KeyCache`].
+const Q8_MIN_QUERIES_CACHED: usize = 64;
+
 /// The `k` nearest rows of `keys` (`n × dim`, row-major) for each query
 /// (`m × dim`), among rows whose `mask` entry is set (all when `None`):
 /// `m × k` distances (nearest first, ties by row; `+∞` pads when fewer rows
-/// qualify) and row indices (`u32::MAX` pads).
+/// qualify) and row indices (`u32::MAX` pads). On a CPU with AVX-512 VNNI a
+/// large batch goes through the exact 8-bit prefilter (module `q8`: the
+/// brute-force answer, ties by row); otherwise, or for entries it cannot
+/// bound, through [`topk_sgemm`].
 pub fn topk(
     metric: Metric,
     queries: &[f32],
@@ -36,6 +54,146 @@ pub fn topk(
     k: usize,
     mask: Option<&[bool]>,
 ) -> Result<(Vec<f32>, Vec<u32>)> {
+    let (m, n) = check_topk(queries, keys, dim, k, mask)?;
+    if m >= Q8_MIN_QUERIES
+        && n > 0
+        && let Some(kernel) = crate::q8::Kernel::detect()
+        && let Some(packed) = crate::q8::Q8Keys::new(metric, keys, dim)
+        && let Some(found) = crate::q8::topk(kernel, metric, queries, keys, &packed, dim, k, mask, None)
+    {
+        return Ok(found);
+    }
+    topk_sgemm(metric, queries, keys, dim, k, mask)
+}
+
+/// The 8-bit quantisation of a key matrix that [`topk_ranked`] builds on
+/// first use and reuses while the owner's `version` of the keys stays the
+/// same: the owner of the keys (an index) keeps one beside them and bumps
+/// its version on every change. Empty on CPUs without VNNI.
+#[derive(Default)]
+pub struct KeyCache {
+    slot: std::sync::Mutex<Option<(u64, Option<std::sync::Arc<crate::q8::Q8Keys>>)>>,
+}
+
+/// A clone starts empty (it is rebuilt on first use).
+impl Clone for KeyCache {
+    fn clone(&self) -> Self {
+        KeyCache::default()
+    }
+}
+
+impl std::fmt::Debug for KeyCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyCache")
+    }
+}
+
+impl KeyCache {
+    /// The quantisation of `keys` at `version`, built now if the cached one
+    /// is older or of other keys; `None` where it cannot be built.
+    fn get(&self, version: u64, metric: Metric, keys: &[f32], dim: usize) -> Option<std::sync::Arc<crate::q8::Q8Keys>> {
+        // A poisoned lock only means a search panicked while building: the
+        // slot is rebuilt below whenever it does not match.
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        let n = keys.len() / dim;
+        if let Some((v, packed)) = slot.as_ref()
+            && *v == version
+            && packed.as_ref().is_none_or(|p| p.fits(metric, n, dim))
+        {
+            // Keys this version that cannot be quantised are remembered too.
+            return packed.clone();
+        }
+        let packed = crate::q8::Q8Keys::new(metric, keys, dim).map(std::sync::Arc::new);
+        *slot = Some((version, packed.clone()));
+        packed
+    }
+}
+
+/// A key matrix as [`topk_ranked`] searches it.
+#[derive(Clone, Copy, Debug)]
+pub struct KeySet<'a> {
+    /// `n × dim` keys, row-major.
+    pub keys: &'a [f32],
+    /// Floats per key.
+    pub dim: usize,
+    /// Per-row ids that break exact ties (row order when `None`).
+    pub ids: Option<&'a [u64]>,
+    /// The keys' quantisation cache and the owner's current version of the
+    /// keys (the owner changes it whenever the keys change).
+    pub cache: Option<(&'a KeyCache, u64)>,
+}
+
+/// What [`topk_ranked`] found: `width` columns per query.
+#[derive(Clone, Debug)]
+pub struct Ranked {
+    /// Exact distances ([`math::distance`]), nearest first; `+∞` pads.
+    pub dist: Vec<f32>,
+    /// Row indices; `u32::MAX` pads.
+    pub idx: Vec<u32>,
+    /// Columns per query: `k` when exact, up to `k + slack` otherwise.
+    pub width: usize,
+    /// Whether each row is the brute-force answer (ties by `ids`); if not,
+    /// these are the SGEMM ranking's candidates for the caller to re-rank.
+    pub exact: bool,
+}
+
+/// [`topk`] for an owner that can use more: where the exact 8-bit path runs
+/// (VNNI) the answer is exact with ties broken by `set.ids`, and the keys'
+/// quantisation comes from `set.cache` (built once per version of the keys,
+/// so the path pays from smaller batches); elsewhere SGEMM returns `k +
+/// slack` candidates per query for the caller to re-rank (see
+/// `MemoryIndex::search`).
+pub fn topk_ranked(
+    metric: Metric,
+    queries: &[f32],
+    set: &KeySet<'_>,
+    k: usize,
+    slack: usize,
+    mask: Option<&[bool]>,
+) -> Result<Ranked> {
+    let (keys, dim) = (set.keys, set.dim);
+    let (m, n) = check_topk(queries, keys, dim, k, mask)?;
+    if let Some(ids) = set.ids
+        && ids.len() != n
+    {
+        return Err(Error::Shape(format!("{} ids for {n} keys", ids.len())));
+    }
+    let min = if set.cache.is_some() {
+        Q8_MIN_QUERIES_CACHED
+    } else {
+        Q8_MIN_QUERIES
+    };
+    if m >= min
+        && n > 0
+        && let Some(kernel) = crate::q8::Kernel::detect()
+    {
+        let packed = match set.cache {
+            Some((cache, version)) => cache.get(version, metric, keys, dim),
+            None => crate::q8::Q8Keys::new(metric, keys, dim).map(std::sync::Arc::new),
+        };
+        if let Some(packed) = packed
+            && let Some((dist, idx)) = crate::q8::topk(kernel, metric, queries, keys, &packed, dim, k, mask, set.ids)
+        {
+            return Ok(Ranked {
+                dist,
+                idx,
+                width: k,
+                exact: true,
+            });
+        }
+    }
+    let width = k + slack;
+    let (dist, idx) = topk_sgemm(metric, queries, keys, dim, width, mask)?;
+    Ok(Ranked {
+        dist,
+        idx,
+        width,
+        exact: false,
+    })
+}
+
+/// Validates [`topk`]'s shapes; returns the numbers of queries and keys.
+fn check_topk(queries: &[f32], keys: &[f32], dim: usize, k: usize, mask: Option<&[bool]>) -> Result<(usize, usize)> {
     if dim == 0 || !queries.len().is_multiple_of(dim) || !keys.len().is_multiple_of(dim) {
         return Err(Error::Shape(format!(
             "{} query and {} key floats are not rows of {dim}",
@@ -55,6 +213,23 @@ pub fn topk(
     {
         return Err(Error::Shape(format!("a mask of {} for {n} keys", mask.len())));
     }
+    Ok((m, n))
+}
+
+/// [`topk`] by blocked SGEMM on any CPU: the ranking scores come from the
+/// matrix product and only the `k` winners' distances are exact, so at
+/// near-ties (within the product's rounding) the rows chosen may differ from
+/// a scalar scan's; callers that need the scan's answer re-rank with slack
+/// (see `MemoryIndex::search`).
+pub fn topk_sgemm(
+    metric: Metric,
+    queries: &[f32],
+    keys: &[f32],
+    dim: usize,
+    k: usize,
+    mask: Option<&[bool]>,
+) -> Result<(Vec<f32>, Vec<u32>)> {
+    let (m, n) = check_topk(queries, keys, dim, k, mask)?;
     // Ranking scores: L2 by ‖k‖² − 2·q·k (‖q‖² is constant per row), inner
     // product by −q·k, cosine by −q̂·k̂ with unit rows.
     let unit = |v: &[f32]| -> Vec<f32> {

@@ -132,6 +132,10 @@ pub struct MemoryIndex {
     next_id: MemoryId,
     counters: Counters,
     ann: Option<Ann>,
+    /// Bumped on every change of `keys`, for `key_cache`.
+    key_version: u64,
+    /// The keys' 8-bit quantisation for the batched search ([`crate::gemm::KeyCache`]).
+    key_cache: crate::gemm::KeyCache,
 }
 
 impl MemoryIndex {
@@ -147,6 +151,8 @@ impl MemoryIndex {
             next_id: 1,
             counters: Counters::default(),
             ann: None,
+            key_version: 0,
+            key_cache: crate::gemm::KeyCache::default(),
         }
     }
 
@@ -334,6 +340,7 @@ impl MemoryIndex {
         self.pos.insert(id, self.ids.len());
         self.ids.push(id);
         self.keys.extend_from_slice(key);
+        self.key_version += 1;
         self.meta.push(meta);
         self.by_priority.insert((Prio(p), id));
         self.next_id = self.next_id.max(id + 1);
@@ -342,6 +349,7 @@ impl MemoryIndex {
 
     fn remove(&mut self, id: MemoryId) {
         let Some(r) = self.pos.remove(&id) else { return };
+        self.key_version += 1;
         let d = self.config.key_dim;
         let m = &self.meta[r];
         self.by_priority
@@ -458,15 +466,23 @@ impl MemoryIndex {
     /// always those of the scalar scan.
     fn search_gemm(&self, queries: Vectors<'_>, k: usize, mask: Option<&[bool]>) -> Vec<Vec<(f32, MemoryId)>> {
         let n = self.ids.len();
-        let want = (k + GEMM_SLACK).min(n);
+        let k = k.min(n);
         let qualifying = mask.map_or(n, |m| m.iter().filter(|x| **x).count());
-        let d = self.config.key_dim;
-        let Ok((dist, idx)) = crate::gemm::topk(self.config.metric, queries.data(), &self.keys, d, want, mask) else {
+        let set = crate::gemm::KeySet {
+            keys: &self.keys,
+            dim: self.config.key_dim,
+            ids: Some(&self.ids),
+            cache: Some((&self.key_cache, self.key_version)),
+        };
+        let slack = GEMM_SLACK.min(n - k);
+        let Ok(found) = crate::gemm::topk_ranked(self.config.metric, queries.data(), &set, k, slack, mask) else {
             return (0..queries.len())
                 .into_par_iter()
                 .map(|i| self.topk(queries.row(i), k, mask, false))
                 .collect();
         };
+        let want = found.width;
+        let (dist, idx) = (&found.dist, &found.idx);
         (0..queries.len())
             .into_par_iter()
             .map(|i| {
@@ -474,6 +490,10 @@ impl MemoryIndex {
                     .filter(|&j| idx[i * want + j] != u32::MAX)
                     .map(|j| (dist[i * want + j], self.ids[idx[i * want + j] as usize]))
                     .collect();
+                if found.exact {
+                    // The brute-force answer, ties by id: nothing to re-rank.
+                    return cands;
+                }
                 cands.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
                 let truncated = cands.len() < qualifying;
                 if truncated && cands.len() > k {

@@ -24,6 +24,7 @@ mod error;
 pub mod gemm;
 pub mod index;
 pub mod math;
+mod q8;
 mod reference;
 mod store;
 mod types;

@@ -176,6 +176,10 @@ pub struct ExactIndex {
     ids: Vec<MemoryId>,
     keys: Vec<f32>,
     pos: HashMap<MemoryId, usize>,
+    /// Bumped on every change of `keys`, for `cache`.
+    version: u64,
+    /// The keys' 8-bit quantisation for the batched search.
+    cache: gemm::KeyCache,
 }
 
 impl ExactIndex {
@@ -190,6 +194,8 @@ impl ExactIndex {
             ids: Vec::new(),
             keys: Vec::new(),
             pos: HashMap::new(),
+            version: 0,
+            cache: gemm::KeyCache::default(),
         })
     }
 
@@ -215,6 +221,7 @@ impl KeyIndex for ExactIndex {
     fn add(&mut self, ids: &[MemoryId], keys: &[f32]) -> Result<()> {
         check_rows("keys", keys, self.dim, Some(ids.len()))?;
         check_new(ids, |id| self.pos.contains_key(&id))?;
+        self.version += 1;
         let appends =
             ids.first().is_none_or(|f| self.ids.last().is_none_or(|l| f > l)) && ids.windows(2).all(|w| w[0] < w[1]);
         if appends {
@@ -248,6 +255,7 @@ impl KeyIndex for ExactIndex {
         if gone.is_empty() {
             return Ok(0);
         }
+        self.version += 1;
         let d = self.dim;
         let mut w = 0;
         for r in 0..self.ids.len() {
@@ -283,7 +291,14 @@ impl KeyIndex for ExactIndex {
                 })
                 .collect();
         }
-        let (dist, idx) = gemm::topk(self.metric, queries, &self.keys, self.dim, k, mask.as_deref())
+        // Rows are kept in id order, so ties by row are ties by id.
+        let set = gemm::KeySet {
+            keys: &self.keys,
+            dim: self.dim,
+            ids: None,
+            cache: Some((&self.cache, self.version)),
+        };
+        let gemm::Ranked { dist, idx, .. } = gemm::topk_ranked(self.metric, queries, &set, k, 0, mask.as_deref())
             .map_err(|e| IndexError::Shape(e.to_string()))?;
         Ok((0..m)
             .map(|i| {

@@ -109,6 +109,49 @@ fn exact_index_equals_brute_force() {
     }
 }
 
+/// Large batches (the 8-bit path on a CPU with VNNI, which keeps a
+/// quantisation of the keys between searches) see every change: a remove
+/// and an add of as many keys between two searches, each answer against
+/// brute force with ties by id.
+#[test]
+fn exact_index_large_batches_see_changes() {
+    let d = 16;
+    for metric in [Metric::L2, Metric::Cosine] {
+        let mut idx = ExactIndex::new(metric, d).unwrap();
+        let mut ids: Vec<MemoryId> = (1..=3000).collect();
+        let mut keys = rand_vecs(5, 3000 * d);
+        idx.add(&ids, &keys).unwrap();
+        let q = rand_vecs(6, 300 * d);
+        let check = |idx: &ExactIndex, ids: &[MemoryId], keys: &[f32], step: &str| {
+            let got = idx.search(&q, 5, None).unwrap();
+            for (i, row) in got.iter().enumerate() {
+                let want = brute(metric, &q[i * d..(i + 1) * d], ids, keys, d, 5, &|_| true);
+                assert_eq!(row, &want, "{metric:?} {step}: query {i}");
+            }
+            got
+        };
+        let got = check(&idx, &ids, &keys, "before");
+        let mut nearest: Vec<MemoryId> = got.iter().map(|row| row[0].1).collect();
+        nearest.sort_unstable();
+        nearest.dedup();
+        assert_eq!(idx.remove(&nearest).unwrap(), nearest.len());
+        let fresh: Vec<MemoryId> = (5001..5001 + nearest.len() as u64).collect();
+        idx.add(&fresh, &q[..nearest.len() * d]).unwrap();
+        let (mut live_ids, mut live_keys) = (Vec::new(), Vec::new());
+        for (i, &id) in ids.iter().enumerate() {
+            if nearest.binary_search(&id).is_err() {
+                live_ids.push(id);
+                live_keys.extend_from_slice(&keys[i * d..(i + 1) * d]);
+            }
+        }
+        live_ids.extend(&fresh);
+        live_keys.extend_from_slice(&q[..nearest.len() * d]);
+        (ids, keys) = (live_ids, live_keys);
+        assert_eq!(idx.len(), 3000);
+        check(&idx, &ids, &keys, "after");
+    }
+}
+
 fn recall(metric: Metric, options: HnswOptions, n: usize, d: usize) -> f64 {
     let ids: Vec<MemoryId> = (1..=n as u64).collect();
     let keys = rand_vecs(3, n * d);

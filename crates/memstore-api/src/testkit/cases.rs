@@ -426,6 +426,62 @@ pub async fn search_large_batch_with_ties_and_filters<H: Harness>(make: Make<'_,
     }
 }
 
+/// Large batches see every change since the previous search: the batched
+/// path may keep derived data about the keys (the 8-bit quantisation of
+/// [`crate::gemm::KeyCache`]), which must never answer for keys that
+/// changed. Searches, deletes the nearest answers, inserts copies of some
+/// queries, and searches again, each answer against the reference.
+pub async fn search_large_batch_sees_changes<H: Harness>(make: Make<'_, H>) {
+    for metric in [Metric::L2, Metric::Cosine] {
+        let c = cfg(16, 1).with_metric(metric);
+        let (_h, s) = fresh(make, c.clone()).await;
+        let r = InMemoryStore::new(c).unwrap();
+        let mut rng = Rng::new(91);
+        let keys = rng.vecs(3000, 16);
+        let vals = vec![0.25; 3000];
+        assert_eq!(ins(&s, &keys, &vals, 1).await, ins(&r, &keys, &vals, 1).await);
+        let queries = rng.vecs(256, 16);
+        let same = |got: &Neighbors, want: &Neighbors, step: &str| {
+            for i in 0..256 {
+                for j in 0..4 {
+                    assert_eq!(
+                        (got.id(i, j), got.distance(i, j).to_bits()),
+                        (want.id(i, j), want.distance(i, j).to_bits()),
+                        "{metric:?} {step}: query {i} rank {j}"
+                    );
+                }
+            }
+        };
+        let first = s.search(v(&queries, 16), 4, None).await.unwrap();
+        same(&first, &r.search(v(&queries, 16), 4, None).await.unwrap(), "before");
+        // Delete every query's nearest memory, then store as many copies of
+        // queries: the next answers all change, while the number of keys
+        // stays the same (derived data must notice more than a count).
+        let nearest: BTreeSet<MemoryId> = (0..256).filter_map(|i| first.id(i, 0)).collect();
+        let nearest: Vec<MemoryId> = nearest.into_iter().collect();
+        let d = nearest.len();
+        assert_eq!(s.delete(&nearest).await.unwrap(), r.delete(&nearest).await.unwrap());
+        let copies = &queries[..d * 16];
+        assert_eq!(
+            ins(&s, copies, &vals[..d], 2).await,
+            ins(&r, copies, &vals[..d], 2).await
+        );
+        assert_eq!(s.stats().await.unwrap().len, 3000);
+        let second = s.search(v(&queries, 16), 4, None).await.unwrap();
+        same(&second, &r.search(v(&queries, 16), 4, None).await.unwrap(), "after");
+        for i in 0..256 {
+            assert!(
+                !nearest.contains(&second.id(i, 1).unwrap()),
+                "{metric:?}: a deleted id came back"
+            );
+        }
+        assert!(
+            (0..d).all(|i| second.distance(i, 0) <= 1e-6),
+            "{metric:?}: a stored copy was missed"
+        );
+    }
+}
+
 /// One query against a large store (the row-parallel path) is exact.
 pub async fn search_large_store_single_query<H: Harness>(make: Make<'_, H>) {
     search_matches(make, Metric::L2, 20_000, 16, 1, 8).await;

@@ -107,6 +107,7 @@ macro_rules! conformance_suite {
             search_large_batch_matches_brute_force,
             search_large_store_single_query,
             search_large_batch_with_ties_and_filters,
+            search_large_batch_sees_changes,
             learn_large_batches_match_reference,
             learn_without_recombination_matches_reference,
         );
