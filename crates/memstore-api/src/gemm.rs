@@ -92,19 +92,22 @@ impl KeyCache {
     /// The quantisation of `keys` at `version`, built now if the cached one
     /// is older or of other keys; `None` where it cannot be built.
     fn get(&self, version: u64, metric: Metric, keys: &[f32], dim: usize) -> Option<std::sync::Arc<crate::q8::Q8Keys>> {
-        // A poisoned lock only means a search panicked while building: the
-        // slot is rebuilt below whenever it does not match.
-        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
         let n = keys.len() / dim;
-        if let Some((v, packed)) = slot.as_ref()
+        // A poisoned lock only means a thread panicked while holding it; the
+        // slot is replaced below whenever it does not match.
+        let lock = || self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((v, packed)) = lock().as_ref()
             && *v == version
             && packed.as_ref().is_none_or(|p| p.fits(metric, n, dim))
         {
-            // Keys this version that cannot be quantised are remembered too.
+            // Keys of this version that cannot be quantised are remembered too.
             return packed.clone();
         }
+        // Built without the lock held: the build runs on the rayon pool, and a
+        // search waiting there on this lock (a caller inside a rayon job) must
+        // not deadlock against it. Two racing searches may both build.
         let packed = crate::q8::Q8Keys::new(metric, keys, dim).map(std::sync::Arc::new);
-        *slot = Some((version, packed.clone()));
+        *lock() = Some((version, packed.clone()));
         packed
     }
 }
