@@ -733,6 +733,45 @@ mod tests {
         }
     }
 
+    /// Many random small cases (shapes, metrics, masks, duplicated rows,
+    /// magnitudes from 1e-6 to 1e6, coarse grids), each against brute force
+    /// with both kernels.
+    #[test]
+    fn random_cases_match_brute_force() {
+        let mut s = 2024u64;
+        let mut pick = |n: usize| -> usize { ((rng(&mut s) + 0.5) * n as f32) as usize % n };
+        let mut seed = 99u64;
+        for case in 0..150 {
+            let (m, n, d, k) = (1 + pick(40), 1 + pick(200), 1 + pick(40), 1 + pick(12));
+            let metric = [Metric::L2, Metric::Cosine, Metric::InnerProduct][case % 3];
+            let scale = [1e-6f32, 1e-2, 1.0, 1e3, 1e6][pick(5)];
+            let grid = pick(3) == 0;
+            let mut keys: Vec<f32> = (0..n * d)
+                .map(|_| {
+                    let x = rng(&mut seed) * scale;
+                    if grid { (x / scale * 6.0).round() * scale } else { x }
+                })
+                .collect();
+            // Duplicate some rows.
+            for _ in 0..n / 4 {
+                let (a, b) = (pick(n), pick(n));
+                let row: Vec<f32> = keys[a * d..(a + 1) * d].to_vec();
+                keys[b * d..(b + 1) * d].copy_from_slice(&row);
+            }
+            let mut q: Vec<f32> = (0..m * d).map(|_| rng(&mut seed) * scale).collect();
+            if m > 1 && n > 0 {
+                let r = pick(n);
+                q[..d].copy_from_slice(&keys[r * d..(r + 1) * d]);
+            }
+            let mask: Vec<bool> = (0..n).map(|_| pick(4) != 0).collect();
+            for kernel in kernels() {
+                for mask in [None, Some(&mask[..])] {
+                    check(kernel, metric, &q, &keys, d, k, mask);
+                }
+            }
+        }
+    }
+
     /// Ties and near-ties at the cut: keys on a coarse grid with duplicates,
     /// queries equal to keys, keys differing in the last bits, wide ranges of
     /// magnitude, zero rows. The bound must keep every row that can tie.
