@@ -236,13 +236,15 @@ impl Q8Keys {
 }
 
 /// One query's running selection: the `k` best approximate scores so far
-/// (sorted, to know the `k`-th) and every row offered whose score may still
+/// (to know the `k`-th) and every row offered whose score may still
 /// be within the bound of it. Each offer tightens the threshold at once, so
 /// the kernel's comparisons reject ever more rows; the row list is pruned
 /// to the threshold when it fills.
 struct Sel {
     cands: Vec<(f32, u32)>,
     best: Vec<f32>,
+    /// Position of the largest of `best` (once it holds `k`).
+    worst: usize,
     /// Rows scoring above this cannot reach the top `k`.
     thr: f32,
     cap: usize,
@@ -255,6 +257,7 @@ impl Sel {
         Sel {
             cands: Vec::with_capacity(2 * k + 32),
             best: Vec::with_capacity(k + 1),
+            worst: 0,
             thr: f32::MAX,
             cap: 2 * k + 32,
             k,
@@ -267,28 +270,34 @@ impl Sel {
     fn push(&mut self, j: usize, a: f32) {
         self.cands.push((a, j as u32));
         let k = self.k;
-        // Insertion into the sorted `k` best (swaps, no memmove call).
-        let mut i = if self.best.len() < k {
+        // The `k` best, unsorted, with the position of the worst: an offer
+        // better than the worst replaces it, and the worst is found again
+        // by one pass over `k` floats (no data-dependent loop exits).
+        if self.best.len() < k {
             self.best.push(a);
-            self.best.len() - 1
-        } else if a < self.best[k - 1] {
-            self.best[k - 1] = a;
-            k - 1
-        } else {
-            usize::MAX
-        };
-        if i != usize::MAX {
-            while i > 0 && self.best[i - 1] > self.best[i] {
-                self.best.swap(i - 1, i);
-                i -= 1;
-            }
             if self.best.len() == k {
-                self.thr = self.bound.tau(self.best[k - 1]);
+                self.refresh();
             }
+        } else if a < self.best[self.worst] {
+            self.best[self.worst] = a;
+            self.refresh();
         }
         if self.cands.len() >= self.cap {
             self.prune();
         }
+    }
+
+    /// Finds the worst of the `k` best and tightens the threshold to it.
+    #[inline]
+    fn refresh(&mut self) {
+        let (mut w, mut wv) = (0, self.best[0]);
+        for (i, &x) in self.best.iter().enumerate().skip(1) {
+            if x > wv {
+                (w, wv) = (i, x);
+            }
+        }
+        self.worst = w;
+        self.thr = self.bound.tau(wv);
     }
 
     /// Drops the rows above the threshold.
