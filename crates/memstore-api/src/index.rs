@@ -458,12 +458,15 @@ impl MemoryIndex {
         }
     }
 
-    /// Batched search by blocked SGEMM ([`crate::gemm::topk`]): `k + slack`
-    /// candidates per query ranked by the matrix product, re-ranked by exact
-    /// distance (ties by id). A query whose k-th exact distance comes within
-    /// rounding of the last candidate's (ties or near-ties at the cut, e.g.
-    /// duplicate keys) is answered by the exact scan instead, so results are
-    /// always those of the scalar scan.
+    /// Batched search ([`crate::gemm::topk_ranked`]). On a CPU with VNNI the
+    /// exact 8-bit prefilter answers directly (the brute-force answer, ties
+    /// by id; the keys' quantisation is kept in `key_cache` until the keys
+    /// change). Otherwise blocked SGEMM gives `k + slack` candidates per
+    /// query ranked by the matrix product, re-ranked by exact distance (ties
+    /// by id); a query whose k-th exact distance comes within rounding of
+    /// the last candidate's (ties or near-ties at the cut, e.g. duplicate
+    /// keys) is answered by the exact scan instead. Either way results are
+    /// those of the scalar scan.
     fn search_gemm(&self, queries: Vectors<'_>, k: usize, mask: Option<&[bool]>) -> Vec<Vec<(f32, MemoryId)>> {
         let n = self.ids.len();
         let k = k.min(n);
@@ -844,8 +847,9 @@ const LEARN_BLOCK: usize = 512;
 /// The nearest memories created earlier in the same `learn` batch, for each
 /// row: row `i` must see what rows `< i` created (the batch is applied row by
 /// row), which a scalar scan makes O(n²) distance computations per batch.
-/// Instead, at the start of each block of [`LEARN_BLOCK`] rows, one blocked
-/// SGEMM ([`crate::gemm::topk`]) ranks the block's rows against every
+/// Instead, at the start of each block of [`LEARN_BLOCK`] rows, one batched
+/// search ([`crate::gemm::topk`]: SGEMM, or the 8-bit prefilter on a VNNI
+/// CPU) ranks the block's rows against every
 /// memory created before the block (`k + slack` candidates each, exact
 /// distances); within the block only the memories the block itself creates
 /// are scanned. A candidate merged away since the block began is skipped;

@@ -4,8 +4,9 @@
 //! ([`KeyIndex`]):
 //!
 //! - [`ExactIndex`]: keys in one contiguous row-major f32 matrix (rows in id
-//!   order), batched queries answered by [`memstore_api::gemm::topk`]
-//!   (blocked SGEMM + bounded-heap selection + exact re-rank), filters as a
+//!   order), batched queries answered by [`memstore_api::gemm::topk_ranked`]
+//!   (blocked SGEMM + bounded-heap selection + exact re-rank, or on a VNNI
+//!   CPU the exact 8-bit prefilter with the keys' quantisation cached), filters as a
 //!   mask. Exact, ties by id: the correctness reference and the default up to
 //!   about a million keys (what product-key memories and Memory Layers at
 //!   Scale do on accelerators: exact top-k by matrix products).
