@@ -54,16 +54,14 @@ pub fn topk(
     k: usize,
     mask: Option<&[bool]>,
 ) -> Result<(Vec<f32>, Vec<u32>)> {
-    let (m, n) = check_topk(queries, keys, dim, k, mask)?;
-    if m >= Q8_MIN_QUERIES
-        && n > 0
-        && let Some(kernel) = crate::q8::Kernel::detect()
-        && let Some(packed) = crate::q8::Q8Keys::new(metric, keys, dim)
-        && let Some(found) = crate::q8::topk(kernel, metric, queries, keys, &packed, dim, k, mask, None)
-    {
-        return Ok(found);
-    }
-    topk_sgemm(metric, queries, keys, dim, k, mask)
+    let set = KeySet {
+        keys,
+        dim,
+        ids: None,
+        cache: None,
+    };
+    let found = topk_ranked(metric, queries, &set, k, 0, mask)?;
+    Ok((found.dist, found.idx))
 }
 
 /// The 8-bit quantisation of a key matrix that [`topk_ranked`] builds on
@@ -237,12 +235,7 @@ pub fn topk_sgemm(
     // product by −q·k, cosine by −q̂·k̂ with unit rows.
     let unit = |v: &[f32]| -> Vec<f32> {
         let mut out = v.to_vec();
-        for row in out.chunks_mut(dim) {
-            let norm = math::dot(row, row).sqrt();
-            if norm > 0.0 {
-                row.iter_mut().for_each(|x| *x /= norm);
-            }
-        }
+        out.chunks_mut(dim).for_each(to_unit);
         out
     };
     let (qs, ks): (Cow<'_, [f32]>, Cow<'_, [f32]>) = match metric {
@@ -353,6 +346,15 @@ pub fn topk_sgemm(
             }
         });
     Ok((dist, idx))
+}
+
+/// Scales `row` to unit length in place (a zero row stays zero): how the
+/// cosine paths normalise keys and queries before their dot products.
+pub(crate) fn to_unit(row: &mut [f32]) {
+    let norm = math::dot(row, row).sqrt();
+    if norm > 0.0 {
+        row.iter_mut().for_each(|x| *x /= norm);
+    }
 }
 
 /// A candidate ordered by (score, then `I`: a row or an id); in a max-heap

@@ -470,7 +470,6 @@ impl MemoryIndex {
     fn search_gemm(&self, queries: Vectors<'_>, k: usize, mask: Option<&[bool]>) -> Vec<Vec<(f32, MemoryId)>> {
         let n = self.ids.len();
         let k = k.min(n);
-        let qualifying = mask.map_or(n, |m| m.iter().filter(|x| **x).count());
         let set = crate::gemm::KeySet {
             keys: &self.keys,
             dim: self.config.key_dim,
@@ -486,6 +485,12 @@ impl MemoryIndex {
         };
         let want = found.width;
         let (dist, idx) = (&found.dist, &found.idx);
+        // Only the SGEMM answer is re-ranked, which needs the count of rows the mask admits.
+        let qualifying = if found.exact {
+            0
+        } else {
+            mask.map_or(n, |m| m.iter().filter(|x| **x).count())
+        };
         (0..queries.len())
             .into_par_iter()
             .map(|i| {

@@ -114,10 +114,7 @@ fn quantize(row: &[f32], out: &mut [i8]) -> Option<(f32, f64, f64)> {
 fn unit_into(row: &[f32], out: &mut Vec<f32>) {
     out.clear();
     out.extend_from_slice(row);
-    let norm = math::dot(row, row).sqrt();
-    if norm > 0.0 {
-        out.iter_mut().for_each(|x| *x /= norm);
-    }
+    crate::gemm::to_unit(out);
 }
 
 /// Keys quantised to 8 bits and packed for the kernels (unit rows for
@@ -906,49 +903,13 @@ mod tests {
         // A quantisation of other keys, or a tie order of another length, is not used.
         let other = Q8Keys::new(Metric::L2, &[1.0, 2.0], 2).unwrap();
         let four = [1.0f32, 2.0, 3.0, 4.0];
-        assert!(topk(Kernel::Portable, Metric::L2, &q, &four, &other, 2, 1, None, None).is_none());
-        assert!(
-            topk(
-                Kernel::Portable,
-                Metric::Cosine,
-                &q,
-                &four[..2],
-                &other,
-                2,
-                1,
-                None,
-                None
-            )
-            .is_none()
-        );
-        assert!(
-            topk(
-                Kernel::Portable,
-                Metric::L2,
-                &q,
-                &four[..2],
-                &other,
-                2,
-                1,
-                None,
-                Some(&[1, 2])
-            )
-            .is_none()
-        );
-        assert!(
-            topk(
-                Kernel::Portable,
-                Metric::L2,
-                &q,
-                &four[..2],
-                &other,
-                2,
-                1,
-                None,
-                Some(&[1])
-            )
-            .is_some()
-        );
+        let with = |metric: Metric, keys: &[f32], tie: Option<&[u64]>| {
+            topk(Kernel::Portable, metric, &q, keys, &other, 2, 1, None, tie).is_some()
+        };
+        assert!(!with(Metric::L2, &four, None));
+        assert!(!with(Metric::Cosine, &four[..2], None));
+        assert!(!with(Metric::L2, &four[..2], Some(&[1, 2])));
+        assert!(with(Metric::L2, &four[..2], Some(&[1])));
         let wide = vec![0.0f32; MAX_DIM + 1];
         assert!(fresh(Kernel::Portable, Metric::L2, &wide, &wide, MAX_DIM + 1, 1, None).is_none());
     }
