@@ -42,7 +42,10 @@ def bench(batch, seq, distill, dtype, steps=10, warm=3):
     print(f"torch {'distill' if distill else 'train  '} {str(dtype):15s} batch {batch:3d} x seq {seq:5d}: {tps:10.0f} tokens/s ({dt / steps * 1e3:.1f} ms/step)", flush=True)
     del student, teacher, opt
     torch.cuda.empty_cache()
-for batch, seq in [(8, 256), (16, 1024)]:
+# TORCH_SHAPES="8x256,16x1024" (the default) picks the batch x seq shapes.
+import os
+shapes = [tuple(int(v) for v in s.split("x")) for s in os.environ.get("TORCH_SHAPES", "8x256,16x1024").split(",")]
+for batch, seq in shapes:
     for distill in (False, True):
         for dtype in (torch.float32, torch.bfloat16):
             bench(batch, seq, distill, dtype)
