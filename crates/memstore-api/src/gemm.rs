@@ -173,7 +173,8 @@ pub fn topk_ranked(
             None => crate::q8::Q8Keys::new(metric, keys, dim).map(std::sync::Arc::new),
         };
         if let Some(packed) = packed
-            && let Some((dist, idx)) = crate::q8::topk(kernel, metric, queries, keys, &packed, dim, k, mask, set.ids)
+            && let Some((dist, idx)) =
+                crate::q8::topk(kernel, metric, queries, keys, &packed, dim, k, mask, set.ids, None)
         {
             return Ok(Ranked {
                 dist,
@@ -191,6 +192,25 @@ pub fn topk_ranked(
         width,
         exact: false,
     })
+}
+
+/// Each row's `k` nearest among the rows before it (`rows` is `n × dim`;
+/// row `i` sees rows `0..i`): `n × k` exact distances ([`math::distance`],
+/// nearest first, ties by row; `+∞` pads) and row indices (`u32::MAX`
+/// pads), through the 8-bit path in one pass. `None` where that path does
+/// not run (no VNNI, `MEMSTORE_NO_Q8`, or rows it cannot bound): SGEMM has
+/// no per-row limit, and the caller keeps its own scan. `learn` uses it for
+/// the memories a batch creates from its own rows.
+pub fn causal_topk(metric: Metric, rows: &[f32], dim: usize, k: usize) -> Option<(Vec<f32>, Vec<u32>)> {
+    check_topk(rows, rows, dim, k, None).ok()?;
+    let n = rows.len() / dim;
+    if n == 0 {
+        return None;
+    }
+    let kernel = crate::q8::Kernel::detect()?;
+    let packed = crate::q8::Q8Keys::new(metric, rows, dim)?;
+    let limit: Vec<usize> = (0..n).collect();
+    crate::q8::topk(kernel, metric, rows, rows, &packed, dim, k, None, None, Some(&limit))
 }
 
 /// Validates [`topk`]'s shapes; returns the numbers of queries and keys.

@@ -735,6 +735,18 @@ impl MemoryIndex {
     /// Plans `learn` (see [`crate::MemoryStore::learn`]). The plan names the
     /// stored values it needs; [`LearnPlan::finish`] takes them.
     pub fn plan_learn<'b>(&'b self, batch: Batch<'b>, tick: Tick, k: usize) -> Result<LearnPlan<'b>> {
+        self.plan_learn_with(batch, tick, k, true)
+    }
+
+    /// [`MemoryIndex::plan_learn`], with the causal search of the batch's
+    /// own rows allowed or not (the tests compare both ways).
+    fn plan_learn_with<'b>(
+        &'b self,
+        batch: Batch<'b>,
+        tick: Tick,
+        k: usize,
+        allow_causal: bool,
+    ) -> Result<LearnPlan<'b>> {
         self.config.check_learn(&batch, k)?;
         let cfg = &self.config;
         let lambda = self.lambda();
@@ -750,6 +762,23 @@ impl MemoryIndex {
         let k_store = if no_merges { k } else { k0 };
         let pre = self.search(batch.keys, k_store, None);
         let mut ov = Overlay::new(self);
+        // The memories rows create from their own keys, found for every row
+        // at once among the rows before it (one causal 8-bit pass); the
+        // block scan then covers only merged memories. Without that path
+        // (no VNNI, small batches) the block scan covers every creation.
+        let causal = if allow_causal && batch.len() >= CAUSAL_MIN_ROWS {
+            crate::gemm::causal_topk(cfg.metric, batch.keys.data(), cfg.key_dim, k0).map(|(dist, idx)| Causal {
+                dist,
+                idx,
+                want: k0,
+            })
+        } else {
+            None
+        };
+        if causal.is_some() {
+            ov.literal = vec![u32::MAX; batch.len()];
+            ov.pool_literals = false;
+        }
         let mut found_rows = Vec::with_capacity(batch.len());
         let mut in_batch = InBatchScan::default();
         for (i, pre_row) in pre.into_iter().enumerate() {
@@ -775,7 +804,16 @@ impl MemoryIndex {
                     .collect();
             }
             // Nearest among memories created earlier in this batch.
-            found.extend(in_batch.nearest(&ov, cfg.metric, key, i, k));
+            match causal.as_ref().map(|c| c.nearest(&ov, i, k)) {
+                None => found.extend(in_batch.nearest(&ov, cfg.metric, key, i, k)),
+                Some(Some(literal)) => {
+                    found.extend(literal);
+                    found.extend(in_batch.nearest(&ov, cfg.metric, key, i, k));
+                }
+                // Too many of the nearest earlier rows created nothing (or
+                // were merged away): every live creation, exactly.
+                Some(None) => found.extend(ov.scan_created(cfg.metric, key)),
+            }
             // Select before sorting: a large batch creates thousands of
             // memories, and sorting all of them per row dominated `learn`.
             if found.len() > k {
@@ -849,15 +887,61 @@ impl MemoryIndex {
 /// Rows of a `learn` batch per block of [`InBatchScan`].
 const LEARN_BLOCK: usize = 512;
 
+/// Batches from this many rows find the memories created from their own
+/// keys by one causal search ([`Causal`]).
+const CAUSAL_MIN_ROWS: usize = 64;
+
+/// For each row of a `learn` batch, its `want` nearest earlier rows of the
+/// batch (exact distances, ties by row), from [`crate::gemm::causal_topk`]:
+/// one pass of the 8-bit kernel with a per-row limit instead of a product
+/// and a scan per block. A row that creates a memory from its own key (a
+/// novel observation) gives it that key, so these are the candidates among
+/// such memories; memories created by merging have other keys and stay
+/// with [`InBatchScan`].
+struct Causal {
+    dist: Vec<f32>,
+    idx: Vec<u32>,
+    want: usize,
+}
+
+impl Causal {
+    /// Row `i`'s `k` nearest live memories created from earlier rows' own
+    /// keys (exact, nearest first, ties by id: ids grow with rows), or
+    /// `None` when the candidates do not settle it (fewer than `k` of the
+    /// `want` nearest rows still hold such a memory).
+    fn nearest(&self, ov: &Overlay<'_>, i: usize, k: usize) -> Option<Vec<(f32, MemoryId)>> {
+        let w = self.want;
+        let mut out = Vec::with_capacity(k);
+        let mut listed = 0;
+        for j in i * w..(i + 1) * w {
+            let Some(&c) = ov.literal.get(self.idx[j] as usize) else {
+                break;
+            };
+            listed += 1;
+            if let Some(m) = ov.created.get(c as usize)
+                && m.alive
+            {
+                out.push((self.dist[j], m.id));
+                if out.len() == k {
+                    return Some(out);
+                }
+            }
+        }
+        // A short list holds every earlier row: the survivors are all there is.
+        (listed < w).then_some(out)
+    }
+}
+
 /// The nearest memories created earlier in the same `learn` batch, for each
 /// row: row `i` must see what rows `< i` created (the batch is applied row by
 /// row), which a scalar scan makes O(n²) distance computations per batch.
 /// Instead, at the start of each block of [`LEARN_BLOCK`] rows, one batched
 /// search ([`crate::gemm::topk`]: SGEMM, or the 8-bit prefilter on a VNNI
-/// CPU) ranks the block's rows against every
-/// memory created before the block (`k + slack` candidates each, exact
-/// distances); within the block only the memories the block itself creates
-/// are scanned. A candidate merged away since the block began is skipped;
+/// CPU) ranks the block's rows against every memory of the overlay's `pool`
+/// created before the block (`k + slack` candidates each, exact distances);
+/// within the block only the pool's memories the block itself creates are
+/// scanned. The pool is every creation, or, where [`Causal`] finds the
+/// memories created from rows' own keys, only the merged ones. A candidate merged away since the block began is skipped;
 /// when fewer than `k` survive, or the `k`-th is within rounding of the last
 /// candidate, the row falls back to the exact scan, so results are those of
 /// the scalar scan (the same rule as [`MemoryIndex::search`]).
@@ -865,7 +949,7 @@ const LEARN_BLOCK: usize = 512;
 struct InBatchScan {
     /// First batch row of the current block.
     start: usize,
-    /// Memories (indices into the overlay's `created`) the block's product covered.
+    /// Memories of the overlay's `pool` the block's product covered.
     upto: usize,
     /// Candidates per row.
     want: usize,
@@ -878,18 +962,18 @@ impl InBatchScan {
     fn prepare(&mut self, ov: &Overlay<'_>, cfg: &MemoryConfig, keys: Vectors<'_>, start: usize, want: usize) {
         self.start = start;
         self.upto = 0;
-        let created = ov.created.len();
-        if created == 0 {
+        let pooled = ov.pool.len();
+        if pooled == 0 {
             return;
         }
         let dim = cfg.key_dim;
         let end = (start + LEARN_BLOCK).min(keys.len());
-        let mask: Vec<bool> = ov.created.iter().map(|c| c.alive).collect();
+        let mask: Vec<bool> = ov.pool.iter().map(|&c| ov.created[c].alive).collect();
         let rows = &keys.data()[start * dim..end * dim];
         // Shapes are the overlay's own and `want` > 0: this cannot fail; if
         // it did, `upto` = 0 leaves every row to the scalar scan.
-        if let Ok((dist, idx)) = crate::gemm::topk(cfg.metric, rows, &ov.created_keys, dim, want, Some(&mask)) {
-            (self.dist, self.idx, self.want, self.upto) = (dist, idx, want, created);
+        if let Ok((dist, idx)) = crate::gemm::topk(cfg.metric, rows, &ov.pool_keys, dim, want, Some(&mask)) {
+            (self.dist, self.idx, self.want, self.upto) = (dist, idx, want, pooled);
         }
     }
 
@@ -905,8 +989,9 @@ impl InBatchScan {
                 .collect();
             out = cands
                 .iter()
-                .filter(|(_, c)| ov.created[*c].alive)
-                .map(|&(d, c)| (d, ov.created[c].id))
+                .map(|&(d, p)| (d, &ov.created[ov.pool[p]]))
+                .filter(|(_, c)| c.alive)
+                .map(|(d, c)| (d, c.id))
                 .collect();
             out.sort_by(|a, b| math::neighbour_order(*a, *b));
             // Fewer candidates than asked: the product returned every memory
@@ -920,8 +1005,9 @@ impl InBatchScan {
             if exact {
                 out.truncate(k);
             } else {
-                out = ov.created[..self.upto]
+                out = ov.pool[..self.upto]
                     .iter()
+                    .map(|&c| &ov.created[c])
                     .filter(|c| c.alive)
                     .map(|c| (math::distance(metric, key, &c.key), c.id))
                     .collect();
@@ -929,10 +1015,16 @@ impl InBatchScan {
         }
         // The memories the block created so far: one grouped scan of their
         // contiguous keys (bit-identical to `math::distance` per row).
-        let rest = &ov.created[self.upto..];
+        let rest = &ov.pool[self.upto..];
         let mut dist = Vec::with_capacity(rest.len());
-        math::distances(metric, key, &ov.created_keys[self.upto * key.len()..], &mut dist);
-        out.extend(rest.iter().zip(dist).filter(|(c, _)| c.alive).map(|(c, d)| (d, c.id)));
+        math::distances(metric, key, &ov.pool_keys[self.upto * key.len()..], &mut dist);
+        out.extend(
+            rest.iter()
+                .map(|&c| &ov.created[c])
+                .zip(dist)
+                .filter(|(c, _)| c.alive)
+                .map(|(c, d)| (d, c.id)),
+        );
         out
     }
 }
@@ -959,9 +1051,19 @@ struct Overlay<'a> {
     removed: HashSet<MemoryId>,
     accessed: HashMap<MemoryId, (Tick, u64, f64)>,
     created: Vec<Created>,
-    /// The keys of `created`, row after row (for the in-batch product).
+    /// The keys of `created`, row after row.
     created_keys: Vec<f32>,
     created_pos: HashMap<MemoryId, usize>,
+    /// The creations [`InBatchScan`] covers (indices into `created`): all,
+    /// or only merged ones when `learn` finds the others by [`Causal`].
+    pool: Vec<usize>,
+    /// The keys of `pool`, row after row.
+    pool_keys: Vec<f32>,
+    /// Whether creations from a row's own key join `pool`.
+    pool_literals: bool,
+    /// Per batch row, the index in `created` of the memory it created from
+    /// its own key (`u32::MAX`: none); empty unless `learn` uses [`Causal`].
+    literal: Vec<u32>,
     next_id: MemoryId,
     counters: Counters,
 }
@@ -975,6 +1077,10 @@ impl<'a> Overlay<'a> {
             created: Vec::new(),
             created_keys: Vec::new(),
             created_pos: HashMap::new(),
+            pool: Vec::new(),
+            pool_keys: Vec::new(),
+            pool_literals: true,
+            literal: Vec::new(),
             next_id: base.next_id,
             counters: base.counters,
         }
@@ -985,6 +1091,10 @@ impl<'a> Overlay<'a> {
         self.next_id += 1;
         self.created_pos.insert(id, self.created.len());
         self.created_keys.extend_from_slice(&key);
+        if self.pool_literals || !matches!(value, ValueExpr::Literal(_)) {
+            self.pool.push(self.created.len());
+            self.pool_keys.extend_from_slice(&key);
+        }
         self.created.push(Created {
             id,
             key,
@@ -1004,7 +1114,22 @@ impl<'a> Overlay<'a> {
             tags: math::new_tags(batch.tags.row(i)),
         };
         self.create(batch.keys.row(i).to_vec(), ValueExpr::Literal(i), meta);
+        if let Some(slot) = self.literal.get_mut(i) {
+            *slot = (self.created.len() - 1) as u32;
+        }
         self.counters.inserted += 1;
+    }
+
+    /// Every live memory created so far, with its exact distance to `key`.
+    fn scan_created(&self, metric: Metric, key: &[f32]) -> Vec<(f32, MemoryId)> {
+        let mut dist = Vec::with_capacity(self.created.len());
+        math::distances(metric, key, &self.created_keys, &mut dist);
+        self.created
+            .iter()
+            .zip(dist)
+            .filter(|(c, _)| c.alive)
+            .map(|(c, d)| (d, c.id))
+            .collect()
     }
 
     /// The current bookkeeping and key of a live memory.
@@ -1219,5 +1344,97 @@ impl LearnPlan<'_> {
             }
         }
         Ok((self.overlay.into_changes(new_values), out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rng(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+
+    /// `n` keys around `centres` (`dim` wide), spread `spread`.
+    fn clustered(seed: &mut u64, n: usize, centres: &[f32], dim: usize, spread: f32) -> Vec<f32> {
+        let c = centres.len() / dim;
+        let mut out = Vec::with_capacity(n * dim);
+        for _ in 0..n {
+            let j = ((rng(seed) + 0.5) * c as f32) as usize % c;
+            out.extend((0..dim).map(|d| centres[j * dim + d] + spread * rng(seed)));
+        }
+        out
+    }
+
+    /// The causal search of a batch's own rows plans exactly what the block
+    /// scan plans (neighbours, merges, touches, insertions, evictions, the
+    /// values and neighbours `finish` returns), on every metric, with merges
+    /// of stored and of in-batch memories, duplicates of earlier rows and of
+    /// stored keys, and the novelty gate leaving many rows uncreated (which
+    /// sends rows to the causal path's exact fallback).
+    #[test]
+    fn causal_and_block_scans_plan_the_same_learn() {
+        if crate::gemm::causal_topk(Metric::L2, &[0.0, 1.0, 2.0, 3.0], 2, 1).is_none() {
+            eprintln!("no 8-bit path on this CPU: learn takes the block scan alone");
+            return;
+        }
+        let (dim, stored, n) = (8usize, 1500usize, 1300usize);
+        for (case, metric) in [Metric::L2, Metric::Cosine, Metric::InnerProduct]
+            .into_iter()
+            .enumerate()
+        {
+            let mut seed = 77 + case as u64;
+            let centres: Vec<f32> = (0..200 * dim).map(|_| rng(&mut seed) * 8.0 + 0.3).collect();
+            let base = clustered(&mut seed, stored, &centres, dim, 0.4);
+            let mut keys = clustered(&mut seed, n, &centres, dim, 0.4);
+            for i in (0..n).step_by(9) {
+                let j = ((rng(&mut seed) + 0.5) * stored as f32) as usize % stored;
+                keys[i * dim..(i + 1) * dim].copy_from_slice(&base[j * dim..(j + 1) * dim]);
+            }
+            for i in (100..n).step_by(6) {
+                let j = ((rng(&mut seed) + 0.5) * i as f32) as usize % i;
+                keys.copy_within(j * dim..(j + 1) * dim, i * dim);
+            }
+            // Thresholds at quantiles of the rows' nearest stored distance:
+            // some rows merge, some are gated, the rest create memories.
+            let mut nearest: Vec<f32> = (0..300)
+                .map(|i| {
+                    (0..stored)
+                        .map(|j| math::distance(metric, &keys[i * dim..(i + 1) * dim], &base[j * dim..(j + 1) * dim]))
+                        .fold(f32::INFINITY, f32::min)
+                })
+                .collect();
+            nearest.sort_by(f32::total_cmp);
+            let (recombine, novelty) = (nearest[45], nearest[150]);
+            let cfg = MemoryConfig::new(dim, 2)
+                .with_metric(metric)
+                .with_thresholds(recombine, novelty)
+                .with_capacity(1700);
+            let mut index = MemoryIndex::new(cfg);
+            let mut values = HashMap::new();
+            for j in 0..stored {
+                let meta = Meta {
+                    created: 1,
+                    last_access: 1 + (j % 5) as u64,
+                    access_count: 1,
+                    crf: 1.0,
+                    tags: BTreeMap::new(),
+                };
+                index.load(j as u64 + 1, &base[j * dim..(j + 1) * dim], meta).unwrap();
+                values.insert(j as u64 + 1, vec![j as f32, -(j as f32)]);
+            }
+            let vals: Vec<f32> = (0..2 * n).map(|_| rng(&mut seed)).collect();
+            let batch = Batch::new(Vectors::new(&keys, dim).unwrap(), Vectors::new(&vals, 2).unwrap());
+            let plans = [true, false].map(|causal| index.plan_learn_with(batch, 9, 6, causal).unwrap());
+            assert_eq!(plans[0].found, plans[1].found, "{metric:?}: neighbours differ");
+            let [a, b] = plans.map(|p| p.finish(&values).unwrap());
+            assert_eq!(a, b, "{metric:?}: changes or returned neighbours differ");
+            let c = a.0.counters;
+            assert!(
+                c.merged > 100 && c.inserted > 300 && c.inserted + c.merged < n as u64 && c.evicted > 0,
+                "{metric:?}: the scenario must merge, gate, insert and evict: {c:?}"
+            );
+        }
     }
 }

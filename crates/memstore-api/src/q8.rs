@@ -343,6 +343,23 @@ struct Tile<'a> {
     factor: [f32; TILE],
     /// The keys' biases for this search (`+∞` for rows the mask rejects).
     bias: &'a [f32],
+    /// Per query, the number of leading keys it may see (`usize::MAX`: all).
+    limit: [usize; TILE],
+}
+
+impl Tile<'_> {
+    /// Which of the 16 keys from `first` on query `r` may see, as lane bits.
+    #[inline]
+    fn visible(&self, r: usize, first: usize) -> u32 {
+        let lim = self.limit[r];
+        if first.saturating_add(LANES) <= lim {
+            0xFFFF
+        } else if first >= lim {
+            0
+        } else {
+            (1u32 << (lim - first)) - 1
+        }
+    }
 }
 
 /// Scores key pairs `pairs` for a tile and offers each of `sels`' queries
@@ -376,11 +393,12 @@ fn run_portable(keys: &Q8Keys, tile: &Tile<'_>, pairs: Range<usize>, sels: &mut 
                         }
                     }
                 }
+                let vis = tile.visible(r, panel * LANES);
                 for (l, &sum) in sums.iter().enumerate() {
                     let j = panel * LANES + l;
                     let s = (sum - keys.corr[j]) as f32;
                     let a = s.mul_add(keys.scale[j] * tile.factor[r], tile.bias[j]);
-                    if a <= sel.thr {
+                    if a <= sel.thr && vis & (1 << l) != 0 {
                         sel.push(j, a);
                     }
                 }
@@ -436,7 +454,8 @@ mod vnni {
                     for (r, sel) in sels.iter_mut().enumerate().take(live) {
                         let s = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], corr));
                         let a = _mm512_fmadd_ps(s, _mm512_mul_ps(scale, _mm512_set1_ps(tile.factor[r])), bias);
-                        let m = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(a, _mm512_set1_ps(sel.thr));
+                        let m = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(a, _mm512_set1_ps(sel.thr))
+                            & tile.visible(r, first) as u16;
                         if m != 0 {
                             let mut out = [0.0f32; LANES];
                             _mm512_storeu_ps(out.as_mut_ptr(), a);
@@ -459,9 +478,11 @@ mod vnni {
 /// The `k` nearest rows by [`math::distance`] for each query, as
 /// [`crate::gemm::topk`] returns them (shapes already validated), ties
 /// broken by `tie[row]` (by row when `None`), through the 8-bit prefilter
-/// over `packed` (the quantisation of `keys`); `None`
-/// when this path does not apply (a non-finite or enormous query, or
-/// `packed` is not `keys`' quantisation), for the caller to use SGEMM.
+/// over `packed` (the quantisation of `keys`); query `i` sees only rows
+/// `< limit[i]` when `limit` is given (a causal search: rows of a batch
+/// against the rows before them). `None` when this path does not apply (a
+/// non-finite or enormous query, or `packed` is not `keys`' quantisation),
+/// for the caller to use SGEMM.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn topk(
     kernel: Kernel,
@@ -473,11 +494,16 @@ pub(crate) fn topk(
     k: usize,
     mask: Option<&[bool]>,
     tie: Option<&[u64]>,
+    limit: Option<&[usize]>,
 ) -> Option<(Vec<f32>, Vec<u32>)> {
     let (m, n) = (queries.len() / dim, keys.len() / dim);
-    if !packed.fits(metric, n, dim) || tie.is_some_and(|t| t.len() != n) {
+    if !packed.fits(metric, n, dim) || tie.is_some_and(|t| t.len() != n) || limit.is_some_and(|l| l.len() != m) {
         return None;
     }
+    // Per query, the rows it may see; pad queries see none.
+    let lim = |i: usize| -> usize { if i >= m { 0 } else { limit.map_or(usize::MAX, |l| l[i]) } };
+    // Pairs of keys a run of queries needs: up to its widest limit.
+    let pairs_for = |from: usize, to: usize| -> usize { (from..to).map(lim).max().unwrap_or(0).min(n).div_ceil(PAIR) };
     let bias: std::borrow::Cow<'_, [f32]> = match mask {
         None => std::borrow::Cow::Borrowed(&packed.bias),
         Some(mask) => std::borrow::Cow::Owned(
@@ -590,7 +616,7 @@ pub(crate) fn topk(
             let q0 = b * QBLOCK;
             let rows = QBLOCK.min(m - q0);
             let mut sels: Vec<Sel> = (0..rows).map(|i| Sel::new(kk, bounds[q0 + i])).collect();
-            let (lo, hi) = (r * span, ((r + 1) * span).min(pairs));
+            let (lo, hi) = (r * span, ((r + 1) * span).min(pairs).min(pairs_for(q0, q0 + rows)));
             let mut c0 = lo;
             while c0 < hi {
                 let c1 = (c0 + chunk).min(hi);
@@ -600,9 +626,13 @@ pub(crate) fn topk(
                         words: &words[first * groups..(first + TILE) * groups],
                         factor: std::array::from_fn(|i| factors[first + i]),
                         bias: &bias,
+                        limit: std::array::from_fn(|i| lim(first + i)),
                     };
                     let end = (t * TILE + TILE).min(rows);
-                    run(kernel, packed, &tile, c0..c1, &mut sels[t * TILE..end]);
+                    let stop = c1.min(pairs_for(first, q0 + end));
+                    if c0 < stop {
+                        run(kernel, packed, &tile, c0..stop, &mut sels[t * TILE..end]);
+                    }
                 }
                 c0 = c1;
             }
@@ -686,7 +716,7 @@ mod tests {
         mask: Option<&[bool]>,
     ) -> Option<(Vec<f32>, Vec<u32>)> {
         let packed = Q8Keys::new(metric, keys, d)?;
-        topk(kernel, metric, q, keys, &packed, d, k, mask, None)
+        topk(kernel, metric, q, keys, &packed, d, k, mask, None, None)
     }
 
     fn kernels() -> Vec<Kernel> {
@@ -709,6 +739,63 @@ mod tests {
                 .collect();
             assert_eq!(got, want, "{kernel:?} {metric:?} d {d} query {i}");
             assert!(dist[i * k + want.len()..(i + 1) * k].iter().all(|x| x.is_infinite()));
+        }
+    }
+
+    /// With per-query limits (query `i` sees rows `< limit[i]`), the answer
+    /// is the brute-force answer over those rows: the triangular case that
+    /// `learn` uses (rows against the rows before them, duplicates included),
+    /// arbitrary limits (0, beyond `n`, mid-pair), with and without a mask,
+    /// every metric, both kernels.
+    #[test]
+    fn limits_match_brute_force() {
+        let mut s = 23u64;
+        for kernel in kernels() {
+            for metric in [Metric::L2, Metric::Cosine, Metric::InnerProduct] {
+                for &(n, d, k) in &[(70usize, 5usize, 4usize), (300, 64, 16), (600, 13, 8), (97, 33, 40)] {
+                    let mut rows: Vec<f32> = (0..n * d).map(|_| rng(&mut s)).collect();
+                    // Duplicated rows: ties that the order by row must break.
+                    for j in (5..n).step_by(7) {
+                        rows.copy_within((j - 5) * d..(j - 4) * d, j * d);
+                    }
+                    let packed = Q8Keys::new(metric, &rows, d).expect("finite rows");
+                    let tri: Vec<usize> = (0..n).collect();
+                    let odd: Vec<usize> = (0..n)
+                        .map(|i| match i % 5 {
+                            0 => 0,
+                            1 => n + 3,
+                            2 => (i * 7) % (n + 1),
+                            3 => i / 2 + 17,
+                            _ => usize::MAX,
+                        })
+                        .collect();
+                    let mask: Vec<bool> = (0..n).map(|j| j % 3 != 1).collect();
+                    for (limit, mask) in [(&tri, None), (&odd, None), (&tri, Some(&mask[..]))] {
+                        let (dist, idx) = topk(kernel, metric, &rows, &rows, &packed, d, k, mask, None, Some(limit))
+                            .expect("finite rows take the 8-bit path");
+                        for i in 0..n {
+                            let seen = limit[i].min(n);
+                            let want = brute(
+                                metric,
+                                &rows[i * d..(i + 1) * d],
+                                &rows[..seen * d],
+                                d,
+                                k,
+                                mask.map(|m| &m[..seen]),
+                            );
+                            let got: Vec<(f32, u32)> = (0..k)
+                                .filter(|&j| idx[i * k + j] != u32::MAX)
+                                .map(|j| (dist[i * k + j], idx[i * k + j]))
+                                .collect();
+                            assert_eq!(
+                                got, want,
+                                "{kernel:?} {metric:?} n {n} d {d} row {i} limit {}",
+                                limit[i]
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -824,7 +911,7 @@ mod tests {
         let q = vec![1.0f32, 0.5, -1.0, 0.25];
         for kernel in kernels() {
             let packed = Q8Keys::new(Metric::L2, &keys, d).unwrap();
-            let (dist, idx) = topk(kernel, Metric::L2, &q, &keys, &packed, d, 5, None, Some(&ids)).unwrap();
+            let (dist, idx) = topk(kernel, Metric::L2, &q, &keys, &packed, d, 5, None, Some(&ids), None).unwrap();
             let mut want: Vec<(f32, u64, u32)> = (0..100)
                 .map(|j| {
                     (
@@ -839,7 +926,7 @@ mod tests {
             assert_eq!(idx, want_rows, "{kernel:?}");
             assert!(dist.iter().all(|&x| x == 0.0));
             // Without the order, the lowest rows.
-            let (_, idx) = topk(kernel, Metric::L2, &q, &keys, &packed, d, 5, None, None).unwrap();
+            let (_, idx) = topk(kernel, Metric::L2, &q, &keys, &packed, d, 5, None, None, None).unwrap();
             assert_eq!(idx, vec![0, 1, 5, 6, 10]);
         }
     }
@@ -863,6 +950,8 @@ mod tests {
                 words: &words,
                 factor: std::array::from_fn(|i| -0.01 * (i as f32 + 1.0)),
                 bias: &packed.bias,
+                // Limits inside a panel, at its edges, none and everything.
+                limit: [usize::MAX, 0, 5, 16, 17, 33, n, 2 * PAIR + 1],
             };
             let mut seen = [Vec::new(), Vec::new()];
             for (slot, kernel) in [Kernel::Portable, fast].into_iter().enumerate() {
@@ -880,11 +969,13 @@ mod tests {
                 }
             }
             seen.iter_mut().for_each(|v| v.sort_unstable());
+            let visible: usize = tile.limit.iter().map(|&l| l.min(n)).sum();
             assert_eq!(
                 seen[0].len(),
-                TILE * n,
-                "d {d}: every real key under f32::MAX, pads never"
+                visible,
+                "d {d}: every real key a query may see, under f32::MAX; pads and rows past a limit never"
             );
+            assert!(seen[0].iter().all(|&(r, j, _)| (j as usize) < tile.limit[r]));
             assert_eq!(seen[0], seen[1], "d {d}");
         }
     }
@@ -904,7 +995,7 @@ mod tests {
         let other = Q8Keys::new(Metric::L2, &[1.0, 2.0], 2).unwrap();
         let four = [1.0f32, 2.0, 3.0, 4.0];
         let with = |metric: Metric, keys: &[f32], tie: Option<&[u64]>| {
-            topk(Kernel::Portable, metric, &q, keys, &other, 2, 1, None, tie).is_some()
+            topk(Kernel::Portable, metric, &q, keys, &other, 2, 1, None, tie, None).is_some()
         };
         assert!(!with(Metric::L2, &four, None));
         assert!(!with(Metric::Cosine, &four[..2], None));
