@@ -202,6 +202,7 @@ fn anchors(c: &mut Criterion) {
         let duck_hnsw = rt.block_on(async {
             let options = memstore::DuckdbOptions {
                 ann: Some(Arc::new(memstore::Hnsw::new(memstore::HnswOptions::default()))),
+                ..memstore::DuckdbOptions::default()
             };
             let s = memstore::DuckdbStore::open_with(
                 dir.path().join("anchor-hnsw.duckdb"),

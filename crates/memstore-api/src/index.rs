@@ -5,7 +5,11 @@
 //! every key in one contiguous row-major matrix (exact, batched, multi-threaded
 //! brute-force search with a bounded heap per query), the access bookkeeping
 //! and tags of every memory, and an ordered set of LRFU priorities so that
-//! eviction is a scan of the lowest entries. Values stay in the database.
+//! eviction is a scan of the lowest entries. Values stay in the database, and
+//! with [`MemoryIndex::with_values`] also in a second row-aligned matrix, so
+//! that searches and `learn` return neighbours' values without a read (a
+//! write-through copy, as the keys are: changed only by committed
+//! [`Changes`]).
 //!
 //! A backend runs every write the same way: plan against the index (pure,
 //! nothing changes), persist the resulting [`Changes`] in one transaction,
@@ -19,6 +23,7 @@
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, OnceLock};
@@ -121,13 +126,42 @@ struct Ann {
     disabled: Option<String>,
 }
 
+/// Hashes memory ids for the index's maps: ids are a store's own counter,
+/// so one multiplication (Fibonacci hashing, Knuth) spreads them; SipHash,
+/// std's default, made id lookups a visible part of `learn`.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        let h = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = h ^ (h >> 29);
+    }
+}
+
+/// A map from memory ids hashed by [`IdHasher`].
+type IdMap<V> = HashMap<MemoryId, V, BuildHasherDefault<IdHasher>>;
+
 /// Keys, bookkeeping and priorities of every memory of one store.
 pub struct MemoryIndex {
     config: MemoryConfig,
     ids: Vec<MemoryId>,
     keys: Vec<f32>,
+    /// Values, row-aligned with `keys`, when the index keeps them
+    /// ([`MemoryIndex::with_values`]).
+    values: Option<Vec<f32>>,
     meta: Vec<Meta>,
-    pos: HashMap<MemoryId, usize>,
+    pos: IdMap<usize>,
     by_priority: BTreeSet<(Prio, MemoryId)>,
     next_id: MemoryId,
     counters: Counters,
@@ -145,8 +179,9 @@ impl MemoryIndex {
             config,
             ids: Vec::new(),
             keys: Vec::new(),
+            values: None,
             meta: Vec::new(),
-            pos: HashMap::new(),
+            pos: IdMap::default(),
             by_priority: BTreeSet::new(),
             next_id: 1,
             counters: Counters::default(),
@@ -154,6 +189,41 @@ impl MemoryIndex {
             key_version: 0,
             key_cache: crate::gemm::KeyCache::default(),
         }
+    }
+
+    /// The same index keeping every value in memory beside its key, so that
+    /// searches and `learn` need no value reads from the database (memory:
+    /// `value_dim` floats per memory more). Set before loading.
+    pub fn with_values(mut self) -> Self {
+        self.values = Some(Vec::new());
+        self
+    }
+
+    /// Whether the index keeps values ([`MemoryIndex::with_values`]).
+    pub fn holds_values(&self) -> bool {
+        self.values.is_some()
+    }
+
+    /// The kept value of `id` (`None` when absent or values are not kept).
+    pub fn value(&self, id: MemoryId) -> Option<&[f32]> {
+        let (d, values) = (self.config.value_dim, self.values.as_ref()?);
+        self.pos.get(&id).map(|&r| &values[r * d..(r + 1) * d])
+    }
+
+    /// Of `ids`, those whose values must be read from the database: all
+    /// of them unless the index keeps values (then only ids it does not
+    /// hold, which the read reports as missing).
+    pub fn missing_values(&self, ids: impl IntoIterator<Item = MemoryId>) -> Vec<MemoryId> {
+        if self.values.is_some() {
+            ids.into_iter().filter(|id| !self.pos.contains_key(id)).collect()
+        } else {
+            ids.into_iter().collect()
+        }
+    }
+
+    /// A stored value: kept by the index, or read into `read`.
+    fn stored_value<'a>(&'a self, id: MemoryId, read: &'a HashMap<MemoryId, Vec<f32>>) -> Option<&'a [f32]> {
+        self.value(id).or_else(|| read.get(&id).map(Vec::as_slice))
     }
 
     /// Attaches an approximate search structure built by `builder` for the
@@ -256,13 +326,14 @@ impl MemoryIndex {
     pub fn memories(&self, ids: &[MemoryId], values: &HashMap<MemoryId, Vec<f32>>) -> Result<Vec<Memory>> {
         ids.iter()
             .map(|id| {
-                let (Some(key), Some(m), Some(value)) = (self.key(*id), self.meta(*id), values.get(id)) else {
+                let (Some(key), Some(m), Some(value)) = (self.key(*id), self.meta(*id), self.stored_value(*id, values))
+                else {
                     return Err(Error::UnknownId(*id));
                 };
                 Ok(Memory {
                     id: *id,
                     key: key.to_vec(),
-                    value: value.clone(),
+                    value: value.to_vec(),
                     created: m.created,
                     last_access: m.last_access,
                     access_count: m.access_count,
@@ -324,8 +395,9 @@ impl MemoryIndex {
         &self.ids
     }
 
-    /// Adds one memory (when loading, or applying changes). Checks its key's shape.
-    pub fn load(&mut self, id: MemoryId, key: &[f32], meta: Meta) -> Result<()> {
+    /// Adds one memory (when loading, or applying changes). Checks its key's
+    /// shape, and its value's where the index keeps values (then required).
+    pub fn load(&mut self, id: MemoryId, key: &[f32], value: Option<&[f32]>, meta: Meta) -> Result<()> {
         if key.len() != self.config.key_dim {
             return Err(Error::Corrupt(format!(
                 "memory {id} has a key of {} floats, expected {}",
@@ -335,6 +407,18 @@ impl MemoryIndex {
         }
         if self.pos.contains_key(&id) {
             return Err(Error::Corrupt(format!("memory {id} appears twice")));
+        }
+        if let Some(values) = &mut self.values {
+            match value {
+                Some(v) if v.len() == self.config.value_dim => values.extend_from_slice(v),
+                _ => {
+                    return Err(Error::Corrupt(format!(
+                        "memory {id} has a value of {} floats, expected {}",
+                        value.map_or(0, <[f32]>::len),
+                        self.config.value_dim
+                    )));
+                }
+            }
         }
         let p = math::priority(self.lambda(), meta.crf, meta.last_access);
         self.pos.insert(id, self.ids.len());
@@ -360,11 +444,18 @@ impl MemoryIndex {
             self.meta.swap(r, last);
             let (head, tail) = self.keys.split_at_mut(last * d);
             head[r * d..(r + 1) * d].copy_from_slice(&tail[..d]);
+            if let Some(values) = &mut self.values {
+                let dv = self.config.value_dim;
+                values.copy_within(last * dv..(last + 1) * dv, r * dv);
+            }
             self.pos.insert(self.ids[r], r);
         }
         self.ids.pop();
         self.meta.pop();
         self.keys.truncate(last * d);
+        if let Some(values) = &mut self.values {
+            values.truncate(last * self.config.value_dim);
+        }
     }
 
     /// Applies committed changes.
@@ -388,6 +479,7 @@ impl MemoryIndex {
             self.load(
                 m.id,
                 &m.key,
+                Some(&m.value),
                 Meta {
                     created: m.created,
                     last_access: m.last_access,
@@ -396,6 +488,20 @@ impl MemoryIndex {
                     tags: m.tags.clone(),
                 },
             )?;
+        }
+        if let Some(values) = &mut self.values {
+            let dv = self.config.value_dim;
+            for (id, v) in &changes.values {
+                if let Some(&r) = self.pos.get(id) {
+                    if v.len() != dv {
+                        return Err(Error::Corrupt(format!(
+                            "memory {id} was given a value of {} floats, expected {dv}",
+                            v.len()
+                        )));
+                    }
+                    values[r * dv..(r + 1) * dv].copy_from_slice(v);
+                }
+            }
         }
         self.next_id = changes.next_id;
         self.counters = changes.counters;
@@ -589,8 +695,8 @@ impl MemoryIndex {
         for (i, row) in rows.iter().enumerate() {
             for (j, &(d, id)) in row.iter().enumerate() {
                 let key = self.key(id).ok_or(Error::UnknownId(id))?;
-                let value = values
-                    .get(&id)
+                let value = self
+                    .stored_value(id, values)
                     .ok_or_else(|| Error::Corrupt(format!("no value stored for memory {id}")))?;
                 out.set(i, j, id, d, key, value);
             }
@@ -643,9 +749,7 @@ impl MemoryIndex {
         current: &HashMap<MemoryId, Vec<f32>>,
     ) -> Result<Changes> {
         let new_values = math::apply_deltas(ids, deltas, |id| {
-            current
-                .get(&id)
-                .map(|v| v.as_slice())
+            self.stored_value(id, current)
                 .ok_or_else(|| Error::Corrupt(format!("no value stored for memory {id}")))
         })?;
         Ok(Changes {
@@ -683,7 +787,7 @@ impl MemoryIndex {
         if let Some(&id) = batch.touch.iter().find(|id| !live(id)) {
             return Err(Error::UnknownId(id));
         }
-        Ok(batch.update_ids.clone())
+        Ok(self.missing_values(batch.update_ids.iter().copied()))
     }
 
     /// Plans a change batch (see [`crate::MemoryStore::apply`]) given the
@@ -692,9 +796,7 @@ impl MemoryIndex {
         self.check_apply(batch)?;
         let inserts = batch.inserts(&self.config)?;
         let new_values = math::apply_deltas(&batch.update_ids, batch.deltas(&self.config)?, |id| {
-            current
-                .get(&id)
-                .map(|v| v.as_slice())
+            self.stored_value(id, current)
                 .ok_or_else(|| Error::Corrupt(format!("no value stored for memory {id}")))
         })?;
         let mut ov = Overlay::new(self);
@@ -1053,7 +1155,8 @@ struct Overlay<'a> {
     created: Vec<Created>,
     /// The keys of `created`, row after row.
     created_keys: Vec<f32>,
-    created_pos: HashMap<MemoryId, usize>,
+    /// The id of `created[0]` (creations take consecutive ids).
+    first_id: MemoryId,
     /// The creations [`InBatchScan`] covers (indices into `created`): all,
     /// or only merged ones when `learn` finds the others by [`Causal`].
     pool: Vec<usize>,
@@ -1076,7 +1179,7 @@ impl<'a> Overlay<'a> {
             accessed: HashMap::new(),
             created: Vec::new(),
             created_keys: Vec::new(),
-            created_pos: HashMap::new(),
+            first_id: base.next_id,
             pool: Vec::new(),
             pool_keys: Vec::new(),
             pool_literals: true,
@@ -1089,7 +1192,6 @@ impl<'a> Overlay<'a> {
     fn create(&mut self, key: Vec<f32>, value: ValueExpr, meta: Meta) {
         let id = self.next_id;
         self.next_id += 1;
-        self.created_pos.insert(id, self.created.len());
         self.created_keys.extend_from_slice(&key);
         if self.pool_literals || !matches!(value, ValueExpr::Literal(_)) {
             self.pool.push(self.created.len());
@@ -1134,7 +1236,7 @@ impl<'a> Overlay<'a> {
 
     /// The current bookkeeping and key of a live memory.
     fn meta_and_key(&self, id: MemoryId) -> (Meta, &[f32]) {
-        if let Some(&c) = self.created_pos.get(&id) {
+        if let Some(c) = self.created_index(id) {
             let c = &self.created[c];
             return (c.meta.clone(), &c.key);
         }
@@ -1152,7 +1254,7 @@ impl<'a> Overlay<'a> {
 
     fn access(&mut self, id: MemoryId, tick: Tick) {
         let lambda = self.base.lambda();
-        if let Some(&c) = self.created_pos.get(&id) {
+        if let Some(c) = self.created_index(id) {
             let m = &mut self.created[c].meta;
             let (crf, last) = math::access(lambda, m.crf, m.last_access, tick);
             m.crf = crf;
@@ -1166,7 +1268,7 @@ impl<'a> Overlay<'a> {
     }
 
     fn remove(&mut self, id: MemoryId) {
-        if let Some(&c) = self.created_pos.get(&id) {
+        if let Some(c) = self.created_index(id) {
             self.created[c].alive = false;
         } else {
             self.removed.insert(id);
@@ -1220,45 +1322,41 @@ impl<'a> Overlay<'a> {
         Ok(self.into_changes(values))
     }
 
-    /// The values of the memories created so far (merges read their sources
-    /// from `stored` or from earlier creations).
-    fn created_values(
-        &self,
-        batch: &Batch<'_>,
-        stored: &HashMap<MemoryId, Vec<f32>>,
-    ) -> Result<HashMap<MemoryId, Vec<f32>>> {
-        let mut values: HashMap<MemoryId, Vec<f32>> = HashMap::with_capacity(self.created.len());
+    /// The values of the memories created so far, by index in `created`
+    /// (merges read their sources from earlier creations, the index's kept
+    /// values, or `stored`).
+    fn created_values(&self, batch: &Batch<'_>, stored: &HashMap<MemoryId, Vec<f32>>) -> Result<Vec<Vec<f32>>> {
+        let mut values: Vec<Vec<f32>> = Vec::with_capacity(self.created.len());
         for c in &self.created {
             let v = match &c.value {
                 ValueExpr::Literal(row) => batch.values.row(*row).to_vec(),
                 ValueExpr::Merge { row, parts } => {
                     let mut srcs: Vec<(f64, &[f32])> = Vec::with_capacity(parts.len());
                     for (w, id) in parts {
-                        let v = values
-                            .get(id)
-                            .or_else(|| stored.get(id))
-                            .ok_or_else(|| Error::Corrupt(format!("no value stored for memory {id}")))?;
-                        srcs.push((*w, v.as_slice()));
+                        let v = match self.created_index(*id) {
+                            Some(i) => values.get(i).map(Vec::as_slice),
+                            None => self.base.stored_value(*id, stored),
+                        }
+                        .ok_or_else(|| Error::Corrupt(format!("no value stored for memory {id}")))?;
+                        srcs.push((*w, v));
                     }
                     math::weighted_mean(batch.values.row(*row), srcs.into_iter())
                 }
             };
-            values.insert(c.id, v);
+            values.push(v);
         }
         Ok(values)
     }
 
-    /// The key of a memory created so far.
-    fn created_key(&self, id: MemoryId) -> Option<&[f32]> {
-        let dim = self.base.config.key_dim;
-        self.created_pos
-            .get(&id)
-            .map(|&i| &self.created_keys[i * dim..(i + 1) * dim])
+    /// Where memory `id` sits in `created`, if this operation created it.
+    fn created_index(&self, id: MemoryId) -> Option<usize> {
+        let i = usize::try_from(id.checked_sub(self.first_id)?).ok()?;
+        (i < self.created.len()).then_some(i)
     }
 
     /// The changes to persist, the created memories taking their values
-    /// from `values` (moved, not copied).
-    fn into_changes(self, mut values: HashMap<MemoryId, Vec<f32>>) -> Changes {
+    /// from `values` (by index in `created`; moved, not copied).
+    fn into_changes(self, values: Vec<Vec<f32>>) -> Changes {
         let lambda = self.base.lambda();
         let mut removed: Vec<MemoryId> = self.removed.into_iter().collect();
         removed.sort_unstable();
@@ -1277,10 +1375,11 @@ impl<'a> Overlay<'a> {
         let inserted = self
             .created
             .into_iter()
-            .filter(|c| c.alive)
-            .map(|c| Memory {
+            .zip(values.into_iter().map(Some).chain(std::iter::repeat_with(|| None)))
+            .filter(|(c, _)| c.alive)
+            .map(|(c, value)| Memory {
                 id: c.id,
-                value: values.remove(&c.id).unwrap_or_default(),
+                value: value.unwrap_or_default(),
                 key: c.key,
                 created: c.meta.created,
                 last_access: c.meta.last_access,
@@ -1310,36 +1409,45 @@ pub struct LearnPlan<'a> {
 
 impl LearnPlan<'_> {
     /// The stored memories whose values the plan needs (neighbours and merge
-    /// sources), ascending.
+    /// sources) and the index does not keep, ascending.
     pub fn needed_values(&self) -> Vec<MemoryId> {
+        let base = self.overlay.base;
         let mut ids: Vec<MemoryId> = self
             .found
             .iter()
             .flatten()
             .map(|&(_, id)| id)
-            .filter(|&id| self.overlay.base.contains(id))
+            .filter(|&id| base.contains(id))
             .collect();
         ids.sort_unstable();
         ids.dedup();
-        ids
+        base.missing_values(ids)
     }
 
     /// The changes to persist and the neighbours to return.
     pub fn finish(self, stored: &HashMap<MemoryId, Vec<f32>>) -> Result<(Changes, Neighbors)> {
         let base = self.overlay.base;
         let cfg = &base.config;
+        let (dk, dv) = (cfg.key_dim, cfg.value_dim);
         let new_values = self.overlay.created_values(&self.batch, stored)?;
-        let mut out = Neighbors::empty(self.found.len(), self.k, cfg.key_dim, cfg.value_dim);
+        let mut out = Neighbors::empty(self.found.len(), self.k, dk, dv);
+        let missing = |id: MemoryId| Error::Corrupt(format!("no value stored for memory {id}"));
         for (i, row) in self.found.iter().enumerate() {
             for (j, &(d, id)) in row.iter().enumerate() {
-                let key = base
-                    .key(id)
-                    .or_else(|| self.overlay.created_key(id))
-                    .ok_or(Error::UnknownId(id))?;
-                let value = new_values
-                    .get(&id)
-                    .or_else(|| stored.get(&id))
-                    .ok_or_else(|| Error::Corrupt(format!("no value stored for memory {id}")))?;
+                let (key, value) = if let Some(c) = self.overlay.created_index(id) {
+                    (
+                        &self.overlay.created_keys[c * dk..(c + 1) * dk],
+                        new_values[c].as_slice(),
+                    )
+                } else {
+                    // One lookup of the row for key and kept value.
+                    let r = *base.pos.get(&id).ok_or(Error::UnknownId(id))?;
+                    let value = match &base.values {
+                        Some(values) => &values[r * dv..(r + 1) * dv],
+                        None => stored.get(&id).ok_or_else(|| missing(id))?.as_slice(),
+                    };
+                    (&base.keys[r * dk..(r + 1) * dk], value)
+                };
                 out.set(i, j, id, d, key, value);
             }
         }
@@ -1421,7 +1529,9 @@ mod tests {
                     crf: 1.0,
                     tags: BTreeMap::new(),
                 };
-                index.load(j as u64 + 1, &base[j * dim..(j + 1) * dim], meta).unwrap();
+                index
+                    .load(j as u64 + 1, &base[j * dim..(j + 1) * dim], None, meta)
+                    .unwrap();
                 values.insert(j as u64 + 1, vec![j as f32, -(j as f32)]);
             }
             let vals: Vec<f32> = (0..2 * n).map(|_| rng(&mut seed)).collect();

@@ -14,7 +14,9 @@
 //!   updates go in as Arrow record batches through DuckDB's Appender
 //!   (columnar, no per-row SQL), access updates through a staging table joined
 //!   by one `UPDATE`. Every statement's row count is checked against the plan.
-//! - **Reads**: values are fetched by id on a second connection (DuckDB's MVCC
+//! - **Reads**: by default the index keeps the values beside the keys
+//!   ([`DuckdbOptions::resident_values`]) and searches read none; with that
+//!   off, values are fetched by id on a second connection (DuckDB's MVCC
 //!   shows it only committed data), as Arrow batches.
 //!
 //! - **Index kind**: [`DuckdbOptions::ann`] swaps the exact search for an
@@ -142,13 +144,27 @@ struct Writer {
 }
 
 /// Options of the DuckDB backend beyond the memory configuration.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct DuckdbOptions {
     /// The index kind: `None` (default) searches exactly; an approximate
     /// structure (e.g. memstore-index's `Hnsw`) is kept in step with the rows
     /// and saved beside the database as `<path>.<extension>` on close
     /// (see [`memstore_api::ann`]).
     pub ann: Option<Arc<dyn AnnBuilder>>,
+    /// Keep every value in memory beside its key (on by default): searches,
+    /// `get` and `learn` then read no values from the database. Costs
+    /// `value_dim × 4` bytes of memory per memory, and reading the values
+    /// on open.
+    pub resident_values: bool,
+}
+
+impl Default for DuckdbOptions {
+    fn default() -> Self {
+        DuckdbOptions {
+            ann: None,
+            resident_values: true,
+        }
+    }
 }
 
 /// A memory store in one DuckDB file.
@@ -246,7 +262,7 @@ impl DuckdbStore {
                 (c, changed)
             }
         };
-        let mut index = load_index(&tx, &config)?;
+        let mut index = load_index(&tx, &config, options.resident_values)?;
         if lambda_changed {
             // The priority column depends on λ: recompute it for the new policy.
             let lambda = config.eviction.lambda();
@@ -574,8 +590,11 @@ fn write_config(conn: &Connection, c: &MemoryConfig, create: bool) -> Result<()>
     Ok(())
 }
 
-fn load_index(conn: &Connection, config: &MemoryConfig) -> Result<MemoryIndex> {
+fn load_index(conn: &Connection, config: &MemoryConfig, values: bool) -> Result<MemoryIndex> {
     let mut index = MemoryIndex::new(config.clone());
+    if values {
+        index = index.with_values();
+    }
     let (next_id, counters) = conn
         .query_row(
             "SELECT next_id, inserted, merged, evicted, deleted, last_batch FROM memstore_meta WHERE id = 1",
@@ -614,11 +633,20 @@ fn load_index(conn: &Connection, config: &MemoryConfig) -> Result<MemoryIndex> {
         }
     }
     let mut st = conn
-        .prepare("SELECT id, key, created, last_access, access_count, crf FROM memories ORDER BY id")
+        .prepare(if values {
+            "SELECT id, key, created, last_access, access_count, crf, value FROM memories ORDER BY id"
+        } else {
+            "SELECT id, key, created, last_access, access_count, crf FROM memories ORDER BY id"
+        })
         .map_err(db)?;
     for batch in st.query_arrow([]).map_err(db)? {
         let ids = int64(&batch, 0)?;
         let keys = FloatRows::new(&batch, 1, config.key_dim, "key")?;
+        let vals = if values {
+            Some(FloatRows::new(&batch, 6, config.value_dim, "value")?)
+        } else {
+            None
+        };
         let (created, last, count, crf) = (
             int64(&batch, 2)?,
             int64(&batch, 3)?,
@@ -642,7 +670,8 @@ fn load_index(conn: &Connection, config: &MemoryConfig) -> Result<MemoryIndex> {
                 crf: c,
                 tags: tags.remove(&id).unwrap_or_default(),
             };
-            index.load(id as u64, key, m)?;
+            let value = vals.as_ref().map(|v| v.row(i, id)).transpose()?;
+            index.load(id as u64, key, value, m)?;
         }
     }
     if index.next_id() > next_id {
@@ -861,7 +890,9 @@ impl MemoryStore for DuckdbStore {
         self.config.check_search(&queries, k)?;
         let index = self.index.read().await;
         let rows = blocking(|| index.search(queries, k, filter));
-        let values = self.fetch_values(rows.iter().flatten().map(|(_, id)| *id)).await?;
+        let values = self
+            .fetch_values(index.missing_values(rows.iter().flatten().map(|(_, id)| *id)))
+            .await?;
         index.assemble(&rows, k, &values)
     }
 
@@ -880,7 +911,7 @@ impl MemoryStore for DuckdbStore {
     async fn get(&self, ids: &[MemoryId]) -> Result<Vec<Memory>> {
         let index = self.index.read().await;
         index.check_ids(ids)?;
-        let values = self.fetch_values(ids.iter().copied()).await?;
+        let values = self.fetch_values(index.missing_values(ids.iter().copied())).await?;
         index.memories(ids, &values)
     }
 
@@ -896,7 +927,7 @@ impl MemoryStore for DuckdbStore {
         let changes = {
             let index = self.index.read().await;
             index.check_update_values(ids, deltas)?;
-            let current = self.fetch_values(ids.iter().copied()).await?;
+            let current = self.fetch_values(index.missing_values(ids.iter().copied())).await?;
             index.plan_update_values(ids, deltas, &current)?
         };
         self.commit(&mut w, &changes).await

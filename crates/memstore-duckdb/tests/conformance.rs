@@ -32,3 +32,35 @@ impl Harness for DuckdbHarness {
 }
 
 memstore_api::conformance_suite!(DuckdbHarness::new());
+
+/// The whole suite again with values read from the database instead of
+/// kept in the index (`resident_values: false`).
+mod values_from_the_database {
+    use super::*;
+    use memstore_duckdb::DuckdbOptions;
+
+    struct ReadingHarness {
+        dir: tempfile::TempDir,
+    }
+
+    #[async_trait]
+    impl Harness for ReadingHarness {
+        type Store = DuckdbStore;
+
+        async fn open(&self, config: MemoryConfig) -> Result<DuckdbStore> {
+            let options = DuckdbOptions {
+                resident_values: false,
+                ..DuckdbOptions::default()
+            };
+            DuckdbStore::open_with(self.dir.path().join("store.duckdb"), config, options).await
+        }
+
+        async fn close(&self, store: DuckdbStore) -> Result<()> {
+            store.close().await
+        }
+    }
+
+    memstore_api::conformance_suite!(ReadingHarness {
+        dir: tempfile::tempdir().expect("temporary directory"),
+    });
+}

@@ -31,6 +31,7 @@ impl Harness for HnswHarness {
     async fn open(&self, config: MemoryConfig) -> Result<DuckdbStore> {
         let options = DuckdbOptions {
             ann: Some(Arc::new(Hnsw::new(HnswOptions::default()))),
+            ..DuckdbOptions::default()
         };
         DuckdbStore::open_with(self.dir.path().join("store.duckdb"), config, options).await
     }

@@ -23,8 +23,11 @@
 //!   never goes through SQL: the keys and access bookkeeping are kept in an
 //!   in-process [`MemoryIndex`] loaded on open, searched exactly and in
 //!   parallel, and updated after each commit under its write lock, so that no
-//!   search sees a deleted id or misses a committed one. Values are read from
-//!   the database by id.
+//!   search sees a deleted id or misses a committed one. By default the index
+//!   keeps the values too ([`SqliteOptions::resident_values`]), so searches
+//!   and `learn` return them without a read; with that off, values are read
+//!   from the database by id (about 1.5 µs per value through sqlx: 11 ms of
+//!   a 4096-row `learn` at 64 × 10k).
 //!
 //! - **Index kind.** [`SqliteOptions::ann`] swaps the exact search for an
 //!   approximate structure (memstore-index's HNSW), kept in step the same way
@@ -99,6 +102,11 @@ pub struct SqliteOptions {
     pub sql_knn: bool,
     /// Connections in the pool (one writes at a time; the others read values).
     pub max_connections: u32,
+    /// Keep every value in memory beside its key (on by default): searches,
+    /// `get` and `learn` then read no values from the database. Costs
+    /// `value_dim × 4` bytes of memory per memory, and reading the values
+    /// on open.
+    pub resident_values: bool,
     /// The index kind: `None` (default) searches exactly; an approximate
     /// structure (e.g. memstore-index's `Hnsw`) is kept in step with the rows
     /// and saved beside the database as `<path>.<extension>` on close
@@ -112,6 +120,7 @@ impl Default for SqliteOptions {
             synchronous: SqliteSynchronous::Full,
             sql_knn: true,
             max_connections: 4,
+            resident_values: true,
             ann: None,
         }
     }
@@ -327,7 +336,7 @@ impl SqliteStore {
                 (c, knn, changed)
             }
         };
-        let mut index = load_index(&mut tx, &config).await?;
+        let mut index = load_index(&mut tx, &config, options.resident_values).await?;
         if lambda_changed {
             // The priority column depends on λ: recompute it for the new policy.
             let lambda = config.eviction.lambda();
@@ -439,6 +448,9 @@ impl SqliteStore {
         let ids: BTreeSet<MemoryId> = ids.into_iter().collect();
         let ids: Vec<MemoryId> = ids.into_iter().collect();
         let mut out = HashMap::with_capacity(ids.len());
+        if ids.is_empty() {
+            return Ok(out);
+        }
         let mut conn = self.pool.acquire().await.map_err(sql)?;
         for chunk in ids.chunks(ID_CHUNK) {
             let mut q = QueryBuilder::<Sqlite>::new("SELECT id, value FROM memories WHERE id IN (");
@@ -523,8 +535,11 @@ async fn write_config(tx: &mut Transaction<'_, Sqlite>, c: &MemoryConfig, sql_kn
     Ok(())
 }
 
-async fn load_index(tx: &mut Transaction<'_, Sqlite>, config: &MemoryConfig) -> Result<MemoryIndex> {
+async fn load_index(tx: &mut Transaction<'_, Sqlite>, config: &MemoryConfig, values: bool) -> Result<MemoryIndex> {
     let mut index = MemoryIndex::new(config.clone());
+    if values {
+        index = index.with_values();
+    }
     let meta =
         sqlx::query("SELECT next_id, inserted, merged, evicted, deleted, last_batch FROM memstore_meta WHERE id = 1")
             .fetch_optional(&mut **tx)
@@ -554,10 +569,12 @@ async fn load_index(tx: &mut Transaction<'_, Sqlite>, config: &MemoryConfig) -> 
             .or_default()
             .insert(r.try_get(1).map_err(sql)?, count as u64);
     }
-    let rows = sqlx::query("SELECT id, key, created, last_access, access_count, crf FROM memories")
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(sql)?;
+    let select = if values {
+        "SELECT id, key, created, last_access, access_count, crf, value FROM memories"
+    } else {
+        "SELECT id, key, created, last_access, access_count, crf FROM memories"
+    };
+    let rows = sqlx::query(select).fetch_all(&mut **tx).await.map_err(sql)?;
     for r in rows {
         let id: i64 = r.try_get(0).map_err(sql)?;
         let key: Vec<u8> = r.try_get(1).map_err(sql)?;
@@ -576,7 +593,13 @@ async fn load_index(tx: &mut Transaction<'_, Sqlite>, config: &MemoryConfig) -> 
             crf,
             tags: tags.remove(&id).unwrap_or_default(),
         };
-        index.load(id as u64, &key, m)?;
+        let value = if values {
+            let b: &[u8] = r.try_get(6).map_err(sql)?;
+            Some(blob_f32(b, config.value_dim, "value", id)?)
+        } else {
+            None
+        };
+        index.load(id as u64, &key, value.as_deref(), m)?;
     }
     if index.next_id() > next_id {
         return Err(Error::Corrupt(format!(
@@ -732,7 +755,9 @@ impl MemoryStore for SqliteStore {
         self.config.check_search(&queries, k)?;
         let index = self.index.read().await;
         let rows = cpu(|| index.search(queries, k, filter));
-        let values = self.fetch_values(rows.iter().flatten().map(|(_, id)| *id)).await?;
+        let values = self
+            .fetch_values(index.missing_values(rows.iter().flatten().map(|(_, id)| *id)))
+            .await?;
         index.assemble(&rows, k, &values)
     }
 
@@ -751,7 +776,7 @@ impl MemoryStore for SqliteStore {
     async fn get(&self, ids: &[MemoryId]) -> Result<Vec<Memory>> {
         let index = self.index.read().await;
         index.check_ids(ids)?;
-        let values = self.fetch_values(ids.iter().copied()).await?;
+        let values = self.fetch_values(index.missing_values(ids.iter().copied())).await?;
         index.memories(ids, &values)
     }
 
@@ -767,7 +792,7 @@ impl MemoryStore for SqliteStore {
         let changes = {
             let index = self.index.read().await;
             index.check_update_values(ids, deltas)?;
-            let current = self.fetch_values(ids.iter().copied()).await?;
+            let current = self.fetch_values(index.missing_values(ids.iter().copied())).await?;
             index.plan_update_values(ids, deltas, &current)?
         };
         self.commit(&mut tags, &changes).await

@@ -236,7 +236,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         BackendArg::Duckdb => {
             let opener = memstore_ipc::DuckdbOpener {
                 path: db,
-                options: memstore_duckdb::DuckdbOptions { ann },
+                options: memstore_duckdb::DuckdbOptions {
+                    ann,
+                    ..memstore_duckdb::DuckdbOptions::default()
+                },
             };
             serve(server(opener, options, &args)?, &args, config, token, mode).await
         }
