@@ -869,10 +869,24 @@ impl MemoryIndex {
         // block scan then covers only merged memories. Without that path
         // (no VNNI, small batches) the block scan covers every creation.
         let causal = if allow_causal && batch.len() >= CAUSAL_MIN_ROWS {
-            crate::gemm::causal_topk(cfg.metric, batch.keys.data(), cfg.key_dim, k0).map(|(dist, idx)| Causal {
+            // Candidates per row: enough that `k` of them likely hold a
+            // memory. A row whose nearest stored memory is within the
+            // novelty threshold creates none from its own key, so with a
+            // share `f` of rows novel against the store, about `k / f`.
+            let novel = pre
+                .iter()
+                .filter(|row| row.first().is_none_or(|&(d, _)| d > cfg.novelty))
+                .count();
+            let want = if novel == batch.len() {
+                k
+            } else {
+                let f = (novel as f64 / batch.len() as f64).max(0.25);
+                ((k as f64 / f).ceil() as usize + 2).min(4 * k)
+            };
+            crate::gemm::causal_topk(cfg.metric, batch.keys.data(), cfg.key_dim, want).map(|(dist, idx)| Causal {
                 dist,
                 idx,
-                want: k0,
+                want,
             })
         } else {
             None
