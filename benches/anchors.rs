@@ -9,7 +9,8 @@
 //! - durable writes of 4096 rows (keys/s): `insert`, `learn` (search +
 //!   novelty gate + insert in one transaction) and `evict` (4096 LRFU
 //!   victims), each on a store of N keys (the rows are removed again, untimed,
-//!   so N stays put).
+//!   so N stays put), also for the exact SQLite store without its `vec0`
+//!   mirror (`sqlite-no-vec0`, `SqliteOptions::sql_knn = false`).
 //!
 //! - with `--features hnsw`: the SQLite store again with the HNSW index kind
 //!   (`memstore-sqlite-hnsw`, default HNSW options), its recall@8 against the
@@ -166,6 +167,19 @@ fn anchors(c: &mut Criterion) {
         let dir = tempfile::tempdir().unwrap();
         let sqlite = rt.block_on(async {
             let s = SqliteStore::open(dir.path().join("anchor.db"), MemoryConfig::new(dim, dim))
+                .await
+                .unwrap();
+            fill(&s, dim, n).await;
+            Arc::new(s)
+        });
+        // The same exact store without the `vec0` mirror (no SQL kNN through
+        // vec0, which costs writes): its writes only.
+        let bare = rt.block_on(async {
+            let options = memstore::SqliteOptions {
+                sql_knn: false,
+                ..memstore::SqliteOptions::default()
+            };
+            let s = SqliteStore::open_with(dir.path().join("anchor-bare.db"), MemoryConfig::new(dim, dim), options)
                 .await
                 .unwrap();
             fill(&s, dim, n).await;
@@ -350,6 +364,7 @@ fn anchors(c: &mut Criterion) {
         let mut g = c.benchmark_group(format!("anchor_write_dim{dim}_n{label}"));
         g.sample_size(10).measurement_time(Duration::from_secs(4));
         bench_writes(&mut g, &rt, "sqlite", sqlite.clone(), dim);
+        bench_writes(&mut g, &rt, "sqlite-no-vec0", bare.clone(), dim);
         #[cfg(feature = "duckdb")]
         bench_writes(&mut g, &rt, "duckdb", duck.clone(), dim);
         #[cfg(feature = "hnsw")]
