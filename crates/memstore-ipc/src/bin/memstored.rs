@@ -116,6 +116,10 @@ struct Args {
     /// SQLite durability (DuckDB commits are always synced).
     #[arg(long, value_enum, default_value = "full")]
     synchronous: SyncArg,
+    /// Read neighbours' values from the database instead of keeping every
+    /// value in memory beside its key (less memory, slower searches).
+    #[arg(long)]
+    values_on_disk: bool,
     /// Key dimension: open (or create) the --db store at start-up with this configuration.
     #[arg(long, requires_all = ["value_dim", "db"])]
     key_dim: Option<usize>,
@@ -227,6 +231,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                         SyncArg::Normal => SqliteSynchronous::Normal,
                     },
                     ann,
+                    resident_values: !args.values_on_disk,
                     ..SqliteOptions::default()
                 },
             };
@@ -238,7 +243,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 path: db,
                 options: memstore_duckdb::DuckdbOptions {
                     ann,
-                    ..memstore_duckdb::DuckdbOptions::default()
+                    resident_values: !args.values_on_disk,
                 },
             };
             serve(server(opener, options, &args)?, &args, config, token, mode).await
