@@ -618,44 +618,54 @@ pub(crate) fn topk(
             sels
         })
         .collect();
+    // Each query's candidates, moved out of its selections (no copy when
+    // the keys were not split into ranges).
+    let mut found = found;
+    let mut per_query: Vec<Vec<(f32, u32)>> = Vec::with_capacity(m);
+    for block in found.chunks_mut(ranges) {
+        let (first, rest) = block.split_at_mut(1);
+        for (row, sel) in first[0].iter_mut().enumerate() {
+            let mut cands = std::mem::take(&mut sel.cands);
+            for part in rest.iter() {
+                cands.extend_from_slice(&part[row].cands);
+            }
+            per_query.push(cands);
+        }
+    }
+    drop(found);
     let mut dist = vec![f32::INFINITY; m * k];
     let mut idx = vec![u32::MAX; m * k];
     dist.par_chunks_mut(k)
         .zip(idx.par_chunks_mut(k))
+        .zip(per_query.par_iter_mut())
         .enumerate()
-        .for_each(|(i, (drow, irow))| {
-            let (b, row) = (i / QBLOCK, i % QBLOCK);
-            let parts = || (0..ranges).map(|r| &found[b * ranges + r][row]);
-            let mut cands: Vec<(f32, u32)> = parts().flat_map(|s| s.cands.iter().copied()).collect();
+        .for_each(|(i, ((drow, irow), cands))| {
             // The union holds every range's `k` best; the global `k`-th
             // gives the tightest threshold (ranges pruned only above their
             // own, looser, thresholds).
             let thr = if cands.len() > kk && kk > 0 {
-                let mut a: Vec<f32> = cands.iter().map(|c| c.0).collect();
-                let (_, kth, _) = a.select_nth_unstable_by(kk - 1, f32::total_cmp);
-                bounds[i].tau(*kth)
+                let (_, kth, _) = cands.select_nth_unstable_by(kk - 1, |a, b| a.0.total_cmp(&b.0));
+                bounds[i].tau(kth.0)
             } else {
                 f32::MAX
             };
             cands.retain(|c| c.0 <= thr);
+            // Approximate scores replaced by exact distances, in place.
             let qrow = &queries[i * dim..(i + 1) * dim];
-            let mut top: Vec<(f32, u32)> = cands
-                .iter()
-                .map(|&(_, j)| {
-                    let j = j as usize;
-                    (math::distance(metric, qrow, &keys[j * dim..(j + 1) * dim]), j as u32)
-                })
-                .collect();
+            for c in cands.iter_mut() {
+                let j = c.1 as usize;
+                c.0 = math::distance(metric, qrow, &keys[j * dim..(j + 1) * dim]);
+            }
             // Every row that can tie with the `k`-th is among the candidates,
             // so any tie order is exact.
             let rank = |r: u32| tie.map_or(u64::from(r), |t| t[r as usize]);
             let order = |a: &(f32, u32), b: &(f32, u32)| a.0.total_cmp(&b.0).then(rank(a.1).cmp(&rank(b.1)));
-            if top.len() > kk && kk > 0 {
-                top.select_nth_unstable_by(kk - 1, order);
-                top.truncate(kk);
+            if cands.len() > kk && kk > 0 {
+                cands.select_nth_unstable_by(kk - 1, order);
+                cands.truncate(kk);
             }
-            top.sort_by(order);
-            for (j, (d, x)) in top.into_iter().enumerate() {
+            cands.sort_by(order);
+            for (j, &(d, x)) in cands.iter().enumerate() {
                 drow[j] = d;
                 irow[j] = x;
             }
