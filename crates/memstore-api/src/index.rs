@@ -1160,8 +1160,8 @@ struct Created {
 /// What an operation has done so far on top of the index.
 struct Overlay<'a> {
     base: &'a MemoryIndex,
-    removed: HashSet<MemoryId>,
-    accessed: HashMap<MemoryId, (Tick, u64, f64)>,
+    removed: HashSet<MemoryId, BuildHasherDefault<IdHasher>>,
+    accessed: IdMap<(Tick, u64, f64)>,
     created: Vec<Created>,
     /// The keys of `created`, row after row.
     created_keys: Vec<f32>,
@@ -1185,8 +1185,8 @@ impl<'a> Overlay<'a> {
     fn new(base: &'a MemoryIndex) -> Self {
         Overlay {
             base,
-            removed: HashSet::new(),
-            accessed: HashMap::new(),
+            removed: HashSet::default(),
+            accessed: IdMap::default(),
             created: Vec::new(),
             created_keys: Vec::new(),
             first_id: base.next_id,
