@@ -695,6 +695,45 @@ async fn pipelined_calls_get_their_own_replies() {
     assert!(d.stop().success());
 }
 
+/// `--values-on-disk` serves the same store with values read from the
+/// database instead of kept in memory: what one daemon wrote, value updates
+/// included, the other reads back identically, and the other way round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_on_disk_and_in_memory_serve_the_same_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, socket) = (dir.path().join("v.db"), dir.path().join("v.sock"));
+    let mut expected: Vec<Memory> = Vec::new();
+    for (round, flags) in [&["--values-on-disk"][..], &[][..], &["--values-on-disk"][..]]
+        .iter()
+        .enumerate()
+    {
+        let mut args: Vec<&str> = cfg_args().to_vec();
+        args.extend_from_slice(flags);
+        let d = Daemon::start(&db, &socket, &args);
+        let s = IpcStore::connect(&d.endpoint(), Some(cfg())).await.unwrap();
+        let ids = s.ids().await.unwrap();
+        assert_eq!(
+            s.get(&ids).await.unwrap(),
+            expected,
+            "round {round} ({flags:?}) reads what was written"
+        );
+        let new = fill(&s, 5, 2 * round as u64 + 11).await;
+        let delta = vec![0.5f32; 2 * new.len()];
+        s.update_values(&new, Vectors::new(&delta, 2).unwrap()).await.unwrap();
+        let ids = s.ids().await.unwrap();
+        expected = s.get(&ids).await.unwrap();
+        // A search returns the stored values of what it finds.
+        let q: Vec<f32> = expected.iter().flat_map(|m| m.key.clone()).collect();
+        let found = s.search(Vectors::new(&q, 4).unwrap(), 1, None).await.unwrap();
+        for (i, m) in expected.iter().enumerate() {
+            assert_eq!(found.id(i, 0), Some(m.id), "round {round}");
+            assert_eq!(found.value(i, 0), &m.value[..], "round {round}");
+        }
+        assert!(d.stop().success());
+    }
+    assert_eq!(expected.len(), 15);
+}
+
 /// `memstored --help` documents every flag.
 #[test]
 fn help_documents_every_flag() {
@@ -713,6 +752,7 @@ fn help_documents_every_flag() {
         "--max-frame",
         "--max-in-flight",
         "--synchronous",
+        "--values-on-disk",
         "--index",
         "--hnsw-connectivity",
         "--hnsw-expansion-add",
