@@ -151,6 +151,8 @@ impl Hasher for IdHasher {
 
 /// A map from memory ids hashed by [`IdHasher`].
 type IdMap<V> = HashMap<MemoryId, V, BuildHasherDefault<IdHasher>>;
+/// A set of memory ids hashed by [`IdHasher`].
+type IdSet = HashSet<MemoryId, BuildHasherDefault<IdHasher>>;
 
 /// Keys, bookkeeping and priorities of every memory of one store.
 pub struct MemoryIndex {
@@ -889,7 +891,7 @@ impl MemoryIndex {
         };
         if causal.is_some() {
             ov.literal = vec![u32::MAX; batch.len()];
-            ov.pool_literals = false;
+            ov.merged_pool = Some((Vec::new(), Vec::new()));
         }
         let mut found_rows = Vec::with_capacity(batch.len());
         let mut in_batch = InBatchScan::default();
@@ -1049,7 +1051,7 @@ impl Causal {
 /// row), which a scalar scan makes O(n²) distance computations per batch.
 /// Instead, at the start of each block of [`LEARN_BLOCK`] rows, one batched
 /// search ([`crate::gemm::topk`]: SGEMM, or the 8-bit prefilter on a VNNI
-/// CPU) ranks the block's rows against every memory of the overlay's `pool`
+/// CPU) ranks the block's rows against every memory of the overlay's pool
 /// created before the block (`k + slack` candidates each, exact distances);
 /// within the block only the pool's memories the block itself creates are
 /// scanned. The pool is every creation, or, where [`Causal`] finds the
@@ -1061,7 +1063,7 @@ impl Causal {
 struct InBatchScan {
     /// First batch row of the current block.
     start: usize,
-    /// Memories of the overlay's `pool` the block's product covered.
+    /// Memories of the overlay's pool (`Overlay::pool_member`) the block's product covered.
     upto: usize,
     /// Candidates per row.
     want: usize,
@@ -1074,17 +1076,17 @@ impl InBatchScan {
     fn prepare(&mut self, ov: &Overlay<'_>, cfg: &MemoryConfig, keys: Vectors<'_>, start: usize, want: usize) {
         self.start = start;
         self.upto = 0;
-        let pooled = ov.pool.len();
+        let pooled = ov.pool_len();
         if pooled == 0 {
             return;
         }
         let dim = cfg.key_dim;
         let end = (start + LEARN_BLOCK).min(keys.len());
-        let mask: Vec<bool> = ov.pool.iter().map(|&c| ov.created[c].alive).collect();
+        let mask: Vec<bool> = (0..pooled).map(|p| ov.pool_member(p).alive).collect();
         let rows = &keys.data()[start * dim..end * dim];
         // Shapes are the overlay's own and `want` > 0: this cannot fail; if
         // it did, `upto` = 0 leaves every row to the scalar scan.
-        if let Ok((dist, idx)) = crate::gemm::topk(cfg.metric, rows, &ov.pool_keys, dim, want, Some(&mask)) {
+        if let Ok((dist, idx)) = crate::gemm::topk(cfg.metric, rows, ov.pool_keys(), dim, want, Some(&mask)) {
             (self.dist, self.idx, self.want, self.upto) = (dist, idx, want, pooled);
         }
     }
@@ -1101,7 +1103,7 @@ impl InBatchScan {
                 .collect();
             out = cands
                 .iter()
-                .map(|&(d, p)| (d, &ov.created[ov.pool[p]]))
+                .map(|&(d, p)| (d, ov.pool_member(p)))
                 .filter(|(_, c)| c.alive)
                 .map(|(d, c)| (d, c.id))
                 .collect();
@@ -1117,9 +1119,8 @@ impl InBatchScan {
             if exact {
                 out.truncate(k);
             } else {
-                out = ov.pool[..self.upto]
-                    .iter()
-                    .map(|&c| &ov.created[c])
+                out = (0..self.upto)
+                    .map(|p| ov.pool_member(p))
                     .filter(|c| c.alive)
                     .map(|c| (math::distance(metric, key, &c.key), c.id))
                     .collect();
@@ -1127,12 +1128,11 @@ impl InBatchScan {
         }
         // The memories the block created so far: one grouped scan of their
         // contiguous keys (bit-identical to `math::distance` per row).
-        let rest = &ov.pool[self.upto..];
-        let mut dist = Vec::with_capacity(rest.len());
-        math::distances(metric, key, &ov.pool_keys[self.upto * key.len()..], &mut dist);
+        let mut dist = Vec::with_capacity(ov.pool_len() - self.upto);
+        math::distances(metric, key, &ov.pool_keys()[self.upto * key.len()..], &mut dist);
         out.extend(
-            rest.iter()
-                .map(|&c| &ov.created[c])
+            (self.upto..ov.pool_len())
+                .map(|p| ov.pool_member(p))
                 .zip(dist)
                 .filter(|(c, _)| c.alive)
                 .map(|(c, d)| (d, c.id)),
@@ -1160,20 +1160,18 @@ struct Created {
 /// What an operation has done so far on top of the index.
 struct Overlay<'a> {
     base: &'a MemoryIndex,
-    removed: HashSet<MemoryId, BuildHasherDefault<IdHasher>>,
+    removed: IdSet,
     accessed: IdMap<(Tick, u64, f64)>,
     created: Vec<Created>,
     /// The keys of `created`, row after row.
     created_keys: Vec<f32>,
     /// The id of `created[0]` (creations take consecutive ids).
     first_id: MemoryId,
-    /// The creations [`InBatchScan`] covers (indices into `created`): all,
-    /// or only merged ones when `learn` finds the others by [`Causal`].
-    pool: Vec<usize>,
-    /// The keys of `pool`, row after row.
-    pool_keys: Vec<f32>,
-    /// Whether creations from a row's own key join `pool`.
-    pool_literals: bool,
+    /// When `learn` finds the memories created from rows' own keys by
+    /// [`Causal`], the others, which [`InBatchScan`] then covers alone: their
+    /// indices in `created` and their keys, row after row. `None`: the scan
+    /// covers every creation (`created`, `created_keys`).
+    merged_pool: Option<(Vec<usize>, Vec<f32>)>,
     /// Per batch row, the index in `created` of the memory it created from
     /// its own key (`u32::MAX`: none); empty unless `learn` uses [`Causal`].
     literal: Vec<u32>,
@@ -1185,14 +1183,12 @@ impl<'a> Overlay<'a> {
     fn new(base: &'a MemoryIndex) -> Self {
         Overlay {
             base,
-            removed: HashSet::default(),
+            removed: IdSet::default(),
             accessed: IdMap::default(),
             created: Vec::new(),
             created_keys: Vec::new(),
             first_id: base.next_id,
-            pool: Vec::new(),
-            pool_keys: Vec::new(),
-            pool_literals: true,
+            merged_pool: None,
             literal: Vec::new(),
             next_id: base.next_id,
             counters: base.counters,
@@ -1203,9 +1199,11 @@ impl<'a> Overlay<'a> {
         let id = self.next_id;
         self.next_id += 1;
         self.created_keys.extend_from_slice(&key);
-        if self.pool_literals || !matches!(value, ValueExpr::Literal(_)) {
-            self.pool.push(self.created.len());
-            self.pool_keys.extend_from_slice(&key);
+        if let Some((members, keys)) = &mut self.merged_pool
+            && !matches!(value, ValueExpr::Literal(_))
+        {
+            members.push(self.created.len());
+            keys.extend_from_slice(&key);
         }
         self.created.push(Created {
             id,
@@ -1230,6 +1228,21 @@ impl<'a> Overlay<'a> {
             *slot = (self.created.len() - 1) as u32;
         }
         self.counters.inserted += 1;
+    }
+
+    /// How many creations [`InBatchScan`] covers.
+    fn pool_len(&self) -> usize {
+        self.merged_pool.as_ref().map_or(self.created.len(), |(m, _)| m.len())
+    }
+
+    /// The `p`-th creation [`InBatchScan`] covers.
+    fn pool_member(&self, p: usize) -> &Created {
+        &self.created[self.merged_pool.as_ref().map_or(p, |(m, _)| m[p])]
+    }
+
+    /// The keys of the creations [`InBatchScan`] covers, row after row.
+    fn pool_keys(&self) -> &[f32] {
+        self.merged_pool.as_ref().map_or(&self.created_keys, |(_, k)| k)
     }
 
     /// Every live memory created so far, with its exact distance to `key`.

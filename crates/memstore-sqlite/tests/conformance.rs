@@ -4,16 +4,18 @@
 use async_trait::async_trait;
 use memstore_api::testkit::Harness;
 use memstore_api::{MemoryConfig, Result};
-use memstore_sqlite::SqliteStore;
+use memstore_sqlite::{SqliteOptions, SqliteStore};
 
 struct SqliteHarness {
     dir: tempfile::TempDir,
+    options: SqliteOptions,
 }
 
 impl SqliteHarness {
-    fn new() -> Self {
+    fn new(options: SqliteOptions) -> Self {
         SqliteHarness {
             dir: tempfile::tempdir().expect("temporary directory"),
+            options,
         }
     }
 }
@@ -23,7 +25,7 @@ impl Harness for SqliteHarness {
     type Store = SqliteStore;
 
     async fn open(&self, config: MemoryConfig) -> Result<SqliteStore> {
-        SqliteStore::open(self.dir.path().join("store.db"), config).await
+        SqliteStore::open_with(self.dir.path().join("store.db"), config, self.options.clone()).await
     }
 
     async fn close(&self, store: SqliteStore) -> Result<()> {
@@ -32,39 +34,17 @@ impl Harness for SqliteHarness {
     }
 }
 
-memstore_api::conformance_suite!(SqliteHarness::new());
+memstore_api::conformance_suite!(SqliteHarness::new(SqliteOptions::default()));
 
 /// The whole suite again with values read from the database instead of
 /// kept in the index (`resident_values: false`), and without the `vec0`
 /// mirror (`sql_knn: false`): both of the store's other write and read paths.
 mod values_from_the_database {
     use super::*;
-    use memstore_sqlite::SqliteOptions;
 
-    struct ReadingHarness {
-        dir: tempfile::TempDir,
-    }
-
-    #[async_trait]
-    impl Harness for ReadingHarness {
-        type Store = SqliteStore;
-
-        async fn open(&self, config: MemoryConfig) -> Result<SqliteStore> {
-            let options = SqliteOptions {
-                resident_values: false,
-                sql_knn: false,
-                ..SqliteOptions::default()
-            };
-            SqliteStore::open_with(self.dir.path().join("store.db"), config, options).await
-        }
-
-        async fn close(&self, store: SqliteStore) -> Result<()> {
-            store.close().await;
-            Ok(())
-        }
-    }
-
-    memstore_api::conformance_suite!(ReadingHarness {
-        dir: tempfile::tempdir().expect("temporary directory"),
-    });
+    memstore_api::conformance_suite!(SqliteHarness::new(SqliteOptions {
+        resident_values: false,
+        sql_knn: false,
+        ..SqliteOptions::default()
+    }));
 }
