@@ -693,7 +693,8 @@ impl MemoryIndex {
         k: usize,
         values: &HashMap<MemoryId, Vec<f32>>,
     ) -> Result<Neighbors> {
-        fill_neighbors(rows, k, self.config.key_dim, self.config.value_dim, |id| {
+        let out = Neighbors::empty(rows.len(), k, self.config.key_dim, self.config.value_dim);
+        fill_neighbors(out, rows, |id| {
             let key = self.key(id).ok_or(Error::UnknownId(id))?;
             let value = self
                 .stored_value(id, values)
@@ -1422,17 +1423,22 @@ impl<'a> Overlay<'a> {
     }
 }
 
-/// The neighbours of `rows` (`k` slots per row) with each id's key and
-/// value from `lookup`, filled row by row on all cores (a batch of 4096 ×
-/// 8 neighbours of 64-d keys and values is 16 MB to write).
+/// Fills `out` (empty, `rows.len()` × `k` slots) with the neighbours of
+/// `rows`, each id's key and value from `lookup`, row by row on all cores
+/// (a batch of 4096 × 8 neighbours of 64-d keys and values is 16 MB).
 fn fill_neighbors<'a>(
+    mut out: Neighbors,
     rows: &[Vec<(f32, MemoryId)>],
-    k: usize,
-    dk: usize,
-    dv: usize,
     lookup: impl Fn(MemoryId) -> Result<(&'a [f32], &'a [f32])> + Sync,
 ) -> Result<Neighbors> {
-    let mut out = Neighbors::empty(rows.len(), k, dk, dv);
+    let (k, dk, dv) = (out.k, out.key_dim, out.value_dim);
+    if out.n != rows.len() {
+        return Err(Error::Shape(format!(
+            "{} rows of neighbours for {} rows found",
+            out.n,
+            rows.len()
+        )));
+    }
     if k == 0 || dk == 0 || dv == 0 {
         return Ok(out);
     }
@@ -1453,6 +1459,27 @@ fn fill_neighbors<'a>(
             Ok(())
         })?;
     Ok(out)
+}
+
+/// Floats of keys and values from which [`PendingNeighbors::allocate_during`]
+/// allocates on a second thread (1 MiB: 256 rows of 8 neighbours of 64-d
+/// keys and values).
+const ALLOCATE_ALONGSIDE: usize = 256 * 1024;
+
+/// Floats written per job when [`touched_neighbors`] touches its buffers
+/// (64 KiB: sixteen 4 KiB pages).
+const TOUCH_RUN: usize = 16 * 1024;
+
+/// [`Neighbors::empty`], with every page of its key and value buffers
+/// written on all cores. A buffer this large is freshly mapped by the
+/// allocator, and its first-touch page faults (4096 of them for 16 MB)
+/// cost more than the copy that fills it: touched ahead, off the critical
+/// path, the fill is a plain copy.
+fn touched_neighbors(n: usize, k: usize, dk: usize, dv: usize) -> Neighbors {
+    let mut out = Neighbors::empty(n, k, dk, dv);
+    out.keys.par_chunks_mut(TOUCH_RUN).for_each(|c| c.fill(0.0));
+    out.values.par_chunks_mut(TOUCH_RUN).for_each(|c| c.fill(0.0));
+    out
 }
 
 /// A planned `learn`, waiting for the stored values it needs.
@@ -1486,25 +1513,130 @@ impl LearnPlan<'_> {
     /// The changes to persist and the neighbours to return.
     pub fn finish(self, stored: &HashMap<MemoryId, Vec<f32>>) -> Result<(Changes, Neighbors)> {
         let base = self.overlay.base;
-        let cfg = &base.config;
-        let (dk, dv) = (cfg.key_dim, cfg.value_dim);
+        let (changes, pending) = self.split(stored)?;
+        let out = pending.fill(base, pending.allocate())?;
+        Ok((changes, out))
+    }
+
+    /// The changes to persist, and the neighbours to return still to be
+    /// copied out (see [`PendingNeighbors`]), which no longer borrow the
+    /// index: a backend can write the changes first.
+    pub fn split<'s>(self, stored: &'s HashMap<MemoryId, Vec<f32>>) -> Result<(Changes, PendingNeighbors<'s>)> {
+        let base = self.overlay.base;
+        let (dk, dv) = (base.config.key_dim, base.config.value_dim);
         let new_values = self.overlay.created_values(&self.batch, stored)?;
+        let mut created_values = Vec::with_capacity(new_values.len() * dv);
+        for v in &new_values {
+            created_values.extend_from_slice(v);
+        }
+        // Stored memories this learn removes (merged away, evicted) that a
+        // row may have returned: copied now, the index loses them on apply.
+        let mut gone = HashMap::new();
+        for &id in &self.overlay.removed {
+            if let (Some(key), Some(value)) = (base.key(id), base.stored_value(id, stored)) {
+                gone.insert(id, (key.to_vec(), value.to_vec()));
+            }
+        }
+        let mut overlay = self.overlay;
+        let pending = PendingNeighbors {
+            stored,
+            found: self.found,
+            k: self.k,
+            dims: (dk, dv),
+            first_id: overlay.first_id,
+            created: new_values.len(),
+            created_keys: std::mem::take(&mut overlay.created_keys),
+            created_values,
+            gone,
+        };
+        Ok((overlay.into_changes(new_values), pending))
+    }
+}
+
+/// The neighbours a `learn` returns, still to be copied out.
+///
+/// Split from [`LearnPlan`] so that a backend can write the changes, apply
+/// them and fill the neighbours afterwards from the changed index, with the
+/// output's buffers allocated and touched while the write waits on the disk
+/// ([`PendingNeighbors::allocate`]): at 4096 rows × 8 neighbours × (64 + 64)
+/// floats the output is 16 MB of fresh memory, whose page faults took ~5 ms
+/// of a ~40 ms `learn` on 2 cores. Memories the batch created come from the
+/// plan's own copies, stored ones it removed from copies taken at the
+/// split, the others from whichever index [`PendingNeighbors::fill`] is
+/// given, before or after the changes are applied (stored keys and values
+/// do not change in a `learn`).
+pub struct PendingNeighbors<'s> {
+    stored: &'s HashMap<MemoryId, Vec<f32>>,
+    found: Vec<Vec<(f32, MemoryId)>>,
+    k: usize,
+    dims: (usize, usize),
+    first_id: MemoryId,
+    created: usize,
+    created_keys: Vec<f32>,
+    created_values: Vec<f32>,
+    gone: HashMap<MemoryId, (Vec<f32>, Vec<f32>)>,
+}
+
+impl PendingNeighbors<'_> {
+    /// The output, empty, its buffers touched on all cores (see the type).
+    pub fn allocate(&self) -> Neighbors {
+        touched_neighbors(self.found.len(), self.k, self.dims.0, self.dims.1)
+    }
+
+    /// Runs `write` on this thread while [`PendingNeighbors::allocate`]
+    /// runs on a scoped one, and returns both results. A small output is
+    /// allocated here after `write` (a thread costs more than it saves).
+    pub fn allocate_during<T>(&self, write: impl FnOnce() -> T) -> (T, Neighbors) {
+        let (dk, dv) = self.dims;
+        if self.found.len() * self.k * (dk + dv) < ALLOCATE_ALONGSIDE {
+            let done = write();
+            return (done, self.allocate());
+        }
+        std::thread::scope(|s| {
+            let job = s.spawn(|| self.allocate());
+            let done = write();
+            match job.join() {
+                Ok(out) => (done, out),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        })
+    }
+
+    /// Copies every neighbour's key and value into `out` (from
+    /// [`PendingNeighbors::allocate`]), reading stored memories from `base`:
+    /// the index the plan was made on, with or without its changes applied.
+    pub fn fill(&self, base: &MemoryIndex, out: Neighbors) -> Result<Neighbors> {
+        let (dk, dv) = self.dims;
+        if (out.k, out.key_dim, out.value_dim) != (self.k, dk, dv)
+            || (base.config.key_dim, base.config.value_dim) != (dk, dv)
+        {
+            return Err(Error::Shape(
+                "neighbours filled into a buffer or from an index of another shape".into(),
+            ));
+        }
         let missing = |id: MemoryId| Error::Corrupt(format!("no value stored for memory {id}"));
-        let ov = &self.overlay;
-        let out = fill_neighbors(&self.found, self.k, dk, dv, |id| {
-            Ok(if let Some(c) = ov.created_index(id) {
-                (&ov.created_keys[c * dk..(c + 1) * dk], new_values[c].as_slice())
-            } else {
-                // One lookup of the row for key and kept value.
-                let r = *base.pos.get(&id).ok_or(Error::UnknownId(id))?;
-                let value = match &base.values {
-                    Some(values) => &values[r * dv..(r + 1) * dv],
-                    None => stored.get(&id).ok_or_else(|| missing(id))?.as_slice(),
-                };
-                (&base.keys[r * dk..(r + 1) * dk], value)
-            })
-        })?;
-        Ok((self.overlay.into_changes(new_values), out))
+        fill_neighbors(out, &self.found, |id| {
+            let created = id
+                .checked_sub(self.first_id)
+                .and_then(|c| usize::try_from(c).ok())
+                .filter(|&c| c < self.created);
+            if let Some(c) = created {
+                return Ok((
+                    &self.created_keys[c * dk..(c + 1) * dk],
+                    &self.created_values[c * dv..(c + 1) * dv],
+                ));
+            }
+            if let Some((key, value)) = self.gone.get(&id) {
+                return Ok((key.as_slice(), value.as_slice()));
+            }
+            // One lookup of the row for key and kept value.
+            let r = *base.pos.get(&id).ok_or(Error::UnknownId(id))?;
+            let value = match &base.values {
+                Some(values) => &values[r * dv..(r + 1) * dv],
+                None => self.stored.get(&id).ok_or_else(|| missing(id))?.as_slice(),
+            };
+            Ok((&base.keys[r * dk..(r + 1) * dk], value))
+        })
     }
 }
 

@@ -941,14 +941,25 @@ impl MemoryStore for DuckdbStore {
 
     async fn learn(&self, batch: Batch<'_>, tick: Tick, k: usize) -> Result<Neighbors> {
         let mut w = self.writer.lock().await;
-        let (changes, neighbours) = {
+        let stored;
+        let (changes, pending) = {
             let index = self.index.read().await;
             let plan = blocking(|| index.plan_learn(batch, tick, k))?;
-            let stored = self.fetch_values(plan.needed_values()).await?;
-            plan.finish(&stored)?
+            stored = self.fetch_values(plan.needed_values()).await?;
+            plan.split(&stored)?
         };
-        self.commit(&mut w, &changes).await?;
-        Ok(neighbours)
+        // The output (16 MB at 4096 rows of 64-d keys and values) is
+        // allocated and touched while DuckDB writes, and filled after.
+        let write = self.commit(&mut w, &changes);
+        let (written, out) = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| pending.allocate_during(|| h.block_on(write)))
+            }
+            _ => (write.await, pending.allocate()),
+        };
+        written?;
+        let index = self.index.read().await;
+        blocking(|| pending.fill(&index, out))
     }
 
     async fn evict(&self, target_len: usize) -> Result<usize> {

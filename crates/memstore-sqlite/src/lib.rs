@@ -41,7 +41,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Once, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -479,6 +479,19 @@ impl SqliteStore {
     async fn commit(&self, tag_ids: &mut HashMap<String, i64>, changes: &Changes) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(sql)?;
         let new_tags = persist(&mut tx, self.sql_knn, self.config.eviction.lambda(), tag_ids, changes).await?;
+        self.publish(tx, tag_ids, new_tags, changes).await
+    }
+
+    /// Commits `tx`, which holds `changes`, and applies them to the index
+    /// under its write lock, taken before the commit: no search or read of
+    /// values sees the rows committed and the index not yet changed.
+    async fn publish(
+        &self,
+        tx: Transaction<'_, Sqlite>,
+        tag_ids: &mut HashMap<String, i64>,
+        new_tags: HashMap<String, i64>,
+        changes: &Changes,
+    ) -> Result<()> {
         let mut index = self.index.write().await;
         tx.commit().await.map_err(sql)?;
         tag_ids.extend(new_tags);
@@ -626,6 +639,43 @@ fn expect_rows(done: sqlx::sqlite::SqliteQueryResult, what: &str, want: usize) -
     Ok(())
 }
 
+/// The longest run of point deletes sent to the `vec0` mirror as one query.
+const MIRROR_DELETES: usize = 256;
+
+/// `DELETE FROM memory_keys WHERE rowid = ?;` repeated `2^i` times, for `i`
+/// up to log2([`MIRROR_DELETES`]).
+fn mirror_delete_sql(i: usize) -> &'static str {
+    static SQL: OnceLock<Vec<String>> = OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        (0..=MIRROR_DELETES.trailing_zeros())
+            .map(|i| "DELETE FROM memory_keys WHERE rowid = ?;".repeat(1 << i))
+            .collect()
+    });
+    &all[i]
+}
+
+/// Deletes `ids` from the `vec0` mirror, one point statement per id.
+///
+/// sqlite-vec (0.1.9) plans `rowid IN (…)` as a scan of the whole table
+/// outside kNN queries, and `rowid = ?` as a point lookup; a `DELETE … IN`
+/// of 500 ids on a store of 1M keys read every chunk. The statements go in
+/// runs of a power of two per query (one round trip to sqlx's worker per
+/// run, at most nine query shapes in its statement cache).
+async fn delete_from_mirror(tx: &mut Transaction<'_, Sqlite>, ids: &[MemoryId]) -> Result<()> {
+    let mut rest = ids;
+    while !rest.is_empty() {
+        let i = rest.len().min(MIRROR_DELETES).ilog2() as usize;
+        let (run, tail) = rest.split_at(1 << i);
+        let mut q = sqlx::query(mirror_delete_sql(i));
+        for id in run {
+            q = q.bind(*id as i64);
+        }
+        q.execute(&mut **tx).await.map_err(sql)?;
+        rest = tail;
+    }
+    Ok(())
+}
+
 /// Writes `changes` inside `tx`. Returns tags created (their ids become valid
 /// only once the transaction commits).
 async fn persist(
@@ -645,13 +695,7 @@ async fn persist(
         let done = q.build().execute(&mut **tx).await.map_err(sql)?;
         expect_rows(done, "delete", chunk.len())?;
         if sql_knn {
-            let mut q = QueryBuilder::<Sqlite>::new("DELETE FROM memory_keys WHERE rowid IN (");
-            let mut sep = q.separated(", ");
-            for id in chunk {
-                sep.push_bind(*id as i64);
-            }
-            q.push(")");
-            q.build().execute(&mut **tx).await.map_err(sql)?;
+            delete_from_mirror(tx, chunk).await?;
         }
     }
     for chunk in ch.accessed.chunks(INSERT_CHUNK) {
@@ -809,14 +853,29 @@ impl MemoryStore for SqliteStore {
 
     async fn learn(&self, batch: Batch<'_>, tick: Tick, k: usize) -> Result<Neighbors> {
         let mut tags = self.writer.lock().await;
-        let (changes, neighbours) = {
+        let stored;
+        let (changes, pending) = {
             let index = self.index.read().await;
             let plan = cpu(|| index.plan_learn(batch, tick, k))?;
-            let stored = self.fetch_values(plan.needed_values()).await?;
-            plan.finish(&stored)?
+            stored = self.fetch_values(plan.needed_values()).await?;
+            plan.split(&stored)?
         };
-        self.commit(&mut tags, &changes).await?;
-        Ok(neighbours)
+        let write = async {
+            let mut tx = self.pool.begin().await.map_err(sql)?;
+            let new_tags = persist(&mut tx, self.sql_knn, self.config.eviction.lambda(), &tags, &changes).await?;
+            self.publish(tx, &mut tags, new_tags, &changes).await
+        };
+        // The output's 16 MB (at 4096 rows of 64-d keys and values) are
+        // allocated and touched while SQLite writes and syncs.
+        let (written, out) = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| pending.allocate_during(|| h.block_on(write)))
+            }
+            _ => (write.await, pending.allocate()),
+        };
+        written?;
+        let index = self.index.read().await;
+        cpu(|| pending.fill(&index, out))
     }
 
     async fn evict(&self, target_len: usize) -> Result<usize> {

@@ -950,6 +950,46 @@ pub async fn learn_large_batches_match_reference<H: Harness>(make: Make<'_, H>) 
     );
 }
 
+/// A batch whose returned neighbours are large (2048 rows × 8 neighbours ×
+/// (16 + 16) floats, above the size from which a backend may prepare its
+/// output on a second thread while it writes): neighbours, including
+/// memories the batch later merges away or evicts, and the final state
+/// equal the reference's.
+pub async fn learn_large_output_matches_reference<H: Harness>(make: Make<'_, H>) {
+    let c = lambda_cfg(16, 16, 0.3).with_thresholds(0.02, 0.5).with_capacity(2500);
+    let (_h, s) = fresh(make, c.clone()).await;
+    let r = InMemoryStore::new(c).unwrap();
+    let mut rng = Rng::new(2048);
+    let centres: Vec<f32> = rng.vecs(200, 16).iter().map(|x| x * 4.0).collect();
+    let stored = clustered(&mut rng, 1000, &centres, 16, 0.3);
+    let vals = rng.vecs(1000, 16);
+    ins(&s, &stored, &vals, 0).await;
+    ins(&r, &stored, &vals, 0).await;
+    let n = 2048;
+    for step in 1..=2u64 {
+        let mut keys = clustered(&mut rng, n, &centres, 16, 0.3);
+        for i in (0..n).step_by(9) {
+            let j = rng.below(1000) as usize;
+            keys[i * 16..(i + 1) * 16].copy_from_slice(&stored[j * 16..(j + 1) * 16]);
+        }
+        for i in (800..n).step_by(5) {
+            let j = rng.below(i as u64) as usize;
+            let row: Vec<f32> = keys[j * 16..(j + 1) * 16].to_vec();
+            keys[i * 16..(i + 1) * 16].copy_from_slice(&row);
+        }
+        let vals = rng.vecs(n, 16);
+        let b = Batch::new(v(&keys, 16), v(&vals, 16));
+        let got = s.learn(b, step, 8).await.unwrap();
+        let want = r.learn(b, step, 8).await.unwrap();
+        assert_eq!(got, want, "neighbours differ at step {step}");
+    }
+    let c = same_state_as_reference(&s, &r).await;
+    assert!(
+        c.merged > 300 && c.inserted > 1500 && c.evicted > 500,
+        "the scenario must exercise every path: {c:?}"
+    );
+}
+
 /// `learn` with recombination off (threshold 0) and the novelty gate on,
 /// in large batches (the blocked-GEMM path) over a store of 2000 keys, with
 /// exact duplicates of stored keys and of earlier rows, and eviction at

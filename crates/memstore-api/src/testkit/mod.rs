@@ -109,6 +109,7 @@ macro_rules! conformance_suite {
             search_large_batch_with_ties_and_filters,
             search_large_batch_sees_changes,
             learn_large_batches_match_reference,
+            learn_large_output_matches_reference,
             learn_without_recombination_matches_reference,
         );
     };
