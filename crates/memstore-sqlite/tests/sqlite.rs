@@ -1,5 +1,6 @@
 //! SQLite-specific behaviour beyond the conformance suite: SQL kNN through
-//! sqlite-vec, corrupt and missing files, and crash consistency under SIGKILL.
+//! sqlite-vec, corrupt and missing files, crash consistency under SIGKILL,
+//! and a large `learn` on a current-thread runtime.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
@@ -296,4 +297,46 @@ async fn backup_is_a_consistent_copy() {
     assert_eq!(dump(&copy).await, before);
     assert_eq!(copy.stats().await.unwrap().counters.last_batch, 1);
     assert_eq!(store.len().await.unwrap(), 1);
+}
+
+/// On a current-thread runtime (where the store cannot block its thread to
+/// prepare a large `learn`'s output beside the write) a large `learn` still
+/// returns the reference model's neighbours and leaves its state.
+#[tokio::test(flavor = "current_thread")]
+async fn large_learn_on_a_current_thread_runtime_matches_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = MemoryConfig::new(16, 16).with_thresholds(0.05, 0.5).with_capacity(2400);
+    let s = SqliteStore::open(dir.path().join("m.db"), c.clone()).await.unwrap();
+    let r = memstore_api::InMemoryStore::new(c).unwrap();
+    let mut rng = Rng::new(77);
+    let stored = rng.vecs(1000, 16);
+    let vals = rng.vecs(1000, 16);
+    ins(&s, &stored, &vals, 0).await;
+    ins(&r, &stored, &vals, 0).await;
+    let n = 2048;
+    let mut keys = rng.vecs(n, 16);
+    // Exact duplicates of stored keys and of earlier rows: merges.
+    for i in (0..n).step_by(7) {
+        let j = rng.below(1000) as usize;
+        keys[i * 16..(i + 1) * 16].copy_from_slice(&stored[j * 16..(j + 1) * 16]);
+    }
+    for i in (1000..n).step_by(5) {
+        let j = rng.below(i as u64) as usize;
+        let row: Vec<f32> = keys[j * 16..(j + 1) * 16].to_vec();
+        keys[i * 16..(i + 1) * 16].copy_from_slice(&row);
+    }
+    let values = rng.vecs(n, 16);
+    let b = Batch::new(v(&keys, 16), v(&values, 16));
+    let got = s.learn(b, 1, 8).await.unwrap();
+    let want = r.learn(b, 1, 8).await.unwrap();
+    assert_eq!(got, want);
+    let (mine, mine_stats) = dump(&s).await;
+    let (theirs, their_stats) = dump(&r).await;
+    assert_eq!(mine_stats, their_stats);
+    assert_eq!(mine, theirs);
+    assert!(
+        their_stats.counters.merged > 100 && their_stats.counters.evicted > 100,
+        "the batch must merge and evict: {:?}",
+        their_stats.counters
+    );
 }
