@@ -166,20 +166,38 @@ impl MemoryConfig {
         Ok(())
     }
 
-    /// Validates a search's inputs: `k ≥ 1`, query dimension, finite numbers.
+    /// Validates a search's inputs: `k ≥ 1`, query dimension, finite
+    /// numbers, an answer that can be addressed.
     pub fn check_search(&self, queries: &Vectors<'_>, k: usize) -> Result<()> {
         if k == 0 {
             return Err(Error::ZeroK);
         }
-        queries.check("queries", self.key_dim)
+        queries.check("queries", self.key_dim)?;
+        self.check_answer(queries.len(), k)
     }
 
-    /// Validates a `learn`'s inputs: `k ≥ 1` and the batch.
+    /// Validates a `learn`'s inputs: `k ≥ 1`, the batch, an answer that can
+    /// be addressed.
     pub fn check_learn(&self, batch: &Batch<'_>, k: usize) -> Result<()> {
         if k == 0 {
             return Err(Error::ZeroK);
         }
-        batch.check(self)
+        batch.check(self)?;
+        self.check_answer(batch.len(), k)
+    }
+
+    /// Refuses a `k` whose fixed-shape answer (`rows × k` slots, each an id,
+    /// a distance, a key and a value) could not even be addressed: a typed
+    /// error where allocating it would panic. (An answer that fits the
+    /// address space but not the machine's memory is the caller's to size.)
+    pub fn check_answer(&self, rows: usize, k: usize) -> Result<()> {
+        let slot = std::mem::size_of::<Option<MemoryId>>() + 4 + 4 * (self.key_dim + self.value_dim);
+        match rows.checked_mul(k).and_then(|slots| slots.checked_mul(slot)) {
+            Some(bytes) if bytes <= isize::MAX as usize => Ok(()),
+            _ => Err(Error::Shape(format!(
+                "an answer of {rows} rows x k = {k} slots is too large to allocate"
+            ))),
+        }
     }
 
     /// Checks that a store persisted with `stored` may be opened with `self`:

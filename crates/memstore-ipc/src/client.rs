@@ -416,6 +416,9 @@ impl MemoryStore for IpcStore {
     }
 
     async fn search(&self, queries: Vectors<'_>, k: usize, filter: Option<&TagFilter>) -> Result<Neighbors> {
+        // An answer too large to address is refused before it is asked
+        // for (the daemon checks everything else, and this again).
+        self.config().check_answer(queries.len(), k)?;
         let req = Request::Search {
             queries: F32s::from_slice(queries.data()),
             dim: queries.dim() as u64,
@@ -463,6 +466,7 @@ impl MemoryStore for IpcStore {
     }
 
     async fn learn(&self, batch: Batch<'_>, tick: Tick, k: usize) -> Result<Neighbors> {
+        self.config().check_answer(batch.len(), k)?;
         let req = Request::Learn {
             batch: wire_batch(&batch),
             tick,

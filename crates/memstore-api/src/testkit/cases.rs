@@ -522,6 +522,23 @@ pub async fn search_rejects_k_zero<H: Harness>(make: Make<'_, H>) {
     assert!(matches!(s.search(v(&[0.0, 0.0], 2), 0, None).await, Err(Error::ZeroK)));
 }
 
+/// A `k` whose answer could not be addressed (rows × k slots overflow) is a
+/// typed error for `search` and `learn`, not a panic, and changes nothing.
+pub async fn unaddressable_k_is_refused<H: Harness>(make: Make<'_, H>) {
+    let (_h, s) = fresh(make, cfg(2, 1)).await;
+    ins(&s, &[0.0, 0.0], &[0.0], 1).await;
+    let before = dump(&s).await;
+    for k in [usize::MAX, usize::MAX / 4] {
+        let r = s.search(v(&[0.0, 0.0, 1.0, 1.0], 2), k, None).await;
+        assert!(matches!(r, Err(Error::Shape(_))), "search, k = {k}: {r:?}");
+        let r = s
+            .learn(Batch::new(v(&[0.0, 0.1, 5.0, 5.0], 2), v(&[1.0, 2.0], 1)), 2, k)
+            .await;
+        assert!(matches!(r, Err(Error::Shape(_))), "learn, k = {k}: {r:?}");
+    }
+    assert_eq!(dump(&s).await, before);
+}
+
 /// Queries of the wrong dimension or with NaN are refused.
 pub async fn search_rejects_bad_queries<H: Harness>(make: Make<'_, H>) {
     let (_h, s) = fresh(make, cfg(2, 1)).await;

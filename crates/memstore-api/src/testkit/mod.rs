@@ -141,6 +141,7 @@ macro_rules! __conformance_common {
             search_pads_missing_slots,
             search_empty_store,
             search_rejects_k_zero,
+            unaddressable_k_is_refused,
             search_rejects_bad_queries,
             search_returns_keys_and_values,
             search_filter_any_returns_k,
