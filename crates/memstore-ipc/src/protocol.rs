@@ -861,6 +861,75 @@ pub fn encode_frame<T: Serialize>(id: u64, body: &T, max_frame: usize) -> Result
     Ok(buf)
 }
 
+/// A search or learn reply ready to be written without copying its keys and
+/// values into one buffer: the frame [`encode_frame`] would make of
+/// `Response::Neighbors`, byte for byte, as four parts (the head, the keys'
+/// bytes, the values' length, the values' bytes). At batch 4096 the keys and
+/// values are 16 MB: encoding them into a fresh buffer took ~5 ms (most of
+/// it first-touch page faults), more than the socket's own copy.
+pub struct NeighborsFrame {
+    head: Vec<u8>,
+    mid: Vec<u8>,
+    body: Neighbors,
+}
+
+/// Appends `x` as postcard's varint (LEB128, 7 bits a byte, low first).
+fn push_varint(out: &mut Vec<u8>, mut x: u64) {
+    while x >= 0x80 {
+        out.push((x as u8) | 0x80);
+        x >>= 7;
+    }
+    out.push(x as u8);
+}
+
+impl NeighborsFrame {
+    /// The frame of `Response::Neighbors` for `body` as request `id`, checked
+    /// against `max_frame`.
+    pub fn new(id: u64, body: Neighbors, max_frame: usize) -> Result<NeighborsFrame, WireError> {
+        // Everything before the keys, as postcard writes it: the same
+        // reply with empty keys and values ends in their two zero lengths.
+        let mut wire = WireNeighbors::from_neighbors(&body);
+        wire.keys = F32s(Cow::Borrowed(&[]));
+        wire.values = F32s(Cow::Borrowed(&[]));
+        let bare = postcard::to_allocvec(&(id, Response::Neighbors(wire)))
+            .map_err(|e| WireError::protocol(ProtocolError::Malformed, format!("encoding a frame: {e}")))?;
+        let Some(before) = bare.strip_suffix(&[0, 0]) else {
+            return Err(WireError::protocol(
+                ProtocolError::Malformed,
+                "encoding a frame: the reply's layout is not the expected one",
+            ));
+        };
+        let (keys, values) = (4 * body.keys.len(), 4 * body.values.len());
+        let mut head = Vec::with_capacity(LENGTH_PREFIX + before.len() + 10);
+        head.extend_from_slice(&[0; LENGTH_PREFIX]);
+        head.extend_from_slice(before);
+        push_varint(&mut head, keys as u64);
+        let mut mid = Vec::with_capacity(10);
+        push_varint(&mut mid, values as u64);
+        let len = head.len() - LENGTH_PREFIX + keys + mid.len() + values;
+        if len > max_frame {
+            return Err(WireError::protocol(
+                ProtocolError::TooLarge,
+                format!("a {len}-byte frame exceeds the {max_frame}-byte limit"),
+            ));
+        }
+        let prefix = u32::try_from(len)
+            .map_err(|_| WireError::protocol(ProtocolError::TooLarge, format!("a {len}-byte frame exceeds 4 GiB")))?;
+        head[..LENGTH_PREFIX].copy_from_slice(&prefix.to_le_bytes());
+        Ok(NeighborsFrame { head, mid, body })
+    }
+
+    /// The frame's bytes in order, length prefix first.
+    pub fn parts(&self) -> [std::borrow::Cow<'_, [u8]>; 4] {
+        [
+            Cow::Borrowed(&self.head),
+            F32s::from_slice(&self.body.keys).0,
+            Cow::Borrowed(&self.mid),
+            F32s::from_slice(&self.body.values).0,
+        ]
+    }
+}
+
 /// Decodes a frame's payload into `(id, body)`.
 pub fn decode_frame<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<(u64, T), WireError> {
     postcard::from_bytes(payload).map_err(|e| {
@@ -895,6 +964,44 @@ pub fn codec(max_frame: usize) -> tokio_util::codec::LengthDelimitedCodec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The streamed reply is byte for byte what `encode_frame` writes, for
+    /// shapes from empty to multi-byte lengths, and refuses what is too large.
+    #[test]
+    fn neighbors_frame_matches_encode_frame() {
+        for (n, k, dk, dv, id) in [
+            (0, 1, 1, 1, 0u64),
+            (1, 1, 1, 1, 1),
+            (3, 2, 5, 7, 300),
+            (64, 8, 64, 16, u64::MAX),
+        ] {
+            let mut r = Neighbors::empty(n, k, dk, dv);
+            for (i, x) in r.keys.iter_mut().enumerate() {
+                *x = i as f32 * 0.5 - 3.0;
+            }
+            for (i, x) in r.values.iter_mut().enumerate() {
+                *x = -(i as f32);
+            }
+            for (i, slot) in r.ids.iter_mut().enumerate() {
+                *slot = (i % 3 != 0).then_some(i as u64 * 1000);
+            }
+            for (i, d) in r.distances.iter_mut().enumerate() {
+                *d = i as f32;
+            }
+            let want = encode_frame(id, &Response::Neighbors(WireNeighbors::from_neighbors(&r)), 1 << 30).unwrap();
+            let f = NeighborsFrame::new(id, r.clone(), 1 << 30).unwrap();
+            let got: Vec<u8> = f.parts().iter().flat_map(|p| p.iter().copied()).collect();
+            assert_eq!(got, want, "{n} x {k}, dims {dk}/{dv}");
+            let too_small = want.len() - LENGTH_PREFIX - 1;
+            assert!(matches!(
+                NeighborsFrame::new(id, r, too_small),
+                Err(WireError::Protocol {
+                    kind: ProtocolError::TooLarge,
+                    ..
+                })
+            ));
+        }
+    }
 
     #[test]
     fn f32s_round_trip_bit_exact() {

@@ -48,8 +48,8 @@ use tracing::{debug, info, warn};
 
 use crate::IpcError;
 use crate::protocol::{
-    self, DEFAULT_MAX_FRAME, MAGIC, PROTOCOL_VERSION, ProtocolError, Request, Response, WireBatch, WireConfig,
-    WireError, WireMemory, WireNeighbors, WireStats, WireTags, usize_of,
+    self, DEFAULT_MAX_FRAME, MAGIC, NeighborsFrame, PROTOCOL_VERSION, ProtocolError, Request, Response, WireBatch,
+    WireConfig, WireError, WireMemory, WireStats, WireTags, usize_of,
 };
 
 /// Wire type number of [`Request::Goodbye`] (checked by a unit test).
@@ -649,7 +649,15 @@ impl Drop for Session<'_> {
     }
 }
 
-async fn send(tx: &mpsc::Sender<Vec<u8>>, id: u64, r: &Response<'_>, max_frame: usize) {
+/// A reply on its way to the connection's writer.
+enum Outgoing {
+    /// An encoded frame.
+    Frame(Vec<u8>),
+    /// Search or learn results, written from their own buffers.
+    Neighbors(NeighborsFrame),
+}
+
+async fn send(tx: &mpsc::Sender<Outgoing>, id: u64, r: &Response<'_>, max_frame: usize) {
     let frame = match protocol::encode_frame(id, r, max_frame) {
         Ok(f) => f,
         Err(e) => match protocol::encode_frame(id, &Response::Error(e), max_frame) {
@@ -657,7 +665,18 @@ async fn send(tx: &mpsc::Sender<Vec<u8>>, id: u64, r: &Response<'_>, max_frame: 
             Err(_) => return,
         },
     };
-    let _ = tx.send(frame).await;
+    let _ = tx.send(Outgoing::Frame(frame)).await;
+}
+
+/// Sends search or learn results without encoding them into one buffer
+/// (an error frame if they do not fit the frame limit).
+async fn send_neighbors(tx: &mpsc::Sender<Outgoing>, id: u64, n: Neighbors, max_frame: usize) {
+    match NeighborsFrame::new(id, n, max_frame) {
+        Ok(f) => {
+            let _ = tx.send(Outgoing::Neighbors(f)).await;
+        }
+        Err(e) => send(tx, id, &Response::Error(e), max_frame).await,
+    }
 }
 
 async fn connection<O, R, W>(shared: Arc<Shared<O>>, r: R, mut w: W, needs_token: bool, peer: String)
@@ -668,10 +687,23 @@ where
 {
     let max_frame = shared.options.max_frame;
     let mut frames = FramedRead::new(r, protocol::codec(max_frame));
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
+    let (tx, mut rx) = mpsc::channel::<Outgoing>(64);
     let writer = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            if w.write_all(&frame).await.is_err() {
+        while let Some(out) = rx.recv().await {
+            let written = match &out {
+                Outgoing::Frame(frame) => w.write_all(frame).await,
+                Outgoing::Neighbors(f) => {
+                    let mut done = Ok(());
+                    for part in f.parts() {
+                        done = w.write_all(&part).await;
+                        if done.is_err() {
+                            break;
+                        }
+                    }
+                    done
+                }
+            };
+            if written.is_err() {
                 return;
             }
         }
@@ -976,7 +1008,7 @@ enum Outcome {
     Stats(Stats),
 }
 
-async fn handle<O: StoreOpener>(shared: &Shared<O>, slot: &Slot<O>, frame: Bytes, tx: &mpsc::Sender<Vec<u8>>) {
+async fn handle<O: StoreOpener>(shared: &Shared<O>, slot: &Slot<O>, frame: Bytes, tx: &mpsc::Sender<Outgoing>) {
     let max_frame = shared.options.max_frame;
     let (id, req): (u64, Request) = match protocol::decode_frame(&frame) {
         Ok(r) => r,
@@ -996,25 +1028,17 @@ async fn handle<O: StoreOpener>(shared: &Shared<O>, slot: &Slot<O>, frame: Bytes
         (Some(s), req) => execute(s.as_ref(), req, max_frame).await,
         (None, _) => Err(WireError::protocol(ProtocolError::NoStore, "no store is open")),
     };
-    match &outcome {
-        Ok(Outcome::Neighbors(n)) => {
-            send(
-                tx,
-                id,
-                &Response::Neighbors(WireNeighbors::from_neighbors(n)),
-                max_frame,
-            )
-            .await
-        }
+    match outcome {
+        Ok(Outcome::Neighbors(n)) => send_neighbors(tx, id, n, max_frame).await,
         Ok(Outcome::Ids(ids)) => send(tx, id, &Response::Ids(ids.as_slice().into()), max_frame).await,
         Ok(Outcome::Memories(ms)) => {
             let ms = ms.iter().map(WireMemory::from_memory).collect();
             send(tx, id, &Response::Memories(ms), max_frame).await
         }
-        Ok(Outcome::Count(n)) => send(tx, id, &Response::Count(*n), max_frame).await,
+        Ok(Outcome::Count(n)) => send(tx, id, &Response::Count(n), max_frame).await,
         Ok(Outcome::Done) => send(tx, id, &Response::Done, max_frame).await,
-        Ok(Outcome::Stats(s)) => send(tx, id, &Response::Stats(WireStats::from(s)), max_frame).await,
-        Err(e) => send(tx, id, &Response::Error(e.clone()), max_frame).await,
+        Ok(Outcome::Stats(s)) => send(tx, id, &Response::Stats(WireStats::from(&s)), max_frame).await,
+        Err(e) => send(tx, id, &Response::Error(e), max_frame).await,
     }
 }
 
