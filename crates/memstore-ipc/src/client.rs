@@ -3,7 +3,8 @@
 //! One connection carries many requests at once: each call encodes its frame
 //! in the caller's task (the one copy of its vectors), hands it to a writer
 //! task, and waits for the reply with its request id, which a reader task
-//! routes back. Calls from many tasks on one `IpcStore` (behind an `Arc`)
+//! routes back (search and learn replies decoded as they are read, see
+//! [`crate::reader`]). Calls from many tasks on one `IpcStore` (behind an `Arc`)
 //! therefore pipeline. A dropped call leaves the connection intact: frames
 //! are written whole by the writer task.
 
@@ -14,7 +15,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::StreamExt;
 use memstore_api::{
     Batch, ChangeBatch, Error, Memory, MemoryConfig, MemoryId, MemoryStore, Neighbors, Result, Stats, TagFilter, Tags,
     Tick, Vectors,
@@ -22,13 +22,13 @@ use memstore_api::{
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio_util::codec::FramedRead;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::protocol::{
     self, DEFAULT_MAX_FRAME, F32s, Hello, MAGIC, PROTOCOL_VERSION, ProtocolError, Request, Response, WireBatch,
     WireChangeBatch, WireConfig, WireError, WireTags,
 };
+use crate::reader::{FrameReader, Incoming};
 use crate::{Endpoint, IpcError, TOKEN_ENV};
 
 /// How a client connects.
@@ -56,7 +56,15 @@ impl Default for ClientOptions {
     }
 }
 
-type Pending = Mutex<HashMap<u64, oneshot::Sender<Bytes>>>;
+/// A reply routed to its caller.
+enum Reply {
+    /// A frame's payload, decoded by the caller.
+    Frame(Bytes),
+    /// Search or learn results, decoded by the reader as they arrived.
+    Neighbors(std::result::Result<Neighbors, WireError>),
+}
+
+type Pending = Mutex<HashMap<u64, oneshot::Sender<Reply>>>;
 
 struct Conn {
     writer: mpsc::Sender<Vec<u8>>,
@@ -167,9 +175,16 @@ impl IpcStore {
         let frame = protocol::encode_frame(0, &hello, options.max_frame).map_err(WireError::into_error)?;
         w.write_all(&frame).await.map_err(IpcError::Io)?;
         w.flush().await.map_err(IpcError::Io)?;
-        let mut frames = FramedRead::new(r, protocol::codec(options.max_frame));
+        let mut frames = FrameReader::new(r, options.max_frame);
         let first = match frames.next().await {
-            Some(Ok(f)) => f.freeze(),
+            Some(Ok(Incoming::Frame(f))) => f,
+            Some(Ok(Incoming::Neighbors(..))) => {
+                return Err(IpcError::Protocol {
+                    kind: ProtocolError::Sequence,
+                    message: "expected a handshake reply, got search results".into(),
+                }
+                .into());
+            }
             Some(Err(e)) => return Err(IpcError::Disconnected(format!("during the handshake: {e}")).into()),
             None => {
                 return Err(
@@ -217,13 +232,17 @@ impl IpcStore {
         let reader = tokio::spawn(async move {
             let why = loop {
                 match frames.next().await {
-                    Some(Ok(frame)) => {
-                        let frame = frame.freeze();
+                    Some(Ok(Incoming::Neighbors(id, r))) => {
+                        if let Some(tx) = lock(&reader_pending).remove(&id) {
+                            let _ = tx.send(Reply::Neighbors(r));
+                        }
+                    }
+                    Some(Ok(Incoming::Frame(frame))) => {
                         let (id, _) = protocol::peek(&frame);
                         let waiter = lock(&reader_pending).remove(&id);
                         match waiter {
                             Some(tx) => {
-                                let _ = tx.send(frame);
+                                let _ = tx.send(Reply::Frame(frame));
                             }
                             None => {
                                 // An error the daemon could not tie to a request
@@ -266,7 +285,7 @@ impl IpcStore {
     /// answers, and ends the session before this returns (so a following
     /// connection may reconfigure the store).
     pub async fn close(self) -> Result<()> {
-        let r = self.call(&Request::Goodbye).await;
+        let r = self.ask(&Request::Goodbye).await;
         let out = match r {
             Ok(reply) => match decode(&reply)? {
                 Response::Done => Ok(()),
@@ -287,7 +306,7 @@ impl IpcStore {
         let path = path
             .to_str()
             .ok_or_else(|| Error::Shape(format!("backup path {} is not UTF-8", path.display())))?;
-        done(decode(&self.call(&Request::Backup { path: path.into() }).await?)?)
+        done(decode(&self.ask(&Request::Backup { path: path.into() }).await?)?)
     }
 
     /// Has the daemon replace its store with the backup at `path` (absolute,
@@ -300,11 +319,28 @@ impl IpcStore {
         let path = path
             .to_str()
             .ok_or_else(|| Error::Shape(format!("restore path {} is not UTF-8", path.display())))?;
-        done(decode(&self.call(&Request::Restore { path: path.into() }).await?)?)
+        done(decode(&self.ask(&Request::Restore { path: path.into() }).await?)?)
     }
 
-    /// Sends one request and waits for its reply frame.
-    async fn call(&self, req: &Request<'_>) -> Result<Bytes> {
+    /// Sends one request and waits for its reply frame (search results are
+    /// a sequence error here).
+    async fn ask(&self, req: &Request<'_>) -> Result<Bytes> {
+        match self.call(req).await? {
+            Reply::Frame(f) => Ok(f),
+            Reply::Neighbors(_) => Err(sequence("Neighbors")),
+        }
+    }
+
+    /// Sends a search or learn request and waits for its results.
+    async fn ask_neighbors(&self, req: &Request<'_>) -> Result<Neighbors> {
+        match self.call(req).await? {
+            Reply::Frame(f) => neighbors(decode(&f)?),
+            Reply::Neighbors(r) => r.map_err(WireError::into_error),
+        }
+    }
+
+    /// Sends one request and waits for its reply.
+    async fn call(&self, req: &Request<'_>) -> Result<Reply> {
         let id = self.conn.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = protocol::encode_frame(id, req, self.conn.max_frame).map_err(WireError::into_error)?;
         let (tx, rx) = oneshot::channel();
@@ -350,7 +386,7 @@ fn decode(frame: &Bytes) -> Result<Response<'_>> {
 }
 
 fn unexpected(r: Response<'_>) -> Error {
-    let name = match r {
+    sequence(match r {
         Response::Welcome { .. } => "Welcome",
         Response::Neighbors(_) => "Neighbors",
         Response::Ids(_) => "Ids",
@@ -359,7 +395,10 @@ fn unexpected(r: Response<'_>) -> Error {
         Response::Done => "Done",
         Response::Stats(_) => "Stats",
         Response::Error(_) => "Error",
-    };
+    })
+}
+
+fn sequence(name: &str) -> Error {
     IpcError::Protocol {
         kind: ProtocolError::Sequence,
         message: format!("unexpected reply {name}"),
@@ -425,7 +464,7 @@ impl MemoryStore for IpcStore {
             k: k as u64,
             filter: filter.map(Into::into),
         };
-        neighbors(decode(&self.call(&req).await?)?)
+        self.ask_neighbors(&req).await
     }
 
     async fn insert(&self, batch: Batch<'_>, tick: Tick) -> Result<Vec<MemoryId>> {
@@ -433,11 +472,11 @@ impl MemoryStore for IpcStore {
             batch: wire_batch(&batch),
             tick,
         };
-        ids(decode(&self.call(&req).await?)?)
+        ids(decode(&self.ask(&req).await?)?)
     }
 
     async fn get(&self, ids: &[MemoryId]) -> Result<Vec<Memory>> {
-        let reply = self.call(&Request::Get(ids.into())).await?;
+        let reply = self.ask(&Request::Get(ids.into())).await?;
         match decode(&reply)? {
             Response::Memories(ms) => ms
                 .iter()
@@ -448,7 +487,7 @@ impl MemoryStore for IpcStore {
     }
 
     async fn delete(&self, ids: &[MemoryId]) -> Result<usize> {
-        count(decode(&self.call(&Request::Delete(ids.into())).await?)?)
+        count(decode(&self.ask(&Request::Delete(ids.into())).await?)?)
     }
 
     async fn update_values(&self, ids: &[MemoryId], deltas: Vectors<'_>) -> Result<()> {
@@ -457,12 +496,12 @@ impl MemoryStore for IpcStore {
             deltas: F32s::from_slice(deltas.data()),
             dim: deltas.dim() as u64,
         };
-        done(decode(&self.call(&req).await?)?)
+        done(decode(&self.ask(&req).await?)?)
     }
 
     async fn touch(&self, ids: &[MemoryId], tick: Tick) -> Result<()> {
         let req = Request::Touch { ids: ids.into(), tick };
-        done(decode(&self.call(&req).await?)?)
+        done(decode(&self.ask(&req).await?)?)
     }
 
     async fn learn(&self, batch: Batch<'_>, tick: Tick, k: usize) -> Result<Neighbors> {
@@ -472,37 +511,37 @@ impl MemoryStore for IpcStore {
             tick,
             k: k as u64,
         };
-        neighbors(decode(&self.call(&req).await?)?)
+        self.ask_neighbors(&req).await
     }
 
     async fn evict(&self, target_len: usize) -> Result<usize> {
         let req = Request::Evict {
             target_len: target_len as u64,
         };
-        count(decode(&self.call(&req).await?)?)
+        count(decode(&self.ask(&req).await?)?)
     }
 
     async fn apply(&self, batch: &ChangeBatch) -> Result<()> {
         let req = Request::Apply(WireChangeBatch::from_batch(batch));
-        done(decode(&self.call(&req).await?)?)
+        done(decode(&self.ask(&req).await?)?)
     }
 
     async fn ids(&self) -> Result<Vec<MemoryId>> {
-        ids(decode(&self.call(&Request::Ids).await?)?)
+        ids(decode(&self.ask(&Request::Ids).await?)?)
     }
 
     async fn len(&self) -> Result<usize> {
-        count(decode(&self.call(&Request::Len).await?)?)
+        count(decode(&self.ask(&Request::Len).await?)?)
     }
 
     async fn stats(&self) -> Result<Stats> {
-        match decode(&self.call(&Request::Stats).await?)? {
+        match decode(&self.ask(&Request::Stats).await?)? {
             Response::Stats(s) => Ok(s.into()),
             other => Err(unexpected(other)),
         }
     }
 
     async fn flush(&self) -> Result<()> {
-        done(decode(&self.call(&Request::Flush).await?)?)
+        done(decode(&self.ask(&Request::Flush).await?)?)
     }
 }

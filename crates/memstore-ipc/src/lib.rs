@@ -20,11 +20,13 @@
 //! - [`protocol`]: frames, the handshake, requests, replies and typed errors.
 //! - [`server`]: [`server::Server`], the daemon's core (the `memstored` binary
 //!   is a thin command line around it).
-//! - [`client`]: [`IpcStore`], the client.
+//! - [`client`]: [`IpcStore`], the client (its frame reader decodes search
+//!   and learn replies straight into their vectors as they arrive).
 //! - [`Endpoint`]: where a daemon listens (`unix:PATH` or `tcp:HOST:PORT`).
 
 pub mod client;
 pub mod protocol;
+mod reader;
 pub mod server;
 
 use std::path::PathBuf;
