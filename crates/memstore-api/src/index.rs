@@ -1461,7 +1461,7 @@ fn fill_neighbors<'a>(
     Ok(out)
 }
 
-/// Floats of keys and values from which [`PendingNeighbors::allocate_during`]
+/// Floats of keys and values from which [`PendingNeighbors::allocate_while`]
 /// allocates on a second thread (1 MiB: 256 rows of 8 neighbours of 64-d
 /// keys and values).
 const ALLOCATE_ALONGSIDE: usize = 256 * 1024;
@@ -1583,23 +1583,23 @@ impl PendingNeighbors<'_> {
         touched_neighbors(self.found.len(), self.k, self.dims.0, self.dims.1)
     }
 
-    /// Runs `write` on this thread while [`PendingNeighbors::allocate`]
-    /// runs on a scoped one, and returns both results. A small output is
-    /// allocated here after `write` (a thread costs more than it saves).
-    pub fn allocate_during<T>(&self, write: impl FnOnce() -> T) -> (T, Neighbors) {
-        let (dk, dv) = self.dims;
-        if self.found.len() * self.k * (dk + dv) < ALLOCATE_ALONGSIDE {
-            let done = write();
+    /// Awaits `write` while [`PendingNeighbors::allocate`]'s work runs on a
+    /// thread of its own, and returns both results. The thread owns nothing
+    /// of the caller's, so this works on any async runtime (or none); a small
+    /// output is allocated here after `write` (a thread costs more than it
+    /// saves).
+    pub async fn allocate_while<T>(&self, write: impl std::future::Future<Output = T>) -> (T, Neighbors) {
+        let (n, k, (dk, dv)) = (self.found.len(), self.k, self.dims);
+        if n * k * (dk + dv) < ALLOCATE_ALONGSIDE {
+            let done = write.await;
             return (done, self.allocate());
         }
-        std::thread::scope(|s| {
-            let job = s.spawn(|| self.allocate());
-            let done = write();
-            match job.join() {
-                Ok(out) => (done, out),
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        })
+        let job = std::thread::spawn(move || touched_neighbors(n, k, dk, dv));
+        let done = write.await;
+        match job.join() {
+            Ok(out) => (done, out),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
     }
 
     /// Copies every neighbour's key and value into `out` (from

@@ -951,12 +951,7 @@ impl MemoryStore for DuckdbStore {
         // The output (16 MB at 4096 rows of 64-d keys and values) is
         // allocated and touched while DuckDB writes, and filled after.
         let write = self.commit(&mut w, &changes);
-        let (written, out) = match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(|| pending.allocate_during(|| h.block_on(write)))
-            }
-            _ => (write.await, pending.allocate()),
-        };
+        let (written, out) = pending.allocate_while(write).await;
         written?;
         let index = self.index.read().await;
         blocking(|| pending.fill(&index, out))

@@ -867,12 +867,7 @@ impl MemoryStore for SqliteStore {
         };
         // The output's 16 MB (at 4096 rows of 64-d keys and values) are
         // allocated and touched while SQLite writes and syncs.
-        let (written, out) = match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(|| pending.allocate_during(|| h.block_on(write)))
-            }
-            _ => (write.await, pending.allocate()),
-        };
+        let (written, out) = pending.allocate_while(write).await;
         written?;
         let index = self.index.read().await;
         cpu(|| pending.fill(&index, out))
