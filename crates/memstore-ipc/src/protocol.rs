@@ -849,6 +849,12 @@ pub fn encode_frame<T: Serialize>(id: u64, body: &T, max_frame: usize) -> Result
     let mut buf = postcard::to_io(&(id, body), buf)
         .map_err(|e| WireError::protocol(ProtocolError::Malformed, format!("encoding a frame: {e}")))?;
     let len = buf.len() - LENGTH_PREFIX;
+    buf[..LENGTH_PREFIX].copy_from_slice(&length_prefix(len, max_frame)?);
+    Ok(buf)
+}
+
+/// The length prefix of a `len`-byte payload, checked against `max_frame`.
+fn length_prefix(len: usize, max_frame: usize) -> Result<[u8; LENGTH_PREFIX], WireError> {
     if len > max_frame {
         return Err(WireError::protocol(
             ProtocolError::TooLarge,
@@ -857,8 +863,7 @@ pub fn encode_frame<T: Serialize>(id: u64, body: &T, max_frame: usize) -> Result
     }
     let prefix = u32::try_from(len)
         .map_err(|_| WireError::protocol(ProtocolError::TooLarge, format!("a {len}-byte frame exceeds 4 GiB")))?;
-    buf[..LENGTH_PREFIX].copy_from_slice(&prefix.to_le_bytes());
-    Ok(buf)
+    Ok(prefix.to_le_bytes())
 }
 
 /// A search or learn reply ready to be written without copying its keys and
@@ -907,20 +912,12 @@ impl NeighborsFrame {
         let mut mid = Vec::with_capacity(10);
         push_varint(&mut mid, values as u64);
         let len = head.len() - LENGTH_PREFIX + keys + mid.len() + values;
-        if len > max_frame {
-            return Err(WireError::protocol(
-                ProtocolError::TooLarge,
-                format!("a {len}-byte frame exceeds the {max_frame}-byte limit"),
-            ));
-        }
-        let prefix = u32::try_from(len)
-            .map_err(|_| WireError::protocol(ProtocolError::TooLarge, format!("a {len}-byte frame exceeds 4 GiB")))?;
-        head[..LENGTH_PREFIX].copy_from_slice(&prefix.to_le_bytes());
+        head[..LENGTH_PREFIX].copy_from_slice(&length_prefix(len, max_frame)?);
         Ok(NeighborsFrame { head, mid, body })
     }
 
     /// The frame's bytes in order, length prefix first.
-    pub fn parts(&self) -> [std::borrow::Cow<'_, [u8]>; 4] {
+    pub fn parts(&self) -> [Cow<'_, [u8]>; 4] {
         [
             Cow::Borrowed(&self.head),
             F32s::from_slice(&self.body.keys).0,
