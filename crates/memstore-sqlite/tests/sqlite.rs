@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use memstore_api::testkit::util::{Rng, dump, ins, v};
+use memstore_api::testkit::util::{Rng, copy_earlier_rows, copy_stored_rows, dump, ins, v};
 use memstore_api::{Batch, Error, MemoryConfig, MemoryStore, Metric, Vectors};
 use memstore_sqlite::{SqliteError, SqliteStore};
 use sqlx::Row;
@@ -299,9 +299,10 @@ async fn backup_is_a_consistent_copy() {
     assert_eq!(store.len().await.unwrap(), 1);
 }
 
-/// On a current-thread runtime (where the store cannot block its thread to
-/// prepare a large `learn`'s output beside the write) a large `learn` still
-/// returns the reference model's neighbours and leaves its state.
+/// On a current-thread runtime (where the store's CPU work cannot move off
+/// the runtime's one thread) a large `learn`, its output prepared on a
+/// thread beside the write, returns the reference model's neighbours and
+/// leaves its state.
 #[tokio::test(flavor = "current_thread")]
 async fn large_learn_on_a_current_thread_runtime_matches_reference() {
     let dir = tempfile::tempdir().unwrap();
@@ -316,15 +317,8 @@ async fn large_learn_on_a_current_thread_runtime_matches_reference() {
     let n = 2048;
     let mut keys = rng.vecs(n, 16);
     // Exact duplicates of stored keys and of earlier rows: merges.
-    for i in (0..n).step_by(7) {
-        let j = rng.below(1000) as usize;
-        keys[i * 16..(i + 1) * 16].copy_from_slice(&stored[j * 16..(j + 1) * 16]);
-    }
-    for i in (1000..n).step_by(5) {
-        let j = rng.below(i as u64) as usize;
-        let row: Vec<f32> = keys[j * 16..(j + 1) * 16].to_vec();
-        keys[i * 16..(i + 1) * 16].copy_from_slice(&row);
-    }
+    copy_stored_rows(&mut rng, &mut keys, 16, &stored, 7);
+    copy_earlier_rows(&mut rng, &mut keys, 16, 1000, 5);
     let values = rng.vecs(n, 16);
     let b = Batch::new(v(&keys, 16), v(&values, 16));
     let got = s.learn(b, 1, 8).await.unwrap();

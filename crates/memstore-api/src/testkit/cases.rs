@@ -949,11 +949,7 @@ pub async fn learn_large_batches_match_reference<H: Harness>(make: Make<'_, H>) 
     let n = 1300;
     for step in 0..3u64 {
         let mut keys = clustered(&mut rng, n, &centres, 4, 0.2);
-        for i in (600..n).step_by(5) {
-            let j = rng.below(i as u64) as usize;
-            let row: Vec<f32> = keys[j * 4..(j + 1) * 4].to_vec();
-            keys[i * 4..(i + 1) * 4].copy_from_slice(&row);
-        }
+        copy_earlier_rows(&mut rng, &mut keys, 4, 600, 5);
         let vals = rng.vecs(n, 2);
         let b = Batch::new(v(&keys, 4), v(&vals, 2));
         let got = s.learn(b, step, 5).await.unwrap();
@@ -985,15 +981,8 @@ pub async fn learn_large_output_matches_reference<H: Harness>(make: Make<'_, H>)
     let n = 2048;
     for step in 1..=2u64 {
         let mut keys = clustered(&mut rng, n, &centres, 16, 0.3);
-        for i in (0..n).step_by(9) {
-            let j = rng.below(1000) as usize;
-            keys[i * 16..(i + 1) * 16].copy_from_slice(&stored[j * 16..(j + 1) * 16]);
-        }
-        for i in (800..n).step_by(5) {
-            let j = rng.below(i as u64) as usize;
-            let row: Vec<f32> = keys[j * 16..(j + 1) * 16].to_vec();
-            keys[i * 16..(i + 1) * 16].copy_from_slice(&row);
-        }
+        copy_stored_rows(&mut rng, &mut keys, 16, &stored, 9);
+        copy_earlier_rows(&mut rng, &mut keys, 16, 800, 5);
         let vals = rng.vecs(n, 16);
         let b = Batch::new(v(&keys, 16), v(&vals, 16));
         let got = s.learn(b, step, 8).await.unwrap();
@@ -1033,15 +1022,8 @@ pub async fn learn_without_recombination_matches_reference<H: Harness>(make: Mak
         let mut learned = 0u64;
         for step in 1..=3u64 {
             let mut keys = clustered(&mut rng, n, &centres, 8, 0.3);
-            for i in (0..n).step_by(7) {
-                let j = rng.below(2000) as usize;
-                keys[i * 8..(i + 1) * 8].copy_from_slice(&stored[j * 8..(j + 1) * 8]);
-            }
-            for i in (600..n).step_by(11) {
-                let j = rng.below(i as u64) as usize;
-                let row: Vec<f32> = keys[j * 8..(j + 1) * 8].to_vec();
-                keys[i * 8..(i + 1) * 8].copy_from_slice(&row);
-            }
+            copy_stored_rows(&mut rng, &mut keys, 8, &stored, 7);
+            copy_earlier_rows(&mut rng, &mut keys, 8, 600, 11);
             let vals = rng.vecs(n, 2);
             let b = Batch::new(v(&keys, 8), v(&vals, 2));
             let got = s.learn(b, step, 6).await.unwrap();

@@ -38,6 +38,25 @@ impl Rng {
     }
 }
 
+/// Overwrites rows `0, step, 2·step, …` of `keys` (rows of `dim`) with
+/// randomly chosen rows of `stored`: exact duplicates of stored keys.
+pub fn copy_stored_rows(rng: &mut Rng, keys: &mut [f32], dim: usize, stored: &[f32], step: usize) {
+    let (n, stored_rows) = (keys.len() / dim, stored.len() / dim);
+    for i in (0..n).step_by(step) {
+        let j = rng.below(stored_rows as u64) as usize;
+        keys[i * dim..(i + 1) * dim].copy_from_slice(&stored[j * dim..(j + 1) * dim]);
+    }
+}
+
+/// Overwrites rows `from, from + step, …` of `keys` (rows of `dim`) with
+/// copies of randomly chosen earlier rows: exact duplicates within a batch.
+pub fn copy_earlier_rows(rng: &mut Rng, keys: &mut [f32], dim: usize, from: usize, step: usize) {
+    for i in (from..keys.len() / dim).step_by(step) {
+        let j = rng.below(i as u64) as usize;
+        keys.copy_within(j * dim..(j + 1) * dim, i * dim);
+    }
+}
+
 /// A configuration with L2, no capacity and never-merge, always-insert thresholds.
 pub fn cfg(key_dim: usize, value_dim: usize) -> MemoryConfig {
     MemoryConfig::new(key_dim, value_dim)
