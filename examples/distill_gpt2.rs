@@ -78,22 +78,37 @@ struct Args {
     /// Memories retrieved per head.
     #[arg(long)]
     k: Option<usize>,
-    /// Memory slots per layer (the device tier's capacity; bootstrapped from the teacher).
+    /// Memory slots per layer, split evenly among the heads (the device tier's capacity).
     #[arg(long)]
     capacity: Option<usize>,
     /// Learning rate of the sparse updates of retrieved values (0: values fixed).
     #[arg(long)]
     value_lr: Option<f32>,
-    /// Novelty threshold of associative insertion (L2 distance between unit keys).
+    /// Novelty threshold of insertion (L2 distance between unit keys; recombination below a quarter of it).
     #[arg(long)]
     novelty: Option<f32>,
+    /// Most memories a growing layer inserts or recombines per step.
+    #[arg(long)]
+    max_inserts: Option<usize>,
+    /// How featural memories start: teacher (filled from the teacher's feed-forward layers), empty (they grow, each
+    /// new memory's value the teacher's feed-forward output on the same input) or random (an ablation).
+    #[arg(long)]
+    featural_init: Option<burn_dmt::memory::layers::MemoryInit>,
+    /// How associative memories start: empty (they grow by novelty-gated insertion and recombination up to
+    /// --capacity, then evict by LRFU), teacher or random.
+    #[arg(long)]
+    associative_init: Option<burn_dmt::memory::layers::MemoryInit>,
+    /// One memory table shared by a layer's heads instead of one per head (an ablation).
+    #[arg(long)]
+    shared_heads: bool,
+    /// Hidden width of the student's MLP blocks (the dense baselines: narrower keeps the teacher's largest units,
+    /// wider adds silent ones); default the teacher's.
+    #[arg(long)]
+    mlp_width: Option<usize>,
     /// Weight of the hidden-state loss (MSE between each memory layer's output and the teacher MLP's output on the
     /// same input; 0: off).
     #[arg(long)]
     hidden_loss: Option<f64>,
-    /// Start the memories random instead of from the teacher's feed-forward layers (an ablation).
-    #[arg(long)]
-    no_bootstrap: bool,
     /// Held-out windows to evaluate.
     #[arg(long)]
     eval_windows: Option<usize>,
@@ -160,12 +175,16 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
         novelty,
         eval_windows,
         checkpoint_every,
-        hidden_loss
+        hidden_loss,
+        max_inserts,
+        featural_init,
+        associative_init
     );
+    o.shared_heads = args.shared_heads;
+    o.mlp_width = args.mlp_width;
     o.resume = args.resume;
     o.halt_after = args.halt_after;
     o.profile = args.profile;
-    o.bootstrap = !args.no_bootstrap;
     let start = Instant::now();
     let report = if args.eval_only {
         let (Some(student), Some(corpus)) = (args.student, args.corpus) else {

@@ -61,7 +61,7 @@ fn tier_step(c: &mut Criterion) {
                 let y = layer.forward(x.clone()).expect("forward");
                 let mut grads = y.powf_scalar(2.0).mean().backward();
                 let vg = layer.memory().take_value_grad(&mut grads).expect("value gradient");
-                layer.commit(tick, Some((vg, 0.01))).expect("commit");
+                layer.commit(tick, Some((vg, 0.01)), None).expect("commit");
                 let batch = layer.memory_mut().take_changes();
                 tick += 1;
                 batch.map(|b| b.touch.len())

@@ -27,12 +27,15 @@ use burn::tensor::{Device, Tensor, TensorData};
 use memstore_api::{EvictionPolicy, MemoryConfig, Metric};
 use serde::{Deserialize, Serialize};
 
+use crate::accounting::Accounting;
 use crate::config::Gpt2Config;
+use crate::gpt2::Mlp;
 use crate::memory::associative::AssociativeMemory;
 use crate::memory::featural::{FeaturalMemory, unit_rows};
 use crate::memory::journal::WriteBehind;
-use crate::memory::layers::{LayerKind, parse_layers};
-use crate::memory::tier::DeviceMemory;
+use crate::memory::layers::{LayerKind, MemoryInit, parse_layers};
+use crate::memory::tier::{DeviceMemory, ValueAblation};
+use crate::ngram::Bigram;
 use crate::tokenizer::TextCodec;
 use crate::train::{
     Corpus, EvalStats, SplitMix, Window, cross_entropy, distill_kl, eval_batches, evaluate, lr_at, sample_batch, value,
@@ -60,6 +63,39 @@ pub struct StudentSpec {
     /// before the flag existed, which used SQLite in `memory/`.
     #[serde(default)]
     pub store: Option<String>,
+    /// Tables per memory layer: one per head, or 1 (shared by the heads;
+    /// also what runs that do not record it used).
+    #[serde(default = "one")]
+    pub memory_parts: usize,
+    /// Hidden width of the MLP blocks (`None`: the teacher's).
+    #[serde(default)]
+    pub mlp_width: Option<usize>,
+    /// How the featural layers' memories started.
+    #[serde(default = "teacher_init")]
+    pub featural_init: MemoryInit,
+    /// How the associative layers' memories started.
+    #[serde(default = "teacher_init")]
+    pub associative_init: MemoryInit,
+    /// The training text (absent in runs that do not record it).
+    #[serde(default)]
+    pub corpus: Option<TrainingText>,
+}
+
+/// Where a run's training text came from.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainingText {
+    /// The corpus file.
+    pub path: PathBuf,
+    /// Whether its last 10% was held out (no separate held-out file).
+    pub held_out_tail: bool,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn teacher_init() -> MemoryInit {
+    MemoryInit::Teacher
 }
 
 impl StudentSpec {
@@ -106,20 +142,35 @@ pub struct DistillOptions {
     pub k: usize,
     /// Device-tier slots per memory layer (and memories bootstrapped).
     pub capacity: usize,
-    /// Learning rate of the sparse value updates (0: values fixed, the
-    /// associative layer then trains its value projection through the STE).
+    /// Learning rate of the sparse value updates (0: stored values fixed).
     pub value_lr: f32,
-    /// Novelty threshold of associative insertion.
+    /// Novelty threshold of insertion (L2 between unit keys); recombination
+    /// below a quarter of it.
     pub novelty: f32,
-    /// Most memories an associative layer inserts per step.
+    /// Most memories a growing layer inserts or recombines per step.
     pub max_inserts: usize,
+    /// One table shared by a layer's heads instead of one per head (an
+    /// ablation).
+    pub shared_heads: bool,
+    /// How featural memories start (`Empty`: they grow, with the teacher's
+    /// feed-forward output on the same input as each new memory's value).
+    pub featural_init: MemoryInit,
+    /// How associative memories start (they always learn: insert novel
+    /// keys and values of their own projections, recombine near-duplicates).
+    pub associative_init: MemoryInit,
+    /// Train (or reuse) the attention-only baseline and compare with it.
+    pub attention_baseline: bool,
+    /// Where trained attention-only baselines are kept for reuse (`None`:
+    /// `.baselines` beside the run directory).
+    pub baseline_cache: Option<PathBuf>,
+    /// Hidden width of the student's MLP blocks (`None`: the teacher's):
+    /// narrower keeps the teacher's units with the largest weight norms,
+    /// wider adds units that start silent (the dense baselines).
+    pub mlp_width: Option<usize>,
     /// Weight of the hidden-state loss: for each memory block, the MSE between
     /// the memory layer's output and the teacher's MLP output on the same
     /// input (0: off).
     pub hidden_loss: f64,
-    /// Seed the memories from the teacher's feed-forward layers (otherwise:
-    /// random unit keys and small random values, output projection random).
-    pub bootstrap: bool,
     /// Held-out windows evaluated.
     pub eval_windows: usize,
     /// Print progress every this many steps.
@@ -163,7 +214,12 @@ impl DistillOptions {
             value_lr: 0.05,
             novelty: 0.3,
             max_inserts: 64,
-            bootstrap: true,
+            shared_heads: false,
+            featural_init: MemoryInit::Teacher,
+            associative_init: MemoryInit::Empty,
+            mlp_width: None,
+            attention_baseline: true,
+            baseline_cache: None,
             hidden_loss: 0.0,
             eval_windows: 128,
             log_every: 10,
@@ -190,8 +246,29 @@ pub struct StepMetrics {
     pub ce: f64,
     /// Learning rate.
     pub lr: f64,
-    /// Memories inserted this step (all layers).
+    /// New memories inserted this step (all layers).
     pub inserted: usize,
+    /// Each memory layer's table after this step.
+    #[serde(default)]
+    pub memory: Vec<LayerStep>,
+}
+
+/// One memory layer's table after a training step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerStep {
+    /// The block.
+    pub block: usize,
+    /// Memories held.
+    pub rows: usize,
+    /// New memories inserted this step.
+    pub inserted: usize,
+    /// Recombined memories created this step (each replaces its sources).
+    pub merged: usize,
+    /// Memories evicted this step.
+    pub evicted: usize,
+    /// Share of the memories held that were retrieved since the previous
+    /// logged step (recorded at logged steps only).
+    pub retrieved: Option<f64>,
 }
 
 /// Wall time of the training loop by phase, summed over the steps of one
@@ -269,6 +346,17 @@ impl<'a> Lap<'a> {
     }
 }
 
+/// One model of a report: its held-out figures and what it costs.
+#[derive(Clone, Debug)]
+pub struct ModelRow {
+    /// How the report names it.
+    pub name: String,
+    /// Held-out figures (KL and agreement against the teacher where given).
+    pub eval: EvalStats,
+    /// Its inference cost (`None`: not a network, e.g. the n-gram floor).
+    pub cost: Option<Accounting>,
+}
+
 /// What a run (or `--eval-only`) reports.
 #[derive(Clone, Debug)]
 pub struct Report {
@@ -276,16 +364,25 @@ pub struct Report {
     pub teacher: EvalStats,
     /// Student on the held-out text, against the teacher.
     pub student: EvalStats,
-    /// Teacher without feed-forward layers.
+    /// The attention-only baseline (the teacher without feed-forward
+    /// layers, distilled with the student's recipe), when the run has one.
+    pub attention: Option<EvalStats>,
+    /// Cross-entropy of the bigram floor ([`Bigram`]) on the same positions.
+    pub bigram_nll: f64,
+    /// Teacher without feed-forward layers, not retrained (a secondary
+    /// reference: it was never trained to work without them).
     pub ablated: EvalStats,
-    /// Teacher weights (all / non-embedding).
-    pub teacher_params: (usize, usize),
-    /// Student weights (all / non-embedding; memories are not weights).
-    pub student_params: (usize, usize),
-    /// Memory rows per block (`None`: an MLP block).
-    pub memory_rows: Vec<Option<usize>>,
-    /// Bytes of the stores on disk.
-    pub store_bytes: u64,
+    /// Teacher's inference cost.
+    pub teacher_cost: Accounting,
+    /// Student's inference cost.
+    pub student_cost: Accounting,
+    /// The attention-only baseline's cost.
+    pub attention_cost: Option<Accounting>,
+    /// Bytes of each memory block's store on disk (`None`: no memory, or a
+    /// store served by a daemon).
+    pub store_bytes: Vec<Option<u64>>,
+    /// Whether each memory layer's memory matters on the held-out text.
+    pub memory_use: Vec<LayerUse>,
     /// Training tokens per second (`None` for `--eval-only`).
     pub train_tokens_per_s: Option<f64>,
     /// Where the training time went (`None` for `--eval-only`).
@@ -296,62 +393,229 @@ pub struct Report {
     pub steps: Vec<StepMetrics>,
 }
 
+/// How much the student needs one memory layer's memory on the held-out
+/// text: which share of its rows the text retrieves, and the student's
+/// cross-entropy with that layer's values zeroed (the layer adds nothing) and
+/// shuffled among its memories (retrieval intact, contents wrong).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerUse {
+    /// The block.
+    pub block: usize,
+    /// Share of the layer's rows retrieved at least once.
+    pub retrieved: f64,
+    /// Held-out cross-entropy with the layer's values zeroed.
+    pub nll_zeroed: f64,
+    /// Held-out cross-entropy with the layer's values shuffled.
+    pub nll_shuffled: f64,
+}
+
+/// [`LayerUse`] of every memory layer of `student` on `eval`.
+pub fn memory_use(student: &mut Gpt2, eval: &[Window]) -> Result<Vec<LayerUse>> {
+    let device = student.device();
+    let blocks: Vec<usize> = (0..student.h.len())
+        .filter(|&i| student.h[i].mlp.memory().is_some_and(|t| !t.is_store_backed()))
+        .collect();
+    let mut seen: Vec<std::collections::HashSet<usize>> = vec![Default::default(); student.h.len()];
+    set_learning(student, true);
+    let mut passes = || -> Result<()> {
+        for w in eval {
+            student.forward(w.inputs(&device), None)?;
+            for &i in &blocks {
+                seen[i].extend(student.h[i].mlp.take_retrieved()?.unwrap_or_default());
+            }
+        }
+        Ok(())
+    };
+    let counted = passes();
+    set_learning(student, false);
+    counted?;
+    let mut out = Vec::with_capacity(blocks.len());
+    for &i in &blocks {
+        let mut nll = [0.0; 2];
+        for (n, how) in nll
+            .iter_mut()
+            .zip([ValueAblation::Zero, ValueAblation::Shuffle { seed: 1 }])
+        {
+            let mut m = student.clone();
+            let ff = m
+                .feed_forward_mut(i)
+                .and_then(FeedForward::memory_mut)
+                .ok_or_else(|| DmtError::InvalidArgument(format!("block {i} has no memory")))?;
+            *ff = ff.with_ablated_values(how)?;
+            *n = evaluate(&m, None, eval)?.nll;
+        }
+        let rows = student.h[i].mlp.memory().map_or(0, |t| t.len());
+        out.push(LayerUse {
+            block: i,
+            retrieved: seen[i].len() as f64 / rows.max(1) as f64,
+            nll_zeroed: nll[0],
+            nll_shuffled: nll[1],
+        });
+    }
+    Ok(out)
+}
+
+/// The share of the gap from `base` to `top` (cross-entropies, nats per
+/// token) that `model` closes: `(base − model) / (base − top)`.
+pub fn recovered(base: f64, model: f64, top: f64) -> f64 {
+    (base - model) / (base - top)
+}
+
 impl Report {
-    /// Share of the ablation gap the student closes:
-    /// `(ppl_ablated − ppl_student) / (ppl_ablated − ppl_teacher)`.
-    pub fn gap_closed(&self) -> f64 {
-        let (a, s, t) = (
-            self.ablated.perplexity(),
-            self.student.perplexity(),
-            self.teacher.perplexity(),
-        );
-        (a - s) / (a - t)
+    /// `accounting.csv`: for the teacher, the student and the attention-only
+    /// baseline, one row per feed-forward layer (trained weights, memory
+    /// rows and floats, store bytes on disk, multiply-adds per token) and
+    /// one row `all` with the model's non-embedding weights and totals.
+    pub fn accounting_csv(&self) -> String {
+        let mut s =
+            String::from("model,block,layer,trained_weights,memory_rows,memory_floats,store_bytes,macs_per_token\n");
+        let models = [
+            Some(("teacher", &self.teacher_cost, None)),
+            Some(("student", &self.student_cost, Some(&self.store_bytes))),
+            self.attention_cost.as_ref().map(|c| ("attention-only", c, None)),
+        ];
+        for (name, c, bytes) in models.into_iter().flatten() {
+            for l in &c.layers {
+                let b = bytes
+                    .and_then(|b: &Vec<Option<u64>>| b.get(l.block).copied().flatten())
+                    .map_or(String::new(), |b| b.to_string());
+                s += &format!(
+                    "{name},{},{},{},{},{},{b},{}\n",
+                    l.block, l.kind, l.weights, l.memory_rows, l.memory_floats, l.macs_per_token
+                );
+            }
+            let rows: usize = c.layers.iter().map(|l| l.memory_rows).sum();
+            let b: u64 = bytes.map_or(0, |b| b.iter().flatten().sum());
+            s += &format!(
+                "{name},all,non-embedding,{},{rows},{},{b},{}\n",
+                c.weights,
+                c.memory_floats(),
+                c.ff_macs_per_token() + c.shared_macs_per_token
+            );
+        }
+        s
+    }
+
+    /// Memory rows of each block (`None`: not a memory layer).
+    pub fn memory_rows(&self) -> Vec<Option<usize>> {
+        self.student_cost
+            .layers
+            .iter()
+            .map(|l| matches!(l.kind.as_str(), "featural" | "associative").then_some(l.memory_rows))
+            .collect()
+    }
+
+    /// The headline: the share of the teacher's advantage over the trained
+    /// attention-only baseline that the student recovers, in nats per token
+    /// (`None` without the baseline).
+    pub fn recovered(&self) -> Option<f64> {
+        self.attention
+            .as_ref()
+            .map(|a| recovered(a.nll, self.student.nll, self.teacher.nll))
+    }
+
+    /// The same share against the untrained ablation (a secondary figure:
+    /// that model was never trained to work without its feed-forward layers).
+    pub fn recovered_from_untrained_ablation(&self) -> f64 {
+        recovered(self.ablated.nll, self.student.nll, self.teacher.nll)
     }
 
     /// The report as Markdown.
     pub fn markdown(&self) -> String {
-        let mut s = String::from(
-            "# Distillation report\n\n| model | held-out perplexity | KL(teacher ‖ model) | top-1 agreement | tokens/s (eval) |\n| --- | --- | --- | --- | --- |\n",
-        );
-        for (name, e) in [
-            ("teacher", &self.teacher),
-            ("student", &self.student),
-            ("teacher without feed-forward layers", &self.ablated),
-        ] {
+        let mut s = String::from("# Distillation report\n\n");
+        let ratio = self.student.perplexity() / self.teacher.perplexity();
+        match self.recovered() {
+            Some(r) => {
+                s += &format!(
+                    "The student recovers **{:.1}%** of the teacher's advantage over the attention-only baseline \
+                     trained with the same recipe ((CE_attention − CE_student) / (CE_attention − CE_teacher), nats per \
+                     token), with **{:.1}%** of the teacher's non-embedding weights ({:.1}% counting its memory \
+                     tables). Perplexity student / teacher {ratio:.3}; KL(teacher ‖ student) {}; top-1 agreement {}.\n\n",
+                    100.0 * r,
+                    100.0 * self.student_cost.weights as f64 / self.teacher_cost.weights.max(1) as f64,
+                    100.0 * self.student_cost.weights_and_memory() as f64 / self.teacher_cost.weights.max(1) as f64,
+                    fmt_opt(self.student.kl, |v| format!("{v:.4}")),
+                    fmt_opt(self.student.agreement, |v| format!("{:.1}%", 100.0 * v)),
+                )
+            }
+            None => {
+                s += &format!(
+                    "No attention-only baseline in this run: perplexity student / teacher {ratio:.3}; \
+                     KL(teacher ‖ student) {}; top-1 agreement {}.\n\n",
+                    fmt_opt(self.student.kl, |v| format!("{v:.4}")),
+                    fmt_opt(self.student.agreement, |v| format!("{:.1}%", 100.0 * v)),
+                )
+            }
+        }
+        s += "| model | held-out CE (nats/token) | perplexity | KL(teacher ‖ model) | top-1 agreement | tokens/s (eval) |\n";
+        s += "| --- | --- | --- | --- | --- | --- |\n";
+        let mut rows: Vec<(&str, &EvalStats)> = vec![("teacher", &self.teacher), ("student", &self.student)];
+        if let Some(a) = &self.attention {
+            rows.push(("attention-only, distilled with the same recipe", a));
+        }
+        for (name, e) in rows {
             s += &format!(
-                "| {name} | {:.3} | {} | {} | {:.0} |\n",
+                "| {name} | {:.4} | {:.3} | {} | {} | {:.0} |\n",
+                e.nll,
                 e.perplexity(),
-                e.kl.map_or("—".into(), |v| format!("{v:.4}")),
-                e.agreement.map_or("—".into(), |v| format!("{:.1}%", 100.0 * v)),
+                fmt_opt(e.kl, |v| format!("{v:.4}")),
+                fmt_opt(e.agreement, |v| format!("{:.1}%", 100.0 * v)),
                 e.tokens as f64 / e.seconds.max(1e-9)
             );
         }
         s += &format!(
-            "\nGap closed: **{:.2}%** of the ablation gap ((ppl_ablated − ppl_student) / (ppl_ablated − ppl_teacher)).\n\n",
-            100.0 * self.gap_closed()
+            "| bigram, absolute discounting (counts of the training text) | {:.4} | {:.3} | — | — | — |\n",
+            self.bigram_nll,
+            self.bigram_nll.exp()
+        );
+        let a = &self.ablated;
+        s += &format!(
+            "| *secondary:* teacher without feed-forward layers, not retrained | {:.4} | {:.3} | {} | {} | {:.0} |\n\n",
+            a.nll,
+            a.perplexity(),
+            fmt_opt(a.kl, |v| format!("{v:.4}")),
+            fmt_opt(a.agreement, |v| format!("{:.1}%", 100.0 * v)),
+            a.tokens as f64 / a.seconds.max(1e-9)
         );
         s += &format!(
-            "| | weights | non-embedding weights |\n| --- | --- | --- |\n| teacher | {} | {} |\n| student | {} | {} ({:.1}% of the teacher's) |\n\n",
-            self.teacher_params.0,
-            self.teacher_params.1,
-            self.student_params.0,
-            self.student_params.1,
-            100.0 * self.student_params.1 as f64 / self.teacher_params.1.max(1) as f64
+            "Against the untrained ablation (secondary; it was never trained without its feed-forward layers) the \
+             student closes {:.2}% of the gap.\n\n",
+            100.0 * self.recovered_from_untrained_ablation()
         );
-        let rows: Vec<String> = self
-            .memory_rows
-            .iter()
-            .enumerate()
-            .map(|(i, r)| match r {
-                Some(n) => format!("block {i}: {n}"),
-                None => format!("block {i}: MLP"),
-            })
-            .collect();
-        s += &format!(
-            "Memory rows: {}. Stores on disk: {:.2} MB.\n\n",
-            rows.join(", "),
-            self.store_bytes as f64 / 1e6
+        s += "## What each model needs at inference\n\n";
+        s += &cost_table(
+            &self.teacher_cost,
+            [
+                Some(("teacher", &self.teacher_cost)),
+                Some(("student", &self.student_cost)),
+                self.attention_cost.as_ref().map(|c| ("attention-only", c)),
+            ]
+            .into_iter()
+            .flatten(),
         );
+        s += "\nThe student's feed-forward layers:\n\n";
+        s += &layer_table(&self.student_cost, &self.store_bytes);
+        s += "\n";
+        if !self.memory_use.is_empty() {
+            s += &format!(
+                "## Does the memory matter?\n\nOn the held-out text (the student's cross-entropy there: {:.4}):\n\n\
+                 | block | share of rows retrieved | CE with the layer's values zeroed | CE with its values shuffled among its memories |\n\
+                 | --- | --- | --- | --- |\n",
+                self.student.nll
+            );
+            for u in &self.memory_use {
+                s += &format!(
+                    "| {} | {:.1}% | {:.4} ({:+.4}) | {:.4} ({:+.4}) |\n",
+                    u.block,
+                    100.0 * u.retrieved,
+                    u.nll_zeroed,
+                    u.nll_zeroed - self.student.nll,
+                    u.nll_shuffled,
+                    u.nll_shuffled - self.student.nll
+                );
+            }
+            s += "\n";
+        }
         if let Some(t) = self.train_tokens_per_s {
             s += &format!("Training: {t:.0} tokens/s. ");
         }
@@ -374,11 +638,34 @@ impl Report {
         s
     }
 
-    /// `metrics.csv`.
+    /// The losses per step, then, for each memory block `i`, its rows,
+    /// inserts, merges and evictions that step and the share of its rows
+    /// retrieved since the previous logged step (`b{i}_rows`, ...,
+    /// `b{i}_retrieved`; empty where not logged).
     pub fn csv(&self) -> String {
-        let mut s = String::from("step,loss,kd,ce,lr,inserted\n");
+        let blocks: Vec<usize> = self
+            .steps
+            .first()
+            .map_or(Vec::new(), |m| m.memory.iter().map(|l| l.block).collect());
+        let mut s = String::from("step,loss,kd,ce,lr,inserted");
+        for b in &blocks {
+            s += &format!(",b{b}_rows,b{b}_inserted,b{b}_merged,b{b}_evicted,b{b}_retrieved");
+        }
+        s.push('\n');
         for m in &self.steps {
-            s += &format!("{},{},{},{},{},{}\n", m.step, m.loss, m.kd, m.ce, m.lr, m.inserted);
+            s += &format!("{},{},{},{},{},{}", m.step, m.loss, m.kd, m.ce, m.lr, m.inserted);
+            for b in &blocks {
+                match m.memory.iter().find(|l| l.block == *b) {
+                    Some(l) => {
+                        s += &format!(",{},{},{},{},", l.rows, l.inserted, l.merged, l.evicted);
+                        if let Some(r) = l.retrieved {
+                            s += &format!("{r}");
+                        }
+                    }
+                    None => s += ",,,,,",
+                }
+            }
+            s.push('\n');
         }
         s
     }
@@ -393,6 +680,53 @@ fn phase_rows(p: &PhaseTimes) -> String {
         .map(|(n, m)| format!("| {n} | {m:.1} | {:.1}% |", 100.0 * m / total.max(1e-12)))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+fn fmt_opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    v.map_or("—".into(), f)
+}
+
+/// The cost of each model, with ratios to `reference` (the teacher).
+pub fn cost_table<'a>(reference: &Accounting, models: impl Iterator<Item = (&'a str, &'a Accounting)>) -> String {
+    let t = reference.weights.max(1) as f64;
+    let mut s = String::from(
+        "| model | non-embedding weights | memory rows | memory floats | weights + memory floats | \
+         weights / teacher's | (weights + memory) / teacher's | feed-forward multiply-adds per token |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for (name, c) in models {
+        let rows: usize = c.layers.iter().map(|l| l.memory_rows).sum();
+        s += &format!(
+            "| {name} | {} | {rows} | {} | {} | {:.1}% | {:.1}% | {} |\n",
+            c.weights,
+            c.memory_floats(),
+            c.weights_and_memory(),
+            100.0 * c.weights as f64 / t,
+            100.0 * c.weights_and_memory() as f64 / t,
+            c.ff_macs_per_token()
+        );
+    }
+    s
+}
+
+/// One model's feed-forward layers, block by block.
+pub fn layer_table(cost: &Accounting, store_bytes: &[Option<u64>]) -> String {
+    let mut s = String::from(
+        "| block | layer | trained weights | memory rows | memory floats | store on disk | multiply-adds per token |\n\
+         | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for l in &cost.layers {
+        let bytes = store_bytes
+            .get(l.block)
+            .copied()
+            .flatten()
+            .map_or("—".into(), |b| format!("{:.2} MB", b as f64 / 1e6));
+        s += &format!(
+            "| {} | {} | {} | {} | {} | {bytes} | {} |\n",
+            l.block, l.kind, l.weights, l.memory_rows, l.memory_floats, l.macs_per_token
+        );
+    }
+    s
 }
 
 /// The default plan: the lower three quarters featural, the rest associative.
@@ -510,15 +844,29 @@ fn teacher_ff(teacher: &Gpt2, windows: &[Window]) -> Result<Vec<(Tensor<2>, Tens
         .collect())
 }
 
-/// A memory layer bootstrapped from the teacher's feed-forward inputs `x`
-/// and outputs `y` at its block: keys = unit per-head projections of `x`,
-/// values = the per-head slices of `y`, output projection = identity.
-fn bootstrap_layer(
+/// A memory layer for a block whose teacher feed-forward layer maps the
+/// inputs `x` to the outputs `y` (`[positions, n_embd]`, from
+/// [`teacher_ff`]); its output projection starts as the identity, so the
+/// layer's output lives where the teacher's feed-forward output does.
+///
+/// - `Teacher`: keys = unit per-head projections of `x` (the featural
+///   query projection, the associative key projection, both seeded), values
+///   = the per-head slices of `y`; the table is full from the start, so the
+///   student begins as a k-nearest-neighbour regression of the teacher's
+///   feed-forward layer.
+/// - `Empty`: no memories; the layer grows while it trains.
+/// - `Random`: as many random unit keys and small random values as
+///   `Teacher` would give (an ablation).
+///
+/// An associative layer's value projection, whose outputs become the values
+/// of the memories it inserts, starts as the least-squares linear map from
+/// `x` to `y` (ridge-regularised), unless the memory starts `Random`.
+fn memory_layer(
     kind: LayerKind,
+    init: MemoryInit,
     (x, y): (Tensor<2>, Tensor<2>),
     spec: &StudentSpec,
     rng: &mut SplitMix,
-    from_teacher: bool,
     device: &Device,
 ) -> Result<FeedForward> {
     let c = spec.config.n_embd;
@@ -526,27 +874,22 @@ fn bootstrap_layer(
     let dh = c / h;
     let n = x.dims()[0];
     let rows = (spec.capacity / h).min(n);
-    if rows * h < spec.k {
+    if init != MemoryInit::Empty && rows * h < spec.k {
         return Err(DmtError::InvalidArgument(format!(
             "{} bootstrap memories are fewer than k = {}",
             rows * h,
             spec.k
         )));
     }
-    let x = x.slice([0..rows, 0..c]);
-    let y = y.slice([0..rows, 0..c]);
     let config = memory_config(dh, spec);
-    let placeholder = {
-        let mut t = DeviceMemory::new(config.clone(), spec.capacity, device)?;
-        t.fill(&vec![0.0; spec.k * dh], &vec![0.0; spec.k * dh], 0)?;
-        t
-    };
+    let empty = || DeviceMemory::new(config.clone(), spec.capacity, device)?.with_parts(spec.memory_parts);
+    let xs = x.clone().slice([0..rows, 0..c]);
     let project = |lin: &burn::nn::Linear| -> Result<Vec<f32>> {
         let w = lin.weight.val().inner();
         let b = lin.bias.as_ref().map(|b| b.val().inner());
-        let mut p = x.clone().matmul(w.to_device(&x.device()));
+        let mut p = xs.clone().matmul(w.to_device(&xs.device()));
         if let Some(b) = b {
-            p = p + b.to_device(&x.device()).unsqueeze_dim::<2>(0);
+            p = p + b.to_device(&xs.device()).unsqueeze_dim::<2>(0);
         }
         host_f32(unit_rows(p.reshape([rows * h, dh])))
     };
@@ -558,44 +901,187 @@ fn bootstrap_layer(
         lin.weight = Param::from_tensor(seeded_normal(c, c, rng, device));
         lin.bias = lin.bias.take().map(|b| Param::from_tensor(b.val().zeros_like()));
     };
-    // Without bootstrapping (the ablation): random unit keys and small random
-    // values, as many as bootstrapping would give.
-    let random = !from_teacher;
-    let values = if random {
-        host_f32(seeded_normal(rows * h, dh, rng, device))?
-    } else {
-        host_f32(y.reshape([rows * h, dh]))?
-    };
-    let fresh = |lin: &burn::nn::Linear, rng: &mut SplitMix| -> Result<DeviceMemory> {
-        let keys = if random {
-            host_f32(unit_rows(seeded_normal(rows * h, dh, rng, device)))?
-        } else {
-            project(lin)?
-        };
-        let mut t = DeviceMemory::new(config.clone(), spec.capacity, device)?;
-        t.fill(&keys, &values, 0)?;
+    let fill = |lin: &burn::nn::Linear, rng: &mut SplitMix| -> Result<DeviceMemory> {
+        let mut t = empty()?;
+        match init {
+            MemoryInit::Empty => {}
+            MemoryInit::Teacher => {
+                let values = host_f32(y.clone().slice([0..rows, 0..c]).reshape([rows * h, dh]))?;
+                t.fill(&project(lin)?, &values, 0)?;
+            }
+            MemoryInit::Random => {
+                let values = host_f32(seeded_normal(rows * h, dh, rng, device))?;
+                let keys = host_f32(unit_rows(seeded_normal(rows * h, dh, rng, device)))?;
+                t.fill(&keys, &values, 0)?;
+            }
+        }
         Ok(t)
     };
     Ok(match kind {
         LayerKind::Featural => {
-            let mut f = FeaturalMemory::new(c, h, spec.k, placeholder, device)?;
+            let mut f = FeaturalMemory::new(c, h, spec.k, empty()?, device)?;
             out_identity(&mut f.out);
             seeded(&mut f.query, rng);
-            *f.memory_mut() = fresh(&f.query, rng)?;
+            *f.memory_mut() = fill(&f.query, rng)?;
             FeedForward::Featural(f)
         }
         LayerKind::Associative => {
-            let mut a = AssociativeMemory::new(c, h, spec.k, placeholder, device)?;
+            let mut a = AssociativeMemory::new(c, h, spec.k, empty()?, device)?;
             out_identity(&mut a.out);
             seeded(&mut a.key, rng);
             seeded(&mut a.value, rng);
+            if init != MemoryInit::Random {
+                let (w, b) = fit_linear(&host_f32(x.clone())?, &host_f32(y.clone())?, c, 1e-3)?;
+                a.value.weight = Param::from_tensor(Tensor::from_data(TensorData::new(w, [c, c]), device));
+                a.value.bias = Some(Param::from_tensor(Tensor::from_data(TensorData::new(b, [c]), device)));
+            }
             // Queries start where the keys are, so retrieval attends at once.
             a.query = a.key.clone();
-            *a.memory_mut() = fresh(&a.key, rng)?;
+            *a.memory_mut() = fill(&a.key, rng)?;
             FeedForward::Associative(a)
         }
-        _ => unreachable!("only memory layers are bootstrapped"),
+        _ => {
+            return Err(DmtError::InvalidArgument(format!("{kind:?} is not a memory layer")));
+        }
     })
+}
+
+/// The least-squares affine map from rows of `x` to rows of `y` (both
+/// `[n, c]`, row-major): `(W [c, c] row-major, b [c])` minimising
+/// `‖x·W + b − y‖² + ridge · tr(xᵀx)/c · ‖W‖²`, by the normal equations
+/// and a Cholesky factorisation in f64 (the ridge keeps them positive
+/// definite when `n ≤ c`).
+pub fn fit_linear(x: &[f32], y: &[f32], c: usize, ridge: f64) -> Result<(Vec<f32>, Vec<f32>)> {
+    let n = x.len() / c.max(1);
+    if c == 0 || n == 0 || x.len() != n * c || y.len() != n * c {
+        return Err(DmtError::InvalidArgument(format!(
+            "a linear fit needs rows of {c} inputs and outputs ({} and {} floats)",
+            x.len(),
+            y.len()
+        )));
+    }
+    let d = c + 1; // the inputs and a constant 1
+    let row = |i: usize, j: usize| if j < c { x[i * c + j] as f64 } else { 1.0 };
+    let (mut a, mut r) = (vec![0.0f64; d * d], vec![0.0f64; d * c]);
+    for i in 0..n {
+        for p in 0..d {
+            let xp = row(i, p);
+            for q in 0..d {
+                a[p * d + q] += xp * row(i, q);
+            }
+            for o in 0..c {
+                r[p * c + o] += xp * y[i * c + o] as f64;
+            }
+        }
+    }
+    let scale = (0..c).map(|p| a[p * d + p]).sum::<f64>() / c as f64;
+    for p in 0..c {
+        a[p * d + p] += ridge * scale.max(1e-12);
+    }
+    a[c * d + c] += 1e-9 * (n as f64);
+    // Cholesky a = l·lᵀ (lower triangle in place), then two triangular solves.
+    for j in 0..d {
+        let mut diag = a[j * d + j];
+        for k in 0..j {
+            diag -= a[j * d + k] * a[j * d + k];
+        }
+        if !(diag > 0.0 && diag.is_finite()) {
+            return Err(DmtError::InvalidArgument(
+                "the linear fit's normal equations are not positive definite".into(),
+            ));
+        }
+        let diag = diag.sqrt();
+        a[j * d + j] = diag;
+        for i in j + 1..d {
+            let mut v = a[i * d + j];
+            for k in 0..j {
+                v -= a[i * d + k] * a[j * d + k];
+            }
+            a[i * d + j] = v / diag;
+        }
+    }
+    for o in 0..c {
+        let mut z = vec![0.0f64; d];
+        for i in 0..d {
+            let mut v = r[i * c + o];
+            for k in 0..i {
+                v -= a[i * d + k] * z[k];
+            }
+            z[i] = v / a[i * d + i];
+        }
+        for i in (0..d).rev() {
+            let mut v = z[i];
+            for k in i + 1..d {
+                v -= a[k * d + i] * r[k * c + o];
+            }
+            r[i * c + o] = v / a[i * d + i];
+        }
+    }
+    let w = r[..c * c].iter().map(|&v| v as f32).collect();
+    let b = r[c * c..].iter().map(|&v| v as f32).collect();
+    Ok((w, b))
+}
+
+/// `m` with `width` hidden units: narrower keeps the units with the largest
+/// `‖c_fc column‖ · ‖c_proj row‖` (magnitude pruning), in their order; wider
+/// keeps every unit and adds new ones whose input weights are N(0, 0.02²)
+/// from `rng` and whose output weights are zero, so the layer computes
+/// what `m` does until it trains.
+pub fn resized_mlp(m: &Mlp, width: usize, config: &Gpt2Config, rng: &mut SplitMix) -> Result<Mlp> {
+    let device = m.c_fc.weight.val().device();
+    let [c, f] = m.c_fc.weight.val().dims();
+    if width == 0 {
+        return Err(DmtError::InvalidArgument(
+            "an MLP needs at least one hidden unit".into(),
+        ));
+    }
+    let w_in = host_f32(m.c_fc.weight.val())?; // [c, f]
+    let w_out = host_f32(m.c_proj.weight.val())?; // [f, c]
+    let b_in = match &m.c_fc.bias {
+        Some(b) => host_f32(b.val())?,
+        None => vec![0.0; f],
+    };
+    let norm = |v: &mut dyn Iterator<Item = f32>| v.map(|x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let mut units: Vec<usize> = (0..f).collect();
+    if width < f {
+        let score: Vec<f64> = (0..f)
+            .map(|j| norm(&mut (0..c).map(|i| w_in[i * f + j])) * norm(&mut w_out[j * c..(j + 1) * c].iter().copied()))
+            .collect();
+        units.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
+        units.truncate(width);
+        units.sort_unstable();
+    }
+    let extra = width.saturating_sub(f);
+    let fresh = if extra > 0 {
+        host_f32(seeded_normal(c, extra, rng, &Device::flex()))?
+    } else {
+        Vec::new()
+    };
+    let (mut nw_in, mut nb_in, mut nw_out) = (vec![0.0f32; c * width], vec![0.0f32; width], vec![0.0f32; width * c]);
+    for i in 0..c {
+        for (k, &j) in units.iter().enumerate() {
+            nw_in[i * width + k] = w_in[i * f + j];
+        }
+        for e in 0..extra {
+            nw_in[i * width + f + e] = fresh[i * extra + e];
+        }
+    }
+    for (k, &j) in units.iter().enumerate() {
+        nb_in[k] = b_in[j];
+        nw_out[k * c..(k + 1) * c].copy_from_slice(&w_out[j * c..(j + 1) * c]);
+    }
+    let c_fc = burn::nn::Linear {
+        weight: Param::from_tensor(Tensor::from_data(TensorData::new(nw_in, [c, width]), &device)),
+        bias: Some(Param::from_tensor(Tensor::from_data(
+            TensorData::new(nb_in, [width]),
+            &device,
+        ))),
+    };
+    let c_proj = burn::nn::Linear {
+        weight: Param::from_tensor(Tensor::from_data(TensorData::new(nw_out, [width, c]), &device)),
+        bias: m.c_proj.bias.as_ref().map(|b| Param::from_tensor(b.val().detach())),
+    };
+    Ok(Mlp::new(c_fc, c_proj, config.activation()))
 }
 
 fn set_learning(model: &mut Gpt2, on: bool) {
@@ -604,30 +1090,49 @@ fn set_learning(model: &mut Gpt2, on: bool) {
     }
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|it| {
-            it.filter_map(|e| e.ok())
-                .filter_map(|e| e.metadata().ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 fn read_tokens(codec: &TextCodec, path: &Path) -> Result<Vec<u32>> {
     let text = std::fs::read_to_string(path).map_err(io(path))?;
     codec.encode(&text)
+}
+
+/// What [`final_report`] compares the student with besides the teacher.
+struct References<'a> {
+    /// The attention-only baseline, when the run has one.
+    attention: Option<&'a Gpt2>,
+    /// The bigram floor, counted on the training text.
+    bigram: &'a Bigram,
+}
+
+/// Bytes on disk of each block's store (`None`: no store, or one a daemon
+/// serves): the files of its name in the store directory (with SQLite's
+/// `-wal` and `-shm` or DuckDB's `.wal`).
+fn store_bytes(loc: &StoreLocation, run_dir: &Path, n_layer: usize, model: &Gpt2) -> Vec<Option<u64>> {
+    (0..n_layer)
+        .map(|i| {
+            model.h.get(i)?.mlp.memory()?;
+            let file = loc.file(run_dir, i)?;
+            let name = file.file_name()?.to_string_lossy().into_owned();
+            let dir = file.parent()?;
+            let bytes = std::fs::read_dir(dir)
+                .ok()?
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&name))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum();
+            Some(bytes)
+        })
+        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
 fn final_report(
     teacher: &Gpt2,
     student: &mut Gpt2,
+    refs: References<'_>,
     eval: &[Window],
     run_dir: &Path,
-    store_dir: &Path,
+    loc: &StoreLocation,
     training: Option<(f64, PhaseTimes)>,
     device: &str,
     steps: Vec<StepMetrics>,
@@ -638,14 +1143,19 @@ fn final_report(
     };
     set_learning(student, false);
     let ablated = crate::loader::ablate_all(teacher.clone());
+    let attention = refs.attention.map(|a| evaluate(a, Some(teacher), eval)).transpose()?;
+    let memory_use = memory_use(student, eval)?;
     let report = Report {
         teacher: evaluate(teacher, None, eval)?,
         student: evaluate(student, Some(teacher), eval)?,
+        attention,
+        bigram_nll: refs.bigram.cross_entropy(eval)?,
         ablated: evaluate(&ablated, Some(teacher), eval)?,
-        teacher_params: param_counts(teacher),
-        student_params: param_counts(student),
-        memory_rows: student.h.iter().map(|b| b.mlp.memory().map(|t| t.len())).collect(),
-        store_bytes: dir_bytes(store_dir),
+        teacher_cost: Accounting::of(teacher),
+        student_cost: Accounting::of(student),
+        attention_cost: refs.attention.map(Accounting::of),
+        store_bytes: store_bytes(loc, run_dir, teacher.config().n_layer, student),
+        memory_use,
         train_tokens_per_s,
         phases,
         device: device.to_string(),
@@ -654,15 +1164,27 @@ fn final_report(
     if train_tokens_per_s.is_some() {
         let col = |f: fn(&StepMetrics) -> f64| report.steps.iter().map(f).collect::<Vec<f64>>();
         let (loss, kd, ce) = (col(|m| m.loss), col(|m| m.kd), col(|m| m.ce));
-        let (lo, hi) = crate::plot::loss_curves(&run_dir.join("loss.png"), &[&loss, &kd, &ce])?;
+        crate::plot::loss_curves(
+            &run_dir.join("loss.png"),
+            &[
+                ("total loss", &loss),
+                ("T²·KL(teacher ‖ student)", &kd),
+                ("next-token cross-entropy", &ce),
+            ],
+        )?;
+        let memory = crate::plot::memory_curves(&run_dir.join("memory.png"), &report.steps)?;
         let md = format!(
-            "{}\n`loss.png`: training loss per step (x: step 1 to {}; y: linear, {lo:.4} to {hi:.4}); \
-             blue: total loss, red: T²·KL(teacher ‖ student), green: next-token cross-entropy.\n",
+            "{}\n`loss.png`: the training loss per step and its two terms. {}\n",
             report.markdown(),
-            report.steps.len()
+            if memory {
+                "`memory.png`: each memory layer's rows, and its inserts, merges and evictions per step."
+            } else {
+                ""
+            }
         );
         crate::loader::write_atomic(&run_dir.join("report.md"), md.as_bytes())?;
         crate::loader::write_atomic(&run_dir.join("metrics.csv"), report.csv().as_bytes())?;
+        crate::loader::write_atomic(&run_dir.join("accounting.csv"), report.accounting_csv().as_bytes())?;
     } else {
         // --eval-only keeps the training report and metrics.
         crate::loader::write_atomic(&run_dir.join("eval-report.md"), report.markdown().as_bytes())?;
@@ -763,6 +1285,14 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
             novelty: opts.novelty,
             lambda: 0.01,
             store: Some(absolute_location(&opts.store)?.to_string()),
+            memory_parts: if opts.shared_heads { 1 } else { config.n_head },
+            mlp_width: opts.mlp_width,
+            featural_init: opts.featural_init,
+            associative_init: opts.associative_init,
+            corpus: Some(TrainingText {
+                path: std::path::absolute(&opts.corpus).map_err(io(&opts.corpus))?,
+                held_out_tail: opts.eval_corpus.is_none(),
+            }),
         };
         let loc = spec.store_location()?;
         if run_dir.join("student.json").exists() || (0..config.n_layer).any(|i| loc.exists(run_dir, i)) {
@@ -782,14 +1312,25 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         let boot_ff = teacher_ff(&teacher, &boot_windows)?;
         let mut student = Gpt2::from_pretrained(&opts.teacher, &ad)?;
         for (i, kind) in plan.iter().enumerate() {
-            match kind {
-                LayerKind::Featural | LayerKind::Associative => {
-                    let ff = bootstrap_layer(*kind, boot_ff[i].clone(), &spec, &mut boot_rng, opts.bootstrap, &ad)?;
-                    student.set_feed_forward(i, ff)?;
+            let ff = match kind {
+                LayerKind::Featural => {
+                    memory_layer(*kind, spec.featural_init, boot_ff[i].clone(), &spec, &mut boot_rng, &ad)?
                 }
-                LayerKind::Ablated => student.set_feed_forward(i, FeedForward::Ablated(burn::nn::Identity))?,
-                LayerKind::Mlp => {}
-            }
+                LayerKind::Associative => memory_layer(
+                    *kind,
+                    spec.associative_init,
+                    boot_ff[i].clone(),
+                    &spec,
+                    &mut boot_rng,
+                    &ad,
+                )?,
+                LayerKind::Ablated => FeedForward::Ablated(burn::nn::Identity),
+                LayerKind::Mlp => match (spec.mlp_width, &student.h[i].mlp) {
+                    (Some(w), FeedForward::Mlp(m)) => FeedForward::Mlp(resized_mlp(m, w, &config, &mut boot_rng)?),
+                    _ => continue,
+                },
+            };
+            student.set_feed_forward(i, ff)?;
         }
         let spec_text = serde_json::to_string_pretty(&spec).map_err(|e| DmtError::InvalidArgument(e.to_string()))?;
         crate::loader::write_atomic(&run_dir.join("student.json"), spec_text.as_bytes())?;
@@ -828,6 +1369,10 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         writers.push(Some(w));
     }
     set_learning(&mut student, true);
+    // Featural memories that start empty grow with the teacher's
+    // feed-forward output on the student's own input as their values.
+    let grow_featural = spec.featural_init == MemoryInit::Empty && opts.max_inserts > 0;
+    let n_head = config.n_head;
 
     let warmup = (opts.steps / 10).max(1);
     let mut times = PhaseTimes {
@@ -841,7 +1386,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         let b = sample_batch(&corpus.train, opts.batch, seq, &mut rng)?;
         let tl = teacher.forward(b.inputs(&device), None)?;
         lap.lap(0)?;
-        let (sl, ff) = if opts.hidden_loss > 0.0 {
+        let (sl, ff) = if opts.hidden_loss > 0.0 || grow_featural {
             student.forward_with_ff(b.inputs(&ad))?
         } else {
             (student.forward(b.inputs(&ad), None)?, Vec::new())
@@ -850,9 +1395,18 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         let kd = distill_kl(sl.clone(), tl, opts.temperature);
         let ce = cross_entropy(sl, b.targets(&ad));
         let mut loss = kd.clone().mul_scalar(opts.alpha) + ce.clone().mul_scalar(1.0 - opts.alpha);
+        let mut grow_targets: Vec<Option<Tensor<2>>> = vec![None; config.n_layer];
         for (i, (ff_in, ff_out)) in ff.into_iter().enumerate() {
-            if matches!(student.h[i].mlp, FeedForward::Featural(_) | FeedForward::Associative(_)) {
-                let target = teacher.h[i].mlp.forward(ff_in.inner())?;
+            let featural = matches!(student.h[i].mlp, FeedForward::Featural(_));
+            if !(featural || matches!(student.h[i].mlp, FeedForward::Associative(_))) {
+                continue;
+            }
+            let target = teacher.h[i].mlp.forward(ff_in.inner())?;
+            if featural && grow_featural {
+                let [bb, t, c] = target.dims();
+                grow_targets[i] = Some(target.clone().reshape([bb * t * n_head, c / n_head]));
+            }
+            if opts.hidden_loss > 0.0 {
                 let mse = (ff_out - target).powf_scalar(2.0).mean();
                 loss = loss + mse.mul_scalar(opts.hidden_loss);
             }
@@ -876,22 +1430,31 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         student = optim.step(lr, student, gp);
         lap.lap(4)?;
         let mut inserted = 0;
+        let mut memory = Vec::new();
         let mut batches = Vec::with_capacity(config.n_layer);
-        for (i, g) in value_grads.into_iter().enumerate() {
+        let logging = (step + 1) % opts.log_every.max(1) == 0 || step + 1 == opts.steps;
+        for ((i, g), target) in value_grads.into_iter().enumerate().zip(grow_targets) {
             let vg = g.map(|g| (g, opts.value_lr));
             let Some(ff) = student.feed_forward_mut(i) else {
                 continue;
             };
-            match ff {
-                FeedForward::Featural(f) => {
-                    f.commit(tick, vg)?;
-                }
-                FeedForward::Associative(a) => {
-                    inserted += a.commit(tick, opts.max_inserts, vg)?;
-                }
+            let evicted_before = ff.memory().map_or(0, |t| t.counters().evicted);
+            let done = match ff {
+                FeedForward::Featural(f) => f.commit(tick, vg, target.map(|t| (t, opts.max_inserts)))?,
+                FeedForward::Associative(a) => a.commit(tick, opts.max_inserts, vg)?,
                 _ => continue,
-            }
-            if let Some(batch) = ff.memory_mut().and_then(DeviceMemory::take_changes) {
+            };
+            inserted += done.inserted;
+            let Some(tier) = ff.memory_mut() else { continue };
+            memory.push(LayerStep {
+                block: i,
+                rows: tier.len(),
+                inserted: done.inserted,
+                merged: done.merged,
+                evicted: (tier.counters().evicted - evicted_before) as usize,
+                retrieved: logging.then(|| tier.take_retrieved_share()),
+            });
+            if let Some(batch) = tier.take_changes() {
                 batches.push((i, batch));
             }
         }
@@ -912,13 +1475,16 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
             ce: cev,
             lr,
             inserted,
+            memory: memory.clone(),
         });
-        if (step + 1) % opts.log_every.max(1) == 0 || step + 1 == opts.steps {
+        if logging {
             let toks = (step + 1 - first_step) * opts.batch * seq;
+            let rows: Vec<String> = memory.iter().map(|m| m.rows.to_string()).collect();
             log(&format!(
-                "step {:>5}/{}  loss {l:.4}  (T²·KL {kdv:.4}, CE {cev:.4})  lr {lr:.2e}  inserted {inserted}  {:.0} tokens/s",
+                "step {:>5}/{}  loss {l:.4}  (T²·KL {kdv:.4}, CE {cev:.4})  lr {lr:.2e}  inserted {inserted}  rows [{}]  {:.0} tokens/s",
                 step + 1,
                 opts.steps,
+                rows.join(" "),
                 toks as f64 / start.elapsed().as_secs_f64()
             ));
             if opts.profile {
@@ -997,18 +1563,115 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
             path: run_dir.join("student.safetensors"),
             message: e.to_string(),
         })?;
+    let attention = if opts.attention_baseline {
+        let dir = attention_baseline(opts, run_dir, log)?;
+        let rt = runtime()?;
+        Some(load_student(&dir, &ad, &rt)?.1)
+    } else {
+        None
+    };
     log("evaluating ...");
     let eval = eval_batches(&corpus.eval, opts.batch, seq, opts.eval_windows);
+    let bigram = Bigram::fit(&corpus.train, config.vocab_size)?;
+    let refs = References {
+        attention: attention.as_ref(),
+        bigram: &bigram,
+    };
     final_report(
         &teacher,
         &mut student,
+        refs,
         &eval,
         run_dir,
-        &loc.dir(run_dir),
+        &loc,
         Some((train_tps, times)),
         &opts.device_name,
         metrics,
     )
+}
+
+/// Where a run keeps its attention-only baseline.
+pub const ATTENTION_BASELINE: &str = "baseline-attention";
+
+/// Changes whenever the training recipe changes in a way the options do not
+/// show, so that cached baselines trained by an older recipe are not reused.
+const RECIPE_VERSION: u32 = 1;
+
+/// The attention-only baseline of the run in `run_dir`: the teacher without
+/// its feed-forward layers, distilled with the run's own recipe (corpus,
+/// held-out split, steps, batch, sequence length, learning-rate schedule,
+/// loss, seed), in `run_dir/baseline-attention` (a run directory of its
+/// own). It is trained once per teacher, corpus and recipe and kept under
+/// `opts.baseline_cache` (default: `.baselines` beside the run directory),
+/// keyed by a SHA-256 of the teacher's files, the texts and the recipe; a
+/// later run with the same key copies it.
+fn attention_baseline(opts: &DistillOptions, run_dir: &Path, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for f in ["config.json", "model.safetensors", "vocab_map.json"] {
+        let p = opts.teacher.join(f);
+        if p.exists() {
+            h.update(std::fs::read(&p).map_err(io(&p))?);
+        }
+    }
+    for p in [Some(&opts.corpus), opts.eval_corpus.as_ref()].into_iter().flatten() {
+        h.update(std::fs::read(p).map_err(io(p))?);
+        h.update([0xFF]);
+    }
+    h.update(format!(
+        "v{RECIPE_VERSION} eval_corpus={} steps={} batch={} seq={} lr={} T={} alpha={} seed={} device={}",
+        opts.eval_corpus.is_some(),
+        opts.steps,
+        opts.batch,
+        opts.seq,
+        opts.lr,
+        opts.temperature,
+        opts.alpha,
+        opts.seed,
+        opts.device_name
+    ));
+    let key: String = h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let cache_root = match &opts.baseline_cache {
+        Some(d) => d.clone(),
+        None => std::path::absolute(run_dir)
+            .map_err(io(run_dir))?
+            .parent()
+            .map_or_else(|| PathBuf::from(".baselines"), |p| p.join(".baselines")),
+    };
+    let cached = cache_root.join(format!("attention-{key}"));
+    let done = |d: &Path| d.join("report.md").exists() && d.join("student.safetensors").exists();
+    if done(&cached) {
+        log(&format!("attention-only baseline: reusing {}", cached.display()));
+    } else {
+        if cached.exists() {
+            // An interrupted training: start it again.
+            std::fs::remove_dir_all(&cached).map_err(io(&cached))?;
+        }
+        std::fs::create_dir_all(&cache_root).map_err(io(&cache_root))?;
+        let n = Gpt2Config::from_file(&opts.teacher.join("config.json"))?.n_layer;
+        let mut o = opts.clone();
+        o.layers = Some(format!("0-{}:none", n.saturating_sub(1)));
+        o.mlp_width = None;
+        o.run_dir = cached.clone();
+        o.resume = false;
+        o.halt_after = None;
+        o.profile = false;
+        o.checkpoint_every = o.steps.max(1);
+        o.attention_baseline = false;
+        o.store = StoreLocation::default();
+        log("attention-only baseline: the teacher without feed-forward layers, distilled with the same recipe");
+        run(&o, &mut |l| log(&format!("  [attention-only] {l}")))?;
+    }
+    let dir = run_dir.join(ATTENTION_BASELINE);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+    }
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    for f in ["student.json", "student.safetensors", "report.md", "metrics.csv"] {
+        let (from, to) = (cached.join(f), dir.join(f));
+        std::fs::copy(&from, &to).map_err(io(&from))?;
+    }
+    Ok(dir)
 }
 
 fn read_spec(run_dir: &Path) -> Result<StudentSpec> {
@@ -1052,8 +1715,8 @@ fn student_from_run(
                 let store = layer_store.shared();
                 let layout = layouts.and_then(|l| l.get(i).cloned().flatten());
                 let tier = match layout {
-                    Some(l) => rt.block_on(DeviceMemory::load_with_layout(&store, &l, ad))?,
-                    None => rt.block_on(DeviceMemory::load(&store, spec.capacity, ad))?,
+                    Some(l) => rt.block_on(DeviceMemory::load_with_layout(&store, &l, spec.memory_parts, ad))?,
+                    None => rt.block_on(DeviceMemory::load_parts(&store, spec.capacity, spec.memory_parts, ad))?,
                 };
                 drop(store);
                 rt.block_on(layer_store.close())?;
@@ -1064,7 +1727,11 @@ fn student_from_run(
                 }
             }
             LayerKind::Ablated => FeedForward::Ablated(burn::nn::Identity),
-            LayerKind::Mlp => continue,
+            LayerKind::Mlp => match (spec.mlp_width, &student.h[i].mlp) {
+                // Its weights are loaded over it.
+                (Some(w), FeedForward::Mlp(m)) => FeedForward::Mlp(resized_mlp(m, w, &spec.config, &mut SplitMix(0))?),
+                _ => continue,
+            },
         };
         student.set_feed_forward(i, ff)?;
     }
@@ -1076,11 +1743,60 @@ fn student_from_run(
 pub fn eval_only(run_dir: &Path, corpus: &Path, opts: &DistillOptions) -> Result<Report> {
     let device = opts.device.clone();
     let ad = device.clone().autodiff();
-    let spec = read_spec(run_dir)?;
+    let rt = runtime()?;
+    let (spec, mut student) = load_student(run_dir, &ad, &rt)?;
     let codec = TextCodec::for_model(&spec.teacher, opts.tokenizer.as_deref())?;
     let teacher = Gpt2::from_pretrained(&spec.teacher, &device)?;
-    let rt = runtime()?;
-    let mut student = student_from_run(run_dir, &spec, None, &ad, &rt)?;
+    let baseline = run_dir.join(ATTENTION_BASELINE);
+    let attention = if baseline.join("student.json").exists() {
+        Some(load_student(&baseline, &ad, &rt)?.1)
+    } else {
+        None
+    };
+    let tokens = read_tokens(&codec, corpus)?;
+    let eval = eval_batches(
+        &tokens,
+        opts.batch,
+        opts.seq.min(spec.config.n_positions),
+        opts.eval_windows,
+    );
+    // The bigram floor counts the run's training text (recorded in the
+    // run), else the evaluated text's first 90% (then it has seen nothing
+    // of what it is scored on only when the text is new to it).
+    let train = match &spec.corpus {
+        Some(c) if c.path.exists() => {
+            let t = read_tokens(&codec, &c.path)?;
+            if c.held_out_tail {
+                Corpus::split(t, 0.1).train
+            } else {
+                t
+            }
+        }
+        _ => Corpus::split(tokens.clone(), 0.1).train,
+    };
+    let bigram = Bigram::fit(&train, spec.config.vocab_size)?;
+    let refs = References {
+        attention: attention.as_ref(),
+        bigram: &bigram,
+    };
+    final_report(
+        &teacher,
+        &mut student,
+        refs,
+        &eval,
+        run_dir,
+        &spec.store_location()?,
+        None,
+        &opts.device_name,
+        Vec::new(),
+    )
+}
+
+/// A trained student and its description, rebuilt from its run directory
+/// (weights from `student.safetensors`, memories from its stores).
+pub fn load_student(run_dir: &Path, ad: &Device, rt: &tokio::runtime::Runtime) -> Result<(StudentSpec, Gpt2)> {
+    let spec = read_spec(run_dir)?;
+    let mut student = student_from_run(run_dir, &spec, None, ad, rt)?;
     let weights = run_dir.join("student.safetensors");
     let result = student
         .load_from(&mut SafetensorsStore::from_file(&weights))
@@ -1094,21 +1810,5 @@ pub fn eval_only(run_dir: &Path, corpus: &Path, opts: &DistillOptions) -> Result
             message: format!("missing weights: {:?}", result.missing),
         });
     }
-    let tokens = read_tokens(&codec, corpus)?;
-    let eval = eval_batches(
-        &tokens,
-        opts.batch,
-        opts.seq.min(spec.config.n_positions),
-        opts.eval_windows,
-    );
-    final_report(
-        &teacher,
-        &mut student,
-        &eval,
-        run_dir,
-        &spec.store_location()?.dir(run_dir),
-        None,
-        &opts.device_name,
-        Vec::new(),
-    )
+    Ok((spec, student))
 }

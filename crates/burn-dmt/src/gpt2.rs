@@ -90,6 +90,16 @@ impl FeedForward {
         }
     }
 
+    /// The slots a memory layer retrieved in learning forward passes since
+    /// its last commit, taken (`None`: not a memory layer).
+    pub fn take_retrieved(&self) -> Result<Option<Vec<usize>>> {
+        Ok(match self {
+            FeedForward::Featural(f) => Some(f.take_retrieved()?),
+            FeedForward::Associative(a) => Some(a.take_retrieved()?),
+            _ => None,
+        })
+    }
+
     /// Whether a memory layer records its retrievals and proposals (training)
     /// or leaves its memory as it is (evaluation); no effect on other layers.
     pub fn set_learning(&mut self, learning: bool) {
@@ -262,6 +272,45 @@ impl Gpt2 {
                 mlp: FeedForward::Mlp(Mlp::new(lin(c, f), lin(f, c), config.activation())),
             })
             .collect();
+        Ok(Gpt2 {
+            wte: emb(config.vocab_size),
+            wpe: emb(config.n_positions),
+            h,
+            ln_f: layer_norm(config, device),
+            config: config.clone(),
+        })
+    }
+
+    /// A GPT-2 initialised as [`Gpt2::init`] does, but from `seed` alone
+    /// (SplitMix64 and Box–Muller), not from the backend's shared random
+    /// generator: the same seed gives the same weights in any process,
+    /// whatever else draws random numbers meanwhile.
+    pub fn seeded(config: &Gpt2Config, device: &Device, seed: u64) -> Result<Self> {
+        config.validate().map_err(DmtError::InvalidArgument)?;
+        let mut rng = crate::train::SplitMix(seed);
+        let mut normal = |shape: [usize; 2]| -> Tensor<2> {
+            let mut u = || ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            let data: Vec<f32> = (0..shape[0] * shape[1])
+                .map(|_| (0.02 * (-2.0 * u().ln()).sqrt() * (2.0 * std::f64::consts::PI * u()).cos()) as f32)
+                .collect();
+            Tensor::from_data(burn::tensor::TensorData::new(data, shape), device)
+        };
+        let mut lin = |i: usize, o: usize| Linear {
+            weight: Param::from_tensor(normal([i, o])),
+            bias: Some(Param::from_tensor(Tensor::zeros([o], device))),
+        };
+        let (c, f) = (config.n_embd, config.d_ff());
+        let h = (0..config.n_layer)
+            .map(|_| Block {
+                ln_1: layer_norm(config, device),
+                attn: Attention::new(lin(c, 3 * c), lin(c, c), config.n_head),
+                ln_2: layer_norm(config, device),
+                mlp: FeedForward::Mlp(Mlp::new(lin(c, f), lin(f, c), config.activation())),
+            })
+            .collect();
+        let mut emb = |n: usize| Embedding {
+            weight: Param::from_tensor(normal([n, c])),
+        };
         Ok(Gpt2 {
             wte: emb(config.vocab_size),
             wpe: emb(config.n_positions),

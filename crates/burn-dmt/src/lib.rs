@@ -13,8 +13,12 @@
 //! - [`tokenizer`]: GPT-2 byte-level BPE through the `tokenizers` crate.
 //! - [`generate`]: greedy, temperature, top-k and top-p decoding.
 //! - [`device`]: `--device auto|cpu|wgpu` resolution.
-//! - [`memory`]: memory layers and their device tier (featural so far).
+//! - [`memory`]: memory layers (featural, associative) and their device tier.
+//! - [`distill`]: distillation of a teacher into a memory student, with its
+//!   baselines ([`ngram`], dense students of other widths) and the honest
+//!   accounting of what each costs ([`accounting`]).
 
+pub mod accounting;
 pub mod config;
 pub mod device;
 pub mod distill;
@@ -22,6 +26,7 @@ pub mod generate;
 pub mod gpt2;
 pub mod loader;
 pub mod memory;
+pub mod ngram;
 pub mod plot;
 pub mod storage;
 pub mod tokenizer;

@@ -7,9 +7,9 @@
 mod common;
 
 use burn_dmt::burn::tensor::{Device, Tensor, TensorData};
-use burn_dmt::memory::associative::{AssociativeMemory, attend, straight_through};
+use burn_dmt::memory::associative::{AssociativeMemory, attend, straight_through, straight_through_values};
 use burn_dmt::memory::featural::FeaturalMemory;
-use burn_dmt::memory::tier::DeviceMemory;
+use burn_dmt::memory::tier::{CommitCounts, DeviceMemory};
 use burn_dmt::{FeedForward, Gpt2};
 use common::*;
 use memstore_api::testkit::util::Rng;
@@ -71,15 +71,16 @@ fn straight_through_gives_the_returned_gradients_to_the_inserted_rows() {
     let y = attend(
         q.clone(),
         straight_through(kx.clone(), tensor(stored_k.clone(), [n, k, dh], &device)),
-        straight_through(vx.clone(), tensor(stored_v.clone(), [n, k, dh], &device)),
+        straight_through_values(vx.clone(), tensor(stored_v.clone(), [n, k, dh], &device)),
         scale.clone(),
+        None,
     );
     let grads = (y.clone() * r.clone()).sum().backward();
     let (gk, gv) = (values(kx.grad(&grads).unwrap()), values(vx.grad(&grads).unwrap()));
 
     let rk = tensor(stored_k, [n, k, dh], &device).require_grad();
     let rv = tensor(stored_v, [n, k, dh], &device).require_grad();
-    let y2 = attend(q, rk.clone(), rv.clone(), scale);
+    let y2 = attend(q, rk.clone(), rv.clone(), scale, None);
     assert_eq!(values(y), values(y2.clone()), "the forward value is the stored rows'");
     let grads2 = (y2 * r).sum().backward();
     let sum_k = values(rk.grad(&grads2).unwrap().sum_dim(1));
@@ -115,7 +116,7 @@ fn associative_gradient_matches_finite_differences_of_the_surrogate() {
         let (q, kx, vx) = layer.project(tensor(xs, [1, t, c], &device));
         let keys = kx.unsqueeze_dim::<3>(1) + ko.clone();
         let vals = vx.unsqueeze_dim::<3>(1) + vo.clone();
-        let y = attend(q, keys, vals, layer.log_scale.val().exp());
+        let y = attend(q, keys, vals, layer.log_scale.val().exp(), None);
         let y = layer.out.forward(y.reshape([1, t, c]));
         values((y * r.clone()).sum()).iter().map(|v| *v as f64).sum()
     };
@@ -181,10 +182,11 @@ fn novel_keys_are_inserted_within_capacity_and_only_once() {
     layer.set_learning(true);
     let x = tensor(Rng::new(8).vecs(t, c), [1, t, c], &device);
     layer.forward(x.clone()).unwrap();
-    let inserted = layer.commit(1, 6, None).unwrap();
+    let done = layer.commit(1, 6, None).unwrap();
+    let inserted = done.inserted;
     assert!(
-        inserted > 0 && inserted <= 6,
-        "random keys are novel against 4 memories"
+        inserted > 0 && inserted <= 6 && done.merged == 0,
+        "random keys are novel against 4 memories: {done:?}"
     );
     assert_eq!(layer.memory().len(), 4 + inserted);
     assert!(layer.memory().len() <= 10, "capacity");
@@ -199,7 +201,7 @@ fn novel_keys_are_inserted_within_capacity_and_only_once() {
     }
     let before = layer.memory().len();
     layer.forward(x).unwrap();
-    let again = layer.commit(2, 100, None).unwrap();
+    let again = layer.commit(2, 100, None).unwrap().merged;
     // Keys already stored are not novel: each merges with its stored copy.
     let batch = layer.memory_mut().take_changes().unwrap();
     assert_eq!(batch.delete.len(), again);
@@ -212,7 +214,11 @@ fn novel_keys_are_inserted_within_capacity_and_only_once() {
     layer
         .forward(tensor(Rng::new(9).vecs(t, c), [1, t, c], &device))
         .unwrap();
-    assert_eq!(layer.commit(3, 100, None).unwrap(), 0, "evaluation inserts nothing");
+    assert_eq!(
+        layer.commit(3, 100, None).unwrap(),
+        CommitCounts::default(),
+        "evaluation records and inserts nothing"
+    );
 }
 
 /// Train-time changes of both layer types reach SQLite through change
@@ -252,7 +258,7 @@ async fn a_student_persists_to_sqlite_and_reloads_with_identical_outputs() {
             let batch = match s.feed_forward_mut(i).unwrap() {
                 FeedForward::Featural(f) => {
                     let g = f.memory().take_value_grad(&mut grads).expect("value gradient");
-                    f.commit(tick, Some((g, 0.5))).unwrap();
+                    f.commit(tick, Some((g, 0.5)), None).unwrap();
                     f.memory_mut().take_changes()
                 }
                 FeedForward::Associative(a) => {
@@ -297,7 +303,7 @@ async fn near_duplicates_are_recombined_on_the_device_and_in_the_store() {
     layer.set_learning(true);
     let x1 = Rng::new(12).vecs(t, c);
     layer.forward(tensor(x1.clone(), [1, t, c], &device)).unwrap();
-    let inserted = layer.commit(1, 100, None).unwrap();
+    let inserted = layer.commit(1, 100, None).unwrap().inserted;
     assert!(inserted > 0);
     let b1 = layer.memory_mut().take_changes().unwrap();
     store.apply(&b1).await.unwrap();
@@ -311,7 +317,7 @@ async fn near_duplicates_are_recombined_on_the_device_and_in_the_store() {
         .collect();
     let before = store.stats().await.unwrap();
     layer.forward(tensor(x2, [1, t, c], &device)).unwrap();
-    let merged = layer.commit(2, 100, None).unwrap();
+    let merged = layer.commit(2, 100, None).unwrap().merged;
     assert!(merged > 0, "near-duplicates were merged");
     let b2 = layer.memory_mut().take_changes().unwrap();
     assert!(!b2.delete.is_empty(), "the merged sources are deleted");
@@ -359,4 +365,65 @@ async fn near_duplicates_are_recombined_on_the_device_and_in_the_store() {
         .map(|m| (m.id, m.key, m.value))
         .collect();
     assert_eq!(stored, rows);
+}
+
+/// With trainable stored values (sparse value updates), the value
+/// projection still receives a gradient through the straight-through
+/// estimator, the stored values receive theirs, and the values a layer
+/// inserts change once its value projection has trained.
+#[test]
+fn the_value_projection_learns_and_its_inserts_follow_it() {
+    let device = Device::flex().autodiff();
+    let (c, h, t) = (8, 2, 4);
+    let dh = c / h;
+    let mut layer = AssociativeMemory::new(c, h, 2, synced(tier(6, dh, 40, 0.05, 21, &device)), &device).unwrap();
+    layer.memory_mut().set_trainable_values(true);
+    layer.set_learning(true);
+    let x = tensor(Rng::new(22).vecs(t, c), [1, t, c], &device);
+    let r = tensor(Rng::new(23).vecs(t, c), [1, t, c], &device);
+    let y = layer.forward(x.clone()).unwrap();
+    let mut grads = (y * r).sum().backward();
+    let gw = values(
+        layer
+            .value
+            .weight
+            .val()
+            .grad(&grads)
+            .expect("a value-projection gradient"),
+    );
+    assert!(
+        gw.iter().all(|g| g.is_finite()) && gw.iter().any(|g| g.abs() > 1e-6),
+        "{gw:?}"
+    );
+    let gv = layer
+        .memory()
+        .take_value_grad(&mut grads)
+        .expect("a gradient for the stored values");
+    assert!(values(gv).iter().any(|g| g.abs() > 1e-6));
+    let before = layer.clone();
+    let first = layer.commit(1, 100, None).unwrap();
+    assert!(first.inserted > 0, "random keys are novel: {first:?}");
+    let inserted_before = layer.memory_mut().take_changes().unwrap().insert_values;
+
+    // One gradient step on the value projection alone, then the same input
+    // into the same (untouched) memory.
+    let mut trained = before;
+    let w = trained.value.weight.val().inner();
+    let g = tensor(gw, [c, c], &device.clone().inner());
+    trained.value.weight = burn_dmt::burn::module::Param::from_tensor((w - g.mul_scalar(0.5)).autodiff());
+    trained.set_learning(true);
+    trained.forward(x).unwrap();
+    let second = trained.commit(1, 100, None).unwrap();
+    assert_eq!(second.inserted, first.inserted, "the same keys are novel");
+    let inserted_after = trained.memory_mut().take_changes().unwrap().insert_values;
+    assert_eq!(inserted_after.len(), inserted_before.len());
+    let moved = inserted_after
+        .iter()
+        .zip(&inserted_before)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        moved > 1e-4,
+        "inserted values did not follow the value projection ({moved})"
+    );
 }

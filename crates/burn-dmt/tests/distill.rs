@@ -10,8 +10,11 @@ use std::path::Path;
 use burn_dmt::burn::tensor::Device;
 use burn_dmt::distill::{DistillOptions, eval_only, run};
 use burn_dmt::tokenizer::{Gpt2Tokenizer, VocabMap};
-use burn_dmt::{Gpt2, Gpt2Config};
+use burn_dmt::{FeedForward, Gpt2, Gpt2Config};
 use common::assets;
+
+/// The seed of the tiny teachers' weights.
+const TEACHER_SEED: u64 = 1;
 
 /// A random GPT-2 teacher with a compact vocabulary over a slice of the
 /// corpus; returns (training text, held-out text) files.
@@ -23,7 +26,7 @@ fn tiny_setup(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let map = VocabMap::from_corpus(&tok.encode(train).unwrap(), 50256);
     let teacher = dir.join("teacher");
     let config = Gpt2Config::new(2, 32, 2, 32, map.len());
-    Gpt2::init(&config, &Device::flex())
+    Gpt2::seeded(&config, &Device::flex(), TEACHER_SEED)
         .unwrap()
         .save_pretrained(&teacher)
         .unwrap();
@@ -82,25 +85,39 @@ fn distillation_runs_end_to_end_and_eval_only_reproduces_it() {
         assert!(m.loss.is_finite() && m.kd >= 0.0 && m.ce > 0.0, "{m:?}");
         assert!((m.loss - (0.5 * m.kd + 0.5 * m.ce)).abs() < 1e-4 * m.loss.abs().max(1.0));
     }
-    for e in [&r.teacher, &r.student, &r.ablated] {
+    let attention = r.attention.clone().expect("the run trains its attention-only baseline");
+    for e in [&r.teacher, &r.student, &r.ablated, &attention] {
         assert!(e.perplexity().is_finite() && e.perplexity() > 1.0, "{e:?}");
         assert_eq!(e.tokens, 6 * 16);
     }
     assert!(r.teacher.kl.is_none());
-    for e in [&r.student, &r.ablated] {
+    assert!(r.bigram_nll.is_finite() && r.bigram_nll > 0.0);
+    for e in [&r.student, &r.ablated, &attention] {
         let (kl, agree) = (e.kl.unwrap(), e.agreement.unwrap());
         assert!(kl >= 0.0 && kl.is_finite(), "{kl}");
         assert!((0.0..=1.0).contains(&agree), "{agree}");
     }
-    assert!(r.gap_closed().is_finite());
+    assert!(r.recovered().unwrap().is_finite());
     assert!(
-        r.student_params.1 < r.teacher_params.1,
+        r.student_cost.weights < r.teacher_cost.weights,
         "{:?} vs {:?}",
-        r.student_params,
-        r.teacher_params
+        r.student_cost,
+        r.teacher_cost
     );
-    assert!(matches!(r.memory_rows.as_slice(), [Some(a), Some(b)] if *a >= 4 && *b >= 4 && *a <= 64 && *b <= 64));
-    assert!(r.store_bytes > 0);
+    // The attention-only baseline has the student's weights but its memory layers'.
+    let a_cost = r.attention_cost.clone().unwrap();
+    assert!(a_cost.weights < r.student_cost.weights && a_cost.memory_floats() == 0);
+    assert!(r.student_cost.memory_floats() > 0);
+    // Featural memories start full from the teacher; the associative one grows from empty.
+    let rows = r.memory_rows();
+    assert!(
+        matches!(rows.as_slice(), [Some(64), Some(b)] if *b > 0 && *b <= 64),
+        "{rows:?}"
+    );
+    assert_eq!(r.steps[0].memory.len(), 2);
+    let grown: Vec<usize> = r.steps.iter().map(|m| m.memory[1].rows).collect();
+    assert!(grown.windows(2).all(|w| w[1] >= w[0]) && grown[0] > 0, "{grown:?}");
+    assert!(r.store_bytes.iter().flatten().count() == 2 && r.store_bytes.iter().flatten().all(|b| *b > 0));
 
     // The run directory is self-contained.
     let run_dir = dir.path().join("run");
@@ -111,11 +128,17 @@ fn distillation_runs_end_to_end_and_eval_only_reproduces_it() {
         "metrics.csv",
         "memory/block0.db",
         "memory/block1.db",
+        "memory.png",
+        "baseline-attention/student.json",
+        "baseline-attention/student.safetensors",
     ] {
         assert!(run_dir.join(f).exists(), "{f} is missing");
     }
     let md = std::fs::read_to_string(run_dir.join("report.md")).unwrap();
-    assert!(md.contains("Gap closed") && md.contains("loss.png"), "{md}");
+    assert!(
+        md.contains("recovers") && md.contains("loss.png") && md.contains("memory.png"),
+        "{md}"
+    );
     for name in burn_dmt::distill::PhaseTimes::NAMES {
         assert!(md.contains(&format!("| {name} |")), "{name} missing from {md}");
     }
@@ -141,11 +164,86 @@ fn distillation_runs_end_to_end_and_eval_only_reproduces_it() {
         r.student.perplexity()
     );
     assert!(rel(again.student.kl.unwrap(), r.student.kl.unwrap()) < 1e-3);
-    assert_eq!(again.memory_rows, r.memory_rows);
+    assert_eq!(again.memory_rows(), r.memory_rows());
     assert!(run_dir.join("eval-report.md").exists());
 
     // A second run into the same directory is refused instead of mixing runs.
     assert!(run(&o, &mut |_| {}).is_err());
+}
+
+/// Trains the tiny teacher of [`tiny_setup`] on its training text for
+/// `steps` steps (next-token cross-entropy, AdamW), so that its feed-forward
+/// layers hold what it learnt, and saves it over the random one.
+fn train_teacher(dir: &Path, train: &Path, steps: usize) {
+    use burn_dmt::burn::module::Module;
+    use burn_dmt::burn::optim::{AdamWConfig, GradientsParams};
+    use burn_dmt::tokenizer::TextCodec;
+    use burn_dmt::train::{SplitMix, cross_entropy, lr_at, sample_batch};
+    let teacher_dir = dir.join("teacher");
+    let device = Device::flex().autodiff();
+    let codec = TextCodec::for_model(&teacher_dir, None).unwrap();
+    let tokens = codec.encode(&std::fs::read_to_string(train).unwrap()).unwrap();
+    let mut model = Gpt2::from_pretrained(&teacher_dir, &device).unwrap();
+    let mut optim = AdamWConfig::new().init();
+    let mut rng = SplitMix(7);
+    for step in 0..steps {
+        let b = sample_batch(&tokens, 8, 32, &mut rng).unwrap();
+        let loss = cross_entropy(model.forward(b.inputs(&device), None).unwrap(), b.targets(&device));
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(lr_at(step, steps, steps / 10, 3e-3, 0.1), model, grads);
+    }
+    model.valid().save_pretrained(&teacher_dir).unwrap();
+}
+
+/// A real learning test: on a teacher trained by the test, a student whose
+/// feed-forward layers are featural memories filled from the teacher,
+/// distilled for a few dozen steps, has a lower held-out cross-entropy than
+/// the attention-only baseline distilled with the same recipe and seed, and
+/// it uses its memory (zeroing a layer's values costs it). The teacher's
+/// weights start from [`TEACHER_SEED`]; with seeds 1 to 8 the student's
+/// margin over the baseline was 0.055–0.27 nats (0.27 with seed 1), and a
+/// student whose memory layers output nothing fell behind the baseline.
+#[test]
+fn a_memory_student_beats_the_attention_only_baseline_of_its_recipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, eval) = tiny_setup(dir.path());
+    train_teacher(dir.path(), &train, 300);
+    let mut o = options(dir.path(), train, &eval);
+    o.layers = Some("0-1:featural".into());
+    o.capacity = 128;
+    o.steps = 40;
+    o.batch = 4;
+    o.seq = 32;
+    o.eval_windows = 64;
+    let r = run(&o, &mut |_| {}).unwrap();
+    let a = r.attention.clone().unwrap();
+    eprintln!(
+        "held-out CE: teacher {:.4}, memory student {:.4}, attention-only {:.4}",
+        r.teacher.nll, r.student.nll, a.nll
+    );
+    assert!(
+        r.teacher.nll < a.nll,
+        "the trained teacher beats the attention-only model: {} vs {}",
+        r.teacher.nll,
+        a.nll
+    );
+    assert!(
+        r.student.nll + 0.05 < a.nll,
+        "student {} vs attention-only {} (teacher {})",
+        r.student.nll,
+        a.nll,
+        r.teacher.nll
+    );
+    let recovered = r.recovered().unwrap();
+    assert!(recovered > 0.1, "{recovered}");
+    let featural = &r.memory_use[0];
+    assert_eq!(featural.block, 0);
+    assert!(featural.retrieved > 0.0);
+    assert!(
+        featural.nll_zeroed > r.student.nll + 0.01,
+        "{featural:?} vs {}",
+        r.student.nll
+    );
 }
 
 /// A run interrupted after step 3 (checkpoints every 2 steps, so its stores
@@ -195,7 +293,7 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     );
     assert!(near(resumed.student.nll, whole.student.nll));
     assert!(near(resumed.student.kl.unwrap(), whole.student.kl.unwrap()));
-    assert_eq!(resumed.memory_rows, whole.memory_rows);
+    assert_eq!(resumed.memory_rows(), whole.memory_rows());
 }
 
 /// The optional hidden-state loss adds the memory layers' MSE to the teacher
@@ -341,7 +439,7 @@ fn memory_in_daemons_and_external_directories() {
         assert!(near(r.loss, w.loss) && near(r.kd, w.kd), "{r:?} vs {w:?}");
     }
     assert!(near(resumed.student.nll, local.student.nll));
-    assert_eq!(resumed.memory_rows, local.memory_rows);
+    assert_eq!(resumed.memory_rows(), local.memory_rows());
     assert!(stores.join("block0.db").exists() && stores.join("block1.db").exists());
     let again = eval_only(&o.run_dir, &eval, &o).unwrap();
     assert!((again.student.nll - resumed.student.nll).abs() < 1e-3 * resumed.student.nll);
@@ -378,7 +476,75 @@ fn memory_in_duckdb_resumes_like_sqlite() {
         assert_eq!((r.step, r.inserted), (w.step, w.inserted));
         assert!(near(r.loss, w.loss) && near(r.kd, w.kd), "{r:?} vs {w:?}");
     }
-    assert_eq!(duck.memory_rows, sqlite.memory_rows);
+    assert_eq!(duck.memory_rows(), sqlite.memory_rows());
     let again = eval_only(&o.run_dir, &eval, &o).unwrap();
     assert!((again.student.nll - duck.student.nll).abs() < 1e-3 * duck.student.nll);
+}
+
+/// The dense baselines' MLPs: a wider one computes what the teacher's does
+/// until it trains (its new units are silent), one of the same width is the
+/// teacher's, and a narrower one keeps the units of largest weight norm.
+#[test]
+fn resized_mlps_keep_the_teachers_function_or_its_largest_units() {
+    use burn_dmt::distill::resized_mlp;
+    use burn_dmt::train::SplitMix;
+    let device = Device::flex();
+    let teacher = Gpt2::from_pretrained(common::fixture("tiny-gpt2"), &device).unwrap();
+    let config = teacher.config().clone();
+    let FeedForward::Mlp(m) = &teacher.h[0].mlp else {
+        panic!("the fixture's block 0 is an MLP")
+    };
+    let (c, f) = (config.n_embd, config.d_ff());
+    let x = burn_dmt::burn::tensor::Tensor::<3>::from_data(
+        burn_dmt::burn::tensor::TensorData::new(memstore_api::testkit::util::Rng::new(3).vecs(5, c), [1, 5, c]),
+        &device,
+    );
+    let want = common::values(m.forward(x.clone()));
+    let mut rng = SplitMix(1);
+    for width in [f, f + 7, 3 * f] {
+        let r = resized_mlp(m, width, &config, &mut rng).unwrap();
+        assert_eq!(r.c_fc.weight.val().dims(), [c, width]);
+        let got = common::values(r.forward(x.clone()));
+        let gap = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(gap < 1e-5, "width {width}: {gap}");
+    }
+    let narrow = resized_mlp(m, f / 4, &config, &mut rng).unwrap();
+    let w_in = common::values(m.c_fc.weight.val());
+    let w_out = common::values(m.c_proj.weight.val());
+    let score = |j: usize| {
+        let a: f32 = (0..c).map(|i| w_in[i * f + j].powi(2)).sum::<f32>().sqrt();
+        let b: f32 = w_out[j * c..(j + 1) * c].iter().map(|v| v * v).sum::<f32>().sqrt();
+        a * b
+    };
+    let mut order: Vec<usize> = (0..f).collect();
+    order.sort_by(|&a, &b| score(b).total_cmp(&score(a)));
+    let mut kept: Vec<usize> = order[..f / 4].to_vec();
+    kept.sort_unstable();
+    let n_out = common::values(narrow.c_proj.weight.val());
+    for (k, &j) in kept.iter().enumerate() {
+        assert_eq!(&n_out[k * c..(k + 1) * c], &w_out[j * c..(j + 1) * c], "unit {j}");
+    }
+    assert!(resized_mlp(m, 0, &config, &mut rng).is_err());
+}
+
+/// The least-squares fit recovers an affine map from enough samples.
+#[test]
+fn fit_linear_recovers_an_affine_map() {
+    use burn_dmt::distill::fit_linear;
+    let (n, c) = (200, 6);
+    let mut rng = memstore_api::testkit::util::Rng::new(9);
+    let x = rng.vecs(n, c);
+    let w = rng.vecs(c, c);
+    let b = rng.vecs(1, c);
+    let y: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            let (x, w, b) = (&x, &w, &b);
+            (0..c).map(move |o| b[o] + (0..c).map(|k| x[i * c + k] * w[k * c + o]).sum::<f32>())
+        })
+        .collect();
+    let (fw, fb) = fit_linear(&x, &y, c, 1e-9).unwrap();
+    for (a, e) in fw.iter().chain(&fb).zip(w.iter().chain(&b)) {
+        assert!((a - e).abs() < 1e-3, "{a} vs {e}");
+    }
+    assert!(fit_linear(&x[..5], &y, c, 1e-3).is_err());
 }

@@ -219,6 +219,7 @@ fn journal_records_round_trip_and_damage_is_reported() {
             access_count: 3,
             crf: 1.5,
         }],
+        insert_tags: vec![vec!["head:1".into(), "source é".into()]],
     };
     let bytes = encode(&b);
     assert_eq!(decode(&bytes), Some(b.clone()));
@@ -266,35 +267,52 @@ fn journal_records_round_trip_and_damage_is_reported() {
     bytes[at + 16] = 0;
     assert_eq!(decode(&bytes), None);
 
-    // A journal of format 2 (accesses one by one) is read and rewritten in
-    // the current format.
-    let v2 = |b: &ChangeBatch| {
-        let mut without = b.clone();
-        without.touch.clear();
-        let mut p = encode(&without);
-        let mut list = (b.touch.len() as u64).to_le_bytes().to_vec();
-        for id in &b.touch {
-            list.extend_from_slice(&id.to_le_bytes());
-        }
-        p.splice(at..at + 8, list);
+    // Journals of format 2 (accesses one by one, no tags) and 3 (no tags)
+    // are read and rewritten in the current format.
+    let mut b = b;
+    b.insert_tags.clear();
+    let record = |p: Vec<u8>| {
         let mut r = (p.len() as u32).to_le_bytes().to_vec();
         r.extend_from_slice(&crc32(&p).to_le_bytes());
         r.extend_from_slice(&p);
         r
     };
-    let path = dir.path().join("old-journal");
+    // A format-3 payload is today's without the (empty) tag list at its end.
+    let v3 = |b: &ChangeBatch| {
+        let mut p = encode(b);
+        p.truncate(p.len() - 8);
+        p
+    };
+    let v2 = |b: &ChangeBatch| {
+        let mut without = b.clone();
+        without.touch.clear();
+        let mut p = v3(&without);
+        let mut list = (b.touch.len() as u64).to_le_bytes().to_vec();
+        for id in &b.touch {
+            list.extend_from_slice(&id.to_le_bytes());
+        }
+        p.splice(at..at + 8, list);
+        p
+    };
     let mut c = b.clone();
     c.seq = 8;
-    let old = [b"DMTJRNL2".to_vec(), v2(&b), v2(&c)].concat();
-    std::fs::write(&path, &old).unwrap();
-    let (mut j, got) = Journal::open(&path).unwrap();
-    assert_eq!(got, vec![b.clone(), c.clone()]);
-    let mut d = b.clone();
-    d.seq = 9;
-    j.append(&d).unwrap();
-    drop(j);
-    assert_eq!(&std::fs::read(&path).unwrap()[..8], b"DMTJRNL3");
-    assert_eq!(Journal::open(&path).unwrap().1, vec![b, c, d]);
+    for (name, magic, old) in [
+        ("v2", b"DMTJRNL2", [v2(&b), v2(&c)]),
+        ("v3", b"DMTJRNL3", [v3(&b), v3(&c)]),
+    ] {
+        let path = dir.path().join(name);
+        let [x, y] = old.map(record);
+        std::fs::write(&path, [magic.to_vec(), x, y].concat()).unwrap();
+        let (mut j, got) = Journal::open(&path).unwrap();
+        assert_eq!(got, vec![b.clone(), c.clone()], "{name}");
+        let mut d = b.clone();
+        d.seq = 9;
+        d.insert_tags = vec![vec!["head:0".into()]];
+        j.append(&d).unwrap();
+        drop(j);
+        assert_eq!(&std::fs::read(&path).unwrap()[..8], b"DMTJRNL4");
+        assert_eq!(Journal::open(&path).unwrap().1, vec![b.clone(), c.clone(), d], "{name}");
+    }
 }
 
 #[test]
@@ -410,7 +428,7 @@ async fn store_backed_memory_matches_the_device_tier() {
         DeviceMemory::load(store.as_ref(), 100, &device).await.is_err(),
         "too big for 100 slots"
     );
-    let on_disk = DeviceMemory::from_store(store.clone(), &device).await.unwrap();
+    let on_disk = DeviceMemory::from_store(store.clone(), 1, &device).await.unwrap();
     let on_device = DeviceMemory::load(store.as_ref(), 512, &device).await.unwrap();
     assert_eq!(on_disk.len(), n);
     let q = Tensor::<2>::from_data(TensorData::new(rng.vecs(20, dh), [20, dh]), &device);
@@ -444,4 +462,226 @@ async fn store_backed_memory_matches_the_device_tier() {
     let mut ro = on_disk;
     assert!(ro.insert(&[0.0; 8], &[0.0; 8], 2).is_err());
     assert!(ro.touch(&[0], 2).is_err());
+}
+
+/// The rows of `t` (host) as a `[rows, d]` tensor.
+fn rows_tensor(t: &[f32], d: usize, device: &Device) -> Tensor<2> {
+    Tensor::from_data(TensorData::new(t.to_vec(), [t.len() / d, d]), device)
+}
+
+/// The ids a search found, row by row (`None`: no neighbour).
+fn found_ids(tier: &DeviceMemory, q: &[f32], k: usize) -> Vec<Vec<Option<u64>>> {
+    let found = tier.search(rows_tensor(q, DK, tier.device()), k).unwrap();
+    let d = floats(found.distances);
+    let slots: Vec<i64> = found.slots.into_data().convert::<i64>().try_to_vec::<i64>().unwrap();
+    slots
+        .chunks(k)
+        .zip(d.chunks(k))
+        .map(|(s, d)| {
+            s.iter()
+                .zip(d)
+                .map(|(&s, d)| d.is_finite().then(|| tier.id(s as usize)).flatten())
+                .collect()
+        })
+        .collect()
+}
+
+/// A tier split into head partitions: query row `i` gets the brute-force
+/// top-k of partition `i % parts` alone (fewer than `k` where the partition
+/// holds fewer: the rest are `+∞`); new rows go to their partition and evict
+/// within it by LRFU; the store receives every row tagged with its head; a
+/// tier loaded from the store (into slots, or searching the store itself)
+/// puts every memory back in its partition and finds the same neighbours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_partitions_search_insert_and_evict_apart_and_survive_a_reload() {
+    const P: usize = 3;
+    const PER: usize = CAP / P;
+    let device = Device::flex();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path().join("m.db"), config()).await.unwrap());
+    assert!(
+        DeviceMemory::new(config(), CAP, &device)
+            .unwrap()
+            .with_parts(5)
+            .is_err()
+    );
+    let mut tier = DeviceMemory::new(config(), CAP, &device)
+        .unwrap()
+        .with_parts(P)
+        .unwrap();
+    let mut rng = Rng::new(31);
+    // Four memories in partition 0, two in 1, one in 2.
+    let parts = [0, 0, 1, 0, 2, 1, 0];
+    tier.insert_parts(&rng.vecs(7, DK), &rng.vecs(7, DV), &parts, 1)
+        .unwrap();
+    assert_eq!(tier.part_lens(), vec![4, 2, 1]);
+    let b = tier.take_changes().unwrap();
+    let tags: Vec<String> = b.insert_tags.iter().map(|t| t.join(",")).collect();
+    let want: Vec<String> = parts.iter().map(|p| format!("head:{p}")).collect();
+    assert_eq!(tags, want);
+    store.apply(&b).await.unwrap();
+
+    // Search: each row within its partition, padded where it holds fewer than k.
+    let q = rng.vecs(6, DK);
+    let got = found_ids(&tier, &q, 3);
+    let (keys, _) = tier.tensors();
+    let keys = floats(keys);
+    for (i, row) in got.iter().enumerate() {
+        let part = i % P;
+        let mut cands: Vec<(f32, u64)> = (part * PER..(part + 1) * PER)
+            .filter_map(|s| tier.id(s).map(|id| (s, id)))
+            .map(|(s, id)| {
+                let d: f32 = (0..DK)
+                    .map(|j| (q[i * DK + j] - keys[s * DK + j]).powi(2))
+                    .sum::<f32>()
+                    .sqrt();
+                (d, id)
+            })
+            .collect();
+        cands.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let mut want: Vec<Option<u64>> = cands.iter().take(3).map(|c| Some(c.1)).collect();
+        want.resize(3, None);
+        assert_eq!(row, &want, "query {i} (partition {part})");
+    }
+
+    // Fill partition 0 and give its memories distinct histories, synced.
+    tier.insert_parts(&rng.vecs(4, DK), &rng.vecs(4, DV), &[0; 4], 2)
+        .unwrap();
+    store.apply(&tier.take_changes().unwrap()).await.unwrap();
+    let part0: Vec<usize> = (0..PER).collect();
+    for (t, s) in (3..).zip(&part0) {
+        tier.touch(&vec![*s; 1 + (*s % 3)], t).unwrap();
+        store.apply(&tier.take_changes().unwrap()).await.unwrap();
+    }
+    assert_eq!(tier.part_lens(), vec![PER, 2, 1]);
+    // One more memory for partition 0 evicts its lowest LRFU priority, and
+    // nothing elsewhere; partition 1 has room.
+    let ids0: Vec<u64> = part0.iter().filter_map(|&s| tier.id(s)).collect();
+    let lambda = config().eviction.lambda();
+    let victim = store
+        .get(&ids0)
+        .await
+        .unwrap()
+        .into_iter()
+        .min_by(|a, b| {
+            memstore_api::math::priority(lambda, a.crf, a.last_access)
+                .total_cmp(&memstore_api::math::priority(lambda, b.crf, b.last_access))
+                .then(a.id.cmp(&b.id))
+        })
+        .unwrap()
+        .id;
+    tier.insert_parts(&rng.vecs(2, DK), &rng.vecs(2, DV), &[0, 1], 20)
+        .unwrap();
+    let b = tier.take_changes().unwrap();
+    assert_eq!(b.delete, vec![victim], "LRFU order within the partition");
+    assert_eq!(tier.part_lens(), vec![PER, 3, 1]);
+    assert_eq!(tier.counters().evicted, 1);
+    store.apply(&b).await.unwrap();
+
+    // The store knows each memory's head; reloads put them back.
+    let (mems, _) = dump(store.as_ref()).await;
+    for m in mems.values() {
+        let s = tier.slot(m.id).unwrap();
+        assert!(m.tags.contains_key(&format!("head:{}", s / PER)), "{m:?}");
+    }
+    let q = rng.vecs(9, DK);
+    let want = found_ids(&tier, &q, 3);
+    let loaded = DeviceMemory::load_parts(store.as_ref(), CAP, P, &device).await.unwrap();
+    assert_eq!(loaded.part_lens(), tier.part_lens());
+    assert_eq!(found_ids(&loaded, &q, 3), want);
+    let laid = DeviceMemory::load_with_layout(store.as_ref(), &tier.layout(), P, &device)
+        .await
+        .unwrap();
+    assert_eq!(laid.layout(), tier.layout());
+    // Searching the store itself, each head among its own memories (both
+    // pad partition 2, which holds one memory, with infinite distances).
+    let on_disk = DeviceMemory::from_store(store.clone(), P, &device).await.unwrap();
+    let found = on_disk.search(rows_tensor(&q, DK, &device), 3).unwrap();
+    let (dk, ld) = (
+        floats(found.distances),
+        floats(loaded.search(rows_tensor(&q, DK, &device), 3).unwrap().distances),
+    );
+    assert_eq!(
+        dk.iter().filter(|d| d.is_infinite()).count(),
+        3 * 2,
+        "three rows of partition 2, two neighbours missing each"
+    );
+    for (a, b) in dk.iter().zip(&ld) {
+        assert!(a == b || (a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+    // A shared table cannot load a partitioned store's rows into a layout
+    // that puts them in the wrong partition.
+    let mut wrong = tier.layout();
+    wrong.swap(0, PER);
+    assert!(
+        DeviceMemory::load_with_layout(store.as_ref(), &wrong, P, &device)
+            .await
+            .is_err()
+    );
+}
+
+/// A memory that starts empty grows by novelty-gated insertion (the
+/// store's `learn` semantics, [`DeviceMemory::commit`]): its rows rise from
+/// zero, never pass the capacity, and once full it evicts by LRFU within each
+/// head's partition; the store follows it batch by batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_growing_memory_rises_to_its_capacity_and_then_evicts() {
+    use burn_dmt::memory::tier::Observation;
+    const P: usize = 2;
+    let device = Device::flex();
+    let lambda = 0.3;
+    // No recombination (L2 distances are never below 0): every change is an
+    // insert or an eviction.
+    let cfg = MemoryConfig::new(DK, DV)
+        .with_metric(Metric::L2)
+        .with_eviction(EvictionPolicy::Lrfu { lambda })
+        .with_thresholds(0.0, 0.05);
+    let store = InMemoryStore::new(cfg.clone()).unwrap();
+    let mut tier = DeviceMemory::new(cfg, CAP, &device).unwrap().with_parts(P).unwrap();
+    let mut rng = Rng::new(41);
+    let mut rows = vec![tier.len()];
+    for tick in 1..=12u64 {
+        let q = rows_tensor(&rng.vecs(6, DK), DK, &device);
+        let found = tier.search(q.clone(), 2).unwrap();
+        let obs = Observation {
+            keys: q,
+            values: Some(rows_tensor(&rng.vecs(6, DV), DV, &device)),
+            distances: found.distances,
+            slots: found.slots,
+        };
+        let held = store.get(&store.ids().await.unwrap()).await.unwrap();
+        let done = tier.commit(vec![obs], tick, 4, None).unwrap();
+        assert!(done.inserted <= 4 && done.merged == 0, "{done:?}");
+        let b = tier.take_changes().unwrap();
+        // An evicted memory's priority before this step is at most that of
+        // every memory of its partition that stays and was not accessed in
+        // this step (accesses only raise a priority).
+        let prio = |m: &memstore_api::Memory| memstore_api::math::priority(lambda, m.crf, m.last_access);
+        for gone in held.iter().filter(|m| b.delete.contains(&m.id)) {
+            for other in held
+                .iter()
+                .filter(|o| o.tags == gone.tags && !b.delete.contains(&o.id) && !b.touch.contains(&o.id))
+            {
+                assert!(
+                    prio(gone) <= prio(other) + 1e-12,
+                    "step {tick}: evicted {} before {}",
+                    gone.id,
+                    other.id
+                );
+            }
+        }
+        store.apply(&b).await.unwrap();
+        assert!(tier.part_lens().iter().all(|&n| n <= CAP / P), "{:?}", tier.part_lens());
+        assert_eq!(store.len().await.unwrap(), tier.len());
+        rows.push(tier.len());
+    }
+    assert_eq!(rows[0], 0);
+    assert!(
+        rows.windows(2).take(4).all(|w| w[1] > w[0]),
+        "it grows from empty: {rows:?}"
+    );
+    assert_eq!(*rows.last().unwrap(), CAP, "it fills: {rows:?}");
+    let c = tier.counters();
+    assert!(c.evicted > 0, "and then evicts: {c:?}");
+    assert_eq!(c.inserted - c.evicted, CAP as u64);
 }

@@ -72,32 +72,40 @@ fn auto_prefers_a_real_gpu_and_limits_are_known() {
 }
 
 /// The device top-k on wgpu (distances by one matrix product, the inner
-/// backend's top-k) finds the CPU path's neighbours for every metric, skips
-/// invalid slots, and keeps its result off the autodiff graph when the
+/// backend's top-k) finds the CPU path's neighbours for every metric, in one
+/// table and within head partitions (one batched product), skips invalid
+/// slots, and keeps its result off the autodiff graph when the
 /// queries come from a training step. (Through Burn's autodiff decorator the
 /// top-k used to fall back to a host sort of the whole distance matrix: 8
 /// tokens/s for a GPT-2-small-shaped student on an H200.)
 #[test]
 fn device_topk_on_wgpu_finds_the_cpu_neighbours() {
     use burn_dmt::burn::tensor::{Tensor, TensorData};
-    use burn_dmt::memory::device::exact_topk;
+    use burn_dmt::memory::device::partitioned_topk;
     use memstore_api::Metric;
     use memstore_api::testkit::util::Rng;
 
     let Some(selected) = adapter() else { return };
     let (n, d, m, k) = (500usize, 16usize, 64usize, 8usize);
-    for metric in [Metric::L2, Metric::Cosine, Metric::InnerProduct] {
+    for (metric, parts) in [
+        (Metric::L2, 1),
+        (Metric::Cosine, 1),
+        (Metric::InnerProduct, 1),
+        (Metric::L2, 4),
+        (Metric::Cosine, 4),
+    ] {
         let mut rng = Rng::new(23);
         let keys = rng.vecs(n, d);
         let queries = rng.vecs(m, d);
         let valid: Vec<bool> = (0..n).map(|i| i % 7 != 0).collect();
         let search = |device: &burn_dmt::burn::tensor::Device| {
-            exact_topk(
+            partitioned_topk(
                 Tensor::from_data(TensorData::new(queries.clone(), [m, d]), device),
                 Tensor::from_data(TensorData::new(keys.clone(), [n, d]), device),
                 Some(&valid),
                 k,
                 metric,
+                parts,
             )
             .unwrap()
         };
@@ -112,6 +120,11 @@ fn device_topk_on_wgpu_finds_the_cpu_neighbours() {
                 for j in 0..k {
                     let slot = idx[q * k + j] as usize;
                     assert!(valid[slot], "{metric:?}: query {q} found the invalid slot {slot}");
+                    assert_eq!(
+                        slot / (n / parts),
+                        q % parts,
+                        "{metric:?}: query {q} left its partition"
+                    );
                     // Ties may order differently; the key found at each rank
                     // must be exactly as near as the CPU path's at that rank.
                     let exact = memstore_api::math::distance(

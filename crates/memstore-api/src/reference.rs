@@ -329,7 +329,13 @@ impl MemoryStore for InMemoryStore {
         for i in 0..inserts.len() {
             let id = st.next_id;
             st.next_id += 1;
-            let mut m = new_memory(id, inserts.keys.row(i), inserts.values.row(i), &[], batch.tick);
+            let mut m = new_memory(
+                id,
+                inserts.keys.row(i),
+                inserts.values.row(i),
+                inserts.tags.row(i),
+                batch.tick,
+            );
             if let Some(meta) = batch.insert_meta.get(i) {
                 m.created = meta.created;
                 m.last_access = meta.last_access;

@@ -558,6 +558,11 @@ pub struct ChangeBatch {
     /// first accessed at `tick`; otherwise one per row, e.g. a recombined
     /// memory keeping the history of the memories it replaces).
     pub insert_meta: Vec<InsertMeta>,
+    /// Tags of the inserted rows (empty: none; otherwise one tag list per
+    /// row, each tag counted once, as [`MemoryStore::insert`] tags a batch).
+    ///
+    /// [`MemoryStore::insert`]: crate::MemoryStore::insert
+    pub insert_tags: Vec<Vec<String>>,
 }
 
 /// Access bookkeeping of a row a [`ChangeBatch`] inserts.
@@ -579,12 +584,17 @@ impl ChangeBatch {
         Vectors::new(&self.deltas, config.value_dim)
     }
 
-    /// The inserts as a batch (no tags).
+    /// The inserts as a batch, with their tags.
     pub fn inserts(&self, config: &MemoryConfig) -> Result<Batch<'_>> {
-        Ok(Batch::new(
+        let batch = Batch::new(
             Vectors::new(&self.insert_keys, config.key_dim)?,
             Vectors::new(&self.insert_values, config.value_dim)?,
-        ))
+        );
+        Ok(if self.insert_tags.is_empty() {
+            batch
+        } else {
+            batch.with_tags(Tags::PerRow(&self.insert_tags))
+        })
     }
 
     /// Validates shapes, numbers, the sequence number and the first id against

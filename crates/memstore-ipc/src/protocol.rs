@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 /// The four bytes a [`Request::Hello`] starts with.
 pub const MAGIC: [u8; 4] = *b"MSTD";
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Default largest frame (payload bytes) either side accepts.
 pub const DEFAULT_MAX_FRAME: usize = 256 << 20;
 /// Bytes of the length prefix.
@@ -255,6 +255,8 @@ pub struct WireChangeBatch<'a> {
     pub insert_values: F32s<'a>,
     /// Inserted rows' bookkeeping.
     pub insert_meta: Vec<WireInsertMeta>,
+    /// Inserted rows' tags (empty: none).
+    pub insert_tags: Cow<'a, [Vec<String>]>,
 }
 
 impl<'a> WireChangeBatch<'a> {
@@ -280,6 +282,7 @@ impl<'a> WireChangeBatch<'a> {
                     crf: m.crf,
                 })
                 .collect(),
+            insert_tags: Cow::Borrowed(&b.insert_tags),
         }
     }
 
@@ -305,6 +308,7 @@ impl<'a> WireChangeBatch<'a> {
                     crf: m.crf,
                 })
                 .collect(),
+            insert_tags: self.insert_tags.to_vec(),
         })
     }
 }

@@ -66,6 +66,7 @@ fn valid_frames() -> Vec<Vec<u8>> {
         insert_keys: k.to_vec(),
         insert_values: v.to_vec(),
         insert_meta: vec![],
+        insert_tags: vec![tags.clone(), vec![]],
     };
     let reqs = [
         Request::Hello(protocol::Hello {

@@ -13,36 +13,26 @@
 //! straight-through estimator of the seed: a retrieved key is "the key plus
 //! noise", `k̂ = k + (retrieved − k).detach()`, so its forward value is the
 //! stored key and its gradient flows to the key projection (d key inserted =
-//! Σ d key returned); values likewise, unless the tier's values are trainable
-//! (sparse value updates, as Memory Layers at Scale), in which case the value
-//! gradient goes to the stored values instead.
+//! Σ d key returned); values likewise, so the value projection, whose output
+//! every inserted memory's value is, learns from what retrieved values should
+//! have been. When the tier's values are trainable (sparse value updates, as
+//! Memory Layers at Scale), the stored values receive the same gradient as
+//! well ([`straight_through_values`]).
+//!
+//! With head partitions (the default), each head searches, inserts into and
+//! evicts from its own table; a partition holding fewer than `k` memories
+//! (a memory that grows from empty) attends over the ones it has.
 
 use std::sync::{Arc, Mutex};
 
 use burn::module::{Module, Param};
 use burn::nn::Linear;
-use burn::tensor::activation::softmax;
-use burn::tensor::{Device, Int, Tensor};
-use memstore_api::{MemoryId, Tick};
+use burn::tensor::{Bool, Device, Int, Tensor};
+use memstore_api::Tick;
 
-use super::featural::{check_layer, projection, unit_rows};
-use super::tier::DeviceMemory;
-use crate::{Result, host_f32, host_i64};
-
-/// Keys and values proposed for insertion by forward passes, waiting for
-/// [`AssociativeMemory::commit`].
-#[derive(Clone, Debug, Default)]
-pub struct Proposals {
-    /// Keys, rows of the head dimension.
-    pub keys: Vec<f32>,
-    /// Values, rows of the head dimension.
-    pub values: Vec<f32>,
-    /// Slots retrieved (their accesses are recorded at commit).
-    pub slots: Vec<usize>,
-    /// Observations closer than the recombination threshold to stored
-    /// memories: (key, value, the ids of those memories).
-    pub merges: Vec<(Vec<f32>, Vec<f32>, Vec<MemoryId>)>,
-}
+use super::featural::{check_layer, masked_softmax, missing, projection, unit_rows};
+use super::tier::{CommitCounts, DeviceMemory, Observation};
+use crate::Result;
 
 /// What one forward pass retrieved, per head-row: `[n, k, dh]` keys and values
 /// and `[n, k]` distances and slots.
@@ -67,10 +57,20 @@ pub struct Retrieved {
 /// so the key projection would never learn. With squared distances the shift
 /// changes the scores unequally and the key projection is pulled towards the
 /// memories that help.
-pub fn attend(q: Tensor<2>, keys: Tensor<3>, values: Tensor<3>, scale: Tensor<1>) -> Tensor<2> {
+///
+/// `missing` `[n, k]` marks neighbours that do not exist (a partition with
+/// fewer than `k` memories): they get no weight, and a row with none
+/// attends to nothing (output zero).
+pub fn attend(
+    q: Tensor<2>,
+    keys: Tensor<3>,
+    values: Tensor<3>,
+    scale: Tensor<1>,
+    missing: Option<Tensor<2, Bool>>,
+) -> Tensor<2> {
     let [n, _, dh] = keys.dims();
     let scores = (q.unsqueeze_dim::<3>(1) - keys).powf_scalar(2.0).sum_dim(2).neg() * scale.reshape([1, 1, 1]);
-    let w = softmax(scores, 1);
+    let w = masked_softmax(scores, missing);
     (w * values).sum_dim(1).reshape([n, dh])
 }
 
@@ -84,16 +84,16 @@ pub fn straight_through(x: Tensor<2>, stored: Tensor<3>) -> Tensor<3> {
     x.clone() + (stored - x).detach()
 }
 
-/// What a learning forward pass leaves for the commit: the projected keys and
-/// values and what they retrieved, as detached device tensors. They are read
-/// back at the commit, once the step's work is queued, so a forward pass never
-/// waits for the device.
-#[derive(Clone, Debug)]
-struct Observed {
-    keys: Tensor<2>,
-    values: Tensor<2>,
-    distances: Tensor<2>,
-    slots: Tensor<2, Int>,
+/// Retrieved values whose forward value is `stored` and whose gradient
+/// reaches both the value projection's output `v` (broadcast over the `k`
+/// retrieved rows, as [`straight_through`]) and, when `stored` is a
+/// gradient-tracked leaf (trainable tier values), the stored values.
+pub fn straight_through_values(v: Tensor<2>, stored: Tensor<3>) -> Tensor<3> {
+    let [_, k, _] = stored.dims();
+    let v = v.unsqueeze_dim::<3>(1);
+    let [n, _, d] = v.dims();
+    let v = v.expand([n, k, d]);
+    stored + (v.clone() - v.detach())
 }
 
 /// An associative memory layer with its device tier.
@@ -113,7 +113,7 @@ pub struct AssociativeMemory {
     #[module(skip)]
     memory: DeviceMemory,
     #[module(skip)]
-    observed: Arc<Mutex<Vec<Observed>>>,
+    observed: Arc<Mutex<Vec<Observation>>>,
     #[module(skip)]
     learning: bool,
     #[module(skip)]
@@ -189,16 +189,13 @@ impl AssociativeMemory {
         })
     }
 
-    /// Attention over what was retrieved, with the straight-through estimator,
-    /// and the output projection: `[b, t, n_embd]`.
+    /// Attention over what was retrieved, with the straight-through estimator
+    /// on keys and values, and the output projection: `[b, t, n_embd]`.
     pub fn attend(&self, shape: [usize; 3], q: Tensor<2>, k: Tensor<2>, v: Tensor<2>, r: &Retrieved) -> Tensor<3> {
         let keys = straight_through(k, r.keys.clone());
-        let values = if self.memory.values_trainable() {
-            r.values.clone()
-        } else {
-            straight_through(v, r.values.clone().detach())
-        };
-        let y = attend(q, keys, values, self.log_scale.val().exp());
+        let values = straight_through_values(v, r.values.clone());
+        let gaps = missing(&self.memory, self.k, &r.distances);
+        let y = attend(q, keys, values, self.log_scale.val().exp(), gaps);
         self.out.forward(y.reshape(shape))
     }
 
@@ -210,9 +207,9 @@ impl AssociativeMemory {
         let r = self.retrieve(k.clone())?;
         if self.learning {
             let mut o = self.observed.lock().unwrap_or_else(|e| e.into_inner());
-            o.push(Observed {
+            o.push(Observation {
                 keys: k.clone().detach(),
-                values: v.clone().detach(),
+                values: Some(v.clone().detach()),
                 distances: r.distances.clone().detach(),
                 slots: r.slots.clone(),
             });
@@ -220,85 +217,26 @@ impl AssociativeMemory {
         Ok(self.attend(shape, q, k, v, &r))
     }
 
-    /// Adds what one forward pass observed to `p`: the retrieved slots, the
-    /// novel keys and values, and the observations to recombine.
-    fn propose(&self, o: Observed, p: &mut Proposals) -> Result<()> {
-        let [n, kk] = o.distances.dims();
-        let distances = host_f32(o.distances)?;
-        let slots = host_i64(o.slots)?;
-        let config = self.memory.config();
-        let (novelty, recombine) = (config.novelty, config.recombine);
-        let novel: Vec<usize> = (0..n).filter(|&i| distances[i * kk] > novelty).collect();
-        let close: Vec<usize> = (0..n).filter(|&i| distances[i * kk] < recombine).collect();
-        p.slots.extend(slots.iter().map(|&s| s as usize));
-        if novel.is_empty() && close.is_empty() {
-            return Ok(());
-        }
-        let dh = o.keys.dims()[1];
-        let (keys, values) = (host_f32(o.keys)?, host_f32(o.values)?);
-        for i in novel {
-            p.keys.extend_from_slice(&keys[i * dh..(i + 1) * dh]);
-            p.values.extend_from_slice(&values[i * dh..(i + 1) * dh]);
-        }
-        for i in close {
-            let sources: Vec<MemoryId> = (0..kk)
-                .filter(|&j| distances[i * kk + j] < recombine)
-                .filter_map(|j| self.memory.id(slots[i * kk + j] as usize))
-                .collect();
-            p.merges.push((
-                keys[i * dh..(i + 1) * dh].to_vec(),
-                values[i * dh..(i + 1) * dh].to_vec(),
-                sources,
-            ));
-        }
-        Ok(())
-    }
-
-    /// Takes what forward passes proposed since the last commit (reading
-    /// their observations from the device).
-    pub fn take_proposals(&self) -> Result<Proposals> {
+    /// The slots retrieved by learning forward passes since the last commit
+    /// (or call), taking them: for measuring which memories an evaluation
+    /// uses without changing the memory.
+    pub fn take_retrieved(&self) -> Result<Vec<usize>> {
         let observed = std::mem::take(&mut *self.observed.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut p = Proposals::default();
-        for o in observed {
-            self.propose(o, &mut p)?;
-        }
-        Ok(p)
+        super::tier::retrieved_slots(observed)
     }
 
-    /// Between steps: records the accesses of the retrieved slots at `tick`,
-    /// applies the sparse value update `value −= lr · grad` to them when a
-    /// value gradient is given (trainable tier values), recombines each
-    /// observation closer than the recombination threshold with those
-    /// memories ([`DeviceMemory::merge_many`], as the store's `learn` does), and
-    /// inserts novel observations, each farther than the novelty threshold
-    /// from every memory inserted before it in this commit (near-duplicate
-    /// proposals of one batch become one memory): at most `max_inserts`
-    /// merges and inserts together. Returns that number.
-    pub fn commit(&mut self, tick: Tick, max_inserts: usize, value_grad: Option<(Tensor<2>, f32)>) -> Result<usize> {
-        let p = self.take_proposals()?;
-        self.memory.touch(&p.slots, tick)?;
-        if let Some((g, lr)) = value_grad {
-            self.memory.apply_value_grad(g, lr, &p.slots)?;
-        }
-        let done = self.memory.merge_many(&p.merges, tick, max_inserts)?.len();
-        let dh = self.memory.config().key_dim;
-        let novelty = self.memory.config().novelty;
-        let metric = self.memory.config().metric;
-        let (mut keys, mut values) = (Vec::new(), Vec::new());
-        let n = p.keys.len() / dh.max(1);
-        for i in 0..n {
-            if done + keys.len() / dh >= max_inserts {
-                break;
-            }
-            let key = &p.keys[i * dh..(i + 1) * dh];
-            let far = keys
-                .chunks(dh)
-                .all(|o: &[f32]| memstore_api::math::distance(metric, key, o) > novelty);
-            if far {
-                keys.extend_from_slice(key);
-                values.extend_from_slice(&p.values[i * dh..(i + 1) * dh]);
-            }
-        }
-        Ok(done + self.memory.insert(&keys, &values, tick)?.len())
+    /// Between steps: records the accesses of the retrieved memories at
+    /// `tick`, applies the sparse value update when a value gradient is
+    /// given (trainable tier values), recombines near-duplicate observations
+    /// and inserts novel ones, at most `max_inserts` merges and inserts
+    /// together ([`DeviceMemory::commit`]).
+    pub fn commit(
+        &mut self,
+        tick: Tick,
+        max_inserts: usize,
+        value_grad: Option<(Tensor<2>, f32)>,
+    ) -> Result<CommitCounts> {
+        let observed = std::mem::take(&mut *self.observed.lock().unwrap_or_else(|e| e.into_inner()));
+        self.memory.commit(observed, tick, max_inserts, value_grad)
     }
 }

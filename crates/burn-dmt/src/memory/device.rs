@@ -1,7 +1,9 @@
 //! Exact batched top-k on the device: distances of every query to every key
 //! by one matrix product (`‖q‖² + ‖k‖² − 2·q·kᵀ` for L2, normalised products
 //! for cosine, `1 − q·k` for inner product — memstore's metrics), invalid
-//! slots masked to `+∞`, and `topk` along the key axis.
+//! slots masked to `+∞`, and `topk` along the key axis. A partitioned search
+//! ([`partitioned_topk`]) gives each attention head its own block of keys,
+//! as per-head tables, in one batched product.
 
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use memstore_api::Metric;
@@ -18,19 +20,20 @@ pub struct TopK {
     pub indices: Tensor<2, Int>,
 }
 
-/// Distances `[m, n]` between queries `[m, d]` and keys `[n, d]` under `metric`.
-pub fn distances(queries: Tensor<2>, keys: Tensor<2>, metric: Metric) -> Tensor<2> {
+/// Distances `[.., m, n]` between queries `[.., m, d]` and keys `[.., n, d]`
+/// under `metric` (batched over any leading dimensions).
+pub fn distances<const D: usize>(queries: Tensor<D>, keys: Tensor<D>, metric: Metric) -> Tensor<D> {
     match metric {
         Metric::L2 => {
-            let q2 = queries.clone().powf_scalar(2.0).sum_dim(1); // [m, 1]
-            let k2 = keys.clone().powf_scalar(2.0).sum_dim(1).transpose(); // [1, n]
+            let q2 = queries.clone().powf_scalar(2.0).sum_dim(D - 1); // [.., m, 1]
+            let k2 = keys.clone().powf_scalar(2.0).sum_dim(D - 1).transpose(); // [.., 1, n]
             let qk = queries.matmul(keys.transpose());
             (q2 + k2 - qk.mul_scalar(2.0)).clamp_min(0.0).sqrt()
         }
         Metric::InnerProduct => queries.matmul(keys.transpose()).neg().add_scalar(1.0),
         Metric::Cosine => {
-            let unit = |x: Tensor<2>| {
-                let norm = x.clone().powf_scalar(2.0).sum_dim(1).sqrt().clamp_min(1e-30);
+            let unit = |x: Tensor<D>| {
+                let norm = x.clone().powf_scalar(2.0).sum_dim(D - 1).sqrt().clamp_min(1e-30);
                 x / norm
             };
             unit(queries).matmul(unit(keys).transpose()).neg().add_scalar(1.0)
@@ -48,6 +51,22 @@ pub fn exact_topk(
     k: usize,
     metric: Metric,
 ) -> Result<TopK> {
+    partitioned_topk(queries, keys, valid, k, metric, 1)
+}
+
+/// Exact top-k within partitions: the `n` key rows form `parts` equal blocks
+/// of consecutive rows, and query row `i` searches block `i % parts` only
+/// (rows of `[positions · heads, dh]` tensors searching per-head tables).
+/// Indices are rows of the whole key matrix; `k` may not exceed a block's
+/// rows. Slots beyond a block's valid keys have distance `+∞`.
+pub fn partitioned_topk(
+    queries: Tensor<2>,
+    keys: Tensor<2>,
+    valid: Option<&[bool]>,
+    k: usize,
+    metric: Metric,
+    parts: usize,
+) -> Result<TopK> {
     let [m, d] = queries.dims();
     let [n, dk] = keys.dims();
     if d != dk {
@@ -55,9 +74,15 @@ pub fn exact_topk(
             "queries have dimension {d}, keys {dk}"
         )));
     }
-    if k == 0 || k > n {
+    if parts == 0 || !n.is_multiple_of(parts) || !m.is_multiple_of(parts) {
         return Err(DmtError::InvalidArgument(format!(
-            "k = {k} must be in 1..={n} (the key slots)"
+            "{m} queries and {n} keys do not split into {parts} partitions"
+        )));
+    }
+    let per = n / parts;
+    if k == 0 || k > per {
+        return Err(DmtError::InvalidArgument(format!(
+            "k = {k} must be in 1..={per} (the key slots of a partition)"
         )));
     }
     if let Some(v) = valid
@@ -70,7 +95,7 @@ pub fn exact_topk(
     }
     let device = queries.device();
     if on_cpu(&device) {
-        return host_topk(queries, keys, valid, k, metric, &device);
+        return host_topk(queries, keys, valid, k, metric, parts, &device);
     }
     // The search is not differentiated (as on the CPU path): it runs on the
     // inner backend. Through the autodiff decorator, Burn 0.22 has no top-k
@@ -81,14 +106,22 @@ pub fn exact_topk(
     // is no longer kept alive for a backward pass.
     let autodiff = queries.is_autodiff();
     let inner = device.clone().inner();
-    let mut d = distances(queries.inner(), keys.inner(), metric);
+    let rows = m / parts;
+    // [parts, rows, d] against [parts, per, d]: one batched product.
+    let q = queries.inner().reshape([rows, parts, d]).swap_dims(0, 1);
+    let kk = keys.inner().reshape([parts, per, d]);
+    let mut dist = distances(q, kk, metric); // [parts, rows, per]
     if let Some(valid) = valid {
         let valid = Tensor::<1, Bool>::from_data(TensorData::new(valid.to_vec(), [n]), &inner);
-        let invalid = valid.bool_not().unsqueeze_dim::<2>(0).expand([m, n]);
-        d = d.mask_fill(invalid, f32::INFINITY);
+        let invalid = valid.bool_not().reshape([parts, 1, per]).expand([parts, rows, per]);
+        dist = dist.mask_fill(invalid, f32::INFINITY);
     }
-    let (neg, indices) = d.neg().topk_with_indices(k, 1);
-    let distances = neg.neg();
+    let (neg, local) = dist.neg().topk_with_indices(k, 2);
+    let offsets = Tensor::<1, Int>::arange(0..parts as i64, &inner)
+        .mul_scalar(per as i64)
+        .reshape([parts, 1, 1]);
+    let indices = (local + offsets).swap_dims(0, 1).reshape([m, k]);
+    let distances = neg.neg().swap_dims(0, 1).reshape([m, k]);
     Ok(if autodiff {
         TopK {
             distances: distances.autodiff(),
@@ -105,23 +138,54 @@ pub fn on_cpu(device: &Device) -> bool {
 }
 
 /// The CPU backend's exact top-k: memstore's blocked-SGEMM search
-/// ([`memstore_api::gemm::topk`]) on the host data, which never materialises
-/// the whole distance matrix (the tensor path's matrix + `topk` sorts whole
-/// rows: 6× slower at 4096 × 4096, benches/tier.rs).
+/// ([`memstore_api::gemm::topk`]) on the host data, partition by partition,
+/// which never materialises the whole distance matrix (the tensor path's
+/// matrix + `topk` sorts whole rows: 6× slower at 4096 × 4096,
+/// benches/tier.rs). Padding slots (fewer valid keys than `k`) point at the
+/// partition's first row, with distance `+∞`.
 fn host_topk(
     queries: Tensor<2>,
     keys: Tensor<2>,
     valid: Option<&[bool]>,
     k: usize,
     metric: Metric,
+    parts: usize,
     device: &Device,
 ) -> Result<TopK> {
     let [m, d] = queries.dims();
-    let (dist, idx) = memstore_api::gemm::topk(metric, &host_f32(queries)?, &host_f32(keys)?, d, k, valid)?;
-    let idx: Vec<i64> = idx
-        .into_iter()
-        .map(|i| if i == u32::MAX { 0 } else { i as i64 })
-        .collect();
+    let n = keys.dims()[0];
+    let (q, keys) = (host_f32(queries)?, host_f32(keys)?);
+    if parts == 1 {
+        let (dist, idx) = memstore_api::gemm::topk(metric, &q, &keys, d, k, valid)?;
+        let idx = idx
+            .into_iter()
+            .map(|i| if i == u32::MAX { 0 } else { i as i64 })
+            .collect();
+        return Ok(TopK {
+            distances: Tensor::from_data(TensorData::new(dist, [m, k]), device),
+            indices: Tensor::from_data(TensorData::new(idx, [m, k]), device),
+        });
+    }
+    let (rows, per) = (m / parts, n / parts);
+    let (mut dist, mut idx) = (vec![0.0f32; m * k], vec![0i64; m * k]);
+    let mut qp = Vec::with_capacity(rows * d);
+    for p in 0..parts {
+        qp.clear();
+        for r in 0..rows {
+            let i = r * parts + p;
+            qp.extend_from_slice(&q[i * d..(i + 1) * d]);
+        }
+        let kp = &keys[p * per * d..(p + 1) * per * d];
+        let vp = valid.map(|v| &v[p * per..(p + 1) * per]);
+        let (dp, ip) = memstore_api::gemm::topk(metric, &qp, kp, d, k, vp)?;
+        for r in 0..rows {
+            let i = r * parts + p;
+            dist[i * k..(i + 1) * k].copy_from_slice(&dp[r * k..(r + 1) * k]);
+            for (o, &j) in idx[i * k..(i + 1) * k].iter_mut().zip(&ip[r * k..(r + 1) * k]) {
+                *o = (p * per) as i64 + if j == u32::MAX { 0 } else { j as i64 };
+            }
+        }
+    }
     Ok(TopK {
         distances: Tensor::from_data(TensorData::new(dist, [m, k]), device),
         indices: Tensor::from_data(TensorData::new(idx, [m, k]), device),

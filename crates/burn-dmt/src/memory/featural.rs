@@ -9,17 +9,25 @@
 //! gradient of each retrieved value reaches the stored value, and the training
 //! loop applies it as a sparse update (Memory Layers at Scale's
 //! `value_fixed_lr`) through the tier, which journals it to the store.
+//!
+//! With head partitions (the default), each head searches its own table.
+//! The memory can grow while the model trains: [`FeaturalMemory::commit`]
+//! takes target values for the step's queries (in distillation, the
+//! teacher's feed-forward output on the same input, per head) and inserts
+//! the novel queries with them, or recombines near-duplicates, as the
+//! store's `learn` does; a partition with fewer than `k` memories averages
+//! over the ones it has.
 
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::softmax;
 use std::sync::{Arc, Mutex};
 
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Tensor};
 use memstore_api::Tick;
 
-use super::tier::DeviceMemory;
-use crate::{DmtError, Result, host_i64};
+use super::tier::{CommitCounts, DeviceMemory, Observation};
+use crate::{DmtError, Result};
 
 /// Scales rows to unit L2 norm (QK-norm).
 pub fn unit_rows<const D: usize>(x: Tensor<D>) -> Tensor<D> {
@@ -28,7 +36,8 @@ pub fn unit_rows<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 }
 
 /// Checks that a memory layer of `n_embd` width and `n_head` heads fits
-/// `memory` (keys and values one head wide) and can retrieve `k` memories.
+/// `memory` (keys and values one head wide, one partition per head or one
+/// shared table) and can retrieve `k` memories per head.
 pub(crate) fn check_layer(n_embd: usize, n_head: usize, k: usize, memory: &DeviceMemory) -> Result<()> {
     let dh = n_embd / n_head.max(1);
     let c = memory.config();
@@ -38,13 +47,46 @@ pub(crate) fn check_layer(n_embd: usize, n_head: usize, k: usize, memory: &Devic
             c.key_dim, c.value_dim
         )));
     }
-    if k == 0 || memory.len() < k {
+    if memory.parts() != 1 && memory.parts() != n_head {
         return Err(DmtError::InvalidArgument(format!(
-            "k = {k} needs at least k memories (the tier has {})",
-            memory.len()
+            "a memory of {} partitions for {n_head} heads (one per head, or one shared)",
+            memory.parts()
+        )));
+    }
+    let slots = if memory.is_store_backed() {
+        memory.len()
+    } else {
+        memory.capacity() / memory.parts()
+    };
+    if k == 0 || k > slots {
+        return Err(DmtError::InvalidArgument(format!(
+            "k = {k} must be in 1..={slots} (the memories a head can retrieve)"
         )));
     }
     Ok(())
+}
+
+/// Which retrieved neighbours do not exist (`+∞` distance: a partition with
+/// fewer than `k` memories), or `None` when every partition holds `k` or
+/// more (nothing to mask).
+pub(crate) fn missing(memory: &DeviceMemory, k: usize, distances: &Tensor<2>) -> Option<Tensor<2, Bool>> {
+    if memory.is_store_backed() || memory.part_lens().iter().all(|&n| n >= k) {
+        return None;
+    }
+    Some(distances.clone().detach().equal_elem(f32::INFINITY))
+}
+
+/// Softmax of `scores` `[n, k, 1]` over the `k` neighbours, with the
+/// `missing` ones `[n, k]` weighing nothing (a row with no neighbour gets
+/// all-zero weights).
+pub(crate) fn masked_softmax(scores: Tensor<3>, missing: Option<Tensor<2, Bool>>) -> Tensor<3> {
+    match missing {
+        None => softmax(scores, 1),
+        Some(m) => {
+            let m = m.unsqueeze_dim::<3>(2);
+            softmax(scores.mask_fill(m.clone(), -1e30), 1).mask_fill(m, 0.0)
+        }
+    }
 }
 
 /// A memory layer's `[n, n]` projection, initialised N(0, 0.02²) as GPT-2's weights.
@@ -65,11 +107,11 @@ pub struct FeaturalMemory {
     pub log_tau: Param<Tensor<1>>,
     #[module(skip)]
     memory: DeviceMemory,
-    /// Slots retrieved by learning forward passes, on the device until the
-    /// commit reads them (a read-back in the forward pass made the host wait
+    /// What learning forward passes retrieved, on the device until the
+    /// commit reads it (a read-back in the forward pass made the host wait
     /// for the device at every memory layer).
     #[module(skip)]
-    retrieved: Arc<Mutex<Vec<Tensor<2, Int>>>>,
+    observed: Arc<Mutex<Vec<Observation>>>,
     #[module(skip)]
     learning: bool,
     #[module(skip)]
@@ -89,7 +131,7 @@ impl FeaturalMemory {
             out: lin(),
             log_tau: Param::from_tensor(Tensor::zeros([1], device)),
             memory,
-            retrieved: Arc::new(Mutex::new(Vec::new())),
+            observed: Arc::new(Mutex::new(Vec::new())),
             learning: false,
             n_head,
             k,
@@ -106,33 +148,59 @@ impl FeaturalMemory {
         &mut self.memory
     }
 
-    /// Whether forward passes record the slots they retrieve (for LRFU
-    /// accesses and sparse value updates at [`FeaturalMemory::commit`]).
+    /// Whether forward passes record what they retrieve (for LRFU accesses,
+    /// sparse value updates and growth at [`FeaturalMemory::commit`]).
     pub fn set_learning(&mut self, learning: bool) {
         self.learning = learning;
     }
 
-    /// Takes the slots retrieved since the last call (reading them from the
-    /// device).
-    pub fn take_retrieved(&self) -> Result<Vec<usize>> {
-        let found = std::mem::take(&mut *self.retrieved.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut slots = Vec::new();
-        for t in found {
-            slots.extend(host_i64(t)?.into_iter().map(|s| s as usize));
-        }
-        Ok(slots)
+    /// Memories retrieved per head.
+    pub fn k(&self) -> usize {
+        self.k
     }
 
-    /// Between steps: records the accesses of the retrieved slots at `tick`,
-    /// and applies the sparse value update `value −= lr · grad` to them when a
-    /// value gradient is given. Returns the slots.
-    pub fn commit(&mut self, tick: Tick, value_grad: Option<(Tensor<2>, f32)>) -> Result<Vec<usize>> {
-        let slots = self.take_retrieved()?;
-        self.memory.touch(&slots, tick)?;
-        if let Some((g, lr)) = value_grad {
-            self.memory.apply_value_grad(g, lr, &slots)?;
+    /// The slots retrieved by learning forward passes since the last commit
+    /// (or call), taking them: for measuring which memories an evaluation
+    /// uses without changing the memory.
+    pub fn take_retrieved(&self) -> Result<Vec<usize>> {
+        let observed = std::mem::take(&mut *self.observed.lock().unwrap_or_else(|e| e.into_inner()));
+        super::tier::retrieved_slots(observed)
+    }
+
+    /// Between steps: records the accesses of the memories retrieved since
+    /// the last commit at `tick`, applies the sparse value update
+    /// `value −= lr · grad` to them when a value gradient is given, and, with
+    /// `grow = (targets, max_inserts)`, learns the step's queries with
+    /// `targets` `[b · t · heads, dh]` as their values: novel ones inserted,
+    /// near-duplicates recombined ([`DeviceMemory::commit`]). Growth needs
+    /// exactly one forward pass since the last commit (the one the targets
+    /// belong to).
+    pub fn commit(
+        &mut self,
+        tick: Tick,
+        value_grad: Option<(Tensor<2>, f32)>,
+        grow: Option<(Tensor<2>, usize)>,
+    ) -> Result<CommitCounts> {
+        let mut observed = std::mem::take(&mut *self.observed.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut max_inserts = 0;
+        if let Some((targets, limit)) = grow {
+            let [o] = observed.as_mut_slice() else {
+                return Err(DmtError::InvalidArgument(format!(
+                    "growth needs the one forward pass its targets belong to ({} were recorded)",
+                    observed.len()
+                )));
+            };
+            if targets.dims() != o.keys.dims() {
+                return Err(DmtError::InvalidArgument(format!(
+                    "targets of shape {:?} for queries of shape {:?}",
+                    targets.dims(),
+                    o.keys.dims()
+                )));
+            }
+            o.values = Some(targets.detach());
+            max_inserts = limit;
         }
-        Ok(slots)
+        self.memory.commit(observed, tick, max_inserts, value_grad)
     }
 
     /// Applies the layer to the normalised residual stream `[b, t, n_embd]`.
@@ -145,9 +213,15 @@ impl FeaturalMemory {
         let found = self.memory.search(q.clone().detach(), k)?;
         let keys = found.keys.detach();
         let values = found.values;
+        let gaps = missing(&self.memory, k, &found.distances);
         if self.learning {
-            let mut r = self.retrieved.lock().unwrap_or_else(|e| e.into_inner());
-            r.push(found.slots.clone());
+            let mut o = self.observed.lock().unwrap_or_else(|e| e.into_inner());
+            o.push(Observation {
+                keys: q.clone().detach(),
+                values: None,
+                distances: found.distances.detach(),
+                slots: found.slots,
+            });
         }
         let d = (q.unsqueeze_dim::<3>(1) - keys)
             .powf_scalar(2.0)
@@ -155,7 +229,7 @@ impl FeaturalMemory {
             .add_scalar(1e-12)
             .sqrt(); // [n, k, 1]
         let tau = self.log_tau.val().exp().reshape([1, 1, 1]);
-        let w = softmax(d.neg() / tau, 1);
+        let w = masked_softmax(d.neg() / tau, gaps);
         let y = (w * values).sum_dim(1).reshape([b, t, c]);
         Ok(self.out.forward(y))
     }

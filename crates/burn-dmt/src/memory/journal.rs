@@ -24,11 +24,14 @@ use memstore_api::{ChangeBatch, InsertMeta, MemoryStore};
 use crate::{DmtError, Result};
 
 /// First bytes of a journal file.
-const MAGIC: &[u8; 8] = b"DMTJRNL3";
+const MAGIC: &[u8; 8] = b"DMTJRNL4";
 
-/// First bytes of a journal of format 2 (accesses listed one by one), read
-/// and rewritten in the current format on open.
-const MAGIC_V2: &[u8; 8] = b"DMTJRNL2";
+/// Format of the journal [`MAGIC`] starts.
+const FORMAT: u8 = 4;
+
+/// First bytes of the journals of earlier formats, read and rewritten in the
+/// current format on open: 2 lists accesses one by one, 3 has no insert tags.
+const OLDER: [(&[u8; 8], u8); 2] = [(b"DMTJRNL2", 2), (b"DMTJRNL3", 3)];
 
 /// CRC-32 (IEEE 802.3, reflected, as zlib's) of `bytes`. Table-free bitwise
 /// CRC cost ~10 ms per MB here, and a GPU-sized step journals megabytes per
@@ -87,6 +90,14 @@ pub fn encode(b: &ChangeBatch) -> Vec<u8> {
             out.extend_from_slice(&x.to_le_bytes());
         }
     }
+    out.extend_from_slice(&(b.insert_tags.len() as u64).to_le_bytes());
+    for row in &b.insert_tags {
+        out.extend_from_slice(&(row.len() as u64).to_le_bytes());
+        for tag in row {
+            out.extend_from_slice(&(tag.len() as u64).to_le_bytes());
+            out.extend_from_slice(tag.as_bytes());
+        }
+    }
     out
 }
 
@@ -121,6 +132,22 @@ impl Reader<'_> {
         }
         Some(ids)
     }
+    fn string(&mut self) -> Option<String> {
+        let n = self.len(1)?;
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        String::from_utf8(head.to_vec()).ok()
+    }
+    fn tags(&mut self) -> Option<Vec<Vec<String>>> {
+        // Each row and each tag takes at least its 8-byte length.
+        let rows = self.len(8)?;
+        (0..rows)
+            .map(|_| {
+                let n = self.len(8)?;
+                (0..n).map(|_| self.string()).collect::<Option<Vec<_>>>()
+            })
+            .collect()
+    }
     fn f32s(&mut self) -> Option<Vec<f32>> {
         let n = self.len(4)?;
         let mut v = Vec::with_capacity(n);
@@ -135,7 +162,7 @@ impl Reader<'_> {
 
 /// Decodes a journal payload; `None` when it is malformed.
 pub fn decode(payload: &[u8]) -> Option<ChangeBatch> {
-    decode_format(payload, 3)
+    decode_format(payload, FORMAT)
 }
 
 fn decode_format(payload: &[u8], format: u8) -> Option<ChangeBatch> {
@@ -163,6 +190,7 @@ fn decode_format(payload: &[u8], format: u8) -> Option<ChangeBatch> {
                 })
                 .collect::<Option<Vec<_>>>()?
         },
+        insert_tags: if format >= 4 { r.tags()? } else { Vec::new() },
     };
     r.0.is_empty().then_some(b)
 }
@@ -210,7 +238,10 @@ impl Journal {
         };
         let mut batches = Vec::new();
         let mut good = MAGIC.len();
-        let format = if bytes.starts_with(MAGIC_V2) { 2 } else { 3 };
+        let format = OLDER
+            .iter()
+            .find(|(magic, _)| bytes.starts_with(*magic))
+            .map_or(FORMAT, |&(_, f)| f);
         if bytes.len() < MAGIC.len() {
             if !MAGIC.starts_with(&bytes) {
                 return Err(corrupt("not a journal file".into()));
@@ -219,7 +250,7 @@ impl Journal {
             file.seek(SeekFrom::Start(0)).map_err(&err)?;
             file.write_all(MAGIC).map_err(&err)?;
             file.sync_all().map_err(&err)?;
-        } else if format == 3 && &bytes[..MAGIC.len()] != MAGIC {
+        } else if format == FORMAT && &bytes[..MAGIC.len()] != MAGIC {
             return Err(corrupt("not a journal file".into()));
         } else {
             let mut at = MAGIC.len();
@@ -242,7 +273,7 @@ impl Journal {
                 at += 8 + len;
                 good = at;
             }
-            if format == 2 {
+            if format != FORMAT {
                 // Rewritten in the current format (atomically: the old file
                 // stays whole until the new one is durable).
                 let mut tmp = path.clone();

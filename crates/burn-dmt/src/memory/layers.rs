@@ -33,6 +33,46 @@ impl FromStr for LayerKind {
     }
 }
 
+/// How a memory layer's table starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryInit {
+    /// Filled to capacity from the teacher's feed-forward layer before the
+    /// first step (keys: projected inputs; values: its outputs).
+    Teacher,
+    /// Empty: the memory grows while the model trains, by novelty-gated
+    /// insertion and recombination, up to its capacity, then evicts by LRFU.
+    Empty,
+    /// Filled to capacity with random unit keys and small random values (an
+    /// ablation).
+    Random,
+}
+
+impl MemoryInit {
+    /// The name `FromStr` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            MemoryInit::Teacher => "teacher",
+            MemoryInit::Empty => "empty",
+            MemoryInit::Random => "random",
+        }
+    }
+}
+
+impl FromStr for MemoryInit {
+    type Err = DmtError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "teacher" => Ok(MemoryInit::Teacher),
+            "empty" => Ok(MemoryInit::Empty),
+            "random" => Ok(MemoryInit::Random),
+            other => Err(DmtError::InvalidArgument(format!(
+                "unknown memory start {other:?} (expected teacher, empty or random)"
+            ))),
+        }
+    }
+}
+
 /// Parses a layer plan for a model of `n_layer` blocks: comma-separated
 /// `RANGE:KIND` items, RANGE being `i` or `i-j` (inclusive). A block may be
 /// named once.

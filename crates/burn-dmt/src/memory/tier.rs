@@ -16,6 +16,13 @@
 //! same floats bit for bit. The tier never grows past its capacity: a full
 //! tier evicts its lowest-LRFU-priority slot (the store's policy, same
 //! arithmetic) among those already synced.
+//!
+//! A tier may be split into equal partitions of consecutive slots, one per
+//! attention head: query row `i` of a `[positions · heads, dh]` search looks
+//! only at partition `i % heads`, a new memory goes to its head's partition
+//! (evicting within it), and each row the store receives carries the tag
+//! `head:<h>` ([`head_tag`]), so that a reload puts every memory back in its
+//! head's table and SQL can tell them apart.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,11 +30,32 @@ use std::sync::Arc;
 use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 use memstore_api::{ChangeBatch, InsertMeta, MemoryConfig, MemoryId, MemoryStore, Tick, Vectors, math};
 
-use super::device::{exact_topk, on_cpu};
+use super::device::{on_cpu, partitioned_topk};
 use crate::{DmtError, Result, host_f32};
 
 /// Ids fetched from the store per `get` call while loading.
 const LOAD_CHUNK: usize = 4096;
+
+/// The tag that names the head partition a memory belongs to.
+pub fn head_tag(part: usize) -> String {
+    format!("head:{part}")
+}
+
+/// The head partition a memory's tags name (`None`: no `head:` tag).
+fn tagged_part(tags: &std::collections::BTreeMap<String, u64>) -> Option<usize> {
+    tags.keys().find_map(|t| t.strip_prefix("head:")?.parse().ok())
+}
+
+/// Lifetime counts of a tier's changes (since it was created or loaded).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TierCounters {
+    /// New memories (novel inserts and fills; merged memories not counted).
+    pub inserted: u64,
+    /// Recombinations: merged memories created from sources.
+    pub merged: u64,
+    /// Memories evicted to make room.
+    pub evicted: u64,
+}
 
 /// The result of a device search: `[m, k]` distances and slots, and the
 /// gathered keys `[m, k, dk]` and values `[m, k, dv]`.
@@ -41,6 +69,65 @@ pub struct DeviceNeighbors {
     pub keys: Tensor<3>,
     /// Values of the found slots.
     pub values: Tensor<3>,
+}
+
+/// How [`DeviceMemory::with_ablated_values`] changes a memory's values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValueAblation {
+    /// Every value zero: the layer adds nothing.
+    Zero,
+    /// The values permuted at random among the memories of each partition
+    /// (keys kept): retrieval still works, but returns other memories'
+    /// values.
+    Shuffle {
+        /// Seed of the permutation.
+        seed: u64,
+    },
+}
+
+/// What one learning forward pass of a memory layer observed, as detached
+/// device tensors: they are read back at [`DeviceMemory::commit`], once the
+/// step's work is queued, so a forward pass never waits for the device.
+#[derive(Clone, Debug)]
+pub struct Observation {
+    /// The search's queries `[n, dk]` (row `i` in partition `i % parts`):
+    /// the keys of new memories.
+    pub keys: Tensor<2>,
+    /// The values new memories would hold, `[n, dv]` (`None`: the pass only
+    /// records accesses, nothing is inserted or recombined).
+    pub values: Option<Tensor<2>>,
+    /// Distances of the found neighbours `[n, k]` (`+∞`: none).
+    pub distances: Tensor<2>,
+    /// Their slots `[n, k]`.
+    pub slots: Tensor<2, Int>,
+}
+
+/// The slots the observations retrieved (neighbours that exist), reading
+/// them from the device.
+pub fn retrieved_slots(observed: Vec<Observation>) -> Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for o in observed {
+        let d = host_f32(o.distances)?;
+        let s = crate::host_i64(o.slots)?;
+        out.extend(
+            s.iter()
+                .zip(&d)
+                .filter(|(_, d)| d.is_finite())
+                .map(|(&s, _)| s as usize),
+        );
+    }
+    Ok(out)
+}
+
+/// What a [`DeviceMemory::commit`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommitCounts {
+    /// Accesses recorded.
+    pub accessed: usize,
+    /// Recombined memories created.
+    pub merged: usize,
+    /// New memories inserted.
+    pub inserted: usize,
 }
 
 /// A store answering a tier's searches itself (inference from the store
@@ -57,12 +144,25 @@ impl std::fmt::Debug for StoreBacking {
     }
 }
 
+/// Where loaded memories go: the first free slots of their partition, or
+/// the slots a layout names.
+#[derive(Clone, Copy)]
+enum Slots<'a> {
+    Fill(usize),
+    Layout(&'a [Option<MemoryId>]),
+}
+
 /// A memory's working set on a device.
 #[derive(Clone, Debug)]
 pub struct DeviceMemory {
     store: Option<StoreBacking>,
     config: MemoryConfig,
     capacity: usize,
+    /// Head partitions (1: one shared table).
+    parts: usize,
+    counters: TierCounters,
+    /// Slots retrieved since [`DeviceMemory::take_retrieved_share`] last ran.
+    retrieved: Vec<bool>,
     keys: Tensor<2>,
     values: Tensor<2>,
     valid: Vec<bool>,
@@ -83,6 +183,9 @@ pub struct DeviceMemory {
     /// Sum of `touches`.
     touched: u64,
     trainable_values: bool,
+    /// Values changed for an evaluation ([`DeviceMemory::with_ablated_values`]):
+    /// the tier no longer describes its store and refuses to learn.
+    ablated: bool,
     device: Device,
 }
 
@@ -124,9 +227,31 @@ impl DeviceMemory {
             touched: 0,
             trainable_values: false,
             capacity,
+            parts: 1,
+            counters: TierCounters::default(),
+            retrieved: vec![false; capacity],
+            ablated: false,
             config,
             device: device.clone(),
         })
+    }
+
+    /// Splits an empty tier into `parts` equal partitions (one per head; see
+    /// the module documentation). The capacity must divide evenly.
+    pub fn with_parts(mut self, parts: usize) -> Result<Self> {
+        if parts == 0 || !self.capacity.is_multiple_of(parts) {
+            return Err(DmtError::InvalidArgument(format!(
+                "{} slots do not split into {parts} head partitions",
+                self.capacity
+            )));
+        }
+        if !self.is_empty() {
+            return Err(DmtError::InvalidArgument(
+                "only an empty tier can be partitioned".into(),
+            ));
+        }
+        self.parts = parts;
+        Ok(self)
     }
 
     /// Loads every memory of `store` (keys, values, LRFU bookkeeping, its next
@@ -134,51 +259,115 @@ impl DeviceMemory {
     /// order; a store larger than the capacity is refused (serve it from the
     /// store's own index instead).
     pub async fn load<S: MemoryStore + ?Sized>(store: &S, capacity: usize, device: &Device) -> Result<Self> {
-        let ids = store.ids().await?;
-        if ids.len() > capacity {
-            return Err(DmtError::InvalidArgument(format!(
-                "the store holds {} memories, more than the device tier's {capacity} slots",
-                ids.len()
-            )));
-        }
-        let layout: Vec<Option<MemoryId>> = (0..capacity).map(|s| ids.get(s).copied()).collect();
-        Self::load_with_layout(store, &layout, device).await
+        Self::load_parts(store, capacity, 1, device).await
+    }
+
+    /// [`DeviceMemory::load`] into a tier of `parts` head partitions: each
+    /// memory goes to the partition its `head:` tag names, in id order.
+    pub async fn load_parts<S: MemoryStore + ?Sized>(
+        store: &S,
+        capacity: usize,
+        parts: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::load_rows(store, Slots::Fill(capacity), parts, device).await
     }
 
     /// Loads `store` with each memory in the slot `layout` names (as
     /// [`DeviceMemory::layout`] returned it), so a resumed run's tier is the
-    /// interrupted one slot for slot; the layout must name every stored id once.
+    /// interrupted one slot for slot; the layout must name every stored id
+    /// once, each in its head's partition.
     pub async fn load_with_layout<S: MemoryStore + ?Sized>(
         store: &S,
         layout: &[Option<MemoryId>],
+        parts: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::load_rows(store, Slots::Layout(layout), parts, device).await
+    }
+
+    async fn load_rows<S: MemoryStore + ?Sized>(
+        store: &S,
+        slots: Slots<'_>,
+        parts: usize,
         device: &Device,
     ) -> Result<Self> {
         let config = store.config().clone();
-        let capacity = layout.len();
+        let capacity = match slots {
+            Slots::Fill(c) => c,
+            Slots::Layout(l) => l.len(),
+        };
+        let mut tier = DeviceMemory::new(config.clone(), capacity, device)?.with_parts(parts)?;
         let mut stored = store.ids().await?;
-        let mut named: Vec<MemoryId> = layout.iter().flatten().copied().collect();
         stored.sort_unstable();
-        named.sort_unstable();
-        if stored != named {
+        if stored.len() > capacity {
             return Err(DmtError::InvalidArgument(format!(
-                "the slot layout names {} memories, the store holds {} others",
-                named.len(),
+                "the store holds {} memories, more than the device tier's {capacity} slots",
                 stored.len()
             )));
         }
+        let slot_of_id: Option<HashMap<MemoryId, usize>> = match slots {
+            Slots::Fill(_) => None,
+            Slots::Layout(layout) => {
+                let mut named: Vec<MemoryId> = layout.iter().flatten().copied().collect();
+                named.sort_unstable();
+                if stored != named {
+                    return Err(DmtError::InvalidArgument(format!(
+                        "the slot layout names {} memories, the store holds {} others",
+                        named.len(),
+                        stored.len()
+                    )));
+                }
+                Some(
+                    layout
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(s, id)| id.map(|id| (id, s)))
+                        .collect(),
+                )
+            }
+        };
         let stats = store.stats().await?;
         let (dk, dv) = (config.key_dim, config.value_dim);
         let mut keys = vec![0.0f32; capacity * dk];
         let mut values = vec![0.0f32; capacity * dv];
-        let mut tier = DeviceMemory::new(config, capacity, device)?;
-        let slots: Vec<(usize, MemoryId)> = layout
-            .iter()
-            .enumerate()
-            .filter_map(|(s, id)| id.map(|id| (s, id)))
-            .collect();
-        for chunk in slots.chunks(LOAD_CHUNK) {
-            let ids: Vec<MemoryId> = chunk.iter().map(|(_, id)| *id).collect();
-            for (m, &(slot, _)) in store.get(&ids).await?.into_iter().zip(chunk) {
+        let per = capacity / parts;
+        let mut filled = vec![0usize; parts];
+        for ids in stored.chunks(LOAD_CHUNK) {
+            for m in store.get(ids).await? {
+                let part = if parts == 1 {
+                    0
+                } else {
+                    tagged_part(&m.tags).filter(|&p| p < parts).ok_or_else(|| {
+                        DmtError::InvalidArgument(format!(
+                            "memory {} names no head partition below {parts} (a head:<h> tag)",
+                            m.id
+                        ))
+                    })?
+                };
+                let slot = match &slot_of_id {
+                    Some(map) => {
+                        let s = map.get(&m.id).copied().ok_or_else(|| {
+                            DmtError::InvalidArgument(format!("the store returned memory {} unasked", m.id))
+                        })?;
+                        if s / per != part {
+                            return Err(DmtError::InvalidArgument(format!(
+                                "the slot layout puts memory {} of head {part} in slot {s}, outside its partition",
+                                m.id
+                            )));
+                        }
+                        s
+                    }
+                    None => {
+                        if filled[part] == per {
+                            return Err(DmtError::InvalidArgument(format!(
+                                "head {part} has more memories than its {per} slots"
+                            )));
+                        }
+                        filled[part] += 1;
+                        part * per + filled[part] - 1
+                    }
+                };
                 keys[slot * dk..(slot + 1) * dk].copy_from_slice(&m.key);
                 values[slot * dv..(slot + 1) * dv].copy_from_slice(&m.value);
                 tier.occupy(
@@ -226,14 +415,16 @@ impl DeviceMemory {
 
     /// A read-only tier whose searches go to `store`'s own index on the CPU
     /// (the memory stays on disk; only the found rows reach the device), for
-    /// inference with a memory larger than the device could hold. It finds
-    /// the same top-k as a device tier holding the same memories; it cannot
-    /// learn (touch, update or insert), and its slots are meaningless.
-    pub async fn from_store(store: Arc<dyn MemoryStore>, device: &Device) -> Result<Self> {
+    /// inference with a memory larger than the device could hold; with
+    /// `parts` head partitions, each head searches the memories tagged with
+    /// it. It finds the same top-k as a device tier holding the same
+    /// memories; it cannot learn (touch, update or insert), and its slots are
+    /// meaningless.
+    pub async fn from_store(store: Arc<dyn MemoryStore>, parts: usize, device: &Device) -> Result<Self> {
         let len = store.len().await?;
         let mut config = store.config().clone();
         config.capacity = None;
-        let mut tier = DeviceMemory::new(config, 1, device)?;
+        let mut tier = DeviceMemory::new(config, parts.max(1), device)?.with_parts(parts)?;
         tier.store = Some(StoreBacking { store, len });
         Ok(tier)
     }
@@ -246,14 +437,37 @@ impl DeviceMemory {
     fn search_store(&self, b: &StoreBacking, queries: Tensor<2>, k: usize) -> Result<DeviceNeighbors> {
         let [m, dk] = queries.dims();
         let dv = self.config.value_dim;
+        let parts = self.parts;
+        if !m.is_multiple_of(parts) {
+            return Err(DmtError::InvalidArgument(format!(
+                "{m} queries do not split into {parts} head partitions"
+            )));
+        }
         let q = host_f32(queries)?;
+        // Each partition's rows search the memories tagged with its head.
+        let rows = m / parts;
+        let per_part: Vec<Vec<f32>> = (0..parts)
+            .map(|p| {
+                (0..rows)
+                    .flat_map(|r| {
+                        let i = r * parts + p;
+                        q[i * dk..(i + 1) * dk].iter().copied()
+                    })
+                    .collect()
+            })
+            .collect();
         // The store is async; a scoped thread with its own small runtime keeps
         // this callable from inside or outside an async runtime.
         let found = std::thread::scope(|s| {
-            s.spawn(|| -> Result<memstore_api::Neighbors> {
+            s.spawn(|| -> Result<Vec<memstore_api::Neighbors>> {
                 let rt = crate::runtime()?;
-                let v = Vectors::new(&q, dk)?;
-                Ok(rt.block_on(b.store.search(v, k, None))?)
+                let mut out = Vec::with_capacity(parts);
+                for (p, qp) in per_part.iter().enumerate() {
+                    let v = Vectors::new(qp, dk)?;
+                    let filter = (parts > 1).then(|| memstore_api::TagFilter::All(vec![head_tag(p)]));
+                    out.push(rt.block_on(b.store.search(v, k, filter.as_ref()))?);
+                }
+                Ok(out)
             })
             .join()
         })
@@ -264,10 +478,11 @@ impl DeviceMemory {
             Vec::with_capacity(m * k * dv),
         );
         for i in 0..m {
+            let (f, r) = (&found[i % parts], i / parts);
             for j in 0..k {
-                d.push(found.distance(i, j));
-                keys.extend_from_slice(found.key(i, j));
-                values.extend_from_slice(found.value(i, j));
+                d.push(f.distance(r, j));
+                keys.extend_from_slice(f.key(r, j));
+                values.extend_from_slice(f.value(r, j));
             }
         }
         let dev = &self.device;
@@ -280,12 +495,56 @@ impl DeviceMemory {
     }
 
     fn check_writable(&self) -> Result<()> {
+        if self.ablated {
+            return Err(DmtError::InvalidArgument(
+                "a memory with ablated values is for evaluation only".into(),
+            ));
+        }
         match self.store {
             Some(_) => Err(DmtError::InvalidArgument(
                 "a store-backed memory is read-only (load a device tier to learn)".into(),
             )),
             None => Ok(()),
         }
+    }
+
+    /// A copy of this tier, for evaluation, whose values are zeroed or
+    /// shuffled among the memories of each partition (the ablations that
+    /// show whether a layer's memory matters). It records nothing for the
+    /// store and refuses to learn.
+    pub fn with_ablated_values(&self, how: ValueAblation) -> Result<DeviceMemory> {
+        if self.store.is_some() {
+            return Err(DmtError::InvalidArgument(
+                "ablate a device tier, not a store-backed memory".into(),
+            ));
+        }
+        let dv = self.config.value_dim;
+        let mut values = host_f32(self.values.clone())?;
+        match how {
+            ValueAblation::Zero => values.iter_mut().for_each(|v| *v = 0.0),
+            ValueAblation::Shuffle { seed } => {
+                let mut rng = crate::train::SplitMix(seed);
+                let per = self.capacity / self.parts;
+                let old = values.clone();
+                for p in 0..self.parts {
+                    let slots: Vec<usize> = (p * per..(p + 1) * per).filter(|&s| self.valid[s]).collect();
+                    let mut order = slots.clone();
+                    // Fisher–Yates.
+                    for i in (1..order.len()).rev() {
+                        order.swap(i, rng.below(i + 1));
+                    }
+                    for (&to, &from) in slots.iter().zip(&order) {
+                        values[to * dv..(to + 1) * dv].copy_from_slice(&old[from * dv..(from + 1) * dv]);
+                    }
+                }
+            }
+        }
+        let mut t = self.clone();
+        t.trainable_values = false;
+        let inner = self.device.clone().inner();
+        t.set_values(Tensor::from_data(TensorData::new(values, [self.capacity, dv]), &inner));
+        t.ablated = true;
+        Ok(t)
     }
 
     /// Number of memories (occupied slots, or the backing store's rows).
@@ -314,6 +573,39 @@ impl DeviceMemory {
     /// Number of slots.
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Number of head partitions (1: one shared table).
+    pub fn parts(&self) -> usize {
+        self.parts
+    }
+
+    /// Memories in each partition.
+    pub fn part_lens(&self) -> Vec<usize> {
+        let per = self.capacity / self.parts;
+        (0..self.parts)
+            .map(|p| self.valid[p * per..(p + 1) * per].iter().filter(|v| **v).count())
+            .collect()
+    }
+
+    /// Lifetime counts of inserts, merges and evictions.
+    pub fn counters(&self) -> TierCounters {
+        self.counters
+    }
+
+    /// The share of the memories held now that were accessed
+    /// ([`DeviceMemory::touch`]) since the last call, which starts a new
+    /// period (0 when the tier is empty).
+    pub fn take_retrieved_share(&mut self) -> f64 {
+        let held = self.valid.iter().filter(|v| **v).count();
+        let used = self
+            .valid
+            .iter()
+            .zip(&self.retrieved)
+            .filter(|(v, r)| **v && **r)
+            .count();
+        self.retrieved.iter_mut().for_each(|r| *r = false);
+        used as f64 / held.max(1) as f64
     }
 
     /// The store id in `slot`.
@@ -350,6 +642,15 @@ impl DeviceMemory {
         if !self.is_empty() {
             return Err(DmtError::InvalidArgument("fill needs an empty tier".into()));
         }
+        let rows = keys.len() / self.config.key_dim.max(1);
+        // Row i goes to partition i % parts: the rows fit when the first
+        // partition's share does.
+        if rows.div_ceil(self.parts) > self.capacity / self.parts {
+            return Err(DmtError::InvalidArgument(format!(
+                "{rows} rows do not fit a tier of {} slots in {} partitions",
+                self.capacity, self.parts
+            )));
+        }
         let slots = self.insert(keys, values, tick)?;
         if slots.len() * self.config.key_dim != keys.len() {
             return Err(DmtError::InvalidArgument(format!(
@@ -361,21 +662,31 @@ impl DeviceMemory {
         Ok(slots.iter().filter_map(|&s| self.id(s)).collect())
     }
 
-    /// Exact `k` nearest occupied slots of each query `[m, dk]`, with their
-    /// keys and values gathered on the device (the values keep their gradient
-    /// link when they are trainable).
+    /// Exact `k` nearest occupied slots of each query `[m, dk]` (row `i`
+    /// within partition `i % parts`), with their keys and values gathered on
+    /// the device (the values keep their gradient link when they are
+    /// trainable). Where a partition holds fewer than `k` memories, the
+    /// missing neighbours have distance `+∞` (their slots and rows are
+    /// placeholders); `k` may not exceed a partition's slots.
     pub fn search(&self, queries: Tensor<2>, k: usize) -> Result<DeviceNeighbors> {
         let [m, _] = queries.dims();
-        if k > self.len() {
-            return Err(DmtError::InvalidArgument(format!(
-                "k = {k} exceeds the {} memories in the tier",
-                self.len()
-            )));
-        }
         if let Some(b) = &self.store {
+            if k == 0 || k > self.len() {
+                return Err(DmtError::InvalidArgument(format!(
+                    "k = {k} must be in 1..={} (the memories in the store)",
+                    self.len()
+                )));
+            }
             return self.search_store(b, queries, k);
         }
-        let top = exact_topk(queries, self.keys.clone(), Some(&self.valid), k, self.config.metric)?;
+        let top = partitioned_topk(
+            queries,
+            self.keys.clone(),
+            Some(&self.valid),
+            k,
+            self.config.metric,
+            self.parts,
+        )?;
         let flat = top.indices.clone().reshape([m * k]);
         let keys = self
             .keys
@@ -421,6 +732,7 @@ impl DeviceMemory {
         }
         let lambda = self.config.eviction.lambda();
         for &s in slots {
+            self.retrieved[s] = true;
             let (crf, last) = math::access(lambda, self.crf[s], self.last_access[s], tick);
             self.crf[s] = crf;
             self.last_access[s] = last;
@@ -501,15 +813,18 @@ impl DeviceMemory {
         self.values = t.set_require_grad(self.trainable_values);
     }
 
-    /// The slot a new memory goes to: a free one, else the lowest-priority
-    /// synced memory, which is evicted (deleted in the pending batch).
-    fn free_slot(&mut self) -> Option<usize> {
-        if let Some(s) = self.valid.iter().position(|v| !v) {
+    /// The slot a new memory of partition `part` goes to: a free one, else
+    /// the partition's lowest-priority synced memory, which is evicted
+    /// (deleted in the pending batch).
+    fn free_slot(&mut self, part: usize) -> Option<usize> {
+        let per = self.capacity / self.parts;
+        let range = part * per..(part + 1) * per;
+        if let Some(s) = range.clone().find(|&s| !self.valid[s]) {
             return Some(s);
         }
         let lambda = self.config.eviction.lambda();
         let first = self.pending.first_id;
-        let victim = (0..self.capacity)
+        let victim = range
             .filter_map(|s| self.ids[s].filter(|&id| id < first).map(|id| (s, id)))
             .min_by(|a, b| {
                 let pa = math::priority(lambda, self.crf[a.0], self.last_access[a.0]);
@@ -518,6 +833,7 @@ impl DeviceMemory {
             })?;
         let (s, _) = victim;
         self.remove_synced(s);
+        self.counters.evicted += 1;
         Some(s)
     }
 
@@ -544,11 +860,121 @@ impl DeviceMemory {
         self.pending.delete.push(id);
     }
 
-    /// Inserts new memories (host rows of keys and values) at `tick`, evicting
-    /// by LRFU when full. Returns the slots used, in row order; it stops early
-    /// (fewer slots) when every occupied slot holds a memory not yet synced.
+    /// Inserts new memories (host rows of keys and values) at `tick`, row
+    /// `i` into partition `i % parts` (the row order of `[positions · heads,
+    /// dh]` tensors), evicting by LRFU within a full partition. Returns the
+    /// slots used, in row order; a row whose partition holds only memories
+    /// not yet synced is skipped (fewer slots).
     pub fn insert(&mut self, keys: &[f32], values: &[f32], tick: Tick) -> Result<Vec<usize>> {
-        self.insert_rows(keys, values, None, tick)
+        let parts = self.parts;
+        let rows = keys.len() / self.config.key_dim.max(1);
+        let part_of: Vec<usize> = (0..rows).map(|i| i % parts).collect();
+        self.insert_parts(keys, values, &part_of, tick)
+    }
+
+    /// [`DeviceMemory::insert`] with each row's partition given.
+    pub fn insert_parts(&mut self, keys: &[f32], values: &[f32], parts: &[usize], tick: Tick) -> Result<Vec<usize>> {
+        let placed = self.place_rows(keys, values, None, parts, tick)?;
+        let (dk, dv) = (self.config.key_dim, self.config.value_dim);
+        let (mut k, mut v) = (
+            Vec::with_capacity(placed.len() * dk),
+            Vec::with_capacity(placed.len() * dv),
+        );
+        for &(row, _) in &placed {
+            k.extend_from_slice(&keys[row * dk..(row + 1) * dk]);
+            v.extend_from_slice(&values[row * dv..(row + 1) * dv]);
+        }
+        let slots: Vec<usize> = placed.into_iter().map(|(_, s)| s).collect();
+        self.write_rows(&slots, &k, &v);
+        Ok(slots)
+    }
+
+    /// Between steps, what learning forward passes observed, as the store's
+    /// `learn` does it: records the accesses of the neighbours found (LRFU),
+    /// applies the sparse value update `value −= lr · grad` to them when a
+    /// value gradient is given (trainable values), and, for observations
+    /// with values, recombines each one closer than the recombination
+    /// threshold with those memories ([`DeviceMemory::merge_many`]) and
+    /// inserts each one farther than the novelty threshold from every memory
+    /// of its partition, and from every memory inserted before it in this
+    /// commit (near-duplicate observations of one batch become one memory):
+    /// at most `max_inserts` merges and inserts together.
+    pub fn commit(
+        &mut self,
+        observed: Vec<Observation>,
+        tick: Tick,
+        max_inserts: usize,
+        value_grad: Option<(Tensor<2>, f32)>,
+    ) -> Result<CommitCounts> {
+        let (dk, dv) = (self.config.key_dim, self.config.value_dim);
+        let (novelty, recombine, metric) = (self.config.novelty, self.config.recombine, self.config.metric);
+        let parts = self.parts;
+        let mut touched = Vec::new();
+        let mut merges: Vec<(Vec<f32>, Vec<f32>, Vec<MemoryId>)> = Vec::new();
+        let (mut new_keys, mut new_values, mut new_parts) = (Vec::new(), Vec::new(), Vec::new());
+        for o in observed {
+            let [n, kk] = o.distances.dims();
+            let distances = host_f32(o.distances)?;
+            let slots = crate::host_i64(o.slots)?;
+            touched.extend(
+                slots
+                    .iter()
+                    .zip(&distances)
+                    .filter(|(_, d)| d.is_finite())
+                    .map(|(&s, _)| s as usize),
+            );
+            let Some(values) = o.values else { continue };
+            let novel: Vec<usize> = (0..n).filter(|&i| distances[i * kk] > novelty).collect();
+            let close: Vec<usize> = (0..n).filter(|&i| distances[i * kk] < recombine).collect();
+            if novel.is_empty() && close.is_empty() {
+                continue;
+            }
+            let (keys, values) = (host_f32(o.keys)?, host_f32(values)?);
+            for i in close {
+                let sources: Vec<MemoryId> = (0..kk)
+                    .filter(|&j| distances[i * kk + j] < recombine)
+                    .filter_map(|j| self.id(slots[i * kk + j] as usize))
+                    .collect();
+                merges.push((
+                    keys[i * dk..(i + 1) * dk].to_vec(),
+                    values[i * dv..(i + 1) * dv].to_vec(),
+                    sources,
+                ));
+            }
+            for i in novel {
+                new_keys.extend_from_slice(&keys[i * dk..(i + 1) * dk]);
+                new_values.extend_from_slice(&values[i * dv..(i + 1) * dv]);
+                new_parts.push(i % parts);
+            }
+        }
+        self.touch(&touched, tick)?;
+        if let Some((g, lr)) = value_grad {
+            self.apply_value_grad(g, lr, &touched)?;
+        }
+        let merged = self.merge_many(&merges, tick, max_inserts)?.len();
+        let (mut keys, mut values, mut kept_parts) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, &part) in new_parts.iter().enumerate() {
+            if merged + kept_parts.len() >= max_inserts {
+                break;
+            }
+            let key = &new_keys[i * dk..(i + 1) * dk];
+            let far = keys
+                .chunks(dk)
+                .zip(&kept_parts)
+                .filter(|(_, p)| **p == part)
+                .all(|(o, _): (&[f32], _)| math::distance(metric, key, o) > novelty);
+            if far {
+                keys.extend_from_slice(key);
+                values.extend_from_slice(&new_values[i * dv..(i + 1) * dv]);
+                kept_parts.push(part);
+            }
+        }
+        let inserted = self.insert_parts(&keys, &values, &kept_parts, tick)?.len();
+        Ok(CommitCounts {
+            accessed: touched.len(),
+            merged,
+            inserted,
+        })
     }
 
     /// Recombines memories `sources` (synced, present) with an observation
@@ -670,7 +1096,8 @@ impl DeviceMemory {
                     access_count: merged.access_count,
                     crf: merged.crf,
                 };
-                for s in self.place_rows(&merged.key, &mvalue, Some(&[meta]), tick)? {
+                let part = slots[0] / (self.capacity / self.parts);
+                for (_, s) in self.place_rows(&merged.key, &mvalue, Some(&[meta]), &[part], tick)? {
                     placed.push(s);
                     new_keys.extend_from_slice(&merged.key);
                     new_values.extend_from_slice(&mvalue);
@@ -685,30 +1112,19 @@ impl DeviceMemory {
         planned.map(|()| placed)
     }
 
-    fn insert_rows(
-        &mut self,
-        keys: &[f32],
-        values: &[f32],
-        metas: Option<&[InsertMeta]>,
-        tick: Tick,
-    ) -> Result<Vec<usize>> {
-        let slots = self.place_rows(keys, values, metas, tick)?;
-        let (dk, dv) = (self.config.key_dim, self.config.value_dim);
-        let m = slots.len();
-        self.write_rows(&slots, &keys[..m * dk], &values[..m * dv]);
-        Ok(slots)
-    }
-
     /// The bookkeeping of an insert (slots, ids, LRFU state, the pending
-    /// batch) without the device write; [`DeviceMemory::write_rows`] must
-    /// follow with the rows of the returned slots.
+    /// batch) without the device write: `(row, slot)` of each row placed, in
+    /// row order (a row whose partition has no free or evictable slot is
+    /// skipped); [`DeviceMemory::write_rows`] must follow with those rows.
+    /// Rows with `metas` are recombined memories, the others new ones.
     fn place_rows(
         &mut self,
         keys: &[f32],
         values: &[f32],
         metas: Option<&[InsertMeta]>,
+        parts: &[usize],
         tick: Tick,
-    ) -> Result<Vec<usize>> {
+    ) -> Result<Vec<(usize, usize)>> {
         self.check_writable()?;
         let (dk, dv) = (self.config.key_dim, self.config.value_dim);
         let n = keys.len() / dk.max(1);
@@ -719,6 +1135,18 @@ impl DeviceMemory {
                 values.len()
             )));
         }
+        if parts.len() != n {
+            return Err(DmtError::InvalidArgument(format!(
+                "{} partitions named for {n} rows",
+                parts.len()
+            )));
+        }
+        if let Some(p) = parts.iter().find(|&&p| p >= self.parts) {
+            return Err(DmtError::InvalidArgument(format!(
+                "partition {p} of a tier of {}",
+                self.parts
+            )));
+        }
         if let Some(p) = keys.iter().chain(values).position(|x| !x.is_finite()) {
             return Err(DmtError::InvalidArgument(format!(
                 "non-finite number at {p} in new memories"
@@ -727,9 +1155,9 @@ impl DeviceMemory {
         if n > 0 {
             self.check_tick(tick)?;
         }
-        let mut slots = Vec::with_capacity(n);
+        let mut placed = Vec::with_capacity(n);
         for i in 0..n {
-            let Some(s) = self.free_slot() else { break };
+            let Some(s) = self.free_slot(parts[i]) else { continue };
             let id = self.next_id;
             self.next_id += 1;
             let meta = metas.and_then(|m| m.get(i).copied()).unwrap_or(InsertMeta {
@@ -744,10 +1172,18 @@ impl DeviceMemory {
             self.pending
                 .insert_values
                 .extend_from_slice(&values[i * dv..(i + 1) * dv]);
+            if self.parts > 1 {
+                self.pending.insert_tags.push(vec![head_tag(parts[i])]);
+            }
             self.pending.tick = self.pending.tick.max(tick);
-            slots.push(s);
+            if metas.is_some() {
+                self.counters.merged += 1;
+            } else {
+                self.counters.inserted += 1;
+            }
+            placed.push((i, s));
         }
-        Ok(slots)
+        Ok(placed)
     }
 
     /// Writes rows of keys and values into distinct `slots` of the device

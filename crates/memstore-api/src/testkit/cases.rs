@@ -1279,6 +1279,35 @@ pub async fn apply_keeps_insert_bookkeeping<H: Harness>(make: Make<'_, H>) {
     assert_eq!(s.stats().await.unwrap().access_count_total, 10);
 }
 
+/// Rows a change batch inserts carry its tags, durably, and searches filter
+/// on them; a tag list per row that does not match the rows is refused.
+pub async fn apply_keeps_insert_tags<H: Harness>(make: Make<'_, H>) {
+    let c = lambda_cfg(1, 1, 0.5);
+    let (h, s) = fresh(make, c.clone()).await;
+    let mut b = change_batch(1, 3, 1);
+    b.insert_keys = vec![1.0, 2.0, 3.0];
+    b.insert_values = vec![0.5, 0.25, 0.125];
+    b.insert_tags = vec![vec!["head:0".into()], vec![], vec!["head:1".into(), "src".into()]];
+    let mut bad = b.clone();
+    bad.insert_tags.pop();
+    assert!(matches!(s.apply(&bad).await, Err(Error::TagCount { got: 2, rows: 3 })));
+    assert_eq!(s.len().await.unwrap(), 0);
+    s.apply(&b).await.unwrap();
+    let s = reopen(&h, s, c).await;
+    let got = s.get(&[1, 2, 3]).await.unwrap();
+    let tags: Vec<Vec<&str>> = got
+        .iter()
+        .map(|m| m.tags.keys().map(String::as_str).collect())
+        .collect();
+    assert_eq!(tags, vec![vec!["head:0"], vec![], vec!["head:1", "src"]]);
+    let filter = TagFilter::Any(vec!["head:1".into()]);
+    let hits = s
+        .search(crate::Vectors::new(&[1.0], 1).unwrap(), 1, Some(&filter))
+        .await
+        .unwrap();
+    assert_eq!(hits.id(0, 0), Some(3));
+}
+
 /// A change batch's inserts past the capacity evict in LRFU order, as
 /// `insert` does, and agree with the reference model.
 pub async fn apply_respects_capacity<H: Harness>(make: Make<'_, H>) {

@@ -172,6 +172,7 @@ macro_rules! __conformance_common {
             apply_rejects_bad_batches,
             apply_respects_capacity,
             apply_keeps_insert_bookkeeping,
+            apply_keeps_insert_tags,
             stats_report_totals,
             ids_lists_every_memory,
             flush_keeps_state,

@@ -1,0 +1,679 @@
+//! The experiment suites of the memory student, each one command:
+//!
+//! ```text
+//! cargo run --release --example dmt_experiments -- --suite quality            # writes runs/experiments/quality
+//! cargo run --release --example dmt_experiments -- --suite quality --out DIR  # elsewhere
+//! ```
+//!
+//! `quality` answers whether the memory student models language as well as
+//! the dense teacher for fewer weights. Every model is distilled from the
+//! bundled teacher with one recipe (corpus, steps, batch, sequence length,
+//! learning-rate schedule, loss, seed) and evaluated on the same held-out
+//! text:
+//!
+//! - the memory student (featural blocks 0–2 filled from the teacher,
+//!   associative block 3 growing from empty, one table per head);
+//! - (a) attention-only: the teacher without its MLPs, distilled;
+//! - (b) dense, equal trained weights: the teacher with MLPs narrowed so its
+//!   trained weights equal the student's;
+//! - (c) dense, equal weights + memory floats: MLPs widened to the student's
+//!   weights plus its memory tables' floats;
+//! - (d) the teacher itself after the same steps;
+//! - (e) the bigram floor (counts, absolute discounting);
+//!
+//! each over three seeds (mean ± standard deviation), then, on one seed,
+//! the memory grown, bootstrapped and fixed at equal final rows, the
+//! ablations tried (shared head tables, no sparse value updates, grown
+//! featural memories), and the capacity curve (256 to 16,384 rows per layer
+//! against dense students of equal floats). It writes `results.md`,
+//! `results.csv` and the plots into the output directory, each run in
+//! `runs/<name>`; an interrupted suite continues where it stopped (finished
+//! runs are kept, an interrupted one resumes from its checkpoint).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn_dmt::Gpt2Config;
+use burn_dmt::distill::{DistillOptions, LayerUse, Report, recovered, run};
+use burn_dmt::memory::layers::MemoryInit;
+use burn_dmt::ngram::Bigram;
+use burn_dmt::plot::{Chart, Series, charts};
+use burn_dmt::tokenizer::TextCodec;
+use burn_dmt::train::{Corpus, eval_batches};
+use clap::Parser;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+/// Runs an experiment suite of the memory student.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// The suite: quality.
+    #[arg(long, default_value = "quality")]
+    suite: String,
+    /// Output directory (default runs/experiments/SUITE).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Seeds of the runs repeated per seed.
+    #[arg(long, value_delimiter = ',', default_values_t = [1u64, 2, 3])]
+    seeds: Vec<u64>,
+    /// Optimiser steps of every run (the main job's recipe: 300).
+    #[arg(long, default_value_t = 300)]
+    steps: usize,
+    /// Memory rows per layer of the capacity curve.
+    #[arg(long, value_delimiter = ',', default_values_t = [256usize, 1024, 4096, 16384])]
+    capacities: Vec<usize>,
+    /// Held-out windows evaluated per run.
+    #[arg(long, default_value_t = 128)]
+    eval_windows: usize,
+}
+
+/// What one finished run contributes to the results (`result.json` in its
+/// directory).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Outcome {
+    name: String,
+    model: String,
+    /// `seeded` (the comparison over seeds), `variant` or `capacity`.
+    group: String,
+    seed: u64,
+    nll: f64,
+    kl: f64,
+    agreement: f64,
+    teacher_nll: f64,
+    weights: usize,
+    memory_floats: usize,
+    memory_rows: usize,
+    ff_macs: u64,
+    /// Final rows per memory block.
+    rows: Vec<usize>,
+    /// (block, share retrieved, CE zeroed, CE shuffled).
+    memory_use: Vec<(usize, f64, f64, f64)>,
+    seconds: f64,
+    train_tokens_per_s: f64,
+}
+
+/// A change to a run's options.
+type Tweak<'a> = dyn Fn(&mut DistillOptions) + 'a;
+
+/// One training run of the suite.
+struct Job {
+    name: String,
+    model: String,
+    group: &'static str,
+    seed: u64,
+    opts: DistillOptions,
+}
+
+fn main() {
+    if let Err(e) = run_main() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Hidden width of a dense student whose trained (non-embedding) weights
+/// are `target`, given the attention-only model's `base` weights: each of
+/// `n` MLPs of width `w` over `c` features has `2·c·w + w + c`.
+fn width_for(target: usize, base: usize, n: usize, c: usize) -> usize {
+    let per = n * (2 * c + 1);
+    (target.saturating_sub(base + n * c) as f64 / per as f64)
+        .round()
+        .max(1.0) as usize
+}
+
+fn run_main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    if args.suite != "quality" {
+        return Err(format!("unknown suite {:?} (known: quality)", args.suite).into());
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs/experiments").join(&args.suite));
+    std::fs::create_dir_all(out.join("runs"))?;
+    let mut base = DistillOptions::embedded(&root);
+    base.steps = args.steps;
+    base.eval_windows = args.eval_windows;
+    base.attention_baseline = false;
+    base.checkpoint_every = 50;
+    base.log_every = 10;
+    let config = Gpt2Config::from_file(&base.teacher.join("config.json"))?;
+    let (n, c, h) = (config.n_layer, config.n_embd, config.n_head);
+    let dh = c / h;
+    let plan = burn_dmt::distill::default_layers(n);
+    let kinds = burn_dmt::memory::layers::parse_layers(&plan, n)?;
+    let memory_blocks = kinds
+        .iter()
+        .filter(|k| !matches!(k, burn_dmt::memory::layers::LayerKind::Mlp))
+        .count();
+    // Weights of the attention-only model and of the memory student (the
+    // layers' projections: featural 2, associative 4, each c·c + c, and a
+    // temperature or scale).
+    let d_ff = config.d_ff();
+    let teacher_weights = burn_dmt::accounting::Accounting::of(&burn_dmt::Gpt2::from_pretrained(
+        &base.teacher,
+        &burn_dmt::burn::tensor::Device::flex(),
+    )?)
+    .weights;
+    let attention_weights = teacher_weights - n * (2 * c * d_ff + d_ff + c);
+    let memory_weights: usize = kinds
+        .iter()
+        .map(|k| match k {
+            burn_dmt::memory::layers::LayerKind::Featural => 2 * (c * c + c) + 1,
+            burn_dmt::memory::layers::LayerKind::Associative => 4 * (c * c + c) + 1,
+            _ => 0,
+        })
+        .sum();
+    let student_weights = attention_weights + memory_weights;
+    let floats_at = |rows: usize| memory_blocks * rows * 2 * dh;
+
+    let mut jobs: Vec<Job> = Vec::new();
+    let job = |group: &'static str, model: &str, name: String, seed: u64, f: &Tweak<'_>| {
+        let mut o = base.clone();
+        o.seed = seed;
+        o.run_dir = out.join("runs").join(&name);
+        f(&mut o);
+        Job {
+            name,
+            model: model.to_string(),
+            group,
+            seed,
+            opts: o,
+        }
+    };
+    let w_b = width_for(student_weights, attention_weights, n, c);
+    let w_c = width_for(student_weights + floats_at(base.capacity), attention_weights, n, c);
+    for &seed in &args.seeds {
+        jobs.push(job("seeded", "memory", format!("memory-s{seed}"), seed, &|_| {}));
+        jobs.push(job(
+            "seeded",
+            "attention-only",
+            format!("attention-s{seed}"),
+            seed,
+            &|o| {
+                o.layers = Some(format!("0-{}:none", n - 1));
+            },
+        ));
+        jobs.push(job(
+            "seeded",
+            "dense, equal weights",
+            format!("dense-w{w_b}-s{seed}"),
+            seed,
+            &|o| {
+                o.layers = Some(String::new());
+                o.mlp_width = Some(w_b);
+            },
+        ));
+        jobs.push(job(
+            "seeded",
+            "dense, equal weights + memory",
+            format!("dense-w{w_c}-s{seed}"),
+            seed,
+            &|o| {
+                o.layers = Some(String::new());
+                o.mlp_width = Some(w_c);
+            },
+        ));
+        jobs.push(job(
+            "seeded",
+            "teacher, same extra steps",
+            format!("teacher-s{seed}"),
+            seed,
+            &|o| {
+                o.layers = Some(String::new());
+            },
+        ));
+    }
+    let s1 = args.seeds.first().copied().unwrap_or(1);
+    let variants: [(&str, &str, &Tweak<'_>); 5] = [
+        (
+            "memory: associative bootstrapped from the teacher",
+            "assoc-teacher",
+            &|o| {
+                o.associative_init = MemoryInit::Teacher;
+            },
+        ),
+        (
+            "memory: fixed (bootstrapped, no inserts, no value updates)",
+            "fixed",
+            &|o| {
+                o.associative_init = MemoryInit::Teacher;
+                o.max_inserts = 0;
+                o.value_lr = 0.0;
+            },
+        ),
+        ("memory: featural grown too", "featural-grown", &|o| {
+            o.featural_init = MemoryInit::Empty;
+        }),
+        ("memory: one table shared by the heads", "shared-heads", &|o| {
+            o.shared_heads = true;
+        }),
+        ("memory: no sparse value updates", "value-lr0", &|o| {
+            o.value_lr = 0.0;
+        }),
+    ];
+    for (model, name, f) in variants {
+        jobs.push(job("variant", model, format!("{name}-s{s1}"), s1, f));
+    }
+    for &rows in &args.capacities {
+        if rows != base.capacity {
+            jobs.push(job("capacity", "memory", format!("memory-cap{rows}-s{s1}"), s1, &|o| {
+                o.capacity = rows
+            }));
+        }
+        let w = width_for(student_weights + floats_at(rows), attention_weights, n, c);
+        if w != w_c {
+            jobs.push(job(
+                "capacity",
+                "dense, equal weights + memory",
+                format!("dense-w{w}-s{s1}"),
+                s1,
+                &|o| {
+                    o.layers = Some(String::new());
+                    o.mlp_width = Some(w);
+                },
+            ));
+        }
+    }
+
+    let started = Instant::now();
+    let bars = MultiProgress::new();
+    let all = bars.add(ProgressBar::new(jobs.len() as u64));
+    all.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} runs, {elapsed} {msg}")?.progress_chars("=> "),
+    );
+    all.set_prefix(format!("suite {}", args.suite));
+    let steps = bars.add(ProgressBar::new(args.steps as u64));
+    steps.set_style(
+        ProgressStyle::with_template("{prefix:>28} [{bar:30}] step {pos}/{len} {msg}")?.progress_chars("=> "),
+    );
+    let mut outcomes = Vec::new();
+    for j in &jobs {
+        all.set_message(j.name.clone());
+        steps.set_prefix(j.name.clone());
+        steps.set_position(0);
+        let result = j.opts.run_dir.join("result.json");
+        if result.exists() {
+            outcomes.push(serde_json::from_str::<Outcome>(&std::fs::read_to_string(&result)?)?);
+            all.inc(1);
+            continue;
+        }
+        let mut o = j.opts.clone();
+        if o.run_dir.join("checkpoint.json").exists() {
+            o.resume = true;
+        } else if o.run_dir.exists() {
+            std::fs::remove_dir_all(&o.run_dir)?;
+        }
+        let t0 = Instant::now();
+        let report = run(&o, &mut |line| {
+            if let Some(rest) = line.trim_start().strip_prefix("step")
+                && let Some((done, _)) = rest.trim_start().split_once('/')
+                && let Ok(done) = done.trim().parse::<u64>()
+            {
+                steps.set_position(done);
+                steps.set_message(line.split("  ").nth(1).unwrap_or("").to_string());
+            }
+        })?;
+        let outcome = outcome(j, &report, t0.elapsed().as_secs_f64());
+        std::fs::write(&result, serde_json::to_string_pretty(&outcome)?)?;
+        outcomes.push(outcome);
+        all.inc(1);
+    }
+    steps.finish_and_clear();
+    all.finish();
+    let bigram = bigram_floor(&base)?;
+    let md = results_markdown(
+        &args,
+        &out,
+        &outcomes,
+        bigram,
+        started.elapsed().as_secs_f64(),
+        (w_b, w_c),
+    )?;
+    std::fs::write(out.join("results.md"), &md)?;
+    std::fs::write(out.join("results.csv"), results_csv(&outcomes))?;
+    for f in ["memory.png", "loss.png"] {
+        let from = out.join("runs").join(format!("memory-s{s1}")).join(f);
+        if from.exists() {
+            std::fs::copy(&from, out.join(f))?;
+        }
+    }
+    println!("{md}");
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+fn outcome(j: &Job, r: &Report, seconds: f64) -> Outcome {
+    let cost = &r.student_cost;
+    Outcome {
+        name: j.name.clone(),
+        model: j.model.clone(),
+        group: j.group.to_string(),
+        seed: j.seed,
+        nll: r.student.nll,
+        kl: r.student.kl.unwrap_or(f64::NAN),
+        agreement: r.student.agreement.unwrap_or(f64::NAN),
+        teacher_nll: r.teacher.nll,
+        weights: cost.weights,
+        memory_floats: cost.memory_floats(),
+        memory_rows: cost.layers.iter().map(|l| l.memory_rows).sum(),
+        ff_macs: cost.ff_macs_per_token(),
+        rows: r.memory_rows().into_iter().flatten().collect(),
+        memory_use: r
+            .memory_use
+            .iter()
+            .map(|u: &LayerUse| (u.block, u.retrieved, u.nll_zeroed, u.nll_shuffled))
+            .collect(),
+        seconds,
+        train_tokens_per_s: r.train_tokens_per_s.unwrap_or(f64::NAN),
+    }
+}
+
+/// The bigram floor's held-out cross-entropy, on the held-out windows every
+/// run is evaluated on.
+fn bigram_floor(o: &DistillOptions) -> Result<f64, Box<dyn std::error::Error>> {
+    let codec = TextCodec::for_model(&o.teacher, None)?;
+    let tokens = codec.encode(&std::fs::read_to_string(&o.corpus)?)?;
+    let corpus = Corpus::split(tokens, 0.1);
+    let config = Gpt2Config::from_file(&o.teacher.join("config.json"))?;
+    let eval = eval_batches(&corpus.eval, o.batch, o.seq.min(config.n_positions), o.eval_windows);
+    Ok(Bigram::fit(&corpus.train, config.vocab_size)?.cross_entropy(&eval)?)
+}
+
+/// Mean and sample standard deviation.
+fn stats(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len().max(1) as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = if xs.len() > 1 {
+        xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+fn pm(xs: &[f64], digits: usize) -> String {
+    let (m, s) = stats(xs);
+    if xs.len() > 1 {
+        format!("{m:.digits$} ± {s:.digits$}")
+    } else {
+        format!("{m:.digits$}")
+    }
+}
+
+fn results_markdown(
+    args: &Args,
+    out: &Path,
+    outcomes: &[Outcome],
+    bigram: f64,
+    seconds: f64,
+    (w_b, w_c): (usize, usize),
+) -> Result<String, Box<dyn std::error::Error>> {
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or("unknown".into(), |o| {
+            String::from_utf8_lossy(&o.stdout).trim().to_string()
+        });
+    let seeds: Vec<String> = args.seeds.iter().map(u64::to_string).collect();
+    let by_model = |model: &str| -> Vec<&Outcome> {
+        outcomes
+            .iter()
+            .filter(|o| o.group == "seeded" && o.model == model)
+            .collect()
+    };
+    let s1 = args.seeds.first().copied().unwrap_or(1);
+    let teacher_nll = outcomes.first().map_or(f64::NAN, |o| o.teacher_nll);
+    let teacher_weights = by_model("teacher, same extra steps").first().map_or(0, |o| o.weights);
+    let mut s = format!(
+        "# Quality of the memory student\n\n\
+         Command: `cargo run --release --example dmt_experiments -- --suite {} --seeds {} --steps {}` \
+         (output `{}`), at commit `{commit}`; {:.0} minutes on this machine ({} cores).\n\n\
+         Every model is distilled from the bundled teacher (`assets/teacher`, 4 × 128) on tiny-shakespeare with \
+         the main job's recipe: {} steps of 16 × 64 tokens, AdamW at 2e-3 with warm-up and cosine decay, \
+         α·T²·KL + (1 − α)·CE with T = 2 and α = 0.5, and evaluated on the last 10% of the text \
+         ({} windows of 64 tokens). Seeds {} set the batches and new weights. Cross-entropy (CE) in nats per \
+         token; ± is the standard deviation over seeds.\n\n",
+        args.suite,
+        seeds.join(","),
+        args.steps,
+        out.display(),
+        seconds / 60.0,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        args.steps,
+        args.eval_windows,
+        seeds.join(", ")
+    );
+    let a_nll: BTreeMap<u64, f64> = by_model("attention-only").iter().map(|o| (o.seed, o.nll)).collect();
+    let rec = |o: &Outcome| a_nll.get(&o.seed).map(|&a| recovered(a, o.nll, teacher_nll));
+    s += "## Models\n\n| model | runs | held-out CE | perplexity | KL(teacher ‖ model) | top-1 agreement | recovered (of the teacher's advantage over attention-only) | non-embedding weights | memory floats | weights + memory / teacher's weights | feed-forward multiply-adds per token |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    s += &format!(
+        "| teacher (not retrained) | — | {teacher_nll:.4} | {:.2} | — | — | 100% | {teacher_weights} | 0 | 100.0% | — |\n",
+        teacher_nll.exp()
+    );
+    for model in [
+        "memory",
+        "attention-only",
+        "dense, equal weights",
+        "dense, equal weights + memory",
+        "teacher, same extra steps",
+    ] {
+        let runs = by_model(model);
+        if runs.is_empty() {
+            continue;
+        }
+        let col = |f: &dyn Fn(&Outcome) -> f64| runs.iter().map(|o| f(o)).collect::<Vec<f64>>();
+        let recs: Vec<f64> = runs.iter().filter_map(|o| rec(o)).collect();
+        let o = runs[0];
+        s += &format!(
+            "| {model}{} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1}% | {} |\n",
+            match model {
+                "dense, equal weights" => format!(" (MLP width {w_b})"),
+                "dense, equal weights + memory" => format!(" (MLP width {w_c})"),
+                _ => String::new(),
+            },
+            runs.len(),
+            pm(&col(&|o| o.nll), 4),
+            pm(&col(&|o| o.nll.exp()), 2),
+            pm(&col(&|o| o.kl), 4),
+            pm(&col(&|o| 100.0 * o.agreement), 1),
+            if recs.is_empty() {
+                "—".into()
+            } else {
+                format!("{}%", pm(&recs.iter().map(|r| 100.0 * r).collect::<Vec<_>>(), 1))
+            },
+            o.weights,
+            o.memory_floats,
+            100.0 * (o.weights + o.memory_floats) as f64 / teacher_weights.max(1) as f64,
+            o.ff_macs
+        );
+    }
+    s += &format!(
+        "| bigram, absolute discounting (e) | — | {bigram:.4} | {:.2} | — | — | {} | — | — | — | — |\n\n",
+        bigram.exp(),
+        a_nll.values().next().map_or("—".into(), |&a| format!(
+            "{:.1}%",
+            100.0 * recovered(a, bigram, teacher_nll)
+        ))
+    );
+    // The goal.
+    let mem = by_model("memory");
+    let dense_b = by_model("dense, equal weights");
+    let dense_c = by_model("dense, equal weights + memory");
+    let nll = |v: &[&Outcome]| v.iter().map(|o| o.nll).collect::<Vec<f64>>();
+    let (ms, ss) = stats(&nll(&mem));
+    let recs: Vec<f64> = mem.iter().filter_map(|o| rec(o)).collect();
+    let (rm, _) = stats(&recs);
+    s += "## The goal\n\n";
+    if let Some(m) = mem.first() {
+        let share = 100.0 * m.weights as f64 / teacher_weights.max(1) as f64;
+        s += &format!(
+            "- Trained weights {share:.1}% of the teacher's non-embedding weights (goal ≤ 60%): {}.\n",
+            if share <= 60.0 { "met" } else { "not met" }
+        );
+    }
+    s += &format!(
+        "- Recovered share of the teacher's advantage over the trained attention-only baseline: {:.1}% (goal ≥ 90%): {}.\n",
+        100.0 * rm,
+        if rm >= 0.9 { "met" } else { "not met" }
+    );
+    for (label, runs) in [
+        ("(b) dense of equal trained weights", &dense_b),
+        ("(c) dense of equal weights + memory floats", &dense_c),
+    ] {
+        if runs.is_empty() {
+            continue;
+        }
+        let (bm, bs) = stats(&nll(runs));
+        let sd = ss.max(bs);
+        s += &format!(
+            "- Against {label}: CE {ms:.4} ± {ss:.4} vs {bm:.4} ± {bs:.4}; the memory student is {} by {:.4} nats ({:.1} standard deviations{}).\n",
+            if ms < bm { "better" } else { "worse" },
+            (bm - ms).abs(),
+            if sd > 0.0 { (bm - ms).abs() / sd } else { f64::INFINITY },
+            if label.starts_with("(b)") {
+                if bm - ms > 2.0 * sd {
+                    "; goal: better by more than two: met"
+                } else {
+                    "; goal: better by more than two: not met"
+                }
+            } else {
+                ""
+            }
+        );
+    }
+    // Variants at one seed.
+    s += &format!("\n## What was tried (seed {s1})\n\n");
+    s += "| run | held-out CE | KL(teacher ‖ model) | top-1 agreement | recovered | final rows per memory layer | training tokens/s |\n| --- | --- | --- | --- | --- | --- | --- |\n";
+    for o in outcomes
+        .iter()
+        .filter(|o| o.model.starts_with("memory") && o.seed == s1 && o.group != "capacity")
+    {
+        s += &format!(
+            "| {} ({}) | {:.4} | {:.4} | {:.1}% | {} | {:?} | {:.0} |\n",
+            o.model,
+            o.name,
+            o.nll,
+            o.kl,
+            100.0 * o.agreement,
+            rec(o).map_or("—".into(), |r| format!("{:.1}%", 100.0 * r)),
+            o.rows,
+            o.train_tokens_per_s
+        );
+    }
+    // Does the memory matter?
+    if let Some(m) = mem.first() {
+        s += &format!(
+            "\n## Does the memory matter? ({})\n\n| block | share of rows retrieved on the held-out text | CE with its values zeroed | CE with its values shuffled |\n| --- | --- | --- | --- |\n",
+            m.name
+        );
+        for (b, r, z, sh) in &m.memory_use {
+            s += &format!(
+                "| {b} | {:.1}% | {z:.4} ({:+.4}) | {sh:.4} ({:+.4}) |\n",
+                100.0 * r,
+                z - m.nll,
+                sh - m.nll
+            );
+        }
+    }
+    // Capacity curve.
+    let curve = |model: &str| -> Vec<(f64, f64, &Outcome)> {
+        let mut v: Vec<(f64, f64, &Outcome)> = outcomes
+            .iter()
+            .filter(|o| o.model == model && o.seed == s1 && (o.group == "capacity" || o.group == "seeded"))
+            .map(|o| ((o.weights + o.memory_floats) as f64, o.nll, o))
+            .collect();
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        v
+    };
+    let curve_mem = curve("memory");
+    let curve_dense = curve("dense, equal weights + memory");
+    s += "\n## Capacity\n\n| model | memory rows (all layers) | weights + memory floats | held-out CE | KL(teacher ‖ model) |\n| --- | --- | --- | --- | --- |\n";
+    for (f, nll, o) in curve_mem.iter().chain(&curve_dense) {
+        s += &format!(
+            "| {} ({}) | {} | {f:.0} | {nll:.4} | {:.4} |\n",
+            o.model, o.name, o.memory_rows, o.kl
+        );
+    }
+    let flat = |name: &str, y: f64, xs: &[f64]| Series {
+        name: name.into(),
+        points: xs.iter().map(|&x| (x, y)).collect(),
+    };
+    let xs: Vec<f64> = curve_mem.iter().chain(&curve_dense).map(|p| p.0).collect();
+    let (lo, hi) = (
+        xs.iter().copied().fold(f64::INFINITY, f64::min),
+        xs.iter().copied().fold(0.0, f64::max),
+    );
+    let mut series = vec![
+        Series {
+            name: "memory student".into(),
+            points: curve_mem.iter().map(|p| (p.0, p.1)).collect(),
+        },
+        Series {
+            name: "dense student of equal floats".into(),
+            points: curve_dense.iter().map(|p| (p.0, p.1)).collect(),
+        },
+        flat("teacher", teacher_nll, &[lo, hi]),
+    ];
+    if let Some(&a) = a_nll.values().next() {
+        series.push(flat("attention-only (trained)", a, &[lo, hi]));
+    }
+    if !curve_mem.is_empty() {
+        charts(
+            &out.join("capacity.png"),
+            (960, 600),
+            1,
+            &[Chart {
+                title: "Held-out cross-entropy against the floats a model needs",
+                x_label: "non-embedding weights + memory floats (log scale)",
+                y_label: "held-out CE (nats per token)",
+                log_x: true,
+                series,
+            }],
+        )?;
+        s += "\n`capacity.png`: held-out CE against non-embedding weights + memory floats, memory students of 256 to 16,384 rows per layer and dense students of equal floats, with the teacher and the trained attention-only model as references.\n";
+    }
+    s += "\n`memory.png` and `loss.png`: the memory student's tables and losses over training (first seed).\n\n## Runs\n\n| run | model | seed | CE | minutes | training tokens/s |\n| --- | --- | --- | --- | --- | --- |\n";
+    for o in outcomes {
+        s += &format!(
+            "| {} | {} | {} | {:.4} | {:.1} | {:.0} |\n",
+            o.name,
+            o.model,
+            o.seed,
+            o.nll,
+            o.seconds / 60.0,
+            o.train_tokens_per_s
+        );
+    }
+    Ok(s)
+}
+
+fn results_csv(outcomes: &[Outcome]) -> String {
+    let mut s = String::from(
+        "name,model,seed,nll,kl,agreement,teacher_nll,weights,memory_floats,memory_rows,ff_macs,seconds,train_tokens_per_s\n",
+    );
+    for o in outcomes {
+        s += &format!(
+            "{},\"{}\",{},{},{},{},{},{},{},{},{},{},{}\n",
+            o.name,
+            o.model,
+            o.seed,
+            o.nll,
+            o.kl,
+            o.agreement,
+            o.teacher_nll,
+            o.weights,
+            o.memory_floats,
+            o.memory_rows,
+            o.ff_macs,
+            o.seconds,
+            o.train_tokens_per_s
+        );
+    }
+    s
+}
