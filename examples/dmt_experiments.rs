@@ -319,6 +319,18 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
         })?;
         let outcome = outcome(j, &report, t0.elapsed().as_secs_f64());
         std::fs::write(&result, serde_json::to_string_pretty(&outcome)?)?;
+        // Also a line per run, for logs (the bars draw only on a terminal).
+        all.suspend(|| {
+            eprintln!(
+                "[{}/{}] {}: held-out CE {:.4} ({:.1} min; {:.0} min since the start)",
+                all.position() + 1,
+                jobs.len(),
+                j.name,
+                outcome.nll,
+                outcome.seconds / 60.0,
+                started.elapsed().as_secs_f64() / 60.0
+            )
+        });
         outcomes.push(outcome);
         all.inc(1);
     }

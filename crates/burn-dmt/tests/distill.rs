@@ -165,6 +165,9 @@ fn distillation_runs_end_to_end_and_eval_only_reproduces_it() {
     );
     assert!(rel(again.student.kl.unwrap(), r.student.kl.unwrap()) < 1e-3);
     assert_eq!(again.memory_rows(), r.memory_rows());
+    // ... and the attention-only baseline from its copy in the run directory.
+    let (a, b) = (again.attention.clone().unwrap(), r.attention.clone().unwrap());
+    assert!(rel(a.nll, b.nll) < 1e-4, "{} vs {}", a.nll, b.nll);
     assert!(run_dir.join("eval-report.md").exists());
 
     // A second run into the same directory is refused instead of mixing runs.
