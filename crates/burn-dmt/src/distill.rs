@@ -38,7 +38,8 @@ use crate::memory::tier::{DeviceMemory, ValueAblation};
 use crate::ngram::Bigram;
 use crate::tokenizer::TextCodec;
 use crate::train::{
-    Corpus, EvalStats, SplitMix, Window, cross_entropy, distill_kl, eval_batches, evaluate, lr_at, sample_batch, value,
+    Corpus, EvalStats, SplitMix, Window, cross_entropy, distill_kl, eval_batches, evaluate, lr_at, sample_batch,
+    seeded_normal, value,
 };
 use crate::{DmtError, FeedForward, Gpt2, Result, host_f32, io_error as io, runtime};
 
@@ -811,17 +812,6 @@ fn identity(n: usize, device: &Device) -> Tensor<2> {
         eye[i * n + i] = 1.0;
     }
     Tensor::from_data(TensorData::new(eye, [n, n]), device)
-}
-
-/// A `[r, c]` matrix of N(0, 0.02²) entries from `rng` (Box–Muller), so a
-/// run's new weights depend on its seed alone, not on a process-wide
-/// generator other work may draw from.
-fn seeded_normal(r: usize, c: usize, rng: &mut SplitMix, device: &Device) -> Tensor<2> {
-    let mut u = || ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-    let data: Vec<f32> = (0..r * c)
-        .map(|_| (0.02 * (-2.0 * u().ln()).sqrt() * (2.0 * std::f64::consts::PI * u()).cos()) as f32)
-        .collect();
-    Tensor::from_data(TensorData::new(data, [r, c]), device)
 }
 
 /// The teacher's feed-forward inputs (after `ln_2`) and outputs of every

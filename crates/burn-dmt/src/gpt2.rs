@@ -288,13 +288,7 @@ impl Gpt2 {
     pub fn seeded(config: &Gpt2Config, device: &Device, seed: u64) -> Result<Self> {
         config.validate().map_err(DmtError::InvalidArgument)?;
         let mut rng = crate::train::SplitMix(seed);
-        let mut normal = |shape: [usize; 2]| -> Tensor<2> {
-            let mut u = || ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-            let data: Vec<f32> = (0..shape[0] * shape[1])
-                .map(|_| (0.02 * (-2.0 * u().ln()).sqrt() * (2.0 * std::f64::consts::PI * u()).cos()) as f32)
-                .collect();
-            Tensor::from_data(burn::tensor::TensorData::new(data, shape), device)
-        };
+        let mut normal = |[r, c]: [usize; 2]| crate::train::seeded_normal(r, c, &mut rng, device);
         let mut lin = |i: usize, o: usize| Linear {
             weight: Param::from_tensor(normal([i, o])),
             bias: Some(Param::from_tensor(Tensor::zeros([o], device))),

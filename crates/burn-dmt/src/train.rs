@@ -31,6 +31,17 @@ impl SplitMix {
     }
 }
 
+/// A `[r, c]` matrix of N(0, 0.02²) entries (GPT-2's initialisation) drawn
+/// from `rng` by Box–Muller, so that weights made with it depend on the seed
+/// alone, not on a process-wide generator other work may draw from.
+pub fn seeded_normal(r: usize, c: usize, rng: &mut SplitMix, device: &Device) -> Tensor<2> {
+    let mut u = || ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    let data: Vec<f32> = (0..r * c)
+        .map(|_| (0.02 * (-2.0 * u().ln()).sqrt() * (2.0 * std::f64::consts::PI * u()).cos()) as f32)
+        .collect();
+    Tensor::from_data(TensorData::new(data, [r, c]), device)
+}
+
 /// Token ids of a corpus, split into training and held-out parts.
 #[derive(Clone, Debug)]
 pub struct Corpus {
