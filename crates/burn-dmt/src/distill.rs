@@ -550,34 +550,31 @@ impl Report {
         }
         s += "| model | held-out CE (nats/token) | perplexity | KL(teacher ‖ model) | top-1 agreement | tokens/s (eval) |\n";
         s += "| --- | --- | --- | --- | --- | --- |\n";
-        let mut rows: Vec<(&str, &EvalStats)> = vec![("teacher", &self.teacher), ("student", &self.student)];
-        if let Some(a) = &self.attention {
-            rows.push(("attention-only, distilled with the same recipe", a));
-        }
-        for (name, e) in rows {
-            s += &format!(
+        let row = |name: &str, e: &EvalStats| {
+            format!(
                 "| {name} | {:.4} | {:.3} | {} | {} | {:.0} |\n",
                 e.nll,
                 e.perplexity(),
                 fmt_opt(e.kl, |v| format!("{v:.4}")),
                 fmt_opt(e.agreement, |v| format!("{:.1}%", 100.0 * v)),
                 e.tokens as f64 / e.seconds.max(1e-9)
-            );
+            )
+        };
+        s += &row("teacher", &self.teacher);
+        s += &row("student", &self.student);
+        if let Some(a) = &self.attention {
+            s += &row("attention-only, distilled with the same recipe", a);
         }
         s += &format!(
             "| bigram, absolute discounting (counts of the training text) | {:.4} | {:.3} | — | — | — |\n",
             self.bigram_nll,
             self.bigram_nll.exp()
         );
-        let a = &self.ablated;
-        s += &format!(
-            "| *secondary:* teacher without feed-forward layers, not retrained | {:.4} | {:.3} | {} | {} | {:.0} |\n\n",
-            a.nll,
-            a.perplexity(),
-            fmt_opt(a.kl, |v| format!("{v:.4}")),
-            fmt_opt(a.agreement, |v| format!("{:.1}%", 100.0 * v)),
-            a.tokens as f64 / a.seconds.max(1e-9)
+        s += &row(
+            "*secondary:* teacher without feed-forward layers, not retrained",
+            &self.ablated,
         );
+        s += "\n";
         s += &format!(
             "Against the untrained ablation (secondary; it was never trained without its feed-forward layers) the \
              student closes {:.2}% of the gap.\n\n",

@@ -7,7 +7,7 @@
 //! along its output.
 
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, Identity, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Embedding, Identity, LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::activation::{gelu, gelu_approximate, relu, softmax};
 use burn::tensor::{Bool, Device, Int, Tensor};
 
@@ -254,30 +254,13 @@ pub(crate) fn layer_norm(config: &Gpt2Config, device: &Device) -> LayerNorm {
 }
 
 impl Gpt2 {
-    /// A randomly initialised GPT-2 (weights N(0, 0.02), LayerNorms 1/0), as
-    /// `transformers` initialises one.
+    /// A randomly initialised GPT-2 (weights N(0, 0.02), biases 0,
+    /// LayerNorms 1/0), as `transformers` initialises one, from the
+    /// backend's random generator.
     pub fn init(config: &Gpt2Config, device: &Device) -> Result<Self> {
-        config.validate().map_err(DmtError::InvalidArgument)?;
         let init = burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 };
-        let lin = |i: usize, o: usize| LinearConfig::new(i, o).with_initializer(init.clone()).init(device);
-        let (c, f) = (config.n_embd, config.d_ff());
-        let emb = |n: usize| Embedding {
-            weight: init.init_with([n, c], Some(n), Some(c), device),
-        };
-        let h = (0..config.n_layer)
-            .map(|_| Block {
-                ln_1: layer_norm(config, device),
-                attn: Attention::new(lin(c, 3 * c), lin(c, c), config.n_head),
-                ln_2: layer_norm(config, device),
-                mlp: FeedForward::Mlp(Mlp::new(lin(c, f), lin(f, c), config.activation())),
-            })
-            .collect();
-        Ok(Gpt2 {
-            wte: emb(config.vocab_size),
-            wpe: emb(config.n_positions),
-            h,
-            ln_f: layer_norm(config, device),
-            config: config.clone(),
+        Self::initialised(config, device, |[r, c]| {
+            init.init_with([r, c], Some(r), Some(c), device)
         })
     }
 
@@ -286,14 +269,25 @@ impl Gpt2 {
     /// generator: the same seed gives the same weights in any process,
     /// whatever else draws random numbers meanwhile.
     pub fn seeded(config: &Gpt2Config, device: &Device, seed: u64) -> Result<Self> {
-        config.validate().map_err(DmtError::InvalidArgument)?;
         let mut rng = crate::train::SplitMix(seed);
-        let mut normal = |[r, c]: [usize; 2]| crate::train::seeded_normal(r, c, &mut rng, device);
+        Self::initialised(config, device, |[r, c]| {
+            Param::from_tensor(crate::train::seeded_normal(r, c, &mut rng, device))
+        })
+    }
+
+    /// A GPT-2 whose matrices come from `normal` (blocks first, then the
+    /// token and position embeddings), biases zero, LayerNorms 1/0.
+    fn initialised(
+        config: &Gpt2Config,
+        device: &Device,
+        mut normal: impl FnMut([usize; 2]) -> Param<Tensor<2>>,
+    ) -> Result<Self> {
+        config.validate().map_err(DmtError::InvalidArgument)?;
+        let (c, f) = (config.n_embd, config.d_ff());
         let mut lin = |i: usize, o: usize| Linear {
-            weight: Param::from_tensor(normal([i, o])),
+            weight: normal([i, o]),
             bias: Some(Param::from_tensor(Tensor::zeros([o], device))),
         };
-        let (c, f) = (config.n_embd, config.d_ff());
         let h = (0..config.n_layer)
             .map(|_| Block {
                 ln_1: layer_norm(config, device),
@@ -302,12 +296,10 @@ impl Gpt2 {
                 mlp: FeedForward::Mlp(Mlp::new(lin(c, f), lin(f, c), config.activation())),
             })
             .collect();
-        let mut emb = |n: usize| Embedding {
-            weight: Param::from_tensor(normal([n, c])),
-        };
+        let (wte, wpe) = (normal([config.vocab_size, c]), normal([config.n_positions, c]));
         Ok(Gpt2 {
-            wte: emb(config.vocab_size),
-            wpe: emb(config.n_positions),
+            wte: Embedding { weight: wte },
+            wpe: Embedding { weight: wpe },
             h,
             ln_f: layer_norm(config, device),
             config: config.clone(),
