@@ -51,7 +51,8 @@ struct Args {
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
     /// Which blocks get which memory type, e.g. "0-2:featural,3:associative" (default: the lower three quarters
-    /// featural, the rest associative; "mlp" keeps a block's MLP, "none" removes it).
+    /// featural, the rest associative; "keyvalue" turns the teacher MLP's units into memory rows, "mlp" keeps a
+    /// block's MLP, "none" removes it).
     #[arg(long)]
     layers: Option<String>,
     /// Optimiser steps.
@@ -90,6 +91,9 @@ struct Args {
     /// Most memories a growing layer inserts or recombines per step.
     #[arg(long)]
     max_inserts: Option<usize>,
+    /// Memories a key-value layer ("keyvalue" in --layers: the teacher MLP's units as rows) sums per position.
+    #[arg(long)]
+    kv_k: Option<usize>,
     /// How featural memories start: teacher (filled from the teacher's feed-forward layers), empty (they grow, each
     /// new memory's value the teacher's feed-forward output on the same input) or random (an ablation).
     #[arg(long)]
@@ -177,6 +181,7 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
         checkpoint_every,
         hidden_loss,
         max_inserts,
+        kv_k,
         featural_init,
         associative_init
     );

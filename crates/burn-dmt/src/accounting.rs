@@ -12,7 +12,9 @@
 //! features, `2·c·f`; for a memory layer, its projections (`c²` each),
 //! the exact search of each head's query against the rows that head can
 //! retrieve (`rows · dh` per head), and the `k` retrieved rows' distances
-//! and weighted sum (`2·k·dh` per head). An associative layer's value
+//! and weighted sum (`2·k·dh` per head); for a key-value layer, every row's
+//! score (`c + 1`), then the `k` retrieved rows' scores and values. An
+//! associative layer's value
 //! projection is needed only to propose new memories while learning, so
 //! its products are not counted at inference (its weights are).
 
@@ -81,6 +83,14 @@ impl Accounting {
                         let searched = searched_rows(t.len(), t.parts());
                         let macs = 3 * c * c + h * searched * dh + 2 * h * a.k() as u64 * dh;
                         ("associative".to_string(), t.len(), t.len() * row_floats(t), macs)
+                    }
+                    FeedForward::KeyValue(m) => {
+                        // Every row's score (c + 1 products), then the k
+                        // retrieved rows' scores and their values.
+                        let t = m.memory();
+                        let k = m.k() as u64;
+                        let macs = t.len() as u64 * (c + 1) + k * (c + 1) + k * c;
+                        ("keyvalue".to_string(), t.len(), t.len() * row_floats(t), macs)
                     }
                 };
                 LayerCost {
@@ -202,5 +212,31 @@ mod tests {
         // Associative at inference: query, key and output projections; no rows.
         assert_eq!(m.layers[1].macs_per_token, 192 + 32);
         assert_eq!(m.ff_macs_per_token(), 184 + 224);
+    }
+
+    /// A key-value block (5 rows of 9-d keys and 8-d values, k 2) counted
+    /// by hand: its output bias is its only weight.
+    #[test]
+    fn a_keyvalue_layer_counts_its_rows_and_scores() {
+        use crate::config::Activation;
+        use crate::memory::keyvalue::KeyValueMemory;
+        use crate::memory::tier::DeviceMemory;
+        use memstore_api::{MemoryConfig, Metric};
+        let device = Device::flex();
+        let config = Gpt2Config::new(1, 8, 2, 6, 10);
+        let mut model = Gpt2::init(&config, &device).unwrap();
+        let dense = Accounting::of(&model);
+        let cfg = MemoryConfig::new(9, 8).with_metric(Metric::InnerProduct);
+        let mut tier = DeviceMemory::new(cfg, 6, &device).unwrap();
+        tier.fill(&[0.1; 5 * 9], &[0.2; 5 * 8], 0).unwrap();
+        let kv = KeyValueMemory::new(8, 2, Activation::GeluTanh, tier, &device).unwrap();
+        model.set_feed_forward(0, FeedForward::KeyValue(kv)).unwrap();
+        let m = Accounting::of(&model);
+        assert_eq!(m.layers[0].kind, "keyvalue");
+        assert_eq!(m.layers[0].weights, 8);
+        assert_eq!(m.weights, dense.weights - dense.layers[0].weights + 8);
+        assert_eq!((m.layers[0].memory_rows, m.layers[0].memory_floats), (5, 5 * 17));
+        // 5 scores of 9 products, then 2 retrieved scores and 2 values.
+        assert_eq!(m.layers[0].macs_per_token, 5 * 9 + 2 * 9 + 2 * 8);
     }
 }

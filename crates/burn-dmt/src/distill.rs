@@ -33,6 +33,7 @@ use crate::gpt2::Mlp;
 use crate::memory::associative::AssociativeMemory;
 use crate::memory::featural::{FeaturalMemory, unit_rows};
 use crate::memory::journal::WriteBehind;
+use crate::memory::keyvalue::KeyValueMemory;
 use crate::memory::layers::{LayerKind, MemoryInit, parse_layers};
 use crate::memory::tier::{DeviceMemory, ValueAblation};
 use crate::ngram::Bigram;
@@ -80,6 +81,13 @@ pub struct StudentSpec {
     /// The training text (absent in runs that do not record it).
     #[serde(default)]
     pub corpus: Option<TrainingText>,
+    /// Memories a key-value layer sums per position.
+    #[serde(default = "default_kv_k")]
+    pub kv_k: usize,
+}
+
+fn default_kv_k() -> usize {
+    64
 }
 
 /// Where a run's training text came from.
@@ -150,6 +158,8 @@ pub struct DistillOptions {
     pub novelty: f32,
     /// Most memories a growing layer inserts or recombines per step.
     pub max_inserts: usize,
+    /// Memories a key-value layer sums per position.
+    pub kv_k: usize,
     /// One table shared by a layer's heads instead of one per head (an
     /// ablation).
     pub shared_heads: bool,
@@ -215,6 +225,7 @@ impl DistillOptions {
             value_lr: 0.05,
             novelty: 0.3,
             max_inserts: 64,
+            kv_k: 64,
             shared_heads: false,
             featural_init: MemoryInit::Teacher,
             associative_init: MemoryInit::Empty,
@@ -742,6 +753,7 @@ fn kind_name(k: LayerKind) -> &'static str {
         LayerKind::Mlp => "mlp",
         LayerKind::Featural => "featural",
         LayerKind::Associative => "associative",
+        LayerKind::KeyValue => "keyvalue",
         LayerKind::Ablated => "none",
     }
 }
@@ -753,10 +765,16 @@ pub fn param_counts(m: &Gpt2) -> (usize, usize) {
     (all, all - emb)
 }
 
-fn memory_config(dh: usize, spec: &StudentSpec) -> MemoryConfig {
-    MemoryConfig::new(dh, dh)
-        .with_metric(Metric::L2)
-        .with_eviction(EvictionPolicy::Lrfu { lambda: spec.lambda })
+/// The store configuration of a memory layer of `kind`: one head wide and
+/// L2 for featural and associative layers; the whole width (keys with a
+/// bias term) and inner product for key-value layers.
+fn memory_config(kind: LayerKind, spec: &StudentSpec) -> MemoryConfig {
+    let (c, h) = (spec.config.n_embd, spec.config.n_head);
+    let base = match kind {
+        LayerKind::KeyValue => MemoryConfig::new(c + 1, c).with_metric(Metric::InnerProduct),
+        _ => MemoryConfig::new(c / h, c / h).with_metric(Metric::L2),
+    };
+    base.with_eviction(EvictionPolicy::Lrfu { lambda: spec.lambda })
         .with_thresholds(spec.novelty / 4.0, spec.novelty)
 }
 
@@ -868,7 +886,7 @@ fn memory_layer(
             spec.k
         )));
     }
-    let config = memory_config(dh, spec);
+    let config = memory_config(kind, spec);
     let empty = || DeviceMemory::new(config.clone(), spec.capacity, device)?.with_parts(spec.memory_parts);
     let xs = x.clone().slice([0..rows, 0..c]);
     let project = |lin: &burn::nn::Linear| -> Result<Vec<f32>> {
@@ -1009,6 +1027,58 @@ pub fn fit_linear(x: &[f32], y: &[f32], c: usize, ridge: f64) -> Result<(Vec<f32
     Ok((w, b))
 }
 
+/// A key-value memory layer holding the teacher MLP `m`'s units as rows
+/// (key = a unit's input weights and bias, value = its output weights;
+/// output bias = the MLP's), in a table of `spec.capacity` rows: with fewer
+/// rows than units, the units of largest `‖c_fc column‖ · ‖c_proj row‖` are
+/// kept; more rows leave room to grow.
+fn keyvalue_layer(m: &Mlp, spec: &StudentSpec, device: &Device) -> Result<FeedForward> {
+    let c = spec.config.n_embd;
+    let f = m.c_fc.weight.val().dims()[1];
+    let units = ranked_units(m, spec.capacity.min(f))?;
+    let w_in = host_f32(m.c_fc.weight.val())?; // [c, f]
+    let w_out = host_f32(m.c_proj.weight.val())?; // [f, c]
+    let b_in = match &m.c_fc.bias {
+        Some(b) => host_f32(b.val())?,
+        None => vec![0.0; f],
+    };
+    let (mut keys, mut values) = (
+        Vec::with_capacity(units.len() * (c + 1)),
+        Vec::with_capacity(units.len() * c),
+    );
+    for &j in &units {
+        keys.extend((0..c).map(|i| w_in[i * f + j]));
+        keys.push(b_in[j]);
+        values.extend_from_slice(&w_out[j * c..(j + 1) * c]);
+    }
+    let mut tier = DeviceMemory::new(memory_config(LayerKind::KeyValue, spec), spec.capacity, device)?;
+    tier.fill(&keys, &values, 0)?;
+    let mut layer = KeyValueMemory::new(c, spec.kv_k, spec.config.activation(), tier, device)?;
+    if let Some(b) = &m.c_proj.bias {
+        layer.bias = Param::from_tensor(Tensor::from_data(TensorData::new(host_f32(b.val())?, [c]), device));
+    }
+    Ok(FeedForward::KeyValue(layer))
+}
+
+/// The `n` units of `m` with the largest `‖c_fc column‖ · ‖c_proj row‖`
+/// (magnitude), in their order.
+fn ranked_units(m: &Mlp, n: usize) -> Result<Vec<usize>> {
+    let [c, f] = m.c_fc.weight.val().dims();
+    let w_in = host_f32(m.c_fc.weight.val())?;
+    let w_out = host_f32(m.c_proj.weight.val())?;
+    let norm = |v: &mut dyn Iterator<Item = f32>| v.map(|x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let mut units: Vec<usize> = (0..f).collect();
+    if n < f {
+        let score: Vec<f64> = (0..f)
+            .map(|j| norm(&mut (0..c).map(|i| w_in[i * f + j])) * norm(&mut w_out[j * c..(j + 1) * c].iter().copied()))
+            .collect();
+        units.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
+        units.truncate(n);
+        units.sort_unstable();
+    }
+    Ok(units)
+}
+
 /// `m` with `width` hidden units: narrower keeps the units with the largest
 /// `‖c_fc column‖ · ‖c_proj row‖` (magnitude pruning), in their order; wider
 /// keeps every unit and adds new ones whose input weights are N(0, 0.02²)
@@ -1028,16 +1098,7 @@ pub fn resized_mlp(m: &Mlp, width: usize, config: &Gpt2Config, rng: &mut SplitMi
         Some(b) => host_f32(b.val())?,
         None => vec![0.0; f],
     };
-    let norm = |v: &mut dyn Iterator<Item = f32>| v.map(|x| (x as f64).powi(2)).sum::<f64>().sqrt();
-    let mut units: Vec<usize> = (0..f).collect();
-    if width < f {
-        let score: Vec<f64> = (0..f)
-            .map(|j| norm(&mut (0..c).map(|i| w_in[i * f + j])) * norm(&mut w_out[j * c..(j + 1) * c].iter().copied()))
-            .collect();
-        units.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
-        units.truncate(width);
-        units.sort_unstable();
-    }
+    let units = ranked_units(m, width.min(f))?;
     let extra = width.saturating_sub(f);
     let fresh = if extra > 0 {
         host_f32(seeded_normal(c, extra, rng, &Device::flex()))?
@@ -1276,6 +1337,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
             mlp_width: opts.mlp_width,
             featural_init: opts.featural_init,
             associative_init: opts.associative_init,
+            kv_k: opts.kv_k,
             corpus: Some(TrainingText {
                 path: std::path::absolute(&opts.corpus).map_err(io(&opts.corpus))?,
                 held_out_tail: opts.eval_corpus.is_none(),
@@ -1311,6 +1373,14 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
                     &mut boot_rng,
                     &ad,
                 )?,
+                LayerKind::KeyValue => match &teacher.h[i].mlp {
+                    FeedForward::Mlp(m) => keyvalue_layer(m, &spec, &ad)?,
+                    _ => {
+                        return Err(DmtError::InvalidArgument(format!(
+                            "block {i} of the teacher has no MLP to make key-value memories of"
+                        )));
+                    }
+                },
                 LayerKind::Ablated => FeedForward::Ablated(burn::nn::Identity),
                 LayerKind::Mlp => match (spec.mlp_width, &student.h[i].mlp) {
                     (Some(w), FeedForward::Mlp(m)) => FeedForward::Mlp(resized_mlp(m, w, &config, &mut boot_rng)?),
@@ -1333,7 +1403,6 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
     ));
 
     // One durable store per memory layer, written behind through a journal.
-    let dh = config.n_embd / config.n_head;
     let loc = spec.store_location()?;
     log(&format!("memory stores: {loc}"));
     let mut stores: Vec<Option<LayerStore>> = Vec::with_capacity(config.n_layer);
@@ -1347,7 +1416,8 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         if opts.value_lr > 0.0 {
             tier.set_trainable_values(true);
         }
-        let store = rt.block_on(loc.open(run_dir, i, memory_config(dh, &spec)))?;
+        let kind: LayerKind = spec.layers[i].parse()?;
+        let store = rt.block_on(loc.open(run_dir, i, memory_config(kind, &spec)))?;
         let (mut w, _) = rt.block_on(WriteBehind::start(store.shared(), journal_path(run_dir, i)))?;
         if let Some(b) = tier.take_changes() {
             w.submit(b)?;
@@ -1385,7 +1455,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         let mut grow_targets: Vec<Option<Tensor<2>>> = vec![None; config.n_layer];
         for (i, (ff_in, ff_out)) in ff.into_iter().enumerate() {
             let featural = matches!(student.h[i].mlp, FeedForward::Featural(_));
-            if !(featural || matches!(student.h[i].mlp, FeedForward::Associative(_))) {
+            if student.h[i].mlp.memory().is_none() {
                 continue;
             }
             let target = teacher.h[i].mlp.forward(ff_in.inner())?;
@@ -1429,6 +1499,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
             let done = match ff {
                 FeedForward::Featural(f) => f.commit(tick, vg, target.map(|t| (t, opts.max_inserts)))?,
                 FeedForward::Associative(a) => a.commit(tick, opts.max_inserts, vg)?,
+                FeedForward::KeyValue(m) => m.commit(tick, vg)?,
                 _ => continue,
             };
             inserted += done.inserted;
@@ -1690,7 +1761,7 @@ fn student_from_run(
     let (c, h) = (spec.config.n_embd, spec.config.n_head);
     for (i, kind) in plan.iter().enumerate() {
         let ff = match kind {
-            LayerKind::Featural | LayerKind::Associative => {
+            LayerKind::Featural | LayerKind::Associative | LayerKind::KeyValue => {
                 if let Some(path) = loc.file(run_dir, i).filter(|p| !p.exists()) {
                     return Err(DmtError::InvalidArgument(format!(
                         "{} is missing: {} is not a complete run directory",
@@ -1701,16 +1772,23 @@ fn student_from_run(
                 let layer_store = rt.block_on(loc.open_existing(run_dir, i))?;
                 let store = layer_store.shared();
                 let layout = layouts.and_then(|l| l.get(i).cloned().flatten());
+                let parts = if *kind == LayerKind::KeyValue {
+                    1
+                } else {
+                    spec.memory_parts
+                };
                 let tier = match layout {
-                    Some(l) => rt.block_on(DeviceMemory::load_with_layout(&store, &l, spec.memory_parts, ad))?,
-                    None => rt.block_on(DeviceMemory::load_parts(&store, spec.capacity, spec.memory_parts, ad))?,
+                    Some(l) => rt.block_on(DeviceMemory::load_with_layout(&store, &l, parts, ad))?,
+                    None => rt.block_on(DeviceMemory::load_parts(&store, spec.capacity, parts, ad))?,
                 };
                 drop(store);
                 rt.block_on(layer_store.close())?;
-                if *kind == LayerKind::Featural {
-                    FeedForward::Featural(FeaturalMemory::new(c, h, spec.k, tier, ad)?)
-                } else {
-                    FeedForward::Associative(AssociativeMemory::new(c, h, spec.k, tier, ad)?)
+                match kind {
+                    LayerKind::Featural => FeedForward::Featural(FeaturalMemory::new(c, h, spec.k, tier, ad)?),
+                    LayerKind::KeyValue => {
+                        FeedForward::KeyValue(KeyValueMemory::new(c, spec.kv_k, spec.config.activation(), tier, ad)?)
+                    }
+                    _ => FeedForward::Associative(AssociativeMemory::new(c, h, spec.k, tier, ad)?),
                 }
             }
             LayerKind::Ablated => FeedForward::Ablated(burn::nn::Identity),

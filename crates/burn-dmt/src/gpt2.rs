@@ -58,6 +58,8 @@ pub enum FeedForward {
     Featural(crate::memory::featural::FeaturalMemory),
     /// An associative memory layer over a device tier.
     Associative(crate::memory::associative::AssociativeMemory),
+    /// A key-value memory layer (an MLP's units as rows) over a device tier.
+    KeyValue(crate::memory::keyvalue::KeyValueMemory),
 }
 
 impl FeedForward {
@@ -69,6 +71,7 @@ impl FeedForward {
             FeedForward::Ablated(_) => x.zeros_like(),
             FeedForward::Featural(f) => f.forward(x)?,
             FeedForward::Associative(a) => a.forward(x)?,
+            FeedForward::KeyValue(m) => m.forward(x)?,
         })
     }
 
@@ -77,6 +80,7 @@ impl FeedForward {
         match self {
             FeedForward::Featural(f) => Some(f.memory()),
             FeedForward::Associative(a) => Some(a.memory()),
+            FeedForward::KeyValue(m) => Some(m.memory()),
             _ => None,
         }
     }
@@ -86,6 +90,7 @@ impl FeedForward {
         match self {
             FeedForward::Featural(f) => Some(f.memory_mut()),
             FeedForward::Associative(a) => Some(a.memory_mut()),
+            FeedForward::KeyValue(m) => Some(m.memory_mut()),
             _ => None,
         }
     }
@@ -96,6 +101,7 @@ impl FeedForward {
         Ok(match self {
             FeedForward::Featural(f) => Some(f.take_retrieved()?),
             FeedForward::Associative(a) => Some(a.take_retrieved()?),
+            FeedForward::KeyValue(m) => Some(m.take_retrieved()?),
             _ => None,
         })
     }
@@ -106,6 +112,7 @@ impl FeedForward {
         match self {
             FeedForward::Featural(f) => f.set_learning(learning),
             FeedForward::Associative(a) => a.set_learning(learning),
+            FeedForward::KeyValue(m) => m.set_learning(learning),
             _ => {}
         }
     }

@@ -551,3 +551,49 @@ fn fit_linear_recovers_an_affine_map() {
     }
     assert!(fit_linear(&x[..5], &y, c, 1e-3).is_err());
 }
+
+/// A key-value layer filled with a teacher MLP's units computes that MLP
+/// when it sums every unit (k = its width), and approximates it with fewer.
+#[test]
+fn a_keyvalue_layer_of_all_units_is_the_teachers_mlp() {
+    use burn_dmt::memory::keyvalue::KeyValueMemory;
+    use burn_dmt::memory::tier::DeviceMemory;
+    use memstore_api::{MemoryConfig, Metric};
+    let device = Device::flex();
+    let teacher = Gpt2::from_pretrained(common::fixture("tiny-gpt2"), &device).unwrap();
+    let config = teacher.config().clone();
+    let FeedForward::Mlp(m) = &teacher.h[1].mlp else {
+        panic!("the fixture's block 1 is an MLP")
+    };
+    let (c, f) = (config.n_embd, config.d_ff());
+    let w_in = common::values(m.c_fc.weight.val());
+    let b_in = common::values(m.c_fc.bias.as_ref().unwrap().val());
+    let w_out = common::values(m.c_proj.weight.val());
+    let (mut keys, mut vals) = (Vec::new(), Vec::new());
+    for j in 0..f {
+        keys.extend((0..c).map(|i| w_in[i * f + j]));
+        keys.push(b_in[j]);
+        vals.extend_from_slice(&w_out[j * c..(j + 1) * c]);
+    }
+    let x = burn_dmt::burn::tensor::Tensor::<3>::from_data(
+        burn_dmt::burn::tensor::TensorData::new(memstore_api::testkit::util::Rng::new(4).vecs(6, c), [2, 3, c]),
+        &device,
+    );
+    let want = common::values(m.forward(x.clone()));
+    let mut errs = Vec::new();
+    for k in [f, f / 4] {
+        let mut tier = DeviceMemory::new(
+            MemoryConfig::new(c + 1, c).with_metric(Metric::InnerProduct),
+            f,
+            &device,
+        )
+        .unwrap();
+        tier.fill(&keys, &vals, 0).unwrap();
+        let mut layer = KeyValueMemory::new(c, k, config.activation(), tier, &device).unwrap();
+        layer.bias = burn_dmt::burn::module::Param::from_tensor(m.c_proj.bias.as_ref().unwrap().val());
+        let got = common::values(layer.forward(x.clone()).unwrap());
+        errs.push(got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max));
+    }
+    assert!(errs[0] < 1e-5, "all units: {}", errs[0]);
+    assert!(errs[1] > errs[0], "a quarter of the units approximates: {errs:?}");
+}

@@ -14,6 +14,8 @@ pub enum LayerKind {
     Featural,
     /// An associative memory layer.
     Associative,
+    /// A key-value memory layer (an MLP's units as memory rows).
+    KeyValue,
     /// No feed-forward layer (ablation).
     Ablated,
 }
@@ -25,9 +27,10 @@ impl FromStr for LayerKind {
             "mlp" => Ok(LayerKind::Mlp),
             "featural" => Ok(LayerKind::Featural),
             "associative" => Ok(LayerKind::Associative),
+            "keyvalue" => Ok(LayerKind::KeyValue),
             "none" | "ablated" => Ok(LayerKind::Ablated),
             other => Err(DmtError::InvalidArgument(format!(
-                "unknown layer kind {other:?} (expected mlp, featural, associative or none)"
+                "unknown layer kind {other:?} (expected mlp, featural, associative, keyvalue or none)"
             ))),
         }
     }

@@ -9,7 +9,8 @@
 //! ([`tier`]), which loads from a store, records LRFU accesses, sparse value
 //! updates, novelty inserts and evictions as change batches; the journal and
 //! write-behind thread that bring those batches to the store ([`journal`]);
-//! the featural ([`featural`]) and associative ([`associative`]) layers; and
+//! the featural ([`featural`]), associative ([`associative`]) and key-value
+//! ([`keyvalue`]: a feed-forward layer's own units as rows) layers; and
 //! the per-block plan ([`layers`]). Novelty insertion and recombination of
 //! near-duplicates happen on the device tier, with the store's arithmetic
 //! ([`memstore_api::math`]), and reach the store as change batches.
@@ -18,5 +19,6 @@ pub mod associative;
 pub mod device;
 pub mod featural;
 pub mod journal;
+pub mod keyvalue;
 pub mod layers;
 pub mod tier;

@@ -1,0 +1,153 @@
+//! The key-value memory layer: a feed-forward layer read as the key-value
+//! memory it is (Geva et al., "Transformer Feed-Forward Layers Are Key-Value
+//! Memories", 2021). An MLP `c_proj(act(c_fc(x)))` of width `f` holds `f`
+//! memories: memory `j`'s key is unit `j`'s input weights with its bias,
+//! `[c_fc[:, j]; b_j]`, its value is the unit's output weights
+//! `c_proj[j, :]`, and the layer's output is `Σ_j act(x̂ · key_j) value_j + b`
+//! with `x̂ = [x; 1]`. This layer keeps those rows in a memstore table and
+//! sums over the `k` keys of largest `x̂ · key` only (exact top-k by inner
+//! product: memstore's `InnerProduct` metric, distance `1 − x̂ · key`), as
+//! product-key memories and Memory Layers at Scale do with learnt keys.
+//!
+//! Filled from a teacher's MLP, the layer computes that MLP exactly when
+//! `k` is its width, and its sparse approximation for smaller `k`; the
+//! table can hold more rows than the MLP had units, and each row is a
+//! database row that can be read, traced, changed and removed. Keys are
+//! constants of the table (the store is not differentiable); the gradient
+//! reaches the input through the scores `x̂ · key`, the output bias, and,
+//! when the tier's values are trainable, the stored values (sparse value
+//! updates, as the featural layer's).
+
+use std::sync::{Arc, Mutex};
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{gelu, gelu_approximate, relu};
+use burn::tensor::{Device, Tensor};
+use memstore_api::{Metric, Tick};
+
+use super::tier::{CommitCounts, DeviceMemory, Observation};
+use crate::config::Activation;
+use crate::{DmtError, Result};
+
+/// A key-value memory layer with its device tier.
+#[derive(Module, Debug)]
+pub struct KeyValueMemory {
+    /// The output bias (the MLP's `c_proj` bias).
+    pub bias: Param<Tensor<1>>,
+    #[module(skip)]
+    memory: DeviceMemory,
+    #[module(skip)]
+    observed: Arc<Mutex<Vec<Observation>>>,
+    #[module(skip)]
+    learning: bool,
+    #[module(skip)]
+    k: usize,
+    #[module(skip)]
+    activation: Activation,
+}
+
+impl KeyValueMemory {
+    /// A layer of `n_embd` width over `memory`, whose keys are `n_embd + 1`
+    /// wide (input weights and bias), values `n_embd` wide, one table
+    /// searched by inner product; sums the `k` most active memories.
+    pub fn new(n_embd: usize, k: usize, activation: Activation, memory: DeviceMemory, device: &Device) -> Result<Self> {
+        let c = memory.config();
+        if c.key_dim != n_embd + 1 || c.value_dim != n_embd || c.metric != Metric::InnerProduct || memory.parts() != 1 {
+            return Err(DmtError::InvalidArgument(format!(
+                "a key-value memory of {n_embd} features needs one inner-product table of {}-d keys and {n_embd}-d \
+                 values (this one: {}/{} dims, {:?}, {} partitions)",
+                n_embd + 1,
+                c.key_dim,
+                c.value_dim,
+                c.metric,
+                memory.parts()
+            )));
+        }
+        let slots = if memory.is_store_backed() {
+            memory.len()
+        } else {
+            memory.capacity()
+        };
+        if k == 0 || k > slots {
+            return Err(DmtError::InvalidArgument(format!(
+                "k = {k} must be in 1..={slots} (the memories the layer can retrieve)"
+            )));
+        }
+        Ok(KeyValueMemory {
+            bias: Param::from_tensor(Tensor::zeros([n_embd], device)),
+            memory,
+            observed: Arc::new(Mutex::new(Vec::new())),
+            learning: false,
+            k,
+            activation,
+        })
+    }
+
+    /// The device tier.
+    pub fn memory(&self) -> &DeviceMemory {
+        &self.memory
+    }
+
+    /// The device tier, to change between steps.
+    pub fn memory_mut(&mut self) -> &mut DeviceMemory {
+        &mut self.memory
+    }
+
+    /// Memories summed per position.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Whether forward passes record what they retrieve (LRFU accesses and
+    /// sparse value updates at [`KeyValueMemory::commit`]).
+    pub fn set_learning(&mut self, learning: bool) {
+        self.learning = learning;
+    }
+
+    /// The slots retrieved by learning forward passes since the last commit
+    /// (or call), taking them.
+    pub fn take_retrieved(&self) -> Result<Vec<usize>> {
+        let observed = std::mem::take(&mut *self.observed.lock().unwrap_or_else(|e| e.into_inner()));
+        super::tier::retrieved_slots(observed)
+    }
+
+    /// Between steps: records the accesses of the memories retrieved since
+    /// the last commit at `tick` and applies the sparse value update when a
+    /// value gradient is given ([`DeviceMemory::commit`]; nothing is
+    /// inserted).
+    pub fn commit(&mut self, tick: Tick, value_grad: Option<(Tensor<2>, f32)>) -> Result<CommitCounts> {
+        let observed = std::mem::take(&mut *self.observed.lock().unwrap_or_else(|e| e.into_inner()));
+        self.memory.commit(observed, tick, 0, value_grad)
+    }
+
+    /// Applies the layer to the normalised residual stream `[b, t, n_embd]`.
+    pub fn forward(&self, x: Tensor<3>) -> Result<Tensor<3>> {
+        let [b, t, c] = x.dims();
+        let n = b * t;
+        let device = x.device();
+        let q = Tensor::cat(vec![x.reshape([n, c]), Tensor::ones([n, 1], &device)], 1); // [n, c + 1]
+        let found = self.memory.search(q.clone().detach(), self.k)?;
+        let gaps = super::featural::missing(&self.memory, self.k, &found.distances);
+        if self.learning {
+            let mut o = self.observed.lock().unwrap_or_else(|e| e.into_inner());
+            o.push(Observation {
+                keys: q.clone().detach(),
+                values: None,
+                distances: found.distances.clone().detach(),
+                slots: found.slots.clone(),
+            });
+        }
+        // The scores again, differentiably in the input: [n, k, 1].
+        let scores = (q.unsqueeze_dim::<3>(1) * found.keys.detach()).sum_dim(2);
+        let mut h = match self.activation {
+            Activation::GeluTanh => gelu_approximate(scores),
+            Activation::Gelu => gelu(scores),
+            Activation::Relu => relu(scores),
+        };
+        if let Some(m) = gaps {
+            h = h.mask_fill(m.unsqueeze_dim::<3>(2), 0.0);
+        }
+        let y = (h * found.values).sum_dim(1).reshape([n, c]) + self.bias.val().unsqueeze_dim::<2>(0);
+        Ok(y.reshape([b, t, c]))
+    }
+}
