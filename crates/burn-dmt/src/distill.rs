@@ -422,7 +422,8 @@ pub struct LayerUse {
 }
 
 /// [`LayerUse`] of every memory layer of `student` on `eval`.
-pub fn memory_use(student: &mut Gpt2, eval: &[Window]) -> Result<Vec<LayerUse>> {
+pub fn memory_use(student: &Gpt2, eval: &[Window]) -> Result<Vec<LayerUse>> {
+    let student = &mut crate::train::untracked(student);
     let device = student.device();
     let blocks: Vec<usize> = (0..student.h.len())
         .filter(|&i| student.h[i].mlp.memory().is_some_and(|t| !t.is_store_backed()))

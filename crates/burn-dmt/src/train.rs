@@ -198,9 +198,25 @@ impl EvalStats {
     }
 }
 
+/// A copy of `model` whose forward passes record no autodiff graph (its
+/// parameters and trainable memory values untracked): evaluation never
+/// calls backward, and a graph per batch (with a memory layer's gathered
+/// rows in it) stayed alive until the process ran out of memory.
+pub fn untracked(model: &Gpt2) -> Gpt2 {
+    use burn::module::Module;
+    let mut m = model.clone().no_grad();
+    for b in m.h.iter_mut() {
+        if let Some(t) = b.mlp.memory_mut() {
+            t.set_trainable_values(false);
+        }
+    }
+    m
+}
+
 /// Evaluates `model` on `batches` (and, with `teacher`, the KL to it and the
-/// top-1 agreement with it).
+/// top-1 agreement with it), without recording a graph ([`untracked`]).
 pub fn evaluate(model: &Gpt2, teacher: Option<&Gpt2>, batches: &[Window]) -> Result<EvalStats> {
+    let model = &untracked(model);
     // Only the model's own forward pass and cross-entropy are timed (reading
     // the value waits for the device): the teacher's pass and the comparison
     // with it would otherwise make the student look slower than it is.
