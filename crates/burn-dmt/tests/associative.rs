@@ -427,3 +427,33 @@ fn the_value_projection_learns_and_its_inserts_follow_it() {
         "inserted values did not follow the value projection ({moved})"
     );
 }
+
+/// Evaluation's copy of a student records no autodiff graph (parameters and
+/// trainable memory values untracked), while the training student does.
+#[test]
+fn evaluation_copies_record_no_graph() {
+    let device = Device::flex().autodiff();
+    let mut s = student(&device, 64);
+    for i in 0..2 {
+        s.feed_forward_mut(i)
+            .and_then(FeedForward::memory_mut)
+            .unwrap()
+            .set_trainable_values(true);
+    }
+    let r = reference("tiny-gpt2");
+    let input = ids(&r["input_ids"], &device);
+    assert!(s.forward(input.clone(), None).unwrap().is_tracked());
+    let frozen = burn_dmt::train::untracked(&s);
+    let y = frozen.forward(input.clone(), None).unwrap();
+    assert!(!y.is_tracked(), "an evaluation pass builds no graph");
+    close(
+        &values(y),
+        &values(s.forward(input, None).unwrap()),
+        1e-6,
+        "same logits",
+    );
+    assert!(
+        s.h[0].mlp.memory().unwrap().values_trainable(),
+        "the original keeps training"
+    );
+}
