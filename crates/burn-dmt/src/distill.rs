@@ -514,7 +514,7 @@ impl Report {
         self.student_cost
             .layers
             .iter()
-            .map(|l| matches!(l.kind.as_str(), "featural" | "associative").then_some(l.memory_rows))
+            .map(|l| matches!(l.kind.as_str(), "featural" | "associative" | "keyvalue").then_some(l.memory_rows))
             .collect()
     }
 
@@ -1030,13 +1030,13 @@ pub fn fit_linear(x: &[f32], y: &[f32], c: usize, ridge: f64) -> Result<(Vec<f32
 
 /// A key-value memory layer holding the teacher MLP `m`'s units as rows
 /// (key = a unit's input weights and bias, value = its output weights;
-/// output bias = the MLP's), in a table of `spec.capacity` rows: with fewer
+/// output bias = the MLP's), in a table of [`kv_capacity`] rows: with fewer
 /// rows than units, the units of largest `‖c_fc column‖ · ‖c_proj row‖` are
-/// kept; more rows leave room to grow.
+/// kept.
 fn keyvalue_layer(m: &Mlp, spec: &StudentSpec, device: &Device) -> Result<FeedForward> {
     let c = spec.config.n_embd;
     let f = m.c_fc.weight.val().dims()[1];
-    let units = ranked_units(m, spec.capacity.min(f))?;
+    let units = ranked_units(m, kv_capacity(spec))?;
     let w_in = host_f32(m.c_fc.weight.val())?; // [c, f]
     let w_out = host_f32(m.c_proj.weight.val())?; // [f, c]
     let b_in = match &m.c_fc.bias {
@@ -1052,13 +1052,20 @@ fn keyvalue_layer(m: &Mlp, spec: &StudentSpec, device: &Device) -> Result<FeedFo
         keys.push(b_in[j]);
         values.extend_from_slice(&w_out[j * c..(j + 1) * c]);
     }
-    let mut tier = DeviceMemory::new(memory_config(LayerKind::KeyValue, spec), spec.capacity, device)?;
+    let mut tier = DeviceMemory::new(memory_config(LayerKind::KeyValue, spec), kv_capacity(spec), device)?;
     tier.fill(&keys, &values, 0)?;
     let mut layer = KeyValueMemory::new(c, spec.kv_k, spec.config.activation(), tier, device)?;
     if let Some(b) = &m.c_proj.bias {
         layer.bias = Param::from_tensor(Tensor::from_data(TensorData::new(host_f32(b.val())?, [c]), device));
     }
     Ok(FeedForward::KeyValue(layer))
+}
+
+/// Rows of a key-value layer's table: the teacher MLP's units, at most
+/// `--capacity` of them (key-value layers do not grow, so a larger table
+/// would only be searched in vain).
+fn kv_capacity(spec: &StudentSpec) -> usize {
+    spec.capacity.min(spec.config.d_ff())
 }
 
 /// The `n` units of `m` with the largest `‖c_fc column‖ · ‖c_proj row‖`
@@ -1773,14 +1780,14 @@ fn student_from_run(
                 let layer_store = rt.block_on(loc.open_existing(run_dir, i))?;
                 let store = layer_store.shared();
                 let layout = layouts.and_then(|l| l.get(i).cloned().flatten());
-                let parts = if *kind == LayerKind::KeyValue {
-                    1
+                let (parts, capacity) = if *kind == LayerKind::KeyValue {
+                    (1, kv_capacity(spec))
                 } else {
-                    spec.memory_parts
+                    (spec.memory_parts, spec.capacity)
                 };
                 let tier = match layout {
                     Some(l) => rt.block_on(DeviceMemory::load_with_layout(&store, &l, parts, ad))?,
-                    None => rt.block_on(DeviceMemory::load_parts(&store, spec.capacity, parts, ad))?,
+                    None => rt.block_on(DeviceMemory::load_parts(&store, capacity, parts, ad))?,
                 };
                 drop(store);
                 rt.block_on(layer_store.close())?;

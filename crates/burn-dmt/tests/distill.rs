@@ -597,3 +597,42 @@ fn a_keyvalue_layer_of_all_units_is_the_teachers_mlp() {
     assert!(errs[0] < 1e-5, "all units: {}", errs[0]);
     assert!(errs[1] > errs[0], "a quarter of the units approximates: {errs:?}");
 }
+
+/// A key-value student (every MLP's units as rows) trains, starts at the
+/// teacher's own output, resumes after an interruption as if uninterrupted,
+/// and `--eval-only` rebuilds it from its stores.
+#[test]
+fn a_keyvalue_student_trains_resumes_and_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, eval) = tiny_setup(dir.path());
+    let mut o = options(dir.path(), train, &eval);
+    o.layers = Some("0-1:keyvalue".into());
+    o.kv_k = 16;
+    o.capacity = 4096; // more than the teacher's 128 units: the table holds them all
+    o.steps = 5;
+    o.checkpoint_every = 2;
+    o.attention_baseline = false;
+    let whole = run(&o, &mut |_| {}).unwrap();
+    assert_eq!(whole.memory_rows(), vec![Some(128), Some(128)]);
+    assert!(whole.attention.is_none());
+    let cost = &whole.student_cost;
+    assert_eq!(cost.layers[0].kind, "keyvalue");
+    assert_eq!(
+        cost.weights,
+        whole.teacher_cost.weights - 2 * whole.teacher_cost.layers[0].weights + 2 * 32
+    );
+    // The MLPs' floats moved into the tables: output biases stay weights.
+    assert_eq!(cost.weights_and_memory(), whole.teacher_cost.weights);
+    o.run_dir = dir.path().join("interrupted");
+    o.halt_after = Some(3);
+    assert!(run(&o, &mut |_| {}).is_err());
+    o.halt_after = None;
+    o.resume = true;
+    let resumed = run(&o, &mut |_| {}).unwrap();
+    let near = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1e-3);
+    for (r, w) in resumed.steps.iter().zip(&whole.steps) {
+        assert!(near(r.loss, w.loss) && near(r.kd, w.kd), "{r:?} vs {w:?}");
+    }
+    let again = eval_only(&o.run_dir, &eval, &o).unwrap();
+    assert!((again.student.nll - resumed.student.nll).abs() < 1e-3 * resumed.student.nll);
+}
