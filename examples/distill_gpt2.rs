@@ -137,6 +137,11 @@ struct Args {
     student: Option<PathBuf>,
 }
 
+/// Burn's CPU backend frees and reallocates large tensors every step;
+/// mimalloc keeps them instead of returning them to the kernel.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     if let Err(e) = run_main() {
         eprintln!("error: {e}");

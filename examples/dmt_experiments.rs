@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example dmt_experiments -- --suite quality            # writes runs/experiments/quality
+//! cargo run --release --example dmt_experiments -- --suite quality --tuning   # and the tuning runs
 //! cargo run --release --example dmt_experiments -- --suite quality --out DIR  # elsewhere
 //! ```
 //!
@@ -13,25 +14,29 @@
 //!
 //! - the memory student (featural blocks 0–2 filled from the teacher,
 //!   associative block 3 growing from empty, one table per head);
-//! - the key-value student (every block's MLP units as memory rows, the 64
-//!   most active summed per token) and the dense student of its trained
-//!   weights;
+//! - the key-value student (every block's MLP units as memory rows, the
+//!   `--kv-k` most active summed per token); its trained weights are the
+//!   attention-only model's plus the output biases, so (a) is also its (b),
+//!   and its weights + memory floats are the teacher's, so (d) is its (c);
 //! - (a) attention-only: the teacher without its MLPs, distilled;
 //! - (b) dense, equal trained weights: the teacher with MLPs narrowed so its
-//!   trained weights equal the student's;
-//! - (c) dense, equal weights + memory floats: MLPs widened to the student's
-//!   weights plus its memory tables' floats;
+//!   trained weights equal the memory student's;
+//! - (c) dense, equal weights + memory floats: MLPs widened to the memory
+//!   student's weights plus its memory tables' floats;
 //! - (d) the teacher itself after the same steps;
 //! - (e) the bigram floor (counts, absolute discounting);
 //!
 //! each over three seeds (mean ± standard deviation), then, on one seed,
-//! the memory grown, bootstrapped and fixed at equal final rows, the
-//! ablations tried (shared head tables, no sparse value updates, grown
-//! featural memories), and the capacity curve (256 to 16,384 rows per layer
-//! against dense students of equal floats). It writes `results.md`,
-//! `results.csv` and the plots into the output directory, each run in
-//! `runs/<name>`; an interrupted suite continues where it stopped (finished
-//! runs are kept, an interrupted one resumes from its checkpoint).
+//! the memory grown, bootstrapped and fixed at equal final rows, one table
+//! shared by a layer's heads, and the capacity curve (256 to 16,384 rows per
+//! layer against dense students of equal floats). `--tuning` adds, on one
+//! seed, the key-value student at other `k` and without sparse value
+//! updates, grown featural memories, and the memory student without sparse
+//! value updates. It writes `results.md`, `results.csv` and the plots into
+//! the output directory, each run in `runs/<name>`; an interrupted suite
+//! continues where it stopped (finished runs are kept, an interrupted one
+//! resumes from its checkpoint), and `--only NAME,…` runs only the named
+//! runs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -70,6 +75,23 @@ struct Args {
     /// Held-out windows evaluated per run.
     #[arg(long, default_value_t = 128)]
     eval_windows: usize,
+    /// Rows each key-value memory sums per token in the key-value student's
+    /// seeded runs.
+    #[arg(long, default_value_t = 128)]
+    kv_k: usize,
+    /// Also run the tuning runs (one seed each): other k, no sparse value
+    /// updates, grown featural memories.
+    #[arg(long)]
+    tuning: bool,
+    /// Run only these runs (by name); the results cover every finished run.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Runs trained at once, each in its own process (about one core each).
+    #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
+    jobs: usize,
+    /// Internal: run the selected runs in this process, step lines on stdout.
+    #[arg(long, hide = true)]
+    worker: bool,
 }
 
 /// What one finished run contributes to the results (`result.json` in its
@@ -78,7 +100,8 @@ struct Args {
 struct Outcome {
     name: String,
     model: String,
-    /// `seeded` (the comparison over seeds), `variant` or `capacity`.
+    /// `seeded` (the comparison over seeds), `variant`, `capacity` or
+    /// `tuning`.
     group: String,
     seed: u64,
     nll: f64,
@@ -108,6 +131,11 @@ struct Job {
     seed: u64,
     opts: DistillOptions,
 }
+
+/// Burn's CPU backend frees and reallocates large tensors every step;
+/// mimalloc keeps them instead of returning them to the kernel.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     if let Err(e) = run_main() {
@@ -190,23 +218,21 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
     let w_b = width_for(student_weights, attention_weights, n, c);
     let w_c = width_for(student_weights + floats_at(base.capacity), attention_weights, n, c);
     // The key-value student: every block's MLP units as memory rows; its
-    // trained weights are the attention-only model's plus the output biases,
-    // its weights + memory floats the teacher's.
+    // trained weights are the attention-only model's plus the n·c output
+    // biases (fewer than any dense MLP of width ≥ 1 adds, so its baseline
+    // (b) is the attention-only model), its weights + memory floats the
+    // teacher's (so its (c) is the teacher after the same steps).
     let kv_plan = format!("0-{}:keyvalue", n - 1);
-    let w_kv = width_for(attention_weights + n * c, attention_weights, n, c);
     for &seed in &args.seeds {
-        jobs.push(job("seeded", "key-value memory", format!("kv-s{seed}"), seed, &|o| {
-            o.layers = Some(kv_plan.clone());
-            o.capacity = d_ff;
-        }));
         jobs.push(job(
             "seeded",
-            "dense, the key-value student's weights",
-            format!("dense-w{w_kv}-s{seed}"),
+            "key-value memory",
+            format!("kv-k{}-s{seed}", args.kv_k),
             seed,
             &|o| {
-                o.layers = Some(String::new());
-                o.mlp_width = Some(w_kv);
+                o.layers = Some(kv_plan.clone());
+                o.capacity = d_ff;
+                o.kv_k = args.kv_k;
             },
         ));
         jobs.push(job("seeded", "memory", format!("memory-s{seed}"), seed, &|_| {}));
@@ -250,32 +276,9 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
         ));
     }
     let s1 = args.seeds.first().copied().unwrap_or(1);
-    let kv = |o: &mut DistillOptions| {
-        o.layers = Some(kv_plan.clone());
-        o.capacity = d_ff;
-    };
-    let kv_variants: [(&str, &str, &Tweak<'_>); 4] = [
-        ("key-value memory: k 16", "kv-k16", &|o| {
-            kv(o);
-            o.kv_k = 16;
-        }),
-        ("key-value memory: k 32", "kv-k32", &|o| {
-            kv(o);
-            o.kv_k = 32;
-        }),
-        ("key-value memory: k 128", "kv-k128", &|o| {
-            kv(o);
-            o.kv_k = 128;
-        }),
-        ("key-value memory: no sparse value updates", "kv-value-lr0", &|o| {
-            kv(o);
-            o.value_lr = 0.0;
-        }),
-    ];
-    for (model, name, f) in kv_variants {
-        jobs.push(job("variant", model, format!("{name}-s{s1}"), s1, f));
-    }
-    let variants: [(&str, &str, &Tweak<'_>); 5] = [
+    // Growth against bootstrapped and fixed memories at equal final rows, and
+    // per-head against shared tables.
+    let variants: [(&str, &str, &Tweak<'_>); 3] = [
         (
             "memory: associative bootstrapped from the teacher",
             "assoc-teacher",
@@ -292,18 +295,46 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
                 o.value_lr = 0.0;
             },
         ),
-        ("memory: featural grown too", "featural-grown", &|o| {
-            o.featural_init = MemoryInit::Empty;
-        }),
         ("memory: one table shared by the heads", "shared-heads", &|o| {
             o.shared_heads = true;
-        }),
-        ("memory: no sparse value updates", "value-lr0", &|o| {
-            o.value_lr = 0.0;
         }),
     ];
     for (model, name, f) in variants {
         jobs.push(job("variant", model, format!("{name}-s{s1}"), s1, f));
+    }
+    if args.tuning {
+        let kv = |o: &mut DistillOptions, k: usize| {
+            o.layers = Some(kv_plan.clone());
+            o.capacity = d_ff;
+            o.kv_k = k;
+        };
+        for k in [16, 32, 64, 128, 256]
+            .into_iter()
+            .filter(|&k| k != args.kv_k && k <= d_ff)
+        {
+            jobs.push(job(
+                "tuning",
+                &format!("key-value memory: k {k}"),
+                format!("kv-k{k}-s{s1}"),
+                s1,
+                &|o| kv(o, k),
+            ));
+        }
+        let tuning: [(&str, &str, &Tweak<'_>); 3] = [
+            ("key-value memory: no sparse value updates", "kv-value-lr0", &|o| {
+                kv(o, args.kv_k);
+                o.value_lr = 0.0;
+            }),
+            ("memory: featural grown too", "featural-grown", &|o| {
+                o.featural_init = MemoryInit::Empty;
+            }),
+            ("memory: no sparse value updates", "value-lr0", &|o| {
+                o.value_lr = 0.0;
+            }),
+        ];
+        for (model, name, f) in tuning {
+            jobs.push(job("tuning", model, format!("{name}-s{s1}"), s1, f));
+        }
     }
     for &rows in &args.capacities {
         if rows != base.capacity {
@@ -326,71 +357,37 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
-    let started = Instant::now();
-    let bars = MultiProgress::new();
-    let all = bars.add(ProgressBar::new(jobs.len() as u64));
-    all.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} runs, {elapsed} {msg}")?.progress_chars("=> "),
-    );
-    all.set_prefix(format!("suite {}", args.suite));
-    let steps = bars.add(ProgressBar::new(args.steps as u64));
-    steps.set_style(
-        ProgressStyle::with_template("{prefix:>28} [{bar:30}] step {pos}/{len} {msg}")?.progress_chars("=> "),
-    );
-    let mut outcomes = Vec::new();
-    for j in &jobs {
-        all.set_message(j.name.clone());
-        steps.set_prefix(j.name.clone());
-        steps.set_position(0);
-        let result = j.opts.run_dir.join("result.json");
-        if result.exists() {
-            outcomes.push(serde_json::from_str::<Outcome>(&std::fs::read_to_string(&result)?)?);
-            all.inc(1);
-            continue;
-        }
-        let mut o = j.opts.clone();
-        if o.run_dir.join("checkpoint.json").exists() {
-            o.resume = true;
-        } else if o.run_dir.exists() {
-            std::fs::remove_dir_all(&o.run_dir)?;
-        }
-        let t0 = Instant::now();
-        let report = run(&o, &mut |line| {
-            if let Some(rest) = line.trim_start().strip_prefix("step")
-                && let Some((done, _)) = rest.trim_start().split_once('/')
-                && let Ok(done) = done.trim().parse::<u64>()
-            {
-                steps.set_position(done);
-                steps.set_message(line.split("  ").nth(1).unwrap_or("").to_string());
-            }
-        })?;
-        let outcome = outcome(j, &report, t0.elapsed().as_secs_f64());
-        std::fs::write(&result, serde_json::to_string_pretty(&outcome)?)?;
-        // Also a line per run, for logs (the bars draw only on a terminal).
-        all.suspend(|| {
-            eprintln!(
-                "[{}/{}] {}: held-out CE {:.4} ({:.1} min; {:.0} min since the start)",
-                all.position() + 1,
-                jobs.len(),
-                j.name,
-                outcome.nll,
-                outcome.seconds / 60.0,
-                started.elapsed().as_secs_f64() / 60.0
-            )
-        });
-        outcomes.push(outcome);
-        all.inc(1);
+    if let Some(unknown) = args.only.iter().find(|n| !jobs.iter().any(|j| &j.name == *n)) {
+        return Err(format!("--only: no run named {unknown:?} in this suite").into());
     }
-    steps.finish_and_clear();
-    all.finish();
+    let started = Instant::now();
+    let pending: Vec<&Job> = jobs
+        .iter()
+        .filter(|j| !j.opts.run_dir.join("result.json").exists())
+        .filter(|j| args.only.is_empty() || args.only.contains(&j.name))
+        .collect();
+    if args.worker {
+        // A child of the suite: its runs, their step lines on stdout.
+        for j in pending {
+            run_job(j, &mut |line| println!("{line}"))?;
+        }
+        return Ok(());
+    }
+    run_pending(&args, &out, &pending, jobs.len() - pending.len())?;
+    let outcomes = jobs
+        .iter()
+        .map(|j| j.opts.run_dir.join("result.json"))
+        .filter(|r| r.exists())
+        .map(|r| Ok(serde_json::from_str::<Outcome>(&std::fs::read_to_string(r)?)?))
+        .collect::<Result<Vec<Outcome>, Box<dyn std::error::Error>>>()?;
     let bigram = bigram_floor(&base)?;
     let md = results_markdown(
         &args,
         &out,
         &outcomes,
         bigram,
-        started.elapsed().as_secs_f64(),
-        (w_b, w_c, w_kv),
+        (started.elapsed().as_secs_f64(), pending.len()),
+        (w_b, w_c),
     )?;
     std::fs::write(out.join("results.md"), &md)?;
     std::fs::write(out.join("results.csv"), results_csv(&outcomes))?;
@@ -403,6 +400,145 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
     println!("{md}");
     println!("wrote {}", out.display());
     Ok(())
+}
+
+/// Trains one job (resuming from its checkpoint if it has one) and writes
+/// its `result.json`; `progress` sees the run's log lines.
+fn run_job(j: &Job, progress: &mut dyn FnMut(&str)) -> Result<Outcome, Box<dyn std::error::Error>> {
+    let mut o = j.opts.clone();
+    if o.run_dir.join("checkpoint.json").exists() {
+        o.resume = true;
+    } else if o.run_dir.exists() {
+        std::fs::remove_dir_all(&o.run_dir)?;
+    }
+    let t0 = Instant::now();
+    let report = run(&o, progress)?;
+    let outcome = outcome(j, &report, t0.elapsed().as_secs_f64());
+    std::fs::write(
+        j.opts.run_dir.join("result.json"),
+        serde_json::to_string_pretty(&outcome)?,
+    )?;
+    Ok(outcome)
+}
+
+/// Runs `pending`, `args.jobs` at a time, each in a child process of this
+/// program (a training run uses about one core, and separate processes
+/// share no allocator or page tables), with a bar per running job.
+fn run_pending(args: &Args, out: &Path, pending: &[&Job], done: usize) -> Result<(), Box<dyn std::error::Error>> {
+    let exe = std::env::current_exe()?;
+    let started = Instant::now();
+    let total = done + pending.len();
+    let bars = MultiProgress::new();
+    let all = bars.add(ProgressBar::new(total as u64));
+    all.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} runs, {elapsed}")?.progress_chars("=> "),
+    );
+    all.set_prefix(format!("suite {}", args.suite));
+    all.set_position(done as u64);
+    let step_style =
+        ProgressStyle::with_template("{prefix:>28} [{bar:30}] step {pos}/{len} {msg}")?.progress_chars("=> ");
+    let mut queue = pending.iter();
+    let mut running: Vec<(&Job, std::process::Child, ProgressBar, std::thread::JoinHandle<()>)> = Vec::new();
+    let mut failed = Vec::new();
+    loop {
+        while running.len() < args.jobs.max(1)
+            && let Some(j) = queue.next()
+        {
+            let seeds: Vec<String> = args.seeds.iter().map(u64::to_string).collect();
+            let capacities: Vec<String> = args.capacities.iter().map(usize::to_string).collect();
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.arg("--suite")
+                .arg(&args.suite)
+                .arg("--out")
+                .arg(out)
+                .arg("--seeds")
+                .arg(seeds.join(","))
+                .arg("--steps")
+                .arg(args.steps.to_string())
+                .arg("--capacities")
+                .arg(capacities.join(","))
+                .arg("--eval-windows")
+                .arg(args.eval_windows.to_string())
+                .arg("--kv-k")
+                .arg(args.kv_k.to_string())
+                .arg("--only")
+                .arg(&j.name)
+                .arg("--worker")
+                .stdout(std::process::Stdio::piped());
+            if args.tuning {
+                cmd.arg("--tuning");
+            }
+            // A worker frees and reallocates the same large tensors every
+            // step: mimalloc keeps the freed pages instead of returning them
+            // to the kernel 10 ms later (about 1.1× faster on 2 cores).
+            if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+                cmd.env("MIMALLOC_PURGE_DELAY", "-1");
+            }
+            let mut child = cmd.spawn()?;
+            let bar = bars.add(ProgressBar::new(args.steps as u64));
+            bar.set_style(step_style.clone());
+            bar.set_prefix(j.name.clone());
+            let lines = child.stdout.take().ok_or("a worker without stdout")?;
+            let b = bar.clone();
+            let reader = std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(lines).lines().map_while(Result::ok) {
+                    if let Some(rest) = line.trim_start().strip_prefix("step")
+                        && let Some((done, _)) = rest.trim_start().split_once('/')
+                        && let Ok(done) = done.trim().parse::<u64>()
+                    {
+                        b.set_position(done);
+                        b.set_message(line.split("  ").nth(1).unwrap_or("").to_string());
+                    }
+                }
+            });
+            running.push((j, child, bar, reader));
+        }
+        if running.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let mut i = 0;
+        while i < running.len() {
+            let Some(status) = running[i].1.try_wait()? else {
+                i += 1;
+                continue;
+            };
+            let (j, _, bar, reader) = running.remove(i);
+            // The reader ends with the child's stdout.
+            let _ = reader.join();
+            bars.remove(&bar);
+            all.inc(1);
+            let result = j.opts.run_dir.join("result.json");
+            match (status.success(), result.exists()) {
+                (true, true) => {
+                    let o: Outcome = serde_json::from_str(&std::fs::read_to_string(&result)?)?;
+                    // A line per run, for logs (the bars draw only on a terminal).
+                    let position = all.position();
+                    bars.suspend(|| {
+                        eprintln!(
+                            "[{position}/{total}] {}: held-out CE {:.4} ({:.1} min; {:.0} min since the start)",
+                            j.name,
+                            o.nll,
+                            o.seconds / 60.0,
+                            started.elapsed().as_secs_f64() / 60.0
+                        )
+                    });
+                }
+                _ => failed.push(format!("{} ({status})", j.name)),
+            }
+        }
+    }
+    all.finish();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "runs failed: {}; run the command again to retry them",
+            failed.join(", ")
+        )
+        .into())
+    }
 }
 
 fn outcome(j: &Job, r: &Report, seconds: f64) -> Outcome {
@@ -468,8 +604,8 @@ fn results_markdown(
     out: &Path,
     outcomes: &[Outcome],
     bigram: f64,
-    seconds: f64,
-    (w_b, w_c, w_kv): (usize, usize, usize),
+    (seconds, trained): (f64, usize),
+    (w_b, w_c): (usize, usize),
 ) -> Result<String, Box<dyn std::error::Error>> {
     let commit = std::process::Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
@@ -489,10 +625,20 @@ fn results_markdown(
     let s1 = args.seeds.first().copied().unwrap_or(1);
     let teacher_nll = outcomes.first().map_or(f64::NAN, |o| o.teacher_nll);
     let teacher_weights = by_model("teacher, same extra steps").first().map_or(0, |o| o.weights);
+    let minutes = |tuning: bool| {
+        outcomes
+            .iter()
+            .filter(|o| (o.group == "tuning") == tuning)
+            .map(|o| o.seconds)
+            .sum::<f64>()
+            / 60.0
+    };
     let mut s = format!(
         "# Quality of the memory student\n\n\
-         Command: `cargo run --release --example dmt_experiments -- --suite {} --seeds {} --steps {}` \
-         (output `{}`), at commit `{commit}`; {:.0} minutes on this machine ({} cores).\n\n\
+         Command: `cargo run --release --example dmt_experiments -- --suite {} --seeds {} --steps {} --kv-k {}{}` \
+         (output `{}`), at commit `{commit}`, on this machine ({} cores, {} runs at once). This invocation \
+         trained {} of the {} runs in {:.0} minutes; each run's own wall time (training and evaluation, in its \
+         `result.json`) sums to {:.0} minutes over the suite's runs{}.\n\n\
          Every model is distilled from the bundled teacher (`assets/teacher`, 4 × 128) on tiny-shakespeare with \
          the main job's recipe: {} steps of 16 × 64 tokens, AdamW at 2e-3 with warm-up and cosine decay, \
          α·T²·KL + (1 − α)·CE with T = 2 and α = 0.5, and evaluated on the last 10% of the text \
@@ -501,9 +647,20 @@ fn results_markdown(
         args.suite,
         seeds.join(","),
         args.steps,
+        args.kv_k,
+        if args.tuning { " --tuning" } else { "" },
         out.display(),
-        seconds / 60.0,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        args.jobs,
+        trained,
+        outcomes.len(),
+        seconds / 60.0,
+        minutes(false),
+        if args.tuning {
+            format!(" and {:.0} over the tuning runs", minutes(true))
+        } else {
+            String::new()
+        },
         args.steps,
         args.eval_windows,
         seeds.join(", ")
@@ -521,7 +678,6 @@ fn results_markdown(
         "attention-only",
         "dense, equal weights",
         "dense, equal weights + memory",
-        "dense, the key-value student's weights",
         "teacher, same extra steps",
     ] {
         let runs = by_model(model);
@@ -536,7 +692,6 @@ fn results_markdown(
             match model {
                 "dense, equal weights" => format!(" (MLP width {w_b})"),
                 "dense, equal weights + memory" => format!(" (MLP width {w_c})"),
-                "dense, the key-value student's weights" => format!(" (MLP width {w_kv})"),
                 _ => String::new(),
             },
             runs.len(),
@@ -572,11 +727,7 @@ fn results_markdown(
           standard deviations over seeds.\n\n";
     for (design, b_model, c_model) in [
         ("memory", "dense, equal weights", "dense, equal weights + memory"),
-        (
-            "key-value memory",
-            "dense, the key-value student's weights",
-            "teacher, same extra steps",
-        ),
+        ("key-value memory", "attention-only", "teacher, same extra steps"),
     ] {
         let mem = by_model(design);
         let Some(first) = mem.first() else { continue };
