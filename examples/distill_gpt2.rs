@@ -91,7 +91,8 @@ struct Args {
     /// Most memories a growing layer inserts or recombines per step.
     #[arg(long)]
     max_inserts: Option<usize>,
-    /// Memories a key-value layer ("keyvalue" in --layers: the teacher MLP's units as rows) sums per position.
+    /// Memories a key-value layer ("keyvalue" in --layers: the teacher MLP's units as rows) sums per position
+    /// (default 128).
     #[arg(long)]
     kv_k: Option<usize>,
     /// How featural memories start: teacher (filled from the teacher's feed-forward layers), empty (they grow, each

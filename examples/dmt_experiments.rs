@@ -120,6 +120,31 @@ struct Outcome {
     train_tokens_per_s: f64,
 }
 
+/// One invocation of the suite that trained runs (a line of
+/// `invocations.jsonl` in the output directory).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Invocation {
+    commit: String,
+    /// Runs trained at once.
+    jobs: usize,
+    tuning: bool,
+    /// The runs it trained (or finished, when resumed).
+    trained: Vec<String>,
+    minutes: f64,
+}
+
+/// The checked-out commit, `unknown` outside a git work tree.
+fn commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or("unknown".into(), |o| {
+            String::from_utf8_lossy(&o.stdout).trim().to_string()
+        })
+}
+
 /// A change to a run's options.
 type Tweak<'a> = dyn Fn(&mut DistillOptions) + 'a;
 
@@ -380,15 +405,28 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
         .filter(|r| r.exists())
         .map(|r| Ok(serde_json::from_str::<Outcome>(&std::fs::read_to_string(r)?)?))
         .collect::<Result<Vec<Outcome>, Box<dyn std::error::Error>>>()?;
+    let log = out.join("invocations.jsonl");
+    if !pending.is_empty() {
+        let this = Invocation {
+            commit: commit(),
+            jobs: args.jobs,
+            tuning: args.tuning,
+            trained: pending.iter().map(|j| j.name.clone()).collect(),
+            minutes: started.elapsed().as_secs_f64() / 60.0,
+        };
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        std::io::Write::write_all(&mut f, format!("{}\n", serde_json::to_string(&this)?).as_bytes())?;
+    }
+    let invocations = match std::fs::read_to_string(&log) {
+        Ok(text) => text
+            .lines()
+            .map(serde_json::from_str::<Invocation>)
+            .collect::<Result<Vec<_>, _>>()?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
     let bigram = bigram_floor(&base)?;
-    let md = results_markdown(
-        &args,
-        &out,
-        &outcomes,
-        bigram,
-        (started.elapsed().as_secs_f64(), pending.len()),
-        (w_b, w_c),
-    )?;
+    let md = results_markdown(&args, &out, &outcomes, bigram, &invocations, (w_b, w_c))?;
     std::fs::write(out.join("results.md"), &md)?;
     std::fs::write(out.join("results.csv"), results_csv(&outcomes))?;
     for f in ["memory.png", "loss.png"] {
@@ -604,17 +642,10 @@ fn results_markdown(
     out: &Path,
     outcomes: &[Outcome],
     bigram: f64,
-    (seconds, trained): (f64, usize),
+    invocations: &[Invocation],
     (w_b, w_c): (usize, usize),
 ) -> Result<String, Box<dyn std::error::Error>> {
-    let commit = std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map_or("unknown".into(), |o| {
-            String::from_utf8_lossy(&o.stdout).trim().to_string()
-        });
+    let commit = commit();
     let seeds: Vec<String> = args.seeds.iter().map(u64::to_string).collect();
     let by_model = |model: &str| -> Vec<&Outcome> {
         outcomes
@@ -636,9 +667,10 @@ fn results_markdown(
     let mut s = format!(
         "# Quality of the memory student\n\n\
          Command: `cargo run --release --example dmt_experiments -- --suite {} --seeds {} --steps {} --kv-k {}{}` \
-         (output `{}`), at commit `{commit}`, on this machine ({} cores, {} runs at once). This invocation \
-         trained {} of the {} runs in {:.0} minutes; each run's own wall time (training and evaluation, in its \
-         `result.json`) sums to {:.0} minutes over the suite's runs{}.\n\n\
+         (output `{}`), results written at commit `{commit}` on this machine ({} cores). Each run's own wall \
+         time (training and evaluation, in its `result.json`) sums to {:.0} minutes over the suite's runs{}; \
+         the invocations that trained them:\n\n\
+         | commit | runs at once | runs trained | wall time |\n| --- | --- | --- | --- |\n{}\n\
          Every model is distilled from the bundled teacher (`assets/teacher`, 4 × 128) on tiny-shakespeare with \
          the main job's recipe: {} steps of 16 × 64 tokens, AdamW at 2e-3 with warm-up and cosine decay, \
          α·T²·KL + (1 − α)·CE with T = 2 and α = 0.5, and evaluated on the last 10% of the text \
@@ -651,16 +683,23 @@ fn results_markdown(
         if args.tuning { " --tuning" } else { "" },
         out.display(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        args.jobs,
-        trained,
-        outcomes.len(),
-        seconds / 60.0,
         minutes(false),
         if args.tuning {
             format!(" and {:.0} over the tuning runs", minutes(true))
         } else {
             String::new()
         },
+        invocations
+            .iter()
+            .map(|i| format!(
+                "| `{}` | {} | {}{} | {:.0} min |\n",
+                i.commit,
+                i.jobs,
+                i.trained.len(),
+                if i.tuning { " (with --tuning)" } else { "" },
+                i.minutes
+            ))
+            .collect::<String>(),
         args.steps,
         args.eval_windows,
         seeds.join(", ")
@@ -849,6 +888,10 @@ fn results_markdown(
             name: "dense student of equal floats".into(),
             points: curve_dense.iter().map(|p| (p.0, p.1)).collect(),
         },
+        Series {
+            name: "key-value student".into(),
+            points: curve("key-value memory").iter().map(|p| (p.0, p.1)).collect(),
+        },
         flat("teacher", teacher_nll, &[lo, hi]),
     ];
     if let Some(&a) = a_nll.values().next() {
@@ -867,7 +910,7 @@ fn results_markdown(
                 series,
             }],
         )?;
-        s += "\n`capacity.png`: held-out CE against non-embedding weights + memory floats, memory students of 256 to 16,384 rows per layer and dense students of equal floats, with the teacher and the trained attention-only model as references.\n";
+        s += "\n`capacity.png`: held-out CE against non-embedding weights + memory floats, memory students of 256 to 16,384 rows per layer, dense students of equal floats and the key-value student (first seed), with the teacher and the trained attention-only model as references.\n";
     }
     s += "\n`memory.png` and `loss.png`: the memory student's tables and losses over training (first seed).\n\n## Runs\n\n| run | model | seed | CE | minutes | training tokens/s |\n| --- | --- | --- | --- | --- | --- |\n";
     for o in outcomes {

@@ -225,7 +225,7 @@ impl DistillOptions {
             value_lr: 0.05,
             novelty: 0.3,
             max_inserts: 64,
-            kv_k: 64,
+            kv_k: 128,
             shared_heads: false,
             featural_init: MemoryInit::Teacher,
             associative_init: MemoryInit::Empty,
