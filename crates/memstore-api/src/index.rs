@@ -79,6 +79,8 @@ pub struct Changes {
     pub values: Vec<(MemoryId, Vec<f32>)>,
     /// New memories, complete, ascending by id.
     pub inserted: Vec<Memory>,
+    /// Existing memories whose tags changed: the complete new tag counts.
+    pub retagged: Vec<(MemoryId, BTreeMap<String, u64>)>,
     /// The id the next new memory will get.
     pub next_id: MemoryId,
     /// Lifetime counters after the operation.
@@ -88,7 +90,11 @@ pub struct Changes {
 impl Changes {
     /// Whether nothing changes.
     pub fn is_empty(&self) -> bool {
-        self.removed.is_empty() && self.accessed.is_empty() && self.values.is_empty() && self.inserted.is_empty()
+        self.removed.is_empty()
+            && self.accessed.is_empty()
+            && self.values.is_empty()
+            && self.inserted.is_empty()
+            && self.retagged.is_empty()
     }
 }
 
@@ -477,6 +483,11 @@ impl MemoryIndex {
                 self.by_priority.insert((Prio(u.priority), u.id));
             }
         }
+        for (id, tags) in &changes.retagged {
+            if let Some(&r) = self.pos.get(id) {
+                self.meta[r].tags = tags.clone();
+            }
+        }
         for m in &changes.inserted {
             self.load(
                 m.id,
@@ -786,6 +797,15 @@ impl MemoryIndex {
         if let Some(&id) = batch.touch.iter().find(|id| !live(id)) {
             return Err(Error::UnknownId(id));
         }
+        let existing = |id: &MemoryId| self.contains(*id) && !gone.contains(id);
+        if let Some(&id) = batch
+            .assign_ids
+            .iter()
+            .chain(batch.tag_counts.iter().map(|(id, _, _)| id))
+            .find(|id| !existing(id))
+        {
+            return Err(Error::UnknownId(id));
+        }
         Ok(self.missing_values(batch.update_ids.iter().copied()))
     }
 
@@ -794,10 +814,25 @@ impl MemoryIndex {
     pub fn plan_apply(&self, batch: &ChangeBatch, current: &HashMap<MemoryId, Vec<f32>>) -> Result<Changes> {
         self.check_apply(batch)?;
         let inserts = batch.inserts(&self.config)?;
-        let new_values = math::apply_deltas(&batch.update_ids, batch.deltas(&self.config)?, |id| {
+        let mut new_values = math::apply_deltas(&batch.update_ids, batch.deltas(&self.config)?, |id| {
             self.stored_value(id, current)
                 .ok_or_else(|| Error::Corrupt(format!("no value stored for memory {id}")))
         })?;
+        let dv = self.config.value_dim;
+        for (i, &id) in batch.assign_ids.iter().enumerate() {
+            new_values.insert(id, batch.assign_values[i * dv..(i + 1) * dv].to_vec());
+        }
+        let mut retagged: BTreeMap<MemoryId, BTreeMap<String, u64>> = BTreeMap::new();
+        for (id, tag, count) in &batch.tag_counts {
+            let tags = retagged
+                .entry(*id)
+                .or_insert_with(|| self.pos.get(id).map(|&r| self.meta[r].tags.clone()).unwrap_or_default());
+            if *count == 0 {
+                tags.remove(tag);
+            } else {
+                tags.insert(tag.clone(), *count);
+            }
+        }
         let mut ov = Overlay::new(self);
         let unique: BTreeSet<MemoryId> = batch.delete.iter().copied().collect();
         for &id in &unique {
@@ -823,6 +858,7 @@ impl MemoryIndex {
         let mut changes = ov.finish(&inserts, &HashMap::new())?;
         let removed: HashSet<MemoryId> = changes.removed.iter().copied().collect();
         changes.values = new_values.into_iter().filter(|(id, _)| !removed.contains(id)).collect();
+        changes.retagged = retagged.into_iter().filter(|(id, _)| !removed.contains(id)).collect();
         Ok(changes)
     }
 
@@ -1417,6 +1453,7 @@ impl<'a> Overlay<'a> {
             accessed,
             values: Vec::new(),
             inserted,
+            retagged: Vec::new(),
             next_id: self.next_id,
             counters: self.counters,
         }

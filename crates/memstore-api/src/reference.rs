@@ -325,6 +325,24 @@ impl MemoryStore for InMemoryStore {
                 m.value = v;
             }
         }
+        check_known(&st, &batch.assign_ids)?;
+        for (id, v) in batch
+            .assign_ids
+            .iter()
+            .zip(batch.assign_values.chunks(cfg.value_dim.max(1)))
+        {
+            if let Some(m) = st.mems.get_mut(id) {
+                m.value = v.to_vec();
+            }
+        }
+        for (id, tag, count) in &batch.tag_counts {
+            let m = st.mems.get_mut(id).ok_or(Error::UnknownId(*id))?;
+            if *count == 0 {
+                m.tags.remove(tag);
+            } else {
+                m.tags.insert(tag.clone(), *count);
+            }
+        }
         let inserts = batch.inserts(cfg)?;
         for i in 0..inserts.len() {
             let id = st.next_id;

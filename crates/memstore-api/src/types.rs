@@ -525,8 +525,9 @@ pub struct Stats {
 
 /// A writer's changes since its last sync, applied by
 /// [`crate::MemoryStore::apply`] in one transaction, in this order: deletes,
-/// value deltas, inserts at `tick`, accesses at `tick` (of existing or just
-/// inserted memories), then capacity eviction as `insert` does.
+/// value deltas, value assignments, tag counts of existing memories, inserts
+/// at `tick`, accesses at `tick` (of existing or just inserted memories),
+/// then capacity eviction as `insert` does.
 ///
 /// It is how a model's device tier writes behind to the durable store: the
 /// tier assigns the ids of its inserts itself (`first_id`, `first_id + 1`, ...,
@@ -563,6 +564,16 @@ pub struct ChangeBatch {
     ///
     /// [`MemoryStore::insert`]: crate::MemoryStore::insert
     pub insert_tags: Vec<Vec<String>>,
+    /// Memories whose values are replaced (after the deltas), one row of
+    /// `assign_values` each: an exact write, e.g. to restore values saved
+    /// earlier bit for bit (adding a delta back rounds).
+    pub assign_ids: Vec<MemoryId>,
+    /// New values, `assign_ids.len() × value_dim`.
+    pub assign_values: Vec<f32>,
+    /// Tag counts of existing memories: `(id, tag, count)` sets the tag's
+    /// count on that memory (0 removes the tag), e.g. to mark which source
+    /// changed a memory.
+    pub tag_counts: Vec<(MemoryId, String, u64)>,
 }
 
 /// Access bookkeeping of a row a [`ChangeBatch`] inserts.
@@ -615,6 +626,18 @@ impl ChangeBatch {
                 self.update_ids.len(),
                 deltas.len()
             )));
+        }
+        let assigned = Vectors::new(&self.assign_values, config.value_dim)?;
+        assigned.check("assigned values", config.value_dim)?;
+        if assigned.len() != self.assign_ids.len() {
+            return Err(Error::Shape(format!(
+                "{} assigned ids but {} values",
+                self.assign_ids.len(),
+                assigned.len()
+            )));
+        }
+        if self.tag_counts.iter().any(|(_, t, _)| t.is_empty()) {
+            return Err(Error::Shape("an empty tag name in tag counts".into()));
         }
         let inserts = self.inserts(config)?;
         inserts.check(config)?;

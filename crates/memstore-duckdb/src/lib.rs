@@ -789,8 +789,22 @@ fn persist(
     let mut new_tags: HashMap<String, i64> = HashMap::new();
     let mut tag_rows: Vec<(i64, i64, i64)> = Vec::new();
     let mut next_tag = tag_ids.values().copied().max().unwrap_or(0) + 1;
-    for m in &ch.inserted {
-        for (t, c) in &m.tags {
+    // Retagged memories get their tag rows rewritten whole.
+    for chunk in ch.retagged.chunks(ID_CHUNK) {
+        let ids: Vec<MemoryId> = chunk.iter().map(|(id, _)| *id).collect();
+        conn.execute(
+            &format!("DELETE FROM memory_tags WHERE memory_id IN ({})", id_list(&ids)),
+            [],
+        )
+        .map_err(db)?;
+    }
+    let tagged = ch
+        .inserted
+        .iter()
+        .map(|m| (m.id, &m.tags))
+        .chain(ch.retagged.iter().map(|(id, t)| (*id, t)));
+    for (id, tags) in tagged {
+        for (t, c) in tags {
             let tid = match tag_ids.get(t).or_else(|| new_tags.get(t)) {
                 Some(&tid) => tid,
                 None => {
@@ -802,7 +816,7 @@ fn persist(
                     tid
                 }
             };
-            tag_rows.push((m.id as i64, tid, *c as i64));
+            tag_rows.push((id as i64, tid, *c as i64));
         }
     }
     if !ch.inserted.is_empty() {

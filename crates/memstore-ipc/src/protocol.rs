@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 /// The four bytes a [`Request::Hello`] starts with.
 pub const MAGIC: [u8; 4] = *b"MSTD";
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Default largest frame (payload bytes) either side accepts.
 pub const DEFAULT_MAX_FRAME: usize = 256 << 20;
 /// Bytes of the length prefix.
@@ -257,6 +257,13 @@ pub struct WireChangeBatch<'a> {
     pub insert_meta: Vec<WireInsertMeta>,
     /// Inserted rows' tags (empty: none).
     pub insert_tags: Cow<'a, [Vec<String>]>,
+    /// Ids whose values are assigned.
+    pub assign_ids: Cow<'a, [u64]>,
+    /// Assigned values.
+    #[serde(borrow)]
+    pub assign_values: F32s<'a>,
+    /// Tag counts of existing memories.
+    pub tag_counts: Cow<'a, [(u64, String, u64)]>,
 }
 
 impl<'a> WireChangeBatch<'a> {
@@ -283,6 +290,9 @@ impl<'a> WireChangeBatch<'a> {
                 })
                 .collect(),
             insert_tags: Cow::Borrowed(&b.insert_tags),
+            assign_ids: Cow::Borrowed(&b.assign_ids),
+            assign_values: F32s::from_slice(&b.assign_values),
+            tag_counts: Cow::Borrowed(&b.tag_counts),
         }
     }
 
@@ -309,6 +319,9 @@ impl<'a> WireChangeBatch<'a> {
                 })
                 .collect(),
             insert_tags: self.insert_tags.to_vec(),
+            assign_ids: self.assign_ids.to_vec(),
+            assign_values: self.assign_values.to_vec("assigned values")?,
+            tag_counts: self.tag_counts.to_vec(),
         })
     }
 }

@@ -67,6 +67,9 @@ fn valid_frames() -> Vec<Vec<u8>> {
         insert_values: v.to_vec(),
         insert_meta: vec![],
         insert_tags: vec![tags.clone(), vec![]],
+        assign_ids: vec![4],
+        assign_values: vec![0.25, -0.25],
+        tag_counts: vec![(4, "src".into(), 2)],
     };
     let reqs = [
         Request::Hello(protocol::Hello {

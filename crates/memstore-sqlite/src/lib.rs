@@ -725,8 +725,23 @@ async fn persist(
     }
     let mut new_tags: HashMap<String, i64> = HashMap::new();
     let mut tag_rows: Vec<(i64, i64, i64)> = Vec::new();
-    for m in &ch.inserted {
-        for (t, c) in &m.tags {
+    // Retagged memories get their tag rows rewritten whole.
+    for chunk in ch.retagged.chunks(ID_CHUNK) {
+        let mut q = QueryBuilder::<Sqlite>::new("DELETE FROM memory_tags WHERE memory_id IN (");
+        let mut sep = q.separated(", ");
+        for (id, _) in chunk {
+            sep.push_bind(*id as i64);
+        }
+        q.push(")");
+        q.build().execute(&mut **tx).await.map_err(sql)?;
+    }
+    let tagged = ch
+        .inserted
+        .iter()
+        .map(|m| (m.id, &m.tags))
+        .chain(ch.retagged.iter().map(|(id, t)| (*id, t)));
+    for (id, tags) in tagged {
+        for (t, c) in tags {
             let tid = match tag_ids.get(t).or_else(|| new_tags.get(t)) {
                 Some(&tid) => tid,
                 None => {
@@ -742,7 +757,7 @@ async fn persist(
                     tid
                 }
             };
-            tag_rows.push((m.id as i64, tid, *c as i64));
+            tag_rows.push((id as i64, tid, *c as i64));
         }
     }
     for chunk in ch.inserted.chunks(INSERT_CHUNK) {

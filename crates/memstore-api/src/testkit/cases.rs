@@ -1308,6 +1308,88 @@ pub async fn apply_keeps_insert_tags<H: Harness>(make: Make<'_, H>) {
     assert_eq!(hits.id(0, 0), Some(3));
 }
 
+/// A change batch assigns values exactly (after its deltas) and sets tag
+/// counts of existing memories (0 removes a tag), durably, as the reference
+/// model does; an assignment or tag count naming a memory that is not
+/// there (or that the batch deletes), a value of the wrong width and an
+/// empty tag name are refused and change nothing.
+pub async fn apply_assigns_values_and_tag_counts<H: Harness>(make: Make<'_, H>) {
+    let c = lambda_cfg(1, 2, 0.5);
+    let (h, s) = fresh(make, c.clone()).await;
+    let r = InMemoryStore::new(c.clone()).unwrap();
+    let mut first = change_batch(1, 1, 1);
+    first.insert_keys = vec![1.0, 2.0, 3.0];
+    first.insert_values = vec![0.5, 0.5, 1.0, 1.0, 2.0, 2.0];
+    first.insert_tags = vec![vec!["head:0".into()], vec!["head:0".into()], vec![]];
+    for st in [&s as &dyn MemoryStore, &r] {
+        st.apply(&first).await.unwrap();
+    }
+    let mut b = change_batch(2, 2, 4);
+    b.update_ids = vec![1];
+    b.deltas = vec![0.1, 0.1];
+    // An assignment wins over a delta to the same memory, bit for bit.
+    b.assign_ids = vec![1, 2];
+    b.assign_values = vec![0.3, f32::MIN_POSITIVE, -7.0, 1e-30];
+    b.tag_counts = vec![
+        (1, "source:a@01".into(), 1),
+        (2, "head:0".into(), 0),
+        (3, "source:a@01".into(), 2),
+        (3, "x".into(), 1),
+    ];
+    for (why, bad) in [
+        ("unknown id", {
+            let mut x = b.clone();
+            x.assign_ids[1] = 9;
+            x
+        }),
+        ("deleted id", {
+            let mut x = b.clone();
+            x.delete = vec![3];
+            x
+        }),
+        ("value width", {
+            let mut x = b.clone();
+            x.assign_values.pop();
+            x
+        }),
+        ("empty tag", {
+            let mut x = b.clone();
+            x.tag_counts[0].1.clear();
+            x
+        }),
+    ] {
+        assert!(s.apply(&bad).await.is_err(), "{why} was accepted");
+        assert!(r.apply(&bad).await.is_err(), "{why} was accepted by the reference");
+    }
+    for st in [&s as &dyn MemoryStore, &r] {
+        assert_eq!(
+            st.stats().await.unwrap().counters.last_batch,
+            1,
+            "a refused batch changed the store"
+        );
+        st.apply(&b).await.unwrap();
+    }
+    let s = reopen(&h, s, c).await;
+    let (got, want) = (s.get(&[1, 2, 3]).await.unwrap(), r.get(&[1, 2, 3]).await.unwrap());
+    assert_eq!(got, want);
+    let bits = |m: &crate::Memory| m.value.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&got[0]), [0.3f32, f32::MIN_POSITIVE].map(f32::to_bits));
+    assert_eq!(bits(&got[1]), [-7.0f32, 1e-30].map(f32::to_bits));
+    let tags = |m: &crate::Memory| m.tags.clone().into_iter().collect::<Vec<_>>();
+    assert_eq!(tags(&got[0]), vec![("head:0".into(), 1), ("source:a@01".into(), 1)]);
+    assert_eq!(tags(&got[1]), vec![]);
+    assert_eq!(tags(&got[2]), vec![("source:a@01".into(), 2), ("x".into(), 1)]);
+    let filter = TagFilter::Any(vec!["source:a@01".into()]);
+    let hits = s
+        .search(crate::Vectors::new(&[2.0], 1).unwrap(), 3, Some(&filter))
+        .await
+        .unwrap();
+    let mut found: Vec<_> = (0..3).filter_map(|j| hits.id(0, j)).collect();
+    found.sort_unstable();
+    assert_eq!(found, vec![1, 3]);
+    assert_eq!(s.stats().await.unwrap().tag_counts.get("source:a@01"), Some(&3));
+}
+
 /// A change batch's inserts past the capacity evict in LRFU order, as
 /// `insert` does, and agree with the reference model.
 pub async fn apply_respects_capacity<H: Harness>(make: Make<'_, H>) {

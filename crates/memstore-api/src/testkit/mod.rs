@@ -173,6 +173,7 @@ macro_rules! __conformance_common {
             apply_respects_capacity,
             apply_keeps_insert_bookkeeping,
             apply_keeps_insert_tags,
+            apply_assigns_values_and_tag_counts,
             stats_report_totals,
             ids_lists_every_memory,
             flush_keeps_state,
