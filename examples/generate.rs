@@ -4,15 +4,25 @@
 //! cargo run --release --example generate -- --model DIR --prompt "Hello" --max-new-tokens 20
 //! cargo run --release --example generate -- --model crates/burn-dmt/tests/fixtures/tiny-gpt2 \
 //!     --prompt-ids 1,2,3 --greedy --print-ids
+//! # a memory student (run directory of distill_gpt2), after memorising a text:
+//! cargo run --release --example generate -- --student runs/distill --memorize FILE --prompt "And God said"
 //! ```
+//!
+//! With `--student`, the memory layers answer from the device tier loaded
+//! from the run's stores, or with `--memory store` from each store's own
+//! index (for memories larger than a device holds). `--memorize FILE`
+//! first writes FILE into the student's memory (weights frozen; see the
+//! `memory` example), so generation changes; `memory forget` reverts it.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use burn_dmt::Gpt2;
+use burn_dmt::continual::{MemorizeOptions, memorize, serve_from_stores};
 use burn_dmt::device::{DeviceChoice, select};
+use burn_dmt::distill::load_student;
 use burn_dmt::generate::{Sampling, generate};
-use burn_dmt::tokenizer::Gpt2Tokenizer;
+use burn_dmt::tokenizer::TextCodec;
 use clap::Parser;
 
 /// Generate text with GPT-2 in Burn.
@@ -20,8 +30,18 @@ use clap::Parser;
 #[command(version, about)]
 struct Args {
     /// Hugging Face GPT-2 directory (config.json, model.safetensors; tokenizer files for --prompt).
+    #[arg(long, required_unless_present = "student", conflicts_with = "student")]
+    model: Option<PathBuf>,
+    /// A memory student's run directory (from distill_gpt2) instead of --model.
     #[arg(long)]
-    model: PathBuf,
+    student: Option<PathBuf>,
+    /// With --student: where the memory layers search, device (the tier loaded from the stores) or store
+    /// (each store's own index).
+    #[arg(long, default_value = "device", requires = "student")]
+    memory: String,
+    /// With --student: memorise this text into the student's memory first (weights frozen).
+    #[arg(long, requires = "student")]
+    memorize: Option<PathBuf>,
     /// Prompt text (needs tokenizer.json or vocab.json + merges.txt in --model, or --tokenizer).
     #[arg(long, conflicts_with = "prompt_ids")]
     prompt: Option<String>,
@@ -70,12 +90,44 @@ fn main() {
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let selected = select(args.device)?;
     eprintln!("device: {}", selected.description);
-    let config = burn_dmt::Gpt2Config::from_file(&args.model.join("config.json"))?;
-    selected.check_fits("the token embedding", (config.vocab_size * config.n_embd * 4) as u64)?;
-    let model = Gpt2::from_pretrained(&args.model, &selected.device)?;
-    let tokenizer = || Gpt2Tokenizer::from_dir(args.tokenizer.as_ref().unwrap_or(&args.model));
+    let rt = tokio::runtime::Runtime::new()?;
+    let mut _stores = Vec::new();
+    let (model, codec): (Gpt2, Option<TextCodec>) = match (&args.model, &args.student) {
+        (_, Some(run_dir)) => {
+            if let Some(f) = &args.memorize {
+                let opts = MemorizeOptions {
+                    device: selected.device.clone(),
+                    ..MemorizeOptions::default()
+                };
+                for r in memorize(run_dir, std::slice::from_ref(f), &opts, &mut |l| eprintln!("{l}"), None)? {
+                    eprintln!(
+                        "memorised {} (forget it with: cargo run --release --example memory -- forget --student {} \
+                         --source {})",
+                        r.source.tag,
+                        run_dir.display(),
+                        r.source.file
+                    );
+                }
+            }
+            let (spec, mut m) = load_student(run_dir, &selected.device, &rt)?;
+            match args.memory.as_str() {
+                "device" => {}
+                "store" => _stores = serve_from_stores(run_dir, &mut m, &rt)?,
+                other => return Err(format!("--memory {other:?}: expected device or store").into()),
+            }
+            (m, Some(TextCodec::for_model(&spec.teacher, args.tokenizer.as_deref())?))
+        }
+        (Some(dir), None) => {
+            let config = burn_dmt::Gpt2Config::from_file(&dir.join("config.json"))?;
+            selected.check_fits("the token embedding", (config.vocab_size * config.n_embd * 4) as u64)?;
+            let m = Gpt2::from_pretrained(dir, &selected.device)?;
+            let codec = TextCodec::for_model(dir, args.tokenizer.as_deref()).ok();
+            (m, codec)
+        }
+        (None, None) => return Err("give --model or --student".into()),
+    };
     let prompt: Vec<u32> = match (&args.prompt, &args.prompt_ids) {
-        (Some(text), _) => tokenizer()?.encode(text)?,
+        (Some(text), _) => codec.as_ref().ok_or("no tokenizer files for --prompt")?.encode(text)?,
         (None, Some(ids)) => ids.clone(),
         (None, None) => return Err("give --prompt or --prompt-ids".into()),
     };
@@ -94,10 +146,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         println!("{}", line.join(","));
     }
     if args.prompt.is_some() || !args.print_ids {
-        match tokenizer() {
-            Ok(tok) => println!("{}", tok.decode(&out)?),
-            Err(_) if !args.print_ids => println!("{out:?}"),
-            Err(_) => {}
+        match &codec {
+            Some(c) => println!("{}", c.decode(&out)?),
+            None if !args.print_ids => println!("{out:?}"),
+            None => {}
         }
     }
     let new = out.len() - prompt.len();

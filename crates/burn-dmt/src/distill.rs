@@ -84,6 +84,10 @@ pub struct StudentSpec {
     /// Memories a key-value layer sums per position.
     #[serde(default = "default_kv_k")]
     pub kv_k: usize,
+    /// Slots added to each featural and associative layer's table for
+    /// memorised text (`memorize` sets it; 0 until then).
+    #[serde(default)]
+    pub memory_room: usize,
 }
 
 fn default_kv_k() -> usize {
@@ -1346,6 +1350,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
             featural_init: opts.featural_init,
             associative_init: opts.associative_init,
             kv_k: opts.kv_k,
+            memory_room: 0,
             corpus: Some(TrainingText {
                 path: std::path::absolute(&opts.corpus).map_err(io(&opts.corpus))?,
                 held_out_tail: opts.eval_corpus.is_none(),
@@ -1740,13 +1745,26 @@ fn attention_baseline(opts: &DistillOptions, run_dir: &Path, log: &mut dyn FnMut
     Ok(dir)
 }
 
-fn read_spec(run_dir: &Path) -> Result<StudentSpec> {
+/// The student description of a run directory (`student.json`).
+pub fn read_spec(run_dir: &Path) -> Result<StudentSpec> {
     let spec_path = run_dir.join("student.json");
+    if !spec_path.exists() {
+        return Err(DmtError::InvalidArgument(format!(
+            "{} is not a run directory (no student.json)",
+            run_dir.display()
+        )));
+    }
     let text = std::fs::read_to_string(&spec_path).map_err(io(&spec_path))?;
     serde_json::from_str(&text).map_err(|e| DmtError::Config {
         path: spec_path.clone(),
         message: e.to_string(),
     })
+}
+
+/// Writes `student.json` (atomically).
+pub fn write_spec(run_dir: &Path, spec: &StudentSpec) -> Result<()> {
+    let text = serde_json::to_string_pretty(spec).map_err(|e| DmtError::InvalidArgument(e.to_string()))?;
+    crate::loader::write_atomic(&run_dir.join("student.json"), text.as_bytes())
 }
 
 /// The student skeleton of a run directory: the teacher's weights with memory
@@ -1783,7 +1801,7 @@ fn student_from_run(
                 let (parts, capacity) = if *kind == LayerKind::KeyValue {
                     (1, kv_capacity(spec))
                 } else {
-                    (spec.memory_parts, spec.capacity)
+                    (spec.memory_parts, spec.capacity + spec.memory_room)
                 };
                 let tier = match layout {
                     Some(l) => rt.block_on(DeviceMemory::load_with_layout(&store, &l, parts, ad))?,
@@ -1869,7 +1887,19 @@ pub fn eval_only(run_dir: &Path, corpus: &Path, opts: &DistillOptions) -> Result
 /// (weights from `student.safetensors`, memories from its stores).
 pub fn load_student(run_dir: &Path, ad: &Device, rt: &tokio::runtime::Runtime) -> Result<(StudentSpec, Gpt2)> {
     let spec = read_spec(run_dir)?;
-    let mut student = student_from_run(run_dir, &spec, None, ad, rt)?;
+    let student = load_student_room(run_dir, &spec, ad, rt)?;
+    Ok((spec, student))
+}
+
+/// [`load_student`] described by `spec` (the run's, perhaps with more
+/// room for memorised memories).
+pub fn load_student_room(
+    run_dir: &Path,
+    spec: &StudentSpec,
+    ad: &Device,
+    rt: &tokio::runtime::Runtime,
+) -> Result<Gpt2> {
+    let mut student = student_from_run(run_dir, spec, None, ad, rt)?;
     let weights = run_dir.join("student.safetensors");
     let result = student
         .load_from(&mut SafetensorsStore::from_file(&weights))
@@ -1883,5 +1913,5 @@ pub fn load_student(run_dir: &Path, ad: &Device, rt: &tokio::runtime::Runtime) -
             message: format!("missing weights: {:?}", result.missing),
         });
     }
-    Ok((spec, student))
+    Ok(student)
 }

@@ -106,6 +106,17 @@ impl FeedForward {
         })
     }
 
+    /// What a memory layer's learning forward passes observed since its
+    /// last commit, taken (`None`: not a memory layer).
+    pub fn take_observed(&self) -> Option<Vec<crate::memory::tier::Observation>> {
+        match self {
+            FeedForward::Featural(f) => Some(f.take_observed()),
+            FeedForward::Associative(a) => Some(a.take_observed()),
+            FeedForward::KeyValue(m) => Some(m.take_observed()),
+            _ => None,
+        }
+    }
+
     /// Whether a memory layer records its retrievals and proposals (training)
     /// or leaves its memory as it is (evaluation); no effect on other layers.
     pub fn set_learning(&mut self, learning: bool) {

@@ -17,9 +17,13 @@
 //! - [`distill`]: distillation of a teacher into a memory student, with its
 //!   baselines ([`ngram`], dense students of other widths) and the honest
 //!   accounting of what each costs ([`accounting`]).
+//! - [`continual`]: `memorize` new text into a trained student's memory with
+//!   its weights frozen (tagged by source in the store), `forget` it by its
+//!   source, and the finetuning baseline they are measured against.
 
 pub mod accounting;
 pub mod config;
+pub mod continual;
 pub mod device;
 pub mod distill;
 pub mod generate;
@@ -135,6 +139,22 @@ pub enum DmtError {
     /// The memory store failed.
     #[error("memory store: {0}")]
     Store(#[from] memstore_api::Error),
+    /// A text to memorise is unusable (empty, not UTF-8, too short).
+    #[error("text {path}: {message}")]
+    Text {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// No memorised source has this tag.
+    #[error("no memorised source {tag:?} (known: {known})")]
+    UnknownSource {
+        /// The tag asked for.
+        tag: String,
+        /// The tags the run directory knows, comma-separated.
+        known: String,
+    },
 }
 
 /// Result alias of burn-dmt.

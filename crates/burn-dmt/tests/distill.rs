@@ -8,54 +8,9 @@ mod common;
 use std::path::Path;
 
 use burn_dmt::burn::tensor::Device;
-use burn_dmt::distill::{DistillOptions, eval_only, run};
-use burn_dmt::tokenizer::{Gpt2Tokenizer, VocabMap};
-use burn_dmt::{FeedForward, Gpt2, Gpt2Config};
-use common::assets;
-
-/// The seed of the tiny teachers' weights.
-const TEACHER_SEED: u64 = 1;
-
-/// A random GPT-2 teacher with a compact vocabulary over a slice of the
-/// corpus; returns (training text, held-out text) files.
-fn tiny_setup(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let text = std::fs::read_to_string(assets().join("data/tinyshakespeare.txt")).unwrap();
-    let text: String = text.chars().take(24_000).collect();
-    let (train, eval) = text.split_at(20_000);
-    let tok = Gpt2Tokenizer::from_dir(assets().join("gpt2-tokenizer")).unwrap();
-    let map = VocabMap::from_corpus(&tok.encode(train).unwrap(), 50256);
-    let teacher = dir.join("teacher");
-    let config = Gpt2Config::new(2, 32, 2, 32, map.len());
-    Gpt2::seeded(&config, &Device::flex(), TEACHER_SEED)
-        .unwrap()
-        .save_pretrained(&teacher)
-        .unwrap();
-    map.save(&teacher).unwrap();
-    for f in ["vocab.json", "merges.txt"] {
-        std::fs::copy(assets().join("gpt2-tokenizer").join(f), teacher.join(f)).unwrap();
-    }
-    let (a, b) = (dir.join("train.txt"), dir.join("eval.txt"));
-    std::fs::write(&a, train).unwrap();
-    std::fs::write(&b, eval).unwrap();
-    (a, b)
-}
-
-fn options(dir: &Path, train: std::path::PathBuf, eval: &Path) -> DistillOptions {
-    let mut o = DistillOptions::embedded(Path::new(env!("CARGO_MANIFEST_DIR")));
-    o.teacher = dir.join("teacher");
-    o.corpus = train;
-    o.eval_corpus = Some(eval.to_path_buf());
-    o.run_dir = dir.join("run");
-    o.layers = Some("0:featural,1:associative".into());
-    o.steps = 4;
-    o.batch = 2;
-    o.seq = 16;
-    o.capacity = 64;
-    o.k = 4;
-    o.eval_windows = 6;
-    o.max_inserts = 8;
-    o
-}
+use burn_dmt::distill::{eval_only, run};
+use burn_dmt::{FeedForward, Gpt2};
+use common::{Daemon, options, tiny_setup};
 
 #[test]
 fn distillation_runs_end_to_end_and_eval_only_reproduces_it() {
@@ -340,62 +295,6 @@ fn the_hidden_state_loss_adds_its_term() {
     for m in &r.steps {
         let plain = 0.5 * m.kd + 0.5 * m.ce;
         assert!(m.loss.is_finite() && m.loss > plain, "{m:?}");
-    }
-}
-
-/// Serves named SQLite stores from `dir` on `dir/memstored.sock` with
-/// memstore-ipc's daemon core (what `memstored --stores DIR` runs), until dropped.
-struct Daemon {
-    stop: tokio::sync::watch::Sender<bool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    socket: std::path::PathBuf,
-}
-
-impl Daemon {
-    fn start(dir: &Path) -> Daemon {
-        use memstore_ipc::{Server, ServerOptions, SqliteOpener, server};
-        std::fs::create_dir_all(dir).unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let (stop, mut stopped) = tokio::sync::watch::channel(false);
-        let socket = dir.join("memstored.sock");
-        let guard = rt.enter();
-        let template = SqliteOpener {
-            path: std::path::PathBuf::new(),
-            options: Default::default(),
-        };
-        let options = ServerOptions {
-            stores_dir: Some(dir.to_path_buf()),
-            ..ServerOptions::default()
-        };
-        let s = Server::named_only(template, options).unwrap();
-        let listener = server::bind_unix(&socket, 0o600).unwrap();
-        let task = rt.spawn(async move {
-            s.serve(vec![listener], async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            })
-            .await
-            .unwrap()
-        });
-        drop(guard);
-        let thread = std::thread::spawn(move || rt.block_on(task).unwrap());
-        Daemon {
-            stop,
-            thread: Some(thread),
-            socket,
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.stop.send(true);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

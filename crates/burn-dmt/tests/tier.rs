@@ -220,6 +220,9 @@ fn journal_records_round_trip_and_damage_is_reported() {
             crf: 1.5,
         }],
         insert_tags: vec![vec!["head:1".into(), "source é".into()]],
+        assign_ids: vec![4],
+        assign_values: vec![-1.0, 0.25, f32::MAX],
+        tag_counts: vec![(4, "source:a.txt@00ff".into(), 1), (5, "gone".into(), 0)],
     };
     let bytes = encode(&b);
     assert_eq!(decode(&bytes), Some(b.clone()));
@@ -267,19 +270,29 @@ fn journal_records_round_trip_and_damage_is_reported() {
     bytes[at + 16] = 0;
     assert_eq!(decode(&bytes), None);
 
-    // Journals of format 2 (accesses one by one, no tags) and 3 (no tags)
-    // are read and rewritten in the current format.
+    // Journals of format 2 (accesses one by one, no tags), 3 (no tags) and
+    // 4 (no value assignments or tag counts) are read and rewritten in the
+    // current format.
     let mut b = b;
     b.insert_tags.clear();
+    b.assign_ids.clear();
+    b.assign_values.clear();
+    b.tag_counts.clear();
     let record = |p: Vec<u8>| {
         let mut r = (p.len() as u32).to_le_bytes().to_vec();
         r.extend_from_slice(&crc32(&p).to_le_bytes());
         r.extend_from_slice(&p);
         r
     };
-    // A format-3 payload is today's without the (empty) tag list at its end.
-    let v3 = |b: &ChangeBatch| {
+    // A format-4 payload is today's without the (empty) assignments and tag
+    // counts at its end; a format-3 one also without the insert tags.
+    let v4 = |b: &ChangeBatch| {
         let mut p = encode(b);
+        p.truncate(p.len() - 24);
+        p
+    };
+    let v3 = |b: &ChangeBatch| {
+        let mut p = v4(b);
         p.truncate(p.len() - 8);
         p
     };
@@ -299,6 +312,7 @@ fn journal_records_round_trip_and_damage_is_reported() {
     for (name, magic, old) in [
         ("v2", b"DMTJRNL2", [v2(&b), v2(&c)]),
         ("v3", b"DMTJRNL3", [v3(&b), v3(&c)]),
+        ("v4", b"DMTJRNL4", [v4(&b), v4(&c)]),
     ] {
         let path = dir.path().join(name);
         let [x, y] = old.map(record);
@@ -310,7 +324,7 @@ fn journal_records_round_trip_and_damage_is_reported() {
         d.insert_tags = vec![vec!["head:0".into()]];
         j.append(&d).unwrap();
         drop(j);
-        assert_eq!(&std::fs::read(&path).unwrap()[..8], b"DMTJRNL4");
+        assert_eq!(&std::fs::read(&path).unwrap()[..8], b"DMTJRNL5");
         assert_eq!(Journal::open(&path).unwrap().1, vec![b.clone(), c.clone(), d], "{name}");
     }
 }
@@ -684,4 +698,68 @@ async fn a_growing_memory_rises_to_its_capacity_and_then_evicts() {
     let c = tier.counters();
     assert!(c.evicted > 0, "and then evicts: {c:?}");
     assert_eq!(c.inserted - c.evicted, CAP as u64);
+}
+
+/// While a source is written: its inserts carry its tag, an older memory
+/// whose value changes gains the tag once (a tag count), older memories are
+/// never evicted, recombined or accessed, and a full tier makes room among
+/// the source's own memories only; the store agrees.
+#[test]
+fn a_source_tags_its_changes_and_protects_older_memories() {
+    let device = Device::flex();
+    let mut tier = DeviceMemory::new(config().with_thresholds(0.01, 0.5), 8, &device).unwrap();
+    let store = InMemoryStore::new(config().with_thresholds(0.01, 0.5)).unwrap();
+    let mut rng = Rng::new(3);
+    tier.fill(&rng.vecs(4, DK), &rng.vecs(4, DV), 1).unwrap();
+    futures_apply(&store, tier.take_changes().unwrap());
+    assert!(tier.begin_source("").is_err());
+    tier.begin_source("source:x@01").unwrap();
+    // Older memories: accesses dropped, a value change tags them once.
+    tier.touch(&[0, 1], 2).unwrap();
+    let grad = Tensor::<2>::from_data(TensorData::new(vec![1.0; 8 * DV], [8, DV]), &device);
+    tier.apply_value_grad(grad.clone(), 0.5, &[0, 1]).unwrap();
+    tier.apply_value_grad(grad.clone(), 0.5, &[0]).unwrap();
+    tier.insert(&rng.vecs(4, DK), &rng.vecs(4, DV), 2).unwrap();
+    let b = tier.take_changes().unwrap();
+    assert!(b.touch.is_empty(), "older memories were accessed: {:?}", b.touch);
+    assert_eq!(
+        b.tag_counts,
+        vec![(1, "source:x@01".to_string(), 1), (2, "source:x@01".to_string(), 1)]
+    );
+    assert!(b.insert_tags.iter().all(|t| t == &vec!["source:x@01".to_string()]));
+    futures_apply(&store, b);
+    // Full: new memories replace the source's own, never older ones.
+    for tick in 3..6 {
+        let got = tier.insert(&rng.vecs(2, DK), &rng.vecs(2, DV), tick).unwrap();
+        assert_eq!(got.len(), 2);
+        let b = tier.take_changes().unwrap();
+        assert!(
+            b.delete.iter().all(|&id| id > 4),
+            "an older memory was evicted: {:?}",
+            b.delete
+        );
+        futures_apply(&store, b);
+    }
+    assert!((1..=4).all(|id| tier.slot(id).is_some()));
+    // Recombining with an older memory is refused (nothing changes).
+    let (k, v) = (vec![0.0; DK], vec![0.0; DV]);
+    assert_eq!(tier.merge(&[1], &k, &v, 6).unwrap(), None);
+    tier.end_source().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let m = rt.block_on(store.get(&[1, 2, 3])).unwrap();
+    assert_eq!(
+        m.iter().map(|m| m.tags.contains_key("source:x@01")).collect::<Vec<_>>(),
+        [true, true, false]
+    );
+    // The tier's own novelty gate can be raised, not put below recombination.
+    assert!(tier.set_novelty(0.001).is_err());
+    tier.set_novelty(0.9).unwrap();
+    assert_eq!(tier.config().novelty, 0.9);
+}
+
+fn futures_apply(store: &InMemoryStore, b: ChangeBatch) {
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(store.apply(&b))
+        .unwrap();
 }

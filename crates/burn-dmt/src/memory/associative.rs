@@ -116,6 +116,11 @@ pub struct AssociativeMemory {
     observed: Arc<Mutex<Vec<Observation>>>,
     #[module(skip)]
     learning: bool,
+    /// Whether learning passes propose the layer's answers (per head,
+    /// before `out`) as new memories' values instead of the value
+    /// projection's outputs.
+    #[module(skip)]
+    answers: bool,
     #[module(skip)]
     n_head: usize,
     #[module(skip)]
@@ -137,9 +142,18 @@ impl AssociativeMemory {
             memory,
             observed: Arc::new(Mutex::new(Vec::new())),
             learning: false,
+            answers: false,
             n_head,
             k,
         })
+    }
+
+    /// Whether learning passes propose new memories whose values are the
+    /// layer's current answers (the attention output over the retrieved
+    /// memories, per head): such a memory leaves the attention output
+    /// unchanged wherever it is retrieved, and can then learn.
+    pub fn set_recording_answers(&mut self, on: bool) {
+        self.answers = on;
     }
 
     /// The device tier.
@@ -192,11 +206,15 @@ impl AssociativeMemory {
     /// Attention over what was retrieved, with the straight-through estimator
     /// on keys and values, and the output projection: `[b, t, n_embd]`.
     pub fn attend(&self, shape: [usize; 3], q: Tensor<2>, k: Tensor<2>, v: Tensor<2>, r: &Retrieved) -> Tensor<3> {
+        self.out.forward(self.attend_heads(q, k, v, r).reshape(shape))
+    }
+
+    /// [`AssociativeMemory::attend`] before the output projection: `[n, dh]`.
+    fn attend_heads(&self, q: Tensor<2>, k: Tensor<2>, v: Tensor<2>, r: &Retrieved) -> Tensor<2> {
         let keys = straight_through(k, r.keys.clone());
         let values = straight_through_values(v, r.values.clone());
         let gaps = missing(&self.memory, self.k, &r.distances);
-        let y = attend(q, keys, values, self.log_scale.val().exp(), gaps);
-        self.out.forward(y.reshape(shape))
+        attend(q, keys, values, self.log_scale.val().exp(), gaps)
     }
 
     /// Applies the layer to the normalised residual stream `[b, t, n_embd]`;
@@ -205,24 +223,31 @@ impl AssociativeMemory {
         let shape = x.dims();
         let (q, k, v) = self.project(x);
         let r = self.retrieve(k.clone())?;
+        let proposed = v.clone().detach();
+        let y = self.attend_heads(q, k.clone(), v, &r);
         if self.learning {
             let mut o = self.observed.lock().unwrap_or_else(|e| e.into_inner());
             o.push(Observation {
-                keys: k.clone().detach(),
-                values: Some(v.clone().detach()),
+                keys: k.detach(),
+                values: Some(if self.answers { y.clone().detach() } else { proposed }),
                 distances: r.distances.clone().detach(),
                 slots: r.slots.clone(),
             });
         }
-        Ok(self.attend(shape, q, k, v, &r))
+        Ok(self.out.forward(y.reshape(shape)))
     }
 
     /// The slots retrieved by learning forward passes since the last commit
     /// (or call), taking them: for measuring which memories an evaluation
     /// uses without changing the memory.
     pub fn take_retrieved(&self) -> Result<Vec<usize>> {
-        let observed = std::mem::take(&mut *self.observed.lock().unwrap_or_else(|e| e.into_inner()));
-        super::tier::retrieved_slots(observed)
+        super::tier::retrieved_slots(self.take_observed())
+    }
+
+    /// What learning forward passes observed since the last commit (or
+    /// call), taken.
+    pub fn take_observed(&self) -> Vec<Observation> {
+        std::mem::take(&mut *self.observed.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Between steps: records the accesses of the retrieved memories at

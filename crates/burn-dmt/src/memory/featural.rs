@@ -114,6 +114,10 @@ pub struct FeaturalMemory {
     observed: Arc<Mutex<Vec<Observation>>>,
     #[module(skip)]
     learning: bool,
+    /// Whether learning passes record each query's answer (the layer's
+    /// per-head output before `out`) as the value a new memory would take.
+    #[module(skip)]
+    answers: bool,
     #[module(skip)]
     n_head: usize,
     #[module(skip)]
@@ -133,9 +137,27 @@ impl FeaturalMemory {
             memory,
             observed: Arc::new(Mutex::new(Vec::new())),
             learning: false,
+            answers: false,
             n_head,
             k,
         })
+    }
+
+    /// Whether learning passes propose new memories whose values are the
+    /// layer's current answers to their queries (inserted by
+    /// [`FeaturalMemory::commit_answers`]): a memory whose value is the
+    /// softmax-weighted mean of the values retrieved with it leaves that
+    /// mean, so the layer's output, unchanged, and can then learn.
+    pub fn set_recording_answers(&mut self, on: bool) {
+        self.answers = on;
+    }
+
+    /// Between steps, with answers recorded: records the accesses, recombines
+    /// near-duplicate queries and inserts novel ones with their answers as
+    /// values, at most `max_inserts` ([`DeviceMemory::commit`]).
+    pub fn commit_answers(&mut self, tick: Tick, max_inserts: usize) -> Result<CommitCounts> {
+        let observed = std::mem::take(&mut *self.observed.lock().unwrap_or_else(|e| e.into_inner()));
+        self.memory.commit(observed, tick, max_inserts, None)
     }
 
     /// The device tier.
@@ -163,8 +185,13 @@ impl FeaturalMemory {
     /// (or call), taking them: for measuring which memories an evaluation
     /// uses without changing the memory.
     pub fn take_retrieved(&self) -> Result<Vec<usize>> {
-        let observed = std::mem::take(&mut *self.observed.lock().unwrap_or_else(|e| e.into_inner()));
-        super::tier::retrieved_slots(observed)
+        super::tier::retrieved_slots(self.take_observed())
+    }
+
+    /// What learning forward passes observed since the last commit (or
+    /// call), taken.
+    pub fn take_observed(&self) -> Vec<Observation> {
+        std::mem::take(&mut *self.observed.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Between steps: records the accesses of the memories retrieved since
@@ -214,23 +241,23 @@ impl FeaturalMemory {
         let keys = found.keys.detach();
         let values = found.values;
         let gaps = missing(&self.memory, k, &found.distances);
-        if self.learning {
-            let mut o = self.observed.lock().unwrap_or_else(|e| e.into_inner());
-            o.push(Observation {
-                keys: q.clone().detach(),
-                values: None,
-                distances: found.distances.detach(),
-                slots: found.slots,
-            });
-        }
-        let d = (q.unsqueeze_dim::<3>(1) - keys)
+        let d = (q.clone().unsqueeze_dim::<3>(1) - keys)
             .powf_scalar(2.0)
             .sum_dim(2)
             .add_scalar(1e-12)
             .sqrt(); // [n, k, 1]
         let tau = self.log_tau.val().exp().reshape([1, 1, 1]);
         let w = masked_softmax(d.neg() / tau, gaps);
-        let y = (w * values).sum_dim(1).reshape([b, t, c]);
-        Ok(self.out.forward(y))
+        let y = (w * values).sum_dim(1); // [n, 1, dh]
+        if self.learning {
+            let mut o = self.observed.lock().unwrap_or_else(|e| e.into_inner());
+            o.push(Observation {
+                keys: q.detach(),
+                values: self.answers.then(|| y.clone().detach().reshape([n, dh])),
+                distances: found.distances.detach(),
+                slots: found.slots,
+            });
+        }
+        Ok(self.out.forward(y.reshape([b, t, c])))
     }
 }

@@ -24,14 +24,15 @@ use memstore_api::{ChangeBatch, InsertMeta, MemoryStore};
 use crate::{DmtError, Result};
 
 /// First bytes of a journal file.
-const MAGIC: &[u8; 8] = b"DMTJRNL4";
+const MAGIC: &[u8; 8] = b"DMTJRNL5";
 
 /// Format of the journal [`MAGIC`] starts.
-const FORMAT: u8 = 4;
+const FORMAT: u8 = 5;
 
 /// First bytes of the journals of earlier formats, read and rewritten in the
-/// current format on open: 2 lists accesses one by one, 3 has no insert tags.
-const OLDER: [(&[u8; 8], u8); 2] = [(b"DMTJRNL2", 2), (b"DMTJRNL3", 3)];
+/// current format on open: 2 lists accesses one by one, 3 has no insert tags,
+/// 4 no value assignments or tag counts.
+const OLDER: [(&[u8; 8], u8); 3] = [(b"DMTJRNL2", 2), (b"DMTJRNL3", 3), (b"DMTJRNL4", 4)];
 
 /// CRC-32 (IEEE 802.3, reflected, as zlib's) of `bytes`. Table-free bitwise
 /// CRC cost ~10 ms per MB here, and a GPU-sized step journals megabytes per
@@ -97,6 +98,15 @@ pub fn encode(b: &ChangeBatch) -> Vec<u8> {
             out.extend_from_slice(&(tag.len() as u64).to_le_bytes());
             out.extend_from_slice(tag.as_bytes());
         }
+    }
+    put_u64s(&mut out, &b.assign_ids);
+    put_f32s(&mut out, &b.assign_values);
+    out.extend_from_slice(&(b.tag_counts.len() as u64).to_le_bytes());
+    for (id, tag, count) in &b.tag_counts {
+        out.extend_from_slice(&id.to_le_bytes());
+        out.extend_from_slice(&(tag.len() as u64).to_le_bytes());
+        out.extend_from_slice(tag.as_bytes());
+        out.extend_from_slice(&count.to_le_bytes());
     }
     out
 }
@@ -191,6 +201,17 @@ fn decode_format(payload: &[u8], format: u8) -> Option<ChangeBatch> {
                 .collect::<Option<Vec<_>>>()?
         },
         insert_tags: if format >= 4 { r.tags()? } else { Vec::new() },
+        assign_ids: if format >= 5 { r.u64s()? } else { Vec::new() },
+        assign_values: if format >= 5 { r.f32s()? } else { Vec::new() },
+        tag_counts: if format >= 5 {
+            // Each entry takes at least its id, tag length and count.
+            let n = r.len(24)?;
+            (0..n)
+                .map(|_| Some((r.u64()?, r.string()?, r.u64()?)))
+                .collect::<Option<Vec<_>>>()?
+        } else {
+            Vec::new()
+        },
     };
     r.0.is_empty().then_some(b)
 }

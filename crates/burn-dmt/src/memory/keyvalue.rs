@@ -107,8 +107,13 @@ impl KeyValueMemory {
     /// The slots retrieved by learning forward passes since the last commit
     /// (or call), taking them.
     pub fn take_retrieved(&self) -> Result<Vec<usize>> {
-        let observed = std::mem::take(&mut *self.observed.lock().unwrap_or_else(|e| e.into_inner()));
-        super::tier::retrieved_slots(observed)
+        super::tier::retrieved_slots(self.take_observed())
+    }
+
+    /// What learning forward passes observed since the last commit (or
+    /// call), taken.
+    pub fn take_observed(&self) -> Vec<Observation> {
+        std::mem::take(&mut *self.observed.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Between steps: records the accesses of the memories retrieved since

@@ -119,6 +119,18 @@ pub fn retrieved_slots(observed: Vec<Observation>) -> Result<Vec<usize>> {
     Ok(out)
 }
 
+/// The distance of each observed query to its nearest memory (`+∞`: none),
+/// reading them from the device.
+pub fn nearest_distances(observed: &[Observation]) -> Result<Vec<f32>> {
+    let mut out = Vec::new();
+    for o in observed {
+        let [_, k] = o.distances.dims();
+        let d = host_f32(o.distances.clone())?;
+        out.extend(d.iter().step_by(k.max(1)).copied());
+    }
+    Ok(out)
+}
+
 /// What a [`DeviceMemory::commit`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CommitCounts {
@@ -186,7 +198,20 @@ pub struct DeviceMemory {
     /// Values changed for an evaluation ([`DeviceMemory::with_ablated_values`]):
     /// the tier no longer describes its store and refuses to learn.
     ablated: bool,
+    /// The source whose text the tier is learning ([`DeviceMemory::begin_source`]).
+    source: Option<SourceMark>,
     device: Device,
+}
+
+/// A source being written into a tier: its tag, the first id it may give
+/// (memories below it are the source's predecessors, which it may change
+/// the values of but never removes), and the older memories already
+/// tagged with it.
+#[derive(Clone, Debug)]
+struct SourceMark {
+    tag: String,
+    first_id: MemoryId,
+    tagged: std::collections::HashSet<MemoryId>,
 }
 
 impl DeviceMemory {
@@ -231,6 +256,7 @@ impl DeviceMemory {
             counters: TierCounters::default(),
             retrieved: vec![false; capacity],
             ablated: false,
+            source: None,
             config,
             device: device.clone(),
         })
@@ -393,6 +419,98 @@ impl DeviceMemory {
     /// The store id of every slot (`None`: free), for [`DeviceMemory::load_with_layout`].
     pub fn layout(&self) -> Vec<Option<MemoryId>> {
         self.ids.clone()
+    }
+
+    /// Starts writing the text of the source `tag` into the tier (no
+    /// changes may be pending). Until [`DeviceMemory::end_source`]: every
+    /// memory the tier inserts or recombines carries `tag`; an older memory
+    /// whose value changes gains `tag` (a tag count in the batch); and the
+    /// older memories are protected — never evicted, recombined or
+    /// accessed (their LRFU bookkeeping stays as it was), so that removing
+    /// the source's memories and restoring the values it changed gives the
+    /// memory back exactly.
+    pub fn begin_source(&mut self, tag: &str) -> Result<()> {
+        self.check_writable()?;
+        if tag.is_empty() {
+            return Err(DmtError::InvalidArgument("a source tag cannot be empty".into()));
+        }
+        if self.has_changes() {
+            return Err(DmtError::InvalidArgument(
+                "take the pending changes before starting a source".into(),
+            ));
+        }
+        self.source = Some(SourceMark {
+            tag: tag.to_string(),
+            first_id: self.next_id,
+            tagged: std::collections::HashSet::new(),
+        });
+        Ok(())
+    }
+
+    /// Ends the source [`DeviceMemory::begin_source`] started (no changes
+    /// may be pending).
+    pub fn end_source(&mut self) -> Result<()> {
+        if self.has_changes() {
+            return Err(DmtError::InvalidArgument(
+                "take the pending changes before ending a source".into(),
+            ));
+        }
+        self.source = None;
+        Ok(())
+    }
+
+    /// Whether the memory `id` is protected from the current source (it is
+    /// older than the source).
+    fn protected(&self, id: MemoryId) -> bool {
+        self.source.as_ref().is_some_and(|s| id < s.first_id)
+    }
+
+    /// Sets the novelty threshold of this tier's inserts (not the store's):
+    /// an observation is inserted only when its nearest memory is farther.
+    /// It may not fall below the recombination threshold.
+    pub fn set_novelty(&mut self, novelty: f32) -> Result<()> {
+        if !(novelty.is_finite() && novelty >= self.config.recombine) {
+            return Err(DmtError::InvalidArgument(format!(
+                "novelty threshold {novelty} is below the recombination threshold {}",
+                self.config.recombine
+            )));
+        }
+        self.config.novelty = novelty;
+        Ok(())
+    }
+
+    /// The id the next new memory gets.
+    pub fn next_id(&self) -> MemoryId {
+        self.next_id
+    }
+
+    /// The latest tick any memory was created or accessed at (0: empty).
+    pub fn latest_tick(&self) -> Tick {
+        (0..self.capacity)
+            .filter(|&s| self.valid[s])
+            .map(|s| self.last_access[s].max(self.created[s]))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The current values of the memories `ids` (host rows, in order).
+    pub fn values_of(&self, ids: &[MemoryId]) -> Result<Vec<f32>> {
+        let dv = self.config.value_dim;
+        let slots = ids
+            .iter()
+            .map(|id| {
+                self.slot(*id)
+                    .ok_or_else(|| DmtError::InvalidArgument(format!("memory {id} is not in the tier")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if slots.is_empty() {
+            return Ok(Vec::new());
+        }
+        let all = host_f32(self.values.clone().inner())?;
+        Ok(slots
+            .iter()
+            .flat_map(|&s| all[s * dv..(s + 1) * dv].iter().copied())
+            .collect())
     }
 
     fn occupy(&mut self, slot: usize, id: MemoryId, m: InsertMeta) {
@@ -730,6 +848,17 @@ impl DeviceMemory {
         if let Some(s) = slots.iter().find(|&&s| self.id(s).is_none()) {
             return Err(DmtError::InvalidArgument(format!("slot {s} is empty")));
         }
+        let kept: Vec<usize>;
+        let slots = if self.source.is_some() {
+            kept = slots
+                .iter()
+                .copied()
+                .filter(|&s| self.id(s).is_some_and(|id| !self.protected(id)))
+                .collect();
+            &kept[..]
+        } else {
+            slots
+        };
         let lambda = self.config.eviction.lambda();
         for &s in slots {
             self.retrieved[s] = true;
@@ -790,6 +919,10 @@ impl DeviceMemory {
         for (i, &s) in rows.iter().enumerate() {
             let id = self.ids[s].ok_or_else(|| DmtError::InvalidArgument(format!("slot {s} is empty")))?;
             let d = &host[i * dv..(i + 1) * dv];
+            if d.iter().all(|x| *x == 0.0) {
+                // Nothing changes (a row no retrieval reached): no update, no tag.
+                continue;
+            }
             if id >= self.pending.first_id {
                 // Not in the store yet: change the row the batch will insert.
                 let r = (id - self.pending.first_id) as usize;
@@ -799,6 +932,12 @@ impl DeviceMemory {
             } else {
                 self.pending.update_ids.push(id);
                 self.pending.deltas.extend_from_slice(d);
+                if let Some(src) = self.source.as_mut()
+                    && id < src.first_id
+                    && src.tagged.insert(id)
+                {
+                    self.pending.tag_counts.push((id, src.tag.clone(), 1));
+                }
             }
         }
         Ok(())
@@ -825,7 +964,11 @@ impl DeviceMemory {
         let lambda = self.config.eviction.lambda();
         let first = self.pending.first_id;
         let victim = range
-            .filter_map(|s| self.ids[s].filter(|&id| id < first).map(|id| (s, id)))
+            .filter_map(|s| {
+                self.ids[s]
+                    .filter(|&id| id < first && !self.protected(id))
+                    .map(|id| (s, id))
+            })
             .min_by(|a, b| {
                 let pa = math::priority(lambda, self.crf[a.0], self.last_access[a.0]);
                 let pb = math::priority(lambda, self.crf[b.0], self.last_access[b.0]);
@@ -1042,7 +1185,9 @@ impl DeviceMemory {
                 let mut usable = true;
                 for id in sources {
                     match self.slot(*id) {
-                        Some(s) if *id < self.pending.first_id && !slots.contains(&s) => slots.push(s),
+                        Some(s) if *id < self.pending.first_id && !self.protected(*id) && !slots.contains(&s) => {
+                            slots.push(s)
+                        }
                         _ => {
                             usable = false;
                             break;
@@ -1172,8 +1317,15 @@ impl DeviceMemory {
             self.pending
                 .insert_values
                 .extend_from_slice(&values[i * dv..(i + 1) * dv]);
+            let mut tags = Vec::new();
             if self.parts > 1 {
-                self.pending.insert_tags.push(vec![head_tag(parts[i])]);
+                tags.push(head_tag(parts[i]));
+            }
+            if let Some(src) = &self.source {
+                tags.push(src.tag.clone());
+            }
+            if !tags.is_empty() {
+                self.pending.insert_tags.push(tags);
             }
             self.pending.tick = self.pending.tick.max(tick);
             if metas.is_some() {
@@ -1241,7 +1393,11 @@ impl DeviceMemory {
     /// Whether changes are waiting for the store.
     pub fn has_changes(&self) -> bool {
         let p = &self.pending;
-        !(p.delete.is_empty() && p.update_ids.is_empty() && self.touched == 0 && p.insert_keys.is_empty())
+        !(p.delete.is_empty()
+            && p.update_ids.is_empty()
+            && self.touched == 0
+            && p.insert_keys.is_empty()
+            && p.tag_counts.is_empty())
     }
 
     /// Takes the pending changes as the next batch for the store (`None` when

@@ -77,3 +77,109 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
+
+/// The seed of the tiny teachers' weights.
+pub const TEACHER_SEED: u64 = 1;
+
+/// A random GPT-2 teacher with a compact vocabulary over a slice of the
+/// corpus; returns (training text, held-out text) files.
+pub fn tiny_setup(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let text = std::fs::read_to_string(assets().join("data/tinyshakespeare.txt")).unwrap();
+    let text: String = text.chars().take(24_000).collect();
+    let (train, eval) = text.split_at(20_000);
+    let tok = burn_dmt::tokenizer::Gpt2Tokenizer::from_dir(assets().join("gpt2-tokenizer")).unwrap();
+    let map = burn_dmt::tokenizer::VocabMap::from_corpus(&tok.encode(train).unwrap(), 50256);
+    let teacher = dir.join("teacher");
+    let config = burn_dmt::Gpt2Config::new(2, 32, 2, 32, map.len());
+    burn_dmt::Gpt2::seeded(&config, &Device::flex(), TEACHER_SEED)
+        .unwrap()
+        .save_pretrained(&teacher)
+        .unwrap();
+    map.save(&teacher).unwrap();
+    for f in ["vocab.json", "merges.txt"] {
+        std::fs::copy(assets().join("gpt2-tokenizer").join(f), teacher.join(f)).unwrap();
+    }
+    let (a, b) = (dir.join("train.txt"), dir.join("eval.txt"));
+    std::fs::write(&a, train).unwrap();
+    std::fs::write(&b, eval).unwrap();
+    (a, b)
+}
+
+pub fn options(
+    dir: &std::path::Path,
+    train: std::path::PathBuf,
+    eval: &std::path::Path,
+) -> burn_dmt::distill::DistillOptions {
+    let mut o = burn_dmt::distill::DistillOptions::embedded(std::path::Path::new(env!("CARGO_MANIFEST_DIR")));
+    o.teacher = dir.join("teacher");
+    o.corpus = train;
+    o.eval_corpus = Some(eval.to_path_buf());
+    o.run_dir = dir.join("run");
+    o.layers = Some("0:featural,1:associative".into());
+    o.steps = 4;
+    o.batch = 2;
+    o.seq = 16;
+    o.capacity = 64;
+    o.k = 4;
+    o.eval_windows = 6;
+    o.max_inserts = 8;
+    o
+}
+
+/// Serves named SQLite stores from `dir` on `dir/memstored.sock` with
+/// memstore-ipc's daemon core (what `memstored --stores DIR` runs), until dropped.
+pub struct Daemon {
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The daemon's socket.
+    pub socket: std::path::PathBuf,
+}
+
+impl Daemon {
+    /// Starts serving `dir`.
+    pub fn start(dir: &std::path::Path) -> Daemon {
+        use memstore_ipc::{Server, ServerOptions, SqliteOpener, server};
+        std::fs::create_dir_all(dir).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let socket = dir.join("memstored.sock");
+        let guard = rt.enter();
+        let template = SqliteOpener {
+            path: std::path::PathBuf::new(),
+            options: Default::default(),
+        };
+        let options = ServerOptions {
+            stores_dir: Some(dir.to_path_buf()),
+            ..ServerOptions::default()
+        };
+        let s = Server::named_only(template, options).unwrap();
+        let listener = server::bind_unix(&socket, 0o600).unwrap();
+        let task = rt.spawn(async move {
+            s.serve(vec![listener], async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await
+            .unwrap()
+        });
+        drop(guard);
+        let thread = std::thread::spawn(move || rt.block_on(task).unwrap());
+        Daemon {
+            stop,
+            thread: Some(thread),
+            socket,
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

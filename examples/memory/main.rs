@@ -1,0 +1,168 @@
+//! Knowledge in a student's memory: write a text into it with every weight
+//! frozen, list what was written, and forget it by its source.
+//!
+//! ```text
+//! cargo run --release --example memory -- memorize --student runs/distill assets/data/kjv-genesis-deuteronomy.txt
+//! cargo run --release --example memory -- sources --student runs/distill
+//! cargo run --release --example memory -- forget --student runs/distill --source kjv-genesis-deuteronomy.txt
+//! ```
+//!
+//! `memorize` tags every memory it inserts or changes with the source
+//! (`source:<file>@<sha256 prefix>`), in the store, and keeps a ledger in
+//! the run directory (`sources/`), from which `forget` deletes the
+//! source's memories and puts back the values it changed
+//! (`burn_dmt::continual` explains both).
+
+use std::path::PathBuf;
+
+use burn_dmt::continual::{Mechanism, MemorizeOptions, forget, memorize, sources};
+use burn_dmt::device::{DeviceChoice, select};
+use clap::{Parser, Subcommand};
+
+mod study;
+
+/// Write texts into a student's memory, list them, forget them.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Write texts into the memory of a trained student, weights frozen.
+    Memorize {
+        /// The student's run directory (from distill_gpt2).
+        #[arg(long, default_value = "runs/distill")]
+        student: PathBuf,
+        /// sparse (TF-IDF-selected rows' values), insert (new memories) or both.
+        #[arg(long, default_value = "both")]
+        mechanism: Mechanism,
+        /// SGD steps per text (default: one pass over its tokens).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Windows per step.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Tokens per window.
+        #[arg(long, default_value_t = 64)]
+        seq: usize,
+        /// SGD learning rate of the memory values.
+        #[arg(long, default_value_t = MemorizeOptions::default().lr)]
+        lr: f32,
+        /// Rows per memory layer the sparse mechanism trains.
+        #[arg(long, default_value_t = MemorizeOptions::default().sparse_rows)]
+        sparse_rows: usize,
+        /// Slots added to each featural and associative table for memorised memories (set once per run).
+        #[arg(long, default_value_t = MemorizeOptions::default().room)]
+        room: usize,
+        /// Device: auto, cpu or wgpu.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceChoice,
+        /// The texts (UTF-8), each its own source.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Remove what one source wrote (by its tag, or its file name).
+    Forget {
+        /// The student's run directory.
+        #[arg(long, default_value = "runs/distill")]
+        student: PathBuf,
+        /// The source's tag (`source:<file>@<hash>`) or file name.
+        #[arg(long)]
+        source: String,
+    },
+    /// Measure learning against forgetting: memory-only memorising (each
+    /// mechanism) against finetuning all weights or the last block, on
+    /// the bundled KJV text; writes OUT/continual.md, continual.csv and
+    /// continual.png.
+    Study(study::StudyArgs),
+    /// List the sources memorised in a run directory.
+    Sources {
+        /// The student's run directory.
+        #[arg(long, default_value = "runs/distill")]
+        student: PathBuf,
+    },
+}
+
+/// mimalloc, as the training examples: Burn's large per-step tensors stay
+/// mapped instead of being returned to the kernel and faulted back in.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() {
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    match args.command {
+        Command::Memorize {
+            student,
+            mechanism,
+            steps,
+            batch,
+            seq,
+            lr,
+            sparse_rows,
+            room,
+            device,
+            files,
+        } => {
+            let selected = select(device)?;
+            let opts = MemorizeOptions {
+                mechanism,
+                steps,
+                batch,
+                seq,
+                lr,
+                sparse_rows,
+                room,
+                device: selected.device,
+                ..MemorizeOptions::default()
+            };
+            for r in memorize(&student, &files, &opts, &mut |l| eprintln!("{l}"), None)? {
+                println!(
+                    "{}: cross-entropy on it {:.4} -> {:.4} nats; {} steps at {:.0} tokens/s",
+                    r.source.tag, r.ce_before, r.ce_after, r.steps, r.tokens_per_s
+                );
+                for (block, inserted, changed) in r.layers {
+                    println!("  block {block}: {inserted} memories inserted, {changed} older memories changed");
+                }
+            }
+        }
+        Command::Forget { student, source } => {
+            let r = forget(&student, &source)?;
+            println!(
+                "forgot {source}: {} memories deleted, {} values restored exactly, {} values also changed by a \
+                 later source (this source's change subtracted)",
+                r.deleted, r.restored, r.overlapped
+            );
+        }
+        Command::Study(a) => study::run(a)?,
+        Command::Sources { student } => {
+            let all = sources(&student)?;
+            if all.is_empty() {
+                println!("no memorised sources in {}", student.display());
+            }
+            for l in all {
+                let inserted: usize = l.layers.iter().map(|x| x.inserted).sum();
+                let changed: usize = l.layers.iter().map(|x| x.changed.len()).sum();
+                println!(
+                    "{}  {} bytes, {} tokens, {} ({} steps){}: {inserted} memories inserted, {changed} older \
+                     memories trainable",
+                    l.source.tag,
+                    l.source.bytes,
+                    l.tokens,
+                    l.mechanism.name(),
+                    l.steps,
+                    if l.complete { "" } else { ", interrupted" }
+                );
+            }
+        }
+    }
+    Ok(())
+}
