@@ -23,6 +23,13 @@
 //! (evicting within it), and each row the store receives carries the tag
 //! `head:<h>` ([`head_tag`]), so that a reload puts every memory back in its
 //! head's table and SQL can tell them apart.
+//!
+//! While the text of one source is written into the memory
+//! ([`DeviceMemory::begin_source`], used by [`crate::continual`]), every
+//! memory the tier inserts carries the source's tag, an older memory whose
+//! value changes gains it (a tag count in the batch), and older memories
+//! are protected: never evicted, recombined or accessed, so that what the
+//! source wrote can be removed exactly.
 
 use std::collections::HashMap;
 use std::sync::Arc;
