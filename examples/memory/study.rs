@@ -57,6 +57,9 @@ pub struct StudyArgs {
     /// AdamW learning rates of the finetuning baselines.
     #[arg(long, value_delimiter = ',', default_value = "0.0001,0.0003,0.001")]
     finetune_lrs: Vec<f64>,
+    /// Run the memory runs only (a tuning probe).
+    #[arg(long)]
+    skip_finetune: bool,
     /// Held-out windows of each text evaluated.
     #[arg(long, default_value_t = 64)]
     eval_windows: usize,
@@ -237,7 +240,7 @@ pub fn run(a: StudyArgs) -> Result<(), Box<dyn std::error::Error>> {
         (FinetuneScope::All, "finetune: all weights"),
         (FinetuneScope::LastBlock, "finetune: last block"),
     ] {
-        for &lr in &a.finetune_lrs {
+        for &lr in a.finetune_lrs.iter().filter(|_| !a.skip_finetune) {
             let rt = tokio::runtime::Runtime::new()?;
             let (_, m) = load_student(&a.student, &device.clone().autodiff(), &rt)?;
             let mut points = vec![(0, ce(&m, &new_eval)?, ce(&m, &orig_eval)?)];

@@ -13,7 +13,7 @@
 //! - **novelty-gated insertion** of new memories (featural and associative
 //!   layers): a position of the new text whose nearest memory is farther
 //!   than the training text's positions' nearest memories mostly are (a
-//!   quantile of their distances, 0.9 by default) is inserted, with
+//!   quantile of their distances, 0.99 by default) is inserted, with
 //!   recombination of near-duplicates and LRFU eviction, in room added to
 //!   each layer's table for memorised text. A new memory's value starts as
 //!   the layer's answer to its query (the weighted mean of the values
@@ -161,7 +161,7 @@ impl Default for MemorizeOptions {
             room: 4096,
             max_inserts: 64,
             background_windows: 64,
-            novelty_quantile: 0.9,
+            novelty_quantile: 0.99,
             seed: 1,
             tokenizer: None,
             device: Device::flex(),
