@@ -76,7 +76,7 @@ enum Command {
     /// Measure learning against forgetting: memory-only memorising (each
     /// mechanism) against finetuning all weights or the last block, on
     /// the bundled KJV text; writes OUT/continual.md, continual.csv and
-    /// continual.png.
+    /// continual.png (OUT: docs/results).
     Study(study::StudyArgs),
     /// List the sources memorised in a run directory.
     Sources {

@@ -31,7 +31,7 @@ pub struct StudyArgs {
     #[arg(long, default_value = "assets/data/kjv-genesis-deuteronomy.txt")]
     text: PathBuf,
     /// Where results go.
-    #[arg(long, default_value = "docs/results/continual")]
+    #[arg(long, default_value = "docs/results")]
     out: PathBuf,
     /// Steps of every method.
     #[arg(long, default_value_t = 200)]
@@ -126,7 +126,7 @@ pub fn run(a: StudyArgs) -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or(text.len());
     let (train_text, held_text) = text.split_at(cut);
     std::fs::create_dir_all(&a.out)?;
-    let work = a.out.join("work");
+    let work = a.out.join("continual-work");
     if work.exists() {
         std::fs::remove_dir_all(&work)?;
     }
