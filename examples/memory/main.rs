@@ -23,7 +23,7 @@ mod study;
 
 /// Write texts into a student's memory, list them, forget them.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     #[command(subcommand)]
     command: Command,
