@@ -59,7 +59,7 @@ use memstore_api::{ChangeBatch, MemoryId, MemoryStore};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::distill::{StudentSpec, load_student_room, read_spec, write_spec};
+use crate::distill::{StudentSpec, load_student_room, read_spec, set_learning, write_spec};
 use crate::memory::layers::LayerKind;
 use crate::tokenizer::TextCodec;
 use crate::train::{Corpus, SplitMix, Window, cross_entropy, eval_batches, evaluate, sample_batch, value};
@@ -344,12 +344,6 @@ pub fn ce(model: &Gpt2, windows: &[Window]) -> Result<f64> {
     Ok(evaluate(model, None, windows)?.nll)
 }
 
-fn set_learning(model: &mut Gpt2, on: bool) {
-    for b in model.h.iter_mut() {
-        b.mlp.set_learning(on);
-    }
-}
-
 /// The training text of a run (its training part), for document frequencies.
 fn training_tokens(spec: &StudentSpec, codec: &TextCodec) -> Result<Vec<u32>> {
     let c = spec.corpus.as_ref().ok_or_else(|| {
@@ -395,14 +389,7 @@ fn retrievals(model: &mut Gpt2, windows: &[Window], per_sequence: bool) -> Resul
     }
     for w in windows {
         let rows: Vec<Window> = if per_sequence {
-            (0..w.b)
-                .map(|r| Window {
-                    b: 1,
-                    t: w.t,
-                    inputs: w.inputs[r * w.t..(r + 1) * w.t].to_vec(),
-                    targets: w.targets[r * w.t..(r + 1) * w.t].to_vec(),
-                })
-                .collect()
+            w.rows().collect()
         } else {
             vec![w.clone()]
         };
@@ -410,9 +397,10 @@ fn retrievals(model: &mut Gpt2, windows: &[Window], per_sequence: bool) -> Resul
             drop(model.forward(one.inputs(&device), None)?);
             for (i, u) in out.iter_mut() {
                 let observed = model.h[*i].mlp.take_observed().unwrap_or_default();
-                u.nearest.extend(crate::memory::tier::nearest_distances(&observed)?);
+                let (slots, nearest) = crate::memory::tier::retrieved_and_nearest(observed)?;
+                u.nearest.extend(nearest);
                 let mut seen = vec![false; u.tf.len()];
-                for s in crate::memory::tier::retrieved_slots(observed)? {
+                for s in slots {
                     u.tf[s] += 1.0;
                     if !seen[s] {
                         seen[s] = true;
@@ -657,13 +645,7 @@ pub fn memorize(
                         .map(|ids| ids.iter().filter_map(|id| tier.slot(*id)).collect())
                         .unwrap_or_default();
                     if opts.mechanism.insert() {
-                        slots.extend(
-                            tier.layout()
-                                .iter()
-                                .enumerate()
-                                .filter(|(_, id)| id.is_some_and(|id| id >= first))
-                                .map(|(s, _)| s),
-                        );
+                        slots.extend((0..tier.capacity()).filter(|&s| tier.id(s).is_some_and(|id| id >= first)));
                     }
                     tier.apply_value_grad(g, opts.lr, &slots)?;
                 }
@@ -702,10 +684,8 @@ pub fn memorize(
             let l = &mut ledger.layers[pos];
             l.next_id = Some(tier.next_id());
             l.after = tier.values_of(&l.changed)?.into_iter().map(f32::to_bits).collect();
-            l.inserted = tier
-                .layout()
-                .iter()
-                .filter(|id| id.is_some_and(|id| id >= l.first_id))
+            l.inserted = (0..tier.capacity())
+                .filter(|&s| tier.id(s).is_some_and(|id| id >= l.first_id))
                 .count();
             let changed = l
                 .before
@@ -880,12 +860,6 @@ pub fn forget(run_dir: &Path, tag: &str) -> Result<ForgetReport> {
     let p = ledger_path(run_dir, src);
     std::fs::remove_file(&p).map_err(io(&p))?;
     Ok(report)
-}
-
-/// Checks that `run_dir` holds a student with memories (for the CLI's
-/// listing); returns its description.
-pub fn student_spec(run_dir: &Path) -> Result<StudentSpec> {
-    read_spec(run_dir)
 }
 
 /// Which weights [`finetune`] trains.

@@ -1144,7 +1144,9 @@ pub fn resized_mlp(m: &Mlp, width: usize, config: &Gpt2Config, rng: &mut SplitMi
     Ok(Mlp::new(c_fc, c_proj, config.activation()))
 }
 
-fn set_learning(model: &mut Gpt2, on: bool) {
+/// Switches every memory layer's learning (recording retrievals and
+/// proposals) on or off.
+pub(crate) fn set_learning(model: &mut Gpt2, on: bool) {
     for b in model.h.iter_mut() {
         b.mlp.set_learning(on);
     }

@@ -88,6 +88,16 @@ impl Window {
         Tensor::from_data(TensorData::new(self.targets.clone(), [self.b, self.t]), device)
     }
 
+    /// Each sequence as a window of its own.
+    pub fn rows(&self) -> impl Iterator<Item = Window> + '_ {
+        (0..self.b).map(|r| Window {
+            b: 1,
+            t: self.t,
+            inputs: self.inputs[r * self.t..(r + 1) * self.t].to_vec(),
+            targets: self.targets[r * self.t..(r + 1) * self.t].to_vec(),
+        })
+    }
+
     fn from_starts(tokens: &[u32], starts: &[usize], t: usize) -> Self {
         let mut inputs = Vec::with_capacity(starts.len() * t);
         let mut targets = Vec::with_capacity(starts.len() * t);

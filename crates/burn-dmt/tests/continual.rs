@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use burn_dmt::DmtError;
 use burn_dmt::burn::tensor::Device;
-use burn_dmt::continual::{Mechanism, MemorizeOptions, forget, memorize, read_source, sources};
+use burn_dmt::continual::{Mechanism, MemorizeOptions, MemorizeReport, forget, memorize, read_source, sources};
 use burn_dmt::distill::{load_student, run};
 use burn_dmt::storage::StoreLocation;
 use burn_dmt::train::eval_batches;
@@ -52,6 +52,11 @@ fn opts(mechanism: Mechanism) -> MemorizeOptions {
         background_windows: 8,
         ..MemorizeOptions::default()
     }
+}
+
+/// `memorize` with the tiny options, quietly.
+fn mem(run_dir: &Path, files: &[PathBuf], mechanism: Mechanism) -> burn_dmt::Result<Vec<MemorizeReport>> {
+    memorize(run_dir, files, &opts(mechanism), &mut |_| {}, None)
 }
 
 /// One stored row: key bits, value bits, tags with their counts.
@@ -137,14 +142,7 @@ fn memorize_learns_with_frozen_weights_and_forget_restores_the_store() {
     let safetensors = std::fs::read(run_dir.join("student.safetensors")).unwrap();
     let ce_before = ce_on(&run_dir, &text);
 
-    let reports = memorize(
-        &run_dir,
-        std::slice::from_ref(&text),
-        &opts(Mechanism::Both),
-        &mut |_| {},
-        None,
-    )
-    .unwrap();
+    let reports = mem(&run_dir, std::slice::from_ref(&text), Mechanism::Both).unwrap();
     let r = &reports[0];
     assert!(r.ce_after < r.ce_before - 0.05, "{} -> {}", r.ce_before, r.ce_after);
     let ce_after = ce_on(&run_dir, &text);
@@ -230,25 +228,11 @@ fn forgetting_one_source_keeps_the_others_memories_and_gain() {
     let (tag_a, tag_b) = (read_source(&a).unwrap().0.tag, read_source(&b).unwrap().0.tag);
 
     // B, then A; forgetting A gives back B's memory exactly.
-    memorize(
-        &run_dir,
-        std::slice::from_ref(&b),
-        &opts(Mechanism::Both),
-        &mut |_| {},
-        None,
-    )
-    .unwrap();
+    mem(&run_dir, std::slice::from_ref(&b), Mechanism::Both).unwrap();
     let only_b = dump(&run_dir);
     let b_alone = ce_on(&run_dir, &b);
     assert!(b_alone < b_before - 0.05, "{b_before} -> {b_alone}");
-    memorize(
-        &run_dir,
-        std::slice::from_ref(&a),
-        &opts(Mechanism::Both),
-        &mut |_| {},
-        None,
-    )
-    .unwrap();
+    mem(&run_dir, std::slice::from_ref(&a), Mechanism::Both).unwrap();
     let f = forget(&run_dir, &tag_a).unwrap();
     assert!(f.deleted > 0 && f.overlapped == 0, "{f:?}");
     same(&dump(&run_dir), &only_b, "forgetting the later source");
@@ -257,14 +241,7 @@ fn forgetting_one_source_keeps_the_others_memories_and_gain() {
     same(&dump(&run_dir), &original, "forgetting both");
 
     // A, then B; forgetting A (by its file name) keeps all of B's memories.
-    memorize(
-        &run_dir,
-        &[a.clone(), b.clone()],
-        &opts(Mechanism::Both),
-        &mut |_| {},
-        None,
-    )
-    .unwrap();
+    mem(&run_dir, &[a.clone(), b.clone()], Mechanism::Both).unwrap();
     let both = dump(&run_dir);
     let f = forget(&run_dir, "a.txt").unwrap();
     assert!(f.deleted > 0, "{f:?}");
@@ -300,14 +277,7 @@ fn bad_input_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = student(dir.path(), None);
     let text = new_text(dir.path(), "t.txt", 0, 2000);
-    memorize(
-        &run_dir,
-        std::slice::from_ref(&text),
-        &opts(Mechanism::Sparse),
-        &mut |_| {},
-        None,
-    )
-    .unwrap();
+    mem(&run_dir, std::slice::from_ref(&text), Mechanism::Sparse).unwrap();
     let rows = dump(&run_dir);
     let spec = std::fs::read(run_dir.join("student.json")).unwrap();
     let ledgers = sources(&run_dir).unwrap();
@@ -330,12 +300,10 @@ fn bad_input_is_refused_and_changes_nothing() {
     std::fs::write(&binary, [0x66, 0x6f, 0xff, 0xfe, 0x00, 0x80]).unwrap();
     for (f, what) in [(&empty, "empty"), (&binary, "UTF-8")] {
         // Given with a good file, so that nothing is written for that one either.
-        let e = memorize(
+        let e = mem(
             &run_dir,
             &[new_text(dir.path(), "ok.txt", 9000, 2000), f.clone()],
-            &opts(Mechanism::Both),
-            &mut |_| {},
-            None,
+            Mechanism::Both,
         )
         .unwrap_err();
         assert!(
@@ -344,14 +312,7 @@ fn bad_input_is_refused_and_changes_nothing() {
         );
         unchanged(what);
     }
-    let e = memorize(
-        &run_dir,
-        std::slice::from_ref(&text),
-        &opts(Mechanism::Both),
-        &mut |_| {},
-        None,
-    )
-    .unwrap_err();
+    let e = mem(&run_dir, std::slice::from_ref(&text), Mechanism::Both).unwrap_err();
     assert!(e.to_string().contains("memorised already"), "{e}");
     unchanged("the same text again");
 
@@ -369,41 +330,20 @@ fn bad_input_is_refused_and_changes_nothing() {
             .replace("\"associative\"", "\"mlp\""),
     )
     .unwrap();
-    let e = memorize(
-        &other,
-        std::slice::from_ref(&text),
-        &opts(Mechanism::Both),
-        &mut |_| {},
-        None,
-    )
-    .unwrap_err();
+    let e = mem(&other, std::slice::from_ref(&text), Mechanism::Both).unwrap_err();
     assert!(e.to_string().contains("no memory layers"), "{e}");
     std::fs::write(
         other.join("student.json"),
         json.replace("\"featural\"", "\"associative\""),
     )
     .unwrap();
-    let e = memorize(
-        &other,
-        std::slice::from_ref(&text),
-        &opts(Mechanism::Both),
-        &mut |_| {},
-        None,
-    )
-    .unwrap_err();
+    let e = mem(&other, std::slice::from_ref(&text), Mechanism::Both).unwrap_err();
     assert!(
         matches!(e, DmtError::Checkpoint { .. } | DmtError::InvalidArgument(_)),
         "{e}"
     );
     assert!(!other.join("sources").exists());
-    let e = memorize(
-        dir.path(),
-        std::slice::from_ref(&text),
-        &opts(Mechanism::Both),
-        &mut |_| {},
-        None,
-    )
-    .unwrap_err();
+    let e = mem(dir.path(), std::slice::from_ref(&text), Mechanism::Both).unwrap_err();
     assert!(e.to_string().contains("not a run directory"), "{e}");
     unchanged("other run directories");
 }
@@ -415,14 +355,7 @@ fn provenance_at(dir: &Path, loc: StoreLocation) {
     let run_dir = student(dir, Some(loc));
     let text = new_text(dir, "exodus.txt", 100_000, 3000);
     let before = dump(&run_dir);
-    memorize(
-        &run_dir,
-        std::slice::from_ref(&text),
-        &opts(Mechanism::Both),
-        &mut |_| {},
-        None,
-    )
-    .unwrap();
+    mem(&run_dir, std::slice::from_ref(&text), Mechanism::Both).unwrap();
     let tag = read_source(&text).unwrap().0.tag;
     let after = dump(&run_dir);
     let new: Vec<_> = after.keys().filter(|k| !before.contains_key(k)).collect();

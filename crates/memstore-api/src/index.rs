@@ -88,6 +88,16 @@ pub struct Changes {
 }
 
 impl Changes {
+    /// The complete tag counts a backend writes: those of the new memories
+    /// and of the existing memories whose tags changed (whose tag rows it
+    /// first deletes).
+    pub fn tag_rows(&self) -> impl Iterator<Item = (MemoryId, &BTreeMap<String, u64>)> {
+        self.inserted
+            .iter()
+            .map(|m| (m.id, &m.tags))
+            .chain(self.retagged.iter().map(|(id, t)| (*id, t)))
+    }
+
     /// Whether nothing changes.
     pub fn is_empty(&self) -> bool {
         self.removed.is_empty()

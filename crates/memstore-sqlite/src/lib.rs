@@ -735,12 +735,7 @@ async fn persist(
         q.push(")");
         q.build().execute(&mut **tx).await.map_err(sql)?;
     }
-    let tagged = ch
-        .inserted
-        .iter()
-        .map(|m| (m.id, &m.tags))
-        .chain(ch.retagged.iter().map(|(id, t)| (*id, t)));
-    for (id, tags) in tagged {
+    for (id, tags) in ch.tag_rows() {
         for (t, c) in tags {
             let tid = match tag_ids.get(t).or_else(|| new_tags.get(t)) {
                 Some(&tid) => tid,

@@ -112,30 +112,27 @@ pub struct Observation {
 /// The slots the observations retrieved (neighbours that exist), reading
 /// them from the device.
 pub fn retrieved_slots(observed: Vec<Observation>) -> Result<Vec<usize>> {
-    let mut out = Vec::new();
+    Ok(retrieved_and_nearest(observed)?.0)
+}
+
+/// The slots the observations retrieved (neighbours that exist) and each
+/// query's distance to its nearest memory (`+∞`: none), with one read of
+/// each observation from the device.
+pub fn retrieved_and_nearest(observed: Vec<Observation>) -> Result<(Vec<usize>, Vec<f32>)> {
+    let (mut slots, mut nearest) = (Vec::new(), Vec::new());
     for o in observed {
+        let [_, k] = o.distances.dims();
         let d = host_f32(o.distances)?;
         let s = crate::host_i64(o.slots)?;
-        out.extend(
+        nearest.extend(d.iter().step_by(k.max(1)).copied());
+        slots.extend(
             s.iter()
                 .zip(&d)
                 .filter(|(_, d)| d.is_finite())
                 .map(|(&s, _)| s as usize),
         );
     }
-    Ok(out)
-}
-
-/// The distance of each observed query to its nearest memory (`+∞`: none),
-/// reading them from the device.
-pub fn nearest_distances(observed: &[Observation]) -> Result<Vec<f32>> {
-    let mut out = Vec::new();
-    for o in observed {
-        let [_, k] = o.distances.dims();
-        let d = host_f32(o.distances.clone())?;
-        out.extend(d.iter().step_by(k.max(1)).copied());
-    }
-    Ok(out)
+    Ok((slots, nearest))
 }
 
 /// What a [`DeviceMemory::commit`] did.
