@@ -51,6 +51,9 @@ pub struct StudyArgs {
     /// Insertion's novelty gate (quantile of the training text's nearest-memory distances).
     #[arg(long, default_value_t = MemorizeOptions::default().novelty_quantile)]
     novelty_quantile: f64,
+    /// Training-text sequences that give the rows' document frequencies.
+    #[arg(long, default_value_t = MemorizeOptions::default().background_windows)]
+    background_windows: usize,
     /// Mechanisms to run (sparse, insert, both).
     #[arg(long, value_delimiter = ',', default_value = "sparse,insert,both")]
     mechanisms: Vec<Mechanism>,
@@ -179,6 +182,7 @@ pub fn run(a: StudyArgs) -> Result<(), Box<dyn std::error::Error>> {
                 sparse_rows: a.sparse_rows,
                 room: a.room,
                 novelty_quantile: a.novelty_quantile,
+                background_windows: a.background_windows,
                 device: device.clone(),
                 ..MemorizeOptions::default()
             };
