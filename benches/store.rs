@@ -1,8 +1,8 @@
 //! Store throughput (criterion): search, insert and learn through the
 //! `MemoryStore` trait, SQLite backend next to the naive reference model as
 //! the in-run baseline. Run with `cargo bench --bench store`.
-//! The full matrix (N up to 1M, dim 768, HNSW, raw sqlite-vec anchors) is the
-//! benchmarks issue's; this is the foundation's smoke-sized version.
+//! The full matrix (N up to 1M, dim 768, HNSW, raw sqlite-vec and DuckDB SQL
+//! anchors) is `benches/anchors.rs`; this is its small, quick companion.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

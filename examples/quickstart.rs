@@ -1,4 +1,4 @@
-//! The main job for now: create a SQLite memory store, `learn` a stream of
+//! memstore on its own: create a SQLite memory store, `learn` a stream of
 //! clustered observations (novelty-gated inserts, recombination of
 //! near-duplicates, LRFU eviction at capacity), query it, reopen it and check
 //! that it comes back identical.

@@ -23,3 +23,8 @@ pub use memstore_duckdb::{DuckdbError, DuckdbOptions, DuckdbStore};
 
 #[cfg(feature = "hnsw")]
 pub use memstore_index::{Hnsw, HnswOptions, Quantization};
+
+/// The code in `docs/architecture.md`, compiled by the doc-tests.
+#[cfg(all(doctest, feature = "ipc"))]
+#[doc = include_str!("../docs/architecture.md")]
+pub struct ArchitectureDoc;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurement of issue 7 (docs/gpu.md): a GPT-2-small-shaped teacher
+# The GPU measurement of docs/gpu.md: a GPT-2-small-shaped teacher
 # (random, transformers) distilled into a memory-layer student on wgpu
 # (Vulkan), and PyTorch training GPT-2 small on the same GPU.
 #

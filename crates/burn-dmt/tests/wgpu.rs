@@ -70,9 +70,8 @@ fn auto_prefers_a_real_gpu_and_limits_are_known() {
 /// backend's top-k) finds the CPU path's neighbours for every metric, in one
 /// table and within head partitions (one batched product), skips invalid
 /// slots, and keeps its result off the autodiff graph when the
-/// queries come from a training step. (Through Burn's autodiff decorator the
-/// top-k used to fall back to a host sort of the whole distance matrix: 8
-/// tokens/s for a GPT-2-small-shaped student on an H200.)
+/// queries come from a training step (Burn's autodiff decorator has no top-k
+/// of its own and would sort the whole distance matrix on the host).
 #[test]
 #[ignore = "needs a Vulkan/Metal/DX12 adapter: .ci/run runs it with --ignored on lavapipe"]
 fn device_topk_on_wgpu_finds_the_cpu_neighbours() {

@@ -241,11 +241,10 @@ impl Q8Keys {
 /// One query's running selection: every row offered whose score may still
 /// be within the bound of the `k`-th best. An offer only appends; when the
 /// list fills, the threshold is tightened to the `k`-th best score in it
-/// (plus the bound) and the rows above are dropped. Tightening at every
-/// offer instead (a running `k`-th best) made each offer a scan of `k`
-/// scores: a streamed top-`k` sees about `k·ln(n/k)` improvements per query,
-/// and those scans were most of the search at 64-d (4096 × 4096, k 16:
-/// 12.0 → 9.4 ms).
+/// (plus the bound) and the rows above are dropped. Offers stay O(1):
+/// tightening at every offer (a running `k`-th best) would scan `k` scores
+/// per improvement, and a streamed top-`k` sees about `k·ln(n/k)`
+/// improvements per query.
 struct Sel {
     cands: Vec<(f32, u32)>,
     /// Rows scoring above this cannot reach the top `k`.

@@ -392,7 +392,7 @@ const CALIBRATION_SAMPLE: usize = 128;
 /// Fewer held-out keys than this measure too noisily: calibration waits
 /// for a larger batch.
 const CALIBRATION_MIN: usize = 32;
-/// The `k` of the recall that calibration measures (the recall@8).
+/// The `k` of the recall that calibration measures (recall@8).
 const CALIBRATION_K: usize = 8;
 /// The largest ef calibration tries; past it the index answers by scanning.
 const MAX_EF: usize = 1 << 15;

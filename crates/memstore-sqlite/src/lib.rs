@@ -222,9 +222,8 @@ fn cpu<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// Rows per multi-row INSERT statement (up to 8 parameters each: 8,000 per
-/// statement, under the bundled SQLite's limit of 32,766). 1000 rather than
-/// 100 made a durable `learn` of 4096 rows ~2 ms faster (40 → 38 ms at
-/// 64 × 10k without the `vec0` mirror, best of 40).
+/// statement, under the bundled SQLite's limit of 32,766): few statements
+/// per batch, since each costs a prepare and a round of sqlx overhead.
 const INSERT_CHUNK: usize = 1000;
 /// Ids per `IN (...)` list.
 const ID_CHUNK: usize = 500;
