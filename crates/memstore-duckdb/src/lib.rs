@@ -5,7 +5,7 @@
 //! the truth; the index is derived from it on open, searched exactly and in
 //! parallel, and updated after each commit under its write lock).
 //!
-//! - **Schema** (`migrations/duckdb/`): keys and values are fixed-size
+//! - **Schema** (`migrations/`, embedded): keys and values are fixed-size
 //!   `FLOAT[dim]` arrays, so exact kNN works in plain SQL for ad-hoc queries
 //!   (`array_distance`, `array_cosine_distance`, `array_inner_product`).
 //!   DuckDB's VSS (HNSW) extension is not used: it is a download and its
@@ -52,7 +52,7 @@ pub use memstore_api::index::MemoryIndex;
 
 /// The schema this crate writes (rows of `memstore_schema`).
 const SCHEMA_VERSION: i64 = 1;
-const SCHEMA_V1: &str = include_str!("../../../migrations/duckdb/0001_memstore_init.sql");
+const SCHEMA_V1: &str = include_str!("../migrations/0001_memstore_init.sql");
 /// Ids per `IN (...)` list.
 const ID_CHUNK: usize = 4096;
 

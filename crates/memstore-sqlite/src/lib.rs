@@ -4,8 +4,9 @@
 //! [`memstore_api::index::MemoryIndex`] into SQL, in the style of sqlx (a core
 //! trait, thin drivers).
 //!
-//! - **Storage.** sqlx (SQLite, tokio) in WAL mode; the schema lives in the
-//!   workspace's `migrations/` and is applied by sqlx's migrator. Keys and
+//! - **Storage.** sqlx (SQLite, tokio) in WAL mode; the schema lives in this
+//!   crate's `migrations/`, embedded at compile time and applied by sqlx's
+//!   migrator. Keys and
 //!   values are little-endian f32 blobs; tags live in their own tables with
 //!   counts. Every operation is one transaction.
 //! - **SQL kNN.** sqlite-vec is registered as an auto-extension before the pool
@@ -126,7 +127,7 @@ impl Default for SqliteOptions {
     }
 }
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Registers sqlite-vec with every SQLite connection opened from now on.
 fn register_sqlite_vec() {
