@@ -23,7 +23,6 @@
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, OnceLock};
@@ -142,33 +141,12 @@ struct Ann {
     disabled: Option<String>,
 }
 
-/// Hashes memory ids for the index's maps: ids are a store's own counter,
-/// so one multiplication (Fibonacci hashing, Knuth) spreads them; SipHash,
-/// std's default, made id lookups a visible part of `learn`.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u64(&mut self, id: u64) {
-        let h = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        self.0 = h ^ (h >> 29);
-    }
-}
-
-/// A map from memory ids hashed by [`IdHasher`].
-type IdMap<V> = HashMap<MemoryId, V, BuildHasherDefault<IdHasher>>;
-/// A set of memory ids hashed by [`IdHasher`].
-type IdSet = HashSet<MemoryId, BuildHasherDefault<IdHasher>>;
+/// A map from memory ids, hashed by FxHash: ids are a store's own counter,
+/// so a multiplicative hash spreads them, and SipHash (std's default) made id
+/// lookups a visible part of `learn`.
+type IdMap<V> = HashMap<MemoryId, V, rustc_hash::FxBuildHasher>;
+/// A set of memory ids, hashed like [`IdMap`].
+type IdSet = HashSet<MemoryId, rustc_hash::FxBuildHasher>;
 
 /// Keys, bookkeeping and priorities of every memory of one store.
 pub struct MemoryIndex {
