@@ -99,7 +99,7 @@ fn writes(c: &mut Criterion) {
                                 s.learn(batch, 1 + i, 8).await.unwrap();
                             }
                             total += t.elapsed();
-                            s.close().await;
+                            s.close().await.expect("close");
                         }
                         total
                     })

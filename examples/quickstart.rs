@@ -100,7 +100,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("  query 0 among memories tagged epoch1: {:?}", filtered.row_ids(0));
 
     let before = store.stats().await?;
-    store.close().await;
+    store.close().await?;
     let reopened = SqliteStore::open(&path, config).await?;
     let after = reopened.stats().await?;
     assert_eq!(before, after, "the reopened store differs");

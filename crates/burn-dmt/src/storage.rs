@@ -273,7 +273,7 @@ impl LayerStore {
             LayerStore::Sqlite(s) => {
                 s.flush().await?;
                 if let Ok(s) = Arc::try_unwrap(s) {
-                    s.close().await;
+                    s.close().await?;
                 }
             }
             #[cfg(feature = "duckdb")]

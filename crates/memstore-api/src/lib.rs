@@ -34,7 +34,7 @@ pub mod testkit;
 
 pub use error::{Error, Result};
 pub use reference::InMemoryStore;
-pub use store::MemoryStore;
+pub use store::{DurableStore, MemoryStore};
 pub use types::{
     Batch, ChangeBatch, Counters, EvictionPolicy, InsertMeta, Memory, MemoryConfig, MemoryId, Metric, Neighbors, Stats,
     TagFilter, Tags, Tick, Vectors,

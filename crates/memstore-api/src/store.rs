@@ -75,6 +75,22 @@ pub trait MemoryStore: Send + Sync {
     async fn flush(&self) -> Result<()>;
 }
 
+/// A store kept in files, with the lifecycle every durable backend shares
+/// (SQLite, DuckDB, and the daemon's client, for the store it serves):
+/// a consistent backup while open, and an explicit close.
+#[async_trait]
+pub trait DurableStore: MemoryStore + Sized {
+    /// Writes a consistent copy of the committed store to `dest`, which must
+    /// not exist (for the daemon's client, a path on the daemon's machine).
+    /// The copy opens as a store of its own: how a checkpoint is taken.
+    async fn backup_to(&self, dest: &std::path::Path) -> Result<()>;
+
+    /// Closes the store with every committed write in its files. An error
+    /// reports what could not be finished (a checkpoint, a goodbye); it never
+    /// means a committed write is lost, since commits are durable already.
+    async fn close(self) -> Result<()>;
+}
+
 /// A shared store is a store: `Arc<S>` delegates to `S`, so one store can be
 /// handed to many tasks (a daemon's connections, a model's layers).
 #[async_trait]

@@ -43,8 +43,8 @@ use duckdb::{Connection, params};
 use memstore_api::ann::{AnnBuilder, AnnStatus};
 use memstore_api::index::{AccessUpdate, Changes, Meta};
 use memstore_api::{
-    Batch, ChangeBatch, Counters, Error, EvictionPolicy, Memory, MemoryConfig, MemoryId, MemoryStore, Metric,
-    Neighbors, Result, Stats, TagFilter, Tick, Vectors,
+    Batch, ChangeBatch, Counters, DurableStore, Error, EvictionPolicy, Memory, MemoryConfig, MemoryId, MemoryStore,
+    Metric, Neighbors, Result, Stats, TagFilter, Tick, Vectors,
 };
 use tokio::sync::{Mutex, RwLock};
 
@@ -887,6 +887,17 @@ fn persist(
     )
     .map_err(db)?;
     Ok(new_tags)
+}
+
+#[async_trait]
+impl DurableStore for DuckdbStore {
+    async fn backup_to(&self, dest: &Path) -> Result<()> {
+        DuckdbStore::backup_to(self, dest).await
+    }
+
+    async fn close(self) -> Result<()> {
+        DuckdbStore::close(self).await
+    }
 }
 
 #[async_trait]

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use memstore_api::testkit::util::{Rng, dump, ins, v};
+use memstore_api::testkit::util::{Rng, backup_and_close, dump, ins, v};
 use memstore_api::{Batch, Error, MemoryConfig, MemoryStore, Metric, Vectors};
 use memstore_duckdb::{DuckdbError, DuckdbStore};
 
@@ -283,4 +283,21 @@ async fn sigkill_mid_stream_loses_no_acknowledged_batch() {
         s.close().await.unwrap();
     }
     assert!(acked.len() >= 20);
+}
+
+/// The lifecycle trait: a refused backup onto an existing file, a backup,
+/// a close; the store and its copy reopen with the same memories.
+#[tokio::test]
+async fn backs_up_and_closes_through_the_lifecycle_trait() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, copy) = (dir.path().join("a.duckdb"), dir.path().join("copy.duckdb"));
+    let s = DuckdbStore::open(&path, MemoryConfig::new(4, 2)).await.unwrap();
+    let mut rng = Rng::new(17);
+    ins(&s, &rng.vecs(50, 4), &rng.vecs(50, 2), 1).await;
+    let before = backup_and_close(s, &path, &copy).await;
+    for p in [&path, &copy] {
+        let r = DuckdbStore::open_existing(p).await.unwrap();
+        assert_eq!(dump(&r).await.0, before.0, "{}", p.display());
+        r.close().await.unwrap();
+    }
 }

@@ -80,7 +80,7 @@ fn bench(c: &mut Criterion) {
         }
         s.backup_to(&a).await.unwrap();
         s.backup_to(&b).await.unwrap();
-        s.close().await;
+        s.close().await.unwrap();
         SqliteStore::open(&a, config.clone()).await.unwrap()
     });
     let _daemon = start_daemon(&b, &dir.path().join("d.sock"));

@@ -16,8 +16,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use memstore_api::{
-    Batch, ChangeBatch, Error, Memory, MemoryConfig, MemoryId, MemoryStore, Neighbors, Result, Stats, TagFilter, Tags,
-    Tick, Vectors,
+    Batch, ChangeBatch, DurableStore, Error, Memory, MemoryConfig, MemoryId, MemoryStore, Neighbors, Result, Stats,
+    TagFilter, Tags, Tick, Vectors,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
@@ -445,6 +445,17 @@ fn ids(r: Response<'_>) -> Result<Vec<MemoryId>> {
     match r {
         Response::Ids(ids) => Ok(ids.into_owned()),
         other => Err(unexpected(other)),
+    }
+}
+
+#[async_trait]
+impl DurableStore for IpcStore {
+    async fn backup_to(&self, dest: &std::path::Path) -> Result<()> {
+        IpcStore::backup_to(self, dest).await
+    }
+
+    async fn close(self) -> Result<()> {
+        IpcStore::close(self).await
     }
 }
 

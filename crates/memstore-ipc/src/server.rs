@@ -117,8 +117,7 @@ impl StoreOpener for SqliteOpener {
 
     async fn close(&self, store: SqliteStore) -> Result<()> {
         store.flush().await?;
-        store.close().await;
-        Ok(())
+        store.close().await
     }
 
     async fn backup(&self, store: &SqliteStore, path: &Path) -> Result<()> {
@@ -133,10 +132,7 @@ impl StoreOpener for SqliteOpener {
                 let options = self.options.clone();
                 async move { SqliteStore::open_existing_with(p, options).await }
             },
-            |s| async move {
-                s.close().await;
-                Ok(())
-            },
+            |s| async move { s.close().await },
         )
         .await
     }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Daemon, LOAD, MEMSTORED};
+use memstore_api::testkit::util::{backup_and_close, dump};
 use memstore_api::{Batch, Error, Memory, MemoryConfig, MemoryStore, Stats, Tags, Vectors};
 use memstore_ipc::protocol::{
     self, F32s, Hello, MAGIC, PROTOCOL_VERSION, ProtocolError, REQUEST_TYPES, Request, Response, WireConfig, WireError,
@@ -575,7 +576,7 @@ async fn kill_nine(extra: &[&str], rounds: usize) -> tempfile::TempDir {
     if common::backend() == "sqlite" {
         let direct = memstore_sqlite::SqliteStore::open_existing(&db).await.unwrap();
         assert_eq!(direct.len().await.unwrap() as u64, expected_len);
-        direct.close().await;
+        direct.close().await.unwrap();
     }
     dir
 }
@@ -634,7 +635,7 @@ async fn sigint_finishes_requests_in_flight() {
             assert_eq!(stored, None, "batch t{t} was committed but never answered");
         }
     }
-    direct.close().await;
+    direct.close().await.unwrap();
 }
 
 /// Tunable fields change only when a client is alone; dimensions never.
@@ -799,8 +800,29 @@ async fn backup_through_the_daemon() {
     let direct = memstore_sqlite::SqliteStore::open_existing(&copy).await.unwrap();
     let ids = direct.ids().await.unwrap();
     assert_eq!((direct.get(&ids).await.unwrap(), direct.stats().await.unwrap()), before);
-    direct.close().await;
+    direct.close().await.unwrap();
     drop(s);
+    assert!(d.stop().success());
+}
+
+/// The lifecycle trait through the daemon's client: a refused backup onto
+/// an existing file, a backup, a goodbye; the store and the copy (restored
+/// through a new session) hold the memories as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backs_up_and_closes_through_the_lifecycle_trait() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.db");
+    let d = Daemon::start(&db, &dir.path().join("d.sock"), &cfg_args());
+    let s = IpcStore::connect(&d.endpoint(), None).await.unwrap();
+    fill(&s, 100, 41).await;
+    let copy = dir.path().join("copy.db");
+    let before = backup_and_close(s, &db, &copy).await;
+    let s = IpcStore::connect(&d.endpoint(), None).await.unwrap();
+    assert_eq!(dump(&s).await.0, before.0);
+    fill(&s, 5, 42).await;
+    s.restore_from(&copy).await.unwrap();
+    assert_eq!(dump(&s).await.0, before.0);
+    s.close().await.unwrap();
     assert!(d.stop().success());
 }
 
@@ -851,7 +873,7 @@ async fn restore_through_the_daemon() {
     if common::backend() == "sqlite" {
         let direct = memstore_sqlite::SqliteStore::open_existing(&copy).await.unwrap();
         assert_eq!(direct.len().await.unwrap(), 200);
-        direct.close().await;
+        direct.close().await.unwrap();
     }
     let after = snapshot(&s).await;
     s.close().await.unwrap();

@@ -49,8 +49,8 @@ use async_trait::async_trait;
 use memstore_api::ann::{AnnBuilder, AnnStatus};
 use memstore_api::index::{Changes, Meta};
 use memstore_api::{
-    Batch, ChangeBatch, Counters, Error, EvictionPolicy, Memory, MemoryConfig, MemoryId, MemoryStore, Metric,
-    Neighbors, Result, Stats, TagFilter, Tick, Vectors,
+    Batch, ChangeBatch, Counters, DurableStore, Error, EvictionPolicy, Memory, MemoryConfig, MemoryId, MemoryStore,
+    Metric, Neighbors, Result, Stats, TagFilter, Tick, Vectors,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
@@ -423,12 +423,19 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Closes the connection pool, checkpointing the WAL, after saving the
-    /// approximate index (if any; a save that fails leaves the old file, which
-    /// the next open finds stale and rebuilds from the rows).
-    pub async fn close(self) {
+    /// Closes the store: saves the approximate index (if any; a save that
+    /// fails leaves the old file, which the next open finds stale and
+    /// rebuilds from the rows), checkpoints the WAL into the database file
+    /// and closes the connection pool. An error is the checkpoint's: the
+    /// committed writes are in the WAL, which the next open replays.
+    pub async fn close(self) -> Result<()> {
         let _ = self.save_index().await;
+        let checkpoint = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await
+            .map_err(sql);
         self.pool.close().await;
+        checkpoint.map(drop)
     }
 
     /// Saves the approximate index beside the database (`<path>.<ext>`) with
@@ -800,6 +807,17 @@ async fn persist(
     .await
     .map_err(sql)?;
     Ok(new_tags)
+}
+
+#[async_trait]
+impl DurableStore for SqliteStore {
+    async fn backup_to(&self, dest: &Path) -> Result<()> {
+        SqliteStore::backup_to(self, dest).await
+    }
+
+    async fn close(self) -> Result<()> {
+        SqliteStore::close(self).await
+    }
 }
 
 #[async_trait]

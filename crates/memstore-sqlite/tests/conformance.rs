@@ -29,8 +29,7 @@ impl Harness for SqliteHarness {
     }
 
     async fn close(&self, store: SqliteStore) -> Result<()> {
-        store.close().await;
-        Ok(())
+        store.close().await
     }
 }
 

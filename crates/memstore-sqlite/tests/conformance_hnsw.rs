@@ -40,8 +40,7 @@ impl Harness for HnswHarness {
     }
 
     async fn close(&self, store: SqliteStore) -> Result<()> {
-        store.close().await;
-        Ok(())
+        store.close().await
     }
 }
 

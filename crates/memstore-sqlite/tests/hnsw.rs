@@ -75,7 +75,7 @@ async fn the_saved_graph_is_used_only_when_it_matches_the_rows() {
     s.delete(&gone).await.unwrap();
     rows.retain(|r| r.0 % 7 != 0);
     all_find_themselves(&s, &rows).await;
-    s.close().await;
+    s.close().await.unwrap();
     assert!(side.exists());
 
     // Reopened untouched: loaded, same answers.
@@ -95,18 +95,18 @@ async fn the_saved_graph_is_used_only_when_it_matches_the_rows() {
         opened(&s).await
     );
     all_find_themselves(&s, &rows).await;
-    s.close().await;
+    s.close().await.unwrap();
 
     // Exact-mode writes leave the saved graph behind: rebuilt on the next open.
     let s = SqliteStore::open(&path, MemoryConfig::new(D, 1)).await.unwrap();
     assert!(s.ann_status().await.is_none());
     s.delete(&[rows[0].0]).await.unwrap();
     rows.remove(0);
-    s.close().await;
+    s.close().await.unwrap();
     let s = open(&path).await;
     assert!(matches!(opened(&s).await, AnnOpened::Rebuilt(_)));
     all_find_themselves(&s, &rows).await;
-    s.close().await;
+    s.close().await.unwrap();
 
     // A corrupt file (and a leftover temporary file of an interrupted save).
     let mut bytes = std::fs::read(&side).unwrap();
@@ -120,10 +120,10 @@ async fn the_saved_graph_is_used_only_when_it_matches_the_rows() {
         other => panic!("a corrupt graph was {other:?}"),
     }
     all_find_themselves(&s, &rows).await;
-    s.close().await;
+    s.close().await.unwrap();
     let s = open(&path).await;
     assert_eq!(opened(&s).await, AnnOpened::Loaded);
-    s.close().await;
+    s.close().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,7 +153,7 @@ async fn deletions_that_fragment_the_graph_rebuild_it() {
     }
     assert_eq!(s.ann_status().await.unwrap().rebuilds, 1);
     all_find_themselves(&s, &rows).await;
-    s.close().await;
+    s.close().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,5 +180,5 @@ async fn a_selective_filter_gets_every_match() {
     }
     let status = s.ann_status().await.unwrap();
     eprintln!("{status:?}");
-    s.close().await;
+    s.close().await.unwrap();
 }

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use memstore_api::testkit::util::{Rng, copy_earlier_rows, copy_stored_rows, dump, ins, v};
+use memstore_api::testkit::util::{Rng, backup_and_close, copy_earlier_rows, copy_stored_rows, dump, ins, v};
 use memstore_api::{Batch, Error, MemoryConfig, MemoryStore, Metric, Vectors};
 use memstore_sqlite::{SqliteError, SqliteStore};
 use sqlx::Row;
@@ -56,7 +56,7 @@ async fn sql_knn_agrees_with_store_search() {
         let mut rng = Rng::new(11);
         ins(&s, &rng.vecs(500, 16), &vec![0.0; 1000], 1).await;
         agrees_with_search(&s, &mut rng, VEC0_KNN, metric).await;
-        s.close().await;
+        s.close().await.unwrap();
     }
 }
 
@@ -86,7 +86,7 @@ async fn sql_knn_by_scan_without_the_mirror() {
         let mut rng = Rng::new(12);
         ins(&s, &rng.vecs(500, 16), &vec![0.0; 1000], 1).await;
         agrees_with_search(&s, &mut rng, knn, metric).await;
-        s.close().await;
+        s.close().await.unwrap();
     }
 }
 
@@ -144,7 +144,7 @@ async fn corrupt_key_blob_is_detected_on_open() {
         .execute(s.pool())
         .await
         .unwrap();
-    s.close().await;
+    s.close().await.unwrap();
     match SqliteStore::open(&path, MemoryConfig::new(4, 2)).await {
         Err(Error::Corrupt(m)) => assert!(m.contains("memory 2") && m.contains("key"), "{m}"),
         Err(e) => panic!("expected Corrupt, got {e}"),
@@ -169,7 +169,12 @@ async fn open_existing_uses_the_stored_config_and_never_creates() {
     let c = MemoryConfig::new(3, 5)
         .with_metric(Metric::InnerProduct)
         .with_capacity(9);
-    SqliteStore::open(&path, c.clone()).await.unwrap().close().await;
+    SqliteStore::open(&path, c.clone())
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
     let s = SqliteStore::open_existing(&path).await.unwrap();
     assert_eq!(s.config(), &c);
 }
@@ -238,7 +243,7 @@ async fn sigkill_mid_stream_loses_no_acknowledged_batch() {
         assert_eq!(st.len as usize, present.len() * ROWS);
         next_batch = present.iter().max().map_or(0, |m| m + 1);
         before = present;
-        s.close().await;
+        s.close().await.unwrap();
     }
     assert!(acked.len() >= 20);
 }
@@ -258,7 +263,7 @@ async fn a_second_open_of_the_same_file_is_refused_until_the_first_closes() {
         }
         other => panic!("expected Locked, got {:?}", other.err()),
     }
-    s.close().await;
+    s.close().await.unwrap();
     let s = SqliteStore::open(&path, MemoryConfig::new(2, 2)).await.unwrap();
     assert_eq!(s.len().await.unwrap(), 1);
 }
@@ -333,4 +338,21 @@ async fn large_learn_on_a_current_thread_runtime_matches_reference() {
         "the batch must merge and evict: {:?}",
         their_stats.counters
     );
+}
+
+/// The lifecycle trait: a refused backup onto an existing file, a backup,
+/// a close; the store and its copy reopen with the same memories.
+#[tokio::test]
+async fn backs_up_and_closes_through_the_lifecycle_trait() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, copy) = (dir.path().join("a.db"), dir.path().join("copy.db"));
+    let s = SqliteStore::open(&path, MemoryConfig::new(4, 2)).await.unwrap();
+    let mut rng = Rng::new(17);
+    ins(&s, &rng.vecs(50, 4), &rng.vecs(50, 2), 1).await;
+    let before = backup_and_close(s, &path, &copy).await;
+    for p in [&path, &copy] {
+        let r = SqliteStore::open_existing(p).await.unwrap();
+        assert_eq!(dump(&r).await.0, before.0, "{}", p.display());
+        r.close().await.unwrap();
+    }
 }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::{Batch, Memory, MemoryConfig, MemoryId, MemoryStore, Metric, Stats, Tags, Vectors};
+use crate::{Batch, DurableStore, Memory, MemoryConfig, MemoryId, MemoryStore, Metric, Stats, Tags, Vectors};
 
 /// A small deterministic generator (SplitMix64), so cases need no RNG crate.
 pub struct Rng(u64);
@@ -110,6 +110,28 @@ pub async fn dump<S: MemoryStore + ?Sized>(s: &S) -> (BTreeMap<MemoryId, Memory>
         .collect();
     assert_eq!(out.len() as u64, st.len, "stats.len disagrees with ids()");
     (out, st)
+}
+
+/// Exercises [`DurableStore`] on a store holding some memories: a backup
+/// onto `existing` (a file that exists) is refused, a backup to `dest` is
+/// taken, and the store is closed, all through the trait. Returns the
+/// store's [`dump`] from before, for the caller to compare with the store
+/// and the copy reopened.
+pub async fn backup_and_close<S: DurableStore>(
+    store: S,
+    existing: &std::path::Path,
+    dest: &std::path::Path,
+) -> (BTreeMap<MemoryId, Memory>, Stats) {
+    let before = dump(&store).await;
+    assert!(existing.exists(), "{} must exist for this check", existing.display());
+    assert!(
+        DurableStore::backup_to(&store, existing).await.is_err(),
+        "a backup onto an existing file is refused"
+    );
+    DurableStore::backup_to(&store, dest).await.expect("backup");
+    assert_eq!(dump(&store).await, before, "a backup changes nothing");
+    DurableStore::close(store).await.expect("close");
+    before
 }
 
 /// Brute-force distance written out independently of [`crate::math`].

@@ -44,6 +44,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         writeln!(out, "committed {i}")?;
         out.flush()?;
     }
-    store.close().await;
+    store.close().await?;
     Ok(())
 }
