@@ -1685,6 +1685,66 @@ mod tests {
         out
     }
 
+    /// Brute force: the `k` nearest of `keys` (rows of `ids`) to `q`, ties
+    /// by id.
+    fn brute(metric: Metric, q: &[f32], ids: &[MemoryId], keys: &[f32], k: usize) -> Vec<(f32, MemoryId)> {
+        let d = q.len();
+        let mut all: Vec<(f32, MemoryId)> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| (math::distance(metric, q, &keys[i * d..(i + 1) * d]), id))
+            .collect();
+        all.sort_by(|a, b| math::neighbour_order(*a, *b));
+        all.truncate(k);
+        all
+    }
+
+    /// Large search batches (the 8-bit path, which keeps the keys'
+    /// quantisation between searches) see every change: after the nearest
+    /// keys are deleted, and after as many are inserted, each answer is the
+    /// brute-force one with ties by id.
+    #[test]
+    fn large_batches_see_every_change() {
+        let d = 16;
+        for metric in [Metric::L2, Metric::Cosine] {
+            let mut seed = 5u64;
+            let mut index = MemoryIndex::new(MemoryConfig::new(d, 1).with_metric(metric));
+            let keys: Vec<f32> = (0..3000 * d).map(|_| rng(&mut seed)).collect();
+            let values = vec![0.0f32; 3000];
+            let batch = Batch::new(Vectors::new(&keys, d).unwrap(), Vectors::new(&values, 1).unwrap());
+            let changes = index.plan_insert(&batch, 1).unwrap();
+            index.apply(&changes).unwrap();
+            let q: Vec<f32> = (0..300 * d).map(|_| rng(&mut seed)).collect();
+            let check = |index: &MemoryIndex, step: &str| {
+                let ids = index.ids().to_vec();
+                let live: Vec<f32> = ids.iter().flat_map(|&id| index.key(id).unwrap().to_vec()).collect();
+                let got = index.search(Vectors::new(&q, d).unwrap(), 5, None);
+                for (i, row) in got.iter().enumerate() {
+                    assert_eq!(
+                        row,
+                        &brute(metric, &q[i * d..(i + 1) * d], &ids, &live, 5),
+                        "{metric:?} {step}: query {i}"
+                    );
+                }
+                got
+            };
+            let got = check(&index, "before");
+            let mut nearest: Vec<MemoryId> = got.iter().map(|row| row[0].1).collect();
+            nearest.sort_unstable();
+            nearest.dedup();
+            let changes = index.plan_delete(&nearest).unwrap();
+            index.apply(&changes).unwrap();
+            check(&index, "after the deletes");
+            let fresh = &q[..nearest.len() * d];
+            let zeros = vec![0.0f32; nearest.len()];
+            let batch = Batch::new(Vectors::new(fresh, d).unwrap(), Vectors::new(&zeros, 1).unwrap());
+            let changes = index.plan_insert(&batch, 2).unwrap();
+            index.apply(&changes).unwrap();
+            assert_eq!(index.len(), 3000);
+            check(&index, "after");
+        }
+    }
+
     /// The causal search of a batch's own rows plans exactly what the block
     /// scan plans (neighbours, merges, touches, insertions, evictions, the
     /// values and neighbours `finish` returns), on every metric, with merges

@@ -1,15 +1,12 @@
 //! # memstore-index
 //!
-//! Key indexes for memstore, two implementations behind one trait
-//! ([`KeyIndex`]):
+//! The approximate index kind for memstore's stores: [`HnswIndex`], and
+//! [`Hnsw`], the [`memstore_api::ann::AnnBuilder`] that the SQL backends take
+//! in their options. Exact search is not here: the stores' own
+//! [`memstore_api::index::MemoryIndex`] answers it (blocked SGEMM, or the
+//! exact 8-bit prefilter on a VNNI CPU), and is the reference that the HNSW
+//! candidates are re-ranked against.
 //!
-//! - [`ExactIndex`]: keys in one contiguous row-major f32 matrix (rows in id
-//!   order), batched queries answered by [`memstore_api::gemm::topk_ranked`]
-//!   (blocked SGEMM + bounded-heap selection + exact re-rank, or on a VNNI
-//!   CPU the exact 8-bit prefilter with the keys' quantisation cached), filters as a
-//!   mask. Exact, ties by id: the correctness reference and the default up to
-//!   about a million keys (what product-key memories and Memory Layers at
-//!   Scale do on accelerators: exact top-k by matrix products).
 //! - [`HnswIndex`]: a hierarchical navigable small-world graph (Malkov &
 //!   Yashunin, "Efficient and robust approximate nearest neighbor search
 //!   using HNSW graphs", 2018) through [usearch](https://github.com/unum-cloud/usearch):
@@ -43,12 +40,11 @@
 //! fingerprint matches the rows given; otherwise it rebuilds from the rows
 //! (and says so), so a stale, truncated or corrupt file never answers a query.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use memstore_api::ann::{AnnBuilder, AnnFilter, AnnIndex, AnnOpened};
-use memstore_api::{MemoryId, Metric, gemm, math};
+use memstore_api::{MemoryId, Metric, math};
 use rayon::prelude::*;
 
 /// Errors of the index layer.
@@ -115,29 +111,6 @@ pub type Filter<'a> = &'a (dyn Fn(MemoryId) -> bool + Sync);
 /// One search result row: `(distance, id)`, nearest first.
 pub type Row = Vec<(f32, MemoryId)>;
 
-/// A searchable set of keys by id.
-pub trait KeyIndex: Send + Sync {
-    /// The metric.
-    fn metric(&self) -> Metric;
-    /// The key dimension.
-    fn dim(&self) -> usize;
-    /// Number of keys.
-    fn len(&self) -> usize;
-    /// Whether there are no keys.
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// Whether `id` is present.
-    fn contains(&self, id: MemoryId) -> bool;
-    /// Adds keys (`ids.len() × dim`, row-major) under new ids.
-    fn add(&mut self, ids: &[MemoryId], keys: &[f32]) -> Result<()>;
-    /// Removes ids (absent ones are skipped); returns how many were removed.
-    fn remove(&mut self, ids: &[MemoryId]) -> Result<usize>;
-    /// The `k` nearest keys of each query (`m × dim`) that pass `filter`,
-    /// nearest first; fewer when fewer pass.
-    fn search(&self, queries: &[f32], k: usize, filter: Option<Filter<'_>>) -> Result<Vec<Row>>;
-}
-
 fn check_rows(what: &'static str, data: &[f32], dim: usize, rows: Option<usize>) -> Result<usize> {
     if dim == 0 || !data.len().is_multiple_of(dim) {
         return Err(IndexError::Shape(format!(
@@ -163,152 +136,6 @@ fn check_new(ids: &[MemoryId], present: impl Fn(MemoryId) -> bool) -> Result<()>
     match ids.iter().find(|&&id| present(id) || !seen.insert(id)) {
         Some(&id) => Err(IndexError::Duplicate(id)),
         None => Ok(()),
-    }
-}
-
-/// Queries below which [`ExactIndex`] scans instead of multiplying matrices.
-const GEMM_MIN_QUERIES: usize = 8;
-
-/// Exact search over a contiguous key matrix kept in id order.
-#[derive(Clone, Debug)]
-pub struct ExactIndex {
-    metric: Metric,
-    dim: usize,
-    ids: Vec<MemoryId>,
-    keys: Vec<f32>,
-    pos: HashMap<MemoryId, usize>,
-    /// Bumped on every change of `keys`, for `cache`.
-    version: u64,
-    /// The keys' 8-bit quantisation for the batched search.
-    cache: gemm::KeyCache,
-}
-
-impl ExactIndex {
-    /// An empty index.
-    pub fn new(metric: Metric, dim: usize) -> Result<Self> {
-        if dim == 0 {
-            return Err(IndexError::InvalidOptions("dimension must be at least 1".into()));
-        }
-        Ok(ExactIndex {
-            metric,
-            dim,
-            ids: Vec::new(),
-            keys: Vec::new(),
-            pos: HashMap::new(),
-            version: 0,
-            cache: gemm::KeyCache::default(),
-        })
-    }
-
-    fn reindex(&mut self) {
-        self.pos = self.ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
-    }
-}
-
-impl KeyIndex for ExactIndex {
-    fn metric(&self) -> Metric {
-        self.metric
-    }
-    fn dim(&self) -> usize {
-        self.dim
-    }
-    fn len(&self) -> usize {
-        self.ids.len()
-    }
-    fn contains(&self, id: MemoryId) -> bool {
-        self.pos.contains_key(&id)
-    }
-
-    fn add(&mut self, ids: &[MemoryId], keys: &[f32]) -> Result<()> {
-        check_rows("keys", keys, self.dim, Some(ids.len()))?;
-        check_new(ids, |id| self.pos.contains_key(&id))?;
-        self.version += 1;
-        let appends =
-            ids.first().is_none_or(|f| self.ids.last().is_none_or(|l| f > l)) && ids.windows(2).all(|w| w[0] < w[1]);
-        if appends {
-            for (i, &id) in ids.iter().enumerate() {
-                self.pos.insert(id, self.ids.len() + i);
-            }
-            self.ids.extend_from_slice(ids);
-            self.keys.extend_from_slice(keys);
-            return Ok(());
-        }
-        // Out-of-order ids: merge to keep rows in id order (ties by id = by row).
-        let mut rows: Vec<(MemoryId, usize, bool)> =
-            self.ids.iter().enumerate().map(|(i, &id)| (id, i, false)).collect();
-        rows.extend(ids.iter().enumerate().map(|(i, &id)| (id, i, true)));
-        rows.sort_unstable_by_key(|r| r.0);
-        let d = self.dim;
-        let mut keys_out = Vec::with_capacity(rows.len() * d);
-        for &(_, i, new) in &rows {
-            let src = if new { keys } else { &self.keys };
-            keys_out.extend_from_slice(&src[i * d..(i + 1) * d]);
-        }
-        self.ids = rows.iter().map(|r| r.0).collect();
-        self.keys = keys_out;
-        self.reindex();
-        Ok(())
-    }
-
-    fn remove(&mut self, ids: &[MemoryId]) -> Result<usize> {
-        let gone: std::collections::HashSet<MemoryId> =
-            ids.iter().copied().filter(|id| self.pos.contains_key(id)).collect();
-        if gone.is_empty() {
-            return Ok(0);
-        }
-        self.version += 1;
-        let d = self.dim;
-        let mut w = 0;
-        for r in 0..self.ids.len() {
-            if !gone.contains(&self.ids[r]) {
-                self.ids[w] = self.ids[r];
-                self.keys.copy_within(r * d..(r + 1) * d, w * d);
-                w += 1;
-            }
-        }
-        self.ids.truncate(w);
-        self.keys.truncate(w * d);
-        self.reindex();
-        Ok(gone.len())
-    }
-
-    fn search(&self, queries: &[f32], k: usize, filter: Option<Filter<'_>>) -> Result<Vec<Row>> {
-        if k == 0 {
-            return Err(IndexError::ZeroK);
-        }
-        let m = check_rows("queries", queries, self.dim, None)?;
-        if self.ids.is_empty() {
-            return Ok(vec![Vec::new(); m]);
-        }
-        let mask: Option<Vec<bool>> = filter.map(|f| self.ids.par_iter().map(|&id| f(id)).collect());
-        if m < GEMM_MIN_QUERIES {
-            // A few queries: a parallel scan beats setting up SGEMM blocks.
-            let d = self.dim;
-            return (0..m)
-                .map(|i| {
-                    let q = &queries[i * d..(i + 1) * d];
-                    gemm::scan(self.metric, q, &self.keys, &self.ids, k, mask.as_deref(), true)
-                        .map_err(|e| IndexError::Shape(e.to_string()))
-                })
-                .collect();
-        }
-        // Rows are kept in id order, so ties by row are ties by id.
-        let set = gemm::KeySet {
-            keys: &self.keys,
-            dim: self.dim,
-            ids: None,
-            cache: Some((&self.cache, self.version)),
-        };
-        let gemm::Ranked { dist, idx, .. } = gemm::topk_ranked(self.metric, queries, &set, k, 0, mask.as_deref())
-            .map_err(|e| IndexError::Shape(e.to_string()))?;
-        Ok((0..m)
-            .map(|i| {
-                (0..k)
-                    .filter(|&j| idx[i * k + j] != u32::MAX)
-                    .map(|j| (dist[i * k + j], self.ids[idx[i * k + j] as usize]))
-                    .collect()
-            })
-            .collect())
     }
 }
 
@@ -889,21 +716,36 @@ fn fnv(b: &[u8]) -> u64 {
     h ^ b.len() as u64
 }
 
-impl KeyIndex for HnswIndex {
-    fn metric(&self) -> Metric {
+impl HnswIndex {
+    /// The metric.
+    pub fn metric(&self) -> Metric {
         self.metric
     }
-    fn dim(&self) -> usize {
+
+    /// The key dimension.
+    pub fn dim(&self) -> usize {
         self.dim
     }
-    fn len(&self) -> usize {
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
         self.index.size()
     }
-    fn contains(&self, id: MemoryId) -> bool {
+
+    /// Whether there are no keys.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether `id` is present.
+    pub fn contains(&self, id: MemoryId) -> bool {
         self.index.contains(id)
     }
 
-    fn add(&mut self, ids: &[MemoryId], keys: &[f32]) -> Result<()> {
+    /// Adds keys (`ids.len() × dim`, row-major) under new ids; calibrates
+    /// the search expansion when the graph has grown enough (see
+    /// [`HnswIndex::calibrate_with`]).
+    pub fn add(&mut self, ids: &[MemoryId], keys: &[f32]) -> Result<()> {
         check_rows("keys", keys, self.dim, Some(ids.len()))?;
         check_new(ids, |id| self.index.contains(id))?;
         let threads = rayon::current_num_threads().max(1);
@@ -943,7 +785,8 @@ impl KeyIndex for HnswIndex {
         Ok(())
     }
 
-    fn remove(&mut self, ids: &[MemoryId]) -> Result<usize> {
+    /// Removes ids (absent ones are skipped); returns how many were removed.
+    pub fn remove(&mut self, ids: &[MemoryId]) -> Result<usize> {
         let mut n = 0;
         for &id in ids {
             if self.index.contains(id) {
@@ -954,7 +797,9 @@ impl KeyIndex for HnswIndex {
         Ok(n)
     }
 
-    fn search(&self, queries: &[f32], k: usize, filter: Option<Filter<'_>>) -> Result<Vec<Row>> {
+    /// The `k` nearest keys of each query (`m × dim`) that pass `filter`,
+    /// nearest first (ties by id); fewer when fewer pass.
+    pub fn search(&self, queries: &[f32], k: usize, filter: Option<Filter<'_>>) -> Result<Vec<Row>> {
         if k == 0 {
             return Err(IndexError::ZeroK);
         }

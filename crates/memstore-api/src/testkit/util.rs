@@ -112,26 +112,34 @@ pub async fn dump<S: MemoryStore + ?Sized>(s: &S) -> (BTreeMap<MemoryId, Memory>
     (out, st)
 }
 
-/// Exercises [`DurableStore`] on a store holding some memories: a backup
-/// onto `existing` (a file that exists) is refused, a backup to `dest` is
-/// taken, and the store is closed, all through the trait. Returns the
-/// store's [`dump`] from before, for the caller to compare with the store
-/// and the copy reopened.
-pub async fn backup_and_close<S: DurableStore>(
-    store: S,
-    existing: &std::path::Path,
-    dest: &std::path::Path,
-) -> (BTreeMap<MemoryId, Memory>, Stats) {
-    let before = dump(&store).await;
-    assert!(existing.exists(), "{} must exist for this check", existing.display());
+/// Exercises [`DurableStore`] on `store`, the store of the file `path`:
+/// 50 memories are inserted, a backup onto `path` itself (a file that
+/// exists) is refused, a backup to `copy` is taken and the store closed, all
+/// through the trait; `reopen` then opens `path` and `copy`, and each holds
+/// the memories the store held.
+pub async fn backup_and_close<S, F, Fut>(store: S, path: &std::path::Path, copy: &std::path::Path, reopen: F)
+where
+    S: DurableStore,
+    F: Fn(std::path::PathBuf) -> Fut,
+    Fut: std::future::Future<Output = crate::Result<S>>,
+{
+    let (kd, vd) = (store.config().key_dim, store.config().value_dim);
+    let mut rng = Rng::new(17);
+    ins(&store, &rng.vecs(50, kd), &rng.vecs(50, vd), 1).await;
+    let before = dump(&store).await.0;
+    assert!(path.exists(), "{} must exist for this check", path.display());
     assert!(
-        DurableStore::backup_to(&store, existing).await.is_err(),
+        DurableStore::backup_to(&store, path).await.is_err(),
         "a backup onto an existing file is refused"
     );
-    DurableStore::backup_to(&store, dest).await.expect("backup");
-    assert_eq!(dump(&store).await, before, "a backup changes nothing");
+    DurableStore::backup_to(&store, copy).await.expect("backup");
+    assert_eq!(dump(&store).await.0, before, "a backup changes nothing");
     DurableStore::close(store).await.expect("close");
-    before
+    for p in [path, copy] {
+        let again = reopen(p.to_path_buf()).await.expect("reopen");
+        assert_eq!(dump(&again).await.0, before, "{}", p.display());
+        DurableStore::close(again).await.expect("close");
+    }
 }
 
 /// Brute-force distance written out independently of [`crate::math`].
