@@ -18,23 +18,29 @@
 //! error or is closed without touching the store or the other connections.
 //!
 //! - [`protocol`]: frames, the handshake, requests, replies and typed errors.
-//! - [`server`]: [`server::Server`], the daemon's core (the `memstored` binary
-//!   is a thin command line around it).
-//! - [`client`]: [`IpcStore`], the client (its frame reader decodes search
-//!   and learn replies straight into their vectors as they arrive).
+//! - `server` (feature `server`): `Server`, the daemon's core (the
+//!   `memstored` binary, feature `daemon`, is a thin command line around it).
+//! - `client` (feature `client`): `IpcStore`, the client (its frame reader
+//!   decodes search and learn replies straight into their vectors as they
+//!   arrive); it needs no database.
 //! - [`Endpoint`]: where a daemon listens (`unix:PATH` or `tcp:HOST:PORT`).
 
+#[cfg(feature = "client")]
 pub mod client;
 pub mod protocol;
+#[cfg(feature = "client")]
 mod reader;
+#[cfg(feature = "server")]
 pub mod server;
 
 use std::path::PathBuf;
 
+#[cfg(feature = "client")]
 pub use client::{ClientOptions, IpcStore};
 pub use protocol::ProtocolError;
 #[cfg(feature = "duckdb")]
 pub use server::DuckdbOpener;
+#[cfg(feature = "server")]
 pub use server::{Server, ServerOptions, SqliteOpener, StoreOpener};
 
 /// Errors of the IPC layer. At the [`memstore_api::MemoryStore`] boundary they
