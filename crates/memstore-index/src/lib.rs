@@ -284,10 +284,9 @@ pub enum Opened {
 }
 
 /// The file format: header (magic, dim, metric, fingerprint, rows, graph
-/// length; since 03 the last calibration), usearch graph, checksum.
-const MAGIC: &[u8; 8] = b"MSHNSW03";
-/// The format before calibration was saved (still read).
-const MAGIC_V2: &[u8; 8] = b"MSHNSW02";
+/// length, the last calibration), usearch graph, CRC-32 of all before it.
+/// Files of earlier formats are not read: the index is rebuilt from the rows.
+const MAGIC: &[u8; 8] = b"MSHNSW04";
 
 impl HnswIndex {
     /// An empty index.
@@ -557,7 +556,7 @@ impl HnswIndex {
         out.extend_from_slice(&self.options.target_recall.unwrap_or(0.0).to_bits().to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&graph);
-        let sum = fnv(&out);
+        let sum = crc32fast::hash(&out);
         out.extend_from_slice(&sum.to_le_bytes());
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".tmp");
@@ -617,24 +616,22 @@ impl HnswIndex {
             path: path.to_path_buf(),
             source,
         })?;
-        const HEAD_V2: usize = 8 + 8 + 1 + 8 + 8 + 8;
-        let head = match bytes.get(..8) {
-            Some(m) if m == MAGIC => HEAD_V2 + 8 + 8 + 4 + 4 + 4 + 4,
-            Some(m) if m == MAGIC_V2 => HEAD_V2,
-            _ => return Err(bad("not a memstore HNSW index (bad header)".into())),
-        };
-        if bytes.len() < head + 8 {
-            return Err(bad("not a memstore HNSW index (bad header)".into()));
+        // Magic, dim, metric, fingerprint, rows, graph length, then the
+        // calibration: size, ef, recall, queries, target, reserved.
+        const HEAD: usize = 8 + 8 + 1 + 8 + 8 + 8 + 8 + 8 + 4 + 4 + 4 + 4;
+        if bytes.get(..8) != Some(&MAGIC[..]) || bytes.len() < HEAD + 4 {
+            return Err(bad("not a memstore HNSW index of this format (bad header)".into()));
         }
-        let (body, sum) = bytes.split_at(bytes.len() - 8);
+        let head = HEAD;
+        let (body, sum) = bytes.split_at(bytes.len() - 4);
         let u64_at = |o: usize| -> u64 {
             let mut b = [0u8; 8];
             b.copy_from_slice(&body[o..o + 8]);
             u64::from_le_bytes(b)
         };
-        let mut s = [0u8; 8];
+        let mut s = [0u8; 4];
         s.copy_from_slice(sum);
-        if fnv(body) != u64::from_le_bytes(s) {
+        if crc32fast::hash(body) != u32::from_le_bytes(s) {
             return Err(bad("checksum mismatch (corrupt or truncated)".into()));
         }
         if u64_at(8) != dim as u64 || body[16] != metric.as_str().as_bytes()[0] {
@@ -653,7 +650,7 @@ impl HnswIndex {
             u32::from_le_bytes(b)
         };
         // The saved calibration holds for the same target and starting ef.
-        let saved = (head > HEAD_V2 && u64_at(41) > 0)
+        let saved = (u64_at(41) > 0)
             .then(|| {
                 let c = Calibration {
                     size: u64_at(41) as usize,
@@ -702,18 +699,6 @@ pub fn fingerprint(ids: &[MemoryId], keys: &[f32]) -> u64 {
         sum = sum.wrapping_add(h.wrapping_mul(0xff51_afd7_ed55_8ccd) ^ (h >> 33));
     }
     sum
-}
-
-fn fnv(b: &[u8]) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for chunk in b.chunks(8) {
-        let mut w = [0u8; 8];
-        w[..chunk.len()].copy_from_slice(chunk);
-        h ^= u64::from_le_bytes(w);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        h ^= h >> 31;
-    }
-    h ^ b.len() as u64
 }
 
 impl HnswIndex {
