@@ -459,8 +459,8 @@ fn write_report(
                     let (da, db) = (n0 - w[0].1, n0 - w[1].1);
                     (da < d && db >= d).then(|| {
                         let t = (d - da) / (db - da);
-                        let rise = (w[0].2 - o0) + t * ((w[1].2 - o0) - (w[0].2 - o0));
-                        (rise, f.lr, w[0].0 as f64 + t * (w[1].0 as f64 - w[0].0 as f64))
+                        let rise = w[0].2 - o0 + t * (w[1].2 - w[0].2);
+                        (rise, f.lr, w[0].0 as f64 + t * (w[1].0 - w[0].0) as f64)
                     })
                 })
             })

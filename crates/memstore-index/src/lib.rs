@@ -622,7 +622,6 @@ impl HnswIndex {
         if bytes.get(..8) != Some(&MAGIC[..]) || bytes.len() < HEAD + 4 {
             return Err(bad("not a memstore HNSW index of this format (bad header)".into()));
         }
-        let head = HEAD;
         let (body, sum) = bytes.split_at(bytes.len() - 4);
         let u64_at = |o: usize| -> u64 {
             let mut b = [0u8; 8];
@@ -641,7 +640,7 @@ impl HnswIndex {
             return Err(bad("built from other rows than the store holds".into()));
         }
         let glen = u64_at(33) as usize;
-        if head + glen != body.len() {
+        if HEAD + glen != body.len() {
             return Err(bad("graph length does not match the file".into()));
         }
         let u32_at = |o: usize| -> u32 {
@@ -664,7 +663,7 @@ impl HnswIndex {
             .flatten();
         let mut h = HnswIndex::new(metric, dim, options)?;
         h.index
-            .load_from_buffer(&body[head..])
+            .load_from_buffer(&body[HEAD..])
             .map_err(|e| bad(format!("usearch: {e}")))?;
         h.set_ef(saved.map_or(options.expansion_search, |c| c.expansion_search));
         h.calibration = saved;
