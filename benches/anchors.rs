@@ -196,7 +196,8 @@ fn anchors(c: &mut Criterion) {
         #[cfg(feature = "hnsw")]
         let hnsw = rt.block_on(async {
             let options = memstore::SqliteOptions {
-                ann: Some(Arc::new(memstore::Hnsw::new(memstore::HnswOptions::default()))),
+                index: memstore::IndexOptions::default()
+                    .with_ann(Arc::new(memstore::Hnsw::new(memstore::HnswOptions::default()))),
                 sql_knn: false,
                 ..memstore::SqliteOptions::default()
             };
@@ -215,8 +216,8 @@ fn anchors(c: &mut Criterion) {
         #[cfg(all(feature = "hnsw", feature = "duckdb"))]
         let duck_hnsw = rt.block_on(async {
             let options = memstore::DuckdbOptions {
-                ann: Some(Arc::new(memstore::Hnsw::new(memstore::HnswOptions::default()))),
-                ..memstore::DuckdbOptions::default()
+                index: memstore::IndexOptions::default()
+                    .with_ann(Arc::new(memstore::Hnsw::new(memstore::HnswOptions::default()))),
             };
             let s = memstore::DuckdbStore::open_with(
                 dir.path().join("anchor-hnsw.duckdb"),
@@ -312,7 +313,7 @@ fn anchors(c: &mut Criterion) {
                         )
                         .bind(blob)
                         .bind(K as i64)
-                        .fetch_all(s.pool())
+                        .fetch_all(s.driver().pool())
                         .await
                         .unwrap()
                         .len()
@@ -334,14 +335,15 @@ fn anchors(c: &mut Criterion) {
                     let (s, sql) = (s.clone(), sql.clone());
                     async move {
                         tokio::spawn(async move {
-                            s.with_reader(|c| {
-                                let mut st = c.prepare(&sql)?;
-                                let rows = st.query_map([], |r| r.get::<_, i64>(0))?;
-                                rows.collect::<Result<Vec<_>, _>>()
-                            })
-                            .await
-                            .unwrap()
-                            .len()
+                            s.driver()
+                                .with_reader(|c| {
+                                    let mut st = c.prepare(&sql)?;
+                                    let rows = st.query_map([], |r| r.get::<_, i64>(0))?;
+                                    rows.collect::<Result<Vec<_>, _>>()
+                                })
+                                .await
+                                .unwrap()
+                                .len()
                         })
                         .await
                         .unwrap()

@@ -3,12 +3,14 @@
 //! ---
 //!
 //! This facade re-exports the API of [`memstore_api`] (the traits, types,
-//! errors, distance arithmetic and the reference [`InMemoryStore`]; the
-//! engine's planner and kernels stay in that crate) and, behind features,
-//! the backends:
-//! `sqlite` (default) gives [`SqliteStore`]; `ipc` (default) gives
+//! errors, distance arithmetic and the reference [`InMemoryStore`]) and,
+//! behind features, the backends:
+//! `sqlite` (default) gives [`SqliteStore`], the store core [`SqlStore`]
+//! (memstore-engine; its planner and kernels stay in that crate) on
+//! [`SqliteDriver`]; `ipc` (default) gives
 //! [`IpcStore`], the client of the `memstored` daemon (crate `memstore-ipc`);
-//! `duckdb` gives `DuckdbStore` (crate `memstore-duckdb`, which links DuckDB);
+//! `duckdb` gives `DuckdbStore`, the core on `DuckdbDriver` (crate
+//! `memstore-duckdb`, which links DuckDB);
 //! `hnsw` gives `Hnsw` and `HnswOptions` (crate `memstore-index`), the
 //! approximate index kind that the SQL backends take in their options.
 
@@ -17,14 +19,17 @@ pub use memstore_api::{
     MemoryId, MemoryStore, Metric, Neighbors, Result, Stats, TagFilter, Tags, Tick, Vectors, math,
 };
 
+#[cfg(any(feature = "sqlite", feature = "duckdb"))]
+pub use memstore_engine::{IndexOptions, SqlStore, driver::FileError};
+
 #[cfg(feature = "sqlite")]
-pub use memstore_sqlite::{SqliteError, SqliteOptions, SqliteStore, SqliteSynchronous};
+pub use memstore_sqlite::{SqliteDriver, SqliteError, SqliteOptions, SqliteStore, SqliteSynchronous};
 
 #[cfg(feature = "ipc")]
 pub use memstore_ipc::{ClientOptions, Endpoint, IpcError, IpcStore};
 
 #[cfg(feature = "duckdb")]
-pub use memstore_duckdb::{DuckdbError, DuckdbOptions, DuckdbStore};
+pub use memstore_duckdb::{DuckdbDriver, DuckdbError, DuckdbOptions, DuckdbStore};
 
 #[cfg(feature = "hnsw")]
 pub use memstore_index::{Hnsw, HnswOptions, Quantization};

@@ -13,18 +13,16 @@
 //!   (Lee et al. 1999) and recombination — shared by all backends.
 //! - [`InMemoryStore`]: the plain reference model that property tests compare
 //!   every backend against (as redb does).
-//! - [`index::MemoryIndex`]: the in-process key index and write planner that
-//!   SQL backends keep beside their tables.
-//! - [`ann`]: the seam for approximate search structures (HNSW in
-//!   memstore-index) that a `MemoryIndex` keeps in step with its rows.
+//! - [`DurableStore`]: the lifecycle of stores kept in files (backup, close).
 //! - `testkit` (feature): the conformance suite every backend runs unchanged.
+//!
+//! The engine behind the SQL backends (the in-process index and write
+//! planner, the search kernels, the store core that drivers plug into) is
+//! the crate memstore-engine; this crate holds only what every backend and
+//! every user shares.
 
-pub mod ann;
 mod error;
-pub mod gemm;
-pub mod index;
 pub mod math;
-mod q8;
 mod reference;
 mod store;
 mod types;

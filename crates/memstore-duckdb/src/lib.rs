@@ -1,9 +1,11 @@
 //! # memstore-duckdb
 //!
-//! The DuckDB backend of memstore: a thin driver, like memstore-sqlite, that
-//! persists the plans of [`memstore_api::index::MemoryIndex`] (the database is
-//! the truth; the index is derived from it on open, searched exactly and in
-//! parallel, and updated after each commit under its write lock).
+//! The DuckDB backend of memstore: [`DuckdbDriver`], a thin driver under the
+//! store core of memstore-engine ([`SqlStore`]), like memstore-sqlite.
+//! [`DuckdbStore`] is the core on this driver (the database is the truth;
+//! the core's index is derived from it on open, searched exactly and in
+//! parallel, and updated after each commit under its write lock); this crate
+//! holds only what is specific to DuckDB.
 //!
 //! - **Schema** (`migrations/`, embedded): keys and values are fixed-size
 //!   `FLOAT[dim]` arrays, so exact kNN works in plain SQL for ad-hoc queries
@@ -21,17 +23,17 @@
 //!
 //! - **Index kind**: [`DuckdbOptions::ann`] swaps the exact search for an
 //!   approximate structure (memstore-index's HNSW), kept in step the same way
-//!   and saved beside the database on close (see [`memstore_api::ann`]).
+//!   and saved beside the database on close (see [`memstore_engine::ann`]).
 //!
 //! One store owns a file at a time: opening takes an exclusive advisory lock on
 //! `<path>.lock` (DuckDB's own lock does not stop a second open in the same
-//! process); a second open fails with [`DuckdbError::Locked`].
+//! process); a second open fails with [`FileError::Locked`].
 //!
 //! Linking: DuckDB is a large C++ library. By default this crate links DuckDB's
 //! own prebuilt `libduckdb.so` (see `build.rs` and `scripts/fetch-libduckdb.sh`);
 //! the `bundled` feature compiles it from source instead.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -40,15 +42,18 @@ use duckdb::arrow::array::{Array, ArrayRef, FixedSizeListArray, Float32Array, Fl
 use duckdb::arrow::datatypes::{DataType, Field, Schema};
 use duckdb::arrow::record_batch::RecordBatch;
 use duckdb::{Connection, params};
-use memstore_api::ann::{AnnBuilder, AnnStatus};
-use memstore_api::index::{AccessUpdate, Changes, Meta};
-use memstore_api::{
-    Batch, ChangeBatch, Counters, DurableStore, Error, EvictionPolicy, Memory, MemoryConfig, MemoryId, MemoryStore,
-    Metric, Neighbors, Result, Stats, TagFilter, Tick, Vectors,
-};
-use tokio::sync::{Mutex, RwLock};
+use memstore_api::{Counters, Error, MemoryConfig, MemoryId, Result};
+use memstore_engine::ann::AnnBuilder;
+use memstore_engine::driver::{self, ConfigWrite, Loader, StoredConfig, expect_rows};
+use memstore_engine::index::{AccessUpdate, Changes};
+use memstore_engine::{Driver, MemoryIndex, Opened, blocking};
+use tokio::sync::Mutex;
 
-pub use memstore_api::index::MemoryIndex;
+pub use memstore_engine::driver::FileError;
+pub use memstore_engine::{IndexOptions, SqlStore};
+
+/// A memory store in one DuckDB file: the store core on [`DuckdbDriver`].
+pub type DuckdbStore = SqlStore<DuckdbDriver>;
 
 /// The schema this crate writes (rows of `memstore_schema`).
 const SCHEMA_VERSION: i64 = 1;
@@ -66,15 +71,6 @@ pub enum DuckdbError {
     /// Building or reading an Arrow batch failed.
     #[error("arrow: {0}")]
     Arrow(#[from] duckdb::arrow::error::ArrowError),
-    /// The file to open does not exist.
-    #[error("no memstore database at {0}")]
-    NotFound(PathBuf),
-    /// Another store (in this or another process) has the file open.
-    #[error("{0} is open in another store (lock file held); share a store between processes with memstored")]
-    Locked(PathBuf),
-    /// The lock file could not be created or locked.
-    #[error("lock file {0}: {1}")]
-    LockFile(PathBuf, #[source] std::io::Error),
     /// The file was written by a newer memstore.
     #[error("{path}: schema version {found}, this build reads up to {SCHEMA_VERSION}")]
     SchemaVersion {
@@ -99,119 +95,67 @@ fn arrow(e: duckdb::arrow::error::ArrowError) -> Error {
     Error::storage(DuckdbError::Arrow(e))
 }
 
-/// Runs blocking DuckDB work without stalling the async runtime's other tasks.
-fn blocking<R>(f: impl FnOnce() -> R) -> R {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
-
-/// Takes the exclusive lock that makes one store the only owner of a file.
-fn lock_file(path: &Path) -> Result<std::fs::File> {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".lock");
-    let lock_path = PathBuf::from(name);
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| DuckdbError::LockFile(lock_path.clone(), e))?;
-    // A lock just released can still be held for a moment by a child
-    // process forked between our open and its exec (the descriptor is shared
-    // until exec closes it): retry briefly before calling the file locked.
-    let deadline = std::time::Instant::now() + LOCK_GRACE;
-    loop {
-        match f.try_lock() {
-            Ok(()) => return Ok(f),
-            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(10))
-            }
-            Err(std::fs::TryLockError::WouldBlock) => return Err(DuckdbError::Locked(path.to_path_buf()).into()),
-            Err(std::fs::TryLockError::Error(e)) => return Err(DuckdbError::LockFile(lock_path, e).into()),
-        }
-    }
-}
-
-/// How long an open waits for a lock held by someone else before failing.
-const LOCK_GRACE: std::time::Duration = std::time::Duration::from_millis(300);
-
-/// The writer's connection and the tag-name → id map it keeps in sync.
-struct Writer {
-    conn: Connection,
-    tags: HashMap<String, i64>,
-}
-
 /// Options of the DuckDB backend beyond the memory configuration.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct DuckdbOptions {
-    /// The index kind: `None` (default) searches exactly; an approximate
-    /// structure (e.g. memstore-index's `Hnsw`) is kept in step with the rows
-    /// and saved beside the database as `<path>.<extension>` on close
-    /// (see [`memstore_api::ann`]).
-    pub ann: Option<Arc<dyn AnnBuilder>>,
-    /// Keep every value in memory beside its key (on by default): searches,
-    /// `get` and `learn` then read no values from the database. Costs
-    /// `value_dim × 4` bytes of memory per memory, and reading the values
-    /// on open.
-    pub resident_values: bool,
+    /// The index: its kind (exact by default, or an approximate structure
+    /// saved beside the database as `<path>.<extension>`) and whether values
+    /// stay in memory beside the keys (by default).
+    pub index: IndexOptions,
 }
 
-impl Default for DuckdbOptions {
-    fn default() -> Self {
-        DuckdbOptions {
-            ann: None,
-            resident_values: true,
-        }
+impl AsRef<IndexOptions> for DuckdbOptions {
+    fn as_ref(&self) -> &IndexOptions {
+        &self.index
     }
 }
 
-/// A memory store in one DuckDB file.
-pub struct DuckdbStore {
-    config: MemoryConfig,
+/// The DuckDB driver: a reader connection for values and ad-hoc SQL (the
+/// writer's connection is the core's [`DuckdbWriter`]), and the lock that
+/// makes this store the file's only owner.
+pub struct DuckdbDriver {
     path: PathBuf,
-    index: RwLock<MemoryIndex>,
-    /// Where the approximate index is saved (`None` in exact mode).
-    ann_file: Option<PathBuf>,
-    writer: Mutex<Writer>,
+    key_dim: usize,
+    value_dim: usize,
+    lambda: f64,
     reader: Mutex<Connection>,
     /// Exclusive advisory lock on `<path>.lock`, held while the store is open.
     _lock: std::fs::File,
 }
 
-impl DuckdbStore {
-    /// Opens the store at `path`, creating it with `config` if it does not
-    /// exist. An existing store must have the same dimensions and metric;
-    /// its tunable fields (capacity, thresholds, λ) are updated to `config`.
-    pub async fn open(path: impl AsRef<Path>, config: MemoryConfig) -> Result<Self> {
-        Self::open_with(path, config, DuckdbOptions::default()).await
+/// The writer's connection and the tag-name → id map it keeps in sync.
+pub struct DuckdbWriter {
+    conn: Connection,
+    tags: HashMap<String, i64>,
+}
+
+/// A written, uncommitted DuckDB transaction: the tags it created. The
+/// transaction itself is open on the writer's connection; one left open by a
+/// write that never reached its commit is rolled back by the next write.
+pub struct DuckdbPending {
+    new_tags: HashMap<String, i64>,
+}
+
+impl DuckdbDriver {
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
-    /// [`DuckdbStore::open`] with backend options.
-    pub async fn open_with(path: impl AsRef<Path>, config: MemoryConfig, options: DuckdbOptions) -> Result<Self> {
-        config.validate()?;
-        let path = path.as_ref().to_path_buf();
-        blocking(move || Self::open_sync(&path, Some(config), options))
+    /// Runs a read-only SQL query on the committed state (ad-hoc inspection,
+    /// SQL kNN with `array_distance`); `f` gets the reader connection.
+    /// Writes behind the store's back are not seen by its index: do not write.
+    pub async fn with_reader<R>(&self, f: impl FnOnce(&Connection) -> duckdb::Result<R>) -> Result<R> {
+        let conn = self.reader.lock().await;
+        blocking(|| f(&conn)).map_err(db)
     }
 
-    /// Opens an existing store with the configuration persisted in it.
-    pub async fn open_existing(path: impl AsRef<Path>) -> Result<Self> {
-        Self::open_existing_with(path, DuckdbOptions::default()).await
-    }
-
-    /// [`DuckdbStore::open_existing`] with backend options.
-    pub async fn open_existing_with(path: impl AsRef<Path>, options: DuckdbOptions) -> Result<Self> {
-        let path = path.as_ref().to_path_buf();
-        if !path.exists() {
-            return Err(DuckdbError::NotFound(path).into());
+    fn open_sync(path: PathBuf, config: Option<MemoryConfig>, options: DuckdbOptions) -> Result<Opened<Self>> {
+        if config.is_none() {
+            driver::require_file(&path)?;
         }
-        blocking(move || Self::open_sync(&path, None, options))
-    }
-
-    fn open_sync(path: &Path, config: Option<MemoryConfig>, options: DuckdbOptions) -> Result<Self> {
-        let lock = lock_file(path)?;
-        let mut conn = Connection::open(path).map_err(db)?;
+        let lock = driver::lock_file(&path)?;
+        let mut conn = Connection::open(&path).map_err(db)?;
         let tx = conn.transaction().map_err(db)?;
         let has_schema: i64 = tx
             .query_row(
@@ -228,58 +172,27 @@ impl DuckdbStore {
                 .query_row("SELECT max(version) FROM memstore_schema", [], |r| r.get(0))
                 .map_err(db)?;
             if found > SCHEMA_VERSION {
-                return Err(DuckdbError::SchemaVersion {
-                    path: path.to_path_buf(),
-                    found,
-                }
-                .into());
+                return Err(DuckdbError::SchemaVersion { path, found }.into());
             }
             read_config(&tx)?
         };
-        let (config, lambda_changed) = match (stored, config) {
-            (None, None) => {
-                return Err(Error::Corrupt(format!(
-                    "{} has no memstore configuration",
-                    path.display()
-                )));
-            }
-            (None, Some(c)) => {
+        let r = driver::resolve_config(stored, config, &path.display().to_string())?;
+        match r.write {
+            ConfigWrite::Create => {
                 // Only integers are interpolated into the DDL.
                 let ddl = SCHEMA_V1
-                    .replace("{key_dim}", &c.key_dim.to_string())
-                    .replace("{value_dim}", &c.value_dim.to_string());
+                    .replace("{key_dim}", &r.config.key_dim.to_string())
+                    .replace("{value_dim}", &r.config.value_dim.to_string());
                 tx.execute_batch(&ddl).map_err(db)?;
-                write_config(&tx, &c, true)?;
-                (c, false)
+                write_config(&tx, &r.config, true)?;
             }
-            (Some(s), None) => (s, false),
-            (Some(s), Some(c)) => {
-                c.check_compatible(&s)?;
-                let changed = s.eviction.lambda() != c.eviction.lambda();
-                if s != c {
-                    write_config(&tx, &c, false)?;
-                }
-                (c, changed)
-            }
-        };
-        let mut index = load_index(&tx, &config, options.resident_values)?;
-        if lambda_changed {
+            ConfigWrite::Update => write_config(&tx, &r.config, false)?,
+            ConfigWrite::Keep => {}
+        }
+        let index = load_index(&tx, &r.config, options.index.resident_values)?;
+        if r.lambda_changed {
             // The priority column depends on λ: recompute it for the new policy.
-            let lambda = config.eviction.lambda();
-            let updates: Vec<AccessUpdate> = index
-                .ids()
-                .iter()
-                .filter_map(|&id| {
-                    index.meta(id).map(|m| AccessUpdate {
-                        id,
-                        last_access: m.last_access,
-                        access_count: m.access_count,
-                        crf: m.crf,
-                        priority: memstore_api::math::priority(lambda, m.crf, m.last_access),
-                    })
-                })
-                .collect();
-            update_access(&tx, &updates)?;
+            update_access(&tx, &driver::reprioritised(&index))?;
         }
         let mut tags = HashMap::new();
         {
@@ -294,50 +207,93 @@ impl DuckdbStore {
         }
         tx.commit().map_err(db)?;
         let reader = conn.try_clone().map_err(db)?;
-        let ann_file = match options.ann {
-            Some(builder) => {
-                let file = memstore_api::ann::saved_path(path, builder.as_ref());
-                index.attach_ann(builder, Some(&file))?;
-                Some(file)
+        Ok(Opened {
+            driver: DuckdbDriver {
+                path,
+                key_dim: r.config.key_dim,
+                value_dim: r.config.value_dim,
+                lambda: r.config.eviction.lambda(),
+                reader: Mutex::new(reader),
+                _lock: lock,
+            },
+            writer: DuckdbWriter { conn, tags },
+            config: r.config,
+            index,
+        })
+    }
+}
+
+#[async_trait]
+impl Driver for DuckdbDriver {
+    type Options = DuckdbOptions;
+    type Location = PathBuf;
+    type Writer = DuckdbWriter;
+    type Pending = DuckdbPending;
+
+    async fn open(path: PathBuf, config: Option<MemoryConfig>, options: DuckdbOptions) -> Result<Opened<Self>> {
+        blocking(move || Self::open_sync(path, config, options))
+    }
+
+    fn ann_path(&self, builder: &dyn AnnBuilder) -> Option<PathBuf> {
+        Some(memstore_engine::ann::saved_path(&self.path, builder))
+    }
+
+    async fn fetch_values(&self, ids: &[MemoryId]) -> Result<HashMap<MemoryId, Vec<f32>>> {
+        let conn = self.reader.lock().await;
+        let dim = self.value_dim;
+        blocking(|| {
+            let mut out = HashMap::with_capacity(ids.len());
+            for chunk in ids.chunks(ID_CHUNK) {
+                let sql = format!("SELECT id, value FROM memories WHERE id IN ({})", id_list(chunk));
+                let mut st = conn.prepare(&sql).map_err(db)?;
+                for batch in st.query_arrow([]).map_err(db)? {
+                    let id_col = int64(&batch, 0)?;
+                    let values = FloatRows::new(&batch, 1, dim, "value")?;
+                    for i in 0..batch.num_rows() {
+                        let id = id_col.value(i);
+                        out.insert(id as u64, values.row(i, id)?.to_vec());
+                    }
+                }
             }
-            None => None,
-        };
-        Ok(DuckdbStore {
-            config,
-            path: path.to_path_buf(),
-            index: RwLock::new(index),
-            ann_file,
-            writer: Mutex::new(Writer { conn, tags }),
-            reader: Mutex::new(reader),
-            _lock: lock,
+            Ok(out)
         })
     }
 
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
+    async fn write(&self, w: &mut DuckdbWriter, changes: &Changes) -> Result<DuckdbPending> {
+        blocking(|| {
+            if !w.conn.is_autocommit() {
+                // A write whose caller went away before its commit.
+                w.conn.execute_batch("ROLLBACK").map_err(db)?;
+            }
+            w.conn.execute_batch("BEGIN TRANSACTION").map_err(db)?;
+            match persist(&w.conn, self.key_dim, self.value_dim, self.lambda, &w.tags, changes) {
+                Ok(new_tags) => Ok(DuckdbPending { new_tags }),
+                Err(e) => {
+                    let _ = w.conn.execute_batch("ROLLBACK");
+                    Err(e)
+                }
+            }
+        })
     }
 
-    /// Runs a read-only SQL query on the committed state (ad-hoc inspection,
-    /// SQL kNN with `array_distance`); `f` gets the reader connection.
-    /// Writes behind the store's back are not seen by its index: do not write.
-    pub async fn with_reader<R>(&self, f: impl FnOnce(&Connection) -> duckdb::Result<R>) -> Result<R> {
-        let conn = self.reader.lock().await;
-        blocking(|| f(&conn)).map_err(db)
+    async fn commit(&self, w: &mut DuckdbWriter, pending: DuckdbPending) -> Result<()> {
+        blocking(|| match w.conn.execute_batch("COMMIT") {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let _ = w.conn.execute_batch("ROLLBACK");
+                Err(db(e))
+            }
+        })?;
+        w.tags.extend(pending.new_tags);
+        Ok(())
     }
 
-    /// Writes a consistent copy of the committed store to `dest` (a new DuckDB
-    /// file: `ATTACH` + `COPY FROM DATABASE`). `dest` must not exist. Used
-    /// for training checkpoints: reopening the copy gives the store as it was.
-    pub async fn backup_to(&self, dest: impl AsRef<Path>) -> Result<()> {
-        let dest = dest.as_ref();
-        if dest.exists() {
-            return Err(Error::storage(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!("{} already exists", dest.display()),
-            )));
-        }
-        let w = self.writer.lock().await;
+    async fn checkpoint(&self, w: &mut DuckdbWriter) -> Result<()> {
+        blocking(|| w.conn.execute_batch("CHECKPOINT").map_err(db))
+    }
+
+    /// A new DuckDB file: `ATTACH` + `COPY FROM DATABASE`.
+    async fn backup_to(&self, w: &mut DuckdbWriter, dest: &Path) -> Result<()> {
         blocking(|| {
             let name: String = w
                 .conn
@@ -358,91 +314,14 @@ impl DuckdbStore {
         })
     }
 
-    /// Saves the approximate index beside the database (`<path>.<ext>`) with
-    /// the fingerprint of the committed rows, so that the next open loads it
-    /// instead of rebuilding. Nothing to do in exact mode.
-    pub async fn save_index(&self) -> Result<()> {
-        let Some(file) = &self.ann_file else { return Ok(()) };
-        let _w = self.writer.lock().await;
-        let index = self.index.read().await;
-        blocking(|| index.save_ann(file))
-    }
-
-    /// What the approximate index is doing (`None` in exact mode).
-    pub async fn ann_status(&self) -> Option<AnnStatus> {
-        self.index.read().await.ann_status()
-    }
-
-    /// Closes the store, checkpointing the WAL into the database file, after
-    /// saving the approximate index (if any; a failed save leaves the old
-    /// file, which the next open finds stale and rebuilds from the rows).
-    pub async fn close(self) -> Result<()> {
-        let _ = self.save_index().await;
-        let w = self.writer.into_inner();
+    /// Checkpoints the WAL into the database file and closes both connections.
+    async fn close(self, w: DuckdbWriter) -> Result<()> {
         let r = self.reader.into_inner();
         blocking(move || {
             w.conn.execute_batch("CHECKPOINT").map_err(db)?;
             drop(r);
             w.conn.close().map_err(|(_, e)| db(e))
         })
-    }
-
-    /// Values of `ids` (deduplicated), read from the committed state.
-    async fn fetch_values(&self, ids: impl IntoIterator<Item = MemoryId>) -> Result<HashMap<MemoryId, Vec<f32>>> {
-        let ids: BTreeSet<MemoryId> = ids.into_iter().collect();
-        if ids.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let ids: Vec<MemoryId> = ids.into_iter().collect();
-        let conn = self.reader.lock().await;
-        let dim = self.config.value_dim;
-        let out = blocking(|| -> Result<HashMap<MemoryId, Vec<f32>>> {
-            let mut out = HashMap::with_capacity(ids.len());
-            for chunk in ids.chunks(ID_CHUNK) {
-                let sql = format!("SELECT id, value FROM memories WHERE id IN ({})", id_list(chunk));
-                let mut st = conn.prepare(&sql).map_err(db)?;
-                for batch in st.query_arrow([]).map_err(db)? {
-                    let id_col = int64(&batch, 0)?;
-                    let values = FloatRows::new(&batch, 1, dim, "value")?;
-                    for i in 0..batch.num_rows() {
-                        let id = id_col.value(i);
-                        out.insert(id as u64, values.row(i, id)?.to_vec());
-                    }
-                }
-            }
-            Ok(out)
-        })?;
-        if let Some(missing) = ids.iter().find(|id| !out.contains_key(id)) {
-            return Err(Error::Corrupt(format!("memory {missing} is indexed but has no row")));
-        }
-        Ok(out)
-    }
-
-    /// Persists `changes` in one transaction, then applies them to the index
-    /// under its write lock (so no search sees the commit half-applied).
-    async fn commit(&self, w: &mut Writer, changes: &Changes) -> Result<()> {
-        let lambda = self.config.eviction.lambda();
-        let (key_dim, value_dim) = (self.config.key_dim, self.config.value_dim);
-        let new_tags = blocking(|| -> Result<HashMap<String, i64>> {
-            w.conn.execute_batch("BEGIN TRANSACTION").map_err(db)?;
-            match persist(&w.conn, key_dim, value_dim, lambda, &w.tags, changes) {
-                Ok(t) => Ok(t),
-                Err(e) => {
-                    let _ = w.conn.execute_batch("ROLLBACK");
-                    Err(e)
-                }
-            }
-        })?;
-        let mut index = self.index.write().await;
-        blocking(|| match w.conn.execute_batch("COMMIT") {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let _ = w.conn.execute_batch("ROLLBACK");
-                Err(db(e))
-            }
-        })?;
-        w.tags.extend(new_tags);
-        index.apply(changes)
     }
 }
 
@@ -545,25 +424,16 @@ fn read_config(conn: &Connection) -> Result<Option<MemoryConfig>> {
     let Some(r) = rows.next().map_err(db)? else {
         return Ok(None);
     };
-    let metric: String = r.get(2).map_err(db)?;
-    let metric = Metric::parse(&metric).ok_or_else(|| Error::Corrupt(format!("unknown metric {metric:?}")))?;
-    let dim = |v: i64, what: &str| usize::try_from(v).map_err(|_| Error::Corrupt(format!("{what} = {v}")));
-    let capacity: Option<i64> = r.get(3).map_err(db)?;
-    let config = MemoryConfig {
-        key_dim: dim(r.get(0).map_err(db)?, "key_dim")?,
-        value_dim: dim(r.get(1).map_err(db)?, "value_dim")?,
-        metric,
-        capacity: capacity.map(|c| dim(c, "capacity")).transpose()?,
-        eviction: EvictionPolicy::Lrfu {
-            lambda: r.get(4).map_err(db)?,
-        },
-        novelty: r.get::<_, f64>(5).map_err(db)? as f32,
-        recombine: r.get::<_, f64>(6).map_err(db)? as f32,
+    let row = StoredConfig {
+        key_dim: r.get(0).map_err(db)?,
+        value_dim: r.get(1).map_err(db)?,
+        metric: r.get(2).map_err(db)?,
+        capacity: r.get(3).map_err(db)?,
+        lrfu_lambda: r.get(4).map_err(db)?,
+        novelty: r.get(5).map_err(db)?,
+        recombine: r.get(6).map_err(db)?,
     };
-    config
-        .validate()
-        .map_err(|e| Error::Corrupt(format!("stored configuration: {e}")))?;
-    Ok(Some(config))
+    row.decode().map(Some)
 }
 
 fn write_config(conn: &Connection, c: &MemoryConfig, create: bool) -> Result<()> {
@@ -574,16 +444,17 @@ fn write_config(conn: &Connection, c: &MemoryConfig, create: bool) -> Result<()>
         "UPDATE memstore_config SET key_dim = ?, value_dim = ?, metric = ?, capacity = ?, lrfu_lambda = ?, \
          novelty = ?, recombine = ? WHERE id = 1"
     };
+    let r = StoredConfig::new(c);
     conn.execute(
         q,
         params![
-            c.key_dim as i64,
-            c.value_dim as i64,
-            c.metric.as_str(),
-            c.capacity.map(|x| x as i64),
-            c.eviction.lambda(),
-            c.novelty as f64,
-            c.recombine as f64
+            r.key_dim,
+            r.value_dim,
+            r.metric,
+            r.capacity,
+            r.lrfu_lambda,
+            r.novelty,
+            r.recombine
         ],
     )
     .map_err(db)?;
@@ -591,10 +462,7 @@ fn write_config(conn: &Connection, c: &MemoryConfig, create: bool) -> Result<()>
 }
 
 fn load_index(conn: &Connection, config: &MemoryConfig, values: bool) -> Result<MemoryIndex> {
-    let mut index = MemoryIndex::new(config.clone());
-    if values {
-        index = index.with_values();
-    }
+    let mut loader = Loader::new(config, values);
     let (next_id, counters) = conn
         .query_row(
             "SELECT next_id, inserted, merged, evicted, deleted, last_batch FROM memstore_meta WHERE id = 1",
@@ -602,7 +470,7 @@ fn load_index(conn: &Connection, config: &MemoryConfig, values: bool) -> Result<
             |r| {
                 let g = |i: usize| r.get::<_, i64>(i).map(|x| x as u64);
                 Ok((
-                    g(0)?,
+                    r.get::<_, i64>(0)?,
                     Counters {
                         inserted: g(1)?,
                         merged: g(2)?,
@@ -617,7 +485,6 @@ fn load_index(conn: &Connection, config: &MemoryConfig, values: bool) -> Result<
             duckdb::Error::QueryReturnedNoRows => Error::Corrupt("memstore_meta row is missing".into()),
             e => db(e),
         })?;
-    let mut tags: HashMap<i64, BTreeMap<String, u64>> = HashMap::new();
     {
         let mut st = conn
             .prepare("SELECT mt.memory_id, t.name, mt.count FROM memory_tags mt JOIN tags t ON t.id = mt.tag_id")
@@ -629,7 +496,7 @@ fn load_index(conn: &Connection, config: &MemoryConfig, values: bool) -> Result<
             .map_err(db)?;
         for r in rows {
             let (id, name, count) = r.map_err(db)?;
-            tags.entry(id).or_default().insert(name, count as u64);
+            loader.tag(id, name, count);
         }
     }
     let mut st = conn
@@ -655,44 +522,19 @@ fn load_index(conn: &Connection, config: &MemoryConfig, values: bool) -> Result<
         );
         for i in 0..batch.num_rows() {
             let id = ids.value(i);
-            let key = keys.row(i, id)?;
-            if key.iter().any(|x| !x.is_finite()) {
-                return Err(Error::Corrupt(format!("memory {id} has a non-finite key")));
-            }
-            let c = crf.value(i);
-            if !(c.is_finite() && c > 0.0) {
-                return Err(Error::Corrupt(format!("memory {id} has crf {c}")));
-            }
-            let m = Meta {
-                created: created.value(i) as u64,
-                last_access: last.value(i) as u64,
-                access_count: count.value(i) as u64,
-                crf: c,
-                tags: tags.remove(&id).unwrap_or_default(),
-            };
             let value = vals.as_ref().map(|v| v.row(i, id)).transpose()?;
-            index.load(id as u64, key, value, m)?;
+            loader.memory(
+                id,
+                keys.row(i, id)?,
+                value,
+                created.value(i),
+                last.value(i),
+                count.value(i),
+                crf.value(i),
+            )?;
         }
     }
-    if index.next_id() > next_id {
-        return Err(Error::Corrupt(format!(
-            "next_id {next_id} is not above every stored id ({})",
-            index.next_id() - 1
-        )));
-    }
-    index.set_state(next_id, counters);
-    Ok(index)
-}
-
-/// Checks that a statement changed exactly the rows the index expects; a
-/// difference means the file was changed behind the store's back.
-fn expect_rows(done: usize, what: &str, want: usize) -> Result<()> {
-    if done != want {
-        return Err(Error::Corrupt(format!(
-            "{what} changed {done} rows where the index expected {want}"
-        )));
-    }
-    Ok(())
+    loader.finish(next_id, counters)
 }
 
 /// Appends an Arrow batch to `table` inside the connection's transaction.
@@ -740,7 +582,7 @@ fn update_access(conn: &Connection, updates: &[AccessUpdate]) -> Result<()> {
             [],
         )
         .map_err(db)?;
-    expect_rows(done, "access update", updates.len())?;
+    expect_rows(done as u64, "access update", updates.len())?;
     conn.execute("DELETE FROM memstore_stage_access", []).map_err(db)?;
     Ok(())
 }
@@ -760,7 +602,7 @@ fn persist(
         let done = conn
             .execute(&format!("DELETE FROM memories WHERE id IN ({list})"), [])
             .map_err(db)?;
-        expect_rows(done, "delete", chunk.len())?;
+        expect_rows(done as u64, "delete", chunk.len())?;
         conn.execute(&format!("DELETE FROM memory_tags WHERE memory_id IN ({list})"), [])
             .map_err(db)?;
     }
@@ -783,7 +625,7 @@ fn persist(
                 [],
             )
             .map_err(db)?;
-        expect_rows(done, "value update", ch.values.len())?;
+        expect_rows(done as u64, "value update", ch.values.len())?;
         conn.execute("DELETE FROM memstore_stage_values", []).map_err(db)?;
     }
     let mut new_tags: HashMap<String, i64> = HashMap::new();
@@ -887,133 +729,4 @@ fn persist(
     )
     .map_err(db)?;
     Ok(new_tags)
-}
-
-#[async_trait]
-impl DurableStore for DuckdbStore {
-    async fn backup_to(&self, dest: &Path) -> Result<()> {
-        DuckdbStore::backup_to(self, dest).await
-    }
-
-    async fn close(self) -> Result<()> {
-        DuckdbStore::close(self).await
-    }
-}
-
-#[async_trait]
-impl MemoryStore for DuckdbStore {
-    fn config(&self) -> &MemoryConfig {
-        &self.config
-    }
-
-    async fn search(&self, queries: Vectors<'_>, k: usize, filter: Option<&TagFilter>) -> Result<Neighbors> {
-        self.config.check_search(&queries, k)?;
-        let index = self.index.read().await;
-        let rows = blocking(|| index.search(queries, k, filter));
-        let values = self
-            .fetch_values(index.missing_values(rows.iter().flatten().map(|(_, id)| *id)))
-            .await?;
-        index.assemble(&rows, k, &values)
-    }
-
-    async fn insert(&self, batch: Batch<'_>, tick: Tick) -> Result<Vec<MemoryId>> {
-        let mut w = self.writer.lock().await;
-        let (changes, ids) = {
-            let index = self.index.read().await;
-            let first = index.next_id();
-            let changes = blocking(|| index.plan_insert(&batch, tick))?;
-            (changes, (first..first + batch.len() as u64).collect())
-        };
-        self.commit(&mut w, &changes).await?;
-        Ok(ids)
-    }
-
-    async fn get(&self, ids: &[MemoryId]) -> Result<Vec<Memory>> {
-        let index = self.index.read().await;
-        index.check_ids(ids)?;
-        let values = self.fetch_values(index.missing_values(ids.iter().copied())).await?;
-        index.memories(ids, &values)
-    }
-
-    async fn delete(&self, ids: &[MemoryId]) -> Result<usize> {
-        let mut w = self.writer.lock().await;
-        let changes = self.index.read().await.plan_delete(ids)?;
-        self.commit(&mut w, &changes).await?;
-        Ok(changes.removed.len())
-    }
-
-    async fn update_values(&self, ids: &[MemoryId], deltas: Vectors<'_>) -> Result<()> {
-        let mut w = self.writer.lock().await;
-        let changes = {
-            let index = self.index.read().await;
-            index.check_update_values(ids, deltas)?;
-            let current = self.fetch_values(index.missing_values(ids.iter().copied())).await?;
-            index.plan_update_values(ids, deltas, &current)?
-        };
-        self.commit(&mut w, &changes).await
-    }
-
-    async fn touch(&self, ids: &[MemoryId], tick: Tick) -> Result<()> {
-        let mut w = self.writer.lock().await;
-        let changes = self.index.read().await.plan_touch(ids, tick)?;
-        self.commit(&mut w, &changes).await
-    }
-
-    async fn learn(&self, batch: Batch<'_>, tick: Tick, k: usize) -> Result<Neighbors> {
-        let mut w = self.writer.lock().await;
-        let stored;
-        let (changes, pending) = {
-            let index = self.index.read().await;
-            let plan = blocking(|| index.plan_learn(batch, tick, k))?;
-            stored = self.fetch_values(plan.needed_values()).await?;
-            plan.split(&stored)?
-        };
-        // The output (16 MB at 4096 rows of 64-d keys and values) is
-        // allocated and touched while DuckDB writes, and filled after.
-        let write = self.commit(&mut w, &changes);
-        let (written, out) = pending.allocate_while(write).await;
-        written?;
-        let index = self.index.read().await;
-        blocking(|| pending.fill(&index, out))
-    }
-
-    async fn evict(&self, target_len: usize) -> Result<usize> {
-        let mut w = self.writer.lock().await;
-        let changes = self.index.read().await.plan_evict(target_len)?;
-        if changes.is_empty() {
-            return Ok(0);
-        }
-        self.commit(&mut w, &changes).await?;
-        Ok(changes.removed.len())
-    }
-
-    async fn apply(&self, batch: &ChangeBatch) -> Result<()> {
-        let mut w = self.writer.lock().await;
-        let changes = {
-            let index = self.index.read().await;
-            let needed = index.check_apply(batch)?;
-            let current = self.fetch_values(needed).await?;
-            blocking(|| index.plan_apply(batch, &current))?
-        };
-        self.commit(&mut w, &changes).await
-    }
-
-    async fn ids(&self) -> Result<Vec<MemoryId>> {
-        let mut ids = self.index.read().await.ids().to_vec();
-        ids.sort_unstable();
-        Ok(ids)
-    }
-
-    async fn len(&self) -> Result<usize> {
-        Ok(self.index.read().await.len())
-    }
-
-    async fn stats(&self) -> Result<Stats> {
-        Ok(self.index.read().await.stats())
-    }
-
-    async fn flush(&self) -> Result<()> {
-        let w = self.writer.lock().await;
-        blocking(|| w.conn.execute_batch("CHECKPOINT").map_err(db))
-    }
 }

@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use memstore_api::testkit::Harness;
 use memstore_api::{MemoryConfig, Result};
-use memstore_duckdb::{DuckdbOptions, DuckdbStore};
+use memstore_duckdb::{DuckdbOptions, DuckdbStore, IndexOptions};
 
 struct DuckdbHarness {
     dir: tempfile::TempDir,
@@ -36,12 +36,11 @@ impl Harness for DuckdbHarness {
 memstore_api::conformance_suite!(DuckdbHarness::new(DuckdbOptions::default()));
 
 /// The whole suite again with values read from the database instead of
-/// kept in the index (`resident_values: false`).
+/// kept in the index (`resident_values` off).
 mod values_from_the_database {
     use super::*;
 
     memstore_api::conformance_suite!(DuckdbHarness::new(DuckdbOptions {
-        resident_values: false,
-        ..DuckdbOptions::default()
+        index: IndexOptions::default().with_resident_values(false),
     }));
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use memstore_api::testkit::Harness;
 use memstore_api::{MemoryConfig, Result};
-use memstore_duckdb::{DuckdbOptions, DuckdbStore};
+use memstore_duckdb::{DuckdbOptions, DuckdbStore, IndexOptions};
 use memstore_index::{Hnsw, HnswOptions};
 
 struct HnswHarness {
@@ -30,8 +30,7 @@ impl Harness for HnswHarness {
 
     async fn open(&self, config: MemoryConfig) -> Result<DuckdbStore> {
         let options = DuckdbOptions {
-            ann: Some(Arc::new(Hnsw::new(HnswOptions::default()))),
-            ..DuckdbOptions::default()
+            index: IndexOptions::default().with_ann(Arc::new(Hnsw::new(HnswOptions::default()))),
         };
         DuckdbStore::open_with(self.dir.path().join("store.duckdb"), config, options).await
     }

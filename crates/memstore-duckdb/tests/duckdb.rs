@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use memstore_api::testkit::util::{Rng, backup_and_close, dump, ins, v};
 use memstore_api::{Batch, Error, MemoryConfig, MemoryStore, Metric, Vectors};
-use memstore_duckdb::{DuckdbError, DuckdbStore};
+use memstore_duckdb::{DuckdbError, DuckdbStore, FileError};
 
 /// Exact kNN in plain SQL over the store's `FLOAT[]` key column.
 async fn sql_knn(store: &DuckdbStore, q: &[f32], k: usize, function: &str) -> Vec<(u64, f64)> {
@@ -20,6 +20,7 @@ async fn sql_knn(store: &DuckdbStore, q: &[f32], k: usize, function: &str) -> Ve
     );
     let sql = format!("SELECT id, {function}(key, {literal}) AS d FROM memories ORDER BY d, id LIMIT {k}");
     store
+        .driver()
         .with_reader(|c| {
             let mut st = c.prepare(&sql)?;
             let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, f64>(1)?)))?;
@@ -105,7 +106,7 @@ async fn open_existing_uses_the_stored_config_and_never_creates() {
     let path = dir.path().join("e.duckdb");
     match DuckdbStore::open_existing(&path).await {
         Err(Error::Storage(e)) => assert!(
-            matches!(e.downcast_ref::<DuckdbError>(), Some(DuckdbError::NotFound(_))),
+            matches!(e.downcast_ref::<FileError>(), Some(FileError::NotFound(_))),
             "{e}"
         ),
         other => panic!("expected NotFound, got {:?}", other.err()),
@@ -132,7 +133,7 @@ async fn a_second_open_of_the_same_file_is_refused_until_the_first_closes() {
     ins(&s, &[1.0, 2.0], &[3.0, 4.0], 1).await;
     match DuckdbStore::open(&path, MemoryConfig::new(2, 2)).await {
         Err(Error::Storage(e)) => assert!(
-            matches!(e.downcast_ref::<DuckdbError>(), Some(DuckdbError::Locked(_))),
+            matches!(e.downcast_ref::<FileError>(), Some(FileError::Locked(_))),
             "{e}"
         ),
         other => panic!("expected Locked, got {:?}", other.err()),
@@ -193,7 +194,7 @@ async fn committed_state_has_empty_staging_and_array_keys() {
     s.touch(&[1, 2], 2).await.unwrap();
     s.update_values(&[1], v(&[1.0, 1.0], 2)).await.unwrap();
     let (staged, ty): (i64, String) = s
-        .with_reader(|c| {
+        .driver().with_reader(|c| {
             let n = c.query_row(
                 "SELECT (SELECT count(*) FROM memstore_stage_access) + (SELECT count(*) FROM memstore_stage_values) \
                  + (SELECT count(*) FROM memstore_stage_ids)",

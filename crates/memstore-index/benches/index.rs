@@ -9,8 +9,8 @@
 
 use std::time::Instant;
 
-use memstore_api::index::MemoryIndex;
 use memstore_api::{Batch, MemoryConfig, MemoryId, Metric, Vectors};
+use memstore_engine::MemoryIndex;
 use memstore_index::{HnswIndex, HnswOptions};
 use rayon::prelude::*;
 

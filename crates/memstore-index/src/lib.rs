@@ -1,9 +1,9 @@
 //! # memstore-index
 //!
 //! The approximate index kind for memstore's stores: [`HnswIndex`], and
-//! [`Hnsw`], the [`memstore_api::ann::AnnBuilder`] that the SQL backends take
+//! [`Hnsw`], the [`memstore_engine::ann::AnnBuilder`] that the SQL backends take
 //! in their options. Exact search is not here: the stores' own
-//! [`memstore_api::index::MemoryIndex`] answers it (blocked SGEMM, or the
+//! [`memstore_engine::MemoryIndex`] answers it (blocked SGEMM, or the
 //! exact 8-bit prefilter on a VNNI CPU), and is the reference that the HNSW
 //! candidates are re-ranked against.
 //!
@@ -43,8 +43,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use memstore_api::ann::{AnnBuilder, AnnFilter, AnnIndex, AnnOpened};
 use memstore_api::{MemoryId, Metric, math};
+use memstore_engine::ann::{AnnBuilder, AnnFilter, AnnIndex, AnnOpened};
 use rayon::prelude::*;
 
 /// Errors of the index layer.

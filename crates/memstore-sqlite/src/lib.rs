@@ -1,8 +1,10 @@
 //! # memstore-sqlite
 //!
-//! The SQLite backend of memstore: a thin driver that translates the plans of
-//! [`memstore_api::index::MemoryIndex`] into SQL, in the style of sqlx (a core
-//! trait, thin drivers).
+//! The SQLite backend of memstore: [`SqliteDriver`], a thin driver under the
+//! store core of memstore-engine ([`SqlStore`]), in the style of sqlx (one
+//! core, thin drivers). [`SqliteStore`] is the core on this driver; this
+//! crate holds only what is specific to SQLite: the schema, the SQL that
+//! writes a plan's changes and reads rows, checkpoints and backups.
 //!
 //! - **Storage.** sqlx (SQLite, tokio) in WAL mode; the schema lives in this
 //!   crate's `migrations/`, embedded at compile time and applied by sqlx's
@@ -21,10 +23,11 @@
 //!   key blobs: `SELECT id, vec_distance_l2(key, ?) AS d FROM memories
 //!   ORDER BY d, id LIMIT 8` (`vec_distance_cosine` for cosine).
 //! - **Hot path.** sqlite-vec answers one query at a time, so batched search
-//!   never goes through SQL: the keys and access bookkeeping are kept in an
-//!   in-process [`MemoryIndex`] loaded on open, searched exactly and in
-//!   parallel, and updated after each commit under its write lock, so that no
-//!   search sees a deleted id or misses a committed one. By default the index
+//!   never goes through SQL: the keys and access bookkeeping are kept in the
+//!   core's in-process index (memstore-engine's `MemoryIndex`) loaded on
+//!   open, searched exactly and in parallel, and updated after each commit
+//!   under its write lock, so that no search sees a deleted id or misses a
+//!   committed one. By default the index
 //!   keeps the values too ([`SqliteOptions::resident_values`]), so searches
 //!   and `learn` return them without a read; with that off, values are read
 //!   from the database by id (about 1.5 µs per value through sqlx: 11 ms of
@@ -32,32 +35,34 @@
 //!
 //! - **Index kind.** [`SqliteOptions::ann`] swaps the exact search for an
 //!   approximate structure (memstore-index's HNSW), kept in step the same way
-//!   and saved beside the database on close (see [`memstore_api::ann`]).
+//!   and saved beside the database on close (see [`memstore_engine::ann`]).
 //!
 //! One store owns a file at a time (the index is per process): opening takes an
 //! exclusive advisory lock on `<path>.lock` and a second open fails with
-//! [`SqliteError::Locked`]. To share a store between processes, serve it with
+//! [`FileError::Locked`]. To share a store between processes, serve it with
 //! `memstored` (memstore-ipc).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Arc, Once, OnceLock};
+use std::sync::{Once, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use memstore_api::ann::{AnnBuilder, AnnStatus};
-use memstore_api::index::{Changes, Meta};
-use memstore_api::{
-    Batch, ChangeBatch, Counters, DurableStore, Error, EvictionPolicy, Memory, MemoryConfig, MemoryId, MemoryStore,
-    Metric, Neighbors, Result, Stats, TagFilter, Tick, Vectors,
-};
+use memstore_api::{Counters, Error, Memory, MemoryConfig, MemoryId, Metric, Result};
+use memstore_engine::ann::AnnBuilder;
+use memstore_engine::driver::{self, ConfigWrite, Loader, StoredConfig, expect_rows};
+use memstore_engine::index::Changes;
+use memstore_engine::{Driver, Opened};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
-use tokio::sync::{Mutex, RwLock};
 
-pub use memstore_api::index::MemoryIndex;
+pub use memstore_engine::driver::FileError;
+pub use memstore_engine::{IndexOptions, SqlStore};
 pub use sqlx::sqlite::SqliteSynchronous;
+
+/// A memory store in one SQLite file: the store core on [`SqliteDriver`].
+pub type SqliteStore = SqlStore<SqliteDriver>;
 
 /// Errors of the SQLite driver; converted into [`memstore_api::Error::Storage`]
 /// at the trait boundary, with this error as the source.
@@ -69,15 +74,6 @@ pub enum SqliteError {
     /// Applying the schema migrations failed.
     #[error("migrating the schema: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    /// The file to open does not exist.
-    #[error("no memstore database at {0}")]
-    NotFound(PathBuf),
-    /// Another store (in this or another process) has the file open.
-    #[error("{0} is open in another store (lock file held); share a store between processes with memstored")]
-    Locked(PathBuf),
-    /// The lock file could not be created or locked.
-    #[error("lock file {0}: {1}")]
-    LockFile(PathBuf, #[source] std::io::Error),
 }
 
 impl From<SqliteError> for Error {
@@ -103,16 +99,10 @@ pub struct SqliteOptions {
     pub sql_knn: bool,
     /// Connections in the pool (one writes at a time; the others read values).
     pub max_connections: u32,
-    /// Keep every value in memory beside its key (on by default): searches,
-    /// `get` and `learn` then read no values from the database. Costs
-    /// `value_dim × 4` bytes of memory per memory, and reading the values
-    /// on open.
-    pub resident_values: bool,
-    /// The index kind: `None` (default) searches exactly; an approximate
-    /// structure (e.g. memstore-index's `Hnsw`) is kept in step with the rows
-    /// and saved beside the database as `<path>.<extension>` on close
-    /// (see [`memstore_api::ann`]).
-    pub ann: Option<Arc<dyn AnnBuilder>>,
+    /// The index: its kind (exact by default, or an approximate structure
+    /// saved beside the database as `<path>.<extension>`) and whether values
+    /// stay in memory beside the keys (by default).
+    pub index: IndexOptions,
 }
 
 impl Default for SqliteOptions {
@@ -121,9 +111,14 @@ impl Default for SqliteOptions {
             synchronous: SqliteSynchronous::Full,
             sql_knn: true,
             max_connections: 4,
-            resident_values: true,
-            ann: None,
+            index: IndexOptions::default(),
         }
+    }
+}
+
+impl AsRef<IndexOptions> for SqliteOptions {
+    fn as_ref(&self) -> &IndexOptions {
+        &self.index
     }
 }
 
@@ -148,50 +143,29 @@ fn register_sqlite_vec() {
     });
 }
 
-/// A memory store in one SQLite file.
-pub struct SqliteStore {
+/// The SQLite driver: a connection pool on one file in WAL mode, and the
+/// lock that makes this store the file's only owner.
+pub struct SqliteDriver {
     pool: SqlitePool,
-    config: MemoryConfig,
     path: PathBuf,
     sql_knn: bool,
-    index: RwLock<MemoryIndex>,
-    /// Where the approximate index is saved (`None` in exact mode).
-    ann_file: Option<PathBuf>,
-    writer: Mutex<HashMap<String, i64>>,
-    /// Exclusive advisory lock on `<path>.lock`, held while the store is open
-    /// (the kernel releases it if the process dies).
+    lambda: f64,
+    value_dim: usize,
+    /// Exclusive advisory lock on `<path>.lock`, held while the store is open.
     _lock: std::fs::File,
 }
 
-/// Takes the exclusive lock that makes one store the only owner of a file.
-fn lock_file(path: &Path) -> Result<std::fs::File> {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".lock");
-    let lock_path = PathBuf::from(name);
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| SqliteError::LockFile(lock_path.clone(), e))?;
-    // A lock just released can still be held for a moment by a child
-    // process forked between our open and its exec (the descriptor is shared
-    // until exec closes it): retry briefly before calling the file locked.
-    let deadline = std::time::Instant::now() + LOCK_GRACE;
-    loop {
-        match f.try_lock() {
-            Ok(()) => return Ok(f),
-            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(10))
-            }
-            Err(std::fs::TryLockError::WouldBlock) => return Err(SqliteError::Locked(path.to_path_buf()).into()),
-            Err(std::fs::TryLockError::Error(e)) => return Err(SqliteError::LockFile(lock_path, e).into()),
-        }
-    }
+/// The writer's state: tag names and their row ids, as committed.
+#[derive(Debug, Default)]
+pub struct SqliteWriter {
+    tags: HashMap<String, i64>,
 }
 
-/// How long an open waits for a lock held by someone else before failing.
-const LOCK_GRACE: std::time::Duration = std::time::Duration::from_millis(300);
+/// A written, uncommitted SQLite transaction (rolled back if dropped).
+pub struct SqlitePending {
+    tx: Transaction<'static, Sqlite>,
+    new_tags: HashMap<String, i64>,
+}
 
 fn f32_blob(v: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(v.len() * 4);
@@ -214,14 +188,6 @@ fn blob_f32(b: &[u8], dim: usize, what: &str, id: i64) -> Result<Vec<f32>> {
         .collect())
 }
 
-/// Runs CPU-heavy work without stalling the async runtime's other tasks.
-fn cpu<R>(f: impl FnOnce() -> R) -> R {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
-
 /// Rows per multi-row INSERT statement (up to 8 parameters each: 8,000 per
 /// statement, under the bundled SQLite's limit of 32,766): few statements
 /// per batch, since each costs a prepare and a round of sqlx overhead.
@@ -229,44 +195,32 @@ const INSERT_CHUNK: usize = 1000;
 /// Ids per `IN (...)` list.
 const ID_CHUNK: usize = 500;
 
-impl SqliteStore {
-    /// Opens the store at `path`, creating it with `config` if it does not
-    /// exist. An existing store must have the same dimensions and metric;
-    /// its tunable fields (capacity, thresholds, λ) are updated to `config`.
-    pub async fn open(path: impl AsRef<Path>, config: MemoryConfig) -> Result<Self> {
-        Self::open_with(path, config, SqliteOptions::default()).await
+impl SqliteDriver {
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
-    /// [`SqliteStore::open`] with backend options.
-    pub async fn open_with(path: impl AsRef<Path>, config: MemoryConfig, options: SqliteOptions) -> Result<Self> {
-        config.validate()?;
-        Self::open_inner(path.as_ref(), Some(config), options).await
+    /// The connection pool, for ad-hoc SQL (reads only: writes behind the
+    /// store's back are not seen by its index).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
     }
 
-    /// Opens an existing store with the configuration persisted in it.
-    pub async fn open_existing(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        if !path.exists() {
-            return Err(SqliteError::NotFound(path.to_path_buf()).into());
+    /// Whether keys are mirrored into the `memory_keys` vec0 table.
+    pub fn has_sql_knn(&self) -> bool {
+        self.sql_knn
+    }
+
+    async fn connect(path: PathBuf, config: Option<MemoryConfig>, options: SqliteOptions) -> Result<Opened<Self>> {
+        if config.is_none() {
+            driver::require_file(&path)?;
         }
-        Self::open_existing_with(path, SqliteOptions::default()).await
-    }
-
-    /// [`SqliteStore::open_existing`] with backend options.
-    pub async fn open_existing_with(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self> {
-        let path = path.as_ref();
-        if !path.exists() {
-            return Err(SqliteError::NotFound(path.to_path_buf()).into());
-        }
-        Self::open_inner(path, None, options).await
-    }
-
-    async fn open_inner(path: &Path, config: Option<MemoryConfig>, options: SqliteOptions) -> Result<Self> {
         register_sqlite_vec();
-        let lock = lock_file(path)?;
+        let lock = driver::lock_file(&path)?;
         let connect = SqliteConnectOptions::from_str("sqlite://")
             .map_err(sql)?
-            .filename(path)
+            .filename(&path)
             .create_if_missing(config.is_some())
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(options.synchronous)
@@ -289,37 +243,34 @@ impl SqliteStore {
 
     async fn init(
         pool: SqlitePool,
-        path: &Path,
+        path: PathBuf,
         config: Option<MemoryConfig>,
         options: SqliteOptions,
         lock: std::fs::File,
-    ) -> Result<Self> {
+    ) -> Result<Opened<Self>> {
         MIGRATOR.run(&pool).await.map_err(SqliteError::from)?;
         let mut tx = pool.begin().await.map_err(sql)?;
         let stored = read_config(&mut tx).await?;
-        let (config, sql_knn, lambda_changed) = match (stored, config) {
-            (None, None) => {
-                return Err(Error::Corrupt(format!(
-                    "{} has no memstore configuration",
-                    path.display()
-                )));
-            }
-            (None, Some(c)) => {
-                write_config(&mut tx, &c, options.sql_knn, true).await?;
+        let stored_knn = stored.as_ref().map(|(_, knn)| *knn);
+        let r = driver::resolve_config(stored.map(|(c, _)| c), config, &path.display().to_string())?;
+        let sql_knn = stored_knn.unwrap_or(options.sql_knn);
+        match r.write {
+            ConfigWrite::Create => {
+                write_config(&mut tx, &r.config, sql_knn, true).await?;
                 sqlx::query(
                     "INSERT INTO memstore_meta (id, next_id, inserted, merged, evicted, deleted) VALUES (1, 1, 0, 0, 0, 0)",
                 )
                 .execute(&mut *tx)
                 .await
                 .map_err(sql)?;
-                if options.sql_knn {
-                    let metric = match c.metric {
+                if sql_knn {
+                    let metric = match r.config.metric {
                         Metric::Cosine => "cosine",
                         Metric::L2 | Metric::InnerProduct => "l2",
                     };
                     let ddl = format!(
                         "CREATE VIRTUAL TABLE memory_keys USING vec0(key float[{}] distance_metric={metric})",
-                        c.key_dim
+                        r.config.key_dim
                     );
                     // Only integers and a fixed keyword are interpolated.
                     sqlx::query(sqlx::AssertSqlSafe(ddl))
@@ -327,140 +278,60 @@ impl SqliteStore {
                         .await
                         .map_err(sql)?;
                 }
-                (c, options.sql_knn, false)
             }
-            (Some((s, knn)), None) => (s, knn, false),
-            (Some((s, knn)), Some(c)) => {
-                c.check_compatible(&s)?;
-                let changed = s.eviction.lambda() != c.eviction.lambda();
-                if s != c {
-                    write_config(&mut tx, &c, knn, false).await?;
-                }
-                (c, knn, changed)
-            }
-        };
-        let mut index = load_index(&mut tx, &config, options.resident_values).await?;
-        if lambda_changed {
+            ConfigWrite::Update => write_config(&mut tx, &r.config, sql_knn, false).await?,
+            ConfigWrite::Keep => {}
+        }
+        let index = load_index(&mut tx, &r.config, options.index.resident_values).await?;
+        if r.lambda_changed {
             // The priority column depends on λ: recompute it for the new policy.
-            let lambda = config.eviction.lambda();
-            for &id in index.ids() {
-                if let Some(m) = index.meta(id) {
-                    sqlx::query("UPDATE memories SET priority = ? WHERE id = ?")
-                        .bind(memstore_api::math::priority(lambda, m.crf, m.last_access))
-                        .bind(id as i64)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(sql)?;
-                }
-            }
+            update_access(&mut tx, &driver::reprioritised(&index)).await?;
         }
         let tag_rows = sqlx::query("SELECT id, name FROM tags")
             .fetch_all(&mut *tx)
             .await
             .map_err(sql)?;
-        let mut tag_ids = HashMap::new();
-        for r in tag_rows {
-            tag_ids.insert(
-                r.try_get::<String, _>(1).map_err(sql)?,
-                r.try_get::<i64, _>(0).map_err(sql)?,
+        let mut tags = HashMap::new();
+        for row in tag_rows {
+            tags.insert(
+                row.try_get::<String, _>(1).map_err(sql)?,
+                row.try_get::<i64, _>(0).map_err(sql)?,
             );
         }
         tx.commit().await.map_err(sql)?;
-        let ann_file = match options.ann {
-            Some(builder) => {
-                let file = memstore_api::ann::saved_path(path, builder.as_ref());
-                cpu(|| index.attach_ann(builder, Some(&file)))?;
-                Some(file)
-            }
-            None => None,
-        };
-        Ok(SqliteStore {
-            pool,
-            config,
-            path: path.to_path_buf(),
-            sql_knn,
-            index: RwLock::new(index),
-            ann_file,
-            writer: Mutex::new(tag_ids),
-            _lock: lock,
+        Ok(Opened {
+            driver: SqliteDriver {
+                pool,
+                path,
+                sql_knn,
+                lambda: r.config.eviction.lambda(),
+                value_dim: r.config.value_dim,
+                _lock: lock,
+            },
+            writer: SqliteWriter { tags },
+            config: r.config,
+            index,
         })
     }
+}
 
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
+#[async_trait]
+impl Driver for SqliteDriver {
+    type Options = SqliteOptions;
+    type Location = PathBuf;
+    type Writer = SqliteWriter;
+    type Pending = SqlitePending;
+
+    async fn open(path: PathBuf, config: Option<MemoryConfig>, options: SqliteOptions) -> Result<Opened<Self>> {
+        Self::connect(path, config, options).await
     }
 
-    /// The connection pool, for ad-hoc SQL (reads only: writes behind the
-    /// store's back are not seen by its index).
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
+    fn ann_path(&self, builder: &dyn AnnBuilder) -> Option<PathBuf> {
+        Some(memstore_engine::ann::saved_path(&self.path, builder))
     }
 
-    /// Whether keys are mirrored into the `memory_keys` vec0 table.
-    pub fn has_sql_knn(&self) -> bool {
-        self.sql_knn
-    }
-
-    /// Writes a consistent copy of the committed store to `dest` (SQLite's
-    /// `VACUUM INTO`: one read transaction, so concurrent writers are neither
-    /// blocked for long nor half-copied). `dest` must not exist. Used for
-    /// training checkpoints: reopening the copy gives the store as it was.
-    pub async fn backup_to(&self, dest: impl AsRef<Path>) -> Result<()> {
-        let dest = dest.as_ref();
-        if dest.exists() {
-            return Err(Error::storage(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!("{} already exists", dest.display()),
-            )));
-        }
-        let _w = self.writer.lock().await;
-        sqlx::query("VACUUM INTO ?")
-            .bind(dest.to_string_lossy().into_owned())
-            .execute(&self.pool)
-            .await
-            .map_err(sql)?;
-        Ok(())
-    }
-
-    /// Closes the store: saves the approximate index (if any; a save that
-    /// fails leaves the old file, which the next open finds stale and
-    /// rebuilds from the rows), checkpoints the WAL into the database file
-    /// and closes the connection pool. An error is the checkpoint's: the
-    /// committed writes are in the WAL, which the next open replays.
-    pub async fn close(self) -> Result<()> {
-        let _ = self.save_index().await;
-        let checkpoint = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-            .execute(&self.pool)
-            .await
-            .map_err(sql);
-        self.pool.close().await;
-        checkpoint.map(drop)
-    }
-
-    /// Saves the approximate index beside the database (`<path>.<ext>`) with
-    /// the fingerprint of the committed rows, so that the next open loads it
-    /// instead of rebuilding. Nothing to do in exact mode.
-    pub async fn save_index(&self) -> Result<()> {
-        let Some(file) = &self.ann_file else { return Ok(()) };
-        let _w = self.writer.lock().await;
-        let index = self.index.read().await;
-        cpu(|| index.save_ann(file))
-    }
-
-    /// What the approximate index is doing (`None` in exact mode).
-    pub async fn ann_status(&self) -> Option<AnnStatus> {
-        self.index.read().await.ann_status()
-    }
-
-    /// Values of `ids` (deduplicated), read from the committed state.
-    async fn fetch_values(&self, ids: impl IntoIterator<Item = MemoryId>) -> Result<HashMap<MemoryId, Vec<f32>>> {
-        let ids: BTreeSet<MemoryId> = ids.into_iter().collect();
-        let ids: Vec<MemoryId> = ids.into_iter().collect();
+    async fn fetch_values(&self, ids: &[MemoryId]) -> Result<HashMap<MemoryId, Vec<f32>>> {
         let mut out = HashMap::with_capacity(ids.len());
-        if ids.is_empty() {
-            return Ok(out);
-        }
         let mut conn = self.pool.acquire().await.map_err(sql)?;
         for chunk in ids.chunks(ID_CHUNK) {
             let mut q = QueryBuilder::<Sqlite>::new("SELECT id, value FROM memories WHERE id IN (");
@@ -472,37 +343,53 @@ impl SqliteStore {
             for r in q.build().fetch_all(&mut *conn).await.map_err(sql)? {
                 let id: i64 = r.try_get(0).map_err(sql)?;
                 let b: Vec<u8> = r.try_get(1).map_err(sql)?;
-                out.insert(id as u64, blob_f32(&b, self.config.value_dim, "value", id)?);
+                out.insert(id as u64, blob_f32(&b, self.value_dim, "value", id)?);
             }
-        }
-        if let Some(missing) = ids.iter().find(|id| !out.contains_key(id)) {
-            return Err(Error::Corrupt(format!("memory {missing} is indexed but has no row")));
         }
         Ok(out)
     }
 
-    /// Persists `changes` in one transaction, then applies them to the index
-    /// under its write lock (so no search sees the commit half-applied).
-    async fn commit(&self, tag_ids: &mut HashMap<String, i64>, changes: &Changes) -> Result<()> {
+    async fn write(&self, writer: &mut SqliteWriter, changes: &Changes) -> Result<SqlitePending> {
         let mut tx = self.pool.begin().await.map_err(sql)?;
-        let new_tags = persist(&mut tx, self.sql_knn, self.config.eviction.lambda(), tag_ids, changes).await?;
-        self.publish(tx, tag_ids, new_tags, changes).await
+        let new_tags = persist(&mut tx, self.sql_knn, self.lambda, &writer.tags, changes).await?;
+        Ok(SqlitePending { tx, new_tags })
     }
 
-    /// Commits `tx`, which holds `changes`, and applies them to the index
-    /// under its write lock, taken before the commit: no search or read of
-    /// values sees the rows committed and the index not yet changed.
-    async fn publish(
-        &self,
-        tx: Transaction<'_, Sqlite>,
-        tag_ids: &mut HashMap<String, i64>,
-        new_tags: HashMap<String, i64>,
-        changes: &Changes,
-    ) -> Result<()> {
-        let mut index = self.index.write().await;
-        tx.commit().await.map_err(sql)?;
-        tag_ids.extend(new_tags);
-        index.apply(changes)
+    async fn commit(&self, writer: &mut SqliteWriter, pending: SqlitePending) -> Result<()> {
+        pending.tx.commit().await.map_err(sql)?;
+        writer.tags.extend(pending.new_tags);
+        Ok(())
+    }
+
+    async fn checkpoint(&self, _writer: &mut SqliteWriter) -> Result<()> {
+        sqlx::query("PRAGMA wal_checkpoint(FULL)")
+            .execute(&self.pool)
+            .await
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// SQLite's `VACUUM INTO`: one read transaction, so concurrent readers
+    /// are neither blocked for long nor half-copied.
+    async fn backup_to(&self, _writer: &mut SqliteWriter, dest: &Path) -> Result<()> {
+        sqlx::query("VACUUM INTO ?")
+            .bind(dest.to_string_lossy().into_owned())
+            .execute(&self.pool)
+            .await
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    /// Checkpoints the WAL into the database file and closes the pool. An
+    /// error is the checkpoint's: the committed writes are in the WAL, which
+    /// the next open replays.
+    async fn close(self, _writer: SqliteWriter) -> Result<()> {
+        let checkpoint = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await
+            .map_err(sql);
+        self.pool.close().await;
+        checkpoint.map(drop)
     }
 }
 
@@ -514,24 +401,16 @@ async fn read_config(tx: &mut Transaction<'_, Sqlite>) -> Result<Option<(MemoryC
     .await
     .map_err(sql)?;
     let Some(r) = row else { return Ok(None) };
-    let metric: String = r.try_get(2).map_err(sql)?;
-    let metric = Metric::parse(&metric).ok_or_else(|| Error::Corrupt(format!("unknown metric {metric:?}")))?;
-    let dim = |v: i64, what: &str| usize::try_from(v).map_err(|_| Error::Corrupt(format!("{what} = {v}")));
-    let capacity: Option<i64> = r.try_get(3).map_err(sql)?;
-    let config = MemoryConfig {
-        key_dim: dim(r.try_get(0).map_err(sql)?, "key_dim")?,
-        value_dim: dim(r.try_get(1).map_err(sql)?, "value_dim")?,
-        metric,
-        capacity: capacity.map(|c| dim(c, "capacity")).transpose()?,
-        eviction: EvictionPolicy::Lrfu {
-            lambda: r.try_get(4).map_err(sql)?,
-        },
-        novelty: r.try_get::<f64, _>(5).map_err(sql)? as f32,
-        recombine: r.try_get::<f64, _>(6).map_err(sql)? as f32,
-    };
-    config
-        .validate()
-        .map_err(|e| Error::Corrupt(format!("stored configuration: {e}")))?;
+    let config = StoredConfig {
+        key_dim: r.try_get(0).map_err(sql)?,
+        value_dim: r.try_get(1).map_err(sql)?,
+        metric: r.try_get(2).map_err(sql)?,
+        capacity: r.try_get(3).map_err(sql)?,
+        lrfu_lambda: r.try_get(4).map_err(sql)?,
+        novelty: r.try_get(5).map_err(sql)?,
+        recombine: r.try_get(6).map_err(sql)?,
+    }
+    .decode()?;
     Ok(Some((config, r.try_get::<i64, _>(7).map_err(sql)? != 0)))
 }
 
@@ -543,14 +422,15 @@ async fn write_config(tx: &mut Transaction<'_, Sqlite>, c: &MemoryConfig, sql_kn
         "UPDATE memstore_config SET key_dim = ?, value_dim = ?, metric = ?, capacity = ?, lrfu_lambda = ?, \
          novelty = ?, recombine = ?, sql_knn = ? WHERE id = 1"
     };
+    let row = StoredConfig::new(c);
     sqlx::query(q)
-        .bind(c.key_dim as i64)
-        .bind(c.value_dim as i64)
-        .bind(c.metric.as_str())
-        .bind(c.capacity.map(|x| x as i64))
-        .bind(c.eviction.lambda())
-        .bind(c.novelty as f64)
-        .bind(c.recombine as f64)
+        .bind(row.key_dim)
+        .bind(row.value_dim)
+        .bind(row.metric)
+        .bind(row.capacity)
+        .bind(row.lrfu_lambda)
+        .bind(row.novelty)
+        .bind(row.recombine)
         .bind(sql_knn as i64)
         .execute(&mut **tx)
         .await
@@ -558,11 +438,12 @@ async fn write_config(tx: &mut Transaction<'_, Sqlite>, c: &MemoryConfig, sql_kn
     Ok(())
 }
 
-async fn load_index(tx: &mut Transaction<'_, Sqlite>, config: &MemoryConfig, values: bool) -> Result<MemoryIndex> {
-    let mut index = MemoryIndex::new(config.clone());
-    if values {
-        index = index.with_values();
-    }
+async fn load_index(
+    tx: &mut Transaction<'_, Sqlite>,
+    config: &MemoryConfig,
+    values: bool,
+) -> Result<memstore_engine::MemoryIndex> {
+    let mut loader = Loader::new(config, values);
     let meta =
         sqlx::query("SELECT next_id, inserted, merged, evicted, deleted, last_batch FROM memstore_meta WHERE id = 1")
             .fetch_optional(&mut **tx)
@@ -570,27 +451,24 @@ async fn load_index(tx: &mut Transaction<'_, Sqlite>, config: &MemoryConfig, val
             .map_err(sql)?
             .ok_or_else(|| Error::Corrupt("memstore_meta row is missing".into()))?;
     let g = |i: usize| -> Result<u64> { Ok(meta.try_get::<i64, _>(i).map_err(sql)? as u64) };
-    let (next_id, counters) = (
-        g(0)?,
-        Counters {
-            inserted: g(1)?,
-            merged: g(2)?,
-            evicted: g(3)?,
-            deleted: g(4)?,
-            last_batch: g(5)?,
-        },
-    );
-    let mut tags: HashMap<i64, BTreeMap<String, u64>> = HashMap::new();
+    let counters = Counters {
+        inserted: g(1)?,
+        merged: g(2)?,
+        evicted: g(3)?,
+        deleted: g(4)?,
+        last_batch: g(5)?,
+    };
+    let next_id: i64 = meta.try_get(0).map_err(sql)?;
     let rows = sqlx::query("SELECT mt.memory_id, t.name, mt.count FROM memory_tags mt JOIN tags t ON t.id = mt.tag_id")
         .fetch_all(&mut **tx)
         .await
         .map_err(sql)?;
     for r in rows {
-        let id: i64 = r.try_get(0).map_err(sql)?;
-        let count: i64 = r.try_get(2).map_err(sql)?;
-        tags.entry(id)
-            .or_default()
-            .insert(r.try_get(1).map_err(sql)?, count as u64);
+        loader.tag(
+            r.try_get(0).map_err(sql)?,
+            r.try_get(1).map_err(sql)?,
+            r.try_get(2).map_err(sql)?,
+        );
     }
     let select = if values {
         "SELECT id, key, created, last_access, access_count, crf, value FROM memories"
@@ -600,48 +478,47 @@ async fn load_index(tx: &mut Transaction<'_, Sqlite>, config: &MemoryConfig, val
     let rows = sqlx::query(select).fetch_all(&mut **tx).await.map_err(sql)?;
     for r in rows {
         let id: i64 = r.try_get(0).map_err(sql)?;
-        let key: Vec<u8> = r.try_get(1).map_err(sql)?;
-        let key = blob_f32(&key, config.key_dim, "key", id)?;
-        if key.iter().any(|x| !x.is_finite()) {
-            return Err(Error::Corrupt(format!("memory {id} has a non-finite key")));
-        }
-        let crf: f64 = r.try_get(5).map_err(sql)?;
-        if !(crf.is_finite() && crf > 0.0) {
-            return Err(Error::Corrupt(format!("memory {id} has crf {crf}")));
-        }
-        let m = Meta {
-            created: r.try_get::<i64, _>(2).map_err(sql)? as u64,
-            last_access: r.try_get::<i64, _>(3).map_err(sql)? as u64,
-            access_count: r.try_get::<i64, _>(4).map_err(sql)? as u64,
-            crf,
-            tags: tags.remove(&id).unwrap_or_default(),
-        };
+        let key: &[u8] = r.try_get(1).map_err(sql)?;
+        let key = blob_f32(key, config.key_dim, "key", id)?;
         let value = if values {
             let b: &[u8] = r.try_get(6).map_err(sql)?;
             Some(blob_f32(b, config.value_dim, "value", id)?)
         } else {
             None
         };
-        index.load(id as u64, &key, value.as_deref(), m)?;
+        loader.memory(
+            id,
+            &key,
+            value.as_deref(),
+            r.try_get(2).map_err(sql)?,
+            r.try_get(3).map_err(sql)?,
+            r.try_get(4).map_err(sql)?,
+            r.try_get(5).map_err(sql)?,
+        )?;
     }
-    if index.next_id() > next_id {
-        return Err(Error::Corrupt(format!(
-            "next_id {next_id} is not above every stored id ({})",
-            index.next_id() - 1
-        )));
-    }
-    index.set_state(next_id, counters);
-    Ok(index)
+    loader.finish(next_id, counters)
 }
 
-/// Checks that a statement changed exactly the rows the index expects; a
-/// difference means the file was changed behind the store's back.
-fn expect_rows(done: sqlx::sqlite::SqliteQueryResult, what: &str, want: usize) -> Result<()> {
-    if done.rows_affected() != want as u64 {
-        return Err(Error::Corrupt(format!(
-            "{what} changed {} rows where the index expected {want}",
-            done.rows_affected()
-        )));
+/// Rewrites access rows (bookkeeping and priority) in chunks of one statement.
+async fn update_access(
+    tx: &mut Transaction<'_, Sqlite>,
+    updates: &[memstore_engine::index::AccessUpdate],
+) -> Result<()> {
+    for chunk in updates.chunks(INSERT_CHUNK) {
+        let mut q = QueryBuilder::<Sqlite>::new("WITH v (id, last_access, access_count, crf, priority) AS (");
+        q.push_values(chunk, |mut b, u| {
+            b.push_bind(u.id as i64)
+                .push_bind(u.last_access as i64)
+                .push_bind(u.access_count as i64)
+                .push_bind(u.crf)
+                .push_bind(u.priority);
+        });
+        q.push(
+            ") UPDATE memories SET last_access = v.last_access, access_count = v.access_count, crf = v.crf, \
+             priority = v.priority FROM v WHERE memories.id = v.id",
+        );
+        let done = q.build().execute(&mut **tx).await.map_err(sql)?;
+        expect_rows(done.rows_affected(), "access update", chunk.len())?;
     }
     Ok(())
 }
@@ -700,27 +577,12 @@ async fn persist(
         }
         q.push(")");
         let done = q.build().execute(&mut **tx).await.map_err(sql)?;
-        expect_rows(done, "delete", chunk.len())?;
+        expect_rows(done.rows_affected(), "delete", chunk.len())?;
         if sql_knn {
             delete_from_mirror(tx, chunk).await?;
         }
     }
-    for chunk in ch.accessed.chunks(INSERT_CHUNK) {
-        let mut q = QueryBuilder::<Sqlite>::new("WITH v (id, last_access, access_count, crf, priority) AS (");
-        q.push_values(chunk, |mut b, u| {
-            b.push_bind(u.id as i64)
-                .push_bind(u.last_access as i64)
-                .push_bind(u.access_count as i64)
-                .push_bind(u.crf)
-                .push_bind(u.priority);
-        });
-        q.push(
-            ") UPDATE memories SET last_access = v.last_access, access_count = v.access_count, crf = v.crf, \
-             priority = v.priority FROM v WHERE memories.id = v.id",
-        );
-        let done = q.build().execute(&mut **tx).await.map_err(sql)?;
-        expect_rows(done, "access update", chunk.len())?;
-    }
+    update_access(tx, &ch.accessed).await?;
     for chunk in ch.values.chunks(INSERT_CHUNK) {
         let mut q = QueryBuilder::<Sqlite>::new("WITH v (id, value) AS (");
         q.push_values(chunk, |mut b, (id, v)| {
@@ -728,7 +590,7 @@ async fn persist(
         });
         q.push(") UPDATE memories SET value = v.value FROM v WHERE memories.id = v.id");
         let done = q.build().execute(&mut **tx).await.map_err(sql)?;
-        expect_rows(done, "value update", chunk.len())?;
+        expect_rows(done.rows_affected(), "value update", chunk.len())?;
     }
     let mut new_tags: HashMap<String, i64> = HashMap::new();
     let mut tag_rows: Vec<(i64, i64, i64)> = Vec::new();
@@ -807,141 +669,4 @@ async fn persist(
     .await
     .map_err(sql)?;
     Ok(new_tags)
-}
-
-#[async_trait]
-impl DurableStore for SqliteStore {
-    async fn backup_to(&self, dest: &Path) -> Result<()> {
-        SqliteStore::backup_to(self, dest).await
-    }
-
-    async fn close(self) -> Result<()> {
-        SqliteStore::close(self).await
-    }
-}
-
-#[async_trait]
-impl MemoryStore for SqliteStore {
-    fn config(&self) -> &MemoryConfig {
-        &self.config
-    }
-
-    async fn search(&self, queries: Vectors<'_>, k: usize, filter: Option<&TagFilter>) -> Result<Neighbors> {
-        self.config.check_search(&queries, k)?;
-        let index = self.index.read().await;
-        let rows = cpu(|| index.search(queries, k, filter));
-        let values = self
-            .fetch_values(index.missing_values(rows.iter().flatten().map(|(_, id)| *id)))
-            .await?;
-        index.assemble(&rows, k, &values)
-    }
-
-    async fn insert(&self, batch: Batch<'_>, tick: Tick) -> Result<Vec<MemoryId>> {
-        let mut tags = self.writer.lock().await;
-        let (changes, ids) = {
-            let index = self.index.read().await;
-            let first = index.next_id();
-            let changes = cpu(|| index.plan_insert(&batch, tick))?;
-            (changes, (first..first + batch.len() as u64).collect())
-        };
-        self.commit(&mut tags, &changes).await?;
-        Ok(ids)
-    }
-
-    async fn get(&self, ids: &[MemoryId]) -> Result<Vec<Memory>> {
-        let index = self.index.read().await;
-        index.check_ids(ids)?;
-        let values = self.fetch_values(index.missing_values(ids.iter().copied())).await?;
-        index.memories(ids, &values)
-    }
-
-    async fn delete(&self, ids: &[MemoryId]) -> Result<usize> {
-        let mut tags = self.writer.lock().await;
-        let changes = self.index.read().await.plan_delete(ids)?;
-        self.commit(&mut tags, &changes).await?;
-        Ok(changes.removed.len())
-    }
-
-    async fn update_values(&self, ids: &[MemoryId], deltas: Vectors<'_>) -> Result<()> {
-        let mut tags = self.writer.lock().await;
-        let changes = {
-            let index = self.index.read().await;
-            index.check_update_values(ids, deltas)?;
-            let current = self.fetch_values(index.missing_values(ids.iter().copied())).await?;
-            index.plan_update_values(ids, deltas, &current)?
-        };
-        self.commit(&mut tags, &changes).await
-    }
-
-    async fn touch(&self, ids: &[MemoryId], tick: Tick) -> Result<()> {
-        let mut tags = self.writer.lock().await;
-        let changes = self.index.read().await.plan_touch(ids, tick)?;
-        self.commit(&mut tags, &changes).await
-    }
-
-    async fn learn(&self, batch: Batch<'_>, tick: Tick, k: usize) -> Result<Neighbors> {
-        let mut tags = self.writer.lock().await;
-        let stored;
-        let (changes, pending) = {
-            let index = self.index.read().await;
-            let plan = cpu(|| index.plan_learn(batch, tick, k))?;
-            stored = self.fetch_values(plan.needed_values()).await?;
-            plan.split(&stored)?
-        };
-        let write = async {
-            let mut tx = self.pool.begin().await.map_err(sql)?;
-            let new_tags = persist(&mut tx, self.sql_knn, self.config.eviction.lambda(), &tags, &changes).await?;
-            self.publish(tx, &mut tags, new_tags, &changes).await
-        };
-        // The output's 16 MB (at 4096 rows of 64-d keys and values) are
-        // allocated and touched while SQLite writes and syncs.
-        let (written, out) = pending.allocate_while(write).await;
-        written?;
-        let index = self.index.read().await;
-        cpu(|| pending.fill(&index, out))
-    }
-
-    async fn evict(&self, target_len: usize) -> Result<usize> {
-        let mut tags = self.writer.lock().await;
-        let changes = self.index.read().await.plan_evict(target_len)?;
-        if changes.is_empty() {
-            return Ok(0);
-        }
-        self.commit(&mut tags, &changes).await?;
-        Ok(changes.removed.len())
-    }
-
-    async fn apply(&self, batch: &ChangeBatch) -> Result<()> {
-        let mut tags = self.writer.lock().await;
-        let changes = {
-            let index = self.index.read().await;
-            let needed = index.check_apply(batch)?;
-            let current = self.fetch_values(needed).await?;
-            cpu(|| index.plan_apply(batch, &current))?
-        };
-        self.commit(&mut tags, &changes).await
-    }
-
-    async fn ids(&self) -> Result<Vec<MemoryId>> {
-        let mut ids = self.index.read().await.ids().to_vec();
-        ids.sort_unstable();
-        Ok(ids)
-    }
-
-    async fn len(&self) -> Result<usize> {
-        Ok(self.index.read().await.len())
-    }
-
-    async fn stats(&self) -> Result<Stats> {
-        Ok(self.index.read().await.stats())
-    }
-
-    async fn flush(&self) -> Result<()> {
-        let _w = self.writer.lock().await;
-        sqlx::query("PRAGMA wal_checkpoint(FULL)")
-            .execute(&self.pool)
-            .await
-            .map_err(sql)?;
-        Ok(())
-    }
 }

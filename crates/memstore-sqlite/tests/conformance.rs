@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use memstore_api::testkit::Harness;
 use memstore_api::{MemoryConfig, Result};
-use memstore_sqlite::{SqliteOptions, SqliteStore};
+use memstore_sqlite::{IndexOptions, SqliteOptions, SqliteStore};
 
 struct SqliteHarness {
     dir: tempfile::TempDir,
@@ -36,13 +36,13 @@ impl Harness for SqliteHarness {
 memstore_api::conformance_suite!(SqliteHarness::new(SqliteOptions::default()));
 
 /// The whole suite again with values read from the database instead of
-/// kept in the index (`resident_values: false`), and without the `vec0`
+/// kept in the index (`resident_values` off), and without the `vec0`
 /// mirror (`sql_knn: false`): both of the store's other write and read paths.
 mod values_from_the_database {
     use super::*;
 
     memstore_api::conformance_suite!(SqliteHarness::new(SqliteOptions {
-        resident_values: false,
+        index: IndexOptions::default().with_resident_values(false),
         sql_knn: false,
         ..SqliteOptions::default()
     }));

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use memstore_api::testkit::Harness;
 use memstore_api::{MemoryConfig, Result};
 use memstore_index::{Hnsw, HnswOptions};
-use memstore_sqlite::{SqliteOptions, SqliteStore};
+use memstore_sqlite::{IndexOptions, SqliteOptions, SqliteStore};
 
 struct HnswHarness {
     dir: tempfile::TempDir,
@@ -33,7 +33,7 @@ impl Harness for HnswHarness {
 
     async fn open(&self, config: MemoryConfig) -> Result<SqliteStore> {
         let options = SqliteOptions {
-            ann: Some(Arc::new(Hnsw::new(HnswOptions::default()))),
+            index: IndexOptions::default().with_ann(Arc::new(Hnsw::new(HnswOptions::default()))),
             ..SqliteOptions::default()
         };
         SqliteStore::open_with(self.dir.path().join("store.db"), config, options).await

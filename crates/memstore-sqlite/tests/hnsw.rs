@@ -7,17 +7,17 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use memstore_api::ann::AnnOpened;
 use memstore_api::testkit::util::{Rng, ins, ins_tagged, tags, v};
 use memstore_api::{MemoryConfig, MemoryId, MemoryStore, TagFilter};
+use memstore_engine::ann::AnnOpened;
 use memstore_index::{Hnsw, HnswOptions};
-use memstore_sqlite::{SqliteOptions, SqliteStore};
+use memstore_sqlite::{IndexOptions, SqliteOptions, SqliteStore};
 
 const D: usize = 16;
 
 fn hnsw() -> SqliteOptions {
     SqliteOptions {
-        ann: Some(Arc::new(Hnsw::new(HnswOptions::default()))),
+        index: IndexOptions::default().with_ann(Arc::new(Hnsw::new(HnswOptions::default()))),
         ..SqliteOptions::default()
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use memstore_api::testkit::util::{Rng, backup_and_close, copy_earlier_rows, copy_stored_rows, dump, ins, v};
 use memstore_api::{Batch, Error, MemoryConfig, MemoryStore, Metric, Vectors};
-use memstore_sqlite::{SqliteError, SqliteStore};
+use memstore_sqlite::{FileError, SqliteStore};
 use sqlx::Row;
 
 /// sqlite-vec's `vec0` kNN on the mirror.
@@ -21,7 +21,7 @@ async fn sql_knn(store: &SqliteStore, statement: &'static str, q: &[f32], k: i64
     sqlx::query(statement)
         .bind(blob)
         .bind(k)
-        .fetch_all(store.pool())
+        .fetch_all(store.driver().pool())
         .await
         .expect("SQL kNN")
         .into_iter()
@@ -52,7 +52,7 @@ async fn sql_knn_agrees_with_store_search() {
         let s = SqliteStore::open(&path, MemoryConfig::new(16, 2).with_metric(metric))
             .await
             .unwrap();
-        assert!(s.has_sql_knn());
+        assert!(s.driver().has_sql_knn());
         let mut rng = Rng::new(11);
         ins(&s, &rng.vecs(500, 16), &vec![0.0; 1000], 1).await;
         agrees_with_search(&s, &mut rng, VEC0_KNN, metric).await;
@@ -77,9 +77,9 @@ async fn sql_knn_by_scan_without_the_mirror() {
         let s = SqliteStore::open_with(&path, MemoryConfig::new(16, 2).with_metric(metric), options)
             .await
             .unwrap();
-        assert!(!s.has_sql_knn());
+        assert!(!s.driver().has_sql_knn());
         let mirror: i64 = sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE name = 'memory_keys'")
-            .fetch_one(s.pool())
+            .fetch_one(s.driver().pool())
             .await
             .unwrap();
         assert_eq!(mirror, 0, "no vec0 table without the mirror");
@@ -104,7 +104,7 @@ async fn sql_knn_follows_deletes_merges_and_evictions() {
     let st = s.stats().await.unwrap();
     assert!(st.counters.merged > 0 && st.counters.evicted > 0, "{st:?}");
     let vec_ids: BTreeSet<u64> = sqlx::query("SELECT rowid FROM memory_keys")
-        .fetch_all(s.pool())
+        .fetch_all(s.driver().pool())
         .await
         .unwrap()
         .into_iter()
@@ -141,7 +141,7 @@ async fn corrupt_key_blob_is_detected_on_open() {
     let s = SqliteStore::open(&path, MemoryConfig::new(4, 2)).await.unwrap();
     ins(&s, &[1.0; 8], &[0.0; 4], 1).await;
     sqlx::query("UPDATE memories SET key = x'0000' WHERE id = 2")
-        .execute(s.pool())
+        .execute(s.driver().pool())
         .await
         .unwrap();
     s.close().await.unwrap();
@@ -159,7 +159,7 @@ async fn open_existing_uses_the_stored_config_and_never_creates() {
     match SqliteStore::open_existing(&path).await {
         Err(Error::Storage(e)) => {
             assert!(
-                matches!(e.downcast_ref::<SqliteError>(), Some(SqliteError::NotFound(_))),
+                matches!(e.downcast_ref::<FileError>(), Some(FileError::NotFound(_))),
                 "{e}"
             )
         }
@@ -257,7 +257,7 @@ async fn a_second_open_of_the_same_file_is_refused_until_the_first_closes() {
     match SqliteStore::open(&path, MemoryConfig::new(2, 2)).await {
         Err(Error::Storage(e)) => {
             assert!(
-                matches!(e.downcast_ref::<SqliteError>(), Some(SqliteError::Locked(_))),
+                matches!(e.downcast_ref::<FileError>(), Some(FileError::Locked(_))),
                 "{e}"
             )
         }

@@ -138,7 +138,7 @@ pub fn on_cpu(device: &Device) -> bool {
 }
 
 /// The CPU backend's exact top-k: memstore's blocked-SGEMM search
-/// ([`memstore_api::gemm::topk`]) on the host data, partition by partition,
+/// ([`memstore_engine::gemm::topk`]) on the host data, partition by partition,
 /// which never materialises the whole distance matrix (the tensor path's
 /// matrix + `topk` sorts whole rows: 6× slower at 4096 × 4096,
 /// benches/tier.rs). Padding slots (fewer valid keys than `k`) point at the
@@ -156,7 +156,7 @@ fn host_topk(
     let n = keys.dims()[0];
     let (q, keys) = (host_f32(queries)?, host_f32(keys)?);
     if parts == 1 {
-        let (dist, idx) = memstore_api::gemm::topk(metric, &q, &keys, d, k, valid)?;
+        let (dist, idx) = memstore_engine::gemm::topk(metric, &q, &keys, d, k, valid)?;
         let idx = idx
             .into_iter()
             .map(|i| if i == u32::MAX { 0 } else { i as i64 })
@@ -177,7 +177,7 @@ fn host_topk(
         }
         let kp = &keys[p * per * d..(p + 1) * per * d];
         let vp = valid.map(|v| &v[p * per..(p + 1) * per]);
-        let (dp, ip) = memstore_api::gemm::topk(metric, &qp, kp, d, k, vp)?;
+        let (dp, ip) = memstore_engine::gemm::topk(metric, &qp, kp, d, k, vp)?;
         for r in 0..rows {
             let i = r * parts + p;
             dist[i * k..(i + 1) * k].copy_from_slice(&dp[r * k..(r + 1) * k]);

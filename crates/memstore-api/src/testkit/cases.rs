@@ -427,8 +427,8 @@ pub async fn search_large_batch_with_ties_and_filters<H: Harness>(make: Make<'_,
 }
 
 /// Large batches see every change since the previous search: the batched
-/// path may keep derived data about the keys (the 8-bit quantisation of
-/// [`crate::gemm::KeyCache`]), which must never answer for keys that
+/// path may keep derived data about the keys (the 8-bit quantisation that
+/// memstore-engine's `KeyCache` keeps), which must never answer for keys that
 /// changed. Searches, deletes the nearest answers, inserts copies of some
 /// queries, and searches again, each answer against the reference.
 pub async fn search_large_batch_sees_changes<H: Harness>(make: Make<'_, H>) {

@@ -18,12 +18,12 @@ use std::process::ExitCode;
 use clap::{Parser, ValueEnum};
 use std::sync::Arc;
 
-use memstore_api::ann::AnnBuilder;
 use memstore_api::{EvictionPolicy, MemoryConfig, Metric};
+use memstore_engine::ann::AnnBuilder;
 use memstore_index::{Hnsw, HnswOptions};
 use memstore_ipc::server;
 use memstore_ipc::{Server, ServerOptions, SqliteOpener, StoreOpener, TOKEN_ENV};
-use memstore_sqlite::{SqliteOptions, SqliteSynchronous};
+use memstore_sqlite::{IndexOptions, SqliteOptions, SqliteSynchronous};
 use tracing::{error, info};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -230,8 +230,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                         SyncArg::Full => SqliteSynchronous::Full,
                         SyncArg::Normal => SqliteSynchronous::Normal,
                     },
-                    ann,
-                    resident_values: !args.values_on_disk,
+                    index: IndexOptions {
+                        ann,
+                        resident_values: !args.values_on_disk,
+                    },
                     ..SqliteOptions::default()
                 },
             };
@@ -242,8 +244,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let opener = memstore_ipc::DuckdbOpener {
                 path: db,
                 options: memstore_duckdb::DuckdbOptions {
-                    ann,
-                    resident_values: !args.values_on_disk,
+                    index: IndexOptions {
+                        ann,
+                        resident_values: !args.values_on_disk,
+                    },
                 },
             };
             serve(server(opener, options, &args)?, &args, config, token, mode).await

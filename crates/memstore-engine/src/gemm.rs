@@ -21,7 +21,7 @@ use std::collections::BinaryHeap;
 
 use rayon::prelude::*;
 
-use crate::{Error, Metric, Result, math};
+use memstore_api::{Error, Metric, Result, math};
 
 /// Queries per SGEMM block.
 const QBLOCK: usize = 256;

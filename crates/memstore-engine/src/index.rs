@@ -30,8 +30,8 @@ use std::sync::{Arc, OnceLock};
 use rayon::prelude::*;
 
 use crate::ann::{AnnBuilder, AnnFilter, AnnIndex, AnnOpened, AnnStatus};
-use crate::math::{self, MergeSource};
-use crate::{
+use memstore_api::math::{self, MergeSource};
+use memstore_api::{
     Batch, ChangeBatch, Counters, Error, Memory, MemoryConfig, MemoryId, Metric, Neighbors, Result, Stats, TagFilter,
     Tick, Vectors,
 };
@@ -797,7 +797,7 @@ impl MemoryIndex {
         Ok(self.missing_values(batch.update_ids.iter().copied()))
     }
 
-    /// Plans a change batch (see [`crate::MemoryStore::apply`]) given the
+    /// Plans a change batch (see [`memstore_api::MemoryStore::apply`]) given the
     /// current values of its updated ids.
     pub fn plan_apply(&self, batch: &ChangeBatch, current: &HashMap<MemoryId, Vec<f32>>) -> Result<Changes> {
         self.check_apply(batch)?;
@@ -857,7 +857,7 @@ impl MemoryIndex {
         ov.finish_without_values()
     }
 
-    /// Plans `learn` (see [`crate::MemoryStore::learn`]). The plan names the
+    /// Plans `learn` (see [`memstore_api::MemoryStore::learn`]). The plan names the
     /// stored values it needs; [`LearnPlan::finish`] takes them.
     pub fn plan_learn<'b>(&'b self, batch: Batch<'b>, tick: Tick, k: usize) -> Result<LearnPlan<'b>> {
         self.plan_learn_with(batch, tick, k, true)

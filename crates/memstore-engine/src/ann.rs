@@ -5,7 +5,7 @@
 //! default and the correctness reference. For larger stores a backend can be
 //! opened with an [`AnnBuilder`] (memstore-index's HNSW graph over usearch is
 //! one): the index then asks the graph for candidates, re-ranks them by the
-//! exact distance of [`crate::math::distance`] (so reported distances, and the
+//! exact distance of [`memstore_api::math::distance`] (so reported distances, and the
 //! thresholds of `learn`, are the same as in exact mode), and falls back to
 //! the exact scan for any query that the graph answers with fewer than
 //! `min(k, matching rows)` results (a selective tag filter, a sparse graph),
@@ -19,7 +19,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::{MemoryId, Metric, Result};
+use memstore_api::{MemoryId, Metric, Result};
 
 /// A predicate on ids that restricts an approximate search.
 pub type AnnFilter<'a> = &'a (dyn Fn(MemoryId) -> bool + Sync);

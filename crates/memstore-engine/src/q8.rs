@@ -31,7 +31,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::{Metric, math};
+use memstore_api::{Metric, math};
 
 /// Keys per panel: one 512-bit register of 32-bit sums.
 const LANES: usize = 16;

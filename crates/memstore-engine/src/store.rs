@@ -1,0 +1,417 @@
+//! The store core: [`SqlStore`] runs every operation of
+//! [`MemoryStore`] for a [`Driver`].
+//!
+//! Every write follows one protocol. Under the writer's lock (one writer at
+//! a time), the core plans the operation against the index (pure: nothing
+//! changes), reading any values the plan needs through the driver; the
+//! driver writes the planned [`Changes`] in one transaction and returns it
+//! uncommitted ([`Driver::write`]); the core takes the index's write lock,
+//! the driver commits ([`Driver::commit`]), and the core applies the changes
+//! to the index before releasing the lock. Searches hold the index's read
+//! lock, so none sees rows committed and the index not yet changed, and a
+//! write that fails before its commit leaves both the database and the
+//! index as they were. Reads of values (when the index does not keep them)
+//! go to the driver with ids the index vouches for; a missing row is
+//! reported as corruption.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use memstore_api::{
+    Batch, ChangeBatch, DurableStore, Error, Memory, MemoryConfig, MemoryId, MemoryStore, Neighbors, Result, Stats,
+    TagFilter, Tick, Vectors,
+};
+use tokio::sync::{Mutex, RwLock};
+
+use crate::ann::{AnnBuilder, AnnStatus};
+use crate::index::{Changes, MemoryIndex};
+
+/// Runs CPU-heavy or blocking work without stalling the async runtime's
+/// other tasks (on a multi-threaded runtime the worker hands its tasks to
+/// another thread first; elsewhere the work runs in place).
+pub fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// The options of the index that the core keeps for every driver; each
+/// driver's options hold one ([`Driver::Options`]).
+#[derive(Clone, Debug)]
+pub struct IndexOptions {
+    /// The index kind: `None` (default) searches exactly; an approximate
+    /// structure (e.g. memstore-index's `Hnsw`) is kept in step with the rows
+    /// and saved where the driver says ([`Driver::ann_path`]; beside the
+    /// database file as `<path>.<extension>` for the file backends), see
+    /// [`crate::ann`].
+    pub ann: Option<Arc<dyn AnnBuilder>>,
+    /// Keep every value in memory beside its key (on by default): searches,
+    /// `get` and `learn` then read no values from the database. Costs
+    /// `value_dim × 4` bytes of memory per memory, and reading the values
+    /// on open.
+    pub resident_values: bool,
+}
+
+impl Default for IndexOptions {
+    fn default() -> Self {
+        IndexOptions {
+            ann: None,
+            resident_values: true,
+        }
+    }
+}
+
+impl IndexOptions {
+    /// Searches with the approximate structure `builder` makes.
+    pub fn with_ann(mut self, builder: Arc<dyn AnnBuilder>) -> Self {
+        self.ann = Some(builder);
+        self
+    }
+
+    /// Sets whether values stay in memory beside the keys.
+    pub fn with_resident_values(mut self, resident: bool) -> Self {
+        self.resident_values = resident;
+        self
+    }
+}
+
+impl AsRef<IndexOptions> for IndexOptions {
+    fn as_ref(&self) -> &IndexOptions {
+        self
+    }
+}
+
+/// What a driver's [`Driver::open`] hands to the core.
+pub struct Opened<D: Driver> {
+    /// The driver, connected.
+    pub driver: D,
+    /// The writer's state (see [`Driver::Writer`]).
+    pub writer: D::Writer,
+    /// The configuration in force (the stored one, reconciled with the
+    /// caller's: see [`crate::driver::resolve_config`]).
+    pub config: MemoryConfig,
+    /// The index loaded from the committed rows (with values when
+    /// [`IndexOptions::resident_values`] asked for them).
+    pub index: MemoryIndex,
+}
+
+/// What a database must do for the core to run a memory store on it.
+///
+/// Every method that writes gets the writer's state, which the core holds
+/// under its writer lock: calls that write never overlap. `fetch_values` may
+/// run beside a write and must see only committed rows.
+#[async_trait]
+pub trait Driver: Sized + Send + Sync + 'static {
+    /// Backend options, the index's among them.
+    type Options: AsRef<IndexOptions> + Clone + Default + Send + Sync + 'static;
+    /// Where a store lives: a file path, a URL.
+    type Location: Send + 'static;
+    /// State only the writer touches (a connection, the map of tag names to
+    /// their row ids).
+    type Writer: Send + 'static;
+    /// A transaction written and not yet committed. Dropping it must roll the
+    /// transaction back, or the next [`Driver::write`] must.
+    type Pending: Send + 'static;
+
+    /// Opens the store at `at`. With `config`, creates it if it does not
+    /// exist, and otherwise reconciles the stored configuration with it
+    /// ([`crate::driver::resolve_config`]); without, opens an existing store
+    /// with its stored configuration. Loads the index from the committed rows.
+    async fn open(at: Self::Location, config: Option<MemoryConfig>, options: Self::Options) -> Result<Opened<Self>>;
+
+    /// Where the approximate index built by `builder` is saved and loaded
+    /// from, if the store has a place for it (none by default).
+    fn ann_path(&self, _builder: &dyn AnnBuilder) -> Option<PathBuf> {
+        None
+    }
+
+    /// The committed values of `ids` (ascending, distinct). An id without a
+    /// row is left out of the answer (the core reports it).
+    async fn fetch_values(&self, ids: &[MemoryId]) -> Result<HashMap<MemoryId, Vec<f32>>>;
+
+    /// Writes `changes` in one transaction and returns it uncommitted. On
+    /// error nothing is written.
+    async fn write(&self, writer: &mut Self::Writer, changes: &Changes) -> Result<Self::Pending>;
+
+    /// Commits a transaction from [`Driver::write`]. On error nothing is
+    /// written.
+    async fn commit(&self, writer: &mut Self::Writer, pending: Self::Pending) -> Result<()>;
+
+    /// Makes everything committed durable on the medium (a WAL checkpoint).
+    async fn checkpoint(&self, writer: &mut Self::Writer) -> Result<()>;
+
+    /// Writes a consistent copy of the committed store to `dest`, which the
+    /// core has checked does not exist.
+    async fn backup_to(&self, writer: &mut Self::Writer, dest: &Path) -> Result<()>;
+
+    /// Closes the connections with every committed write in the store's files.
+    async fn close(self, writer: Self::Writer) -> Result<()>;
+}
+
+/// A memory store on a SQL database: the core's state and a [`Driver`].
+///
+/// The database is the truth; the index is derived from it on open and kept
+/// in step after every commit (module docs).
+pub struct SqlStore<D: Driver> {
+    driver: D,
+    config: MemoryConfig,
+    index: RwLock<MemoryIndex>,
+    /// Where the approximate index is saved (`None` in exact mode).
+    ann_file: Option<PathBuf>,
+    writer: Mutex<D::Writer>,
+}
+
+impl<D: Driver> SqlStore<D> {
+    /// Opens the store at `at`, creating it with `config` if it does not
+    /// exist. An existing store must have the same dimensions and metric;
+    /// its tunable fields (capacity, thresholds, λ) are updated to `config`.
+    pub async fn open(at: impl Into<D::Location>, config: MemoryConfig) -> Result<Self> {
+        Self::open_with(at, config, D::Options::default()).await
+    }
+
+    /// [`SqlStore::open`] with backend options.
+    pub async fn open_with(at: impl Into<D::Location>, config: MemoryConfig, options: D::Options) -> Result<Self> {
+        config.validate()?;
+        Self::open_inner(at.into(), Some(config), options).await
+    }
+
+    /// Opens an existing store with the configuration persisted in it.
+    pub async fn open_existing(at: impl Into<D::Location>) -> Result<Self> {
+        Self::open_existing_with(at, D::Options::default()).await
+    }
+
+    /// [`SqlStore::open_existing`] with backend options.
+    pub async fn open_existing_with(at: impl Into<D::Location>, options: D::Options) -> Result<Self> {
+        Self::open_inner(at.into(), None, options).await
+    }
+
+    async fn open_inner(at: D::Location, config: Option<MemoryConfig>, options: D::Options) -> Result<Self> {
+        let ann = options.as_ref().ann.clone();
+        let Opened {
+            driver,
+            writer,
+            config,
+            mut index,
+        } = D::open(at, config, options).await?;
+        let ann_file = match ann {
+            Some(builder) => {
+                let file = driver.ann_path(builder.as_ref());
+                if let Err(e) = blocking(|| index.attach_ann(builder, file.as_deref())) {
+                    let _ = driver.close(writer).await;
+                    return Err(e);
+                }
+                file
+            }
+            None => None,
+        };
+        Ok(SqlStore {
+            driver,
+            config,
+            index: RwLock::new(index),
+            ann_file,
+            writer: Mutex::new(writer),
+        })
+    }
+
+    /// The driver, for what is specific to the database (its path or
+    /// connection pool, ad-hoc read-only SQL).
+    pub fn driver(&self) -> &D {
+        &self.driver
+    }
+
+    /// Writes a consistent copy of the committed store to `dest`, which must
+    /// not exist: how a training checkpoint is taken; the copy opens as a
+    /// store of its own.
+    pub async fn backup_to(&self, dest: impl AsRef<Path>) -> Result<()> {
+        let dest = dest.as_ref();
+        if dest.exists() {
+            return Err(Error::storage(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} already exists", dest.display()),
+            )));
+        }
+        let mut w = self.writer.lock().await;
+        self.driver.backup_to(&mut w, dest).await
+    }
+
+    /// Closes the store: saves the approximate index (if any; a save that
+    /// fails leaves the old file, which the next open finds stale and
+    /// rebuilds from the rows), then closes the driver with every committed
+    /// write in the store's files. An error is the driver's (a checkpoint):
+    /// committed writes are durable already.
+    pub async fn close(self) -> Result<()> {
+        let _ = self.save_index().await;
+        let writer = self.writer.into_inner();
+        self.driver.close(writer).await
+    }
+
+    /// Saves the approximate index with the fingerprint of the committed
+    /// rows, so that the next open loads it instead of rebuilding. Nothing
+    /// to do in exact mode.
+    pub async fn save_index(&self) -> Result<()> {
+        let Some(file) = &self.ann_file else { return Ok(()) };
+        let _w = self.writer.lock().await;
+        let index = self.index.read().await;
+        blocking(|| index.save_ann(file))
+    }
+
+    /// What the approximate index is doing (`None` in exact mode).
+    pub async fn ann_status(&self) -> Option<AnnStatus> {
+        self.index.read().await.ann_status()
+    }
+
+    /// Values of `ids` (deduplicated), read from the committed state.
+    async fn fetch_values(&self, ids: impl IntoIterator<Item = MemoryId>) -> Result<HashMap<MemoryId, Vec<f32>>> {
+        let ids: Vec<MemoryId> = ids.into_iter().collect::<BTreeSet<_>>().into_iter().collect();
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let out = self.driver.fetch_values(&ids).await?;
+        if let Some(missing) = ids.iter().find(|id| !out.contains_key(id)) {
+            return Err(Error::Corrupt(format!("memory {missing} is indexed but has no row")));
+        }
+        Ok(out)
+    }
+
+    /// Writes `changes` in one transaction, then commits it and applies the
+    /// changes to the index under the index's write lock, taken before the
+    /// commit (module docs).
+    async fn commit(&self, writer: &mut D::Writer, changes: &Changes) -> Result<()> {
+        let pending = self.driver.write(writer, changes).await?;
+        let mut index = self.index.write().await;
+        self.driver.commit(writer, pending).await?;
+        index.apply(changes)
+    }
+}
+
+#[async_trait]
+impl<D: Driver> DurableStore for SqlStore<D> {
+    async fn backup_to(&self, dest: &Path) -> Result<()> {
+        SqlStore::backup_to(self, dest).await
+    }
+
+    async fn close(self) -> Result<()> {
+        SqlStore::close(self).await
+    }
+}
+
+#[async_trait]
+impl<D: Driver> MemoryStore for SqlStore<D> {
+    fn config(&self) -> &MemoryConfig {
+        &self.config
+    }
+
+    async fn search(&self, queries: Vectors<'_>, k: usize, filter: Option<&TagFilter>) -> Result<Neighbors> {
+        self.config.check_search(&queries, k)?;
+        let index = self.index.read().await;
+        let rows = blocking(|| index.search(queries, k, filter));
+        let values = self
+            .fetch_values(index.missing_values(rows.iter().flatten().map(|(_, id)| *id)))
+            .await?;
+        index.assemble(&rows, k, &values)
+    }
+
+    async fn insert(&self, batch: Batch<'_>, tick: Tick) -> Result<Vec<MemoryId>> {
+        let mut w = self.writer.lock().await;
+        let (changes, ids) = {
+            let index = self.index.read().await;
+            let first = index.next_id();
+            let changes = blocking(|| index.plan_insert(&batch, tick))?;
+            (changes, (first..first + batch.len() as u64).collect())
+        };
+        self.commit(&mut w, &changes).await?;
+        Ok(ids)
+    }
+
+    async fn get(&self, ids: &[MemoryId]) -> Result<Vec<Memory>> {
+        let index = self.index.read().await;
+        index.check_ids(ids)?;
+        let values = self.fetch_values(index.missing_values(ids.iter().copied())).await?;
+        index.memories(ids, &values)
+    }
+
+    async fn delete(&self, ids: &[MemoryId]) -> Result<usize> {
+        let mut w = self.writer.lock().await;
+        let changes = self.index.read().await.plan_delete(ids)?;
+        self.commit(&mut w, &changes).await?;
+        Ok(changes.removed.len())
+    }
+
+    async fn update_values(&self, ids: &[MemoryId], deltas: Vectors<'_>) -> Result<()> {
+        let mut w = self.writer.lock().await;
+        let changes = {
+            let index = self.index.read().await;
+            index.check_update_values(ids, deltas)?;
+            let current = self.fetch_values(index.missing_values(ids.iter().copied())).await?;
+            index.plan_update_values(ids, deltas, &current)?
+        };
+        self.commit(&mut w, &changes).await
+    }
+
+    async fn touch(&self, ids: &[MemoryId], tick: Tick) -> Result<()> {
+        let mut w = self.writer.lock().await;
+        let changes = self.index.read().await.plan_touch(ids, tick)?;
+        self.commit(&mut w, &changes).await
+    }
+
+    async fn learn(&self, batch: Batch<'_>, tick: Tick, k: usize) -> Result<Neighbors> {
+        let mut w = self.writer.lock().await;
+        let stored;
+        let (changes, pending) = {
+            let index = self.index.read().await;
+            let plan = blocking(|| index.plan_learn(batch, tick, k))?;
+            stored = self.fetch_values(plan.needed_values()).await?;
+            plan.split(&stored)?
+        };
+        // The output (16 MB at 4096 rows of 64-d keys and values) is
+        // allocated and touched while the database writes and syncs, and
+        // filled after the commit.
+        let (written, out) = pending.allocate_while(self.commit(&mut w, &changes)).await;
+        written?;
+        let index = self.index.read().await;
+        blocking(|| pending.fill(&index, out))
+    }
+
+    async fn evict(&self, target_len: usize) -> Result<usize> {
+        let mut w = self.writer.lock().await;
+        let changes = self.index.read().await.plan_evict(target_len)?;
+        if changes.is_empty() {
+            return Ok(0);
+        }
+        self.commit(&mut w, &changes).await?;
+        Ok(changes.removed.len())
+    }
+
+    async fn apply(&self, batch: &ChangeBatch) -> Result<()> {
+        let mut w = self.writer.lock().await;
+        let changes = {
+            let index = self.index.read().await;
+            let needed = index.check_apply(batch)?;
+            let current = self.fetch_values(needed).await?;
+            blocking(|| index.plan_apply(batch, &current))?
+        };
+        self.commit(&mut w, &changes).await
+    }
+
+    async fn ids(&self) -> Result<Vec<MemoryId>> {
+        let mut ids = self.index.read().await.ids().to_vec();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    async fn len(&self) -> Result<usize> {
+        Ok(self.index.read().await.len())
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        Ok(self.index.read().await.stats())
+    }
+
+    async fn flush(&self) -> Result<()> {
+        let mut w = self.writer.lock().await;
+        self.driver.checkpoint(&mut w).await
+    }
+}
