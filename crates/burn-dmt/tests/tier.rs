@@ -238,13 +238,57 @@ fn journal_records_round_trip_and_damage_is_reported() {
         j.append(&b).unwrap();
         j.append(&b).unwrap();
     }
-    let mut raw = std::fs::read(&path).unwrap();
-    raw[8 + 8 + 3] ^= 0xFF; // inside the first record's payload
-    std::fs::write(&path, &raw).unwrap();
-    assert!(
-        Journal::open(&path).is_err(),
-        "a damaged record before the last is corruption"
-    );
+    let intact = std::fs::read(&path).unwrap();
+    let first_len = 12 + encode(&b).len();
+    // A damaged payload, length or header checksum of the first record, with
+    // a valid record after it, is corruption: reported, and the file is
+    // left as it was (a durable batch is never cut off).
+    for (at, what) in [(8 + 12 + 3, "payload"), (8 + 1, "length"), (8 + 9, "header checksum")] {
+        let mut raw = intact.clone();
+        raw[at] ^= 0xFF;
+        std::fs::write(&path, &raw).unwrap();
+        let err = Journal::open(&path).err().map(|e| e.to_string());
+        assert!(
+            err.as_deref().is_some_and(|e| e.contains("damaged record at byte 8")),
+            "damaged {what}: {err:?}"
+        );
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            raw,
+            "damaged {what}: the file is unchanged"
+        );
+    }
+    // A torn tail is cut off: a record cut short (header or payload), a tail
+    // of zero bytes (a size extended before the data reached the disk), and
+    // a torn record followed by zeros.
+    let torn_cases: [(&str, Vec<u8>); 4] = [
+        ("cut in the header", intact[..8 + first_len + 5].to_vec()),
+        ("cut in the payload", intact[..intact.len() - 3].to_vec()),
+        ("zero tail", [intact.clone(), vec![0; 64]].concat()),
+        (
+            "torn then zeros",
+            [intact[..8 + first_len + 20].to_vec(), vec![0; 4096]].concat(),
+        ),
+    ];
+    for (what, raw) in torn_cases {
+        std::fs::write(&path, &raw).unwrap();
+        let whole = raw.starts_with(&intact);
+        let (mut j, got) = Journal::open(&path).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(got.len(), if whole { 2 } else { 1 }, "{what}");
+        let kept = if whole { intact.len() } else { 8 + first_len };
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            intact[..kept].to_vec(),
+            "{what}: cut at the last good record"
+        );
+        j.append(&b).unwrap();
+        drop(j);
+        assert_eq!(
+            Journal::open(&path).unwrap().1.len(),
+            got.len() + 1,
+            "{what}: appends after the cut"
+        );
+    }
     std::fs::write(dir.path().join("other"), b"not a journal").unwrap();
     assert!(Journal::open(dir.path().join("other")).is_err());
 
@@ -270,9 +314,9 @@ fn journal_records_round_trip_and_damage_is_reported() {
     bytes[at + 16] = 0;
     assert_eq!(decode(&bytes), None);
 
-    // Journals of format 2 (accesses one by one, no tags), 3 (no tags) and
-    // 4 (no value assignments or tag counts) are read and rewritten in the
-    // current format.
+    // Journals of format 2 (accesses one by one, no tags), 3 (no tags), 4
+    // (no value assignments or tag counts) and 5 (no header checksums) are
+    // read and rewritten in the current format.
     let mut b = b;
     b.insert_tags.clear();
     b.assign_ids.clear();
@@ -313,6 +357,7 @@ fn journal_records_round_trip_and_damage_is_reported() {
         ("v2", b"DMTJRNL2", [v2(&b), v2(&c)]),
         ("v3", b"DMTJRNL3", [v3(&b), v3(&c)]),
         ("v4", b"DMTJRNL4", [v4(&b), v4(&c)]),
+        ("v5", b"DMTJRNL5", [encode(&b), encode(&c)]),
     ] {
         let path = dir.path().join(name);
         let [x, y] = old.map(record);
@@ -324,7 +369,7 @@ fn journal_records_round_trip_and_damage_is_reported() {
         d.insert_tags = vec![vec!["head:0".into()]];
         j.append(&d).unwrap();
         drop(j);
-        assert_eq!(&std::fs::read(&path).unwrap()[..8], b"DMTJRNL5");
+        assert_eq!(&std::fs::read(&path).unwrap()[..8], b"DMTJRNL6");
         assert_eq!(Journal::open(&path).unwrap().1, vec![b.clone(), c.clone(), d], "{name}");
     }
 }

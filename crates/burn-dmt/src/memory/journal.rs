@@ -2,8 +2,9 @@
 //!
 //! The training loop must not wait for the database, and a crash must not
 //! lose what the model learnt. Each [`ChangeBatch`] a tier produces is first
-//! appended to a journal file (length, CRC-32 and payload per record, then
-//! `fsync`) and then applied to the store by a background thread, in order.
+//! appended to a journal file (per record: length, CRC-32 of the payload,
+//! CRC-32 of those two fields, payload; then `fsync`) and then applied to the
+//! store by a background thread, in order.
 //! The store records each batch's sequence number in the same transaction as
 //! its changes ([`MemoryStore::apply`]), so replaying the journal after a
 //! crash of the writer — at any point, even between the commit and the
@@ -11,6 +12,15 @@
 //! and ends in the same state as an uninterrupted run. This is the classic
 //! write-ahead log (ARIES-style redo with a persisted LSN), with the store's
 //! transactions as the pages.
+//!
+//! On open, a record that fails its checks is a torn tail (a crash during
+//! its append) only when no valid record follows it: the file is cut there.
+//! Damage followed by a valid record (a flipped bit in a length or payload
+//! of a record that was made durable) is reported as corruption and the file
+//! is left as it is, so no durable batch is ever dropped silently. The
+//! header's own checksum is what lets a damaged length be told from a torn
+//! one, and a tail of zero bytes (a size extended before the data reached the
+//! disk) from a record.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -24,15 +34,22 @@ use memstore_api::{ChangeBatch, InsertMeta, MemoryStore};
 use crate::{DmtError, Result};
 
 /// First bytes of a journal file.
-const MAGIC: &[u8; 8] = b"DMTJRNL5";
+const MAGIC: &[u8; 8] = b"DMTJRNL6";
 
 /// Format of the journal [`MAGIC`] starts.
-const FORMAT: u8 = 5;
+const FORMAT: u8 = 6;
 
 /// First bytes of the journals of earlier formats, read and rewritten in the
 /// current format on open: 2 lists accesses one by one, 3 has no insert tags,
-/// 4 no value assignments or tag counts.
-const OLDER: [(&[u8; 8], u8); 3] = [(b"DMTJRNL2", 2), (b"DMTJRNL3", 3), (b"DMTJRNL4", 4)];
+/// 4 no value assignments or tag counts, and every format up to 5 has
+/// records without a header checksum.
+const OLDER: [(&[u8; 8], u8); 4] = [(b"DMTJRNL2", 2), (b"DMTJRNL3", 3), (b"DMTJRNL4", 4), (b"DMTJRNL5", 5)];
+
+/// Bytes before a record's payload: length and payload CRC-32, and from
+/// format 6 the CRC-32 of those eight bytes.
+fn header_len(format: u8) -> usize {
+    if format >= 6 { 12 } else { 8 }
+}
 
 /// CRC-32 (IEEE 802.3, reflected, as zlib's) of `bytes`. Table-free bitwise
 /// CRC cost ~10 ms per MB here, and a GPU-sized step journals megabytes per
@@ -216,16 +233,67 @@ fn decode_format(payload: &[u8], format: u8) -> Option<ChangeBatch> {
     r.0.is_empty().then_some(b)
 }
 
-/// A journal record: payload length, CRC-32 of the payload, payload.
+/// A journal record: payload length, CRC-32 of the payload, CRC-32 of the
+/// two fields before it, payload.
 fn record(batch: &ChangeBatch) -> Result<Vec<u8>> {
     let payload = encode(batch);
     let len = u32::try_from(payload.len())
         .map_err(|_| DmtError::InvalidArgument(format!("change batch {} is over 4 GiB", batch.seq)))?;
-    let mut record = Vec::with_capacity(payload.len() + 8);
+    let mut record = Vec::with_capacity(payload.len() + header_len(FORMAT));
     record.extend_from_slice(&len.to_le_bytes());
     record.extend_from_slice(&crc32(&payload).to_le_bytes());
+    let header_crc = crc32(&record);
+    record.extend_from_slice(&header_crc.to_le_bytes());
     record.extend_from_slice(&payload);
     Ok(record)
+}
+
+/// The record at the start of `bytes` in `format`, with its length in
+/// bytes, if it passes every check (header checksum where the format has
+/// one, payload checksum, a payload that decodes).
+fn record_at(bytes: &[u8], format: u8) -> Option<(ChangeBatch, usize)> {
+    let header = header_len(format);
+    let head = bytes.get(..header)?;
+    let field = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+    if format >= 6 && crc32(&head[..8]) != field(8) {
+        return None;
+    }
+    let len = usize::try_from(field(0)).ok()?;
+    let payload = bytes.get(header..header.checked_add(len)?)?;
+    if crc32(payload) != field(4) {
+        return None;
+    }
+    decode_format(payload, format).map(|b| (b, header + len))
+}
+
+/// Where a valid record starts after `from`, if one does: what tells damage
+/// inside the journal from a torn tail. Only formats with a header checksum
+/// can be searched (a candidate costs a checksum of eight bytes); in older
+/// formats, damage that leaves more than zero bytes after a record whose
+/// length fits in the file counts as followed by one.
+fn valid_record_after(bytes: &[u8], from: usize, format: u8) -> Option<usize> {
+    if format >= 6 {
+        return (from + 1..bytes.len()).find(|&p| record_at(&bytes[p..], format).is_some());
+    }
+    let rest = &bytes[from..];
+    if rest.iter().all(|&b| b == 0) {
+        return None;
+    }
+    let header = header_len(format);
+    let len = rest
+        .get(..4)
+        .map(|h| u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize)?;
+    let end = from.checked_add(header)?.checked_add(len)?;
+    (end < bytes.len()).then_some(end)
+}
+
+/// Makes a directory entry (a file created or renamed in `dir`) durable.
+fn sync_dir(file: &Path) -> Result<()> {
+    let dir = match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
 /// An append-only file of change batches.
@@ -238,9 +306,10 @@ use crate::io_error as io;
 
 impl Journal {
     /// Opens (or creates) the journal at `path` and returns the batches it
-    /// holds. A torn last record (a crash during the append, before the batch
-    /// could reach the store) is cut off; damage before the last record is
-    /// reported as corruption.
+    /// holds. A torn tail (a crash during an append, before the batch could
+    /// reach the store: damage that no valid record follows, including a
+    /// tail of zero bytes) is cut off; damage that a valid record follows is
+    /// reported as corruption, and the file is left unchanged.
     pub fn open(path: impl AsRef<Path>) -> Result<(Journal, Vec<ChangeBatch>)> {
         let path = path.as_ref().to_path_buf();
         let err = io(&path);
@@ -271,28 +340,25 @@ impl Journal {
             file.seek(SeekFrom::Start(0)).map_err(&err)?;
             file.write_all(MAGIC).map_err(&err)?;
             file.sync_all().map_err(&err)?;
+            sync_dir(&path)?;
         } else if format == FORMAT && &bytes[..MAGIC.len()] != MAGIC {
             return Err(corrupt("not a journal file".into()));
         } else {
             let mut at = MAGIC.len();
             while at < bytes.len() {
-                let Some(head) = bytes.get(at..at + 8) else { break };
-                let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-                let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-                let Some(payload) = bytes.get(at + 8..at + 8 + len) else {
-                    break;
-                };
-                let last = at + 8 + len == bytes.len();
-                let batch = (crc32(payload) == crc)
-                    .then(|| decode_format(payload, format))
-                    .flatten();
-                match batch {
-                    Some(b) => batches.push(b),
-                    None if last => break,
-                    None => return Err(corrupt(format!("damaged record at byte {at}"))),
+                if let Some((b, n)) = record_at(&bytes[at..], format) {
+                    batches.push(b);
+                    at += n;
+                    good = at;
+                    continue;
                 }
-                at += 8 + len;
-                good = at;
+                if let Some(next) = valid_record_after(&bytes, at, format) {
+                    return Err(corrupt(format!(
+                        "damaged record at byte {at}, followed by more records (at byte {next})"
+                    )));
+                }
+                // A torn tail: cut off below.
+                break;
             }
             if format != FORMAT {
                 // Rewritten in the current format (atomically: the old file
@@ -307,6 +373,7 @@ impl Journal {
                 f.write_all(&new).map_err(io(&tmp))?;
                 f.sync_all().map_err(io(&tmp))?;
                 std::fs::rename(&tmp, &path).map_err(&err)?;
+                sync_dir(&path)?;
                 file = OpenOptions::new().read(true).write(true).open(&path).map_err(&err)?;
             } else if good < bytes.len() {
                 file.set_len(good as u64).map_err(&err)?;
