@@ -652,6 +652,8 @@ pub enum ProtocolError {
     /// A store name that is not a plain name, or a named store asked of a
     /// daemon that serves none (or the default store of one that has none).
     StoreName,
+    /// The daemon serves as many connections as it allows (`--max-connections`).
+    Busy,
 }
 
 /// An error on the wire: one variant per [`memstore_api::Error`] variant,

@@ -35,11 +35,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use memstore_api::{Batch, Memory, MemoryConfig, MemoryStore, Neighbors, Result, Stats, Tags, Vectors};
 use memstore_sqlite::{SqliteOptions, SqliteStore};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Mutex, RwLock, Semaphore, mpsc};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, RwLock, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
@@ -256,11 +256,24 @@ where
     open(path.to_path_buf()).await
 }
 
+/// The shortest shared token the daemon accepts (bytes): 16 random bytes
+/// in hex (`openssl rand -hex 16`) are 32.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// The largest frame a connection may send before its handshake is
+/// accepted: a handshake is a few hundred bytes, and a client that has not
+/// authenticated must not make the daemon reserve a full frame.
+pub const HANDSHAKE_MAX_FRAME: usize = 64 * 1024;
+
 /// Daemon settings.
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
-    /// Largest frame accepted (and sent).
+    /// Largest frame accepted (and sent) once a session is established
+    /// (before it, [`HANDSHAKE_MAX_FRAME`]).
     pub max_frame: usize,
+    /// Connections served at once, authenticated or not; one more is
+    /// refused with [`ProtocolError::Busy`] and closed.
+    pub max_connections: usize,
     /// The shared token. TCP connections must present it; Unix-socket
     /// connections are protected by the socket's mode and need none.
     pub token: Option<String>,
@@ -277,6 +290,7 @@ impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             max_frame: DEFAULT_MAX_FRAME,
+            max_connections: 256,
             token: None,
             max_in_flight: 64,
             handshake_timeout: Duration::from_secs(10),
@@ -438,6 +452,11 @@ struct Shared<O: StoreOpener> {
     default: Option<Arc<Slot<O>>>,
     named: Option<Named<O>>,
     handshakes: Mutex<()>,
+    /// The SHA-256 digest of the shared token, what a presented token's
+    /// digest is compared with.
+    token_digest: Option<[u8; 32]>,
+    /// One permit per connection being served.
+    connections: Arc<Semaphore>,
     options: ServerOptions,
     shutdown: CancellationToken,
 }
@@ -481,6 +500,8 @@ impl<O: StoreOpener> Server<O> {
                 default,
                 named,
                 handshakes: Mutex::new(()),
+                token_digest: options.token.as_deref().map(token_digest),
+                connections: Arc::new(Semaphore::new(options.max_connections.max(1))),
                 options,
                 shutdown: CancellationToken::new(),
             }),
@@ -554,6 +575,15 @@ impl<O: StoreOpener> Server<O> {
                 "TCP needs a shared token (--token-file or $MEMSTORED_TOKEN)".into(),
             ));
         }
+        if let Some(t) = &self.shared.options.token
+            && t.len() < MIN_TOKEN_LEN
+        {
+            return Err(IpcError::Setup(format!(
+                "the shared token has {} bytes, fewer than {MIN_TOKEN_LEN}: use a random one \
+                 (e.g. `openssl rand -hex 16`)",
+                t.len()
+            )));
+        }
         let tracker = TaskTracker::new();
         let mut sockets = Vec::new();
         for l in listeners {
@@ -596,7 +626,10 @@ impl<O: StoreOpener> Server<O> {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        connection(self.shared.clone(), r, w, needs_token, "stream".into()).await
+        match self.shared.connections.clone().try_acquire_owned() {
+            Ok(p) => connection(self.shared.clone(), r, w, needs_token, "stream".into(), p).await,
+            Err(_) => refuse_busy(w, "stream".into(), self.shared.options.max_connections).await,
+        }
     }
 }
 
@@ -606,15 +639,22 @@ async fn accept_loop<O: StoreOpener>(shared: Arc<Shared<O>>, listener: Listener,
             _ = shared.shutdown.cancelled() => return,
             a = accept(&listener) => a,
         };
+        let permit = shared.connections.clone().try_acquire_owned();
         match accepted {
             Ok(Accepted::Unix(s)) => {
                 let (r, w) = s.into_split();
-                tracker.spawn(connection(shared.clone(), r, w, false, "unix".into()));
+                match permit {
+                    Ok(p) => tracker.spawn(connection(shared.clone(), r, w, false, "unix".into(), p)),
+                    Err(_) => tracker.spawn(refuse_busy(w, "unix".into(), shared.options.max_connections)),
+                };
             }
             Ok(Accepted::Tcp(s, peer)) => {
                 let _ = s.set_nodelay(true);
                 let (r, w) = s.into_split();
-                tracker.spawn(connection(shared.clone(), r, w, true, peer.to_string()));
+                match permit {
+                    Ok(p) => tracker.spawn(connection(shared.clone(), r, w, true, peer.to_string(), p)),
+                    Err(_) => tracker.spawn(refuse_busy(w, peer.to_string(), shared.options.max_connections)),
+                };
             }
             Err(e) => {
                 warn!(error = %e, "accept failed");
@@ -633,6 +673,23 @@ async fn accept(l: &Listener) -> std::io::Result<Accepted> {
     match l {
         Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
         Listener::Tcp(l) => l.accept().await.map(|(s, a)| Accepted::Tcp(s, a)),
+    }
+}
+
+/// Tells a connection over the limit why it is refused, and closes it
+/// (without reading from it: the error frame is all it gets).
+async fn refuse_busy<W: AsyncWrite + Unpin>(mut w: W, peer: String, limit: usize) {
+    warn!(peer = %peer, limit, "connection limit reached: refusing a connection");
+    let e = WireError::protocol(
+        ProtocolError::Busy,
+        format!("the daemon serves {limit} connections at most (--max-connections); try again later"),
+    );
+    if let Ok(frame) = protocol::encode_frame(0, &Response::Error(e), HANDSHAKE_MAX_FRAME) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = w.write_all(&frame).await;
+            let _ = w.shutdown().await;
+        })
+        .await;
     }
 }
 
@@ -675,14 +732,25 @@ async fn send_neighbors(tx: &mpsc::Sender<Outgoing>, id: u64, n: Neighbors, max_
     }
 }
 
-async fn connection<O, R, W>(shared: Arc<Shared<O>>, r: R, mut w: W, needs_token: bool, peer: String)
-where
+/// Serves one connection: the handshake (frames up to
+/// [`HANDSHAKE_MAX_FRAME`], within the handshake timeout), then requests
+/// (frames up to the daemon's limit), each in its own task. `_permit` is
+/// the connection's place under `--max-connections`, held until it closes.
+async fn connection<O, R, W>(
+    shared: Arc<Shared<O>>,
+    r: R,
+    mut w: W,
+    needs_token: bool,
+    peer: String,
+    _permit: OwnedSemaphorePermit,
+) where
     O: StoreOpener,
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let max_frame = shared.options.max_frame;
-    let mut frames = FramedRead::new(r, protocol::codec(max_frame));
+    let handshake_frame = max_frame.min(HANDSHAKE_MAX_FRAME);
+    let mut frames = FramedRead::new(r, protocol::codec(handshake_frame));
     let (tx, mut rx) = mpsc::channel::<Outgoing>(64);
     let writer = tokio::spawn(async move {
         while let Some(out) = rx.recv().await {
@@ -723,7 +791,7 @@ where
             let _ = writer.await;
             return;
         }
-        Some(Ok(Some(Err(e)))) => Err(frame_error(&e, max_frame)),
+        Some(Ok(Some(Err(e)))) => Err(frame_error(&e, handshake_frame)),
         Some(Ok(Some(Ok(f)))) => Ok(f.freeze()),
     };
     let accepted = match first {
@@ -741,6 +809,7 @@ where
         }
     };
     let session = Session(&slot.sessions);
+    frames.decoder_mut().set_max_frame_length(max_frame);
     debug!(peer = %peer, "session started");
     send(
         &tx,
@@ -785,7 +854,14 @@ where
                 let (shared, slot, tx) = (shared.clone(), slot.clone(), tx.clone());
                 in_flight.spawn(async move {
                     let _permit = permit;
-                    handle(&shared, &slot, frame, &tx).await;
+                    // A request that panics gets an error reply, so its
+                    // caller never waits for an answer that cannot come.
+                    let run = std::panic::AssertUnwindSafe(handle(&shared, &slot, frame, &tx));
+                    if run.catch_unwind().await.is_err() {
+                        warn!(request = id, "a request panicked");
+                        let e = WireError::Storage(format!("request {id} failed inside the daemon (a panic)"));
+                        send(&tx, id, &Response::Error(e), shared.options.max_frame).await;
+                    }
                 });
             }
         }
@@ -853,8 +929,8 @@ async fn handshake<O: StoreOpener>(
         return Err(version_error(hello.version));
     }
     if needs_token {
-        let ok = match (&shared.options.token, &hello.token) {
-            (Some(want), Some(got)) => constant_time_eq(want.as_bytes(), got.as_bytes()),
+        let ok = match (&shared.token_digest, &hello.token) {
+            (Some(want), Some(got)) => constant_time_eq(want, &token_digest(got)),
             _ => false,
         };
         if !ok {
@@ -983,15 +1059,17 @@ fn version_error(v: u32) -> WireError {
     )
 }
 
-/// Compares without an early exit, so the time taken says nothing about the token.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= usize::from(x ^ y);
-    }
-    diff == 0
+/// The SHA-256 digest of a token: tokens are compared by digest, so the
+/// comparison takes the same time whatever their lengths.
+fn token_digest(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
+/// Whether two digests are equal, in time that does not depend on where
+/// they differ.
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 /// What a request produced, owned so that its reply can borrow it.
@@ -1203,6 +1281,7 @@ async fn execute<S: MemoryStore + ?Sized>(s: &S, req: Request<'_>, max_frame: us
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::Hello;
 
     #[test]
     fn goodbye_has_its_wire_number() {
@@ -1212,11 +1291,161 @@ mod tests {
         assert_ne!(protocol::peek(&f[4..]).1, Some(GOODBYE));
     }
 
+    /// A store whose `len` panics: everything else is the reference store's.
+    struct PanicStore(memstore_api::InMemoryStore);
+
+    #[async_trait]
+    impl MemoryStore for PanicStore {
+        fn config(&self) -> &MemoryConfig {
+            self.0.config()
+        }
+        async fn search(&self, q: Vectors<'_>, k: usize, f: Option<&memstore_api::TagFilter>) -> Result<Neighbors> {
+            self.0.search(q, k, f).await
+        }
+        async fn insert(&self, b: Batch<'_>, t: memstore_api::Tick) -> Result<Vec<u64>> {
+            self.0.insert(b, t).await
+        }
+        async fn get(&self, ids: &[u64]) -> Result<Vec<Memory>> {
+            self.0.get(ids).await
+        }
+        async fn delete(&self, ids: &[u64]) -> Result<usize> {
+            self.0.delete(ids).await
+        }
+        async fn update_values(&self, ids: &[u64], d: Vectors<'_>) -> Result<()> {
+            self.0.update_values(ids, d).await
+        }
+        async fn touch(&self, ids: &[u64], t: memstore_api::Tick) -> Result<()> {
+            self.0.touch(ids, t).await
+        }
+        async fn learn(&self, b: Batch<'_>, t: memstore_api::Tick, k: usize) -> Result<Neighbors> {
+            self.0.learn(b, t, k).await
+        }
+        async fn evict(&self, n: usize) -> Result<usize> {
+            self.0.evict(n).await
+        }
+        async fn apply(&self, b: &memstore_api::ChangeBatch) -> Result<()> {
+            self.0.apply(b).await
+        }
+        async fn ids(&self) -> Result<Vec<u64>> {
+            self.0.ids().await
+        }
+        async fn len(&self) -> Result<usize> {
+            panic!("a bug in the store")
+        }
+        async fn stats(&self) -> Result<Stats> {
+            self.0.stats().await
+        }
+        async fn flush(&self) -> Result<()> {
+            self.0.flush().await
+        }
+    }
+
+    #[derive(Clone)]
+    struct PanicOpener;
+
+    #[async_trait]
+    impl StoreOpener for PanicOpener {
+        type Store = PanicStore;
+        fn describe(&self) -> String {
+            "a store that panics".into()
+        }
+        async fn open(&self, config: &MemoryConfig) -> Result<PanicStore> {
+            Ok(PanicStore(memstore_api::InMemoryStore::new(config.clone())?))
+        }
+        async fn open_existing(&self) -> Result<Option<PanicStore>> {
+            Ok(None)
+        }
+        async fn close(&self, _store: PanicStore) -> Result<()> {
+            Ok(())
+        }
+        async fn backup(&self, _store: &PanicStore, _path: &Path) -> Result<()> {
+            Ok(())
+        }
+        async fn restore(&self, _from: &Path) -> Result<PanicStore> {
+            Err(memstore_api::Error::Corrupt("no restore here".into()))
+        }
+        fn named(&self, _dir: &Path, _name: &str) -> Self {
+            PanicOpener
+        }
+    }
+
+    /// What a reply frame said.
+    #[derive(Debug)]
+    enum Got {
+        Welcome,
+        Ids,
+        Error(WireError),
+        Other,
+    }
+
+    /// Reads one frame: its request id and what it said.
+    async fn reply<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> (u64, Got) {
+        use tokio::io::AsyncReadExt;
+        let mut len = [0u8; 4];
+        r.read_exact(&mut len).await.unwrap();
+        let mut payload = vec![0u8; u32::from_le_bytes(len) as usize];
+        r.read_exact(&mut payload).await.unwrap();
+        let (id, resp): (u64, Response) = protocol::decode_frame(&payload).unwrap();
+        let got = match resp {
+            Response::Welcome { .. } => Got::Welcome,
+            Response::Ids(_) => Got::Ids,
+            Response::Error(e) => Got::Error(e),
+            _ => Got::Other,
+        };
+        (id, got)
+    }
+
+    /// A request whose handler panics gets an error reply (its caller does
+    /// not wait forever), and the session goes on serving.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_request_gets_an_error_reply() {
+        let server = Arc::new(Server::new(PanicOpener, ServerOptions::default()));
+        let (client, daemon) = tokio::io::duplex(1 << 16);
+        let (dr, dw) = tokio::io::split(daemon);
+        let s = server.clone();
+        let serving = tokio::spawn(async move { s.serve_stream(dr, dw, false).await });
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let config = MemoryConfig::new(4, 2);
+        let hello = Request::Hello(Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            token: None,
+            config: Some(WireConfig::from(&config)),
+            store: None,
+        });
+        cw.write_all(&protocol::encode_frame(0, &hello, 1 << 16).unwrap())
+            .await
+            .unwrap();
+        assert!(matches!(reply(&mut cr).await, (0, Got::Welcome)));
+        cw.write_all(&protocol::encode_frame(7, &Request::Len, 1 << 16).unwrap())
+            .await
+            .unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), reply(&mut cr)).await;
+        match answer {
+            Ok((7, Got::Error(WireError::Storage(m)))) => assert!(m.contains("panic"), "{m}"),
+            Ok((id, r)) => panic!("request {id}: {r:?}"),
+            Err(_) => panic!("no reply to the request that panicked"),
+        }
+        cw.write_all(&protocol::encode_frame(8, &Request::Ids, 1 << 16).unwrap())
+            .await
+            .unwrap();
+        assert!(matches!(reply(&mut cr).await, (8, Got::Ids)));
+        drop(cw);
+        drop(cr);
+        tokio::time::timeout(Duration::from_secs(10), serving)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
     #[test]
     fn token_comparison() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-        assert!(!constant_time_eq(b"", b"x"));
+        let d = |t: &str| token_digest(t);
+        assert!(constant_time_eq(&d("secret"), &d("secret")));
+        assert!(!constant_time_eq(&d("secret"), &d("secreT")));
+        assert!(!constant_time_eq(&d("secret"), &d("secret2")));
+        assert!(!constant_time_eq(&d(""), &d("x")));
+        // SHA-256 of "abc" (FIPS 180-2's example).
+        assert_eq!(d("abc")[..4], [0xba, 0x78, 0x16, 0xbf]);
     }
 }

@@ -95,6 +95,13 @@ impl Raw {
         self.0.write_all(&f).unwrap();
     }
 
+    /// Sends a request to a daemon that may already have closed the
+    /// connection (a write error is allowed).
+    fn try_send(&mut self, id: u64, req: &Request<'_>) {
+        let f = protocol::encode_frame(id, req, usize::MAX).unwrap();
+        let _ = self.0.write_all(&f);
+    }
+
     fn send_payload(&mut self, payload: &[u8]) {
         let mut f = (payload.len() as u32).to_le_bytes().to_vec();
         f.extend_from_slice(payload);
@@ -267,6 +274,75 @@ async fn bad_frames_get_typed_errors_and_change_nothing() {
     assert!(status.success(), "{status}");
 }
 
+/// Before its handshake is accepted, a connection cannot make the daemon
+/// reserve more than a handshake's frame limit; at the connection limit, one
+/// more connection is refused with a typed error, and served again once a
+/// place is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_frames_and_connections_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("d.sock");
+    let mut extra = cfg_args().to_vec();
+    extra.extend(["--max-frame", "1048576", "--max-connections", "3"]);
+    let d = Daemon::start(&dir.path().join("s.db"), &socket, &extra);
+
+    // A header announcing a frame under the daemon's limit but over the
+    // handshake's is refused at once (not after the handshake timeout).
+    let mut r = Raw::connect(&socket);
+    let started = std::time::Instant::now();
+    let _ =
+        r.0.write_all(&((memstore_ipc::server::HANDSHAKE_MAX_FRAME as u32) + 1).to_le_bytes());
+    r.expect_error_then_close(ProtocolError::TooLarge);
+    assert!(started.elapsed() < Duration::from_secs(5), "refused at once");
+    // After the handshake, frames up to the daemon's limit are accepted.
+    let mut r = Raw::hello(&socket);
+    let big = vec![0.5f32; 100_000];
+    r.send(
+        1,
+        &Request::Insert {
+            batch: protocol::WireBatch {
+                keys: F32s::from_slice(&big[..80_000]),
+                key_dim: 4,
+                values: F32s::from_slice(&big[..40_000]),
+                value_dim: 2,
+                tags: protocol::WireTags::None,
+            },
+            tick: 1,
+        },
+    );
+    match r.recv() {
+        Reply::Ok(id, _) => assert_eq!(id, 1),
+        Reply::Err(_, e) => panic!("a 480 KB request after the handshake: {e:?}"),
+        Reply::Closed => panic!("a 480 KB request after the handshake closed the connection"),
+    }
+
+    // Three connections are served (r is one); the fourth is refused, with
+    // or without a handshake of its own.
+    let a = Raw::hello(&socket);
+    let b = Raw::connect(&socket);
+    let mut c = Raw::connect(&socket);
+    c.try_send(0, &hello(PROTOCOL_VERSION, MAGIC, None, None));
+    c.expect_error_then_close(ProtocolError::Busy);
+    drop(b);
+    // Once a place is free, a new connection is served (the daemon notices
+    // the closed one within moments).
+    let mut served = false;
+    for _ in 0..50 {
+        let mut c = Raw::connect(&socket);
+        c.try_send(0, &hello(PROTOCOL_VERSION, MAGIC, None, None));
+        if let Reply::Ok(0, kind) = c.recv() {
+            assert_eq!(kind, "Welcome");
+            served = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(served, "a freed place is served again");
+    drop((a, r));
+    let status = d.stop();
+    assert!(status.success(), "{status}");
+}
+
 /// Random bytes as frames never bring the daemon down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_frames_do_not_hurt_the_daemon() {
@@ -373,8 +449,12 @@ async fn tcp_is_loopback_and_needs_the_token() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("token"));
     let token_file = dir.path().join("token");
-    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    std::fs::write(&token_file, "s3cret\n").unwrap();
     let tf = token_file.to_str().unwrap();
+    let out = run(&["--tcp", &addr, "--token-file", tf]);
+    assert!(!out.status.success(), "a 6-byte token is refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fewer than 16"));
+    std::fs::write(&token_file, "s3cret-token-0123\n").unwrap();
     let out = run(&["--tcp", &format!("0.0.0.0:{port}"), "--token-file", tf]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
@@ -387,12 +467,17 @@ async fn tcp_is_loopback_and_needs_the_token() {
         token: t.map(String::from),
         ..ClientOptions::default()
     };
-    for t in [None, Some("wrong"), Some("s3cret-token2")] {
+    for t in [
+        None,
+        Some("wrong"),
+        Some("s3cret-token-01234"),
+        Some("s3cret-token-012"),
+    ] {
         let e = IpcStore::connect_with(&tcp, Some(cfg()), opts(t)).await.unwrap_err();
         assert_eq!(protocol_error(&e), Some(ProtocolError::Unauthorized), "{t:?}: {e}");
     }
     assert!(!db.exists(), "a refused client created no store");
-    let s = IpcStore::connect_with(&tcp, Some(cfg()), opts(Some("s3cret-token")))
+    let s = IpcStore::connect_with(&tcp, Some(cfg()), opts(Some("s3cret-token-0123")))
         .await
         .unwrap();
     fill(&s, 3, 1).await;
@@ -752,6 +837,7 @@ fn help_documents_every_flag() {
         "--token-file",
         "--max-frame",
         "--max-in-flight",
+        "--max-connections",
         "--synchronous",
         "--values-on-disk",
         "--index",

@@ -96,6 +96,9 @@ struct Args {
     /// Requests one connection may have running at once.
     #[arg(long, default_value_t = 64)]
     max_in_flight: usize,
+    /// Connections served at once (authenticated or not); more are refused.
+    #[arg(long, default_value_t = ServerOptions::default().max_connections)]
+    max_connections: usize,
     /// The stores' search index.
     #[arg(long, value_enum, default_value = "exact")]
     index: IndexArg,
@@ -206,6 +209,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         max_frame: args.max_frame,
         token: token.clone(),
         max_in_flight: args.max_in_flight,
+        max_connections: args.max_connections,
         stores_dir: args.stores.clone(),
         ..ServerOptions::default()
     };
