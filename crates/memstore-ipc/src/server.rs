@@ -248,10 +248,19 @@ where
             return Err(e);
         }
     }
+    // The copy is on the disk before it replaces the store, and the rename
+    // is before the restore is acknowledged.
+    let sync = |p: &Path| std::fs::File::open(p).and_then(|f| f.sync_all());
+    sync(&tmp).map_err(|e| io("syncing the restored copy", e))?;
     for s in ["-wal", "-shm", ".wal"] {
         let _ = std::fs::remove_file(suffixed(path, s));
     }
     std::fs::rename(&tmp, path).map_err(|e| io(&format!("moving the restored copy to {}", path.display()), e))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    sync(dir).map_err(|e| io(&format!("syncing {}", dir.display()), e))?;
     clean(&tmp);
     open(path.to_path_buf()).await
 }
@@ -281,6 +290,9 @@ pub struct ServerOptions {
     pub max_in_flight: usize,
     /// How long a new connection has to complete its handshake.
     pub handshake_timeout: Duration,
+    /// How long one reply may take to be written; a client that reads none
+    /// for that long is disconnected.
+    pub write_timeout: Duration,
     /// Serve named stores from this directory (`DIR/NAME.<ext>`); `None`
     /// serves only the default store.
     pub stores_dir: Option<PathBuf>,
@@ -294,6 +306,7 @@ impl Default for ServerOptions {
             token: None,
             max_in_flight: 64,
             handshake_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(60),
             stores_dir: None,
         }
     }
@@ -752,28 +765,39 @@ async fn connection<O, R, W>(
     let handshake_frame = max_frame.min(HANDSHAKE_MAX_FRAME);
     let mut frames = FramedRead::new(r, protocol::codec(handshake_frame));
     let (tx, mut rx) = mpsc::channel::<Outgoing>(64);
-    let writer = tokio::spawn(async move {
-        while let Some(out) = rx.recv().await {
-            let written = match &out {
-                Outgoing::Frame(frame) => w.write_all(frame).await,
-                Outgoing::Neighbors(f) => {
-                    let mut done = Ok(());
-                    for part in f.parts() {
-                        done = w.write_all(&part).await;
-                        if done.is_err() {
-                            break;
+    // A client that stops reading its replies is cut off after the write
+    // timeout: its session must not hold the store (or block a restore or a
+    // reconfiguration) for ever.
+    let stalled = CancellationToken::new();
+    let write_timeout = shared.options.write_timeout;
+    let writer = {
+        let stalled = stalled.clone();
+        tokio::spawn(async move {
+            while let Some(out) = rx.recv().await {
+                let write = async {
+                    match &out {
+                        Outgoing::Frame(frame) => w.write_all(frame).await,
+                        Outgoing::Neighbors(f) => {
+                            for part in f.parts() {
+                                w.write_all(&part).await?;
+                            }
+                            Ok(())
                         }
                     }
-                    done
+                };
+                match tokio::time::timeout(write_timeout, write).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        stalled.cancel();
+                        return;
+                    }
                 }
-            };
-            if written.is_err() {
-                return;
             }
-        }
-        let _ = w.flush().await;
-        let _ = w.shutdown().await;
-    });
+            let _ = w.flush().await;
+            let _ = w.shutdown().await;
+        })
+    };
 
     // The handshake.
     let first = tokio::select! {
@@ -830,6 +854,10 @@ async fn connection<O, R, W>(
         let next = tokio::select! {
             biased;
             _ = shared.shutdown.cancelled() => break,
+            _ = stalled.cancelled() => {
+                info!(peer = %peer, "the client stopped reading its replies: closing the connection");
+                break;
+            }
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => continue,
             f = frames.next() => f,
         };
@@ -1200,8 +1228,8 @@ impl Rows {
     }
 }
 
-/// Refuses a search or learn whose reply could not fit in a frame, before
-/// the store allocates it.
+/// Refuses a search, learn or get whose reply could not fit in a frame,
+/// before the store allocates it.
 fn check_reply_size(config: &MemoryConfig, rows: usize, k: u64, max_frame: usize) -> Result<(), WireError> {
     let per_slot = 4 * (config.key_dim + config.value_dim) + 10;
     let bytes = (rows as u128) * (k as u128) * (per_slot as u128);
@@ -1250,7 +1278,12 @@ async fn execute<S: MemoryStore + ?Sized>(s: &S, req: Request<'_>, max_frame: us
             check_reply_size(s.config(), b.len(), k, max_frame)?;
             Outcome::Neighbors(s.learn(b, tick, usize_of(k)?).await.map_err(api)?)
         }
-        Request::Get(ids) => Outcome::Memories(s.get(&ids).await.map_err(api)?),
+        Request::Get(ids) => {
+            // A repeated id is answered repeatedly: the reply is bounded
+            // before the store reads it (tags can only add to it).
+            check_reply_size(s.config(), ids.len(), 1, max_frame)?;
+            Outcome::Memories(s.get(&ids).await.map_err(api)?)
+        }
         Request::Delete(ids) => Outcome::Count(s.delete(&ids).await.map_err(api)? as u64),
         Request::UpdateValues { ids, deltas, dim } => {
             let d = deltas.to_vec("deltas")?;

@@ -209,6 +209,16 @@ async fn bad_frames_get_typed_errors_and_change_nothing() {
         Reply::Err(12, WireError::Protocol { kind, .. }) => assert_eq!(kind, ProtocolError::TooLarge),
         _ => panic!("expected TooLarge for request 12"),
     }
+    // So is a get whose reply could not fit (a small request naming one id
+    // many times), before the store reads a row.
+    r.send(13, &Request::Get(vec![1u64; 40_000].into()));
+    match r.recv() {
+        Reply::Err(13, WireError::Protocol { kind, message }) => {
+            assert_eq!(kind, ProtocolError::TooLarge);
+            assert!(message.contains("would need a reply"), "{message}");
+        }
+        _ => panic!("expected TooLarge for request 13"),
+    }
 
     // An oversized frame: a typed error, then the connection is closed.
     let mut r = Raw::hello(&socket);
@@ -341,6 +351,52 @@ async fn unauthenticated_frames_and_connections_are_bounded() {
     drop((a, r));
     let status = d.stop();
     assert!(status.success(), "{status}");
+}
+
+/// A client that sends requests and never reads the replies is cut off
+/// after the write timeout, instead of holding its session for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_disconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("d.sock");
+    let mut extra = cfg_args().to_vec();
+    extra.extend(["--write-timeout", "1"]);
+    let d = Daemon::start(&dir.path().join("s.db"), &socket, &extra);
+    let s = IpcStore::connect(&d.endpoint(), None).await.unwrap();
+    fill(&s, 300, 5).await;
+    let mut r = Raw::hello(&socket);
+    // Each reply is 64 queries x 300 neighbours (about 650 KB): a few fill
+    // the socket's buffers, and the client reads none of them.
+    let q = vec![0.25f32; 64 * 4];
+    for id in 1..=16 {
+        r.try_send(
+            id,
+            &Request::Search {
+                queries: F32s::from_slice(&q),
+                dim: 4,
+                k: 300,
+                filter: None,
+            },
+        );
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    // The daemon gave up on the connection: reading now drains what it had
+    // written and then meets the end of the stream.
+    r.0.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0usize;
+    loop {
+        match r.0.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(e) => panic!("the connection is still open after {total} bytes: {e}"),
+        }
+    }
+    assert!(total < 16 * 650_000, "not every reply was written ({total} bytes)");
+    // The other client is served as before.
+    assert_eq!(s.len().await.unwrap(), 300);
+    drop(s);
+    assert!(d.stop().success());
 }
 
 /// Random bytes as frames never bring the daemon down.
@@ -838,6 +894,7 @@ fn help_documents_every_flag() {
         "--max-frame",
         "--max-in-flight",
         "--max-connections",
+        "--write-timeout",
         "--synchronous",
         "--values-on-disk",
         "--index",
@@ -881,6 +938,11 @@ async fn backup_through_the_daemon() {
     // Refused: an existing file, a relative path.
     assert!(s.backup_to(&copy).await.is_err());
     assert!(matches!(s.backup_to(Path::new("rel.db")).await, Err(Error::Shape(_))));
+    // The store, its companions and the copy are private to the daemon's user.
+    for f in ["s.db", "s.db-wal", "s.db.lock", "copy.db"] {
+        let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{f} has mode {mode:o}");
+    }
     // The store goes on; the copy is the state at the backup.
     fill(&s, 5, 22).await;
     let direct = memstore_sqlite::SqliteStore::open_existing(&copy).await.unwrap();

@@ -99,6 +99,10 @@ struct Args {
     /// Connections served at once (authenticated or not); more are refused.
     #[arg(long, default_value_t = ServerOptions::default().max_connections)]
     max_connections: usize,
+    /// Seconds one reply may take to be written; a client that reads none for
+    /// that long is disconnected.
+    #[arg(long, default_value_t = ServerOptions::default().write_timeout.as_secs())]
+    write_timeout: u64,
     /// The stores' search index.
     #[arg(long, value_enum, default_value = "exact")]
     index: IndexArg,
@@ -151,6 +155,11 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Everything the daemon creates (store files, their WAL and lock files,
+    // backups, the stores directory) is private to its user, like its socket.
+    // SAFETY: umask only sets the process's file-creation mask, before any
+    // other thread exists.
+    unsafe { libc::umask(0o077) };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));
     tracing_subscriber::fmt()
@@ -210,6 +219,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         token: token.clone(),
         max_in_flight: args.max_in_flight,
         max_connections: args.max_connections,
+        write_timeout: std::time::Duration::from_secs(args.write_timeout.max(1)),
         stores_dir: args.stores.clone(),
         ..ServerOptions::default()
     };
