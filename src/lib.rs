@@ -12,7 +12,10 @@
 //! `duckdb` gives `DuckdbStore`, the core on `DuckdbDriver` (crate
 //! `memstore-duckdb`, which links DuckDB);
 //! `hnsw` gives `Hnsw` and `HnswOptions` (crate `memstore-index`), the
-//! approximate index kind that the SQL backends take in their options.
+//! approximate index kind that the SQL backends take in their options;
+//! `any` (default) gives [`open`], any backend from a store URL
+//! (`sqlite:PATH`, `duckdb:PATH`, `ipc:ENDPOINT#NAME`) as one [`AnyStore`]
+//! (crate `memstore-any`).
 
 pub use memstore_api::{
     Batch, ChangeBatch, Counters, DurableStore, Error, EvictionPolicy, InMemoryStore, InsertMeta, Memory, MemoryConfig,
@@ -31,10 +34,13 @@ pub use memstore_ipc::{ClientOptions, Endpoint, IpcError, IpcStore};
 #[cfg(feature = "duckdb")]
 pub use memstore_duckdb::{DuckdbDriver, DuckdbError, DuckdbOptions, DuckdbStore};
 
+#[cfg(feature = "any")]
+pub use memstore_any::{AnyStore, StoreUrl, open};
+
 #[cfg(feature = "hnsw")]
 pub use memstore_index::{Hnsw, HnswOptions, Quantization};
 
 /// The code in `docs/architecture.md`, compiled by the doc-tests.
-#[cfg(all(doctest, feature = "ipc"))]
+#[cfg(all(doctest, feature = "ipc", feature = "any"))]
 #[doc = include_str!("../docs/architecture.md")]
 pub struct ArchitectureDoc;

@@ -92,6 +92,7 @@ fn value_gradient(c: &mut Criterion) {
     let table = data(cap * dv, &mut rng);
     let weights = data(rows * dv, &mut rng);
     let slots: Vec<i64> = (0..rows).map(|_| (rng.next_u64() % cap as u64) as i64).collect();
+    #[cfg_attr(not(feature = "wgpu"), allow(unused_mut))]
     let mut devices = vec![("cpu", Device::flex())];
     #[cfg(feature = "wgpu")]
     match burn_dmt::device::select(burn_dmt::device::DeviceChoice::Wgpu) {

@@ -9,20 +9,21 @@
 //!   every memory layer and the memory is shared with other processes. The
 //!   first connection creates each store with the layer's configuration.
 //!
-//! Checkpoints copy each store (`backup_to`: SQLite `VACUUM INTO`, DuckDB
-//! `COPY FROM DATABASE`, or the daemon's own copy); `--resume` puts the copies
-//! back (file copies, or the daemon's `Restore` request) before reloading.
+//! Each block's store is opened through memstore-any from its URL
+//! ([`StoreLocation::url`]), so this crate names no backend. Checkpoints copy
+//! each store (`backup_to`: SQLite `VACUUM INTO`, DuckDB `COPY FROM
+//! DATABASE`, or the daemon's own copy); `--resume` puts the copies back
+//! (durable file copies, or the daemon's `Restore` request) before reloading.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
-use memstore_api::{MemoryConfig, MemoryStore};
-use memstore_ipc::{ClientOptions, Endpoint, IpcStore};
-use memstore_sqlite::SqliteStore;
+use memstore_any::{AnyStore, Endpoint, StoreUrl};
+use memstore_api::{DurableStore, MemoryConfig, MemoryStore};
 
-use crate::{DmtError, Result, io_error};
+use crate::{DmtError, Result};
 
 /// Where the memory layers' stores live.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,48 +131,41 @@ impl StoreLocation {
         }
     }
 
+    /// The URL of block `i`'s store (memstore-any opens it).
+    pub fn url(&self, run_dir: &Path, block: usize) -> StoreUrl {
+        match self {
+            StoreLocation::Sqlite(_) => StoreUrl::Sqlite(self.dir(run_dir).join(self.name(block))),
+            StoreLocation::Duckdb(_) => StoreUrl::Duckdb(self.dir(run_dir).join(self.name(block))),
+            StoreLocation::Ipc(socket) => StoreUrl::Ipc {
+                endpoint: Endpoint::Unix(socket.clone()),
+                store: Some(Self::store_name(block)),
+            },
+        }
+    }
+
     /// Opens block `i`'s store, creating it with `config` if absent.
     pub async fn open(&self, run_dir: &Path, block: usize, config: MemoryConfig) -> Result<LayerStore> {
-        match self {
-            StoreLocation::Sqlite(_) => {
-                let path = self.file(run_dir, block).unwrap_or_default();
-                Ok(LayerStore::Sqlite(Arc::new(SqliteStore::open(path, config).await?)))
-            }
-            StoreLocation::Duckdb(_) => open_duckdb(self.file(run_dir, block).unwrap_or_default(), Some(config)).await,
-            StoreLocation::Ipc(_) => self.connect(run_dir, block, Some(config)).await,
-        }
+        self.open_url(run_dir, block, Some(config)).await
     }
 
     /// Opens block `i`'s existing store with its persisted configuration.
     pub async fn open_existing(&self, run_dir: &Path, block: usize) -> Result<LayerStore> {
-        match self {
-            StoreLocation::Sqlite(_) => {
-                let path = self.file(run_dir, block).unwrap_or_default();
-                Ok(LayerStore::Sqlite(Arc::new(SqliteStore::open_existing(path).await?)))
-            }
-            StoreLocation::Duckdb(_) => open_duckdb(self.file(run_dir, block).unwrap_or_default(), None).await,
-            StoreLocation::Ipc(_) => self.connect(run_dir, block, None).await,
-        }
+        self.open_url(run_dir, block, None).await
     }
 
-    async fn connect(&self, run_dir: &Path, block: usize, config: Option<MemoryConfig>) -> Result<LayerStore> {
-        let StoreLocation::Ipc(socket) = self else {
-            return Err(DmtError::InvalidArgument(format!("{self} is not a daemon")));
-        };
-        let name = Self::store_name(block);
-        let options = ClientOptions {
-            store: Some(name.clone()),
-            ..ClientOptions::default()
-        };
-        match IpcStore::connect_with(&Endpoint::Unix(socket.clone()), config, options).await {
-            Ok(s) => Ok(LayerStore::Ipc(Arc::new(s))),
-            Err(e) => Err(DmtError::InvalidArgument(format!(
-                "memory layer {block}: no usable store {name:?} at memstored {} ({e}); start one serving named \
-                 stores, e.g. `memstored --stores {} --socket {}`",
-                socket.display(),
-                self.dir(run_dir).display(),
-                socket.display()
-            ))),
+    async fn open_url(&self, run_dir: &Path, block: usize, config: Option<MemoryConfig>) -> Result<LayerStore> {
+        let url = self.url(run_dir, block);
+        match url.open(config).await {
+            Ok(s) => Ok(LayerStore(Arc::new(s))),
+            Err(e) => match self {
+                StoreLocation::Ipc(socket) => Err(DmtError::InvalidArgument(format!(
+                    "memory layer {block}: no usable store at {url} ({e}); start a memstored serving named \
+                     stores, e.g. `memstored --stores {} --socket {}`",
+                    self.dir(run_dir).display(),
+                    socket.display()
+                ))),
+                _ => Err(e.into()),
+            },
         }
     }
 
@@ -181,114 +175,33 @@ impl StoreLocation {
     }
 
     /// Puts back block `i`'s store as it is in the checkpoint copy `from`
-    /// (the store must not be open here).
+    /// (the store must not be open here): a durable file copy, or the
+    /// daemon's restore.
     pub async fn restore(&self, run_dir: &Path, block: usize, from: &Path) -> Result<()> {
-        match self.file(run_dir, block) {
-            Some(file) => {
-                remove_files(&file)?;
-                std::fs::copy(from, &file).map_err(io_error(from))?;
-                Ok(())
-            }
-            None => {
-                let store = self.connect(run_dir, block, None).await?;
-                let from = std::fs::canonicalize(from).map_err(io_error(from))?;
-                if let LayerStore::Ipc(s) = &store {
-                    s.restore_from(&from).await?;
-                }
-                store.close().await
-            }
-        }
+        Ok(self.url(run_dir, block).restore(from).await?)
     }
 }
 
-/// Removes a store file and its write-ahead-log and lock companions.
-fn remove_files(file: &Path) -> Result<()> {
-    for suffix in ["", "-wal", "-shm", ".wal"] {
-        let p = PathBuf::from(format!("{}{suffix}", file.display()));
-        if p.exists() {
-            std::fs::remove_file(&p).map_err(io_error(&p))?;
-        }
-    }
-    Ok(())
-}
-
-#[cfg(feature = "duckdb")]
-async fn open_duckdb(path: PathBuf, config: Option<MemoryConfig>) -> Result<LayerStore> {
-    let s = match config {
-        Some(c) => memstore_duckdb::DuckdbStore::open(path, c).await?,
-        None => memstore_duckdb::DuckdbStore::open_existing(path).await?,
-    };
-    Ok(LayerStore::Duckdb(Arc::new(s)))
-}
-
-#[cfg(not(feature = "duckdb"))]
-async fn open_duckdb(_path: PathBuf, _config: Option<MemoryConfig>) -> Result<LayerStore> {
-    Err(DmtError::InvalidArgument(
-        "--store duckdb needs a build with DuckDB: add `--features duckdb` (after scripts/fetch-libduckdb.sh)".into(),
-    ))
-}
-
-/// One memory layer's open store.
-pub enum LayerStore {
-    /// A SQLite file.
-    Sqlite(Arc<SqliteStore>),
-    /// A DuckDB file.
-    #[cfg(feature = "duckdb")]
-    Duckdb(Arc<memstore_duckdb::DuckdbStore>),
-    /// A `memstored` daemon.
-    Ipc(Arc<IpcStore>),
-}
+/// One memory layer's open store, shared by the layer's tier loads and its
+/// write-behind thread.
+pub struct LayerStore(Arc<AnyStore>);
 
 impl LayerStore {
     /// The store as a shared trait object (for the write-behind and tier loads).
     pub fn shared(&self) -> Arc<dyn MemoryStore> {
-        match self {
-            LayerStore::Sqlite(s) => s.clone(),
-            #[cfg(feature = "duckdb")]
-            LayerStore::Duckdb(s) => s.clone(),
-            LayerStore::Ipc(s) => s.clone(),
-        }
+        self.0.clone()
     }
 
     /// Writes a consistent copy of the store to the new file `dest`.
     pub async fn backup_to(&self, dest: &Path) -> Result<()> {
-        match self {
-            LayerStore::Sqlite(s) => s.backup_to(dest).await?,
-            #[cfg(feature = "duckdb")]
-            LayerStore::Duckdb(s) => s.backup_to(dest).await?,
-            LayerStore::Ipc(s) => {
-                // The daemon writes the copy: it needs an absolute path.
-                let parent = dest.parent().unwrap_or(Path::new("."));
-                let parent = std::fs::canonicalize(parent).map_err(io_error(parent))?;
-                let name = dest.file_name().unwrap_or_default();
-                s.backup_to(&parent.join(name)).await?
-            }
-        }
-        Ok(())
+        Ok(self.0.backup_to(dest).await?)
     }
 
     /// Flushes and closes the store (or leaves the daemon).
     pub async fn close(self) -> Result<()> {
-        match self {
-            LayerStore::Sqlite(s) => {
-                s.flush().await?;
-                if let Ok(s) = Arc::try_unwrap(s) {
-                    s.close().await?;
-                }
-            }
-            #[cfg(feature = "duckdb")]
-            LayerStore::Duckdb(s) => {
-                s.flush().await?;
-                if let Ok(s) = Arc::try_unwrap(s) {
-                    s.close().await?;
-                }
-            }
-            LayerStore::Ipc(s) => {
-                s.flush().await?;
-                if let Ok(s) = Arc::try_unwrap(s) {
-                    s.close().await?;
-                }
-            }
+        self.0.flush().await?;
+        if let Ok(s) = Arc::try_unwrap(self.0) {
+            s.close().await?;
         }
         Ok(())
     }

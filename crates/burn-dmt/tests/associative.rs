@@ -14,7 +14,6 @@ use burn_dmt::{FeedForward, Gpt2};
 use common::*;
 use memstore_api::testkit::util::Rng;
 use memstore_api::{MemoryConfig, MemoryStore, Metric};
-use memstore_sqlite::SqliteStore;
 
 fn tensor<const D: usize>(data: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
     Tensor::from_data(TensorData::new(data, shape), device)
@@ -245,7 +244,8 @@ async fn a_student_persists_to_sqlite_and_reloads_with_identical_outputs() {
             _ => unreachable!(),
         };
         tier.set_trainable_values(true);
-        let store = SqliteStore::open(dir.path().join(format!("{name}.db")), tier.config().clone())
+        let store = memstore_any::StoreUrl::Sqlite(dir.path().join(format!("{name}.db")))
+            .open(Some(tier.config().clone()))
             .await
             .unwrap();
         store.apply(&tier.take_changes().unwrap()).await.unwrap();

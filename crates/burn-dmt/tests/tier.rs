@@ -11,7 +11,11 @@ use burn_dmt::memory::journal::{Journal, WriteBehind, crc32, decode, encode, rep
 use burn_dmt::memory::tier::DeviceMemory;
 use memstore_api::testkit::util::{Rng, dump};
 use memstore_api::{ChangeBatch, EvictionPolicy, InMemoryStore, MemoryConfig, MemoryStore, Metric};
-use memstore_sqlite::SqliteStore;
+
+/// A SQLite store at `path`, opened by URL as the model opens its stores.
+async fn sqlite_store(path: std::path::PathBuf, config: MemoryConfig) -> memstore_api::Result<memstore_any::AnyStore> {
+    memstore_any::StoreUrl::Sqlite(path).open(Some(config)).await
+}
 
 const DK: usize = 4;
 const DV: usize = 3;
@@ -86,7 +90,7 @@ fn tier_rows(tier: &DeviceMemory) -> Vec<(u64, Vec<f32>, Vec<f32>)> {
 async fn tier_batches_leave_the_store_holding_the_tiers_memory() {
     let device = Device::flex();
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path().join("m.db"), config()).await.unwrap();
+    let store = sqlite_store(dir.path().join("m.db"), config()).await.unwrap();
     let reference = InMemoryStore::new(config()).unwrap();
     let mut tier = DeviceMemory::load(&store, CAP, &device).await.unwrap();
     let batches = run_tier(&mut tier, 12, 7);
@@ -131,7 +135,7 @@ async fn the_journal_replays_to_the_same_store_after_a_writer_crash() {
     for crashed_after in [0, 1, n / 2, n - 1, n] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal");
-        let store = Arc::new(SqliteStore::open(dir.path().join("m.db"), config()).await.unwrap());
+        let store = Arc::new(sqlite_store(dir.path().join("m.db"), config()).await.unwrap());
         {
             // The writer journaled every batch, committed `crashed_after` of
             // them, and died while appending one more (a torn record).
@@ -167,7 +171,7 @@ async fn the_journal_replays_to_the_same_store_after_a_writer_crash() {
 async fn write_behind_applies_batches_in_the_background() {
     let device = Device::flex();
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(dir.path().join("m.db"), config()).await.unwrap());
+    let store = Arc::new(sqlite_store(dir.path().join("m.db"), config()).await.unwrap());
     let (mut w, recovered) = WriteBehind::start(store.clone(), dir.path().join("journal"))
         .await
         .unwrap();
@@ -470,7 +474,7 @@ async fn store_backed_memory_matches_the_device_tier() {
     let (n, dh, heads, k) = (300usize, 8usize, 2usize, 5usize);
     let dir = tempfile::tempdir().unwrap();
     let config = MemoryConfig::new(dh, dh).with_metric(Metric::L2);
-    let store = Arc::new(SqliteStore::open(dir.path().join("m.db"), config).await.unwrap());
+    let store = Arc::new(sqlite_store(dir.path().join("m.db"), config).await.unwrap());
     let mut rng = Rng::new(21);
     let (keys, values) = (rng.vecs(n, dh), rng.vecs(n, dh));
     store
@@ -557,7 +561,7 @@ async fn head_partitions_search_insert_and_evict_apart_and_survive_a_reload() {
     const PER: usize = CAP / P;
     let device = Device::flex();
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(dir.path().join("m.db"), config()).await.unwrap());
+    let store = Arc::new(sqlite_store(dir.path().join("m.db"), config()).await.unwrap());
     assert!(
         DeviceMemory::new(config(), CAP, &device)
             .unwrap()
