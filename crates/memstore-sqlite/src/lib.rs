@@ -361,12 +361,12 @@ impl Driver for SqliteDriver {
         Ok(())
     }
 
+    /// A FULL checkpoint: every committed frame of the WAL copied into the
+    /// database file and synced. SQLite reports a checkpoint that readers
+    /// kept from finishing (after the busy timeout) as `busy`: that is an
+    /// error here, not a success.
     async fn checkpoint(&self, _writer: &mut SqliteWriter) -> Result<()> {
-        sqlx::query("PRAGMA wal_checkpoint(FULL)")
-            .execute(&self.pool)
-            .await
-            .map_err(sql)?;
-        Ok(())
+        wal_checkpoint(&self.pool, "FULL").await
     }
 
     /// SQLite's `VACUUM INTO`: one read transaction, so concurrent readers
@@ -384,13 +384,27 @@ impl Driver for SqliteDriver {
     /// error is the checkpoint's: the committed writes are in the WAL, which
     /// the next open replays.
     async fn close(self, _writer: SqliteWriter) -> Result<()> {
-        let checkpoint = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-            .execute(&self.pool)
-            .await
-            .map_err(sql);
+        let checkpoint = wal_checkpoint(&self.pool, "TRUNCATE").await;
         self.pool.close().await;
-        checkpoint.map(drop)
+        checkpoint
     }
+}
+
+/// Runs `PRAGMA wal_checkpoint(MODE)` and checks its answer: `busy` (the
+/// checkpoint could not finish) or fewer frames checkpointed than the WAL
+/// holds is an error.
+async fn wal_checkpoint(pool: &SqlitePool, mode: &'static str) -> Result<()> {
+    let q = match mode {
+        "FULL" => "PRAGMA wal_checkpoint(FULL)",
+        _ => "PRAGMA wal_checkpoint(TRUNCATE)",
+    };
+    let (busy, log, done): (i64, i64, i64) = sqlx::query_as(q).fetch_one(pool).await.map_err(sql)?;
+    if busy != 0 || (log >= 0 && done < log) {
+        return Err(Error::storage(std::io::Error::other(format!(
+            "WAL checkpoint ({mode}) did not finish: busy {busy}, {done} of {log} frames copied"
+        ))));
+    }
+    Ok(())
 }
 
 async fn read_config(tx: &mut Transaction<'_, Sqlite>) -> Result<Option<(MemoryConfig, bool)>> {
