@@ -61,6 +61,7 @@ async fn every_scheme_opens_backs_up_and_restores() {
     };
     let options = ServerOptions {
         stores_dir: Some(stores.clone()),
+        backup_dir: Some(dir.path().to_path_buf()),
         ..ServerOptions::default()
     };
     let daemon = Server::named_only(template, options).unwrap();

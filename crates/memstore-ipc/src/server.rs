@@ -296,6 +296,9 @@ pub struct ServerOptions {
     /// Serve named stores from this directory (`DIR/NAME.<ext>`); `None`
     /// serves only the default store.
     pub stores_dir: Option<PathBuf>,
+    /// Backups are written to and restored from this directory (and below
+    /// it) only; `None` refuses backup and restore requests.
+    pub backup_dir: Option<PathBuf>,
 }
 
 impl Default for ServerOptions {
@@ -308,6 +311,7 @@ impl Default for ServerOptions {
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(60),
             stores_dir: None,
+            backup_dir: None,
         }
     }
 }
@@ -1122,7 +1126,7 @@ async fn handle<O: StoreOpener>(shared: &Shared<O>, slot: &Slot<O>, frame: Bytes
     };
     let store = slot.store.read().await.clone();
     let outcome = match (store, req) {
-        (Some(s), Request::Backup { path }) => backup(&slot.opener, s.as_ref(), &path).await,
+        (Some(s), Request::Backup { path }) => backup(&shared.options, &slot.opener, s.as_ref(), &path).await,
         (Some(s), Request::Restore { path }) => {
             drop(s);
             restore(shared, slot, &path).await
@@ -1145,11 +1149,50 @@ async fn handle<O: StoreOpener>(shared: &Shared<O>, slot: &Slot<O>, frame: Bytes
 }
 
 /// Writes a copy of the store to `path` (absolute, new, in an existing directory).
-async fn backup<O: StoreOpener>(opener: &O, store: &O::Store, path: &str) -> Result<Outcome, WireError> {
+/// The file `path` names, resolved (links followed) and checked to lie in
+/// the backup directory: a client may make the daemon write or read store
+/// files there and nowhere else. `exists`: the file must exist (a restore's
+/// source); otherwise its directory must (a backup's destination).
+fn confine(options: &ServerOptions, path: &str, what: &str, exists: bool) -> Result<PathBuf, WireError> {
     let p = Path::new(path);
     if !p.is_absolute() {
-        return Err(WireError::Shape(format!("backup path {path:?} must be absolute")));
+        return Err(WireError::Shape(format!("{what} path {path:?} must be absolute")));
     }
+    let Some(dir) = &options.backup_dir else {
+        return Err(WireError::protocol(
+            ProtocolError::Unauthorized,
+            format!("{what} is off: start memstored with --backup-dir DIR"),
+        ));
+    };
+    let shape = |m: String| WireError::Shape(format!("{what} path {path:?}: {m}"));
+    let dir = std::fs::canonicalize(dir).map_err(|e| shape(format!("the backup directory: {e}")))?;
+    let resolved = if exists {
+        std::fs::canonicalize(p).map_err(|e| shape(e.to_string()))?
+    } else {
+        let (Some(parent), Some(name)) = (p.parent(), p.file_name()) else {
+            return Err(shape("names no file".into()));
+        };
+        std::fs::canonicalize(parent)
+            .map_err(|e| shape(e.to_string()))?
+            .join(name)
+    };
+    if !resolved.starts_with(&dir) {
+        return Err(WireError::protocol(
+            ProtocolError::Unauthorized,
+            format!("{what} path {path:?} is outside the backup directory {}", dir.display()),
+        ));
+    }
+    Ok(resolved)
+}
+
+async fn backup<O: StoreOpener>(
+    options: &ServerOptions,
+    opener: &O,
+    store: &O::Store,
+    path: &str,
+) -> Result<Outcome, WireError> {
+    let p = confine(options, path, "backup", false)?;
+    let p = p.as_path();
     opener.backup(store, p).await.map_err(|e| WireError::from(&e))?;
     info!(path = %p.display(), "backup written");
     Ok(Outcome::Done)
@@ -1158,10 +1201,8 @@ async fn backup<O: StoreOpener>(opener: &O, store: &O::Store, path: &str) -> Res
 /// Replaces the store with the backup at `path`, when the asking session is
 /// the only one of that store and no other request holds the store.
 async fn restore<O: StoreOpener>(shared: &Shared<O>, slot: &Slot<O>, path: &str) -> Result<Outcome, WireError> {
-    let p = Path::new(path);
-    if !p.is_absolute() {
-        return Err(WireError::Shape(format!("restore path {path:?} must be absolute")));
-    }
+    let p = confine(&shared.options, path, "restore", true)?;
+    let p = p.as_path();
     let wire = |e: memstore_api::Error| WireError::from(&e);
     let _one_at_a_time = shared.handshakes.lock().await;
     let sessions = slot.sessions.load(Ordering::SeqCst);
@@ -1469,6 +1510,70 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    /// Backup and restore paths must lie in the backup directory (links
+    /// followed), and are refused when there is none.
+    #[test]
+    fn backup_paths_are_confined() {
+        let root = tempfile::tempdir().unwrap();
+        let inside = root.path().join("backups");
+        let outside = root.path().join("elsewhere");
+        std::fs::create_dir_all(inside.join("sub")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(inside.join("a.db"), b"x").unwrap();
+        std::fs::write(outside.join("b.db"), b"x").unwrap();
+        std::os::unix::fs::symlink(&outside, inside.join("link")).unwrap();
+        let off = ServerOptions::default();
+        let on = ServerOptions {
+            backup_dir: Some(inside.clone()),
+            ..ServerOptions::default()
+        };
+        let s = |p: &Path| p.to_str().unwrap().to_string();
+        let kind = |r: Result<PathBuf, WireError>| match r {
+            Ok(_) => "ok",
+            Err(WireError::Protocol {
+                kind: ProtocolError::Unauthorized,
+                ..
+            }) => "refused",
+            Err(WireError::Shape(_)) => "bad path",
+            Err(e) => panic!("{e:?}"),
+        };
+        assert_eq!(
+            kind(confine(&off, &s(&inside.join("new.db")), "backup", false)),
+            "refused"
+        );
+        assert_eq!(kind(confine(&on, &s(&inside.join("new.db")), "backup", false)), "ok");
+        assert_eq!(
+            kind(confine(&on, &s(&inside.join("sub/new.db")), "backup", false)),
+            "ok"
+        );
+        assert_eq!(kind(confine(&on, &s(&inside.join("a.db")), "restore", true)), "ok");
+        assert_eq!(
+            kind(confine(&on, &s(&outside.join("new.db")), "backup", false)),
+            "refused"
+        );
+        assert_eq!(
+            kind(confine(&on, &s(&outside.join("b.db")), "restore", true)),
+            "refused"
+        );
+        assert_eq!(
+            kind(confine(&on, &s(&inside.join("../elsewhere/new.db")), "backup", false)),
+            "refused"
+        );
+        assert_eq!(
+            kind(confine(&on, &s(&inside.join("link/b.db")), "restore", true)),
+            "refused"
+        );
+        assert_eq!(
+            kind(confine(&on, &s(&inside.join("link/new.db")), "backup", false)),
+            "refused"
+        );
+        assert_eq!(kind(confine(&on, "rel.db", "backup", false)), "bad path");
+        assert_eq!(
+            kind(confine(&on, &s(&inside.join("missing.db")), "restore", true)),
+            "bad path"
+        );
     }
 
     #[test]

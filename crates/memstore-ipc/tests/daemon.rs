@@ -895,6 +895,7 @@ fn help_documents_every_flag() {
         "--max-in-flight",
         "--max-connections",
         "--write-timeout",
+        "--backup-dir",
         "--synchronous",
         "--values-on-disk",
         "--index",
@@ -938,6 +939,11 @@ async fn backup_through_the_daemon() {
     // Refused: an existing file, a relative path.
     assert!(s.backup_to(&copy).await.is_err());
     assert!(matches!(s.backup_to(Path::new("rel.db")).await, Err(Error::Shape(_))));
+    // Refused: a path outside the daemon's --backup-dir (here, the test's directory).
+    let elsewhere = tempfile::tempdir().unwrap();
+    let e = s.backup_to(&elsewhere.path().join("x.db")).await.unwrap_err();
+    assert_eq!(protocol_error(&e), Some(ProtocolError::Unauthorized), "{e}");
+    assert!(!elsewhere.path().join("x.db").exists());
     // The store, its companions and the copy are private to the daemon's user.
     for f in ["s.db", "s.db-wal", "s.db.lock", "copy.db"] {
         let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode();

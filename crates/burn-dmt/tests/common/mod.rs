@@ -152,8 +152,10 @@ impl Daemon {
             path: std::path::PathBuf::new(),
             options: Default::default(),
         };
+        // Checkpoints go to run directories beside the stores' directory.
         let options = ServerOptions {
             stores_dir: Some(dir.to_path_buf()),
+            backup_dir: dir.parent().map(std::path::Path::to_path_buf),
             ..ServerOptions::default()
         };
         let s = Server::named_only(template, options).unwrap();

@@ -96,6 +96,10 @@ struct Args {
     /// Requests one connection may have running at once.
     #[arg(long, default_value_t = 64)]
     max_in_flight: usize,
+    /// Directory that backups are written to and restored from (nowhere
+    /// else); without it, backup and restore requests are refused.
+    #[arg(long)]
+    backup_dir: Option<PathBuf>,
     /// Connections served at once (authenticated or not); more are refused.
     #[arg(long, default_value_t = ServerOptions::default().max_connections)]
     max_connections: usize,
@@ -221,6 +225,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         max_connections: args.max_connections,
         write_timeout: std::time::Duration::from_secs(args.write_timeout.max(1)),
         stores_dir: args.stores.clone(),
+        backup_dir: args.backup_dir.clone(),
         ..ServerOptions::default()
     };
     // The template of named stores when there is no --db.

@@ -31,15 +31,18 @@ impl Daemon {
     /// Starts `memstored --socket SOCKET ARGS...` with the backend the tests
     /// run against and waits until it accepts connections.
     pub fn start_args(socket: &Path, args: &[&std::ffi::OsStr]) -> Daemon {
-        let child = Command::new(MEMSTORED)
-            .arg("--socket")
+        let mut cmd = Command::new(MEMSTORED);
+        cmd.arg("--socket")
             .arg(socket)
             .args(["--log", "warn"])
             .args(["--backend", &backend()])
-            .args(args)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn memstored");
+            .args(args);
+        // Backups go to the tests' directory (the socket's), unless a test
+        // names another.
+        if !args.iter().any(|a| *a == "--backup-dir") {
+            cmd.arg("--backup-dir").arg(socket.parent().unwrap_or(Path::new(".")));
+        }
+        let child = cmd.stdin(Stdio::null()).spawn().expect("spawn memstored");
         let mut d = Daemon {
             child,
             socket: socket.to_path_buf(),
