@@ -299,6 +299,9 @@ pub struct ServerOptions {
     /// Backups are written to and restored from this directory (and below
     /// it) only; `None` refuses backup and restore requests.
     pub backup_dir: Option<PathBuf>,
+    /// Users (uids) besides the daemon's own whose processes may connect
+    /// through the Unix socket (the kernel's peer credentials are checked).
+    pub allow_uids: Vec<u32>,
 }
 
 impl Default for ServerOptions {
@@ -312,6 +315,7 @@ impl Default for ServerOptions {
             write_timeout: Duration::from_secs(60),
             stores_dir: None,
             backup_dir: None,
+            allow_uids: Vec::new(),
         }
     }
 }
@@ -659,10 +663,28 @@ async fn accept_loop<O: StoreOpener>(shared: Arc<Shared<O>>, listener: Listener,
         let permit = shared.connections.clone().try_acquire_owned();
         match accepted {
             Ok(Accepted::Unix(s)) => {
+                let uid = s.peer_cred().map(|c| c.uid());
                 let (r, w) = s.into_split();
-                match permit {
-                    Ok(p) => tracker.spawn(connection(shared.clone(), r, w, false, "unix".into(), p)),
-                    Err(_) => tracker.spawn(refuse_busy(w, "unix".into(), shared.options.max_connections)),
+                let own = own_uid();
+                match (permit, uid) {
+                    (_, Ok(uid)) if !peer_allowed(uid, own, &shared.options.allow_uids) => {
+                        let e = WireError::protocol(
+                            ProtocolError::Unauthorized,
+                            format!("uid {uid} may not use this daemon (it serves uid {own}; see --allow-uid)"),
+                        );
+                        tracker.spawn(refuse(w, format!("unix uid {uid}"), e))
+                    }
+                    (_, Err(e)) => {
+                        let e = WireError::protocol(
+                            ProtocolError::Unauthorized,
+                            format!("the peer's credentials could not be read: {e}"),
+                        );
+                        tracker.spawn(refuse(w, "unix".into(), e))
+                    }
+                    (Ok(p), Ok(uid)) => {
+                        tracker.spawn(connection(shared.clone(), r, w, false, format!("unix uid {uid}"), p))
+                    }
+                    (Err(_), Ok(_)) => tracker.spawn(refuse_busy(w, "unix".into(), shared.options.max_connections)),
                 };
             }
             Ok(Accepted::Tcp(s, peer)) => {
@@ -693,14 +715,32 @@ async fn accept(l: &Listener) -> std::io::Result<Accepted> {
     }
 }
 
-/// Tells a connection over the limit why it is refused, and closes it
-/// (without reading from it: the error frame is all it gets).
-async fn refuse_busy<W: AsyncWrite + Unpin>(mut w: W, peer: String, limit: usize) {
+/// Tells a connection over the limit why it is refused, and closes it.
+async fn refuse_busy<W: AsyncWrite + Unpin>(w: W, peer: String, limit: usize) {
     warn!(peer = %peer, limit, "connection limit reached: refusing a connection");
     let e = WireError::protocol(
         ProtocolError::Busy,
         format!("the daemon serves {limit} connections at most (--max-connections); try again later"),
     );
+    refuse(w, peer, e).await
+}
+
+/// The daemon's effective uid.
+fn own_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Whether a Unix-socket peer running as `uid` may connect to a daemon
+/// running as `own`: the same user, or one allowed by `--allow-uid`.
+fn peer_allowed(uid: u32, own: u32, allow: &[u32]) -> bool {
+    uid == own || allow.contains(&uid)
+}
+
+/// Sends `e` to a connection that is refused before its handshake, and
+/// closes it (without reading from it: the error frame is all it gets).
+async fn refuse<W: AsyncWrite + Unpin>(mut w: W, peer: String, e: WireError) {
+    info!(peer = %peer, error = ?e, "connection refused");
     if let Ok(frame) = protocol::encode_frame(0, &Response::Error(e), HANDSHAKE_MAX_FRAME) {
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             let _ = w.write_all(&frame).await;
@@ -1574,6 +1614,14 @@ mod tests {
             kind(confine(&on, &s(&inside.join("missing.db")), "restore", true)),
             "bad path"
         );
+    }
+
+    #[test]
+    fn peers_of_other_users_are_refused_unless_allowed() {
+        assert!(peer_allowed(1000, 1000, &[]));
+        assert!(!peer_allowed(1001, 1000, &[]));
+        assert!(!peer_allowed(0, 1000, &[]), "root is another user too");
+        assert!(peer_allowed(1001, 1000, &[7, 1001]));
     }
 
     #[test]

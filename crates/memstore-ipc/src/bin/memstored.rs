@@ -100,6 +100,10 @@ struct Args {
     /// else); without it, backup and restore requests are refused.
     #[arg(long)]
     backup_dir: Option<PathBuf>,
+    /// A user id, besides the daemon's own, whose processes may connect
+    /// through the Unix socket (repeat for several).
+    #[arg(long = "allow-uid")]
+    allow_uid: Vec<u32>,
     /// Connections served at once (authenticated or not); more are refused.
     #[arg(long, default_value_t = ServerOptions::default().max_connections)]
     max_connections: usize,
@@ -226,6 +230,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         write_timeout: std::time::Duration::from_secs(args.write_timeout.max(1)),
         stores_dir: args.stores.clone(),
         backup_dir: args.backup_dir.clone(),
+        allow_uids: args.allow_uid.clone(),
         ..ServerOptions::default()
     };
     // The template of named stores when there is no --db.
