@@ -26,7 +26,6 @@
 //!   completes, lets every connection finish the requests it has read, then
 //!   flushes and closes the store.
 
-use std::collections::HashMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -299,6 +298,10 @@ pub struct ServerOptions {
     /// Backups are written to and restored from this directory (and below
     /// it) only; `None` refuses backup and restore requests.
     pub backup_dir: Option<PathBuf>,
+    /// Named stores open at once; to open one more, the least recently used
+    /// store without a session is closed (none: the handshake is refused
+    /// with [`ProtocolError::Busy`]).
+    pub max_open_stores: usize,
     /// Users (uids) besides the daemon's own whose processes may connect
     /// through the Unix socket (the kernel's peer credentials are checked).
     pub allow_uids: Vec<u32>,
@@ -315,6 +318,7 @@ impl Default for ServerOptions {
             write_timeout: Duration::from_secs(60),
             stores_dir: None,
             backup_dir: None,
+            max_open_stores: 64,
             allow_uids: Vec::new(),
         }
     }
@@ -462,11 +466,13 @@ impl<O: StoreOpener> Slot<O> {
     }
 }
 
-/// The named stores of a daemon started with a stores directory.
+/// The named stores of a daemon started with a stores directory, most
+/// recently attached first: when more would be open than the daemon allows,
+/// the least recently used stores without a session are closed.
 struct Named<O: StoreOpener> {
     dir: PathBuf,
     template: O,
-    slots: Mutex<HashMap<String, Arc<Slot<O>>>>,
+    slots: Mutex<lru::LruCache<String, Arc<Slot<O>>>>,
 }
 
 struct Shared<O: StoreOpener> {
@@ -511,7 +517,7 @@ impl<O: StoreOpener> Server<O> {
         options.stores_dir.as_ref().map(|dir| Named {
             dir: dir.clone(),
             template: template.clone(),
-            slots: Mutex::new(HashMap::new()),
+            slots: Mutex::new(lru::LruCache::unbounded()),
         })
     }
 
@@ -563,7 +569,7 @@ impl<O: StoreOpener> Server<O> {
         let Some(named) = &self.shared.named else {
             return Vec::new();
         };
-        let mut names: Vec<String> = named.slots.lock().await.keys().cloned().collect();
+        let mut names: Vec<String> = named.slots.lock().await.iter().map(|(k, _)| k.clone()).collect();
         names.sort();
         names
     }
@@ -576,7 +582,7 @@ impl<O: StoreOpener> Server<O> {
             .as_ref()
             .map_or(0, |s| s.sessions.load(Ordering::SeqCst));
         if let Some(named) = &self.shared.named {
-            for slot in named.slots.lock().await.values() {
+            for (_, slot) in named.slots.lock().await.iter() {
                 n += slot.sessions.load(Ordering::SeqCst);
             }
         }
@@ -624,7 +630,10 @@ impl<O: StoreOpener> Server<O> {
         }
         let mut slots: Vec<Arc<Slot<O>>> = self.shared.default.iter().cloned().collect();
         if let Some(named) = &self.shared.named {
-            slots.extend(named.slots.lock().await.drain().map(|(_, s)| s));
+            let mut open = named.slots.lock().await;
+            while let Some((_, s)) = open.pop_lru() {
+                slots.push(s);
+            }
         }
         // Close every store even when one fails; report the first failure.
         let mut first = None;
@@ -1047,12 +1056,50 @@ async fn handshake<O: StoreOpener>(
                 ));
             };
             let known = named.slots.lock().await.get(name).cloned();
-            let slot = known.unwrap_or_else(|| Slot::new(named.template.named(&named.dir, name)));
+            let slot = match known {
+                Some(slot) => slot,
+                None => {
+                    make_room(named, shared.options.max_open_stores).await?;
+                    Slot::new(named.template.named(&named.dir, name))
+                }
+            };
             let config = attach(&slot, requested).await?;
             // Kept once its store is open (a refused handshake adds nothing).
-            named.slots.lock().await.insert(name.clone(), slot.clone());
+            named.slots.lock().await.put(name.clone(), slot.clone());
             Ok((config, slot))
         }
+    }
+}
+
+/// Closes the least recently used named stores that no session uses until
+/// one more may open under `max` (the caller holds the handshake lock, so
+/// no session attaches meanwhile); refuses with [`ProtocolError::Busy`]
+/// when every open store is in use.
+async fn make_room<O: StoreOpener>(named: &Named<O>, max: usize) -> Result<(), WireError> {
+    loop {
+        let victim = {
+            let slots = named.slots.lock().await;
+            if slots.len() < max.max(1) {
+                return Ok(());
+            }
+            // `iter` goes from the most to the least recently used.
+            slots
+                .iter()
+                .rev()
+                .find(|(_, s)| s.sessions.load(Ordering::SeqCst) == 0)
+                .map(|(k, s)| (k.clone(), s.clone()))
+        };
+        let Some((name, slot)) = victim else {
+            return Err(WireError::protocol(
+                ProtocolError::Busy,
+                format!("{max} named stores are open, each with a session (--max-open-stores); try again later"),
+            ));
+        };
+        named.slots.lock().await.pop(&name);
+        slot.shut()
+            .await
+            .map_err(|e| WireError::Storage(format!("closing the idle store {name:?}: {e}")))?;
+        info!(store = %name, "closed an idle named store to make room");
     }
 }
 

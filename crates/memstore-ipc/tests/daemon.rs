@@ -445,6 +445,46 @@ fn peers_of_another_user_are_refused_unless_allowed() {
     assert!(d.stop().success());
 }
 
+/// With `--max-open-stores 2`, a third named store closes the least recently
+/// used one without a session (which reopens whole later); when both open
+/// stores have sessions, a third is refused with a typed error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_named_stores_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let stores = dir.path().join("stores");
+    let socket = dir.path().join("d.sock");
+    let s = stores.to_str().unwrap();
+    let d = Daemon::start_args(
+        &socket,
+        &["--stores", s, "--max-open-stores", "2"].map(std::ffi::OsStr::new),
+    );
+    let named = |name: &str| ClientOptions {
+        store: Some(name.to_string()),
+        ..ClientOptions::default()
+    };
+    let open = |name: &'static str| {
+        let (e, o) = (d.endpoint(), named(name));
+        async move { IpcStore::connect_with(&e, Some(cfg()), o).await }
+    };
+    let a = open("a").await.unwrap();
+    fill(&a, 7, 1).await;
+    a.close().await.unwrap();
+    let b = open("b").await.unwrap();
+    // a has no session: opening c closes it.
+    let c = open("c").await.unwrap();
+    fill(&c, 2, 2).await;
+    // b and c are in use: d is refused.
+    let e = open("d").await.unwrap_err();
+    assert_eq!(protocol_error(&e), Some(ProtocolError::Busy), "{e}");
+    c.close().await.unwrap();
+    // a reopens (closing c, now idle) with its memories.
+    let a = open("a").await.unwrap();
+    assert_eq!(a.len().await.unwrap(), 7);
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    assert!(d.stop().success());
+}
+
 /// Random bytes as frames never bring the daemon down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_frames_do_not_hurt_the_daemon() {
@@ -943,6 +983,7 @@ fn help_documents_every_flag() {
         "--write-timeout",
         "--backup-dir",
         "--allow-uid",
+        "--max-open-stores",
         "--synchronous",
         "--values-on-disk",
         "--index",

@@ -100,6 +100,10 @@ struct Args {
     /// else); without it, backup and restore requests are refused.
     #[arg(long)]
     backup_dir: Option<PathBuf>,
+    /// Named stores open at once (--stores); beyond it the least recently used
+    /// idle store is closed, or the connection refused when all are in use.
+    #[arg(long, default_value_t = ServerOptions::default().max_open_stores)]
+    max_open_stores: usize,
     /// A user id, besides the daemon's own, whose processes may connect
     /// through the Unix socket (repeat for several).
     #[arg(long = "allow-uid")]
@@ -231,6 +235,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         stores_dir: args.stores.clone(),
         backup_dir: args.backup_dir.clone(),
         allow_uids: args.allow_uid.clone(),
+        max_open_stores: args.max_open_stores,
         ..ServerOptions::default()
     };
     // The template of named stores when there is no --db.
