@@ -285,6 +285,9 @@ pub struct ServerOptions {
     /// The shared token. TCP connections must present it; Unix-socket
     /// connections are protected by the socket's mode and need none.
     pub token: Option<String>,
+    /// A second token for read-only TCP sessions: they may search, get and
+    /// read counts and statistics, and every other request is refused.
+    pub read_token: Option<String>,
     /// Requests one connection may have running at once.
     pub max_in_flight: usize,
     /// How long a new connection has to complete its handshake.
@@ -298,6 +301,9 @@ pub struct ServerOptions {
     /// Backups are written to and restored from this directory (and below
     /// it) only; `None` refuses backup and restore requests.
     pub backup_dir: Option<PathBuf>,
+    /// How long a TCP address that presented [`AUTH_ATTEMPTS`] wrong tokens
+    /// in a row is refused without its token being checked.
+    pub auth_lockout: Duration,
     /// Named stores open at once; to open one more, the least recently used
     /// store without a session is closed (none: the handshake is refused
     /// with [`ProtocolError::Busy`]).
@@ -313,12 +319,14 @@ impl Default for ServerOptions {
             max_frame: DEFAULT_MAX_FRAME,
             max_connections: 256,
             token: None,
+            read_token: None,
             max_in_flight: 64,
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(60),
             stores_dir: None,
             backup_dir: None,
             max_open_stores: 64,
+            auth_lockout: Duration::from_secs(60),
             allow_uids: Vec::new(),
         }
     }
@@ -482,8 +490,12 @@ struct Shared<O: StoreOpener> {
     /// The SHA-256 digest of the shared token, what a presented token's
     /// digest is compared with.
     token_digest: Option<[u8; 32]>,
+    /// The SHA-256 digest of the read-only token.
+    read_token_digest: Option<[u8; 32]>,
     /// One permit per connection being served.
     connections: Arc<Semaphore>,
+    /// Wrong tokens per TCP address, and the addresses locked out.
+    failures: AuthFailures,
     options: ServerOptions,
     shutdown: CancellationToken,
 }
@@ -528,7 +540,9 @@ impl<O: StoreOpener> Server<O> {
                 named,
                 handshakes: Mutex::new(()),
                 token_digest: options.token.as_deref().map(token_digest),
+                read_token_digest: options.read_token.as_deref().map(token_digest),
                 connections: Arc::new(Semaphore::new(options.max_connections.max(1))),
+                failures: AuthFailures::new(options.auth_lockout),
                 options,
                 shutdown: CancellationToken::new(),
             }),
@@ -602,14 +616,25 @@ impl<O: StoreOpener> Server<O> {
                 "TCP needs a shared token (--token-file or $MEMSTORED_TOKEN)".into(),
             ));
         }
-        if let Some(t) = &self.shared.options.token
-            && t.len() < MIN_TOKEN_LEN
-        {
-            return Err(IpcError::Setup(format!(
-                "the shared token has {} bytes, fewer than {MIN_TOKEN_LEN}: use a random one \
-                 (e.g. `openssl rand -hex 16`)",
-                t.len()
-            )));
+        let tokens = [
+            ("shared", &self.shared.options.token),
+            ("read-only", &self.shared.options.read_token),
+        ];
+        for (what, t) in tokens {
+            if let Some(t) = t
+                && t.len() < MIN_TOKEN_LEN
+            {
+                return Err(IpcError::Setup(format!(
+                    "the {what} token has {} bytes, fewer than {MIN_TOKEN_LEN}: use a random one \
+                     (e.g. `openssl rand -hex 16`)",
+                    t.len()
+                )));
+            }
+        }
+        if self.shared.options.read_token.is_some() && self.shared.options.read_token == self.shared.options.token {
+            return Err(IpcError::Setup(
+                "the read-only token must differ from the shared token".into(),
+            ));
         }
         let tracker = TaskTracker::new();
         let mut sockets = Vec::new();
@@ -657,7 +682,7 @@ impl<O: StoreOpener> Server<O> {
         W: AsyncWrite + Unpin + Send + 'static,
     {
         match self.shared.connections.clone().try_acquire_owned() {
-            Ok(p) => connection(self.shared.clone(), r, w, needs_token, "stream".into(), p).await,
+            Ok(p) => connection(self.shared.clone(), r, w, needs_token, ("stream".into(), None), p).await,
             Err(_) => refuse_busy(w, "stream".into(), self.shared.options.max_connections).await,
         }
     }
@@ -690,9 +715,14 @@ async fn accept_loop<O: StoreOpener>(shared: Arc<Shared<O>>, listener: Listener,
                         );
                         tracker.spawn(refuse(w, "unix".into(), e))
                     }
-                    (Ok(p), Ok(uid)) => {
-                        tracker.spawn(connection(shared.clone(), r, w, false, format!("unix uid {uid}"), p))
-                    }
+                    (Ok(p), Ok(uid)) => tracker.spawn(connection(
+                        shared.clone(),
+                        r,
+                        w,
+                        false,
+                        (format!("unix uid {uid}"), None),
+                        p,
+                    )),
                     (Err(_), Ok(_)) => tracker.spawn(refuse_busy(w, "unix".into(), shared.options.max_connections)),
                 };
             }
@@ -700,7 +730,14 @@ async fn accept_loop<O: StoreOpener>(shared: Arc<Shared<O>>, listener: Listener,
                 let _ = s.set_nodelay(true);
                 let (r, w) = s.into_split();
                 match permit {
-                    Ok(p) => tracker.spawn(connection(shared.clone(), r, w, true, peer.to_string(), p)),
+                    Ok(p) => tracker.spawn(connection(
+                        shared.clone(),
+                        r,
+                        w,
+                        true,
+                        (peer.to_string(), Some(peer.ip())),
+                        p,
+                    )),
                     Err(_) => tracker.spawn(refuse_busy(w, peer.to_string(), shared.options.max_connections)),
                 };
             }
@@ -732,6 +769,65 @@ async fn refuse_busy<W: AsyncWrite + Unpin>(w: W, peer: String, limit: usize) {
         format!("the daemon serves {limit} connections at most (--max-connections); try again later"),
     );
     refuse(w, peer, e).await
+}
+
+/// Wrong tokens in a row after which a TCP address is locked out.
+pub const AUTH_ATTEMPTS: u32 = 5;
+
+/// Addresses tracked at most; beyond it, entries whose lockout has passed
+/// are forgotten first, then the oldest.
+const AUTH_TRACKED: usize = 4096;
+
+/// Failed token attempts per TCP address: after [`AUTH_ATTEMPTS`] in a row,
+/// the address is refused for the lockout without its token being checked,
+/// so a guesser gets a handful of tries a minute.
+struct AuthFailures {
+    lockout: Duration,
+    by_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
+}
+
+impl AuthFailures {
+    fn new(lockout: Duration) -> Self {
+        AuthFailures {
+            lockout,
+            by_ip: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// How long `ip` stays refused, if it is locked out now.
+    fn locked_out(&self, ip: std::net::IpAddr) -> Option<Duration> {
+        let map = self.by_ip.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let &(count, last) = map.get(&ip)?;
+        let left = self.lockout.checked_sub(last.elapsed())?;
+        (count >= AUTH_ATTEMPTS && !left.is_zero()).then_some(left)
+    }
+
+    /// Records an attempt: a success forgets the address, a failure counts
+    /// (starting afresh once an earlier lockout has passed).
+    fn record(&self, ip: std::net::IpAddr, ok: bool) {
+        let mut map = self.by_ip.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if ok {
+            map.remove(&ip);
+            return;
+        }
+        let now = std::time::Instant::now();
+        let entry = map.entry(ip).or_insert((0, now));
+        if entry.1.elapsed() >= self.lockout {
+            // Failures (and a lockout) older than the lockout are forgotten.
+            *entry = (0, now);
+        }
+        *entry = (entry.0 + 1, now);
+        if map.len() > AUTH_TRACKED {
+            let lockout = self.lockout;
+            map.retain(|_, (_, last)| last.elapsed() < lockout);
+            while map.len() > AUTH_TRACKED {
+                let Some(oldest) = map.iter().min_by_key(|(_, (_, last))| *last).map(|(k, _)| *k) else {
+                    break;
+                };
+                map.remove(&oldest);
+            }
+        }
+    }
 }
 
 /// The daemon's effective uid.
@@ -807,13 +903,14 @@ async fn connection<O, R, W>(
     r: R,
     mut w: W,
     needs_token: bool,
-    peer: String,
+    peer: (String, Option<std::net::IpAddr>),
     _permit: OwnedSemaphorePermit,
 ) where
     O: StoreOpener,
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let (peer, peer_ip) = peer;
     let max_frame = shared.options.max_frame;
     let handshake_frame = max_frame.min(HANDSHAKE_MAX_FRAME);
     let mut frames = FramedRead::new(r, protocol::codec(handshake_frame));
@@ -872,10 +969,10 @@ async fn connection<O, R, W>(
         Some(Ok(Some(Ok(f)))) => Ok(f.freeze()),
     };
     let accepted = match first {
-        Ok(f) => handshake(&shared, &f, needs_token).await,
+        Ok(f) => handshake(&shared, &f, needs_token, peer_ip).await,
         Err(e) => Err(e),
     };
-    let (config, slot) = match accepted {
+    let (config, slot, read_only) = match accepted {
         Ok(c) => c,
         Err(e) => {
             info!(peer = %peer, error = ?e, "handshake refused");
@@ -937,7 +1034,7 @@ async fn connection<O, R, W>(
                     let _permit = permit;
                     // A request that panics gets an error reply, so its
                     // caller never waits for an answer that cannot come.
-                    let run = std::panic::AssertUnwindSafe(handle(&shared, &slot, frame, &tx));
+                    let run = std::panic::AssertUnwindSafe(handle(&shared, &slot, frame, &tx, read_only));
                     if run.catch_unwind().await.is_err() {
                         warn!(request = id, "a request panicked");
                         let e = WireError::Storage(format!("request {id} failed inside the daemon (a panic)"));
@@ -973,7 +1070,8 @@ async fn handshake<O: StoreOpener>(
     shared: &Shared<O>,
     frame: &Bytes,
     needs_token: bool,
-) -> Result<(MemoryConfig, Arc<Slot<O>>), WireError> {
+    peer_ip: Option<std::net::IpAddr>,
+) -> Result<(MemoryConfig, Arc<Slot<O>>, bool), WireError> {
     let (_, req): (u64, Request) = match protocol::decode_frame(frame) {
         Ok(r) => r,
         Err(e) => {
@@ -1009,17 +1107,35 @@ async fn handshake<O: StoreOpener>(
     if hello.version != PROTOCOL_VERSION {
         return Err(version_error(hello.version));
     }
+    let mut read_only = false;
     if needs_token {
-        let ok = match (&shared.token_digest, &hello.token) {
-            (Some(want), Some(got)) => constant_time_eq(want, &token_digest(got)),
+        if let Some(ip) = peer_ip
+            && let Some(left) = shared.failures.locked_out(ip)
+        {
+            return Err(WireError::protocol(
+                ProtocolError::Unauthorized,
+                format!(
+                    "too many wrong tokens from {ip}: refused for {} s more",
+                    left.as_secs() + 1
+                ),
+            ));
+        }
+        let got = hello.token.as_deref().map(token_digest);
+        let matches = |want: &Option<[u8; 32]>| match (want, &got) {
+            (Some(want), Some(got)) => constant_time_eq(want, got),
             _ => false,
         };
-        if !ok {
+        let (full, read) = (matches(&shared.token_digest), matches(&shared.read_token_digest));
+        if let Some(ip) = peer_ip {
+            shared.failures.record(ip, full || read);
+        }
+        if !full && !read {
             return Err(WireError::protocol(
                 ProtocolError::Unauthorized,
                 "missing or wrong token",
             ));
         }
+        read_only = !full;
     }
     let requested = hello.config.map(|c| c.to_config()).transpose()?;
     if let Some(c) = &requested {
@@ -1044,7 +1160,7 @@ async fn handshake<O: StoreOpener>(
                 ));
             };
             let config = attach(slot, requested).await?;
-            Ok((config, slot.clone()))
+            Ok((config, slot.clone(), read_only))
         }
         Some(name) => {
             let Some(named) = &shared.named else {
@@ -1066,7 +1182,7 @@ async fn handshake<O: StoreOpener>(
             let config = attach(&slot, requested).await?;
             // Kept once its store is open (a refused handshake adds nothing).
             named.slots.lock().await.put(name.clone(), slot.clone());
-            Ok((config, slot))
+            Ok((config, slot, read_only))
         }
     }
 }
@@ -1201,7 +1317,13 @@ enum Outcome {
     Stats(Stats),
 }
 
-async fn handle<O: StoreOpener>(shared: &Shared<O>, slot: &Slot<O>, frame: Bytes, tx: &mpsc::Sender<Outgoing>) {
+async fn handle<O: StoreOpener>(
+    shared: &Shared<O>,
+    slot: &Slot<O>,
+    frame: Bytes,
+    tx: &mpsc::Sender<Outgoing>,
+    read_only: bool,
+) {
     let max_frame = shared.options.max_frame;
     let (id, req): (u64, Request) = match protocol::decode_frame(&frame) {
         Ok(r) => r,
@@ -1211,6 +1333,18 @@ async fn handle<O: StoreOpener>(shared: &Shared<O>, slot: &Slot<O>, frame: Bytes
             return;
         }
     };
+    let reads = matches!(
+        req,
+        Request::Search { .. } | Request::Get(_) | Request::Ids | Request::Len | Request::Stats | Request::Goodbye
+    );
+    if read_only && !reads {
+        let e = WireError::protocol(
+            ProtocolError::Unauthorized,
+            "this session's token is read-only: it may search, get and read counts and statistics",
+        );
+        send(tx, id, &Response::Error(e), max_frame).await;
+        return;
+    }
     let store = slot.store.read().await.clone();
     let outcome = match (store, req) {
         (Some(s), Request::Backup { path }) => backup(&shared.options, &slot.opener, s.as_ref(), &path).await,
@@ -1669,6 +1803,28 @@ mod tests {
         assert!(!peer_allowed(1001, 1000, &[]));
         assert!(!peer_allowed(0, 1000, &[]), "root is another user too");
         assert!(peer_allowed(1001, 1000, &[7, 1001]));
+    }
+
+    #[test]
+    fn wrong_tokens_lock_an_address_out() {
+        let f = AuthFailures::new(Duration::from_millis(300));
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        for _ in 0..AUTH_ATTEMPTS - 1 {
+            f.record(a, false);
+        }
+        assert!(f.locked_out(a).is_none(), "under the limit");
+        f.record(a, true);
+        for _ in 0..AUTH_ATTEMPTS - 1 {
+            f.record(a, false);
+        }
+        assert!(f.locked_out(a).is_none(), "a success starts the count afresh");
+        f.record(a, false);
+        assert!(f.locked_out(a).is_some(), "the fifth wrong token in a row");
+        assert!(f.locked_out(b).is_none(), "per address");
+        std::thread::sleep(Duration::from_millis(350));
+        assert!(f.locked_out(a).is_none(), "the lockout passes");
+        f.record(a, false);
+        assert!(f.locked_out(a).is_none(), "and the count starts afresh");
     }
 
     #[test]

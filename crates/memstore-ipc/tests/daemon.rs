@@ -603,7 +603,23 @@ async fn tcp_is_loopback_and_needs_the_token() {
 
     // With a token file: a wrong or missing token is refused before the store
     // is touched (no store exists, and none is created).
-    let d = Daemon::start(&db, &socket, &["--tcp", &addr, "--token-file", tf]);
+    let read_file = dir.path().join("read-token");
+    std::fs::write(&read_file, "reader-token-4567\n").unwrap();
+    let rf = read_file.to_str().unwrap();
+    let d = Daemon::start(
+        &db,
+        &socket,
+        &[
+            "--tcp",
+            &addr,
+            "--token-file",
+            tf,
+            "--auth-lockout",
+            "2",
+            "--read-token-file",
+            rf,
+        ],
+    );
     let tcp = Endpoint::Tcp(addr.clone());
     let opts = |t: Option<&str>| ClientOptions {
         token: t.map(String::from),
@@ -627,6 +643,40 @@ async fn tcp_is_loopback_and_needs_the_token() {
     // The Unix socket needs no token (its mode protects it).
     let u = IpcStore::connect(&d.endpoint(), None).await.unwrap();
     assert_eq!(u.len().await.unwrap(), 3);
+    // Five wrong tokens in a row lock the address out: even the right token
+    // is refused until the lockout (2 s here) has passed.
+    for _ in 0..5 {
+        let e = IpcStore::connect_with(&tcp, None, opts(Some("guess-guess-guess")))
+            .await
+            .unwrap_err();
+        assert_eq!(protocol_error(&e), Some(ProtocolError::Unauthorized), "{e}");
+    }
+    let e = IpcStore::connect_with(&tcp, None, opts(Some("s3cret-token-0123")))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("too many wrong tokens"), "{e}");
+    std::thread::sleep(Duration::from_millis(2200));
+    let s2 = IpcStore::connect_with(&tcp, None, opts(Some("s3cret-token-0123")))
+        .await
+        .unwrap();
+    assert_eq!(s2.len().await.unwrap(), 3);
+    s2.close().await.unwrap();
+    // The read-only token searches and reads; every write is refused and
+    // changes nothing.
+    let r = IpcStore::connect_with(&tcp, None, opts(Some("reader-token-4567")))
+        .await
+        .unwrap();
+    assert_eq!(r.len().await.unwrap(), 3);
+    let hits = r.search(Vectors::new(&[0.0; 4], 4).unwrap(), 2, None).await.unwrap();
+    let found = hits.id(0, 0).unwrap();
+    assert_eq!(r.get(&[found]).await.unwrap().len(), 1);
+    let b = Batch::new(Vectors::new(&[0.0; 4], 4).unwrap(), Vectors::new(&[0.0; 2], 2).unwrap());
+    let e = r.insert(b, 9).await.unwrap_err();
+    assert_eq!(protocol_error(&e), Some(ProtocolError::Unauthorized), "{e}");
+    let e = r.delete(&[found]).await.unwrap_err();
+    assert_eq!(protocol_error(&e), Some(ProtocolError::Unauthorized), "{e}");
+    assert_eq!(r.len().await.unwrap(), 3);
+    r.close().await.unwrap();
     assert!(d.stop().success());
 }
 
@@ -977,6 +1027,7 @@ fn help_documents_every_flag() {
         "--tcp",
         "--allow-remote",
         "--token-file",
+        "--read-token-file",
         "--max-frame",
         "--max-in-flight",
         "--max-connections",
@@ -984,6 +1035,7 @@ fn help_documents_every_flag() {
         "--backup-dir",
         "--allow-uid",
         "--max-open-stores",
+        "--auth-lockout",
         "--synchronous",
         "--values-on-disk",
         "--index",

@@ -90,6 +90,10 @@ struct Args {
     /// File holding the shared token (else $MEMSTORED_TOKEN).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// File holding a second token for read-only TCP sessions (search, get,
+    /// counts and statistics; every other request is refused).
+    #[arg(long)]
+    read_token_file: Option<PathBuf>,
     /// Largest frame accepted, in bytes.
     #[arg(long, default_value_t = memstore_ipc::protocol::DEFAULT_MAX_FRAME)]
     max_frame: usize,
@@ -100,6 +104,9 @@ struct Args {
     /// else); without it, backup and restore requests are refused.
     #[arg(long)]
     backup_dir: Option<PathBuf>,
+    /// Seconds a TCP address is refused after 5 wrong tokens in a row.
+    #[arg(long, default_value_t = ServerOptions::default().auth_lockout.as_secs())]
+    auth_lockout: u64,
     /// Named stores open at once (--stores); beyond it the least recently used
     /// idle store is closed, or the connection refused when all are in use.
     #[arg(long, default_value_t = ServerOptions::default().max_open_stores)]
@@ -205,6 +212,16 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         None => std::env::var(TOKEN_ENV).ok().map(|t| t.trim().to_string()),
     }
     .filter(|t| !t.is_empty());
+    let read_token = match &args.read_token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| format!("read-only token file {}: {e}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    }
+    .filter(|t| !t.is_empty());
     let mode =
         u32::from_str_radix(&args.socket_mode, 8).map_err(|e| format!("--socket-mode {}: {e}", args.socket_mode))?;
     let config = match (args.key_dim, args.value_dim) {
@@ -229,6 +246,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let options = ServerOptions {
         max_frame: args.max_frame,
         token: token.clone(),
+        read_token,
         max_in_flight: args.max_in_flight,
         max_connections: args.max_connections,
         write_timeout: std::time::Duration::from_secs(args.write_timeout.max(1)),
@@ -236,6 +254,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         backup_dir: args.backup_dir.clone(),
         allow_uids: args.allow_uid.clone(),
         max_open_stores: args.max_open_stores,
+        auth_lockout: std::time::Duration::from_secs(args.auth_lockout),
         ..ServerOptions::default()
     };
     // The template of named stores when there is no --db.
