@@ -743,7 +743,13 @@ async fn eight_processes_share_one_store() {
 /// there, and the file opens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_nine_loses_no_acknowledged_batch() {
-    kill_nine(&[], 20).await;
+    kill_nine("normal", &[], 20).await;
+}
+
+/// The same with `--synchronous full` (every commit synced), 10 times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_nine_with_full_sync_loses_no_acknowledged_batch() {
+    kill_nine("full", &[], 10).await;
 }
 
 /// The same with the HNSW index kind (`--index hnsw`), 10 times: the graph
@@ -752,7 +758,7 @@ async fn kill_nine_loses_no_acknowledged_batch() {
 /// every stored key finds itself through the rebuilt graph.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_nine_with_hnsw_loses_no_acknowledged_batch() {
-    let dir = kill_nine(&["--index", "hnsw"], 10).await;
+    let dir = kill_nine("normal", &["--index", "hnsw"], 10).await;
     let graph = dir.path().join("s.db.hnsw");
     let d = Daemon::start(
         &dir.path().join("s.db"),
@@ -779,11 +785,11 @@ async fn kill_nine_with_hnsw_loses_no_acknowledged_batch() {
 
 /// Kills the daemon (started with `extra` arguments) `rounds` times in the
 /// middle of a stream of writes, then checks every acknowledged batch.
-async fn kill_nine(extra: &[&str], rounds: usize) -> tempfile::TempDir {
+async fn kill_nine(synchronous: &str, extra: &[&str], rounds: usize) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("s.db");
     let socket = dir.path().join("d.sock");
-    let mut args = vec!["--key-dim", "8", "--value-dim", "4", "--synchronous", "normal"];
+    let mut args = vec!["--key-dim", "8", "--value-dim", "4", "--synchronous", synchronous];
     args.extend_from_slice(extra);
     let rows = 16u64;
     let mut rng = Rng(0x5EED_1234_5678_9ABC);
