@@ -728,6 +728,9 @@ async fn accept_loop<O: StoreOpener>(shared: Arc<Shared<O>>, listener: Listener,
             }
             Ok(Accepted::Tcp(s, peer)) => {
                 let _ = s.set_nodelay(true);
+                if let Err(e) = keepalive(&s) {
+                    warn!(peer = %peer, error = %e, "could not turn TCP keepalive on");
+                }
                 let (r, w) = s.into_split();
                 match permit {
                     Ok(p) => tracker.spawn(connection(
@@ -828,6 +831,21 @@ impl AuthFailures {
             }
         }
     }
+}
+
+/// Idle time before a TCP connection's first keepalive probe.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// Time between keepalive probes (the kernel gives up after its count).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Turns TCP keepalive on: a peer that vanished without closing (a machine
+/// gone, a cable pulled) is detected within minutes and its session ends,
+/// instead of holding the store for ever.
+fn keepalive(s: &tokio::net::TcpStream) -> std::io::Result<()> {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL);
+    socket2::SockRef::from(s).set_tcp_keepalive(&ka)
 }
 
 /// The daemon's effective uid.
@@ -1825,6 +1843,21 @@ mod tests {
         assert!(f.locked_out(a).is_none(), "the lockout passes");
         f.record(a, false);
         assert!(f.locked_out(a).is_none(), "and the count starts afresh");
+    }
+
+    #[tokio::test]
+    async fn tcp_connections_get_keepalive() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), l.accept());
+        let (s, _) = accepted.unwrap();
+        let r = socket2::SockRef::from(&s);
+        assert!(!r.keepalive().unwrap());
+        keepalive(&s).unwrap();
+        assert!(r.keepalive().unwrap());
+        assert_eq!(r.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(r.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        drop(client);
     }
 
     #[test]
