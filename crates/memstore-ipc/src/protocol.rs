@@ -935,6 +935,16 @@ impl NeighborsFrame {
         Ok(NeighborsFrame { head, mid, body })
     }
 
+    /// Bytes on the wire, length prefix included.
+    pub fn len(&self) -> usize {
+        self.head.len() + 4 * self.body.keys.len() + self.mid.len() + 4 * self.body.values.len()
+    }
+
+    /// Whether the frame is empty (never: a frame has at least its prefix).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The frame's bytes in order, length prefix first.
     pub fn parts(&self) -> [Cow<'_, [u8]>; 4] {
         [

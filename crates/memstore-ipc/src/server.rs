@@ -295,6 +295,11 @@ pub struct ServerOptions {
     /// How long one reply may take to be written; a client that reads none
     /// for that long is disconnected.
     pub write_timeout: Duration,
+    /// Bytes of replies one connection may have computed and not yet
+    /// written: a request reserves its reply's bound before it runs, so a
+    /// client that reads slowly makes the daemon hold at most this much
+    /// (one reply larger than it takes all of it).
+    pub reply_budget: usize,
     /// Serve named stores from this directory (`DIR/NAME.<ext>`); `None`
     /// serves only the default store.
     pub stores_dir: Option<PathBuf>,
@@ -323,6 +328,7 @@ impl Default for ServerOptions {
             max_in_flight: 64,
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(60),
+            reply_budget: 64 << 20,
             stores_dir: None,
             backup_dir: None,
             max_open_stores: 64,
@@ -890,7 +896,64 @@ enum Outgoing {
     Neighbors(NeighborsFrame),
 }
 
-async fn send(tx: &mpsc::Sender<Outgoing>, id: u64, r: &Response<'_>, max_frame: usize) {
+impl Outgoing {
+    /// Bytes on the wire.
+    fn len(&self) -> usize {
+        match self {
+            Outgoing::Frame(f) => f.len(),
+            Outgoing::Neighbors(f) => f.len(),
+        }
+    }
+}
+
+/// The replies of one connection on their way to its writer, with the bytes
+/// held for them bounded by the reply budget: each reply holds permits (one
+/// per byte, up to the budget) until it is written, taken when it is queued
+/// or, for requests whose replies grow with their arguments, reserved before
+/// the request runs ([`Replies::reserve`]).
+#[derive(Clone)]
+struct Replies {
+    tx: mpsc::Sender<(Outgoing, Option<OwnedSemaphorePermit>)>,
+    room: Arc<Semaphore>,
+    budget: usize,
+}
+
+impl Replies {
+    fn new(budget: usize) -> (Replies, mpsc::Receiver<(Outgoing, Option<OwnedSemaphorePermit>)>) {
+        let budget = budget.clamp(1, u32::MAX as usize);
+        let (tx, rx) = mpsc::channel(64);
+        let room = Arc::new(Semaphore::new(budget));
+        (Replies { tx, room, budget }, rx)
+    }
+
+    /// Waits until `bytes` (at most the whole budget) are free and holds them.
+    async fn reserve(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        let n = bytes.clamp(1, self.budget) as u32;
+        self.room.clone().acquire_many_owned(n).await.ok()
+    }
+
+    /// Queues a reply, with the bytes reserved for it or, without a
+    /// reservation, once its own size is free.
+    async fn queue(&self, out: Outgoing, reserved: Option<OwnedSemaphorePermit>) {
+        let permit = match reserved {
+            Some(p) => Some(p),
+            None => self.reserve(out.len()).await,
+        };
+        let _ = self.tx.send((out, permit)).await;
+    }
+}
+
+async fn send(tx: &Replies, id: u64, r: &Response<'_>, max_frame: usize) {
+    send_reserved(tx, id, r, max_frame, None).await
+}
+
+async fn send_reserved(
+    tx: &Replies,
+    id: u64,
+    r: &Response<'_>,
+    max_frame: usize,
+    reserved: Option<OwnedSemaphorePermit>,
+) {
     let frame = match protocol::encode_frame(id, r, max_frame) {
         Ok(f) => f,
         Err(e) => match protocol::encode_frame(id, &Response::Error(e), max_frame) {
@@ -898,17 +961,15 @@ async fn send(tx: &mpsc::Sender<Outgoing>, id: u64, r: &Response<'_>, max_frame:
             Err(_) => return,
         },
     };
-    let _ = tx.send(Outgoing::Frame(frame)).await;
+    tx.queue(Outgoing::Frame(frame), reserved).await;
 }
 
 /// Sends search or learn results without encoding them into one buffer
 /// (an error frame if they do not fit the frame limit).
-async fn send_neighbors(tx: &mpsc::Sender<Outgoing>, id: u64, n: Neighbors, max_frame: usize) {
+async fn send_neighbors(tx: &Replies, id: u64, n: Neighbors, max_frame: usize, reserved: Option<OwnedSemaphorePermit>) {
     match NeighborsFrame::new(id, n, max_frame) {
-        Ok(f) => {
-            let _ = tx.send(Outgoing::Neighbors(f)).await;
-        }
-        Err(e) => send(tx, id, &Response::Error(e), max_frame).await,
+        Ok(f) => tx.queue(Outgoing::Neighbors(f), reserved).await,
+        Err(e) => send_reserved(tx, id, &Response::Error(e), max_frame, reserved).await,
     }
 }
 
@@ -932,7 +993,7 @@ async fn connection<O, R, W>(
     let max_frame = shared.options.max_frame;
     let handshake_frame = max_frame.min(HANDSHAKE_MAX_FRAME);
     let mut frames = FramedRead::new(r, protocol::codec(handshake_frame));
-    let (tx, mut rx) = mpsc::channel::<Outgoing>(64);
+    let (tx, mut rx) = Replies::new(shared.options.reply_budget);
     // A client that stops reading its replies is cut off after the write
     // timeout: its session must not hold the store (or block a restore or a
     // reconfiguration) for ever.
@@ -941,7 +1002,7 @@ async fn connection<O, R, W>(
     let writer = {
         let stalled = stalled.clone();
         tokio::spawn(async move {
-            while let Some(out) = rx.recv().await {
+            while let Some((out, _held)) = rx.recv().await {
                 let write = async {
                     match &out {
                         Outgoing::Frame(frame) => w.write_all(frame).await,
@@ -1335,13 +1396,7 @@ enum Outcome {
     Stats(Stats),
 }
 
-async fn handle<O: StoreOpener>(
-    shared: &Shared<O>,
-    slot: &Slot<O>,
-    frame: Bytes,
-    tx: &mpsc::Sender<Outgoing>,
-    read_only: bool,
-) {
+async fn handle<O: StoreOpener>(shared: &Shared<O>, slot: &Slot<O>, frame: Bytes, tx: &Replies, read_only: bool) {
     let max_frame = shared.options.max_frame;
     let (id, req): (u64, Request) = match protocol::decode_frame(&frame) {
         Ok(r) => r,
@@ -1364,6 +1419,13 @@ async fn handle<O: StoreOpener>(
         return;
     }
     let store = slot.store.read().await.clone();
+    // The reply's bytes are reserved before the request runs, so that the
+    // requests of a client that reads slowly wait instead of piling up
+    // replies in memory.
+    let reserved = match &store {
+        Some(s) => tx.reserve(reply_bound(s.config(), &req)).await,
+        None => None,
+    };
     let outcome = match (store, req) {
         (Some(s), Request::Backup { path }) => backup(&shared.options, &slot.opener, s.as_ref(), &path).await,
         (Some(s), Request::Restore { path }) => {
@@ -1373,21 +1435,42 @@ async fn handle<O: StoreOpener>(
         (Some(s), req) => execute(s.as_ref(), req, max_frame).await,
         (None, _) => Err(WireError::protocol(ProtocolError::NoStore, "no store is open")),
     };
+    let r = reserved;
     match outcome {
-        Ok(Outcome::Neighbors(n)) => send_neighbors(tx, id, n, max_frame).await,
-        Ok(Outcome::Ids(ids)) => send(tx, id, &Response::Ids(ids.as_slice().into()), max_frame).await,
+        Ok(Outcome::Neighbors(n)) => send_neighbors(tx, id, n, max_frame, r).await,
+        Ok(Outcome::Ids(ids)) => send_reserved(tx, id, &Response::Ids(ids.as_slice().into()), max_frame, r).await,
         Ok(Outcome::Memories(ms)) => {
             let ms = ms.iter().map(WireMemory::from_memory).collect();
-            send(tx, id, &Response::Memories(ms), max_frame).await
+            send_reserved(tx, id, &Response::Memories(ms), max_frame, r).await
         }
-        Ok(Outcome::Count(n)) => send(tx, id, &Response::Count(n), max_frame).await,
-        Ok(Outcome::Done) => send(tx, id, &Response::Done, max_frame).await,
-        Ok(Outcome::Stats(s)) => send(tx, id, &Response::Stats(WireStats::from(&s)), max_frame).await,
-        Err(e) => send(tx, id, &Response::Error(e), max_frame).await,
+        Ok(Outcome::Count(n)) => send_reserved(tx, id, &Response::Count(n), max_frame, r).await,
+        Ok(Outcome::Done) => send_reserved(tx, id, &Response::Done, max_frame, r).await,
+        Ok(Outcome::Stats(s)) => send_reserved(tx, id, &Response::Stats(WireStats::from(&s)), max_frame, r).await,
+        Err(e) => send_reserved(tx, id, &Response::Error(e), max_frame, r).await,
     }
 }
 
-/// Writes a copy of the store to `path` (absolute, new, in an existing directory).
+/// A bound of the bytes of a request's reply where it grows with the
+/// request's arguments (search and learn: rows × k neighbours; get: the
+/// memories named), and a small constant for the rest. Tags can make a
+/// reply larger than its bound; the reply then holds only its bound.
+fn reply_bound(config: &MemoryConfig, req: &Request<'_>) -> usize {
+    let per_slot = 4 * (config.key_dim + config.value_dim) + 10;
+    let rows = |floats: &protocol::F32s<'_>, dim: u64| (floats.0.len() / 4) / usize_of(dim).unwrap_or(1).max(1);
+    let k = |k: u64| usize::try_from(k).unwrap_or(usize::MAX);
+    let bound = match req {
+        Request::Search { queries, dim, k: n, .. } => {
+            rows(queries, *dim).saturating_mul(k(*n)).saturating_mul(per_slot)
+        }
+        Request::Learn { batch, k: n, .. } => rows(&batch.keys, batch.key_dim)
+            .saturating_mul(k(*n))
+            .saturating_mul(per_slot),
+        Request::Get(ids) => ids.len().saturating_mul(per_slot + 48),
+        _ => 0,
+    };
+    bound.saturating_add(64)
+}
+
 /// The file `path` names, resolved (links followed) and checked to lie in
 /// the backup directory: a client may make the daemon write or read store
 /// files there and nowhere else. `exists`: the file must exist (a restore's
@@ -1424,6 +1507,8 @@ fn confine(options: &ServerOptions, path: &str, what: &str, exists: bool) -> Res
     Ok(resolved)
 }
 
+/// Writes a copy of the store to `path` (absolute, new, in an existing
+/// directory inside the backup directory).
 async fn backup<O: StoreOpener>(
     options: &ServerOptions,
     opener: &O,

@@ -485,6 +485,60 @@ async fn open_named_stores_are_capped() {
     assert!(d.stop().success());
 }
 
+/// The daemon's resident memory in KiB (`VmRSS` in /proc).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A client that sends 48 searches (about 650 KB of reply each) and reads
+/// none makes the daemon hold about its reply budget (2 MB here), not 31 MB
+/// of replies: the requests wait for room before they run. Reading then
+/// gets every reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_replies_are_bounded_by_the_reply_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("d.sock");
+    let mut extra = cfg_args().to_vec();
+    extra.extend(["--reply-budget", "2000000"]);
+    let d = Daemon::start(&dir.path().join("s.db"), &socket, &extra);
+    let s = IpcStore::connect(&d.endpoint(), None).await.unwrap();
+    fill(&s, 300, 5).await;
+    let mut r = Raw::hello(&socket);
+    let before = rss_kib(d.child.id());
+    let q = vec![0.25f32; 64 * 4];
+    for id in 1..=48 {
+        r.try_send(
+            id,
+            &Request::Search {
+                queries: F32s::from_slice(&q),
+                dim: 4,
+                k: 300,
+                filter: None,
+            },
+        );
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let grown = rss_kib(d.child.id()).saturating_sub(before);
+    assert!(
+        grown < 12 * 1024,
+        "the daemon grew by {grown} KiB holding unread replies"
+    );
+    // The client is served as it reads.
+    for _ in 1..=48 {
+        match r.recv() {
+            Reply::Ok(_, kind) => assert!(kind.starts_with("Neighbors"), "{kind}"),
+            Reply::Err(id, e) => panic!("request {id}: {e:?}"),
+            Reply::Closed => panic!("closed before every reply"),
+        }
+    }
+    drop(r);
+    assert_eq!(s.len().await.unwrap(), 300);
+    drop(s);
+    assert!(d.stop().success());
+}
+
 /// Random bytes as frames never bring the daemon down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_frames_do_not_hurt_the_daemon() {
@@ -1038,6 +1092,7 @@ fn help_documents_every_flag() {
         "--max-in-flight",
         "--max-connections",
         "--write-timeout",
+        "--reply-budget",
         "--backup-dir",
         "--allow-uid",
         "--max-open-stores",

@@ -118,6 +118,10 @@ struct Args {
     /// Connections served at once (authenticated or not); more are refused.
     #[arg(long, default_value_t = ServerOptions::default().max_connections)]
     max_connections: usize,
+    /// Bytes of replies one connection may have computed and not yet
+    /// written (a slow reader's requests wait beyond it).
+    #[arg(long, default_value_t = ServerOptions::default().reply_budget)]
+    reply_budget: usize,
     /// Seconds one reply may take to be written; a client that reads none for
     /// that long is disconnected.
     #[arg(long, default_value_t = ServerOptions::default().write_timeout.as_secs())]
@@ -250,6 +254,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         max_in_flight: args.max_in_flight,
         max_connections: args.max_connections,
         write_timeout: std::time::Duration::from_secs(args.write_timeout.max(1)),
+        reply_budget: args.reply_budget,
         stores_dir: args.stores.clone(),
         backup_dir: args.backup_dir.clone(),
         allow_uids: args.allow_uid.clone(),
