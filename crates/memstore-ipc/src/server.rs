@@ -1863,41 +1863,23 @@ mod tests {
             Err(WireError::Shape(_)) => "bad path",
             Err(e) => panic!("{e:?}"),
         };
-        assert_eq!(
-            kind(confine(&off, &s(&inside.join("new.db")), "backup", false)),
-            "refused"
-        );
-        assert_eq!(kind(confine(&on, &s(&inside.join("new.db")), "backup", false)), "ok");
-        assert_eq!(
-            kind(confine(&on, &s(&inside.join("sub/new.db")), "backup", false)),
-            "ok"
-        );
-        assert_eq!(kind(confine(&on, &s(&inside.join("a.db")), "restore", true)), "ok");
-        assert_eq!(
-            kind(confine(&on, &s(&outside.join("new.db")), "backup", false)),
-            "refused"
-        );
-        assert_eq!(
-            kind(confine(&on, &s(&outside.join("b.db")), "restore", true)),
-            "refused"
-        );
-        assert_eq!(
-            kind(confine(&on, &s(&inside.join("../elsewhere/new.db")), "backup", false)),
-            "refused"
-        );
-        assert_eq!(
-            kind(confine(&on, &s(&inside.join("link/b.db")), "restore", true)),
-            "refused"
-        );
-        assert_eq!(
-            kind(confine(&on, &s(&inside.join("link/new.db")), "backup", false)),
-            "refused"
-        );
-        assert_eq!(kind(confine(&on, "rel.db", "backup", false)), "bad path");
-        assert_eq!(
-            kind(confine(&on, &s(&inside.join("missing.db")), "restore", true)),
-            "bad path"
-        );
+        let (backup, restore) = (("backup", false), ("restore", true));
+        let cases = [
+            (&off, s(&inside.join("new.db")), backup, "refused"),
+            (&on, s(&inside.join("new.db")), backup, "ok"),
+            (&on, s(&inside.join("sub/new.db")), backup, "ok"),
+            (&on, s(&inside.join("a.db")), restore, "ok"),
+            (&on, s(&outside.join("new.db")), backup, "refused"),
+            (&on, s(&outside.join("b.db")), restore, "refused"),
+            (&on, s(&inside.join("../elsewhere/new.db")), backup, "refused"),
+            (&on, s(&inside.join("link/b.db")), restore, "refused"),
+            (&on, s(&inside.join("link/new.db")), backup, "refused"),
+            (&on, "rel.db".to_string(), backup, "bad path"),
+            (&on, s(&inside.join("missing.db")), restore, "bad path"),
+        ];
+        for (options, path, (what, exists), want) in cases {
+            assert_eq!(kind(confine(options, &path, what, exists)), want, "{what} {path}");
+        }
     }
 
     #[test]

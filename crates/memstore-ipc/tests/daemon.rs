@@ -353,6 +353,23 @@ async fn unauthenticated_frames_and_connections_are_bounded() {
     assert!(status.success(), "{status}");
 }
 
+/// Sends searches 1..=n of 64 queries × 300 neighbours (replies of about
+/// 650 KB each against a store of 300 memories of 4 + 2 floats).
+fn send_big_searches(r: &mut Raw, n: u64) {
+    let q = vec![0.25f32; 64 * 4];
+    for id in 1..=n {
+        r.try_send(
+            id,
+            &Request::Search {
+                queries: F32s::from_slice(&q),
+                dim: 4,
+                k: 300,
+                filter: None,
+            },
+        );
+    }
+}
+
 /// A client that sends requests and never reads the replies is cut off
 /// after the write timeout, instead of holding its session for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -365,20 +382,8 @@ async fn a_client_that_stops_reading_is_disconnected() {
     let s = IpcStore::connect(&d.endpoint(), None).await.unwrap();
     fill(&s, 300, 5).await;
     let mut r = Raw::hello(&socket);
-    // Each reply is 64 queries x 300 neighbours (about 650 KB): a few fill
-    // the socket's buffers, and the client reads none of them.
-    let q = vec![0.25f32; 64 * 4];
-    for id in 1..=16 {
-        r.try_send(
-            id,
-            &Request::Search {
-                queries: F32s::from_slice(&q),
-                dim: 4,
-                k: 300,
-                filter: None,
-            },
-        );
-    }
+    // A few replies fill the socket's buffers, and the client reads none.
+    send_big_searches(&mut r, 16);
     std::thread::sleep(Duration::from_secs(4));
     // The daemon gave up on the connection: reading now drains what it had
     // written and then meets the end of the stream.
@@ -507,18 +512,7 @@ async fn unread_replies_are_bounded_by_the_reply_budget() {
     fill(&s, 300, 5).await;
     let mut r = Raw::hello(&socket);
     let before = rss_kib(d.child.id());
-    let q = vec![0.25f32; 64 * 4];
-    for id in 1..=48 {
-        r.try_send(
-            id,
-            &Request::Search {
-                queries: F32s::from_slice(&q),
-                dim: 4,
-                k: 300,
-                filter: None,
-            },
-        );
-    }
+    send_big_searches(&mut r, 48);
     std::thread::sleep(Duration::from_secs(2));
     let grown = rss_kib(d.child.id()).saturating_sub(before);
     assert!(
