@@ -37,7 +37,7 @@ use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use memstore_api::{Batch, Memory, MemoryConfig, MemoryStore, Neighbors, Result, Stats, Tags, Vectors};
 use memstore_sqlite::{SqliteOptions, SqliteStore};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, RwLock, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::codec::FramedRead;
@@ -689,7 +689,7 @@ impl<O: StoreOpener> Server<O> {
     {
         match self.shared.connections.clone().try_acquire_owned() {
             Ok(p) => connection(self.shared.clone(), r, w, needs_token, ("stream".into(), None), p).await,
-            Err(_) => refuse_busy(w, "stream".into(), self.shared.options.max_connections).await,
+            Err(_) => refuse_busy(r, w, "stream".into(), self.shared.options.max_connections).await,
         }
     }
 }
@@ -712,14 +712,14 @@ async fn accept_loop<O: StoreOpener>(shared: Arc<Shared<O>>, listener: Listener,
                             ProtocolError::Unauthorized,
                             format!("uid {uid} may not use this daemon (it serves uid {own}; see --allow-uid)"),
                         );
-                        tracker.spawn(refuse(w, format!("unix uid {uid}"), e))
+                        tracker.spawn(refuse(r, w, format!("unix uid {uid}"), e))
                     }
                     (_, Err(e)) => {
                         let e = WireError::protocol(
                             ProtocolError::Unauthorized,
                             format!("the peer's credentials could not be read: {e}"),
                         );
-                        tracker.spawn(refuse(w, "unix".into(), e))
+                        tracker.spawn(refuse(r, w, "unix".into(), e))
                     }
                     (Ok(p), Ok(uid)) => tracker.spawn(connection(
                         shared.clone(),
@@ -729,7 +729,7 @@ async fn accept_loop<O: StoreOpener>(shared: Arc<Shared<O>>, listener: Listener,
                         (format!("unix uid {uid}"), None),
                         p,
                     )),
-                    (Err(_), Ok(_)) => tracker.spawn(refuse_busy(w, "unix".into(), shared.options.max_connections)),
+                    (Err(_), Ok(_)) => tracker.spawn(refuse_busy(r, w, "unix".into(), shared.options.max_connections)),
                 };
             }
             Ok(Accepted::Tcp(s, peer)) => {
@@ -747,7 +747,7 @@ async fn accept_loop<O: StoreOpener>(shared: Arc<Shared<O>>, listener: Listener,
                         (peer.to_string(), Some(peer.ip())),
                         p,
                     )),
-                    Err(_) => tracker.spawn(refuse_busy(w, peer.to_string(), shared.options.max_connections)),
+                    Err(_) => tracker.spawn(refuse_busy(r, w, peer.to_string(), shared.options.max_connections)),
                 };
             }
             Err(e) => {
@@ -771,13 +771,13 @@ async fn accept(l: &Listener) -> std::io::Result<Accepted> {
 }
 
 /// Tells a connection over the limit why it is refused, and closes it.
-async fn refuse_busy<W: AsyncWrite + Unpin>(w: W, peer: String, limit: usize) {
+async fn refuse_busy<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(r: R, w: W, peer: String, limit: usize) {
     warn!(peer = %peer, limit, "connection limit reached: refusing a connection");
     let e = WireError::protocol(
         ProtocolError::Busy,
         format!("the daemon serves {limit} connections at most (--max-connections); try again later"),
     );
-    refuse(w, peer, e).await
+    refuse(r, w, peer, e).await
 }
 
 /// Wrong tokens in a row after which a TCP address is locked out.
@@ -867,16 +867,30 @@ fn peer_allowed(uid: u32, own: u32, allow: &[u32]) -> bool {
 }
 
 /// Sends `e` to a connection that is refused before its handshake, and
-/// closes it (without reading from it: the error frame is all it gets).
-async fn refuse<W: AsyncWrite + Unpin>(mut w: W, peer: String, e: WireError) {
+/// closes it. What the client sends meanwhile (its handshake) is read and
+/// dropped for a moment, so that its write succeeds and it reads the
+/// refusal instead of meeting a broken pipe.
+async fn refuse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(mut r: R, mut w: W, peer: String, e: WireError) {
     info!(peer = %peer, error = ?e, "connection refused");
-    if let Ok(frame) = protocol::encode_frame(0, &Response::Error(e), HANDSHAKE_MAX_FRAME) {
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            let _ = w.write_all(&frame).await;
-            let _ = w.shutdown().await;
-        })
-        .await;
-    }
+    let Ok(frame) = protocol::encode_frame(0, &Response::Error(e), HANDSHAKE_MAX_FRAME) else {
+        return;
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = w.write_all(&frame).await;
+        let _ = w.shutdown().await;
+    })
+    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut sink = [0u8; 4096];
+        let mut read = 0;
+        while read < HANDSHAKE_MAX_FRAME {
+            match r.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+        }
+    })
+    .await;
 }
 
 /// Decrements the session count when a session ends.
