@@ -117,10 +117,7 @@ impl StoreLocation {
 
     /// The local store file of block `i` (`None` for daemons).
     pub fn file(&self, run_dir: &Path, block: usize) -> Option<PathBuf> {
-        match self {
-            StoreLocation::Ipc(_) => None,
-            _ => Some(self.dir(run_dir).join(self.name(block))),
-        }
+        self.url(run_dir, block).file().map(Path::to_path_buf)
     }
 
     /// The name of block `i`'s copy in a checkpoint directory.

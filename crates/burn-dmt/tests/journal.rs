@@ -39,6 +39,13 @@ fn batches() -> Vec<ChangeBatch> {
         .collect()
 }
 
+/// Where each record starts, given where each ends.
+fn starts(ends: &[usize]) -> Vec<usize> {
+    std::iter::once(MAGIC_LEN)
+        .chain(ends[..ends.len() - 1].iter().copied())
+        .collect()
+}
+
 /// Writes the three batches to a journal at `path`; returns its bytes and
 /// where each record ends.
 fn write_journal(path: &Path) -> (Vec<u8>, Vec<usize>) {
@@ -119,9 +126,7 @@ fn every_header_bit_flip_is_caught() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("journal");
     let (bytes, ends) = write_journal(&path);
-    let starts: Vec<usize> = std::iter::once(MAGIC_LEN)
-        .chain(ends[..ends.len() - 1].iter().copied())
-        .collect();
+    let starts = starts(&ends);
     for (r, &start) in starts.iter().enumerate() {
         for bit in 0..HEADER * 8 {
             let mut damaged = bytes.clone();
@@ -137,9 +142,7 @@ fn ten_thousand_payload_bit_flips_are_caught() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("journal");
     let (bytes, ends) = write_journal(&path);
-    let starts: Vec<usize> = std::iter::once(MAGIC_LEN)
-        .chain(ends[..ends.len() - 1].iter().copied())
-        .collect();
+    let starts = starts(&ends);
     let mut rng = Rng::new(26);
     for trial in 0..10_000 {
         let r = rng.below(3) as usize;

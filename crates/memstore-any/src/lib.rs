@@ -169,31 +169,11 @@ fn restore_file(file: &Path, from: &Path) -> Result<()> {
     if !from.is_file() {
         return Err(Error::Shape(format!("no backup at {}", from.display())));
     }
-    let with = |suffix: &str| {
-        let mut p = file.as_os_str().to_owned();
-        p.push(suffix);
-        PathBuf::from(p)
-    };
-    let tmp = with(".restoring");
+    let mut tmp = file.as_os_str().to_owned();
+    tmp.push(".restoring");
+    let tmp = PathBuf::from(tmp);
     std::fs::copy(from, &tmp).map_err(|e| io(&tmp, e))?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| io(&tmp, e))?;
-    // The old store's write-ahead logs belong to the file being replaced.
-    for suffix in ["-wal", "-shm", ".wal"] {
-        let p = with(suffix);
-        if p.exists() {
-            std::fs::remove_file(&p).map_err(|e| io(&p, e))?;
-        }
-    }
-    std::fs::rename(&tmp, file).map_err(|e| io(file, e))?;
-    let dir = match file.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io(dir, e))
+    memstore_engine::driver::install_copy(&tmp, file)
 }
 
 /// Opens the store at `url` (module docs): [`StoreUrl::open`] of the parsed URL.

@@ -9,6 +9,8 @@
 //! - [`Loader`]: builds the index from the rows read on open, checking each.
 //! - [`expect_rows`]: a statement changed exactly the rows the plan named.
 //! - [`reprioritised`]: the access rows to rewrite when λ changes.
+//! - [`sync_parent`] and [`install_copy`]: durable file replacement (a
+//!   restored backup put in place of a closed store file).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -294,6 +296,39 @@ pub fn reprioritised(index: &MemoryIndex) -> Vec<AccessUpdate> {
         .collect()
 }
 
+/// Makes `file`'s entry in its directory durable (after the file was
+/// created or renamed there).
+pub fn sync_parent(file: &Path) -> std::io::Result<()> {
+    let dir = match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Puts `copy` (a file beside it) in place of the closed store file `file`:
+/// the copy is synced, the old store's write-ahead logs (`-wal`, `-shm`,
+/// `.wal`) are removed, the copy is renamed over `file`, and the directory
+/// is synced, so the replacement is durable when this returns.
+pub fn install_copy(copy: &Path, file: &Path) -> Result<()> {
+    let io = |what: &Path, e: std::io::Error| {
+        Error::storage(std::io::Error::new(e.kind(), format!("{}: {e}", what.display())))
+    };
+    std::fs::File::open(copy)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io(copy, e))?;
+    for suffix in ["-wal", "-shm", ".wal"] {
+        let mut p = file.as_os_str().to_owned();
+        p.push(suffix);
+        let p = PathBuf::from(p);
+        if p.exists() {
+            std::fs::remove_file(&p).map_err(|e| io(&p, e))?;
+        }
+    }
+    std::fs::rename(copy, file).map_err(|e| io(file, e))?;
+    sync_parent(file).map_err(|e| io(file, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,6 +381,20 @@ mod tests {
                 .lambda_changed
         );
         assert!(resolve_config(Some(c), Some(MemoryConfig::new(5, 2)), "x").is_err());
+    }
+
+    #[test]
+    fn install_copy_replaces_the_file_and_drops_its_logs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, copy) = (dir.path().join("s.db"), dir.path().join("s.db.restoring"));
+        std::fs::write(&file, b"old").unwrap();
+        std::fs::write(dir.path().join("s.db-wal"), b"log").unwrap();
+        std::fs::write(&copy, b"new").unwrap();
+        install_copy(&copy, &file).unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), b"new");
+        assert!(!copy.exists() && !dir.path().join("s.db-wal").exists());
+        assert!(install_copy(&copy, &file).is_err(), "no copy: an error, the file kept");
+        assert_eq!(std::fs::read(&file).unwrap(), b"new");
     }
 
     #[test]

@@ -247,19 +247,9 @@ where
             return Err(e);
         }
     }
-    // The copy is on the disk before it replaces the store, and the rename
-    // is before the restore is acknowledged.
-    let sync = |p: &Path| std::fs::File::open(p).and_then(|f| f.sync_all());
-    sync(&tmp).map_err(|e| io("syncing the restored copy", e))?;
-    for s in ["-wal", "-shm", ".wal"] {
-        let _ = std::fs::remove_file(suffixed(path, s));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| io(&format!("moving the restored copy to {}", path.display()), e))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    sync(dir).map_err(|e| io(&format!("syncing {}", dir.display()), e))?;
+    // The copy is durable in place of the store before the restore is
+    // acknowledged.
+    memstore_engine::driver::install_copy(&tmp, path)?;
     clean(&tmp);
     open(path.to_path_buf()).await
 }
@@ -1427,7 +1417,7 @@ async fn handle<O: StoreOpener>(shared: &Shared<O>, slot: &Slot<O>, frame: Bytes
     if read_only && !reads {
         let e = WireError::protocol(
             ProtocolError::Unauthorized,
-            "this session's token is read-only: it may search, get and read counts and statistics",
+            "this connection's token is read-only: it may search, get and read counts and statistics",
         );
         send(tx, id, &Response::Error(e), max_frame).await;
         return;
@@ -1469,20 +1459,22 @@ async fn handle<O: StoreOpener>(shared: &Shared<O>, slot: &Slot<O>, frame: Bytes
 /// memories named), and a small constant for the rest. Tags can make a
 /// reply larger than its bound; the reply then holds only its bound.
 fn reply_bound(config: &MemoryConfig, req: &Request<'_>) -> usize {
-    let per_slot = 4 * (config.key_dim + config.value_dim) + 10;
     let rows = |floats: &protocol::F32s<'_>, dim: u64| (floats.0.len() / 4) / usize_of(dim).unwrap_or(1).max(1);
-    let k = |k: u64| usize::try_from(k).unwrap_or(usize::MAX);
     let bound = match req {
-        Request::Search { queries, dim, k: n, .. } => {
-            rows(queries, *dim).saturating_mul(k(*n)).saturating_mul(per_slot)
-        }
-        Request::Learn { batch, k: n, .. } => rows(&batch.keys, batch.key_dim)
-            .saturating_mul(k(*n))
-            .saturating_mul(per_slot),
-        Request::Get(ids) => ids.len().saturating_mul(per_slot + 48),
+        Request::Search { queries, dim, k, .. } => slots_bytes(config, rows(queries, *dim), *k),
+        Request::Learn { batch, k, .. } => slots_bytes(config, rows(&batch.keys, batch.key_dim), *k),
+        Request::Get(ids) => slots_bytes(config, ids.len(), 1),
         _ => 0,
     };
-    bound.saturating_add(64)
+    usize::try_from(bound).unwrap_or(usize::MAX).saturating_add(64)
+}
+
+/// Bytes of `rows` × `k` memories in a reply (key and value floats and a
+/// little bookkeeping each): the bound that both the frame check and the
+/// reply budget use.
+fn slots_bytes(config: &MemoryConfig, rows: usize, k: u64) -> u128 {
+    let per_slot = 4 * (config.key_dim + config.value_dim) + 10;
+    (rows as u128) * (k as u128) * (per_slot as u128)
 }
 
 /// The file `path` names, resolved (links followed) and checked to lie in
@@ -1610,8 +1602,7 @@ impl Rows {
 /// Refuses a search, learn or get whose reply could not fit in a frame,
 /// before the store allocates it.
 fn check_reply_size(config: &MemoryConfig, rows: usize, k: u64, max_frame: usize) -> Result<(), WireError> {
-    let per_slot = 4 * (config.key_dim + config.value_dim) + 10;
-    let bytes = (rows as u128) * (k as u128) * (per_slot as u128);
+    let bytes = slots_bytes(config, rows, k);
     if bytes > max_frame as u128 {
         return Err(WireError::protocol(
             ProtocolError::TooLarge,

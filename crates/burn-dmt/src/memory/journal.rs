@@ -287,13 +287,9 @@ fn valid_record_after(bytes: &[u8], from: usize, format: u8) -> Option<usize> {
     (end < bytes.len()).then_some(end)
 }
 
-/// Makes a directory entry (a file created or renamed in `dir`) durable.
+/// Makes a directory entry (a file created or renamed there) durable.
 fn sync_dir(file: &Path) -> Result<()> {
-    let dir = match file.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+    memstore_engine::driver::sync_parent(file).map_err(io(file))
 }
 
 /// An append-only file of change batches.
