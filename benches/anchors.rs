@@ -175,10 +175,7 @@ fn anchors(c: &mut Criterion) {
         // The same exact store without the `vec0` mirror (no SQL kNN through
         // vec0, which costs writes): its writes only.
         let bare = rt.block_on(async {
-            let options = memstore::SqliteOptions {
-                sql_knn: false,
-                ..memstore::SqliteOptions::default()
-            };
+            let options = memstore::SqliteOptions::default().with_sql_knn(false);
             let s = SqliteStore::open_with(dir.path().join("anchor-bare.db"), MemoryConfig::new(dim, dim), options)
                 .await
                 .unwrap();
@@ -195,12 +192,12 @@ fn anchors(c: &mut Criterion) {
         });
         #[cfg(feature = "hnsw")]
         let hnsw = rt.block_on(async {
-            let options = memstore::SqliteOptions {
-                index: memstore::IndexOptions::default()
-                    .with_ann(Arc::new(memstore::Hnsw::new(memstore::HnswOptions::default()))),
-                sql_knn: false,
-                ..memstore::SqliteOptions::default()
-            };
+            let options = memstore::SqliteOptions::default()
+                .with_index(
+                    memstore::IndexOptions::default()
+                        .with_ann(Arc::new(memstore::Hnsw::new(memstore::HnswOptions::default()))),
+                )
+                .with_sql_knn(false);
             let s = SqliteStore::open_with(dir.path().join("anchor-hnsw.db"), MemoryConfig::new(dim, dim), options)
                 .await
                 .unwrap();
@@ -215,9 +212,11 @@ fn anchors(c: &mut Criterion) {
         });
         #[cfg(all(feature = "hnsw", feature = "duckdb"))]
         let duck_hnsw = rt.block_on(async {
-            let options = memstore::DuckdbOptions {
-                index: memstore::IndexOptions::default()
-                    .with_ann(Arc::new(memstore::Hnsw::new(memstore::HnswOptions::default()))),
+            let options = {
+                let mut o = memstore::DuckdbOptions::default();
+                o.index = memstore::IndexOptions::default()
+                    .with_ann(Arc::new(memstore::Hnsw::new(memstore::HnswOptions::default())));
+                o
             };
             let s = memstore::DuckdbStore::open_with(
                 dir.path().join("anchor-hnsw.duckdb"),

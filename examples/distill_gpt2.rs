@@ -140,6 +140,9 @@ struct Args {
 
 /// Burn's CPU backend frees and reallocates large tensors every step;
 /// mimalloc keeps them instead of returning them to the kernel.
+#[path = "common/progress.rs"]
+mod progress;
+
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -152,6 +155,7 @@ fn main() {
 
 fn run_main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    progress::init();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let mut o = DistillOptions::embedded(&root);
     let selected = select(args.device)?;
@@ -203,7 +207,7 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
         };
         eval_only(&student, &corpus, &o)?
     } else {
-        run(&o, &mut |line| println!("{line}"))?
+        run(&o)?
     };
     println!("\n{}", report.markdown());
     println!("({:.0} s in all)", start.elapsed().as_secs_f64());

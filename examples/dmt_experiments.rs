@@ -392,9 +392,18 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
         .filter(|j| args.only.is_empty() || args.only.contains(&j.name))
         .collect();
     if args.worker {
-        // A child of the suite: its runs, their step lines on stdout.
+        // A child of the suite: its runs, their events on stdout, one per
+        // line (the parent reads the `step=` and `steps=` fields).
+        tracing_subscriber::fmt()
+            .without_time()
+            .with_target(false)
+            .with_level(false)
+            .with_ansi(false)
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info,burn_dmt::distill=debug"))
+            .with_writer(std::io::stdout)
+            .init();
         for j in pending {
-            run_job(j, &mut |line| println!("{line}"))?;
+            run_job(j)?;
         }
         return Ok(());
     }
@@ -441,8 +450,8 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// Trains one job (resuming from its checkpoint if it has one) and writes
-/// its `result.json`; `progress` sees the run's log lines.
-fn run_job(j: &Job, progress: &mut dyn FnMut(&str)) -> Result<Outcome, Box<dyn std::error::Error>> {
+/// its `result.json`.
+fn run_job(j: &Job) -> Result<Outcome, Box<dyn std::error::Error>> {
     let mut o = j.opts.clone();
     if o.run_dir.join("checkpoint.json").exists() {
         o.resume = true;
@@ -450,7 +459,7 @@ fn run_job(j: &Job, progress: &mut dyn FnMut(&str)) -> Result<Outcome, Box<dyn s
         std::fs::remove_dir_all(&o.run_dir)?;
     }
     let t0 = Instant::now();
-    let report = run(&o, progress)?;
+    let report = run(&o)?;
     let outcome = outcome(j, &report, t0.elapsed().as_secs_f64());
     std::fs::write(
         j.opts.run_dir.join("result.json"),
@@ -521,12 +530,18 @@ fn run_pending(args: &Args, out: &Path, pending: &[&Job], done: usize) -> Result
             let reader = std::thread::spawn(move || {
                 use std::io::BufRead;
                 for line in std::io::BufReader::new(lines).lines().map_while(Result::ok) {
-                    if let Some(rest) = line.trim_start().strip_prefix("step")
-                        && let Some((done, _)) = rest.trim_start().split_once('/')
-                        && let Ok(done) = done.trim().parse::<u64>()
-                    {
+                    // A progress event: `MESSAGE step=N steps=M`.
+                    let field = |name: &str| {
+                        line.split_whitespace()
+                            .find_map(|w| w.strip_prefix(name)?.parse::<u64>().ok())
+                    };
+                    if let Some(done) = field("step=") {
                         b.set_position(done);
-                        b.set_message(line.split("  ").nth(1).unwrap_or("").to_string());
+                        if let Some((message, _)) = line.split_once(" step=")
+                            && !message.is_empty()
+                        {
+                            b.set_message(message.split("  ").next().unwrap_or("").to_string());
+                        }
                     }
                 }
             });

@@ -80,7 +80,11 @@ struct Args {
     device: DeviceChoice,
 }
 
+#[path = "common/progress.rs"]
+mod progress;
+
 fn main() {
+    progress::init();
     if let Err(e) = run(Args::parse()) {
         eprintln!("error: {e}");
         std::process::exit(1);
@@ -95,11 +99,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let (model, codec): (Gpt2, Option<TextCodec>) = match (&args.model, &args.student) {
         (_, Some(run_dir)) => {
             if let Some(f) = &args.memorize {
-                let opts = MemorizeOptions {
-                    device: selected.device.clone(),
-                    ..MemorizeOptions::default()
+                let opts = {
+                    let mut o = MemorizeOptions::default();
+                    o.device = selected.device.clone();
+                    o
                 };
-                for r in memorize(run_dir, std::slice::from_ref(f), &opts, &mut |l| eprintln!("{l}"), None)? {
+                for r in memorize(run_dir, std::slice::from_ref(f), &opts, None)? {
                     eprintln!(
                         "memorised {} (forget it with: cargo run --release --example memory -- forget --student {} \
                          --source {})",

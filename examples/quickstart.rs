@@ -7,18 +7,14 @@
 
 use std::time::Instant;
 
+use rand_core::{RngCore, SeedableRng};
+use rand_xoshiro::SplitMix64;
+
 use memstore::{Batch, EvictionPolicy, MemoryConfig, MemoryStore, Metric, SqliteStore, TagFilter, Tags, Vectors};
 
-/// SplitMix64: deterministic data without an RNG dependency.
-struct Rng(u64);
-impl Rng {
-    fn unit(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
+/// Uniform in `[-1, 1)`.
+fn unit(rng: &mut SplitMix64) -> f32 {
+    ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
 }
 
 #[tokio::main]
@@ -39,10 +35,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let store = memstore::SqliteStore::open_with(
         &path,
         config.clone(),
-        memstore::SqliteOptions {
-            sql_knn,
-            ..Default::default()
-        },
+        memstore::SqliteOptions::default().with_sql_knn(sql_knn),
     )
     .await?;
     println!(
@@ -50,16 +43,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         path.display()
     );
 
-    let mut rng = Rng(42);
-    let centres: Vec<f32> = (0..clusters * dk).map(|_| rng.unit()).collect();
+    let mut rng = SplitMix64::seed_from_u64(42);
+    let centres: Vec<f32> = (0..clusters * dk).map(|_| unit(&mut rng)).collect();
     let t0 = Instant::now();
     for step in 0..batches {
         let mut keys = Vec::with_capacity(batch * dk);
         for _ in 0..batch {
-            let c = ((rng.unit() + 1.0) / 2.0 * clusters as f32) as usize % clusters;
-            keys.extend(centres[c * dk..(c + 1) * dk].iter().map(|x| x + 0.05 * rng.unit()));
+            let c = ((unit(&mut rng) + 1.0) / 2.0 * clusters as f32) as usize % clusters;
+            keys.extend(centres[c * dk..(c + 1) * dk].iter().map(|x| x + 0.05 * unit(&mut rng)));
         }
-        let values: Vec<f32> = (0..batch * dv).map(|_| rng.unit()).collect();
+        let values: Vec<f32> = (0..batch * dv).map(|_| unit(&mut rng)).collect();
         let tag = vec![format!("epoch{}", step / 10)];
         let b = Batch::new(Vectors::new(&keys, dk)?, Vectors::new(&values, dv)?).with_tags(Tags::Same(&tag));
         store.learn(b, step as u64, 8).await?;

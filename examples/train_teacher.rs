@@ -17,9 +17,10 @@ use burn::optim::{AdamWConfig, GradientsParams};
 use burn_dmt::burn;
 use burn_dmt::burn::tensor::Device;
 use burn_dmt::tokenizer::{Gpt2Tokenizer, VocabMap};
-use burn_dmt::train::{Corpus, SplitMix, cross_entropy, eval_batches, evaluate, lr_at, sample_batch, value};
+use burn_dmt::train::{Corpus, SplitMix64, cross_entropy, eval_batches, evaluate, lr_at, sample_batch, value};
 use burn_dmt::{Gpt2, Gpt2Config, WeightDtype};
 use clap::Parser;
+use rand_core::SeedableRng;
 
 /// Train a small GPT-2 teacher on a corpus.
 #[derive(Parser, Debug)]
@@ -70,8 +71,12 @@ struct Args {
     full_vocab: bool,
 }
 
+#[path = "common/progress.rs"]
+mod progress;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    progress::init();
     let device = Device::flex();
     device.seed(args.seed);
     let train_device = device.clone().autodiff();
@@ -103,7 +108,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_weight_decay(0.1)
         .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
         .init();
-    let mut rng = SplitMix(args.seed);
+    let mut rng = SplitMix64::seed_from_u64(args.seed);
     let eval = eval_batches(&corpus.eval, 8, args.seq, 64);
     let start = Instant::now();
     let warmup = (args.steps / 20).max(1);
@@ -116,11 +121,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         model = optim.step(lr, model, grads);
         if step % 50 == 0 || step + 1 == args.steps {
             let toks = (step + 1) * args.batch * args.seq;
-            println!(
-                "step {step:>5}/{}  loss {l:.3}  lr {lr:.2e}  {:.0} tokens/s",
-                args.steps,
+            tracing::info!(
+                step = step + 1,
+                steps = args.steps,
+                "loss {l:.3}  lr {lr:.2e}  {:.0} tokens/s",
                 toks as f64 / start.elapsed().as_secs_f64()
             );
+        } else {
+            tracing::debug!(step = step + 1, steps = args.steps);
         }
     }
     let trained = start.elapsed().as_secs_f64();

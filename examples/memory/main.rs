@@ -91,7 +91,11 @@ enum Command {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+#[path = "../common/progress.rs"]
+mod progress;
+
 fn main() {
+    progress::init();
     if let Err(e) = run(Args::parse()) {
         eprintln!("error: {e}");
         std::process::exit(1);
@@ -113,18 +117,19 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             files,
         } => {
             let selected = select(device)?;
-            let opts = MemorizeOptions {
-                mechanism,
-                steps,
-                batch,
-                seq,
-                lr,
-                sparse_rows,
-                room,
-                device: selected.device,
-                ..MemorizeOptions::default()
+            let opts = {
+                let mut o = MemorizeOptions::default();
+                o.mechanism = mechanism;
+                o.steps = steps;
+                o.batch = batch;
+                o.seq = seq;
+                o.lr = lr;
+                o.sparse_rows = sparse_rows;
+                o.room = room;
+                o.device = selected.device;
+                o
             };
-            for r in memorize(&student, &files, &opts, &mut |l| eprintln!("{l}"), None)? {
+            for r in memorize(&student, &files, &opts, None)? {
                 println!(
                     "{}: cross-entropy on it {:.4} -> {:.4} nats; {} steps at {:.0} tokens/s",
                     r.source.tag, r.ce_before, r.ce_after, r.steps, r.tokens_per_s

@@ -173,18 +173,19 @@ pub fn run(a: StudyArgs) -> Result<(), Box<dyn std::error::Error>> {
             let start = (ce(&m, &new_eval)?, ce(&m, &orig_eval)?);
             drop(m);
             let mut points = vec![(0, start.0, start.1)];
-            let opts = MemorizeOptions {
-                mechanism,
-                steps: Some(a.steps),
-                batch: a.batch,
-                seq: a.seq,
-                lr,
-                sparse_rows: a.sparse_rows,
-                room: a.room,
-                novelty_quantile: a.novelty_quantile,
-                background_windows: a.background_windows,
-                device: device.clone(),
-                ..MemorizeOptions::default()
+            let opts = {
+                let mut o = MemorizeOptions::default();
+                o.mechanism = mechanism;
+                o.steps = Some(a.steps);
+                o.batch = a.batch;
+                o.seq = a.seq;
+                o.lr = lr;
+                o.sparse_rows = a.sparse_rows;
+                o.room = a.room;
+                o.novelty_quantile = a.novelty_quantile;
+                o.background_windows = a.background_windows;
+                o.device = device.clone();
+                o
             };
             let t0 = Instant::now();
             let mut eval_secs = 0.0;
@@ -196,13 +197,7 @@ pub fn run(a: StudyArgs) -> Result<(), Box<dyn std::error::Error>> {
                 }
                 Ok(())
             };
-            let reports = memorize(
-                &dir,
-                std::slice::from_ref(&train_file),
-                &opts,
-                &mut |l| eprintln!("{l}"),
-                Some(&mut hook),
-            )?;
+            let reports = memorize(&dir, std::slice::from_ref(&train_file), &opts, Some(&mut hook))?;
             let seconds = t0.elapsed().as_secs_f64() - eval_secs;
             let ledger = sources(&dir)?;
             let floats: usize = ledger

@@ -4,6 +4,7 @@
 //! run with the MLP it replaces (128 → 512 → 128, forward and backward).
 //! `cargo bench -p burn-dmt --bench tier`.
 
+use rand_core::{RngCore as _, SeedableRng as _};
 use std::time::Duration;
 
 use burn_dmt::burn::nn::LinearConfig;
@@ -11,11 +12,11 @@ use burn_dmt::burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_dmt::memory::featural::FeaturalMemory;
 use burn_dmt::memory::journal::Journal;
 use burn_dmt::memory::tier::DeviceMemory;
-use burn_dmt::train::SplitMix;
+use burn_dmt::train::SplitMix64;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use memstore_api::MemoryConfig;
 
-fn data(n: usize, rng: &mut SplitMix) -> Vec<f32> {
+fn data(n: usize, rng: &mut SplitMix64) -> Vec<f32> {
     (0..n)
         .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
         .collect()
@@ -24,7 +25,7 @@ fn data(n: usize, rng: &mut SplitMix) -> Vec<f32> {
 fn tier_step(c: &mut Criterion) {
     let (b, t, heads, dh, cap, k) = (16usize, 64usize, 4usize, 32usize, 4096usize, 8usize);
     let width = heads * dh;
-    let mut rng = SplitMix(3);
+    let mut rng = SplitMix64::seed_from_u64(3);
     let mut g = c.benchmark_group("memory_layer_step_cpu");
     g.sample_size(10).measurement_time(Duration::from_secs(8));
     g.throughput(Throughput::Elements((b * t) as u64));
@@ -88,7 +89,7 @@ fn tier_step(c: &mut Criterion) {
 /// on the CPU and, with the `wgpu` feature, on the wgpu adapter.
 fn value_gradient(c: &mut Criterion) {
     let (rows, cap, dv) = (196_608usize, 4096usize, 64usize);
-    let mut rng = SplitMix(5);
+    let mut rng = SplitMix64::seed_from_u64(5);
     let table = data(cap * dv, &mut rng);
     let weights = data(rows * dv, &mut rng);
     let slots: Vec<i64> = (0..rows).map(|_| (rng.next_u64() % cap as u64) as i64).collect();
@@ -134,7 +135,7 @@ fn value_gradient(c: &mut Criterion) {
 /// (encoded, checksummed, written and synced).
 fn tier_commit(c: &mut Criterion) {
     let (cap, dh, accesses, inserts) = (4096usize, 64usize, 196_608usize, 64usize);
-    let mut rng = SplitMix(9);
+    let mut rng = SplitMix64::seed_from_u64(9);
     let device = Device::flex();
     let mut tier = DeviceMemory::new(MemoryConfig::new(dh, dh), cap, &device).expect("tier");
     tier.fill(&data(cap * dh, &mut rng), &data(cap * dh, &mut rng), 1)

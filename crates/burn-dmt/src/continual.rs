@@ -49,6 +49,7 @@
 //! overlap. While a source is written, older memories' LRFU bookkeeping is
 //! left as it was.
 
+use rand_core::SeedableRng as _;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -62,7 +63,7 @@ use sha2::{Digest, Sha256};
 use crate::distill::{StudentSpec, load_student_room, read_spec, set_learning, write_spec};
 use crate::memory::layers::LayerKind;
 use crate::tokenizer::TextCodec;
-use crate::train::{Corpus, SplitMix, Window, cross_entropy, eval_batches, evaluate, sample_batch, value};
+use crate::train::{Corpus, SplitMix64, Window, cross_entropy, eval_batches, evaluate, sample_batch, value};
 use crate::{DmtError, FeedForward, Gpt2, Result, io_error as io, runtime};
 
 /// Where a run directory keeps its sources' ledgers.
@@ -71,6 +72,7 @@ pub const SOURCES_DIR: &str = "sources";
 /// How `memorize` writes a text into the memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Mechanism {
     /// Sparse value updates of the rows the text activates most (TF-IDF).
     Sparse,
@@ -113,6 +115,7 @@ impl std::str::FromStr for Mechanism {
 
 /// What `memorize` is asked to do.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct MemorizeOptions {
     /// The mechanism.
     pub mechanism: Mechanism,
@@ -419,7 +422,6 @@ pub fn memorize(
     run_dir: &Path,
     files: &[PathBuf],
     opts: &MemorizeOptions,
-    log: &mut dyn FnMut(&str),
     mut hook: Option<StepHook<'_>>,
 ) -> Result<Vec<MemorizeReport>> {
     if files.is_empty() {
@@ -486,7 +488,7 @@ pub fn memorize(
     let background = {
         let t = training_tokens(&spec, &codec)?;
         let seq = opts.seq.min(spec.config.n_positions);
-        let mut rng = SplitMix(opts.seed ^ 0xB6);
+        let mut rng = SplitMix64::seed_from_u64(opts.seed ^ 0xB6);
         let n = opts.background_windows.max(1);
         vec![sample_batch(&t, n, seq, &mut rng)?]
     };
@@ -610,13 +612,13 @@ pub fn memorize(
                 t.begin_source(&ledger.source.tag)?;
             }
         }
-        log(&format!(
+        tracing::info!(
             "memorising {} ({} tokens, {steps} steps, {}): cross-entropy on it {ce_before:.4}",
             ledger.source.tag,
             tokens.len(),
             opts.mechanism.name()
-        ));
-        let mut rng = SplitMix(opts.seed);
+        );
+        let mut rng = SplitMix64::seed_from_u64(opts.seed);
         let device = student.device();
         let start = Instant::now();
         for step in 0..steps {
@@ -700,12 +702,12 @@ pub fn memorize(
         note(&mut foreign, &ledger);
         let ce_after = frozen_ce(&mut student, &probe)?;
         let done = steps * opts.batch * seq;
-        log(&format!(
+        tracing::info!(
             "memorised {}: cross-entropy on it {ce_before:.4} → {ce_after:.4}; {done} tokens in {seconds:.1} s \
              ({:.0} tokens/s)",
             ledger.source.tag,
             done as f64 / seconds.max(1e-9)
-        ));
+        );
         reports.push(MemorizeReport {
             source: ledger.source.clone(),
             tokens: tokens.len(),
@@ -910,7 +912,7 @@ pub fn finetune(
         .with_weight_decay(0.01)
         .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
         .init();
-    let mut rng = SplitMix(seed);
+    let mut rng = SplitMix64::seed_from_u64(seed);
     for step in 0..steps {
         let b = sample_batch(tokens, batch, seq, &mut rng)?;
         let logits = student.forward(b.inputs(&ad), None)?;

@@ -15,6 +15,7 @@
 //! self-contained (student weights as safetensors, `student.json`, the
 //! stores) and `--eval-only` rebuilds the student from it.
 
+use rand_core::SeedableRng as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -39,7 +40,7 @@ use crate::memory::tier::{DeviceMemory, ValueAblation};
 use crate::ngram::Bigram;
 use crate::tokenizer::TextCodec;
 use crate::train::{
-    Corpus, EvalStats, SplitMix, Window, cross_entropy, distill_kl, eval_batches, evaluate, lr_at, sample_batch,
+    Corpus, EvalStats, SplitMix64, Window, cross_entropy, distill_kl, eval_batches, evaluate, lr_at, sample_batch,
     seeded_normal, value,
 };
 use crate::{DmtError, FeedForward, Gpt2, Result, host_f32, io_error as io, runtime};
@@ -120,6 +121,7 @@ impl StudentSpec {
 
 /// Everything a distillation run is asked to do.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct DistillOptions {
     /// Teacher: a Hugging Face GPT-2 directory (with tokenizer files, and
     /// `vocab_map.json` for a compact vocabulary).
@@ -783,6 +785,22 @@ fn memory_config(kind: LayerKind, spec: &StudentSpec) -> MemoryConfig {
         .with_thresholds(spec.novelty / 4.0, spec.novelty)
 }
 
+/// Reads a sampler state written either as the generator's own serde form or
+/// as its bare `u64` state (the same SplitMix64 state, so a resumed run draws
+/// the same batches either way).
+fn sampler_state<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<SplitMix64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum State {
+        Bare(u64),
+        Full(SplitMix64),
+    }
+    Ok(match State::deserialize(d)? {
+        State::Bare(x) => SplitMix64::seed_from_u64(x),
+        State::Full(r) => r,
+    })
+}
+
 fn journal_path(run_dir: &Path, block: usize) -> PathBuf {
     run_dir.join("memory").join(format!("block{block}.journal"))
 }
@@ -793,8 +811,10 @@ fn journal_path(run_dir: &Path, block: usize) -> PathBuf {
 struct Checkpoint {
     /// Steps done.
     step: usize,
-    /// The batch sampler's state.
-    rng: u64,
+    /// The batch sampler's state (`{"x": state}`; a bare number in
+    /// checkpoints written before the generator came from `rand_xoshiro`).
+    #[serde(deserialize_with = "sampler_state")]
+    rng: SplitMix64,
     /// Metrics of the steps done.
     metrics: Vec<StepMetrics>,
     /// Each memory block's slot layout.
@@ -876,7 +896,7 @@ fn memory_layer(
     init: MemoryInit,
     (x, y): (Tensor<2>, Tensor<2>),
     spec: &StudentSpec,
-    rng: &mut SplitMix,
+    rng: &mut SplitMix64,
     device: &Device,
 ) -> Result<FeedForward> {
     let c = spec.config.n_embd;
@@ -907,11 +927,11 @@ fn memory_layer(
         lin.weight = Param::from_tensor(identity(c, device));
         lin.bias = lin.bias.take().map(|b| Param::from_tensor(b.val().zeros_like()));
     };
-    let seeded = |lin: &mut burn::nn::Linear, rng: &mut SplitMix| {
+    let seeded = |lin: &mut burn::nn::Linear, rng: &mut SplitMix64| {
         lin.weight = Param::from_tensor(seeded_normal(c, c, rng, device));
         lin.bias = lin.bias.take().map(|b| Param::from_tensor(b.val().zeros_like()));
     };
-    let fill = |lin: &burn::nn::Linear, rng: &mut SplitMix| -> Result<DeviceMemory> {
+    let fill = |lin: &burn::nn::Linear, rng: &mut SplitMix64| -> Result<DeviceMemory> {
         let mut t = empty()?;
         match init {
             MemoryInit::Empty => {}
@@ -1096,7 +1116,7 @@ fn ranked_units(m: &Mlp, n: usize) -> Result<Vec<usize>> {
 /// keeps every unit and adds new ones whose input weights are N(0, 0.02²)
 /// from `rng` and whose output weights are zero, so the layer computes
 /// what `m` does until it trains.
-pub fn resized_mlp(m: &Mlp, width: usize, config: &Gpt2Config, rng: &mut SplitMix) -> Result<Mlp> {
+pub fn resized_mlp(m: &Mlp, width: usize, config: &Gpt2Config, rng: &mut SplitMix64) -> Result<Mlp> {
     let device = m.c_fc.weight.val().device();
     let [c, f] = m.c_fc.weight.val().dims();
     if width == 0 {
@@ -1257,7 +1277,7 @@ fn final_report(
 /// Runs a distillation end to end (or, with `resume`, from the run
 /// directory's last checkpoint) and writes the run directory; prints progress
 /// with `log`.
-pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
+pub fn run(opts: &DistillOptions) -> Result<Report> {
     let device = opts.device.clone();
     let ad = device.clone().autodiff();
     let codec = TextCodec::for_model(&opts.teacher, opts.tokenizer.as_deref())?;
@@ -1279,7 +1299,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         None => Corpus::split(tokens, 0.1),
     };
     let seq = opts.seq.min(config.n_positions);
-    log(&format!(
+    tracing::info!(
         "teacher {} ({} blocks × {}), corpus {} ({} training / {} held-out tokens), device {}",
         opts.teacher.display(),
         config.n_layer,
@@ -1288,7 +1308,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         corpus.train.len(),
         corpus.eval.len(),
         opts.device_name
-    ));
+    );
     let run_dir = opts.run_dir.as_path();
     let rt = runtime()?;
     let fresh_optim = || {
@@ -1333,8 +1353,8 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         let student = student.try_load_file(&path).map_err(ckpt_err(path))?;
         let path = cdir.join("optim.bpk");
         let optim = fresh_optim().load(&path).map_err(ckpt_err(path))?;
-        log(&format!("resuming {} after step {}", run_dir.display(), cp.step));
-        (spec, student, optim, SplitMix(cp.rng), cp.metrics, cp.step)
+        tracing::info!("resuming {} after step {}", run_dir.display(), cp.step);
+        (spec, student, optim, cp.rng, cp.metrics, cp.step)
     } else {
         let plan_text = opts.layers.clone().unwrap_or_else(|| default_layers(config.n_layer));
         let plan = parse_layers(&plan_text, config.n_layer)?;
@@ -1369,7 +1389,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         let store_dir = loc.dir(run_dir);
         std::fs::create_dir_all(&store_dir).map_err(io(&store_dir))?;
         // The student: the teacher's weights, memory layers bootstrapped from it.
-        let mut boot_rng = SplitMix(opts.seed ^ 0x5EED);
+        let mut boot_rng = SplitMix64::seed_from_u64(opts.seed ^ 0x5EED);
         let boot_windows: Vec<Window> = (0..(opts.capacity / config.n_head).div_ceil(opts.batch * seq).max(1))
             .map(|_| sample_batch(&corpus.train, opts.batch, seq, &mut boot_rng))
             .collect::<Result<_>>()?;
@@ -1406,20 +1426,27 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         }
         let spec_text = serde_json::to_string_pretty(&spec).map_err(|e| DmtError::InvalidArgument(e.to_string()))?;
         crate::loader::write_atomic(&run_dir.join("student.json"), spec_text.as_bytes())?;
-        log(&format!("student: {plan_text}"));
-        (spec, student, fresh_optim(), SplitMix(opts.seed), Vec::new(), 0)
+        tracing::info!("student: {plan_text}");
+        (
+            spec,
+            student,
+            fresh_optim(),
+            SplitMix64::seed_from_u64(opts.seed),
+            Vec::new(),
+            0,
+        )
     };
     let (tp, sp) = (param_counts(&teacher), param_counts(&student));
-    log(&format!(
+    tracing::info!(
         "non-embedding weights: student {} of the teacher's {} ({:.1}%)",
         sp.1,
         tp.1,
         100.0 * sp.1 as f64 / tp.1 as f64
-    ));
+    );
 
     // One durable store per memory layer, written behind through a journal.
     let loc = spec.store_location()?;
-    log(&format!("memory stores: {loc}"));
+    tracing::info!("memory stores: {loc}");
     let mut stores: Vec<Option<LayerStore>> = Vec::with_capacity(config.n_layer);
     let mut writers: Vec<Option<WriteBehind>> = Vec::with_capacity(config.n_layer);
     for i in 0..config.n_layer {
@@ -1550,18 +1577,23 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
             inserted,
             memory: memory.clone(),
         });
+        if !logging {
+            tracing::debug!(step = step + 1, steps = opts.steps);
+        }
         if logging {
             let toks = (step + 1 - first_step) * opts.batch * seq;
             let rows: Vec<String> = memory.iter().map(|m| m.rows.to_string()).collect();
-            log(&format!(
-                "step {:>5}/{}  loss {l:.4}  (T²·KL {kdv:.4}, CE {cev:.4})  lr {lr:.2e}  inserted {inserted}  rows [{}]  {:.0} tokens/s",
-                step + 1,
-                opts.steps,
+            // `step` and `steps` make this a progress event (the examples
+            // draw a bar from them).
+            tracing::info!(
+                step = step + 1,
+                steps = opts.steps,
+                "loss {l:.4}  (T²·KL {kdv:.4}, CE {cev:.4})  lr {lr:.2e}  inserted {inserted}  rows [{}]  {:.0} tokens/s",
                 rows.join(" "),
                 toks as f64 / start.elapsed().as_secs_f64()
-            ));
+            );
             if opts.profile {
-                log(&format!("        {}", times.summary()));
+                tracing::info!("{}", times.summary());
             }
         }
         let checkpoint_start = Instant::now();
@@ -1595,7 +1627,7 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
             optim.save(&path).map_err(ckpt_err(path))?;
             let cp = Checkpoint {
                 step: step + 1,
-                rng: rng.0,
+                rng: rng.clone(),
                 metrics: metrics.clone(),
                 layouts,
                 dir: name.clone(),
@@ -1637,13 +1669,13 @@ pub fn run(opts: &DistillOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
             message: e.to_string(),
         })?;
     let attention = if opts.attention_baseline {
-        let dir = attention_baseline(opts, run_dir, log)?;
+        let dir = attention_baseline(opts, run_dir)?;
         let rt = runtime()?;
         Some(load_student(&dir, &ad, &rt)?.1)
     } else {
         None
     };
-    log("evaluating ...");
+    tracing::info!("evaluating ...");
     let eval = eval_batches(&corpus.eval, opts.batch, seq, opts.eval_windows);
     let bigram = Bigram::fit(&corpus.train, config.vocab_size)?;
     let refs = References {
@@ -1678,7 +1710,7 @@ const RECIPE_VERSION: u32 = 1;
 /// `opts.baseline_cache` (default: `.baselines` beside the run directory),
 /// keyed by a SHA-256 of the teacher's files, the texts and the recipe; a
 /// later run with the same key copies it.
-fn attention_baseline(opts: &DistillOptions, run_dir: &Path, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
+fn attention_baseline(opts: &DistillOptions, run_dir: &Path) -> Result<PathBuf> {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     for f in ["config.json", "model.safetensors", "vocab_map.json"] {
@@ -1714,7 +1746,7 @@ fn attention_baseline(opts: &DistillOptions, run_dir: &Path, log: &mut dyn FnMut
     let cached = cache_root.join(format!("attention-{key}"));
     let done = |d: &Path| d.join("report.md").exists() && d.join("student.safetensors").exists();
     if done(&cached) {
-        log(&format!("attention-only baseline: reusing {}", cached.display()));
+        tracing::info!("attention-only baseline: reusing {}", cached.display());
     } else {
         if cached.exists() {
             // An interrupted training: start it again.
@@ -1732,8 +1764,11 @@ fn attention_baseline(opts: &DistillOptions, run_dir: &Path, log: &mut dyn FnMut
         o.checkpoint_every = o.steps.max(1);
         o.attention_baseline = false;
         o.store = StoreLocation::default();
-        log("attention-only baseline: the teacher without feed-forward layers, distilled with the same recipe");
-        run(&o, &mut |l| log(&format!("  [attention-only] {l}")))?;
+        tracing::info!(
+            "attention-only baseline: the teacher without feed-forward layers, distilled with the same recipe"
+        );
+        let _span = tracing::info_span!("attention_only").entered();
+        run(&o)?;
     }
     let dir = run_dir.join(ATTENTION_BASELINE);
     if dir.exists() {
@@ -1822,7 +1857,9 @@ fn student_from_run(
             LayerKind::Ablated => FeedForward::Ablated(burn::nn::Identity),
             LayerKind::Mlp => match (spec.mlp_width, &student.h[i].mlp) {
                 // Its weights are loaded over it.
-                (Some(w), FeedForward::Mlp(m)) => FeedForward::Mlp(resized_mlp(m, w, &spec.config, &mut SplitMix(0))?),
+                (Some(w), FeedForward::Mlp(m)) => {
+                    FeedForward::Mlp(resized_mlp(m, w, &spec.config, &mut SplitMix64::seed_from_u64(0))?)
+                }
                 _ => continue,
             },
         };

@@ -2,6 +2,8 @@
 //! sampling, with or without the KV cache.
 
 use burn::tensor::{Int, Tensor, TensorData};
+use rand_core::{RngCore, SeedableRng};
+use rand_xoshiro::SplitMix64;
 
 use crate::gpt2::{Gpt2, KvCache};
 use crate::{DmtError, Result};
@@ -51,20 +53,8 @@ impl Sampling {
     }
 }
 
-/// SplitMix64: a small, seedable sampler RNG.
-struct Rng(u64);
-impl Rng {
-    fn uniform(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// Picks the next token from one row of logits.
-pub fn pick(logits: &[f32], s: &Sampling, rng_state: &mut u64) -> u32 {
+pub fn pick(logits: &[f32], s: &Sampling, rng: &mut impl RngCore) -> u32 {
     if s.greedy {
         let mut best = 0;
         for (i, &x) in logits.iter().enumerate() {
@@ -101,9 +91,7 @@ pub fn pick(logits: &[f32], s: &Sampling, rng_state: &mut u64) -> u32 {
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
     }
-    let mut rng = Rng(*rng_state);
-    let u = rng.uniform();
-    *rng_state = rng.0;
+    let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
     let mut acc = 0.0;
     for (j, p) in probs.iter().enumerate() {
         acc += p;
@@ -140,7 +128,7 @@ pub fn generate(model: &Gpt2, prompt: &[u32], max_new: usize, s: &Sampling, use_
     };
     let mut out = prompt.to_vec();
     let mut cache = KvCache::new();
-    let mut rng_state = s.seed;
+    let mut rng = SplitMix64::seed_from_u64(s.seed);
     let mut feed = prompt.to_vec();
     for _ in 0..max_new {
         let logits = if use_cache {
@@ -155,7 +143,7 @@ pub fn generate(model: &Gpt2, prompt: &[u32], max_new: usize, s: &Sampling, use_
             .convert::<f32>()
             .try_to_vec::<f32>()
             .map_err(|e| DmtError::InvalidArgument(format!("reading logits: {e:?}")))?;
-        let next = pick(&row, s, &mut rng_state);
+        let next = pick(&row, s, &mut rng);
         out.push(next);
         feed = vec![next];
     }

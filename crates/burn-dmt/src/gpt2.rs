@@ -10,6 +10,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Embedding, Identity, LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::activation::{gelu, gelu_approximate, relu, softmax};
 use burn::tensor::{Bool, Device, Int, Tensor};
+use rand_core::SeedableRng as _;
 
 use crate::config::{Activation, Gpt2Config};
 use crate::{DmtError, Result};
@@ -287,7 +288,7 @@ impl Gpt2 {
     /// generator: the same seed gives the same weights in any process,
     /// whatever else draws random numbers meanwhile.
     pub fn seeded(config: &Gpt2Config, device: &Device, seed: u64) -> Result<Self> {
-        let mut rng = crate::train::SplitMix(seed);
+        let mut rng = crate::train::SplitMix64::seed_from_u64(seed);
         Self::initialised(config, device, |[r, c]| {
             Param::from_tensor(crate::train::seeded_normal(r, c, &mut rng, device))
         })

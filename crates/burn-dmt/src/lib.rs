@@ -45,6 +45,7 @@ use std::path::PathBuf;
 
 /// Errors of burn-dmt: bad checkpoints, configs, tokenizers and inputs.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DmtError {
     /// A file could not be read; names the path.
     #[error("reading {path}: {source}")]

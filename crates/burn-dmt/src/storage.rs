@@ -27,6 +27,7 @@ use crate::{DmtError, Result};
 
 /// Where the memory layers' stores live.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum StoreLocation {
     /// SQLite files in a directory (`None`: the run directory's `memory/`).
     Sqlite(Option<PathBuf>),

@@ -7,34 +7,28 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand_core::RngCore as _;
 
 use crate::{DmtError, Gpt2, Result};
 
-/// SplitMix64: a tiny deterministic generator for batch sampling, so a run
-/// (and a resumed run) sees the same batches for the same seed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SplitMix(pub u64);
+pub use rand_xoshiro::SplitMix64;
 
-impl SplitMix {
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `0..n` (`n > 0`).
-    pub fn below(&mut self, n: usize) -> usize {
+/// Draws in `0..n` by reducing 64 random bits modulo `n`, so a seed gives the
+/// same draws on every platform (the bias, under `n / 2⁶⁴`, is irrelevant
+/// for sampling batch windows and shuffles).
+pub trait Below: rand_core::RngCore {
+    /// A number in `0..n` (`0` when `n == 0`).
+    fn below(&mut self, n: usize) -> usize {
         (self.next_u64() % n.max(1) as u64) as usize
     }
 }
 
+impl<R: rand_core::RngCore + ?Sized> Below for R {}
+
 /// A `[r, c]` matrix of N(0, 0.02²) entries (GPT-2's initialisation) drawn
 /// from `rng` by Box–Muller, so that weights made with it depend on the seed
 /// alone, not on a process-wide generator other work may draw from.
-pub fn seeded_normal(r: usize, c: usize, rng: &mut SplitMix, device: &Device) -> Tensor<2> {
+pub fn seeded_normal(r: usize, c: usize, rng: &mut SplitMix64, device: &Device) -> Tensor<2> {
     let mut u = || ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
     let data: Vec<f32> = (0..r * c)
         .map(|_| (0.02 * (-2.0 * u().ln()).sqrt() * (2.0 * std::f64::consts::PI * u()).cos()) as f32)
@@ -115,7 +109,7 @@ impl Window {
 }
 
 /// `b` random windows of `t + 1` tokens from `tokens`.
-pub fn sample_batch(tokens: &[u32], b: usize, t: usize, rng: &mut SplitMix) -> Result<Window> {
+pub fn sample_batch(tokens: &[u32], b: usize, t: usize, rng: &mut SplitMix64) -> Result<Window> {
     if tokens.len() < t + 2 {
         return Err(DmtError::InvalidArgument(format!(
             "the corpus has {} tokens, too few for windows of {}",

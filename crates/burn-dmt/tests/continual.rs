@@ -26,7 +26,7 @@ fn student(dir: &Path, store: Option<StoreLocation>) -> PathBuf {
     if let Some(s) = store {
         o.store = s;
     }
-    run(&o, &mut |_| {}).unwrap();
+    run(&o).unwrap();
     o.run_dir
 }
 
@@ -40,23 +40,24 @@ fn new_text(dir: &Path, name: &str, skip: usize, chars: usize) -> PathBuf {
 }
 
 fn opts(mechanism: Mechanism) -> MemorizeOptions {
-    MemorizeOptions {
-        mechanism,
-        steps: Some(10),
-        batch: 2,
-        seq: 16,
-        lr: 50.0,
-        sparse_rows: 16,
-        room: 32,
-        max_inserts: 8,
-        background_windows: 8,
-        ..MemorizeOptions::default()
+    {
+        let mut o = MemorizeOptions::default();
+        o.mechanism = mechanism;
+        o.steps = Some(10);
+        o.batch = 2;
+        o.seq = 16;
+        o.lr = 50.0;
+        o.sparse_rows = 16;
+        o.room = 32;
+        o.max_inserts = 8;
+        o.background_windows = 8;
+        o
     }
 }
 
 /// `memorize` with the tiny options, quietly.
 fn mem(run_dir: &Path, files: &[PathBuf], mechanism: Mechanism) -> burn_dmt::Result<Vec<MemorizeReport>> {
-    memorize(run_dir, files, &opts(mechanism), &mut |_| {}, None)
+    memorize(run_dir, files, &opts(mechanism), None)
 }
 
 /// One stored row: key bits, value bits, tags with their counts.
@@ -413,7 +414,6 @@ fn an_interrupted_memorize_can_be_forgotten() {
         &run_dir,
         std::slice::from_ref(&text),
         &opts(Mechanism::Both),
-        &mut |_| {},
         Some(&mut hook),
     );
     assert!(e.is_err());

@@ -5,23 +5,24 @@
 
 mod common;
 
+use rand_core::SeedableRng as _;
 use std::path::Path;
 
 use burn_dmt::burn::tensor::Device;
 use burn_dmt::distill::{eval_only, run};
 use burn_dmt::{FeedForward, Gpt2};
-use common::{Daemon, options, tiny_setup};
+use common::{Daemon, logged, options, tiny_setup};
 
 #[test]
 fn distillation_runs_end_to_end_and_eval_only_reproduces_it() {
     let dir = tempfile::tempdir().unwrap();
     let (train, eval) = tiny_setup(dir.path());
     let o = options(dir.path(), train, &eval);
-    let mut lines = Vec::new();
     let started = std::time::Instant::now();
-    let r = run(&o, &mut |l| lines.push(l.to_string())).unwrap();
+    let (r, lines) = logged(|| run(&o));
+    let r = r.unwrap();
     let elapsed = started.elapsed().as_secs_f64();
-    assert!(lines.iter().any(|l| l.contains("step     4/4")), "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains("step=4 steps=4")), "{lines:?}");
     // Without --profile no phase line is logged, and the phases are timed anyway.
     assert!(!lines.iter().any(|l| l.contains("ms/step")), "{lines:?}");
     let phases = r.phases.clone().expect("a training run times its phases");
@@ -126,7 +127,7 @@ fn distillation_runs_end_to_end_and_eval_only_reproduces_it() {
     assert!(run_dir.join("eval-report.md").exists());
 
     // A second run into the same directory is refused instead of mixing runs.
-    assert!(run(&o, &mut |_| {}).is_err());
+    assert!(run(&o).is_err());
 }
 
 /// Trains the tiny teacher of [`tiny_setup`] on its training text for
@@ -136,14 +137,14 @@ fn train_teacher(dir: &Path, train: &Path, steps: usize) {
     use burn_dmt::burn::module::Module;
     use burn_dmt::burn::optim::{AdamWConfig, GradientsParams};
     use burn_dmt::tokenizer::TextCodec;
-    use burn_dmt::train::{SplitMix, cross_entropy, lr_at, sample_batch};
+    use burn_dmt::train::{SplitMix64, cross_entropy, lr_at, sample_batch};
     let teacher_dir = dir.join("teacher");
     let device = Device::flex().autodiff();
     let codec = TextCodec::for_model(&teacher_dir, None).unwrap();
     let tokens = codec.encode(&std::fs::read_to_string(train).unwrap()).unwrap();
     let mut model = Gpt2::from_pretrained(&teacher_dir, &device).unwrap();
     let mut optim = AdamWConfig::new().init();
-    let mut rng = SplitMix(7);
+    let mut rng = SplitMix64::seed_from_u64(7);
     for step in 0..steps {
         let b = sample_batch(&tokens, 8, 32, &mut rng).unwrap();
         let loss = cross_entropy(model.forward(b.inputs(&device), None).unwrap(), b.targets(&device));
@@ -173,7 +174,7 @@ fn a_memory_student_beats_the_attention_only_baseline_of_its_recipe() {
     o.batch = 4;
     o.seq = 32;
     o.eval_windows = 64;
-    let r = run(&o, &mut |_| {}).unwrap();
+    let r = run(&o).unwrap();
     let a = r.attention.clone().unwrap();
     eprintln!(
         "held-out CE: teacher {:.4}, memory student {:.4}, attention-only {:.4}",
@@ -216,17 +217,17 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     o.checkpoint_every = 2;
     o.value_lr = 0.1;
     o.max_inserts = 4;
-    let whole = run(&o, &mut |_| {}).unwrap();
+    let whole = run(&o).unwrap();
 
     o.run_dir = dir.path().join("interrupted");
     o.halt_after = Some(3);
-    let err = run(&o, &mut |_| {}).unwrap_err();
+    let err = run(&o).unwrap_err();
     assert!(matches!(err, burn_dmt::DmtError::Halted { step: 3 }), "{err}");
     assert!(!o.run_dir.join("report.md").exists());
     o.halt_after = None;
     o.resume = true;
-    let mut lines = Vec::new();
-    let resumed = run(&o, &mut |l| lines.push(l.to_string())).unwrap();
+    let (resumed, lines) = logged(|| run(&o));
+    let resumed = resumed.unwrap();
     assert!(
         lines
             .iter()
@@ -282,8 +283,8 @@ fn the_hidden_state_loss_adds_its_term() {
     // With --profile the phases are logged with each progress line.
     o.profile = true;
     o.log_every = 1;
-    let mut lines = Vec::new();
-    let r = run(&o, &mut |l| lines.push(l.to_string())).unwrap();
+    let (r, lines) = logged(|| run(&o));
+    let r = r.unwrap();
     assert_eq!(
         lines.iter().filter(|l| l.contains("ms/step: teacher forward")).count(),
         2,
@@ -316,7 +317,7 @@ fn memory_in_daemons_and_external_directories() {
     o.store = format!("sqlite:{}", dir.path().join("elsewhere").display())
         .parse()
         .unwrap();
-    let local = run(&o, &mut |_| {}).unwrap();
+    let local = run(&o).unwrap();
     assert!(dir.path().join("elsewhere/block0.db").exists());
     assert!(!o.run_dir.join("memory/block0.db").exists());
     // --eval-only finds the stores through student.json.
@@ -328,13 +329,10 @@ fn memory_in_daemons_and_external_directories() {
     o.run_dir = dir.path().join("shared");
     o.store = format!("ipc:{}", daemon.socket.display()).parse().unwrap();
     o.halt_after = Some(3);
-    assert!(matches!(
-        run(&o, &mut |_| {}).unwrap_err(),
-        burn_dmt::DmtError::Halted { step: 3 }
-    ));
+    assert!(matches!(run(&o).unwrap_err(), burn_dmt::DmtError::Halted { step: 3 }));
     o.halt_after = None;
     o.resume = true;
-    let resumed = run(&o, &mut |_| {}).unwrap();
+    let resumed = run(&o).unwrap();
     let near = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1e-3);
     for (r, w) in resumed.steps.iter().zip(&local.steps) {
         assert_eq!((r.step, r.inserted), (w.step, w.inserted));
@@ -363,14 +361,14 @@ fn memory_in_duckdb_resumes_like_sqlite() {
     o.checkpoint_every = 2;
     o.value_lr = 0.1;
     o.max_inserts = 4;
-    let sqlite = run(&o, &mut |_| {}).unwrap();
+    let sqlite = run(&o).unwrap();
     o.run_dir = dir.path().join("duck");
     o.store = "duckdb".parse().unwrap();
     o.halt_after = Some(3);
-    assert!(run(&o, &mut |_| {}).is_err());
+    assert!(run(&o).is_err());
     o.halt_after = None;
     o.resume = true;
-    let duck = run(&o, &mut |_| {}).unwrap();
+    let duck = run(&o).unwrap();
     assert!(o.run_dir.join("memory/block1.duckdb").exists());
     assert!(o.run_dir.join("checkpoints/step-0000005/block1.duckdb").exists());
     let near = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1e-3);
@@ -389,7 +387,7 @@ fn memory_in_duckdb_resumes_like_sqlite() {
 #[test]
 fn resized_mlps_keep_the_teachers_function_or_its_largest_units() {
     use burn_dmt::distill::resized_mlp;
-    use burn_dmt::train::SplitMix;
+    use burn_dmt::train::SplitMix64;
     let device = Device::flex();
     let teacher = Gpt2::from_pretrained(common::fixture("tiny-gpt2"), &device).unwrap();
     let config = teacher.config().clone();
@@ -402,7 +400,7 @@ fn resized_mlps_keep_the_teachers_function_or_its_largest_units() {
         &device,
     );
     let want = common::values(m.forward(x.clone()));
-    let mut rng = SplitMix(1);
+    let mut rng = SplitMix64::seed_from_u64(1);
     for width in [f, f + 7, 3 * f] {
         let r = resized_mlp(m, width, &config, &mut rng).unwrap();
         assert_eq!(r.c_fc.weight.val().dims(), [c, width]);
@@ -511,7 +509,7 @@ fn a_keyvalue_student_trains_resumes_and_reloads() {
     o.steps = 5;
     o.checkpoint_every = 2;
     o.attention_baseline = false;
-    let whole = run(&o, &mut |_| {}).unwrap();
+    let whole = run(&o).unwrap();
     assert_eq!(whole.memory_rows(), vec![Some(128), Some(128)]);
     assert!(whole.attention.is_none());
     let cost = &whole.student_cost;
@@ -524,10 +522,10 @@ fn a_keyvalue_student_trains_resumes_and_reloads() {
     assert_eq!(cost.weights_and_memory(), whole.teacher_cost.weights);
     o.run_dir = dir.path().join("interrupted");
     o.halt_after = Some(3);
-    assert!(run(&o, &mut |_| {}).is_err());
+    assert!(run(&o).is_err());
     o.halt_after = None;
     o.resume = true;
-    let resumed = run(&o, &mut |_| {}).unwrap();
+    let resumed = run(&o).unwrap();
     let near = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1e-3);
     for (r, w) in resumed.steps.iter().zip(&whole.steps) {
         assert!(near(r.loss, w.loss) && near(r.kd, w.kd), "{r:?} vs {w:?}");

@@ -36,6 +36,7 @@ use memstore_duckdb::DuckdbStore;
 
 /// Where a store lives, parsed from a store URL (module docs).
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum StoreUrl {
     /// A SQLite file.
     Sqlite(PathBuf),
@@ -89,7 +90,7 @@ impl fmt::Display for StoreUrl {
             StoreUrl::Ipc { endpoint, store } => {
                 match endpoint {
                     Endpoint::Unix(p) => write!(f, "ipc:{}", p.display())?,
-                    Endpoint::Tcp(a) => write!(f, "ipc:tcp:{a}")?,
+                    other => write!(f, "ipc:{other}")?,
                 }
                 match store {
                     Some(name) => write!(f, "#{name}"),
@@ -128,9 +129,10 @@ impl StoreUrl {
                 "{self}: this build has no DuckDB (feature `duckdb`)"
             ))),
             StoreUrl::Ipc { endpoint, store } => {
-                let options = ClientOptions {
-                    store: store.clone(),
-                    ..ClientOptions::default()
+                let options = {
+                    let mut o = ClientOptions::default();
+                    o.store = store.clone();
+                    o
                 };
                 Ok(AnyStore::Ipc(IpcStore::connect_with(endpoint, config, options).await?))
             }
@@ -185,6 +187,7 @@ pub async fn open(url: &str, config: Option<MemoryConfig>) -> Result<AnyStore> {
 // One value per open store, long-lived: the size of the largest variant
 // costs nothing worth a box.
 #[allow(clippy::large_enum_variant)]
+#[non_exhaustive]
 pub enum AnyStore {
     /// A SQLite file.
     Sqlite(SqliteStore),

@@ -59,10 +59,11 @@ async fn every_scheme_opens_backs_up_and_restores() {
         path: Default::default(),
         options: Default::default(),
     };
-    let options = ServerOptions {
-        stores_dir: Some(stores.clone()),
-        backup_dir: Some(dir.path().to_path_buf()),
-        ..ServerOptions::default()
+    let options = {
+        let mut o = ServerOptions::default();
+        o.stores_dir = Some(stores.clone());
+        o.backup_dir = Some(dir.path().to_path_buf());
+        o
     };
     let daemon = Server::named_only(template, options).unwrap();
     let socket = stores.join("d.sock");

@@ -9,6 +9,7 @@ use crate::MemoryId;
 /// bad tag counts) are detected before anything is written: a rejected batch
 /// changes nothing.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A vector's dimension differs from the store's configured dimension.
     #[error("dimension mismatch: {what} have dimension {got}, the store expects {expected}")]

@@ -313,11 +313,9 @@ mod tests {
     /// counts with and without a partial group, zero rows and zero queries.
     #[test]
     fn grouped_distances_are_bit_identical() {
-        let mut seed = 11u64;
-        let mut next = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-        };
+        use rand_core::{RngCore, SeedableRng};
+        let mut rng = rand_xoshiro::SplitMix64::seed_from_u64(11);
+        let mut next = || ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0;
         for dim in [1usize, 3, 8, 13, 64, 77] {
             for rows in [0usize, 1, 4, 7, 9] {
                 let mut keys: Vec<f32> = (0..rows * dim).map(|_| next()).collect();

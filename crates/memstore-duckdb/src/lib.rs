@@ -64,6 +64,7 @@ const ID_CHUNK: usize = 4096;
 /// Errors of the DuckDB driver; converted into [`memstore_api::Error::Storage`]
 /// at the trait boundary, with this error as the source.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DuckdbError {
     /// DuckDB failed.
     #[error("duckdb: {0}")]
@@ -97,11 +98,20 @@ fn arrow(e: duckdb::arrow::error::ArrowError) -> Error {
 
 /// Options of the DuckDB backend beyond the memory configuration.
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct DuckdbOptions {
     /// The index: its kind (exact by default, or an approximate structure
     /// saved beside the database as `<path>.<extension>`) and whether values
     /// stay in memory beside the keys (by default).
     pub index: IndexOptions,
+}
+
+impl DuckdbOptions {
+    /// With the index options.
+    pub fn with_index(mut self, index: IndexOptions) -> Self {
+        self.index = index;
+        self
+    }
 }
 
 impl AsRef<IndexOptions> for DuckdbOptions {

@@ -40,7 +40,9 @@ memstore_api::conformance_suite!(DuckdbHarness::new(DuckdbOptions::default()));
 mod values_from_the_database {
     use super::*;
 
-    memstore_api::conformance_suite!(DuckdbHarness::new(DuckdbOptions {
-        index: IndexOptions::default().with_resident_values(false),
+    memstore_api::conformance_suite!(DuckdbHarness::new({
+        let mut o = DuckdbOptions::default();
+        o.index = IndexOptions::default().with_resident_values(false);
+        o
     }));
 }

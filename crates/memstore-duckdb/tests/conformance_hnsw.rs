@@ -29,8 +29,10 @@ impl Harness for HnswHarness {
     type Store = DuckdbStore;
 
     async fn open(&self, config: MemoryConfig) -> Result<DuckdbStore> {
-        let options = DuckdbOptions {
-            index: IndexOptions::default().with_ann(Arc::new(Hnsw::new(HnswOptions::default()))),
+        let options = {
+            let mut o = DuckdbOptions::default();
+            o.index = IndexOptions::default().with_ann(Arc::new(Hnsw::new(HnswOptions::default())));
+            o
         };
         DuckdbStore::open_with(self.dir.path().join("store.duckdb"), config, options).await
     }

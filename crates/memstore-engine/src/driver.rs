@@ -24,6 +24,7 @@ use crate::index::{AccessUpdate, Meta};
 /// Why a store kept in a file could not be opened; converted into
 /// [`memstore_api::Error::Storage`] with this error as the source.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum FileError {
     /// The file to open does not exist.
     #[error("no memstore database at {0}")]

@@ -544,9 +544,11 @@ fn select(
 mod tests {
     use super::*;
 
-    fn rng(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    use memstore_api::testkit::util::Rng;
+
+    /// Uniform in `[-0.5, 0.5)`.
+    fn rng(r: &mut Rng) -> f32 {
+        r.unit() * 0.5
     }
 
     /// The scan over more rows than one part (so the parallel path cuts them
@@ -555,7 +557,7 @@ mod tests {
     /// duplicate keys so that ties are broken by id.
     #[test]
     fn scan_over_many_rows_matches_brute_force() {
-        let mut s = 3u64;
+        let mut s = Rng::new(3);
         let (n, d, k) = (2 * SCAN_CHUNK + 77, 6usize, 9usize);
         let mut keys: Vec<f32> = (0..n * d).map(|_| rng(&mut s)).collect();
         let first: Vec<f32> = keys[..d].to_vec();
@@ -586,7 +588,7 @@ mod tests {
     /// qualifying rows than k (padding), across several query blocks.
     #[test]
     fn matches_a_scalar_scan() {
-        let mut s = 7u64;
+        let mut s = Rng::new(7);
         let (m, n, d, k) = (150usize, 90usize, 5usize, 6usize);
         let q: Vec<f32> = (0..m * d).map(|_| rng(&mut s)).collect();
         let keys: Vec<f32> = (0..n * d).map(|_| rng(&mut s)).collect();

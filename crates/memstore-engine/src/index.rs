@@ -1669,13 +1669,15 @@ impl PendingNeighbors<'_> {
 mod tests {
     use super::*;
 
-    fn rng(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    use memstore_api::testkit::util::Rng;
+
+    /// Uniform in `[-0.5, 0.5)`.
+    fn rng(r: &mut Rng) -> f32 {
+        r.unit() * 0.5
     }
 
     /// `n` keys around `centres` (`dim` wide), spread `spread`.
-    fn clustered(seed: &mut u64, n: usize, centres: &[f32], dim: usize, spread: f32) -> Vec<f32> {
+    fn clustered(seed: &mut Rng, n: usize, centres: &[f32], dim: usize, spread: f32) -> Vec<f32> {
         let c = centres.len() / dim;
         let mut out = Vec::with_capacity(n * dim);
         for _ in 0..n {
@@ -1707,7 +1709,7 @@ mod tests {
     fn large_batches_see_every_change() {
         let d = 16;
         for metric in [Metric::L2, Metric::Cosine] {
-            let mut seed = 5u64;
+            let mut seed = Rng::new(5);
             let mut index = MemoryIndex::new(MemoryConfig::new(d, 1).with_metric(metric));
             let keys: Vec<f32> = (0..3000 * d).map(|_| rng(&mut seed)).collect();
             let values = vec![0.0f32; 3000];
@@ -1762,7 +1764,7 @@ mod tests {
             .into_iter()
             .enumerate()
         {
-            let mut seed = 77 + case as u64;
+            let mut seed = Rng::new(77 + case as u64);
             let centres: Vec<f32> = (0..200 * dim).map(|_| rng(&mut seed) * 8.0 + 0.3).collect();
             let base = clustered(&mut seed, stored, &centres, dim, 0.4);
             let mut keys = clustered(&mut seed, n, &centres, dim, 0.4);

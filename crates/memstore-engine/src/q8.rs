@@ -682,9 +682,11 @@ pub(crate) fn topk(
 mod tests {
     use super::*;
 
-    fn rng(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    use memstore_api::testkit::util::Rng;
+
+    /// Uniform in `[-0.5, 0.5)`.
+    fn rng(r: &mut Rng) -> f32 {
+        r.unit() * 0.5
     }
 
     fn brute(metric: Metric, q: &[f32], keys: &[f32], d: usize, k: usize, mask: Option<&[bool]>) -> Vec<(f32, u32)> {
@@ -741,7 +743,7 @@ mod tests {
     /// every metric, both kernels.
     #[test]
     fn limits_match_brute_force() {
-        let mut s = 23u64;
+        let mut s = Rng::new(23);
         for kernel in kernels() {
             for metric in [Metric::L2, Metric::Cosine, Metric::InnerProduct] {
                 for &(n, d, k) in &[(70usize, 5usize, 4usize), (300, 64, 16), (600, 13, 8), (97, 33, 40)] {
@@ -796,7 +798,7 @@ mod tests {
     /// counts that leave partial tiles and pairs, masks, fewer rows than k.
     #[test]
     fn matches_brute_force() {
-        let mut s = 11u64;
+        let mut s = Rng::new(11);
         for &(m, n, d, k) in &[
             (13usize, 70usize, 5usize, 4usize),
             (40, 300, 64, 8),
@@ -823,9 +825,9 @@ mod tests {
     /// with both kernels.
     #[test]
     fn random_cases_match_brute_force() {
-        let mut s = 2024u64;
+        let mut s = Rng::new(2024);
         let mut pick = |n: usize| -> usize { ((rng(&mut s) + 0.5) * n as f32) as usize % n };
-        let mut seed = 99u64;
+        let mut seed = Rng::new(99);
         for case in 0..150 {
             let (m, n, d, k) = (1 + pick(40), 1 + pick(200), 1 + pick(40), 1 + pick(12));
             let metric = [Metric::L2, Metric::Cosine, Metric::InnerProduct][case % 3];
@@ -862,7 +864,7 @@ mod tests {
     /// magnitude, zero rows. The bound must keep every row that can tie.
     #[test]
     fn ties_and_near_ties_match_brute_force() {
-        let mut s = 5u64;
+        let mut s = Rng::new(5);
         let d = 24;
         let mut keys: Vec<f32> = (0..500 * d).map(|_| (rng(&mut s) * 4.0).round()).collect();
         // Near-duplicates of row 0, one ulp apart, and a scaled copy.
@@ -931,7 +933,7 @@ mod tests {
         let fast = Kernel::detect()
             .filter(|k| *k != Kernel::Portable)
             .expect("this test needs a CPU with AVX-512 VNNI (and MEMSTORE_NO_Q8 unset)");
-        let mut s = 9u64;
+        let mut s = Rng::new(9);
         for d in [1usize, 4, 13, 64, 200] {
             let n = 3 * PAIR + 5;
             let keys: Vec<f32> = (0..n * d).map(|_| rng(&mut s) * 7.0).collect();

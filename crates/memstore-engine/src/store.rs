@@ -41,6 +41,7 @@ pub fn blocking<R>(f: impl FnOnce() -> R) -> R {
 /// The options of the index that the core keeps for every driver; each
 /// driver's options hold one ([`Driver::Options`]).
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct IndexOptions {
     /// The index kind: `None` (default) searches exactly; an approximate
     /// structure (e.g. memstore-index's `Hnsw`) is kept in step with the rows

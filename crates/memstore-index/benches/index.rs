@@ -19,15 +19,7 @@ use rayon::prelude::*;
 mod common;
 
 fn rand_vecs(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    memstore_api::testkit::util::uniform(seed, n)
 }
 
 /// The fastest of `n` runs of `f`, in seconds (machines here are noisy);

@@ -49,6 +49,7 @@ use rayon::prelude::*;
 
 /// Errors of the index layer.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum IndexError {
     /// Input of the wrong shape (dimension, row counts).
     #[error("shape error: {0}")]
@@ -141,6 +142,7 @@ fn check_new(ids: &[MemoryId], present: impl Fn(MemoryId) -> bool) -> Result<()>
 
 /// How the HNSW graph stores vectors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Quantization {
     /// 32-bit floats (no loss).
     F32,
@@ -152,6 +154,7 @@ pub enum Quantization {
 
 /// HNSW parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct HnswOptions {
     /// Edges per node (usearch's `connectivity`, HNSW's M).
     pub connectivity: usize,
@@ -679,23 +682,20 @@ impl HnswIndex {
 }
 
 /// A 64-bit hash of the rows: every `(id, key bits)` pair hashed on its own
-/// and the hashes summed, so the order of the rows does not matter (a store
-/// keeps them in storage order, which deletes permute).
+/// (XXH3-64 over the id's and the key's little-endian bytes) and the hashes
+/// summed with the row count, so the order of the rows does not matter (a
+/// store keeps them in storage order, which deletes permute).
 pub fn fingerprint(ids: &[MemoryId], keys: &[f32]) -> u64 {
     let dim = keys.len().checked_div(ids.len()).unwrap_or(0);
-    let mut sum = (ids.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut row = Vec::with_capacity(8 + 4 * dim);
+    let mut sum = xxhash_rust::xxh3::xxh3_64(&(ids.len() as u64).to_le_bytes());
     for (i, &id) in ids.iter().enumerate() {
-        let mut h = 0xcbf2_9ce4_8422_2325u64;
-        let mut eat = |x: u64| {
-            h ^= x;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-            h ^= h >> 29;
-        };
-        eat(id);
+        row.clear();
+        row.extend_from_slice(&id.to_le_bytes());
         for &k in &keys[i * dim..(i + 1) * dim] {
-            eat(u64::from(k.to_bits()));
+            row.extend_from_slice(&k.to_bits().to_le_bytes());
         }
-        sum = sum.wrapping_add(h.wrapping_mul(0xff51_afd7_ed55_8ccd) ^ (h >> 33));
+        sum = sum.wrapping_add(xxhash_rust::xxh3::xxh3_64(&row));
     }
     sum
 }

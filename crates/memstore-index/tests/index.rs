@@ -36,15 +36,7 @@ fn flat_vecs(seed: u64, n: usize, d: usize) -> Vec<f32> {
 }
 
 fn rand_vecs(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    memstore_api::testkit::util::uniform(seed, n)
 }
 
 fn brute(
@@ -112,10 +104,11 @@ fn hnsw_recall_meets_the_default_floor() {
         HnswOptions::default()
     );
     assert!(r >= floor(0.95), "recall@8 {r} < {}", floor(0.95));
-    let low = HnswOptions {
-        expansion_search: 16,
-        target_recall: None,
-        ..HnswOptions::default()
+    let low = {
+        let mut o = HnswOptions::default();
+        o.expansion_search = 16;
+        o.target_recall = None;
+        o
     };
     let r16 = recall(Metric::L2, low, 10_000, 64);
     println!("  with expansion_search 16: {r16:.3}");
@@ -125,9 +118,10 @@ fn hnsw_recall_meets_the_default_floor() {
     assert!(cos >= floor(0.95), "cosine recall@8 {cos} < {}", floor(0.95));
     let f16 = recall(
         Metric::L2,
-        HnswOptions {
-            quantization: Quantization::F16,
-            ..HnswOptions::default()
+        {
+            let mut o = HnswOptions::default();
+            o.quantization = Quantization::F16;
+            o
         },
         5_000,
         32,
@@ -136,9 +130,10 @@ fn hnsw_recall_meets_the_default_floor() {
     assert!(f16 >= 0.9);
     let i8 = recall(
         Metric::Cosine,
-        HnswOptions {
-            quantization: Quantization::I8,
-            ..HnswOptions::default()
+        {
+            let mut o = HnswOptions::default();
+            o.quantization = Quantization::I8;
+            o
         },
         5_000,
         32,
@@ -180,14 +175,11 @@ fn hnsw_filters_inside_the_search_and_forgets_removed_keys() {
     assert!(matches!(h.add(&[8], &[0.0; 16]), Err(IndexError::Duplicate(8))));
     assert!(matches!(h.add(&[7, 7], &[0.0; 32]), Err(IndexError::Duplicate(7))));
     assert!(
-        HnswIndex::new(
-            Metric::L2,
-            4,
-            HnswOptions {
-                connectivity: 1,
-                ..HnswOptions::default()
-            }
-        )
+        HnswIndex::new(Metric::L2, 4, {
+            let mut o = HnswOptions::default();
+            o.connectivity = 1;
+            o
+        })
         .is_err()
     );
 }
@@ -330,9 +322,10 @@ fn small_graphs_answer_exactly_with_filters_and_removals() {
         assert_eq!(row.iter().map(|r| r.1).collect::<Vec<_>>(), vec![3, 4, 5]);
     }
     // Past the expansion the graph answers (and still finds the far keys).
-    let small_ef = HnswOptions {
-        expansion_search: 16,
-        ..HnswOptions::default()
+    let small_ef = {
+        let mut o = HnswOptions::default();
+        o.expansion_search = 16;
+        o
     };
     let keys: Vec<f32> = near.iter().chain(&far).copied().collect();
     let h = HnswIndex::build(Metric::L2, 1, small_ef, &ids, &keys).unwrap();
@@ -349,20 +342,22 @@ fn calibration_raises_ef_until_the_target_recall() {
     let (n, d) = (6000usize, 32usize);
     let ids: Vec<MemoryId> = (1..=n as u64).collect();
     let keys = rand_vecs(41, n * d);
-    let fixed = HnswOptions {
-        connectivity: 6,
-        expansion_add: 32,
-        expansion_search: 8,
-        target_recall: None,
-        ..HnswOptions::default()
+    let fixed = {
+        let mut o = HnswOptions::default();
+        o.connectivity = 6;
+        o.expansion_add = 32;
+        o.expansion_search = 8;
+        o.target_recall = None;
+        o
     };
     let h = HnswIndex::build(Metric::L2, d, fixed, &ids, &keys).unwrap();
     assert_eq!(h.expansion_search(), 8);
     assert!(h.calibration().is_none());
     let r_fixed = recall_of(&h, &ids, &keys, d);
-    let tuned = HnswOptions {
-        target_recall: Some(0.95),
-        ..fixed
+    let tuned = {
+        let mut o = fixed;
+        o.target_recall = Some(0.95);
+        o
     };
     let mut h = HnswIndex::build(Metric::L2, d, tuned, &ids, &keys).unwrap();
     let c = h.calibration().expect("calibrated on build");
@@ -413,18 +408,20 @@ fn calibration_raises_ef_until_the_target_recall() {
     assert_eq!(how, Opened::Loaded);
     assert_eq!(back.calibration(), g.calibration());
     assert_eq!(back.expansion_search(), g.expansion_search());
-    let other = HnswOptions {
-        target_recall: Some(0.99),
-        ..tuned
+    let other = {
+        let mut o = tuned;
+        o.target_recall = Some(0.99);
+        o
     };
     let (back, how) = HnswIndex::open_or_build(&path, Metric::L2, d, other, gi, gk).unwrap();
     assert_eq!(how, Opened::Loaded);
     assert_eq!((back.calibration(), back.expansion_search()), (None, 8));
     // Bad targets are typed errors.
     for bad in [0.0, 1.5, f32::NAN] {
-        let o = HnswOptions {
-            target_recall: Some(bad),
-            ..HnswOptions::default()
+        let o = {
+            let mut o = HnswOptions::default();
+            o.target_recall = Some(bad);
+            o
         };
         assert!(matches!(
             HnswIndex::new(Metric::L2, d, o),
@@ -459,9 +456,10 @@ fn calibration_lowers_ef_on_easy_data() {
     // goes on through the keys that fail the filter).
     let keys = rand_vecs(53, n * d);
     let q = rand_vecs(54, 200 * d);
-    let low = HnswOptions {
-        target_recall: Some(0.5),
-        ..HnswOptions::default()
+    let low = {
+        let mut o = HnswOptions::default();
+        o.target_recall = Some(0.5);
+        o
     };
     let h = HnswIndex::build(Metric::L2, d, low, &ids, &keys).unwrap();
     let ef = h.expansion_search();

@@ -33,6 +33,7 @@ use crate::{Endpoint, IpcError, TOKEN_ENV};
 
 /// How a client connects.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct ClientOptions {
     /// The shared token (TCP requires one; defaults to `$MEMSTORED_TOKEN`).
     pub token: Option<String>,

@@ -48,6 +48,7 @@ pub use server::{Server, ServerOptions, SqliteOpener, StoreOpener};
 /// store's own typed errors (dimension mismatch, unknown id, ...) come back
 /// from the daemon as the same [`memstore_api::Error`] variants.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum IpcError {
     /// Socket I/O failed.
     #[error("i/o: {0}")]
@@ -94,6 +95,7 @@ pub fn protocol_error(e: &memstore_api::Error) -> Option<ProtocolError> {
 
 /// Where a daemon listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Endpoint {
     /// A Unix domain socket.
     Unix(PathBuf),

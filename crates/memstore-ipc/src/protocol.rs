@@ -779,6 +779,8 @@ impl From<&Error> for WireError {
             },
             Error::Corrupt(m) => WireError::Corrupt(m.clone()),
             Error::Storage(e) => WireError::Storage(error_chain(e.as_ref())),
+            // A kind the wire format does not name yet travels with its message.
+            other => WireError::Storage(error_chain(other)),
         }
     }
 }

@@ -265,6 +265,7 @@ pub const HANDSHAKE_MAX_FRAME: usize = 64 * 1024;
 
 /// Daemon settings.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct ServerOptions {
     /// Largest frame accepted (and sent) once a session is established
     /// (before it, [`HANDSHAKE_MAX_FRAME`]).

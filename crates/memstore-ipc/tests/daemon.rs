@@ -28,23 +28,7 @@ fn cfg_args() -> [&'static str; 4] {
     ["--key-dim", "4", "--value-dim", "2"]
 }
 
-/// A deterministic pseudo-random sequence in [0, 1).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        (self.next() as f64 * n as f64) as u64
-    }
-    fn vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.next()).collect()
-    }
-}
+use memstore_api::testkit::util::Rng;
 
 async fn snapshot(s: &IpcStore) -> (Vec<Memory>, Stats) {
     let ids = s.ids().await.unwrap();
@@ -52,9 +36,9 @@ async fn snapshot(s: &IpcStore) -> (Vec<Memory>, Stats) {
 }
 
 async fn fill(s: &IpcStore, n: usize, seed: u64) -> Vec<u64> {
-    let mut rng = Rng(seed | 1);
-    let k = rng.vec(n * 4);
-    let v = rng.vec(n * 2);
+    let mut rng = Rng::new(seed);
+    let k = rng.vecs(n * 4, 1);
+    let v = rng.vecs(n * 2, 1);
     let t = vec!["seed".to_string()];
     s.insert(
         Batch::new(Vectors::new(&k, 4).unwrap(), Vectors::new(&v, 2).unwrap()).with_tags(Tags::Same(&t)),
@@ -463,9 +447,10 @@ async fn open_named_stores_are_capped() {
         &socket,
         &["--stores", s, "--max-open-stores", "2"].map(std::ffi::OsStr::new),
     );
-    let named = |name: &str| ClientOptions {
-        store: Some(name.to_string()),
-        ..ClientOptions::default()
+    let named = |name: &str| {
+        let mut o = ClientOptions::default();
+        o.store = Some(name.to_string());
+        o
     };
     let open = |name: &'static str| {
         let (e, o) = (d.endpoint(), named(name));
@@ -541,7 +526,7 @@ async fn random_frames_do_not_hurt_the_daemon() {
     let d = Daemon::start(&dir.path().join("s.db"), &socket, &cfg_args());
     let good = IpcStore::connect(&d.endpoint(), None).await.unwrap();
     fill(&good, 20, 5).await;
-    let mut rng = Rng(0xDEAD_BEEF);
+    let mut rng = Rng::new(0xDEAD_BEEF);
     let valid = protocol::encode_frame(1, &Request::Get(vec![1u64, 2, 3].into()), usize::MAX).unwrap();
     for round in 0..300 {
         let mut r = if round % 3 == 0 {
@@ -669,9 +654,10 @@ async fn tcp_is_loopback_and_needs_the_token() {
         ],
     );
     let tcp = Endpoint::Tcp(addr.clone());
-    let opts = |t: Option<&str>| ClientOptions {
-        token: t.map(String::from),
-        ..ClientOptions::default()
+    let opts = |t: Option<&str>| {
+        let mut o = ClientOptions::default();
+        o.token = t.map(String::from);
+        o
     };
     for t in [
         None,
@@ -840,7 +826,7 @@ async fn kill_nine(synchronous: &str, extra: &[&str], rounds: usize) -> tempfile
     let mut args = vec!["--key-dim", "8", "--value-dim", "4", "--synchronous", synchronous];
     args.extend_from_slice(extra);
     let rows = 16u64;
-    let mut rng = Rng(0x5EED_1234_5678_9ABC);
+    let mut rng = Rng::new(0x5EED_1234_5678_9ABC);
     let mut acked: Vec<u64> = Vec::new();
     for round in 0..rounds {
         let d = Daemon::start(&db, &socket, &args);
@@ -926,9 +912,9 @@ async fn sigint_finishes_requests_in_flight() {
     for t in 0..8u64 {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
-            let mut rng = Rng(t * 77 + 1);
-            let k = rng.vec(2000 * 32);
-            let v = rng.vec(2000 * 8);
+            let mut rng = Rng::new(t * 77 + 1);
+            let k = rng.vecs(2000 * 32, 1);
+            let v = rng.vecs(2000 * 8, 1);
             let tag = vec![format!("t{t}")];
             let b = Batch::new(Vectors::new(&k, 32).unwrap(), Vectors::new(&v, 8).unwrap()).with_tags(Tags::Same(&tag));
             s.learn(b, 1, 8).await.map(|_| t)
@@ -1003,8 +989,8 @@ async fn pipelined_calls_get_their_own_replies() {
     let d = Daemon::start(&dir.path().join("s.db"), &dir.path().join("d.sock"), &cfg_args());
     let s = Arc::new(IpcStore::connect(&d.endpoint(), None).await.unwrap());
     fill(&s, 500, 11).await;
-    let mut rng = Rng(99);
-    let queries: Vec<Vec<f32>> = (0..64).map(|i| rng.vec(4 * (1 + i % 7))).collect();
+    let mut rng = Rng::new(99);
+    let queries: Vec<Vec<f32>> = (0..64).map(|i| rng.vecs(4 * (1 + i % 7), 1)).collect();
     let mut sequential = Vec::new();
     for q in &queries {
         sequential.push(s.search(Vectors::new(q, 4).unwrap(), 5, None).await.unwrap());
@@ -1248,9 +1234,10 @@ async fn named_stores_share_one_socket() {
     let socket = dir.path().join("d.sock");
     let start = || Daemon::start_args(&socket, &["--stores".as_ref(), stores.as_os_str()]);
     let d = start();
-    let named = |n: &str| ClientOptions {
-        store: Some(n.into()),
-        ..ClientOptions::default()
+    let named = |n: &str| {
+        let mut o = ClientOptions::default();
+        o.store = Some(n.into());
+        o
     };
     let e = d.endpoint();
     // No default store: a handshake must name one.
@@ -1284,8 +1271,8 @@ async fn named_stores_share_one_socket() {
         .await
         .unwrap();
     fill(&a, 40, 41).await;
-    let mut rng = Rng(43);
-    let (k, v) = (rng.vec(7 * 8), rng.vec(7 * 3));
+    let mut rng = Rng::new(43);
+    let (k, v) = (rng.vecs(7 * 8, 1), rng.vecs(7 * 3, 1));
     b.insert(
         Batch::new(Vectors::new(&k, 8).unwrap(), Vectors::new(&v, 3).unwrap()),
         1,

@@ -67,6 +67,7 @@ pub type SqliteStore = SqlStore<SqliteDriver>;
 /// Errors of the SQLite driver; converted into [`memstore_api::Error::Storage`]
 /// at the trait boundary, with this error as the source.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SqliteError {
     /// SQLite (through sqlx) failed.
     #[error("sqlite: {0}")]
@@ -88,6 +89,7 @@ fn sql(e: sqlx::Error) -> Error {
 
 /// Options of the SQLite backend beyond the memory configuration.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct SqliteOptions {
     /// SQLite `synchronous` level. `Full` (default) makes every commit durable
     /// against power loss; `Normal` in WAL mode is durable against process crashes.
@@ -113,6 +115,32 @@ impl Default for SqliteOptions {
             max_connections: 4,
             index: IndexOptions::default(),
         }
+    }
+}
+
+impl SqliteOptions {
+    /// With the `synchronous` level.
+    pub fn with_synchronous(mut self, synchronous: SqliteSynchronous) -> Self {
+        self.synchronous = synchronous;
+        self
+    }
+
+    /// With or without the sqlite-vec mirror for SQL kNN.
+    pub fn with_sql_knn(mut self, on: bool) -> Self {
+        self.sql_knn = on;
+        self
+    }
+
+    /// With `n` pooled connections.
+    pub fn with_max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n;
+        self
+    }
+
+    /// With the index options.
+    pub fn with_index(mut self, index: IndexOptions) -> Self {
+        self.index = index;
+        self
     }
 }
 

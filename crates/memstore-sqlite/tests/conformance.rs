@@ -41,9 +41,10 @@ memstore_api::conformance_suite!(SqliteHarness::new(SqliteOptions::default()));
 mod values_from_the_database {
     use super::*;
 
-    memstore_api::conformance_suite!(SqliteHarness::new(SqliteOptions {
-        index: IndexOptions::default().with_resident_values(false),
-        sql_knn: false,
-        ..SqliteOptions::default()
+    memstore_api::conformance_suite!(SqliteHarness::new({
+        let mut o = SqliteOptions::default();
+        o.index = IndexOptions::default().with_resident_values(false);
+        o.sql_knn = false;
+        o
     }));
 }

@@ -32,9 +32,10 @@ impl Harness for HnswHarness {
     type Store = SqliteStore;
 
     async fn open(&self, config: MemoryConfig) -> Result<SqliteStore> {
-        let options = SqliteOptions {
-            index: IndexOptions::default().with_ann(Arc::new(Hnsw::new(HnswOptions::default()))),
-            ..SqliteOptions::default()
+        let options = {
+            let mut o = SqliteOptions::default();
+            o.index = IndexOptions::default().with_ann(Arc::new(Hnsw::new(HnswOptions::default())));
+            o
         };
         SqliteStore::open_with(self.dir.path().join("store.db"), config, options).await
     }

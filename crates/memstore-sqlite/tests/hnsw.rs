@@ -16,9 +16,10 @@ use memstore_sqlite::{IndexOptions, SqliteOptions, SqliteStore};
 const D: usize = 16;
 
 fn hnsw() -> SqliteOptions {
-    SqliteOptions {
-        index: IndexOptions::default().with_ann(Arc::new(Hnsw::new(HnswOptions::default()))),
-        ..SqliteOptions::default()
+    {
+        let mut o = SqliteOptions::default();
+        o.index = IndexOptions::default().with_ann(Arc::new(Hnsw::new(HnswOptions::default())));
+        o
     }
 }
 

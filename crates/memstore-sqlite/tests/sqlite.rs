@@ -70,9 +70,10 @@ async fn sql_knn_by_scan_without_the_mirror() {
     const COSINE: &str = "SELECT id, vec_distance_cosine(key, ?) AS d FROM memories ORDER BY d, id LIMIT ?";
     for (metric, knn) in [(Metric::L2, L2), (Metric::Cosine, COSINE)] {
         let path = dir.path().join(format!("scan-{}.db", metric.as_str()));
-        let options = memstore_sqlite::SqliteOptions {
-            sql_knn: false,
-            ..memstore_sqlite::SqliteOptions::default()
+        let options = {
+            let mut o = memstore_sqlite::SqliteOptions::default();
+            o.sql_knn = false;
+            o
         };
         let s = SqliteStore::open_with(&path, MemoryConfig::new(16, 2).with_metric(metric), options)
             .await

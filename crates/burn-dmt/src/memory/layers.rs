@@ -7,6 +7,7 @@ use crate::{DmtError, Result};
 
 /// The feed-forward layer of one block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LayerKind {
     /// GPT-2's MLP (the teacher's).
     Mlp,

@@ -31,6 +31,8 @@
 //! are protected: never evicted, recombined or accessed, so that what the
 //! source wrote can be removed exactly.
 
+use crate::train::Below as _;
+use rand_core::SeedableRng as _;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -645,7 +647,7 @@ impl DeviceMemory {
         match how {
             ValueAblation::Zero => values.iter_mut().for_each(|v| *v = 0.0),
             ValueAblation::Shuffle { seed } => {
-                let mut rng = crate::train::SplitMix(seed);
+                let mut rng = crate::train::SplitMix64::seed_from_u64(seed);
                 let per = self.capacity / self.parts;
                 let old = values.clone();
                 for p in 0..self.parts {

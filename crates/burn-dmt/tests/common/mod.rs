@@ -153,10 +153,11 @@ impl Daemon {
             options: Default::default(),
         };
         // Checkpoints go to run directories beside the stores' directory.
-        let options = ServerOptions {
-            stores_dir: Some(dir.to_path_buf()),
-            backup_dir: dir.parent().map(std::path::Path::to_path_buf),
-            ..ServerOptions::default()
+        let options = {
+            let mut o = ServerOptions::default();
+            o.stores_dir = Some(dir.to_path_buf());
+            o.backup_dir = dir.parent().map(std::path::Path::to_path_buf);
+            o
         };
         let s = Server::named_only(template, options).unwrap();
         let listener = server::bind_unix(&socket, 0o600).unwrap();
@@ -184,4 +185,35 @@ impl Drop for Daemon {
             let _ = t.join();
         }
     }
+}
+
+/// A writer into a shared buffer, for [`logged`].
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs `f` with a subscriber on this thread that formats the `tracing`
+/// events it emits (info and above, one line each, as the examples print
+/// them) and returns `f`'s result with those lines.
+pub fn logged<R>(f: impl FnOnce() -> R) -> (R, Vec<String>) {
+    let buf = Captured::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .without_time()
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || writer.clone())
+        .finish();
+    let r = tracing::subscriber::with_default(subscriber, f);
+    let text = String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned();
+    (r, text.lines().map(str::to_string).collect())
 }

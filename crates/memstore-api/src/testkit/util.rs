@@ -2,24 +2,24 @@
 
 use std::collections::BTreeMap;
 
+use rand_core::{RngCore, SeedableRng};
+use rand_xoshiro::SplitMix64;
+
 use crate::{Batch, DurableStore, Memory, MemoryConfig, MemoryId, MemoryStore, Metric, Stats, Tags, Vectors};
 
-/// A small deterministic generator (SplitMix64), so cases need no RNG crate.
-pub struct Rng(u64);
+/// A seeded generator (`rand_xoshiro`'s SplitMix64) with the draws the cases
+/// use: the same seed gives the same data on every platform.
+pub struct Rng(SplitMix64);
 
 impl Rng {
     /// Seeded generator.
     pub fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_add(0x9E37_79B9_7F4A_7C15))
+        Rng(SplitMix64::seed_from_u64(seed))
     }
 
     /// Next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in `[-1, 1)`.
@@ -36,6 +36,11 @@ impl Rng {
     pub fn vecs(&mut self, n: usize, d: usize) -> Vec<f32> {
         (0..n * d).map(|_| self.unit()).collect()
     }
+}
+
+/// `n` uniform floats in `[-1, 1)` from `seed` (benches' and tests' data).
+pub fn uniform(seed: u64, n: usize) -> Vec<f32> {
+    Rng::new(seed).vecs(n, 1)
 }
 
 /// Overwrites rows `0, step, 2·step, …` of `keys` (rows of `dim`) with

@@ -5,6 +5,8 @@
 //!
 //! Usage: `memstore-duckdb-writer PATH FIRST_BATCH BATCHES ROWS`
 
+use rand_core::{RngCore, SeedableRng};
+use rand_xoshiro::SplitMix64;
 use std::io::Write;
 
 use memstore_api::{Batch, MemoryConfig, MemoryStore, Tags, Vectors};
@@ -23,13 +25,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let (first, batches, rows): (u64, u64, usize) = (args[2].parse()?, args[3].parse()?, args[4].parse()?);
     let store = DuckdbStore::open(&args[1], config()).await?;
-    let mut seed = first.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (seed >> 40) as f32 / (1u64 << 24) as f32
-    };
+    let mut rng = SplitMix64::seed_from_u64(first);
+    let mut next = move || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
     let mut out = std::io::stdout().lock();
     for i in first..first + batches {
         let keys: Vec<f32> = (0..rows * 8).map(|_| next() * 1000.0).collect();

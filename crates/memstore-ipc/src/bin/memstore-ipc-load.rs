@@ -6,6 +6,10 @@
 //!
 //! Usage: `memstore-ipc-load ENDPOINT TAG BATCHES ROWS [mixed|learn]`
 
+use std::hash::{Hash, Hasher};
+
+use rand_core::{RngCore, SeedableRng};
+use rand_xoshiro::SplitMix64;
 use std::io::Write;
 
 use memstore_api::{Batch, MemoryStore, Tags, Vectors};
@@ -27,15 +31,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let store = IpcStore::connect(&endpoint, None).await?;
     let (dk, dv) = (store.config().key_dim, store.config().value_dim);
-    let mut seed = tag.bytes().fold(0x9E37_79B9_7F4A_7C15u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01B3)
-    }) | 1;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (seed >> 40) as f32 / (1u64 << 24) as f32
-    };
+    // Each tag draws its own data.
+    let mut hasher = std::hash::DefaultHasher::new();
+    tag.hash(&mut hasher);
+    let mut rng = SplitMix64::seed_from_u64(hasher.finish());
+    let mut next = move || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
     let mut out = std::io::stdout().lock();
     for i in 0..batches {
         let keys: Vec<f32> = (0..rows * dk).map(|_| next() * 1000.0).collect();

@@ -247,48 +247,47 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(dir) = &args.stores {
         std::fs::create_dir_all(dir).map_err(|e| format!("--stores {}: {e}", dir.display()))?;
     }
-    let options = ServerOptions {
-        max_frame: args.max_frame,
-        token: token.clone(),
-        read_token,
-        max_in_flight: args.max_in_flight,
-        max_connections: args.max_connections,
-        write_timeout: std::time::Duration::from_secs(args.write_timeout.max(1)),
-        reply_budget: args.reply_budget,
-        stores_dir: args.stores.clone(),
-        backup_dir: args.backup_dir.clone(),
-        allow_uids: args.allow_uid.clone(),
-        max_open_stores: args.max_open_stores,
-        auth_lockout: std::time::Duration::from_secs(args.auth_lockout),
-        ..ServerOptions::default()
+    let options = {
+        let mut o = ServerOptions::default();
+        o.max_frame = args.max_frame;
+        o.token = token.clone();
+        o.read_token = read_token;
+        o.max_in_flight = args.max_in_flight;
+        o.max_connections = args.max_connections;
+        o.write_timeout = std::time::Duration::from_secs(args.write_timeout.max(1));
+        o.reply_budget = args.reply_budget;
+        o.stores_dir = args.stores.clone();
+        o.backup_dir = args.backup_dir.clone();
+        o.allow_uids = args.allow_uid.clone();
+        o.max_open_stores = args.max_open_stores;
+        o.auth_lockout = std::time::Duration::from_secs(args.auth_lockout);
+        o
     };
     // The template of named stores when there is no --db.
     let db = args.db.clone().unwrap_or_default();
     let ann: Option<Arc<dyn AnnBuilder>> = match args.index {
         IndexArg::Exact => None,
-        IndexArg::Hnsw => Some(Arc::new(Hnsw::new(HnswOptions {
-            connectivity: args.hnsw_connectivity,
-            expansion_add: args.hnsw_expansion_add,
-            expansion_search: args.hnsw_expansion_search,
-            target_recall: (args.hnsw_target_recall != 0.0).then_some(args.hnsw_target_recall),
-            ..HnswOptions::default()
+        IndexArg::Hnsw => Some(Arc::new(Hnsw::new({
+            let mut o = HnswOptions::default();
+            o.connectivity = args.hnsw_connectivity;
+            o.expansion_add = args.hnsw_expansion_add;
+            o.expansion_search = args.hnsw_expansion_search;
+            o.target_recall = (args.hnsw_target_recall != 0.0).then_some(args.hnsw_target_recall);
+            o
         }))),
     };
+    let mut index = IndexOptions::default().with_resident_values(!args.values_on_disk);
+    index.ann = ann;
     match args.backend {
         BackendArg::Sqlite => {
             let opener = SqliteOpener {
                 path: db,
-                options: SqliteOptions {
-                    synchronous: match args.synchronous {
+                options: SqliteOptions::default()
+                    .with_synchronous(match args.synchronous {
                         SyncArg::Full => SqliteSynchronous::Full,
                         SyncArg::Normal => SqliteSynchronous::Normal,
-                    },
-                    index: IndexOptions {
-                        ann,
-                        resident_values: !args.values_on_disk,
-                    },
-                    ..SqliteOptions::default()
-                },
+                    })
+                    .with_index(index),
             };
             serve(server(opener, options, &args)?, &args, config, token, mode).await
         }
@@ -296,12 +295,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         BackendArg::Duckdb => {
             let opener = memstore_ipc::DuckdbOpener {
                 path: db,
-                options: memstore_duckdb::DuckdbOptions {
-                    index: IndexOptions {
-                        ann,
-                        resident_values: !args.values_on_disk,
-                    },
-                },
+                options: memstore_duckdb::DuckdbOptions::default().with_index(index),
             };
             serve(server(opener, options, &args)?, &args, config, token, mode).await
         }

@@ -163,9 +163,10 @@ impl memstore_api::testkit::Harness for DaemonHarness {
             let mut d = self.daemon.lock().unwrap();
             d.get_or_insert_with(|| self.start()).endpoint()
         };
-        let options = memstore_ipc::ClientOptions {
-            store: self.named_hnsw.then(|| "block0".to_string()),
-            ..memstore_ipc::ClientOptions::default()
+        let options = {
+            let mut o = memstore_ipc::ClientOptions::default();
+            o.store = self.named_hnsw.then(|| "block0".to_string());
+            o
         };
         memstore_ipc::IpcStore::connect_with(&endpoint, Some(config), options).await
     }
