@@ -26,6 +26,7 @@
 //!   checks on loaded rows).
 
 pub mod ann;
+pub mod crash;
 pub mod driver;
 pub mod gemm;
 pub mod index;
