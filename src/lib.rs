@@ -13,16 +13,18 @@
 //! `memstore-duckdb`, which links DuckDB);
 //! `hnsw` gives `Hnsw` and `HnswOptions` (crate `memstore-index`), the
 //! approximate index kind that the SQL backends take in their options;
+//! `postgres` gives `PostgresStore`, a store in a PostgreSQL schema with
+//! pgvector keys (crate `memstore-postgres`);
 //! `any` (default) gives [`open`], any backend from a store URL
-//! (`sqlite:PATH`, `duckdb:PATH`, `ipc:ENDPOINT#NAME`) as one [`AnyStore`]
-//! (crate `memstore-any`).
+//! (`sqlite:PATH`, `duckdb:PATH`, `ipc:ENDPOINT#NAME`, `postgres://…#NAME`)
+//! as one [`AnyStore`] (crate `memstore-any`).
 
 pub use memstore_api::{
     Batch, ChangeBatch, Counters, DurableStore, Error, EvictionPolicy, InMemoryStore, InsertMeta, Memory, MemoryConfig,
     MemoryId, MemoryStore, Metric, Neighbors, Result, Stats, TagFilter, Tags, Tick, Vectors, math,
 };
 
-#[cfg(any(feature = "sqlite", feature = "duckdb"))]
+#[cfg(any(feature = "sqlite", feature = "duckdb", feature = "postgres"))]
 pub use memstore_engine::{IndexOptions, SqlStore, driver::FileError};
 
 #[cfg(feature = "sqlite")]
@@ -33,6 +35,9 @@ pub use memstore_ipc::{ClientOptions, Endpoint, IpcError, IpcStore};
 
 #[cfg(feature = "duckdb")]
 pub use memstore_duckdb::{DuckdbDriver, DuckdbError, DuckdbOptions, DuckdbStore};
+
+#[cfg(feature = "postgres")]
+pub use memstore_postgres::{PostgresDriver, PostgresError, PostgresLocation, PostgresOptions, PostgresStore};
 
 #[cfg(feature = "any")]
 pub use memstore_any::{AnyStore, StoreUrl, open};

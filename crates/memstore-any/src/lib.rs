@@ -12,6 +12,7 @@
 //! | `duckdb:PATH` | a DuckDB file (memstore-duckdb, feature `duckdb`) |
 //! | `ipc:ENDPOINT` | the store a `memstored` serves; `ENDPOINT` is a Unix socket path, `unix:PATH` or `tcp:HOST:PORT` |
 //! | `ipc:ENDPOINT#NAME` | the named store `NAME` of a `memstored --stores DIR` |
+//! | `postgres://…#NAME` | the store in schema `NAME` (default `memstore`) of a PostgreSQL database with pgvector (memstore-postgres, feature `postgres`) |
 //!
 //! Every store implements [`MemoryStore`] and [`DurableStore`] the same way
 //! whatever the URL; [`StoreUrl::restore`] puts a backup back in place (a
@@ -33,6 +34,8 @@ pub use memstore_ipc::Endpoint;
 
 #[cfg(feature = "duckdb")]
 use memstore_duckdb::DuckdbStore;
+#[cfg(feature = "postgres")]
+use memstore_postgres::{PostgresLocation, PostgresStore};
 
 /// Where a store lives, parsed from a store URL (module docs).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,10 +53,17 @@ pub enum StoreUrl {
         /// The named store, for a daemon serving several.
         store: Option<String>,
     },
+    /// A store in a PostgreSQL database.
+    Postgres {
+        /// The connection URL (`postgres://…`, `postgresql://…`).
+        url: String,
+        /// The store's schema.
+        store: String,
+    },
 }
 
 /// The schemes a store URL may start with, for error messages.
-const SCHEMES: &str = "sqlite:PATH, duckdb:PATH or ipc:ENDPOINT[#NAME]";
+const SCHEMES: &str = "sqlite:PATH, duckdb:PATH, ipc:ENDPOINT[#NAME] or postgres://…[#NAME]";
 
 impl FromStr for StoreUrl {
     type Err = Error;
@@ -77,6 +87,18 @@ impl FromStr for StoreUrl {
                 let endpoint = Endpoint::parse(endpoint).map_err(|e| bad(&e.to_string()))?;
                 Ok(StoreUrl::Ipc { endpoint, store })
             }
+            "postgres" | "postgresql" if cfg!(feature = "postgres") => {
+                let (url, store) = match s.rsplit_once('#') {
+                    Some((_, "")) => return Err(bad("an empty store name after '#'")),
+                    Some((url, name)) => (url, name),
+                    None => (s, "memstore"),
+                };
+                Ok(StoreUrl::Postgres {
+                    url: url.to_string(),
+                    store: store.to_string(),
+                })
+            }
+            "postgres" | "postgresql" => Err(bad("this build has no PostgreSQL (feature `postgres`)")),
             _ => Err(bad(&format!("unknown scheme {scheme:?}"))),
         }
     }
@@ -97,6 +119,7 @@ impl fmt::Display for StoreUrl {
                     None => Ok(()),
                 }
             }
+            StoreUrl::Postgres { url, store } => write!(f, "{url}#{store}"),
         }
     }
 }
@@ -106,7 +129,7 @@ impl StoreUrl {
     pub fn file(&self) -> Option<&Path> {
         match self {
             StoreUrl::Sqlite(p) | StoreUrl::Duckdb(p) => Some(p),
-            StoreUrl::Ipc { .. } => None,
+            StoreUrl::Ipc { .. } | StoreUrl::Postgres { .. } => None,
         }
     }
 
@@ -136,6 +159,18 @@ impl StoreUrl {
                 };
                 Ok(AnyStore::Ipc(IpcStore::connect_with(endpoint, config, options).await?))
             }
+            #[cfg(feature = "postgres")]
+            StoreUrl::Postgres { url, store } => {
+                let at = PostgresLocation::new(url.clone(), store.clone());
+                Ok(AnyStore::Postgres(match config {
+                    Some(c) => PostgresStore::open(at, c).await?,
+                    None => PostgresStore::open_existing(at).await?,
+                }))
+            }
+            #[cfg(not(feature = "postgres"))]
+            StoreUrl::Postgres { .. } => Err(Error::InvalidConfig(format!(
+                "{self}: this build has no PostgreSQL (feature `postgres`)"
+            ))),
         }
     }
 
@@ -158,6 +193,9 @@ impl StoreUrl {
                 let closed = store.close().await;
                 restored.and(closed)
             }
+            StoreUrl::Postgres { .. } => Err(Error::InvalidConfig(format!(
+                "{self}: a PostgreSQL store is restored with the server's tools (pg_restore, a base backup)"
+            ))),
         }
     }
 }
@@ -196,6 +234,9 @@ pub enum AnyStore {
     Duckdb(DuckdbStore),
     /// A store served by `memstored`.
     Ipc(IpcStore),
+    /// A store in a PostgreSQL database.
+    #[cfg(feature = "postgres")]
+    Postgres(PostgresStore),
 }
 
 /// Runs `$body` with `$s` bound to the store inside `$store`, whatever its backend.
@@ -206,18 +247,22 @@ macro_rules! each {
             #[cfg(feature = "duckdb")]
             AnyStore::Duckdb($s) => $body,
             AnyStore::Ipc($s) => $body,
+            #[cfg(feature = "postgres")]
+            AnyStore::Postgres($s) => $body,
         }
     };
 }
 
 impl AnyStore {
-    /// The backend's name (`sqlite`, `duckdb`, `ipc`).
+    /// The backend's name (`sqlite`, `duckdb`, `ipc`, `postgres`).
     pub fn kind(&self) -> &'static str {
         match self {
             AnyStore::Sqlite(_) => "sqlite",
             #[cfg(feature = "duckdb")]
             AnyStore::Duckdb(_) => "duckdb",
             AnyStore::Ipc(_) => "ipc",
+            #[cfg(feature = "postgres")]
+            AnyStore::Postgres(_) => "postgres",
         }
     }
 }
@@ -325,11 +370,28 @@ mod tests {
                 "{e}"
             ),
         }
+        match "postgres://u@h/db#layer_1".parse::<StoreUrl>() {
+            Ok(u) => {
+                assert!(cfg!(feature = "postgres") && u.file().is_none(), "{u}");
+                assert_eq!(
+                    u,
+                    StoreUrl::Postgres {
+                        url: "postgres://u@h/db".into(),
+                        store: "layer_1".into()
+                    }
+                );
+                assert_eq!(u.to_string(), "postgres://u@h/db#layer_1");
+            }
+            Err(e) => assert!(
+                !cfg!(feature = "postgres") && e.to_string().contains("feature `postgres`"),
+                "{e}"
+            ),
+        }
         for bad in [
             "",
             "sqlite:",
             "sqlite",
-            "postgres://h/db",
+            "postgres://h/db#",
             "ipc:",
             "ipc:/s#",
             "ipc:tcp:nohost",

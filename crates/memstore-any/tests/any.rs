@@ -95,7 +95,7 @@ async fn bad_urls_and_missing_stores_are_errors() {
         !dir.path().join("none.db").exists(),
         "opening an existing store creates none"
     );
-    for bad in ["none", "mysql:/x", "ipc:"] {
+    for bad in ["none", "mysql:/x", "ipc:", "postgres://h/db#"] {
         assert!(
             matches!(memstore_any::open(bad, Some(cfg())).await, Err(Error::InvalidConfig(_))),
             "{bad}"
@@ -110,4 +110,28 @@ async fn bad_urls_and_missing_stores_are_errors() {
     // A daemon that is not there.
     let gone: StoreUrl = format!("ipc:{}", dir.path().join("no.sock").display()).parse().unwrap();
     assert!(gone.open(Some(cfg())).await.is_err());
+}
+
+/// A `postgres://…#NAME` URL opens a store in that schema, which reopens
+/// with its memories and configuration; backup and restore by file are
+/// refused (PostgreSQL's own tools do them).
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL with pgvector: MEMSTORE_POSTGRES_URL (scripts/postgres.sh start)"]
+async fn postgres_urls_open_stores_in_their_schema() {
+    let base = std::env::var("MEMSTORE_POSTGRES_URL").expect("MEMSTORE_POSTGRES_URL names the server");
+    let name = format!("any_{}", std::process::id());
+    let url: StoreUrl = format!("{base}#{name}").parse().unwrap();
+    assert_eq!(url.to_string(), format!("{base}#{name}"));
+    let s = url.open(Some(cfg())).await.unwrap();
+    assert_eq!(s.kind(), "postgres");
+    add(&s, 5, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    assert!(s.backup_to(&dir.path().join("b")).await.is_err());
+    s.close().await.unwrap();
+    let s = url.open(None).await.unwrap();
+    assert_eq!(s.len().await.unwrap(), 5);
+    assert_eq!(s.config(), &cfg());
+    s.close().await.unwrap();
+    assert!(url.restore(&dir.path().join("b")).await.is_err());
 }

@@ -82,6 +82,10 @@ impl Harness for InMemoryHarness {
 /// Expands to one `#[tokio::test]` per conformance case, each calling the
 /// case with a closure that makes a fresh harness from `$make`.
 ///
+/// `conformance_suite!(ignore = "why", $make)` marks every case ignored: the
+/// form for a suite that needs a server the machine may not have, run
+/// explicitly with `--ignored` where the server is.
+///
 /// `conformance_suite!(approximate: $make)` is the same suite for a store
 /// whose search is approximate by design (an HNSW index kind): the cases that
 /// demand the exact top-k of random data are replaced by cases that measure
@@ -92,15 +96,27 @@ impl Harness for InMemoryHarness {
 #[macro_export]
 macro_rules! conformance_suite {
     (approximate: $make:expr) => {
-        $crate::__conformance_common!($make);
-        $crate::__conformance_cases!($make;
+        $crate::__conformance_common!([] $make);
+        $crate::__conformance_cases!([] $make;
             search_approximate_recall,
             search_approximate_ties_and_filters,
         );
     };
+    (ignore = $why:literal, $make:expr) => {
+        $crate::__conformance_exact!([#[ignore = $why]] $make);
+    };
     ($make:expr) => {
-        $crate::__conformance_common!($make);
-        $crate::__conformance_cases!($make;
+        $crate::__conformance_exact!([] $make);
+    };
+}
+
+/// The exact suite: the common cases and those that demand the exact top-k.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_exact {
+    ($attrs:tt $make:expr) => {
+        $crate::__conformance_common!($attrs $make);
+        $crate::__conformance_cases!($attrs $make;
             search_l2_matches_brute_force,
             search_cosine_matches_brute_force,
             search_inner_product_matches_brute_force,
@@ -119,8 +135,8 @@ macro_rules! conformance_suite {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __conformance_common {
-    ($make:expr) => {
-        $crate::__conformance_cases!($make;
+    ($attrs:tt $make:expr) => {
+        $crate::__conformance_cases!($attrs $make;
             config_is_kept,
             invalid_config_is_rejected,
             reopen_with_other_key_dim_fails,
@@ -187,12 +203,21 @@ macro_rules! __conformance_common {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __conformance_cases {
-    ($make:expr; $($name:ident),* $(,)?) => {
+    ($attrs:tt $make:expr; $($name:ident),* $(,)?) => {
         $(
-            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                $crate::testkit::cases::$name(&|| $make).await;
-            }
+            $crate::__conformance_case!($attrs $make; $name);
         )*
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_case {
+    ([$($attr:tt)*] $make:expr; $name:ident) => {
+        $($attr)*
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            $crate::testkit::cases::$name(&|| $make).await;
+        }
     };
 }
