@@ -2,11 +2,7 @@
 //! `array_distance`, corrupt and missing files, the file lock, backups, and
 //! crash consistency under SIGKILL.
 
-use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::Duration;
-
+use memstore_api::testkit::crash::kill_rounds;
 use memstore_api::testkit::util::{Rng, backup_and_close, dump, ins, v};
 use memstore_api::{Batch, Error, MemoryConfig, MemoryStore, Metric, Vectors};
 use memstore_duckdb::{DuckdbError, DuckdbStore, FileError};
@@ -222,68 +218,13 @@ async fn committed_state_has_empty_staging_and_array_keys() {
 /// is there in part, and the file always opens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_no_acknowledged_batch() {
-    const ROWS: usize = 64;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("crash.duckdb");
     let exe = env!("CARGO_BIN_EXE_memstore-duckdb-writer");
-    let mut rng = Rng::new(2026);
-    let mut acked: BTreeSet<u64> = BTreeSet::new();
-    let mut next_batch = 0u64;
-    let mut before: BTreeSet<u64> = BTreeSet::new();
-    for round in 0..20 {
-        let mut child = Command::new(exe)
-            .args([
-                path.to_str().unwrap(),
-                &next_batch.to_string(),
-                "100000",
-                &ROWS.to_string(),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the writer");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let wait_for = 1 + rng.below(6);
-        let mut seen = 0;
-        while seen < wait_for {
-            let line = lines.next().expect("the writer ended early").unwrap();
-            let i: u64 = line.strip_prefix("committed ").unwrap().parse().unwrap();
-            acked.insert(i);
-            seen += 1;
-        }
-        std::thread::sleep(Duration::from_micros(rng.below(4000)));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        for line in lines.map_while(|l| l.ok()) {
-            if let Some(i) = line.strip_prefix("committed ") {
-                acked.insert(i.parse().unwrap());
-            }
-        }
-        let s = DuckdbStore::open(&path, MemoryConfig::new(8, 4))
-            .await
-            .unwrap_or_else(|e| panic!("round {round}: the file does not open after SIGKILL: {e}"));
-        let st = s.stats().await.unwrap();
-        let mut present = BTreeSet::new();
-        for (tag, count) in &st.tag_counts {
-            let i: u64 = tag[1..].parse().unwrap();
-            assert_eq!(*count as usize, ROWS, "round {round}: batch {i} is there in part");
-            present.insert(i);
-        }
-        assert!(
-            acked.is_subset(&present),
-            "round {round}: acknowledged {acked:?}, present {present:?}"
-        );
-        let unacked_new = present.difference(&before).filter(|i| !acked.contains(i)).count();
-        assert!(
-            unacked_new <= 1,
-            "round {round}: {unacked_new} unacknowledged batches appeared"
-        );
-        assert_eq!(st.len as usize, present.len() * ROWS);
-        next_batch = present.iter().max().map_or(0, |m| m + 1);
-        before = present;
-        s.close().await.unwrap();
-    }
-    assert!(acked.len() >= 20);
+    kill_rounds(exe, &[path.to_str().unwrap()], 20, 64, || {
+        DuckdbStore::open(&path, MemoryConfig::new(8, 4))
+    })
+    .await;
 }
 
 /// The lifecycle trait: a refused backup onto an existing file, a backup,

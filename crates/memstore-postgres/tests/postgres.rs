@@ -107,3 +107,28 @@ async fn keys_are_pgvector_vectors_that_sql_knn_orders() {
     assert!(matches!(driver_error(&e), PostgresError::Unsupported(_)), "{e}");
     s.close().await.unwrap();
 }
+
+/// Kills a writer process with SIGKILL at random moments, 20 times, reopening
+/// the store after each kill: every acknowledged batch is there whole and no
+/// batch in part. The killed owner's session ends with the process; until
+/// the server notices, a reopen is refused as `Locked`, and retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL with pgvector: MEMSTORE_POSTGRES_URL (scripts/postgres.sh start)"]
+async fn sigkill_mid_stream_loses_no_acknowledged_batch() {
+    let at = fresh("crash");
+    let arg = format!("{}#{}", at.url, at.store);
+    let exe = env!("CARGO_BIN_EXE_memstore-postgres-writer");
+    let reopen = || async {
+        let mut tries = 0;
+        loop {
+            match PostgresStore::open(at.clone(), MemoryConfig::new(8, 4)).await {
+                Err(e) if tries < 100 && matches!(driver_error(&e), PostgresError::Locked(_)) => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
+    };
+    memstore_api::testkit::crash::kill_rounds(exe, &[arg.as_str()], 20, 64, reopen).await;
+}

@@ -24,6 +24,7 @@ use async_trait::async_trait;
 use crate::{InMemoryStore, MemoryConfig, MemoryStore, Result};
 
 pub mod cases;
+pub mod crash;
 pub mod util;
 
 /// A location where a store can be opened, closed and opened again.
