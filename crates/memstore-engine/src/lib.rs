@@ -24,6 +24,8 @@
 //! - [`driver`]: helpers that every driver's `open` shares (the lock file,
 //!   the reconciliation of a stored configuration with the caller's, the
 //!   checks on loaded rows).
+//! - [`sqlx_rows`]: the statements that the sqlx drivers (SQLite,
+//!   PostgreSQL) run alike, expanded in each for its database.
 
 pub mod ann;
 pub mod crash;
@@ -31,6 +33,7 @@ pub mod driver;
 pub mod gemm;
 pub mod index;
 mod q8;
+pub mod sqlx_rows;
 mod store;
 
 pub use index::MemoryIndex;

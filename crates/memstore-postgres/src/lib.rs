@@ -41,13 +41,13 @@ use std::path::Path;
 use std::str::FromStr;
 
 use async_trait::async_trait;
-use memstore_api::{Counters, Error, Memory, MemoryConfig, MemoryId, Result};
-use memstore_engine::driver::{self, ConfigWrite, Loader, StoredConfig, expect_rows};
-use memstore_engine::index::{AccessUpdate, Changes};
-use memstore_engine::{Driver, MemoryIndex, Opened};
+use memstore_api::{Error, MemoryConfig, MemoryId, Result};
+use memstore_engine::driver::{self, ConfigWrite, StoredConfig};
+use memstore_engine::index::Changes;
+use memstore_engine::{Driver, Opened};
 use pgvector::Vector;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
-use sqlx::{Connection, Executor, Postgres, QueryBuilder, Row, Transaction};
+use sqlx::{Connection, Executor, Postgres, Row, Transaction};
 
 pub use memstore_engine::{IndexOptions, SqlStore};
 
@@ -202,10 +202,6 @@ pub struct PostgresPending {
     tx: Transaction<'static, Postgres>,
     new_tags: HashMap<String, i64>,
 }
-
-/// Rows per multi-row INSERT statement (8 parameters each: 8,000 per
-/// statement, under PostgreSQL's limit of 65,535).
-const INSERT_CHUNK: usize = 1000;
 
 /// Whether `name` is a plain lower-case identifier (so it can be quoted into
 /// DDL and `search_path` without escaping).
@@ -374,22 +370,20 @@ impl PostgresDriver {
             ConfigWrite::Update => write_config(&mut tx, &r.config, false).await?,
             ConfigWrite::Keep => {}
         }
-        let index = load_index(&mut tx, &r.config, options.index.resident_values).await?;
+        let (kd, vd) = (r.config.key_dim, r.config.value_dim);
+        let index = load_rows(
+            &mut tx,
+            &r.config,
+            options.index.resident_values,
+            |row, id| key_vec(row.try_get(1).map_err(sql)?, kd, id),
+            |row, id| value_vec(row.try_get(6).map_err(sql)?, vd, id),
+        )
+        .await?;
         if r.lambda_changed {
             // The priority column depends on λ: recompute it for the new policy.
             update_access(&mut tx, &driver::reprioritised(&index)).await?;
         }
-        let mut tags = HashMap::new();
-        for row in sqlx::query("SELECT id, name FROM tags")
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(sql)?
-        {
-            tags.insert(
-                row.try_get::<String, _>(1).map_err(sql)?,
-                row.try_get::<i64, _>(0).map_err(sql)?,
-            );
-        }
+        let tags = load_tag_ids(&mut tx).await?;
         tx.commit().await.map_err(sql)?;
         Ok(Opened {
             driver: PostgresDriver {
@@ -423,24 +417,22 @@ impl Driver for PostgresDriver {
     }
 
     async fn fetch_values(&self, ids: &[MemoryId]) -> Result<HashMap<MemoryId, Vec<f32>>> {
-        let ids: Vec<i64> = ids.iter().map(|&id| id as i64).collect();
-        let rows = sqlx::query("SELECT id, value FROM memories WHERE id = ANY($1)")
-            .bind(&ids)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(sql)?;
-        let mut out = HashMap::with_capacity(rows.len());
-        for r in rows {
-            let id: i64 = r.try_get(0).map_err(sql)?;
-            let v: Vec<f32> = r.try_get(1).map_err(sql)?;
-            out.insert(id as u64, value_vec(v, self.value_dim, id)?);
-        }
-        Ok(out)
+        let dim = self.value_dim;
+        fetch_values(&self.pool, ids, |r, id| value_vec(r.try_get(1).map_err(sql)?, dim, id)).await
     }
 
     async fn write(&self, writer: &mut PostgresWriter, changes: &Changes) -> Result<PostgresPending> {
         let mut tx = self.pool.begin().await.map_err(sql)?;
-        let new_tags = persist(&mut tx, self.lambda, self.key_dim, &writer.tags, changes).await?;
+        if let Some(m) = changes.inserted.iter().find(|m| m.key.len() != self.key_dim) {
+            return Err(Error::Corrupt(format!(
+                "memory {}: a key of {} floats",
+                m.id,
+                m.key.len()
+            )));
+        }
+        let key = |k: &[f32]| Vector::from(k.to_vec());
+        let value = |v: &[f32]| v.to_vec();
+        let new_tags = persist(&mut tx, self.lambda, &writer.tags, changes, key, value).await?;
         Ok(PostgresPending { tx, new_tags })
     }
 
@@ -462,11 +454,17 @@ impl Driver for PostgresDriver {
         Err(PostgresError::Unsupported("backup to a file (use pg_dump --schema=<store> or a base backup)").into())
     }
 
-    /// Closes the pool, then the owner's session (which releases the lock).
+    /// Closes the pool, releases the store's lock and closes the owner's session.
     async fn close(self, _writer: PostgresWriter) -> Result<()> {
         self.pool.close().await;
         let owner = self.owner.into_inner().unwrap_or_else(|p| p.into_inner());
-        if let Some(owner) = owner {
+        if let Some(mut owner) = owner {
+            // Released here, not when the server ends the session after the
+            // close: an open right after this returns must find it free.
+            sqlx::query("SELECT pg_advisory_unlock_all()")
+                .execute(&mut owner)
+                .await
+                .map_err(sql)?;
             owner.close().await.map_err(sql)?;
         }
         Ok(())
@@ -517,187 +515,7 @@ async fn write_config(tx: &mut Transaction<'_, Postgres>, c: &MemoryConfig, crea
     Ok(())
 }
 
-async fn load_index(tx: &mut Transaction<'_, Postgres>, config: &MemoryConfig, values: bool) -> Result<MemoryIndex> {
-    let mut loader = Loader::new(config, values);
-    let meta =
-        sqlx::query("SELECT next_id, inserted, merged, evicted, deleted, last_batch FROM memstore_meta WHERE id = 1")
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(sql)?
-            .ok_or_else(|| Error::Corrupt("memstore_meta row is missing".into()))?;
-    let g = |i: usize| -> Result<u64> { Ok(meta.try_get::<i64, _>(i).map_err(sql)? as u64) };
-    let counters = Counters {
-        inserted: g(1)?,
-        merged: g(2)?,
-        evicted: g(3)?,
-        deleted: g(4)?,
-        last_batch: g(5)?,
-    };
-    let next_id: i64 = meta.try_get(0).map_err(sql)?;
-    let rows = sqlx::query("SELECT mt.memory_id, t.name, mt.count FROM memory_tags mt JOIN tags t ON t.id = mt.tag_id")
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(sql)?;
-    for r in rows {
-        loader.tag(
-            r.try_get(0).map_err(sql)?,
-            r.try_get(1).map_err(sql)?,
-            r.try_get(2).map_err(sql)?,
-        );
-    }
-    let select = if values {
-        "SELECT id, key, created, last_access, access_count, crf, value FROM memories"
-    } else {
-        "SELECT id, key, created, last_access, access_count, crf FROM memories"
-    };
-    let rows = sqlx::query(select).fetch_all(&mut **tx).await.map_err(sql)?;
-    for r in rows {
-        let id: i64 = r.try_get(0).map_err(sql)?;
-        let key = key_vec(r.try_get(1).map_err(sql)?, config.key_dim, id)?;
-        let value = if values {
-            Some(value_vec(r.try_get(6).map_err(sql)?, config.value_dim, id)?)
-        } else {
-            None
-        };
-        loader.memory(
-            id,
-            &key,
-            value.as_deref(),
-            r.try_get(2).map_err(sql)?,
-            r.try_get(3).map_err(sql)?,
-            r.try_get(4).map_err(sql)?,
-            r.try_get(5).map_err(sql)?,
-        )?;
-    }
-    loader.finish(next_id, counters)
-}
-
-/// Rewrites access rows (bookkeeping and priority), one statement per chunk.
-async fn update_access(tx: &mut Transaction<'_, Postgres>, updates: &[AccessUpdate]) -> Result<()> {
-    for chunk in updates.chunks(INSERT_CHUNK) {
-        let mut q = QueryBuilder::<Postgres>::new("WITH v (id, last_access, access_count, crf, priority) AS (");
-        q.push_values(chunk, |mut b, u| {
-            b.push_bind(u.id as i64)
-                .push_bind(u.last_access as i64)
-                .push_bind(u.access_count as i64)
-                .push_bind(u.crf)
-                .push_bind(u.priority);
-        });
-        q.push(
-            ") UPDATE memories SET last_access = v.last_access, access_count = v.access_count, crf = v.crf, \
-             priority = v.priority FROM v WHERE memories.id = v.id",
-        );
-        let done = q.build().execute(&mut **tx).await.map_err(sql)?;
-        expect_rows(done.rows_affected(), "access update", chunk.len())?;
-    }
-    Ok(())
-}
-
-/// Writes `changes` inside `tx`. Returns tags created (their ids become valid
-/// only once the transaction commits).
-async fn persist(
-    tx: &mut Transaction<'_, Postgres>,
-    lambda: f64,
-    key_dim: usize,
-    tag_ids: &HashMap<String, i64>,
-    ch: &Changes,
-) -> Result<HashMap<String, i64>> {
-    if !ch.removed.is_empty() {
-        let ids: Vec<i64> = ch.removed.iter().map(|&id| id as i64).collect();
-        let done = sqlx::query("DELETE FROM memories WHERE id = ANY($1)")
-            .bind(&ids)
-            .execute(&mut **tx)
-            .await
-            .map_err(sql)?;
-        expect_rows(done.rows_affected(), "delete", ids.len())?;
-    }
-    update_access(tx, &ch.accessed).await?;
-    for chunk in ch.values.chunks(INSERT_CHUNK) {
-        let mut q = QueryBuilder::<Postgres>::new("WITH v (id, value) AS (");
-        q.push_values(chunk, |mut b, (id, v)| {
-            b.push_bind(*id as i64).push_bind(v.as_slice());
-        });
-        q.push(") UPDATE memories SET value = v.value FROM v WHERE memories.id = v.id");
-        let done = q.build().execute(&mut **tx).await.map_err(sql)?;
-        expect_rows(done.rows_affected(), "value update", chunk.len())?;
-    }
-    let mut new_tags: HashMap<String, i64> = HashMap::new();
-    let mut tag_rows: Vec<(i64, i64, i64)> = Vec::new();
-    // Retagged memories get their tag rows rewritten whole.
-    if !ch.retagged.is_empty() {
-        let ids: Vec<i64> = ch.retagged.iter().map(|(id, _)| *id as i64).collect();
-        sqlx::query("DELETE FROM memory_tags WHERE memory_id = ANY($1)")
-            .bind(&ids)
-            .execute(&mut **tx)
-            .await
-            .map_err(sql)?;
-    }
-    for (id, tags) in ch.tag_rows() {
-        for (t, c) in tags {
-            let tid = match tag_ids.get(t).or_else(|| new_tags.get(t)) {
-                Some(&tid) => tid,
-                None => {
-                    let tid: i64 = sqlx::query_scalar(
-                        "INSERT INTO tags (name) VALUES ($1) ON CONFLICT (name) DO UPDATE SET name = excluded.name \
-                         RETURNING id",
-                    )
-                    .bind(t)
-                    .fetch_one(&mut **tx)
-                    .await
-                    .map_err(sql)?;
-                    new_tags.insert(t.clone(), tid);
-                    tid
-                }
-            };
-            tag_rows.push((id as i64, tid, *c as i64));
-        }
-    }
-    for chunk in ch.inserted.chunks(INSERT_CHUNK) {
-        if let Some(m) = chunk.iter().find(|m| m.key.len() != key_dim) {
-            return Err(Error::Corrupt(format!(
-                "memory {}: a key of {} floats",
-                m.id,
-                m.key.len()
-            )));
-        }
-        let mut q = QueryBuilder::<Postgres>::new(
-            "INSERT INTO memories (id, key, value, created, last_access, access_count, crf, priority) ",
-        );
-        q.push_values(chunk, |mut b, m: &Memory| {
-            b.push_bind(m.id as i64)
-                .push_bind(Vector::from(m.key.clone()))
-                .push_bind(m.value.as_slice())
-                .push_bind(m.created as i64)
-                .push_bind(m.last_access as i64)
-                .push_bind(m.access_count as i64)
-                .push_bind(m.crf)
-                .push_bind(memstore_api::math::priority(lambda, m.crf, m.last_access));
-        });
-        q.build().execute(&mut **tx).await.map_err(sql)?;
-    }
-    for chunk in tag_rows.chunks(INSERT_CHUNK * 2) {
-        let mut q = QueryBuilder::<Postgres>::new("INSERT INTO memory_tags (memory_id, tag_id, count) ");
-        q.push_values(chunk, |mut b, r| {
-            b.push_bind(r.0).push_bind(r.1).push_bind(r.2);
-        });
-        q.build().execute(&mut **tx).await.map_err(sql)?;
-    }
-    let c = ch.counters;
-    sqlx::query(
-        "UPDATE memstore_meta SET next_id = $1, inserted = $2, merged = $3, evicted = $4, deleted = $5, \
-         last_batch = $6 WHERE id = 1",
-    )
-    .bind(ch.next_id as i64)
-    .bind(c.inserted as i64)
-    .bind(c.merged as i64)
-    .bind(c.evicted as i64)
-    .bind(c.deleted as i64)
-    .bind(c.last_batch as i64)
-    .execute(&mut **tx)
-    .await
-    .map_err(sql)?;
-    Ok(new_tags)
-}
+memstore_engine::sqlx_rows!(Postgres, sql);
 
 #[cfg(test)]
 mod tests {

@@ -49,9 +49,9 @@ use std::sync::{Once, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use memstore_api::{Counters, Error, Memory, MemoryConfig, MemoryId, Metric, Result};
+use memstore_api::{Error, Memory, MemoryConfig, MemoryId, Metric, Result};
 use memstore_engine::ann::AnnBuilder;
-use memstore_engine::driver::{self, ConfigWrite, Loader, StoredConfig, expect_rows};
+use memstore_engine::driver::{self, ConfigWrite, StoredConfig};
 use memstore_engine::index::Changes;
 use memstore_engine::{Driver, Opened};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
@@ -216,13 +216,6 @@ fn blob_f32(b: &[u8], dim: usize, what: &str, id: i64) -> Result<Vec<f32>> {
         .collect())
 }
 
-/// Rows per multi-row INSERT statement (up to 8 parameters each: 8,000 per
-/// statement, under the bundled SQLite's limit of 32,766): few statements
-/// per batch, since each costs a prepare and a round of sqlx overhead.
-const INSERT_CHUNK: usize = 1000;
-/// Ids per `IN (...)` list.
-const ID_CHUNK: usize = 500;
-
 impl SqliteDriver {
     /// The database file.
     pub fn path(&self) -> &Path {
@@ -310,22 +303,20 @@ impl SqliteDriver {
             ConfigWrite::Update => write_config(&mut tx, &r.config, sql_knn, false).await?,
             ConfigWrite::Keep => {}
         }
-        let index = load_index(&mut tx, &r.config, options.index.resident_values).await?;
+        let (kd, vd) = (r.config.key_dim, r.config.value_dim);
+        let index = load_rows(
+            &mut tx,
+            &r.config,
+            options.index.resident_values,
+            |row, id| blob_f32(row.try_get::<&[u8], _>(1).map_err(sql)?, kd, "key", id),
+            |row, id| blob_f32(row.try_get::<&[u8], _>(6).map_err(sql)?, vd, "value", id),
+        )
+        .await?;
         if r.lambda_changed {
             // The priority column depends on λ: recompute it for the new policy.
             update_access(&mut tx, &driver::reprioritised(&index)).await?;
         }
-        let tag_rows = sqlx::query("SELECT id, name FROM tags")
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(sql)?;
-        let mut tags = HashMap::new();
-        for row in tag_rows {
-            tags.insert(
-                row.try_get::<String, _>(1).map_err(sql)?,
-                row.try_get::<i64, _>(0).map_err(sql)?,
-            );
-        }
+        let tags = load_tag_ids(&mut tx).await?;
         tx.commit().await.map_err(sql)?;
         Ok(Opened {
             driver: SqliteDriver {
@@ -359,27 +350,16 @@ impl Driver for SqliteDriver {
     }
 
     async fn fetch_values(&self, ids: &[MemoryId]) -> Result<HashMap<MemoryId, Vec<f32>>> {
-        let mut out = HashMap::with_capacity(ids.len());
-        let mut conn = self.pool.acquire().await.map_err(sql)?;
-        for chunk in ids.chunks(ID_CHUNK) {
-            let mut q = QueryBuilder::<Sqlite>::new("SELECT id, value FROM memories WHERE id IN (");
-            let mut sep = q.separated(", ");
-            for id in chunk {
-                sep.push_bind(*id as i64);
-            }
-            q.push(")");
-            for r in q.build().fetch_all(&mut *conn).await.map_err(sql)? {
-                let id: i64 = r.try_get(0).map_err(sql)?;
-                let b: Vec<u8> = r.try_get(1).map_err(sql)?;
-                out.insert(id as u64, blob_f32(&b, self.value_dim, "value", id)?);
-            }
-        }
-        Ok(out)
+        let dim = self.value_dim;
+        fetch_values(&self.pool, ids, |r, id| {
+            blob_f32(r.try_get::<&[u8], _>(1).map_err(sql)?, dim, "value", id)
+        })
+        .await
     }
 
     async fn write(&self, writer: &mut SqliteWriter, changes: &Changes) -> Result<SqlitePending> {
         let mut tx = self.pool.begin().await.map_err(sql)?;
-        let new_tags = persist(&mut tx, self.sql_knn, self.lambda, &writer.tags, changes).await?;
+        let new_tags = persist_all(&mut tx, self.sql_knn, self.lambda, &writer.tags, changes).await?;
         Ok(SqlitePending { tx, new_tags })
     }
 
@@ -480,90 +460,7 @@ async fn write_config(tx: &mut Transaction<'_, Sqlite>, c: &MemoryConfig, sql_kn
     Ok(())
 }
 
-async fn load_index(
-    tx: &mut Transaction<'_, Sqlite>,
-    config: &MemoryConfig,
-    values: bool,
-) -> Result<memstore_engine::MemoryIndex> {
-    let mut loader = Loader::new(config, values);
-    let meta =
-        sqlx::query("SELECT next_id, inserted, merged, evicted, deleted, last_batch FROM memstore_meta WHERE id = 1")
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(sql)?
-            .ok_or_else(|| Error::Corrupt("memstore_meta row is missing".into()))?;
-    let g = |i: usize| -> Result<u64> { Ok(meta.try_get::<i64, _>(i).map_err(sql)? as u64) };
-    let counters = Counters {
-        inserted: g(1)?,
-        merged: g(2)?,
-        evicted: g(3)?,
-        deleted: g(4)?,
-        last_batch: g(5)?,
-    };
-    let next_id: i64 = meta.try_get(0).map_err(sql)?;
-    let rows = sqlx::query("SELECT mt.memory_id, t.name, mt.count FROM memory_tags mt JOIN tags t ON t.id = mt.tag_id")
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(sql)?;
-    for r in rows {
-        loader.tag(
-            r.try_get(0).map_err(sql)?,
-            r.try_get(1).map_err(sql)?,
-            r.try_get(2).map_err(sql)?,
-        );
-    }
-    let select = if values {
-        "SELECT id, key, created, last_access, access_count, crf, value FROM memories"
-    } else {
-        "SELECT id, key, created, last_access, access_count, crf FROM memories"
-    };
-    let rows = sqlx::query(select).fetch_all(&mut **tx).await.map_err(sql)?;
-    for r in rows {
-        let id: i64 = r.try_get(0).map_err(sql)?;
-        let key: &[u8] = r.try_get(1).map_err(sql)?;
-        let key = blob_f32(key, config.key_dim, "key", id)?;
-        let value = if values {
-            let b: &[u8] = r.try_get(6).map_err(sql)?;
-            Some(blob_f32(b, config.value_dim, "value", id)?)
-        } else {
-            None
-        };
-        loader.memory(
-            id,
-            &key,
-            value.as_deref(),
-            r.try_get(2).map_err(sql)?,
-            r.try_get(3).map_err(sql)?,
-            r.try_get(4).map_err(sql)?,
-            r.try_get(5).map_err(sql)?,
-        )?;
-    }
-    loader.finish(next_id, counters)
-}
-
-/// Rewrites access rows (bookkeeping and priority) in chunks of one statement.
-async fn update_access(
-    tx: &mut Transaction<'_, Sqlite>,
-    updates: &[memstore_engine::index::AccessUpdate],
-) -> Result<()> {
-    for chunk in updates.chunks(INSERT_CHUNK) {
-        let mut q = QueryBuilder::<Sqlite>::new("WITH v (id, last_access, access_count, crf, priority) AS (");
-        q.push_values(chunk, |mut b, u| {
-            b.push_bind(u.id as i64)
-                .push_bind(u.last_access as i64)
-                .push_bind(u.access_count as i64)
-                .push_bind(u.crf)
-                .push_bind(u.priority);
-        });
-        q.push(
-            ") UPDATE memories SET last_access = v.last_access, access_count = v.access_count, crf = v.crf, \
-             priority = v.priority FROM v WHERE memories.id = v.id",
-        );
-        let done = q.build().execute(&mut **tx).await.map_err(sql)?;
-        expect_rows(done.rows_affected(), "access update", chunk.len())?;
-    }
-    Ok(())
-}
+memstore_engine::sqlx_rows!(Sqlite, sql);
 
 /// The longest run of point deletes sent to the `vec0` mirror as one query.
 const MIRROR_DELETES: usize = 256;
@@ -602,86 +499,20 @@ async fn delete_from_mirror(tx: &mut Transaction<'_, Sqlite>, ids: &[MemoryId]) 
     Ok(())
 }
 
-/// Writes `changes` inside `tx`. Returns tags created (their ids become valid
-/// only once the transaction commits).
-async fn persist(
+/// Writes `changes` inside `tx`, and into the `vec0` mirror when there is
+/// one. Returns tags created (their ids become valid only once the
+/// transaction commits).
+async fn persist_all(
     tx: &mut Transaction<'_, Sqlite>,
     sql_knn: bool,
     lambda: f64,
     tag_ids: &HashMap<String, i64>,
     ch: &Changes,
 ) -> Result<HashMap<String, i64>> {
-    for chunk in ch.removed.chunks(ID_CHUNK) {
-        let mut q = QueryBuilder::<Sqlite>::new("DELETE FROM memories WHERE id IN (");
-        let mut sep = q.separated(", ");
-        for id in chunk {
-            sep.push_bind(*id as i64);
-        }
-        q.push(")");
-        let done = q.build().execute(&mut **tx).await.map_err(sql)?;
-        expect_rows(done.rows_affected(), "delete", chunk.len())?;
-        if sql_knn {
-            delete_from_mirror(tx, chunk).await?;
-        }
-    }
-    update_access(tx, &ch.accessed).await?;
-    for chunk in ch.values.chunks(INSERT_CHUNK) {
-        let mut q = QueryBuilder::<Sqlite>::new("WITH v (id, value) AS (");
-        q.push_values(chunk, |mut b, (id, v)| {
-            b.push_bind(*id as i64).push_bind(f32_blob(v));
-        });
-        q.push(") UPDATE memories SET value = v.value FROM v WHERE memories.id = v.id");
-        let done = q.build().execute(&mut **tx).await.map_err(sql)?;
-        expect_rows(done.rows_affected(), "value update", chunk.len())?;
-    }
-    let mut new_tags: HashMap<String, i64> = HashMap::new();
-    let mut tag_rows: Vec<(i64, i64, i64)> = Vec::new();
-    // Retagged memories get their tag rows rewritten whole.
-    for chunk in ch.retagged.chunks(ID_CHUNK) {
-        let mut q = QueryBuilder::<Sqlite>::new("DELETE FROM memory_tags WHERE memory_id IN (");
-        let mut sep = q.separated(", ");
-        for (id, _) in chunk {
-            sep.push_bind(*id as i64);
-        }
-        q.push(")");
-        q.build().execute(&mut **tx).await.map_err(sql)?;
-    }
-    for (id, tags) in ch.tag_rows() {
-        for (t, c) in tags {
-            let tid = match tag_ids.get(t).or_else(|| new_tags.get(t)) {
-                Some(&tid) => tid,
-                None => {
-                    let tid: i64 = sqlx::query_scalar(
-                        "INSERT INTO tags (name) VALUES (?) ON CONFLICT (name) DO UPDATE SET name = excluded.name \
-                         RETURNING id",
-                    )
-                    .bind(t)
-                    .fetch_one(&mut **tx)
-                    .await
-                    .map_err(sql)?;
-                    new_tags.insert(t.clone(), tid);
-                    tid
-                }
-            };
-            tag_rows.push((id as i64, tid, *c as i64));
-        }
-    }
-    for chunk in ch.inserted.chunks(INSERT_CHUNK) {
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO memories (id, key, value, created, last_access, access_count, crf, priority) ",
-        );
-        q.push_values(chunk, |mut b, m: &Memory| {
-            b.push_bind(m.id as i64)
-                .push_bind(f32_blob(&m.key))
-                .push_bind(f32_blob(&m.value))
-                .push_bind(m.created as i64)
-                .push_bind(m.last_access as i64)
-                .push_bind(m.access_count as i64)
-                .push_bind(m.crf)
-                .push_bind(memstore_api::math::priority(lambda, m.crf, m.last_access));
-        });
-        q.build().execute(&mut **tx).await.map_err(sql)?;
-        if sql_knn {
+    let new_tags = persist(tx, lambda, tag_ids, ch, f32_blob, f32_blob).await?;
+    if sql_knn {
+        delete_from_mirror(tx, &ch.removed).await?;
+        for chunk in ch.inserted.chunks(memstore_engine::sqlx_rows::CHUNK) {
             let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO memory_keys (rowid, key) ");
             q.push_values(chunk, |mut b, m: &Memory| {
                 b.push_bind(m.id as i64).push_bind(f32_blob(&m.key));
@@ -689,26 +520,5 @@ async fn persist(
             q.build().execute(&mut **tx).await.map_err(sql)?;
         }
     }
-    for chunk in tag_rows.chunks(INSERT_CHUNK * 2) {
-        let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO memory_tags (memory_id, tag_id, count) ");
-        q.push_values(chunk, |mut b, r| {
-            b.push_bind(r.0).push_bind(r.1).push_bind(r.2);
-        });
-        q.build().execute(&mut **tx).await.map_err(sql)?;
-    }
-    let c = ch.counters;
-    sqlx::query(
-        "UPDATE memstore_meta SET next_id = ?, inserted = ?, merged = ?, evicted = ?, deleted = ?, last_batch = ? \
-         WHERE id = 1",
-    )
-    .bind(ch.next_id as i64)
-    .bind(c.inserted as i64)
-    .bind(c.merged as i64)
-    .bind(c.evicted as i64)
-    .bind(c.deleted as i64)
-    .bind(c.last_batch as i64)
-    .execute(&mut **tx)
-    .await
-    .map_err(sql)?;
     Ok(new_tags)
 }
