@@ -24,11 +24,12 @@ pub const CHUNK: usize = 1000;
 /// for database `$db`, mapping sqlx errors with `$sql` (a
 /// `fn(sqlx::Error) -> memstore_api::Error`):
 ///
-/// - `load_rows(tx, loader, values, key, value)`: the counters, tags and
-///   memories into a [`Loader`](crate::driver::Loader), returning the
-///   index; `key` and `value` decode column 1 and column 6 of a row of
-///   `memories`.
-/// - `load_tag_ids(tx)`: the tags' names and row ids (the writer's map).
+/// - `read_config(tx, extra)` and `write_config(tx, config, create, extra)`:
+///   the configuration row, with one driver-specific integer column.
+/// - `load_store(tx, config, values, lambda_changed, key, value)`: the
+///   index (counters, tags and memories through a
+///   [`Loader`](crate::driver::Loader)) and the tag map; `key` and `value`
+///   decode column 1 and column 6 of a row of `memories`.
 /// - `fetch_values(conn, ids, value)`: the values of `ids` (rows that are
 ///   not there are left out).
 /// - `update_access(tx, updates)`: access bookkeeping and priorities.
@@ -37,6 +38,103 @@ pub const CHUNK: usize = 1000;
 #[macro_export]
 macro_rules! sqlx_rows {
     ($db:ty, $sql:path) => {
+        /// The stored configuration (`None` before the store is created)
+        /// and, when `extra` names an integer column of `memstore_config`,
+        /// its value.
+        async fn read_config(
+            tx: &mut sqlx::Transaction<'_, $db>,
+            extra: Option<&'static str>,
+        ) -> ::memstore_api::Result<Option<(::memstore_api::MemoryConfig, Option<i64>)>> {
+            use sqlx::Row as _;
+            let mut q = sqlx::QueryBuilder::<$db>::new(
+                "SELECT key_dim, value_dim, metric, capacity, lrfu_lambda, novelty, recombine",
+            );
+            if let Some(column) = extra {
+                q.push(", ").push(column);
+            }
+            q.push(" FROM memstore_config");
+            let Some(r) = q.build().fetch_optional(&mut **tx).await.map_err($sql)? else {
+                return Ok(None);
+            };
+            let config = $crate::driver::StoredConfig {
+                key_dim: r.try_get(0).map_err($sql)?,
+                value_dim: r.try_get(1).map_err($sql)?,
+                metric: r.try_get(2).map_err($sql)?,
+                capacity: r.try_get(3).map_err($sql)?,
+                lrfu_lambda: r.try_get(4).map_err($sql)?,
+                novelty: r.try_get(5).map_err($sql)?,
+                recombine: r.try_get(6).map_err($sql)?,
+            }
+            .decode()?;
+            let extra = match extra {
+                Some(_) => Some(r.try_get::<i64, _>(7).map_err($sql)?),
+                None => None,
+            };
+            Ok(Some((config, extra)))
+        }
+
+        /// Writes the configuration row (`create`: inserts it), with
+        /// `extra` = (integer column, value) when the driver keeps one more.
+        async fn write_config(
+            tx: &mut sqlx::Transaction<'_, $db>,
+            c: &::memstore_api::MemoryConfig,
+            create: bool,
+            extra: Option<(&'static str, i64)>,
+        ) -> ::memstore_api::Result<()> {
+            let row = $crate::driver::StoredConfig::new(c);
+            let mut q = sqlx::QueryBuilder::<$db>::new("");
+            if create {
+                q.push("INSERT INTO memstore_config (key_dim, value_dim, metric, capacity, lrfu_lambda, novelty, recombine");
+                if let Some((column, _)) = extra {
+                    q.push(", ").push(column);
+                }
+                q.push(", id) VALUES (");
+                let mut sep = q.separated(", ");
+                sep.push_bind(row.key_dim)
+                    .push_bind(row.value_dim)
+                    .push_bind(row.metric)
+                    .push_bind(row.capacity)
+                    .push_bind(row.lrfu_lambda)
+                    .push_bind(row.novelty)
+                    .push_bind(row.recombine);
+                if let Some((_, v)) = extra {
+                    sep.push_bind(v);
+                }
+                q.push(", 1)");
+            } else {
+                q.push("UPDATE memstore_config SET key_dim = ").push_bind(row.key_dim);
+                q.push(", value_dim = ").push_bind(row.value_dim);
+                q.push(", metric = ").push_bind(row.metric);
+                q.push(", capacity = ").push_bind(row.capacity);
+                q.push(", lrfu_lambda = ").push_bind(row.lrfu_lambda);
+                q.push(", novelty = ").push_bind(row.novelty);
+                q.push(", recombine = ").push_bind(row.recombine);
+                if let Some((column, v)) = extra {
+                    q.push(", ").push(column).push(" = ").push_bind(v);
+                }
+                q.push(" WHERE id = 1");
+            }
+            q.build().execute(&mut **tx).await.map_err($sql)?;
+            Ok(())
+        }
+
+        /// Loads the index (with values when `values`) and the tag map, and
+        /// rewrites the priorities when `lambda_changed` (they depend on λ).
+        async fn load_store(
+            tx: &mut sqlx::Transaction<'_, $db>,
+            config: &::memstore_api::MemoryConfig,
+            values: bool,
+            lambda_changed: bool,
+            key: impl Fn(&<$db as sqlx::Database>::Row, i64) -> ::memstore_api::Result<Vec<f32>>,
+            value: impl Fn(&<$db as sqlx::Database>::Row, i64) -> ::memstore_api::Result<Vec<f32>>,
+        ) -> ::memstore_api::Result<($crate::MemoryIndex, std::collections::HashMap<String, i64>)> {
+            let index = load_rows(tx, config, values, key, value).await?;
+            if lambda_changed {
+                update_access(tx, &$crate::driver::reprioritised(&index)).await?;
+            }
+            Ok((index, load_tag_ids(tx).await?))
+        }
+
         /// Reads the counters, tags and memories of the store into an index.
         async fn load_rows(
             tx: &mut sqlx::Transaction<'_, $db>,

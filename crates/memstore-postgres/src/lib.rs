@@ -42,7 +42,7 @@ use std::str::FromStr;
 
 use async_trait::async_trait;
 use memstore_api::{Error, MemoryConfig, MemoryId, Result};
-use memstore_engine::driver::{self, ConfigWrite, StoredConfig};
+use memstore_engine::driver::{self, ConfigWrite};
 use memstore_engine::index::Changes;
 use memstore_engine::{Driver, Opened};
 use pgvector::Vector;
@@ -318,7 +318,16 @@ impl PostgresDriver {
                 .await
                 .map_err(sql)?;
         if !has_vector && let Err(e) = conn.execute("CREATE EXTENSION IF NOT EXISTS vector").await {
-            return Err(PostgresError::NoVector(e.to_string()).into());
+            // Two sessions creating it at once: one fails on the catalog's
+            // unique index although the extension now exists.
+            let created: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'vector')")
+                    .fetch_one(&mut *conn)
+                    .await
+                    .map_err(sql)?;
+            if !created {
+                return Err(PostgresError::NoVector(e.to_string()).into());
+            }
         }
         let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
             .bind(store)
@@ -345,14 +354,14 @@ impl PostgresDriver {
     ) -> Result<Opened<Self>> {
         MIGRATOR.run(&pool).await.map_err(PostgresError::from)?;
         let mut tx = pool.begin().await.map_err(sql)?;
-        let stored = read_config(&mut tx).await?;
+        let stored = read_config(&mut tx, None).await?.map(|(c, _)| c);
         if stored.is_none() && config.is_none() {
             return Err(PostgresError::NoStore(store).into());
         }
         let r = driver::resolve_config(stored, config, &store)?;
         match r.write {
             ConfigWrite::Create => {
-                write_config(&mut tx, &r.config, true).await?;
+                write_config(&mut tx, &r.config, true, None).await?;
                 sqlx::query(
                     "INSERT INTO memstore_meta (id, next_id, inserted, merged, evicted, deleted, last_batch) \
                      VALUES (1, 1, 0, 0, 0, 0, 0)",
@@ -367,23 +376,19 @@ impl PostgresDriver {
                 );
                 tx.execute(sqlx::AssertSqlSafe(ddl)).await.map_err(sql)?;
             }
-            ConfigWrite::Update => write_config(&mut tx, &r.config, false).await?,
+            ConfigWrite::Update => write_config(&mut tx, &r.config, false, None).await?,
             ConfigWrite::Keep => {}
         }
         let (kd, vd) = (r.config.key_dim, r.config.value_dim);
-        let index = load_rows(
+        let (index, tags) = load_store(
             &mut tx,
             &r.config,
             options.index.resident_values,
+            r.lambda_changed,
             |row, id| key_vec(row.try_get(1).map_err(sql)?, kd, id),
             |row, id| value_vec(row.try_get(6).map_err(sql)?, vd, id),
         )
         .await?;
-        if r.lambda_changed {
-            // The priority column depends on λ: recompute it for the new policy.
-            update_access(&mut tx, &driver::reprioritised(&index)).await?;
-        }
-        let tags = load_tag_ids(&mut tx).await?;
         tx.commit().await.map_err(sql)?;
         Ok(Opened {
             driver: PostgresDriver {
@@ -469,50 +474,6 @@ impl Driver for PostgresDriver {
         }
         Ok(())
     }
-}
-
-async fn read_config(tx: &mut Transaction<'_, Postgres>) -> Result<Option<MemoryConfig>> {
-    let row = sqlx::query(
-        "SELECT key_dim, value_dim, metric, capacity, lrfu_lambda, novelty, recombine FROM memstore_config",
-    )
-    .fetch_optional(&mut **tx)
-    .await
-    .map_err(sql)?;
-    let Some(r) = row else { return Ok(None) };
-    let config = StoredConfig {
-        key_dim: r.try_get(0).map_err(sql)?,
-        value_dim: r.try_get(1).map_err(sql)?,
-        metric: r.try_get(2).map_err(sql)?,
-        capacity: r.try_get(3).map_err(sql)?,
-        lrfu_lambda: r.try_get(4).map_err(sql)?,
-        novelty: r.try_get(5).map_err(sql)?,
-        recombine: r.try_get(6).map_err(sql)?,
-    }
-    .decode()?;
-    Ok(Some(config))
-}
-
-async fn write_config(tx: &mut Transaction<'_, Postgres>, c: &MemoryConfig, create: bool) -> Result<()> {
-    let q = if create {
-        "INSERT INTO memstore_config (key_dim, value_dim, metric, capacity, lrfu_lambda, novelty, recombine, id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 1)"
-    } else {
-        "UPDATE memstore_config SET key_dim = $1, value_dim = $2, metric = $3, capacity = $4, lrfu_lambda = $5, \
-         novelty = $6, recombine = $7 WHERE id = 1"
-    };
-    let row = StoredConfig::new(c);
-    sqlx::query(q)
-        .bind(row.key_dim)
-        .bind(row.value_dim)
-        .bind(row.metric)
-        .bind(row.capacity)
-        .bind(row.lrfu_lambda)
-        .bind(row.novelty)
-        .bind(row.recombine)
-        .execute(&mut **tx)
-        .await
-        .map_err(sql)?;
-    Ok(())
 }
 
 memstore_engine::sqlx_rows!(Postgres, sql);

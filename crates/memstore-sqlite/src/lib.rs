@@ -51,7 +51,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use memstore_api::{Error, Memory, MemoryConfig, MemoryId, Metric, Result};
 use memstore_engine::ann::AnnBuilder;
-use memstore_engine::driver::{self, ConfigWrite, StoredConfig};
+use memstore_engine::driver::{self, ConfigWrite};
 use memstore_engine::index::Changes;
 use memstore_engine::{Driver, Opened};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
@@ -271,13 +271,13 @@ impl SqliteDriver {
     ) -> Result<Opened<Self>> {
         MIGRATOR.run(&pool).await.map_err(SqliteError::from)?;
         let mut tx = pool.begin().await.map_err(sql)?;
-        let stored = read_config(&mut tx).await?;
-        let stored_knn = stored.as_ref().map(|(_, knn)| *knn);
+        let stored = read_config(&mut tx, Some("sql_knn")).await?;
+        let stored_knn = stored.as_ref().map(|(_, knn)| *knn != Some(0));
         let r = driver::resolve_config(stored.map(|(c, _)| c), config, &path.display().to_string())?;
         let sql_knn = stored_knn.unwrap_or(options.sql_knn);
         match r.write {
             ConfigWrite::Create => {
-                write_config(&mut tx, &r.config, sql_knn, true).await?;
+                write_config(&mut tx, &r.config, true, Some(("sql_knn", sql_knn as i64))).await?;
                 sqlx::query(
                     "INSERT INTO memstore_meta (id, next_id, inserted, merged, evicted, deleted) VALUES (1, 1, 0, 0, 0, 0)",
                 )
@@ -300,23 +300,19 @@ impl SqliteDriver {
                         .map_err(sql)?;
                 }
             }
-            ConfigWrite::Update => write_config(&mut tx, &r.config, sql_knn, false).await?,
+            ConfigWrite::Update => write_config(&mut tx, &r.config, false, Some(("sql_knn", sql_knn as i64))).await?,
             ConfigWrite::Keep => {}
         }
         let (kd, vd) = (r.config.key_dim, r.config.value_dim);
-        let index = load_rows(
+        let (index, tags) = load_store(
             &mut tx,
             &r.config,
             options.index.resident_values,
+            r.lambda_changed,
             |row, id| blob_f32(row.try_get::<&[u8], _>(1).map_err(sql)?, kd, "key", id),
             |row, id| blob_f32(row.try_get::<&[u8], _>(6).map_err(sql)?, vd, "value", id),
         )
         .await?;
-        if r.lambda_changed {
-            // The priority column depends on λ: recompute it for the new policy.
-            update_access(&mut tx, &driver::reprioritised(&index)).await?;
-        }
-        let tags = load_tag_ids(&mut tx).await?;
         tx.commit().await.map_err(sql)?;
         Ok(Opened {
             driver: SqliteDriver {
@@ -412,51 +408,6 @@ async fn wal_checkpoint(pool: &SqlitePool, mode: &'static str) -> Result<()> {
             "WAL checkpoint ({mode}) did not finish: busy {busy}, {done} of {log} frames copied"
         ))));
     }
-    Ok(())
-}
-
-async fn read_config(tx: &mut Transaction<'_, Sqlite>) -> Result<Option<(MemoryConfig, bool)>> {
-    let row = sqlx::query(
-        "SELECT key_dim, value_dim, metric, capacity, lrfu_lambda, novelty, recombine, sql_knn FROM memstore_config",
-    )
-    .fetch_optional(&mut **tx)
-    .await
-    .map_err(sql)?;
-    let Some(r) = row else { return Ok(None) };
-    let config = StoredConfig {
-        key_dim: r.try_get(0).map_err(sql)?,
-        value_dim: r.try_get(1).map_err(sql)?,
-        metric: r.try_get(2).map_err(sql)?,
-        capacity: r.try_get(3).map_err(sql)?,
-        lrfu_lambda: r.try_get(4).map_err(sql)?,
-        novelty: r.try_get(5).map_err(sql)?,
-        recombine: r.try_get(6).map_err(sql)?,
-    }
-    .decode()?;
-    Ok(Some((config, r.try_get::<i64, _>(7).map_err(sql)? != 0)))
-}
-
-async fn write_config(tx: &mut Transaction<'_, Sqlite>, c: &MemoryConfig, sql_knn: bool, create: bool) -> Result<()> {
-    let q = if create {
-        "INSERT INTO memstore_config (key_dim, value_dim, metric, capacity, lrfu_lambda, novelty, recombine, sql_knn, id) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)"
-    } else {
-        "UPDATE memstore_config SET key_dim = ?, value_dim = ?, metric = ?, capacity = ?, lrfu_lambda = ?, \
-         novelty = ?, recombine = ?, sql_knn = ? WHERE id = 1"
-    };
-    let row = StoredConfig::new(c);
-    sqlx::query(q)
-        .bind(row.key_dim)
-        .bind(row.value_dim)
-        .bind(row.metric)
-        .bind(row.capacity)
-        .bind(row.lrfu_lambda)
-        .bind(row.novelty)
-        .bind(row.recombine)
-        .bind(sql_knn as i64)
-        .execute(&mut **tx)
-        .await
-        .map_err(sql)?;
     Ok(())
 }
 
