@@ -44,7 +44,7 @@ use async_trait::async_trait;
 use memstore_api::{Error, MemoryConfig, MemoryId, Result};
 use memstore_engine::driver::{self, ConfigWrite};
 use memstore_engine::index::Changes;
-use memstore_engine::{Driver, Opened};
+use memstore_engine::{Driver, MemoryIndex, Opened};
 use pgvector::Vector;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection, Executor, Postgres, Row, Transaction};
@@ -187,14 +187,13 @@ pub struct PostgresDriver {
     lambda: f64,
     key_dim: usize,
     value_dim: usize,
-    /// The session holding the store's advisory lock while it is open.
-    owner: std::sync::Mutex<Option<PgConnection>>,
 }
 
-/// The writer's state: tag names and their row ids, as committed.
-#[derive(Debug, Default)]
+/// The writer's state: tag names and their row ids, as committed, and the
+/// session that holds the store's advisory lock while it is open.
 pub struct PostgresWriter {
     tags: HashMap<String, i64>,
+    owner: PgConnection,
 }
 
 /// A written, uncommitted transaction (rolled back if dropped).
@@ -259,23 +258,38 @@ impl PostgresDriver {
         }
         let connect = PgConnectOptions::from_str(&at.url).map_err(sql)?;
         let mut owner = PgConnection::connect_with(&connect).await.map_err(sql)?;
-        let key = format!("memstore:{store}");
+        match Self::own(&mut owner, connect, store, config, options).await {
+            Ok((driver, tags, config, index)) => Ok(Opened {
+                driver,
+                writer: PostgresWriter { tags, owner },
+                config,
+                index,
+            }),
+            Err(e) => {
+                let _ = release(owner).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes the store's advisory lock on the `owner` session, prepares the
+    /// database, connects the pool and loads the store.
+    async fn own(
+        owner: &mut PgConnection,
+        connect: PgConnectOptions,
+        store: String,
+        config: Option<MemoryConfig>,
+        options: PostgresOptions,
+    ) -> Result<(Self, HashMap<String, i64>, MemoryConfig, MemoryIndex)> {
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-            .bind(&key)
-            .fetch_one(&mut owner)
+            .bind(format!("memstore:{store}"))
+            .fetch_one(&mut *owner)
             .await
             .map_err(sql)?;
         if !locked {
-            let _ = owner.close().await;
             return Err(PostgresError::Locked(store).into());
         }
-        match Self::prepare(&mut owner, &store, config.is_some()).await {
-            Ok(()) => {}
-            Err(e) => {
-                let _ = owner.close().await;
-                return Err(e);
-            }
-        }
+        Self::prepare(owner, &store, config.is_some()).await?;
         let search_path = format!("SET search_path TO \"{store}\", public");
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
@@ -288,46 +302,30 @@ impl PostgresDriver {
             })
             .connect_with(connect)
             .await
-            .map_err(sql);
-        let pool = match pool {
-            Ok(p) => p,
-            Err(e) => {
-                let _ = owner.close().await;
-                return Err(e);
-            }
-        };
-        match Self::init(pool.clone(), store, config, options).await {
-            Ok(mut opened) => {
-                opened.driver.owner = std::sync::Mutex::new(Some(owner));
-                Ok(opened)
-            }
-            Err(e) => {
-                pool.close().await;
-                let _ = owner.close().await;
-                Err(e)
-            }
+            .map_err(sql)?;
+        let loaded = Self::init(pool.clone(), store, config, options).await;
+        if loaded.is_err() {
+            pool.close().await;
         }
+        loaded
     }
 
     /// Checks (or creates, when `create`) the `vector` extension and the
     /// store's schema.
     async fn prepare(conn: &mut PgConnection, store: &str, create: bool) -> Result<()> {
-        let has_vector: bool =
+        async fn has_vector(conn: &mut PgConnection) -> Result<bool> {
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'vector')")
-                .fetch_one(&mut *conn)
+                .fetch_one(conn)
                 .await
-                .map_err(sql)?;
-        if !has_vector && let Err(e) = conn.execute("CREATE EXTENSION IF NOT EXISTS vector").await {
-            // Two sessions creating it at once: one fails on the catalog's
-            // unique index although the extension now exists.
-            let created: bool =
-                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'vector')")
-                    .fetch_one(&mut *conn)
-                    .await
-                    .map_err(sql)?;
-            if !created {
-                return Err(PostgresError::NoVector(e.to_string()).into());
-            }
+                .map_err(sql)
+        }
+        // Two sessions creating the extension at once make one fail on the
+        // catalog's unique index although the extension then exists.
+        if !has_vector(conn).await?
+            && let Err(e) = conn.execute("CREATE EXTENSION IF NOT EXISTS vector").await
+            && !has_vector(conn).await?
+        {
+            return Err(PostgresError::NoVector(e.to_string()).into());
         }
         let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
             .bind(store)
@@ -351,7 +349,7 @@ impl PostgresDriver {
         store: String,
         config: Option<MemoryConfig>,
         options: PostgresOptions,
-    ) -> Result<Opened<Self>> {
+    ) -> Result<(Self, HashMap<String, i64>, MemoryConfig, MemoryIndex)> {
         MIGRATOR.run(&pool).await.map_err(PostgresError::from)?;
         let mut tx = pool.begin().await.map_err(sql)?;
         let stored = read_config(&mut tx, None).await?.map(|(c, _)| c);
@@ -390,19 +388,14 @@ impl PostgresDriver {
         )
         .await?;
         tx.commit().await.map_err(sql)?;
-        Ok(Opened {
-            driver: PostgresDriver {
-                pool,
-                store,
-                lambda: r.config.eviction.lambda(),
-                key_dim: r.config.key_dim,
-                value_dim: r.config.value_dim,
-                owner: std::sync::Mutex::new(None),
-            },
-            writer: PostgresWriter { tags },
-            config: r.config,
-            index,
-        })
+        let driver = PostgresDriver {
+            pool,
+            store,
+            lambda: r.config.eviction.lambda(),
+            key_dim: r.config.key_dim,
+            value_dim: r.config.value_dim,
+        };
+        Ok((driver, tags, r.config, index))
     }
 }
 
@@ -460,20 +453,21 @@ impl Driver for PostgresDriver {
     }
 
     /// Closes the pool, releases the store's lock and closes the owner's session.
-    async fn close(self, _writer: PostgresWriter) -> Result<()> {
+    async fn close(self, writer: PostgresWriter) -> Result<()> {
         self.pool.close().await;
-        let owner = self.owner.into_inner().unwrap_or_else(|p| p.into_inner());
-        if let Some(mut owner) = owner {
-            // Released here, not when the server ends the session after the
-            // close: an open right after this returns must find it free.
-            sqlx::query("SELECT pg_advisory_unlock_all()")
-                .execute(&mut owner)
-                .await
-                .map_err(sql)?;
-            owner.close().await.map_err(sql)?;
-        }
-        Ok(())
+        release(writer.owner).await
     }
+}
+
+/// Releases the owner session's advisory lock and closes the session. The
+/// lock is released here, not when the server ends the session after the
+/// close, so that an open right after this returns finds the store free.
+async fn release(mut owner: PgConnection) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_unlock_all()")
+        .execute(&mut owner)
+        .await
+        .map_err(sql)?;
+    owner.close().await.map_err(sql)
 }
 
 memstore_engine::sqlx_rows!(Postgres, sql);
