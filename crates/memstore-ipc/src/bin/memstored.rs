@@ -206,23 +206,19 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // A token file's contents, trimmed; an empty token is none.
+    let read = |f: &std::path::Path, what: &str| -> Result<String, String> {
+        std::fs::read_to_string(f)
+            .map(|t| t.trim().to_string())
+            .map_err(|e| format!("{what} {}: {e}", f.display()))
+    };
     let token = match &args.token_file {
-        Some(f) => Some(
-            std::fs::read_to_string(f)
-                .map_err(|e| format!("token file {}: {e}", f.display()))?
-                .trim()
-                .to_string(),
-        ),
+        Some(f) => Some(read(f, "token file")?),
         None => std::env::var(TOKEN_ENV).ok().map(|t| t.trim().to_string()),
     }
     .filter(|t| !t.is_empty());
     let read_token = match &args.read_token_file {
-        Some(f) => Some(
-            std::fs::read_to_string(f)
-                .map_err(|e| format!("read-only token file {}: {e}", f.display()))?
-                .trim()
-                .to_string(),
-        ),
+        Some(f) => Some(read(f, "read-only token file")?),
         None => None,
     }
     .filter(|t| !t.is_empty());
