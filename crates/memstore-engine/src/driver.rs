@@ -9,17 +9,19 @@
 //! - [`Loader`]: builds the index from the rows read on open, checking each.
 //! - [`expect_rows`]: a statement changed exactly the rows the plan named.
 //! - [`reprioritised`]: the access rows to rewrite when λ changes.
+//! - [`changes_between`]: what other clients of a shared store committed,
+//!   as changes the index applies.
 //! - [`sync_parent`] and [`install_copy`]: durable file replacement (a
 //!   restored backup put in place of a closed store file).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use memstore_api::{Counters, Error, EvictionPolicy, MemoryConfig, MemoryId, Metric, Result};
+use memstore_api::{Counters, Error, EvictionPolicy, Memory, MemoryConfig, MemoryId, Metric, Result};
 
 use crate::MemoryIndex;
-use crate::index::{AccessUpdate, Meta};
+use crate::index::{AccessUpdate, Changes, Meta};
 
 /// Why a store kept in a file could not be opened; converted into
 /// [`memstore_api::Error::Storage`] with this error as the source.
@@ -297,6 +299,70 @@ pub fn reprioritised(index: &MemoryIndex) -> Vec<AccessUpdate> {
         .collect()
 }
 
+/// The changes that bring `index` to a state of a shared store read from
+/// its database: `rows` are the memories written since the version the
+/// index reflects (complete; values may be empty where the index keeps
+/// none), `deleted` the ids deleted since, and `next_id` and `counters`
+/// the store's. With `whole`, `rows` are every memory of the store and any
+/// other memory of the index is removed (a client too far behind to read
+/// the deletions). A memory the index holds becomes access, value and tag
+/// updates; one it does not, an insertion; one whose key differs is
+/// removed and inserted again.
+pub fn changes_between(
+    index: &MemoryIndex,
+    mut rows: Vec<Memory>,
+    deleted: &[MemoryId],
+    whole: bool,
+    next_id: MemoryId,
+    counters: Counters,
+) -> Changes {
+    let lambda = index.config().eviction.lambda();
+    rows.sort_unstable_by_key(|m| m.id);
+    let written: HashSet<MemoryId> = rows.iter().map(|m| m.id).collect();
+    let mut removed: BTreeSet<MemoryId> = deleted
+        .iter()
+        .copied()
+        .filter(|id| index.contains(*id) && !written.contains(id))
+        .collect();
+    if whole {
+        removed.extend(index.ids().iter().copied().filter(|id| !written.contains(id)));
+    }
+    let mut changes = Changes {
+        next_id,
+        counters,
+        ..Changes::default()
+    };
+    for m in rows {
+        let same_key = index.key(m.id).map(|k| k == m.key.as_slice());
+        match (same_key, index.meta(m.id)) {
+            (Some(true), Some(meta)) => {
+                if (meta.last_access, meta.access_count, meta.crf) != (m.last_access, m.access_count, m.crf) {
+                    changes.accessed.push(AccessUpdate {
+                        id: m.id,
+                        last_access: m.last_access,
+                        access_count: m.access_count,
+                        crf: m.crf,
+                        priority: memstore_api::math::priority(lambda, m.crf, m.last_access),
+                    });
+                }
+                if meta.tags != m.tags {
+                    changes.retagged.push((m.id, m.tags));
+                }
+                if index.holds_values() && index.value(m.id) != Some(m.value.as_slice()) {
+                    changes.values.push((m.id, m.value));
+                }
+            }
+            (Some(_), _) => {
+                removed.insert(m.id);
+                changes.inserted.push(m);
+            }
+            (None, _) => changes.inserted.push(m),
+        }
+    }
+    changes.removed = removed.into_iter().collect();
+    changes
+}
+
 /// Makes `file`'s entry in its directory durable (after the file was
 /// created or renamed there).
 pub fn sync_parent(file: &Path) -> std::io::Result<()> {
@@ -396,6 +462,75 @@ mod tests {
         assert!(!copy.exists() && !dir.path().join("s.db-wal").exists());
         assert!(install_copy(&copy, &file).is_err(), "no copy: an error, the file kept");
         assert_eq!(std::fs::read(&file).unwrap(), b"new");
+    }
+
+    #[test]
+    fn changes_between_bring_an_index_to_the_rows_read() {
+        let c = cfg();
+        let mem = |id: MemoryId, x: f32, count: u64, tag: Option<&str>| Memory {
+            id,
+            key: vec![x; 4],
+            value: vec![x, -x],
+            created: 1,
+            last_access: count,
+            access_count: count,
+            crf: 1.0,
+            tags: tag.map(|t| BTreeMap::from([(t.to_string(), 1)])).unwrap_or_default(),
+        };
+        let build = |rows: &[Memory]| {
+            let mut l = Loader::new(&c, true);
+            for m in rows {
+                for (t, n) in &m.tags {
+                    l.tag(m.id as i64, t.clone(), *n as i64);
+                }
+                l.memory(
+                    m.id as i64,
+                    &m.key,
+                    Some(&m.value),
+                    1,
+                    m.last_access as i64,
+                    m.access_count as i64,
+                    m.crf,
+                )
+                .unwrap();
+            }
+            l.finish(10, Counters::default()).unwrap()
+        };
+        let before = [
+            mem(1, 1.0, 1, None),
+            mem(2, 2.0, 1, None),
+            mem(3, 3.0, 1, None),
+            mem(4, 4.0, 1, None),
+        ];
+        // 1 unchanged, 2 accessed and tagged, 3 deleted, 4 with another key
+        // (removed and inserted again), 5 new.
+        let mut two = mem(2, 2.0, 3, Some("t"));
+        two.value = vec![9.0, 9.0];
+        let after = [mem(1, 1.0, 1, None), two, mem(4, 40.0, 1, None), mem(5, 5.0, 1, None)];
+        let counters = Counters {
+            inserted: 5,
+            deleted: 1,
+            ..Counters::default()
+        };
+        let mut index = build(&before);
+        let changes = changes_between(&index, after[1..].to_vec(), &[3], false, 6, counters);
+        assert_eq!(changes.removed, vec![3, 4]);
+        assert_eq!(changes.inserted.iter().map(|m| m.id).collect::<Vec<_>>(), vec![4, 5]);
+        assert_eq!(changes.accessed.len(), 1);
+        index.apply(&changes).unwrap();
+        let want = build(&after);
+        let all = |i: &MemoryIndex| {
+            let mut ids = i.ids().to_vec();
+            ids.sort_unstable();
+            i.memories(&ids, &HashMap::new()).unwrap()
+        };
+        assert_eq!(all(&index), all(&want));
+        assert_eq!((index.next_id(), index.counters()), (6, counters));
+        // A whole reload removes what the rows do not name.
+        let mut index = build(&before);
+        let changes = changes_between(&index, after.to_vec(), &[], true, 6, counters);
+        index.apply(&changes).unwrap();
+        assert_eq!(all(&index), all(&want));
     }
 
     #[test]

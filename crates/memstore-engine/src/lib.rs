@@ -37,4 +37,4 @@ pub mod sqlx_rows;
 mod store;
 
 pub use index::MemoryIndex;
-pub use store::{Driver, IndexOptions, Opened, SqlStore, blocking};
+pub use store::{Begun, Driver, IndexOptions, Opened, Refresh, SqlStore, blocking};

@@ -13,15 +13,27 @@
 //! index as they were. Reads of values (when the index does not keep them)
 //! go to the driver with ids the index vouches for; a missing row is
 //! reported as corruption.
+//!
+//! **Shared stores.** A driver whose database other clients write too (each
+//! with its own index, as PostgreSQL's) numbers the committed store with a
+//! version that every commit raises by one. [`Driver::begin`] takes the
+//! database's write lock before the write is planned and returns what the
+//! others committed since the version this index reflects, which the core
+//! applies first: writes of all clients run one after another, each planned
+//! on the state it commits on. Reads ask [`Driver::version`] first and apply
+//! [`Driver::refresh`] when the index is behind, so a read sees every write
+//! committed before it began. Drivers of stores with one writer keep the
+//! defaults, which cost nothing.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use memstore_api::{
-    Batch, ChangeBatch, DurableStore, Error, Memory, MemoryConfig, MemoryId, MemoryStore, Neighbors, Result, Stats,
-    TagFilter, Tick, Vectors,
+    Batch, ChangeBatch, Counters, DurableStore, Error, Memory, MemoryConfig, MemoryId, MemoryStore, Neighbors, Result,
+    Stats, TagFilter, Tick, Vectors,
 };
 use tokio::sync::{Mutex, RwLock};
 
@@ -97,6 +109,40 @@ pub struct Opened<D: Driver> {
     /// The index loaded from the committed rows (with values when
     /// [`IndexOptions::resident_values`] asked for them).
     pub index: MemoryIndex,
+    /// The store's version the index reflects (shared stores; 0 otherwise).
+    pub version: u64,
+}
+
+/// What other clients committed to a shared store since the version an
+/// index reflects, as read from the database; the core turns it into index
+/// changes with [`crate::driver::changes_between`].
+#[derive(Debug, Default)]
+pub struct Refresh {
+    /// The store's version the index reflects once this is applied.
+    pub version: u64,
+    /// The memories written since (complete; values empty where the index
+    /// keeps none).
+    pub rows: Vec<Memory>,
+    /// The ids deleted since.
+    pub deleted: Vec<MemoryId>,
+    /// `rows` are every memory of the store: remove any other.
+    pub whole: bool,
+    /// The store's next id.
+    pub next_id: MemoryId,
+    /// The store's lifetime counters.
+    pub counters: Counters,
+}
+
+/// A write's transaction, begun before the write is planned.
+pub struct Begun<T> {
+    /// The transaction that [`Driver::write`] continues.
+    pub txn: T,
+    /// What other clients committed since the index's version (shared
+    /// stores only).
+    pub refresh: Option<Refresh>,
+    /// The version the store has once this write commits (shared stores;
+    /// ignored otherwise).
+    pub version: u64,
 }
 
 /// What a database must do for the core to run a memory store on it.
@@ -116,6 +162,10 @@ pub trait Driver: Sized + Send + Sync + 'static {
     /// A transaction written and not yet committed. Dropping it must roll the
     /// transaction back, or the next [`Driver::write`] must.
     type Pending: Send + 'static;
+    /// A transaction begun before a write is planned ([`Driver::begin`]);
+    /// `()` where the transaction starts in [`Driver::write`]. Dropping it
+    /// (a plan that fails, a caller that gives up) must roll it back.
+    type Txn: Send + Default + 'static;
 
     /// Opens the store at `at`. With `config`, creates it if it does not
     /// exist, and otherwise reconciles the stored configuration with it
@@ -133,9 +183,36 @@ pub trait Driver: Sized + Send + Sync + 'static {
     /// row is left out of the answer (the core reports it).
     async fn fetch_values(&self, ids: &[MemoryId]) -> Result<HashMap<MemoryId, Vec<f32>>>;
 
-    /// Writes `changes` in one transaction and returns it uncommitted. On
-    /// error nothing is written.
-    async fn write(&self, writer: &mut Self::Writer, changes: &Changes) -> Result<Self::Pending>;
+    /// Begins a write, before the core plans it. A store that other
+    /// clients write too takes its cross-client write lock here (held until
+    /// the commit or the transaction is dropped) and returns what they
+    /// committed since `seen`, the version this client's index reflects;
+    /// the default (a store with one writer) begins nothing.
+    async fn begin(&self, _writer: &mut Self::Writer, seen: u64) -> Result<Begun<Self::Txn>> {
+        Ok(Begun {
+            txn: Self::Txn::default(),
+            refresh: None,
+            version: seen,
+        })
+    }
+
+    /// The committed store's version, for a store that other clients write
+    /// too; `None` (the default) when the index cannot be behind (or, for a
+    /// driver that allows staleness, need not be checked now).
+    async fn version(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
+
+    /// What other clients committed since `seen` (a consistent snapshot),
+    /// read outside a write; `None` (the default) when nothing did.
+    async fn refresh(&self, _writer: &mut Self::Writer, _seen: u64) -> Result<Option<Refresh>> {
+        Ok(None)
+    }
+
+    /// Writes `changes` in the transaction `txn` from [`Driver::begin`]
+    /// (or one of its own) and returns it uncommitted. On error nothing is
+    /// written.
+    async fn write(&self, writer: &mut Self::Writer, txn: Self::Txn, changes: &Changes) -> Result<Self::Pending>;
 
     /// Commits a transaction from [`Driver::write`]. On error nothing is
     /// written.
@@ -163,6 +240,9 @@ pub struct SqlStore<D: Driver> {
     /// Where the approximate index is saved (`None` in exact mode).
     ann_file: Option<PathBuf>,
     writer: Mutex<D::Writer>,
+    /// The store version the index reflects (shared stores; changed only
+    /// under the writer lock and the index's write lock).
+    seen: AtomicU64,
 }
 
 impl<D: Driver> SqlStore<D> {
@@ -196,6 +276,7 @@ impl<D: Driver> SqlStore<D> {
             writer,
             config,
             mut index,
+            version,
         } = D::open(at, config, options).await?;
         let ann_file = match ann {
             Some(builder) => {
@@ -214,6 +295,7 @@ impl<D: Driver> SqlStore<D> {
             index: RwLock::new(index),
             ann_file,
             writer: Mutex::new(writer),
+            seen: AtomicU64::new(version),
         })
     }
 
@@ -266,26 +348,91 @@ impl<D: Driver> SqlStore<D> {
 
     /// Values of `ids` (deduplicated), read from the committed state.
     async fn fetch_values(&self, ids: impl IntoIterator<Item = MemoryId>) -> Result<HashMap<MemoryId, Vec<f32>>> {
-        let ids: Vec<MemoryId> = ids.into_iter().collect::<BTreeSet<_>>().into_iter().collect();
-        if ids.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let out = self.driver.fetch_values(&ids).await?;
-        if let Some(missing) = ids.iter().find(|id| !out.contains_key(id)) {
-            return Err(Error::Corrupt(format!("memory {missing} is indexed but has no row")));
-        }
-        Ok(out)
+        self.try_fetch_values(ids).await?.map_err(no_row)
     }
 
-    /// Writes `changes` in one transaction, then commits it and applies the
-    /// changes to the index under the index's write lock, taken before the
-    /// commit (module docs).
-    async fn commit(&self, writer: &mut D::Writer, changes: &Changes) -> Result<()> {
-        let pending = self.driver.write(writer, changes).await?;
+    /// Values of `ids`, or the first id that has no row.
+    async fn try_fetch_values(
+        &self,
+        ids: impl IntoIterator<Item = MemoryId>,
+    ) -> Result<std::result::Result<HashMap<MemoryId, Vec<f32>>, MemoryId>> {
+        let ids: Vec<MemoryId> = ids.into_iter().collect::<BTreeSet<_>>().into_iter().collect();
+        if ids.is_empty() {
+            return Ok(Ok(HashMap::new()));
+        }
+        let out = self.driver.fetch_values(&ids).await?;
+        Ok(match ids.iter().find(|id| !out.contains_key(id)) {
+            Some(&missing) => Err(missing),
+            None => Ok(out),
+        })
+    }
+
+    /// Brings the index up to what other clients committed before this
+    /// call (shared stores; nothing to do otherwise). Returns whether the
+    /// store is shared.
+    async fn catch_up(&self) -> Result<bool> {
+        let Some(version) = self.driver.version().await? else {
+            return Ok(false);
+        };
+        if version <= self.seen.load(Ordering::Acquire) {
+            return Ok(true);
+        }
+        let mut w = self.writer.lock().await;
+        let seen = self.seen.load(Ordering::Acquire);
+        if version > seen
+            && let Some(refresh) = self.driver.refresh(&mut w, seen).await?
+        {
+            self.apply_refresh(refresh).await?;
+        }
+        Ok(true)
+    }
+
+    /// Applies what other clients committed (under the writer lock).
+    async fn apply_refresh(&self, refresh: Refresh) -> Result<()> {
+        let mut index = self.index.write().await;
+        blocking(|| {
+            let changes = crate::driver::changes_between(
+                &index,
+                refresh.rows,
+                &refresh.deleted,
+                refresh.whole,
+                refresh.next_id,
+                refresh.counters,
+            );
+            index.apply(&changes)
+        })?;
+        self.seen.store(refresh.version, Ordering::Release);
+        Ok(())
+    }
+
+    /// Begins a write under the writer lock: the driver's transaction (for
+    /// a shared store, with the others' commits applied to the index first).
+    async fn begin(&self, writer: &mut D::Writer) -> Result<(D::Txn, u64)> {
+        let begun = self.driver.begin(writer, self.seen.load(Ordering::Acquire)).await?;
+        if let Some(refresh) = begun.refresh {
+            self.apply_refresh(refresh).await?;
+        }
+        Ok((begun.txn, begun.version))
+    }
+
+    /// Writes `changes` in the transaction begun, then commits it and
+    /// applies the changes to the index under the index's write lock, taken
+    /// before the commit (module docs).
+    async fn commit(&self, writer: &mut D::Writer, (txn, version): (D::Txn, u64), changes: &Changes) -> Result<()> {
+        let pending = self.driver.write(writer, txn, changes).await?;
         let mut index = self.index.write().await;
         self.driver.commit(writer, pending).await?;
+        self.seen.store(version, Ordering::Release);
         index.apply(changes)
     }
+}
+
+/// How often a read of a shared store retries when a row its index named
+/// was deleted by another client in the meantime (values not resident).
+const READ_RETRIES: usize = 3;
+
+fn no_row(id: MemoryId) -> Error {
+    Error::Corrupt(format!("memory {id} is indexed but has no row"))
 }
 
 #[async_trait]
@@ -307,59 +454,79 @@ impl<D: Driver> MemoryStore for SqlStore<D> {
 
     async fn search(&self, queries: Vectors<'_>, k: usize, filter: Option<&TagFilter>) -> Result<Neighbors> {
         self.config.check_search(&queries, k)?;
-        let index = self.index.read().await;
-        let rows = blocking(|| index.search(queries, k, filter));
-        let values = self
-            .fetch_values(index.missing_values(rows.iter().flatten().map(|(_, id)| *id)))
-            .await?;
-        index.assemble(&rows, k, &values)
+        let mut attempt = 0;
+        loop {
+            let shared = self.catch_up().await?;
+            let index = self.index.read().await;
+            let rows = blocking(|| index.search(queries, k, filter));
+            let wanted = index.missing_values(rows.iter().flatten().map(|(_, id)| *id));
+            match self.try_fetch_values(wanted).await? {
+                Ok(values) => return index.assemble(&rows, k, &values),
+                // Another client deleted the row after this index caught up.
+                Err(_) if shared && attempt < READ_RETRIES => attempt += 1,
+                Err(missing) => return Err(no_row(missing)),
+            }
+        }
     }
 
     async fn insert(&self, batch: Batch<'_>, tick: Tick) -> Result<Vec<MemoryId>> {
         let mut w = self.writer.lock().await;
+        let txn = self.begin(&mut w).await?;
         let (changes, ids) = {
             let index = self.index.read().await;
             let first = index.next_id();
             let changes = blocking(|| index.plan_insert(&batch, tick))?;
             (changes, (first..first + batch.len() as u64).collect())
         };
-        self.commit(&mut w, &changes).await?;
+        self.commit(&mut w, txn, &changes).await?;
         Ok(ids)
     }
 
     async fn get(&self, ids: &[MemoryId]) -> Result<Vec<Memory>> {
-        let index = self.index.read().await;
-        index.check_ids(ids)?;
-        let values = self.fetch_values(index.missing_values(ids.iter().copied())).await?;
-        index.memories(ids, &values)
+        let mut attempt = 0;
+        loop {
+            let shared = self.catch_up().await?;
+            let index = self.index.read().await;
+            index.check_ids(ids)?;
+            match self.try_fetch_values(index.missing_values(ids.iter().copied())).await? {
+                Ok(values) => return index.memories(ids, &values),
+                // Deleted by another client: the next try reports it unknown.
+                Err(_) if shared && attempt < READ_RETRIES => attempt += 1,
+                Err(missing) => return Err(no_row(missing)),
+            }
+        }
     }
 
     async fn delete(&self, ids: &[MemoryId]) -> Result<usize> {
         let mut w = self.writer.lock().await;
+        let txn = self.begin(&mut w).await?;
         let changes = self.index.read().await.plan_delete(ids)?;
-        self.commit(&mut w, &changes).await?;
+        self.commit(&mut w, txn, &changes).await?;
         Ok(changes.removed.len())
     }
 
     async fn update_values(&self, ids: &[MemoryId], deltas: Vectors<'_>) -> Result<()> {
         let mut w = self.writer.lock().await;
+        let txn = self.begin(&mut w).await?;
         let changes = {
             let index = self.index.read().await;
             index.check_update_values(ids, deltas)?;
             let current = self.fetch_values(index.missing_values(ids.iter().copied())).await?;
             index.plan_update_values(ids, deltas, &current)?
         };
-        self.commit(&mut w, &changes).await
+        self.commit(&mut w, txn, &changes).await
     }
 
     async fn touch(&self, ids: &[MemoryId], tick: Tick) -> Result<()> {
         let mut w = self.writer.lock().await;
+        let txn = self.begin(&mut w).await?;
         let changes = self.index.read().await.plan_touch(ids, tick)?;
-        self.commit(&mut w, &changes).await
+        self.commit(&mut w, txn, &changes).await
     }
 
     async fn learn(&self, batch: Batch<'_>, tick: Tick, k: usize) -> Result<Neighbors> {
         let mut w = self.writer.lock().await;
+        let txn = self.begin(&mut w).await?;
         let stored;
         let (changes, pending) = {
             let index = self.index.read().await;
@@ -370,7 +537,7 @@ impl<D: Driver> MemoryStore for SqlStore<D> {
         // The output (16 MB at 4096 rows of 64-d keys and values) is
         // allocated and touched while the database writes and syncs, and
         // filled after the commit.
-        let (written, out) = pending.allocate_while(self.commit(&mut w, &changes)).await;
+        let (written, out) = pending.allocate_while(self.commit(&mut w, txn, &changes)).await;
         written?;
         let index = self.index.read().await;
         blocking(|| pending.fill(&index, out))
@@ -378,36 +545,41 @@ impl<D: Driver> MemoryStore for SqlStore<D> {
 
     async fn evict(&self, target_len: usize) -> Result<usize> {
         let mut w = self.writer.lock().await;
+        let txn = self.begin(&mut w).await?;
         let changes = self.index.read().await.plan_evict(target_len)?;
         if changes.is_empty() {
             return Ok(0);
         }
-        self.commit(&mut w, &changes).await?;
+        self.commit(&mut w, txn, &changes).await?;
         Ok(changes.removed.len())
     }
 
     async fn apply(&self, batch: &ChangeBatch) -> Result<()> {
         let mut w = self.writer.lock().await;
+        let txn = self.begin(&mut w).await?;
         let changes = {
             let index = self.index.read().await;
             let needed = index.check_apply(batch)?;
             let current = self.fetch_values(needed).await?;
             blocking(|| index.plan_apply(batch, &current))?
         };
-        self.commit(&mut w, &changes).await
+        self.commit(&mut w, txn, &changes).await
     }
 
     async fn ids(&self) -> Result<Vec<MemoryId>> {
+        self.catch_up().await?;
         let mut ids = self.index.read().await.ids().to_vec();
         ids.sort_unstable();
         Ok(ids)
     }
 
     async fn len(&self) -> Result<usize> {
+        self.catch_up().await?;
         Ok(self.index.read().await.len())
     }
 
     async fn stats(&self) -> Result<Stats> {
+        self.catch_up().await?;
         Ok(self.index.read().await.stats())
     }
 

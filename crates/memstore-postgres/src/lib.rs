@@ -25,26 +25,45 @@
 //!   backend, keys and access bookkeeping live in the core's in-process index
 //!   (memstore-engine's `MemoryIndex`), loaded on open and kept in step after
 //!   each commit, so searches are answered in-process.
-//! - **One owner.** The in-process index is the truth for this process's
-//!   writes, so a store has one owner at a time: opening takes a session-level
-//!   advisory lock named after the schema, and a second open of the same store
-//!   (from this or another machine) fails with [`PostgresError::Locked`] until
-//!   the owner closes or its connection ends.
+//! - **Many clients, one store.** Any number of processes, on any number of
+//!   machines, open the same store, each with its own index (the store
+//!   core's shared-store protocol, memstore-engine's `store` module). The
+//!   store's version counts commits (`memstore_meta.version`). A write
+//!   begins by raising it, which takes the meta row's lock: writes of all
+//!   clients are serialised by that row lock, and each is planned after its
+//!   client has applied what the others committed, so concurrent `learn`
+//!   calls give the totals of running them one after another (no lost
+//!   update, no merge applied twice, no id reused). Triggers (migration
+//!   `0002`) stamp every row written with the version of its write and log
+//!   every deleted id, so a client catches up by reading only the rows
+//!   stamped after its version and the ids deleted since (a client behind
+//!   the pruned part of the deletion log reloads the store whole). Reads
+//!   are consistent with writes: before answering, a search (and `get`,
+//!   `ids`, `len`, `stats`) reads the store's version, one indexed
+//!   single-row query, and catches up when it is behind, so it sees every
+//!   write committed before it began, the writer's own included.
+//!   [`PostgresOptions::with_max_staleness`] trades that for fewer round
+//!   trips: the version is then read at most once per interval, and a read
+//!   may miss others' writes of that last interval (never its own).
+//!   No LISTEN/NOTIFY: a notification arrives asynchronously, so it could not
+//!   promise that a read sees a write that committed before it.
 //! - **Durability.** A commit is durable once `COMMIT` returns with the
 //!   server's default `synchronous_commit = on`; [`Driver::checkpoint`] has
 //!   nothing to add. Backups are PostgreSQL's own (`pg_dump --schema`,
 //!   base backups, replicas): [`Driver::backup_to`] a file is refused with
 //!   [`PostgresError::Unsupported`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use memstore_api::{Error, MemoryConfig, MemoryId, Result};
+use memstore_api::{Counters, Error, Memory, MemoryConfig, MemoryId, Result};
 use memstore_engine::driver::{self, ConfigWrite};
 use memstore_engine::index::Changes;
-use memstore_engine::{Driver, MemoryIndex, Opened};
+use memstore_engine::{Begun, Driver, Opened, Refresh};
 use pgvector::Vector;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection, Executor, Postgres, Row, Transaction};
@@ -75,9 +94,6 @@ pub enum PostgresError {
     /// Opening an existing store that is not there.
     #[error("no memstore store named {0:?} in this database")]
     NoStore(String),
-    /// Another connection owns the store.
-    #[error("store {0:?} is open elsewhere (its advisory lock is held)")]
-    Locked(String),
     /// An operation PostgreSQL does differently.
     #[error("not supported on PostgreSQL: {0}")]
     Unsupported(&'static str),
@@ -146,6 +162,18 @@ pub struct PostgresOptions {
     /// rebuilt from the rows on every open) and whether values stay in
     /// memory beside the keys (by default).
     pub index: IndexOptions,
+    /// How old the last check of the store's version may be before a read
+    /// checks again (zero, the default: every read checks, and sees every
+    /// write committed before it began). Writes always catch up first.
+    pub max_staleness: Duration,
+    /// How many versions a deleted id stays in the deletion log (4,096 by
+    /// default); a client whose index is older reloads the store whole.
+    pub deletion_log: u32,
+    /// How long an operation waits for a connection (connecting included)
+    /// before it fails with [`PostgresError::Sql`]; 30 s by default. While
+    /// the server is down, every operation fails after this long; once it
+    /// is back, the pool connects again.
+    pub acquire_timeout: Duration,
 }
 
 impl Default for PostgresOptions {
@@ -153,6 +181,9 @@ impl Default for PostgresOptions {
         PostgresOptions {
             max_connections: 4,
             index: IndexOptions::default(),
+            max_staleness: Duration::ZERO,
+            deletion_log: 4096,
+            acquire_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -169,6 +200,26 @@ impl PostgresOptions {
         self.index = index;
         self
     }
+
+    /// Reads check the store's version at most once per `staleness`, so
+    /// they may miss other clients' writes of that last interval.
+    pub fn with_max_staleness(mut self, staleness: Duration) -> Self {
+        self.max_staleness = staleness;
+        self
+    }
+
+    /// Waits at most `timeout` for a connection.
+    pub fn with_acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// Keeps deleted ids in the deletion log for `versions` versions (at
+    /// least 1).
+    pub fn with_deletion_log(mut self, versions: u32) -> Self {
+        self.deletion_log = versions.max(1);
+        self
+    }
 }
 
 impl AsRef<IndexOptions> for PostgresOptions {
@@ -180,20 +231,25 @@ impl AsRef<IndexOptions> for PostgresOptions {
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// The PostgreSQL driver: a connection pool whose connections see the
-/// store's schema first, and the connection that holds its advisory lock.
+/// store's schema first.
 pub struct PostgresDriver {
     pool: PgPool,
     store: String,
     lambda: f64,
     key_dim: usize,
     value_dim: usize,
+    /// Whether the index keeps values (what a refresh reads).
+    values: bool,
+    max_staleness: Duration,
+    /// Versions a deleted id stays in the log.
+    deletion_log: i64,
+    /// The last version read and when (for `max_staleness`).
+    checked: Mutex<Option<(Instant, u64)>>,
 }
 
-/// The writer's state: tag names and their row ids, as committed, and the
-/// session that holds the store's advisory lock while it is open.
+/// The writer's state: tag names and their row ids, as committed.
 pub struct PostgresWriter {
     tags: HashMap<String, i64>,
-    owner: PgConnection,
 }
 
 /// A written, uncommitted transaction (rolled back if dropped).
@@ -257,42 +313,17 @@ impl PostgresDriver {
             return Err(PostgresError::BadName(store).into());
         }
         let connect = PgConnectOptions::from_str(&at.url).map_err(sql)?;
-        let mut owner = PgConnection::connect_with(&connect).await.map_err(sql)?;
-        match Self::own(&mut owner, connect, store, config, options).await {
-            Ok((driver, tags, config, index)) => Ok(Opened {
-                driver,
-                writer: PostgresWriter { tags, owner },
-                config,
-                index,
-            }),
-            Err(e) => {
-                let _ = release(owner).await;
-                Err(e)
-            }
-        }
-    }
-
-    /// Takes the store's advisory lock on the `owner` session, prepares the
-    /// database, connects the pool and loads the store.
-    async fn own(
-        owner: &mut PgConnection,
-        connect: PgConnectOptions,
-        store: String,
-        config: Option<MemoryConfig>,
-        options: PostgresOptions,
-    ) -> Result<(Self, HashMap<String, i64>, MemoryConfig, MemoryIndex)> {
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-            .bind(format!("memstore:{store}"))
-            .fetch_one(&mut *owner)
-            .await
-            .map_err(sql)?;
-        if !locked {
-            return Err(PostgresError::Locked(store).into());
-        }
-        Self::prepare(owner, &store, config.is_some()).await?;
+        // One plain connection first: a server that is not there or refuses
+        // the credentials is reported as such at once (the pool would retry
+        // until its timeout and report only that).
+        let mut first = PgConnection::connect_with(&connect).await.map_err(sql)?;
+        let prepared = Self::prepare(&mut first, &store, config.is_some()).await;
+        let _ = first.close().await;
+        prepared?;
         let search_path = format!("SET search_path TO \"{store}\", public");
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
+            .acquire_timeout(options.acquire_timeout)
             .after_connect(move |conn, _| {
                 let search_path = search_path.clone();
                 Box::pin(async move {
@@ -303,11 +334,11 @@ impl PostgresDriver {
             .connect_with(connect)
             .await
             .map_err(sql)?;
-        let loaded = Self::init(pool.clone(), store, config, options).await;
-        if loaded.is_err() {
+        let opened = Self::init(pool.clone(), store, config, options).await;
+        if opened.is_err() {
             pool.close().await;
         }
-        loaded
+        opened
     }
 
     /// Checks (or creates, when `create`) the `vector` extension and the
@@ -344,14 +375,24 @@ impl PostgresDriver {
         Ok(())
     }
 
+    /// Prepares the database and the store (creating or updating its
+    /// configuration, one open at a time), then loads the index from one
+    /// snapshot of the committed rows.
     async fn init(
         pool: PgPool,
         store: String,
         config: Option<MemoryConfig>,
         options: PostgresOptions,
-    ) -> Result<(Self, HashMap<String, i64>, MemoryConfig, MemoryIndex)> {
+    ) -> Result<Opened<Self>> {
         MIGRATOR.run(&pool).await.map_err(PostgresError::from)?;
         let mut tx = pool.begin().await.map_err(sql)?;
+        // Opens of one store (their creation and configuration updates) run
+        // one at a time.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(format!("memstore:{store}"))
+            .execute(&mut *tx)
+            .await
+            .map_err(sql)?;
         let stored = read_config(&mut tx, None).await?.map(|(c, _)| c);
         if stored.is_none() && config.is_none() {
             return Err(PostgresError::NoStore(store).into());
@@ -378,15 +419,25 @@ impl PostgresDriver {
             ConfigWrite::Keep => {}
         }
         let (kd, vd) = (r.config.key_dim, r.config.value_dim);
-        let (index, tags) = load_store(
-            &mut tx,
-            &r.config,
-            options.index.resident_values,
-            r.lambda_changed,
-            |row, id| key_vec(row.try_get(1).map_err(sql)?, kd, id),
-            |row, id| value_vec(row.try_get(6).map_err(sql)?, vd, id),
-        )
-        .await?;
+        let key = |row: &sqlx::postgres::PgRow, id| key_vec(row.try_get(1).map_err(sql)?, kd, id);
+        let value = |row: &sqlx::postgres::PgRow, id| value_vec(row.try_get(6).map_err(sql)?, vd, id);
+        if r.lambda_changed {
+            // The stored priorities depend on λ: rewritten as a write of
+            // their own, which every client sees.
+            bump_version(&mut tx).await?;
+            let index = load_rows(&mut tx, &r.config, false, key, value).await?;
+            update_access(&mut tx, &driver::reprioritised(&index)).await?;
+        }
+        tx.commit().await.map_err(sql)?;
+
+        let resident = options.index.resident_values;
+        let mut tx = snapshot(&pool).await?;
+        let version: i64 = sqlx::query_scalar("SELECT version FROM memstore_meta WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(sql)?;
+        let index = load_rows(&mut tx, &r.config, resident, key, value).await?;
+        let tags = load_tag_ids(&mut tx).await?;
         tx.commit().await.map_err(sql)?;
         let driver = PostgresDriver {
             pool,
@@ -394,8 +445,121 @@ impl PostgresDriver {
             lambda: r.config.eviction.lambda(),
             key_dim: r.config.key_dim,
             value_dim: r.config.value_dim,
+            values: resident,
+            max_staleness: options.max_staleness,
+            deletion_log: i64::from(options.deletion_log.max(1)),
+            checked: Mutex::new(None),
         };
-        Ok((driver, tags, r.config, index))
+        Ok(Opened {
+            driver,
+            writer: PostgresWriter { tags },
+            config: r.config,
+            index,
+            version: version as u64,
+        })
+    }
+
+    /// What was committed after version `seen`, read in `tx` (a snapshot,
+    /// or the writer's transaction holding the meta row's lock): the rows
+    /// stamped after it and the ids deleted after it, or every row when
+    /// `seen` is older than the deletion log (or newer than the store: it
+    /// was replaced). `at` is the version the answer brings the index to.
+    async fn changes_since(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        index_version: u64,
+        at: i64,
+        log_floor: i64,
+    ) -> Result<Refresh> {
+        let seen = index_version as i64;
+        let whole = seen < log_floor || seen > at;
+        let since = if whole { i64::MIN } else { seen };
+        let meta = sqlx::query(
+            "SELECT next_id, inserted, merged, evicted, deleted, last_batch FROM memstore_meta WHERE id = 1",
+        )
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(sql)?;
+        let g = |i: usize| -> Result<u64> { Ok(meta.try_get::<i64, _>(i).map_err(sql)? as u64) };
+        let counters = Counters {
+            inserted: g(1)?,
+            merged: g(2)?,
+            evicted: g(3)?,
+            deleted: g(4)?,
+            last_batch: g(5)?,
+        };
+        let next_id = g(0)?;
+        let mut tags: HashMap<i64, BTreeMap<String, u64>> = HashMap::new();
+        for r in sqlx::query(
+            "SELECT mt.memory_id, t.name, mt.count FROM memory_tags mt JOIN tags t ON t.id = mt.tag_id \
+             JOIN memories m ON m.id = mt.memory_id WHERE m.version > $1",
+        )
+        .bind(since)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(sql)?
+        {
+            let count: i64 = r.try_get(2).map_err(sql)?;
+            tags.entry(r.try_get(0).map_err(sql)?)
+                .or_default()
+                .insert(r.try_get(1).map_err(sql)?, count as u64);
+        }
+        let select = if self.values {
+            "SELECT id, key, created, last_access, access_count, crf, value FROM memories WHERE version > $1"
+        } else {
+            "SELECT id, key, created, last_access, access_count, crf FROM memories WHERE version > $1"
+        };
+        let mut rows = Vec::new();
+        for r in sqlx::query(select)
+            .bind(since)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(sql)?
+        {
+            let id: i64 = r.try_get(0).map_err(sql)?;
+            let crf: f64 = r.try_get(5).map_err(sql)?;
+            if !(crf.is_finite() && crf > 0.0) {
+                return Err(Error::Corrupt(format!("memory {id} has crf {crf}")));
+            }
+            let key = key_vec(r.try_get(1).map_err(sql)?, self.key_dim, id)?;
+            if key.iter().any(|x| !x.is_finite()) {
+                return Err(Error::Corrupt(format!("memory {id} has a non-finite key")));
+            }
+            rows.push(Memory {
+                id: id as MemoryId,
+                key,
+                value: if self.values {
+                    value_vec(r.try_get(6).map_err(sql)?, self.value_dim, id)?
+                } else {
+                    Vec::new()
+                },
+                created: r.try_get::<i64, _>(2).map_err(sql)? as u64,
+                last_access: r.try_get::<i64, _>(3).map_err(sql)? as u64,
+                access_count: r.try_get::<i64, _>(4).map_err(sql)? as u64,
+                crf,
+                tags: tags.remove(&id).unwrap_or_default(),
+            });
+        }
+        let deleted: Vec<MemoryId> = if whole {
+            Vec::new()
+        } else {
+            sqlx::query_scalar::<_, i64>("SELECT id FROM memstore_deleted WHERE version > $1")
+                .bind(since)
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(sql)?
+                .into_iter()
+                .map(|id| id as MemoryId)
+                .collect()
+        };
+        Ok(Refresh {
+            version: at as u64,
+            rows,
+            deleted,
+            whole,
+            next_id,
+            counters,
+        })
     }
 }
 
@@ -405,6 +569,7 @@ impl Driver for PostgresDriver {
     type Location = PostgresLocation;
     type Writer = PostgresWriter;
     type Pending = PostgresPending;
+    type Txn = Option<Transaction<'static, Postgres>>;
 
     async fn open(
         at: PostgresLocation,
@@ -419,8 +584,79 @@ impl Driver for PostgresDriver {
         fetch_values(&self.pool, ids, |r, id| value_vec(r.try_get(1).map_err(sql)?, dim, id)).await
     }
 
-    async fn write(&self, writer: &mut PostgresWriter, changes: &Changes) -> Result<PostgresPending> {
+    /// Raises the store's version (taking the meta row's lock, which every
+    /// client's write takes first) and reads what others committed since
+    /// `seen`. Every sixteenth of the deletion log's length in versions,
+    /// prunes the log.
+    async fn begin(&self, _writer: &mut PostgresWriter, seen: u64) -> Result<Begun<Self::Txn>> {
         let mut tx = self.pool.begin().await.map_err(sql)?;
+        let (version, log_floor) = bump_version(&mut tx).await?;
+        let before = version - 1;
+        let refresh = if before as u64 != seen {
+            Some(self.changes_since(&mut tx, seen, before, log_floor).await?)
+        } else {
+            None
+        };
+        let keep = self.deletion_log;
+        if version % (keep / 16).max(1) == 0 && version > keep {
+            let floor = version - keep;
+            sqlx::query("DELETE FROM memstore_deleted WHERE version <= $1")
+                .bind(floor)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql)?;
+            sqlx::query("UPDATE memstore_meta SET log_floor = greatest(log_floor, $1) WHERE id = 1")
+                .bind(floor)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql)?;
+        }
+        Ok(Begun {
+            txn: Some(tx),
+            refresh,
+            version: version as u64,
+        })
+    }
+
+    async fn version(&self) -> Result<Option<u64>> {
+        if !self.max_staleness.is_zero()
+            && let Ok(checked) = self.checked.lock()
+            && let Some((at, version)) = *checked
+            && at.elapsed() < self.max_staleness
+        {
+            return Ok(Some(version));
+        }
+        let version: i64 = sqlx::query_scalar("SELECT version FROM memstore_meta WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(sql)?;
+        if let Ok(mut checked) = self.checked.lock() {
+            *checked = Some((Instant::now(), version as u64));
+        }
+        Ok(Some(version as u64))
+    }
+
+    async fn refresh(&self, _writer: &mut PostgresWriter, seen: u64) -> Result<Option<Refresh>> {
+        let mut tx = snapshot(&self.pool).await?;
+        let row = sqlx::query("SELECT version, log_floor FROM memstore_meta WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(sql)?;
+        let version: i64 = row.try_get(0).map_err(sql)?;
+        if version as u64 == seen {
+            return Ok(None);
+        }
+        let refresh = self
+            .changes_since(&mut tx, seen, version, row.try_get(1).map_err(sql)?)
+            .await?;
+        tx.commit().await.map_err(sql)?;
+        Ok(Some(refresh))
+    }
+
+    async fn write(&self, writer: &mut PostgresWriter, txn: Self::Txn, changes: &Changes) -> Result<PostgresPending> {
+        let Some(mut tx) = txn else {
+            return Err(PostgresError::Unsupported("a write that was not begun").into());
+        };
         if let Some(m) = changes.inserted.iter().find(|m| m.key.len() != self.key_dim) {
             return Err(Error::Corrupt(format!(
                 "memory {}: a key of {} floats",
@@ -452,22 +688,38 @@ impl Driver for PostgresDriver {
         Err(PostgresError::Unsupported("backup to a file (use pg_dump --schema=<store> or a base backup)").into())
     }
 
-    /// Closes the pool, releases the store's lock and closes the owner's session.
-    async fn close(self, writer: PostgresWriter) -> Result<()> {
+    /// Closes the pool (every commit is on the server already).
+    async fn close(self, _writer: PostgresWriter) -> Result<()> {
         self.pool.close().await;
-        release(writer.owner).await
+        Ok(())
     }
 }
 
-/// Releases the owner session's advisory lock and closes the session. The
-/// lock is released here, not when the server ends the session after the
-/// close, so that an open right after this returns finds the store free.
-async fn release(mut owner: PgConnection) -> Result<()> {
-    sqlx::query("SELECT pg_advisory_unlock_all()")
-        .execute(&mut owner)
+/// Raises the store's version in `tx` (taking the meta row's lock until
+/// `tx` ends) and sets it as the version the triggers stamp on the rows
+/// `tx` writes. Returns the new version and the deletion log's floor.
+async fn bump_version(tx: &mut Transaction<'static, Postgres>) -> Result<(i64, i64)> {
+    let row = sqlx::query("UPDATE memstore_meta SET version = version + 1 WHERE id = 1 RETURNING version, log_floor")
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(sql)?
+        .ok_or_else(|| Error::Corrupt("memstore_meta row is missing".into()))?;
+    let version: i64 = row.try_get(0).map_err(sql)?;
+    sqlx::query("SELECT set_config('memstore.version', $1, true)")
+        .bind(version.to_string())
+        .execute(&mut **tx)
         .await
         .map_err(sql)?;
-    owner.close().await.map_err(sql)
+    Ok((version, row.try_get(1).map_err(sql)?))
+}
+
+/// A read-only transaction on one snapshot of the committed store.
+async fn snapshot(pool: &PgPool) -> Result<Transaction<'static, Postgres>> {
+    let mut tx = pool.begin().await.map_err(sql)?;
+    tx.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .await
+        .map_err(sql)?;
+    Ok(tx)
 }
 
 memstore_engine::sqlx_rows!(Postgres, sql);

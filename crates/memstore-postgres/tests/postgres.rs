@@ -1,11 +1,13 @@
-//! What is specific to the PostgreSQL driver: store names, one owner per
-//! store, opening a store that is not there, SQL kNN on the key column, and
-//! a backup to a file refused with a typed error. The cases that need a
+//! What is specific to the PostgreSQL driver: store names, many clients of
+//! one store (each sees the others' writes; concurrent learners end with
+//! exact totals; a client too far behind reloads; rows written behind
+//! memstore's back are refused), opening a store that is not there, SQL kNN
+//! on the key column, and a backup to a file refused with a typed error. The cases that need a
 //! server are ignored in a plain `cargo test`; `.ci/run` starts one
 //! (`scripts/postgres.sh`) and runs them with `--ignored`.
 
 use memstore_api::{Batch, MemoryConfig, MemoryStore, Metric, Vectors};
-use memstore_postgres::{PostgresError, PostgresLocation, PostgresStore};
+use memstore_postgres::{PostgresError, PostgresLocation, PostgresOptions, PostgresStore};
 
 fn url() -> String {
     std::env::var("MEMSTORE_POSTGRES_URL")
@@ -41,20 +43,210 @@ async fn a_store_name_that_is_not_an_identifier_is_refused_before_connecting() {
     assert!(matches!(driver_error(&e), PostgresError::BadName(_)), "{e}");
 }
 
+fn batch<'a>(keys: &'a [f32], values: &'a [f32], kd: usize) -> Batch<'a> {
+    Batch::new(
+        Vectors::new(keys, kd).unwrap(),
+        Vectors::new(values, values.len() / (keys.len() / kd)).unwrap(),
+    )
+}
+
+/// Every memory of a store, by id, as `get` returns it.
+async fn contents(s: &PostgresStore) -> Vec<memstore_api::Memory> {
+    let ids = s.ids().await.unwrap();
+    s.get(&ids).await.unwrap()
+}
+
 #[tokio::test]
 #[ignore = "needs PostgreSQL with pgvector: MEMSTORE_POSTGRES_URL (scripts/postgres.sh start)"]
-async fn a_store_has_one_owner_at_a_time() {
-    let at = fresh("owner");
-    let first = PostgresStore::open(at.clone(), MemoryConfig::new(4, 2)).await.unwrap();
-    let e = PostgresStore::open(at.clone(), MemoryConfig::new(4, 2))
+async fn clients_see_each_others_writes_at_their_next_read() {
+    let at = fresh("shared");
+    let config = MemoryConfig::new(2, 1).with_thresholds(0.01, 0.5);
+    let a = PostgresStore::open(at.clone(), config.clone()).await.unwrap();
+    let b = PostgresStore::open(at.clone(), config.clone()).await.unwrap();
+    let ids_a = a
+        .insert(batch(&[0.0, 0.0, 10.0, 0.0], &[1.0, 2.0], 2), 1)
         .await
-        .err()
-        .expect("a second owner is refused");
-    assert!(matches!(driver_error(&e), PostgresError::Locked(_)), "{e}");
-    first.close().await.unwrap();
-    // Closing releases the lock.
-    let again = PostgresStore::open_existing(at).await.unwrap();
-    again.close().await.unwrap();
+        .unwrap();
+    // B's next read sees A's commit: search, get, len and stats.
+    let hits = b.search(Vectors::new(&[10.0, 0.1], 2).unwrap(), 1, None).await.unwrap();
+    assert_eq!(hits.row_ids(0)[0], Some(ids_a[1]));
+    assert_eq!(b.len().await.unwrap(), 2);
+    assert_eq!(b.stats().await.unwrap().counters.inserted, 2);
+    // B's write is planned on A's rows: no id reused, and its learn merges
+    // with A's memory.
+    let ids_b = b.insert(batch(&[20.0, 0.0], &[3.0], 2), 2).await.unwrap();
+    assert!(ids_b[0] > ids_a[1], "{ids_b:?} after {ids_a:?}");
+    b.learn(
+        batch(&[0.0, 0.0], &[5.0], 2).with_tags(memstore_api::Tags::Same(&["b".to_string()])),
+        3,
+        2,
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.len().await.unwrap(), 3, "the merge replaced A's memory");
+    b.delete(&ids_b).await.unwrap();
+    let e = a.get(&ids_b).await.expect_err("deleted by B");
+    assert!(matches!(e, memstore_api::Error::UnknownId(_)), "{e}");
+    // Value updates and retagging (apply) travel too.
+    let merged = *a.ids().await.unwrap().iter().max().unwrap();
+    a.update_values(&[merged], Vectors::new(&[1.0], 1).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(contents(&a).await, contents(&b).await);
+    let merged_b = b.get(&[merged]).await.unwrap();
+    assert_eq!(merged_b[0].tags.get("b"), Some(&1));
+    // Both agree with a third client that loads the store from scratch.
+    let c = PostgresStore::open_existing(at).await.unwrap();
+    assert_eq!(contents(&c).await, contents(&a).await);
+    assert_eq!(c.stats().await.unwrap(), b.stats().await.unwrap());
+    for s in [a, b, c] {
+        s.close().await.unwrap();
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL with pgvector: MEMSTORE_POSTGRES_URL (scripts/postgres.sh start)"]
+async fn a_client_behind_the_deletion_log_reloads_the_store_whole() {
+    let at = fresh("behind");
+    let options = PostgresOptions::default().with_deletion_log(8);
+    let config = MemoryConfig::new(2, 1);
+    let a = PostgresStore::open_with(at.clone(), config.clone(), options.clone())
+        .await
+        .unwrap();
+    let b = PostgresStore::open_with(at.clone(), config.clone(), options)
+        .await
+        .unwrap();
+    assert_eq!(b.len().await.unwrap(), 0);
+    // 40 versions of inserts and deletes while B reads nothing.
+    for i in 0..20 {
+        let x = i as f32;
+        let ids = a.insert(batch(&[x, 0.0, x, 1.0], &[x, x], 2), i).await.unwrap();
+        a.delete(&ids[..1]).await.unwrap();
+    }
+    let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM memstore_deleted")
+        .fetch_one(a.driver().pool())
+        .await
+        .unwrap();
+    assert!(logged < 20, "the log was pruned: {logged} of 20 deletions kept");
+    assert_eq!(contents(&b).await, contents(&a).await);
+    assert_eq!(b.len().await.unwrap(), 20);
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL with pgvector: MEMSTORE_POSTGRES_URL (scripts/postgres.sh start)"]
+async fn rows_written_behind_memstore_are_refused() {
+    let at = fresh("behind_back");
+    let s = PostgresStore::open(at, MemoryConfig::new(2, 1)).await.unwrap();
+    s.insert(batch(&[1.0, 2.0], &[3.0], 2), 1).await.unwrap();
+    for statement in [
+        "INSERT INTO memories (id, key, value, created, last_access, access_count, crf, priority) \
+         VALUES (99, '[0,0]', '{0}', 0, 0, 1, 1, 0)",
+        "UPDATE memories SET value = '{7}'",
+    ] {
+        let e = sqlx::query(statement)
+            .execute(s.driver().pool())
+            .await
+            .expect_err("no client would see it");
+        assert!(e.to_string().contains("written through memstore"), "{e}");
+    }
+    assert_eq!(s.get(&[1]).await.unwrap()[0].value, vec![3.0]);
+    s.close().await.unwrap();
+}
+
+/// Four processes learn into one store at once for 60 seconds
+/// (`MEMSTORE_SHARED_SECONDS` to change it), each with its own index; the
+/// store ends with exactly the totals of running their batches one after
+/// another: every anchor copy merged once into its anchor (access counts
+/// and per-client tag counts), every new key inserted once, no id twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL with pgvector: MEMSTORE_POSTGRES_URL (scripts/postgres.sh start)"]
+async fn four_processes_learning_at_once_end_with_exact_totals() {
+    use memstore_engine::crash::shared;
+    let seconds: f64 = std::env::var("MEMSTORE_SHARED_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60.0);
+    let at = fresh("learners");
+    let s = PostgresStore::open(at.clone(), shared::config()).await.unwrap();
+    let (mut keys, mut values) = (Vec::new(), Vec::new());
+    for a in 0..shared::ANCHORS {
+        keys.extend(shared::anchor_key(a));
+        values.extend(shared::anchor_value(a));
+    }
+    let anchor_tag = ["anchor".to_string()];
+    let anchors = s
+        .insert(
+            batch(&keys, &values, 4).with_tags(memstore_api::Tags::Same(&anchor_tag)),
+            0,
+        )
+        .await
+        .unwrap();
+    let arg = format!("{}#{}", at.url, at.store);
+    let exe = env!("CARGO_BIN_EXE_memstore-postgres-learner");
+    let children: Vec<_> = (0..4u64)
+        .map(|c| {
+            std::process::Command::new(exe)
+                .args([arg.as_str(), &c.to_string(), &seconds.to_string()])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut copies = vec![vec![0u64; shared::ANCHORS]; 4];
+    let mut novel = [0u64; 4];
+    for (c, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "client {c}: {:?}", out.status);
+        for line in String::from_utf8(out.stdout).unwrap().lines() {
+            let w: Vec<&str> = line.split(' ').collect();
+            match w.as_slice() {
+                ["anchor", a, n] => copies[c][a.parse::<usize>().unwrap()] = n.parse().unwrap(),
+                ["novel", n] => novel[c] = n.parse().unwrap(),
+                _ => panic!("client {c} said {line:?}"),
+            }
+        }
+        assert!(novel[c] > 0, "client {c} learned nothing");
+    }
+    let all = contents(&s).await;
+    let total_novel: u64 = novel.iter().sum();
+    let total_copies: u64 = copies.iter().flatten().sum();
+    assert_eq!(all.len() as u64, shared::ANCHORS as u64 + total_novel);
+    let st = s.stats().await.unwrap();
+    assert_eq!(st.counters.inserted, shared::ANCHORS as u64 + total_novel);
+    assert_eq!(st.counters.merged, total_copies);
+    for a in 0..shared::ANCHORS {
+        let key = shared::anchor_key(a);
+        let m = all
+            .iter()
+            .find(|m| m.key == key)
+            .expect("the anchor survives its merges");
+        assert_eq!(m.value, shared::anchor_value(a));
+        let sent: u64 = copies.iter().map(|mine| mine[a]).sum();
+        assert_eq!(m.access_count, 1 + sent, "anchor {a}: one access per copy");
+        assert_eq!(m.tags.get("anchor"), Some(&1));
+        for (c, mine) in copies.iter().enumerate() {
+            assert_eq!(
+                m.tags.get(&shared::tag(c as u64)).copied().unwrap_or(0),
+                mine[a],
+                "anchor {a}, client {c}"
+            );
+        }
+        assert!(!anchors.contains(&m.id) || sent == 0, "a merged anchor is a new memory");
+    }
+    for c in 0..4u64 {
+        let mine = all
+            .iter()
+            .filter(|m| m.tags.len() == 1 && m.tags.get(&shared::tag(c)) == Some(&1))
+            .count() as u64;
+        assert_eq!(mine, novel[c as usize], "client {c}'s new keys");
+    }
+    let mut ids: Vec<u64> = all.iter().map(|m| m.id).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), all.len(), "no id twice");
+    assert!(ids.iter().all(|&id| id < st.next_id));
+    s.close().await.unwrap();
 }
 
 #[tokio::test]
@@ -110,25 +302,182 @@ async fn keys_are_pgvector_vectors_that_sql_knn_orders() {
 
 /// Kills a writer process with SIGKILL at random moments, 20 times, reopening
 /// the store after each kill: every acknowledged batch is there whole and no
-/// batch in part. The killed owner's session ends with the process; until
-/// the server notices, a reopen is refused as `Locked`, and retried.
+/// batch in part.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs PostgreSQL with pgvector: MEMSTORE_POSTGRES_URL (scripts/postgres.sh start)"]
 async fn sigkill_mid_stream_loses_no_acknowledged_batch() {
     let at = fresh("crash");
     let arg = format!("{}#{}", at.url, at.store);
     let exe = env!("CARGO_BIN_EXE_memstore-postgres-writer");
-    let reopen = || async {
-        let mut tries = 0;
-        loop {
-            match PostgresStore::open(at.clone(), MemoryConfig::new(8, 4)).await {
-                Err(e) if tries < 100 && matches!(driver_error(&e), PostgresError::Locked(_)) => {
-                    tries += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-                other => return other,
-            }
+    let reopen = || PostgresStore::open(at.clone(), MemoryConfig::new(8, 4));
+    memstore_api::testkit::crash::kill_rounds(exe, &[arg.as_str()], 20, 64, reopen).await;
+}
+
+/// A private cluster of `scripts/postgres.sh` (password-protected) in its
+/// own directory, sharing the binaries of the default one; stopped and
+/// removed when dropped.
+struct PrivateCluster {
+    dir: std::path::PathBuf,
+    url: String,
+}
+
+impl PrivateCluster {
+    const PASSWORD: &str = "s3cret";
+
+    fn script(&self, command: &str) -> std::process::Output {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/postgres.sh");
+        let dist = std::env::var("MEMSTORE_PG_DIST").unwrap_or_else(|_| {
+            let base = std::env::var("MEMSTORE_PG_DIR").unwrap_or_else(|_| "/tmp/memstore-postgres".into());
+            format!("{base}/dist")
+        });
+        let out = std::process::Command::new("bash")
+            .args([script, command])
+            .env("MEMSTORE_PG_DIR", &self.dir)
+            .env("MEMSTORE_PG_DIST", dist)
+            .env("MEMSTORE_PG_PASSWORD", Self::PASSWORD)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "postgres.sh {command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn start(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("memstore-pg-{name}-{}", std::process::id()));
+        let mut cluster = PrivateCluster {
+            dir,
+            url: String::new(),
+        };
+        let out = cluster.script("start");
+        cluster.url = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        cluster
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let _ = self.script("stop");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A server restart while a client writes: the writes that reach no server
+/// fail with a typed error, the client reconnects by itself, and every
+/// acknowledged batch is in the store afterwards (read by a new client).
+/// The cluster asks for a password: a wrong one is a typed error too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs scripts/postgres.sh's PostgreSQL binaries (scripts/postgres.sh start installs them)"]
+async fn a_server_restart_mid_stream_gives_typed_errors_and_loses_nothing_acknowledged() {
+    let cluster = PrivateCluster::start("restart");
+    let wrong = cluster.url.replace(PrivateCluster::PASSWORD, "wrong");
+    let e = PostgresStore::open(PostgresLocation::new(wrong, "s"), MemoryConfig::new(2, 1))
+        .await
+        .err()
+        .expect("wrong password");
+    match driver_error(&e) {
+        PostgresError::Sql(sqlx::Error::Database(d)) => assert_eq!(d.code().as_deref(), Some("28P01"), "{d}"),
+        other => panic!("expected an authentication failure, got {other}"),
+    }
+    let at = PostgresLocation::new(cluster.url.clone(), "s");
+    let options = PostgresOptions::default().with_acquire_timeout(std::time::Duration::from_secs(1));
+    let s = PostgresStore::open_with(at.clone(), MemoryConfig::new(2, 1), options)
+        .await
+        .unwrap();
+    let write = |i: u64| {
+        let s = &s;
+        async move {
+            let tags = [format!("b{i}")];
+            let keys = [i as f32, 0.0, i as f32, 1.0];
+            s.insert(
+                batch(&keys, &[1.0, 2.0], 2).with_tags(memstore_api::Tags::Same(&tags)),
+                i,
+            )
+            .await
         }
     };
-    memstore_api::testkit::crash::kill_rounds(exe, &[arg.as_str()], 20, 64, reopen).await;
+    let mut acknowledged = Vec::new();
+    for i in 0..10 {
+        write(i).await.unwrap();
+        acknowledged.push(i);
+    }
+    let restart = {
+        let dir = cluster.dir.clone();
+        std::thread::spawn(move || {
+            let c = PrivateCluster {
+                dir,
+                url: String::new(),
+            };
+            c.script("restart");
+            std::mem::forget(c);
+        })
+    };
+    let (mut failed, mut after) = (0, 0);
+    let mut i = 10;
+    while after < 5 {
+        match write(i).await {
+            Ok(_) => {
+                acknowledged.push(i);
+                if restart.is_finished() {
+                    after += 1;
+                }
+            }
+            Err(e) => {
+                assert!(matches!(driver_error(&e), PostgresError::Sql(_)), "{e}");
+                failed += 1;
+            }
+        }
+        assert!(i < 100_000, "the client never came back");
+        i += 1;
+    }
+    restart.join().unwrap();
+    assert!(failed > 0, "no write met the restart");
+    let fresh = PostgresStore::open_existing(at).await.unwrap();
+    let counts = fresh.stats().await.unwrap().tag_counts;
+    for i in &acknowledged {
+        assert_eq!(counts.get(&format!("b{i}")), Some(&2), "batch {i}");
+    }
+    assert_eq!(contents(&s).await, contents(&fresh).await);
+    s.close().await.unwrap();
+    fresh.close().await.unwrap();
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL with pgvector: MEMSTORE_POSTGRES_URL (scripts/postgres.sh start)"]
+async fn a_database_without_pgvector_is_a_typed_error() {
+    // A role that may not create the extension (pgvector is not a trusted
+    // extension), in a database of its own that does not have it.
+    let admin = sqlx::PgPool::connect(&url()).await.unwrap();
+    let name = format!("memstore_plain_{}", std::process::id());
+    for statement in [
+        format!("DROP DATABASE IF EXISTS {name}"),
+        format!("DROP ROLE IF EXISTS {name}"),
+        format!("CREATE ROLE {name} LOGIN"),
+        format!("CREATE DATABASE {name} OWNER {name}"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    let plain_url = url()
+        .replacen("postgres@", &format!("{name}@"), 1)
+        .replacen("/postgres?", &format!("/{name}?"), 1);
+    assert!(
+        plain_url.contains(&format!("{name}@")) && plain_url.contains(&format!("/{name}")),
+        "{plain_url}"
+    );
+    let e = PostgresStore::open(PostgresLocation::new(plain_url, "s"), MemoryConfig::new(2, 1))
+        .await
+        .err()
+        .expect("no pgvector");
+    assert!(matches!(driver_error(&e), PostgresError::NoVector(_)), "{e}");
+    for statement in [format!("DROP DATABASE {name}"), format!("DROP ROLE {name}")] {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
 }

@@ -326,6 +326,7 @@ impl SqliteDriver {
             writer: SqliteWriter { tags },
             config: r.config,
             index,
+            version: 0,
         })
     }
 }
@@ -336,6 +337,7 @@ impl Driver for SqliteDriver {
     type Location = PathBuf;
     type Writer = SqliteWriter;
     type Pending = SqlitePending;
+    type Txn = ();
 
     async fn open(path: PathBuf, config: Option<MemoryConfig>, options: SqliteOptions) -> Result<Opened<Self>> {
         Self::connect(path, config, options).await
@@ -353,7 +355,7 @@ impl Driver for SqliteDriver {
         .await
     }
 
-    async fn write(&self, writer: &mut SqliteWriter, changes: &Changes) -> Result<SqlitePending> {
+    async fn write(&self, writer: &mut SqliteWriter, _txn: (), changes: &Changes) -> Result<SqlitePending> {
         let mut tx = self.pool.begin().await.map_err(sql)?;
         let new_tags = persist_all(&mut tx, self.sql_knn, self.lambda, &writer.tags, changes).await?;
         Ok(SqlitePending { tx, new_tags })
