@@ -40,10 +40,11 @@ struct Args {
     #[arg(long, default_value = "runs/distill")]
     run_dir: PathBuf,
     /// Where the memory layers' stores live: sqlite[:DIR] (SQLite files DIR/block{i}.db; default DIR is
-    /// RUN_DIR/memory), duckdb[:DIR] (DuckDB files; needs a build with --features duckdb) or ipc:SOCKET (one
+    /// RUN_DIR/memory), duckdb[:DIR] (DuckDB files; needs a build with --features duckdb), ipc:SOCKET (one
     /// memstored serving named stores, started with `memstored --stores DIR`, socket DIR/memstored.sock: layer i
-    /// uses its store block{i}, shared with other processes). Recorded in the run directory: --resume and
-    /// --eval-only use the same stores.
+    /// uses its store block{i}, shared with other processes) or postgres://…[#PREFIX] (PostgreSQL with pgvector;
+    /// needs --features postgres: layer i in the schema PREFIX_block{i}, default PREFIX dmt). Recorded in the
+    /// run directory: --resume and --eval-only use the same stores.
     #[arg(long, default_value = "sqlite")]
     store: burn_dmt::storage::StoreLocation,
     /// Device: auto (a wgpu GPU when the build has burn-dmt's `wgpu` feature and an adapter answers, else the

@@ -1379,9 +1379,14 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
             }),
         };
         let loc = spec.store_location()?;
-        if run_dir.join("student.json").exists() || (0..config.n_layer).any(|i| loc.exists(run_dir, i)) {
+        let mut occupied = run_dir.join("student.json").exists();
+        for i in 0..config.n_layer {
+            occupied = occupied || rt.block_on(loc.occupied(run_dir, i))?;
+        }
+        if occupied {
             return Err(DmtError::InvalidArgument(format!(
-                "{} already holds a run (--resume it, choose another --run-dir or remove it)",
+                "{} or its stores ({loc}) already hold a run (--resume it, choose another --run-dir or --store, \
+                 or remove it)",
                 run_dir.display()
             )));
         }

@@ -8,6 +8,11 @@
 //!   `i` uses its store `block{i}` (`DIR/block{i}.db`), so one socket serves
 //!   every memory layer and the memory is shared with other processes. The
 //!   first connection creates each store with the layer's configuration.
+//! - `postgres://…[#PREFIX]`: stores in a PostgreSQL database with pgvector
+//!   (burn-dmt feature `postgres`): block `i` uses the schema
+//!   `PREFIX_block{i}` (`PREFIX` defaults to `dmt`), so other processes and
+//!   machines can open the same memory. Checkpoints are backup files of
+//!   each schema; `--resume` restores them.
 //!
 //! Each block's store is opened through memstore-any from its URL
 //! ([`StoreLocation::url`]), so this crate names no backend. Checkpoints copy
@@ -35,7 +40,17 @@ pub enum StoreLocation {
     Duckdb(Option<PathBuf>),
     /// The socket of a `memstored` serving named stores (`--stores DIR`).
     Ipc(PathBuf),
+    /// A PostgreSQL database: block `i` in the schema `{prefix}_block{i}`.
+    Postgres {
+        /// The connection URL (`postgres://…`).
+        url: String,
+        /// The schemas' prefix.
+        prefix: String,
+    },
 }
+
+/// The schema prefix of `postgres://…` without `#PREFIX`.
+pub const DEFAULT_POSTGRES_PREFIX: &str = "dmt";
 
 impl Default for StoreLocation {
     fn default() -> Self {
@@ -47,6 +62,18 @@ impl FromStr for StoreLocation {
     type Err = DmtError;
 
     fn from_str(s: &str) -> Result<Self> {
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            if !cfg!(feature = "postgres") {
+                return Err(DmtError::InvalidArgument(
+                    "--store postgres://… needs a build with PostgreSQL: add `--features postgres`".into(),
+                ));
+            }
+            let (url, prefix) = s.rsplit_once('#').unwrap_or((s, DEFAULT_POSTGRES_PREFIX));
+            return Ok(StoreLocation::Postgres {
+                url: url.to_string(),
+                prefix: prefix.to_string(),
+            });
+        }
         let (kind, dir) = match s.split_once(':') {
             Some((k, d)) => (k, Some(PathBuf::from(d))),
             None => (s, None),
@@ -69,7 +96,7 @@ impl FromStr for StoreLocation {
                     .into(),
             )),
             _ => Err(DmtError::InvalidArgument(format!(
-                "--store {s}: expected sqlite[:DIR], duckdb[:DIR] or ipc:SOCKET"
+                "--store {s}: expected sqlite[:DIR], duckdb[:DIR], ipc:SOCKET or postgres://…[#PREFIX]"
             ))),
         }
     }
@@ -81,6 +108,7 @@ impl fmt::Display for StoreLocation {
             StoreLocation::Sqlite(d) => ("sqlite", d.as_deref()),
             StoreLocation::Duckdb(d) => ("duckdb", d.as_deref()),
             StoreLocation::Ipc(d) => ("ipc", Some(d.as_path())),
+            StoreLocation::Postgres { url, prefix } => return write!(f, "{url}#{prefix}"),
         };
         match dir {
             Some(d) => write!(f, "{kind}:{}", d.display()),
@@ -99,7 +127,9 @@ impl StoreLocation {
                 Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
                 _ => PathBuf::from("."),
             },
-            StoreLocation::Sqlite(None) | StoreLocation::Duckdb(None) => run_dir.join("memory"),
+            StoreLocation::Sqlite(None) | StoreLocation::Duckdb(None) | StoreLocation::Postgres { .. } => {
+                run_dir.join("memory")
+            }
         }
     }
 
@@ -138,6 +168,10 @@ impl StoreLocation {
                 endpoint: Endpoint::Unix(socket.clone()),
                 store: Some(Self::store_name(block)),
             },
+            StoreLocation::Postgres { url, prefix } => StoreUrl::Postgres {
+                url: url.clone(),
+                store: format!("{prefix}_{}", Self::store_name(block)),
+            },
         }
     }
 
@@ -170,6 +204,15 @@ impl StoreLocation {
     /// Whether a store of block `i` exists already (a run is there).
     pub fn exists(&self, run_dir: &Path, block: usize) -> bool {
         self.file(run_dir, block).is_some_and(|f| f.exists())
+    }
+
+    /// Whether block `i`'s store is there already with memories in it (a
+    /// run is there): its file, or for PostgreSQL a schema holding rows.
+    pub async fn occupied(&self, run_dir: &Path, block: usize) -> Result<bool> {
+        match self {
+            StoreLocation::Postgres { .. } => Ok(self.url(run_dir, block).holds_memories().await?),
+            _ => Ok(self.exists(run_dir, block)),
+        }
     }
 
     /// Puts back block `i`'s store as it is in the checkpoint copy `from`
@@ -227,6 +270,20 @@ mod tests {
             }
         }
         assert_eq!("sqlite".parse::<StoreLocation>().unwrap(), StoreLocation::default());
+        match "postgres://u@h/db?host=/s#run7".parse::<StoreLocation>() {
+            Ok(l) => {
+                assert_eq!(l.to_string(), "postgres://u@h/db?host=/s#run7");
+                assert_eq!(
+                    l.url(Path::new("/r"), 2).to_string(),
+                    "postgres://u@h/db?host=/s#run7_block2"
+                );
+                assert_eq!(l.file(Path::new("/r"), 2), None);
+            }
+            Err(e) => assert!(
+                !cfg!(feature = "postgres") && e.to_string().contains("--features postgres"),
+                "{e}"
+            ),
+        }
         for bad in ["ipc", "sqlite:", "postgres:/x", ""] {
             assert!(bad.parse::<StoreLocation>().is_err(), "{bad}");
         }

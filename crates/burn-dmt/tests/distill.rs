@@ -381,6 +381,48 @@ fn memory_in_duckdb_resumes_like_sqlite() {
     assert!((again.student.nll - duck.student.nll).abs() < 1e-3 * duck.student.nll);
 }
 
+/// `--store postgres://…#PREFIX` (feature `postgres`; needs a server:
+/// `MEMSTORE_POSTGRES_URL`, CI runs it): an interrupted run resumes from the
+/// checkpoints' backup files of each layer's schema and equals the SQLite
+/// run step for step; `--eval-only` reads the memories back from the
+/// server; a fresh run into schemas that hold memories is refused.
+#[cfg(feature = "postgres")]
+#[test]
+#[ignore = "needs PostgreSQL with pgvector: MEMSTORE_POSTGRES_URL (scripts/postgres.sh start)"]
+fn memory_in_postgres_resumes_like_sqlite() {
+    let url = std::env::var("MEMSTORE_POSTGRES_URL").expect("MEMSTORE_POSTGRES_URL");
+    let dir = tempfile::tempdir().unwrap();
+    let (train, eval) = tiny_setup(dir.path());
+    let mut o = options(dir.path(), train, &eval);
+    o.steps = 5;
+    o.checkpoint_every = 2;
+    o.value_lr = 0.1;
+    o.max_inserts = 4;
+    let sqlite = run(&o).unwrap();
+    let prefix = format!("dmt_test_{}", std::process::id());
+    o.run_dir = dir.path().join("pg");
+    o.store = format!("{url}#{prefix}").parse().unwrap();
+    o.halt_after = Some(3);
+    assert!(run(&o).is_err());
+    o.halt_after = None;
+    o.resume = true;
+    let pg = run(&o).unwrap();
+    assert!(o.run_dir.join("checkpoints/step-0000005/block1.db").exists());
+    let near = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1e-3);
+    for (r, w) in pg.steps.iter().zip(&sqlite.steps) {
+        assert_eq!((r.step, r.inserted), (w.step, w.inserted));
+        assert!(near(r.loss, w.loss) && near(r.kd, w.kd), "{r:?} vs {w:?}");
+    }
+    assert_eq!(pg.memory_rows(), sqlite.memory_rows());
+    let again = eval_only(&o.run_dir, &eval, &o).unwrap();
+    assert!((again.student.nll - pg.student.nll).abs() < 1e-3 * pg.student.nll);
+    // The same schemas for a fresh run elsewhere: refused, nothing written.
+    o.run_dir = dir.path().join("pg-again");
+    o.resume = false;
+    let err = run(&o).unwrap_err().to_string();
+    assert!(err.contains("already hold a run"), "{err}");
+}
+
 /// The dense baselines' MLPs: a wider one computes what the teacher's does
 /// until it trains (its new units are silent), one of the same width is the
 /// teacher's, and a narrower one keeps the units of largest weight norm.

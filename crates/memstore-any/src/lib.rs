@@ -174,11 +174,46 @@ impl StoreUrl {
         }
     }
 
+    /// Whether a store is there already with memories in it: a file store's
+    /// file exists, a PostgreSQL store's schema holds rows; a daemon's named
+    /// store is not checked (`false`).
+    pub async fn holds_memories(&self) -> Result<bool> {
+        match self {
+            StoreUrl::Sqlite(file) | StoreUrl::Duckdb(file) => Ok(file.exists()),
+            StoreUrl::Ipc { .. } => Ok(false),
+            #[cfg(feature = "postgres")]
+            StoreUrl::Postgres { url, store } => {
+                match PostgresStore::open_existing(PostgresLocation::new(url.clone(), store.clone())).await {
+                    Ok(s) => {
+                        let n = s.len().await;
+                        s.close().await?;
+                        Ok(n? > 0)
+                    }
+                    Err(Error::Storage(e))
+                        if matches!(
+                            e.downcast_ref::<memstore_postgres::PostgresError>(),
+                            Some(memstore_postgres::PostgresError::NoStore(_))
+                        ) =>
+                    {
+                        Ok(false)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            #[cfg(not(feature = "postgres"))]
+            StoreUrl::Postgres { .. } => Err(Error::InvalidConfig(format!(
+                "{self}: this build has no PostgreSQL (feature `postgres`)"
+            ))),
+        }
+    }
+
     /// Puts the backup at `from` (written by [`DurableStore::backup_to`])
     /// back as this store, which must not be open here: a file store is
     /// replaced by a copy of the backup (its write-ahead log dropped, the copy
     /// made durable before this returns); a daemon replaces the store it
-    /// serves (refused while other clients use it). The backup is left as it is.
+    /// serves (refused while other clients use it); a PostgreSQL store's rows
+    /// are replaced in one transaction (clients open meanwhile reload it
+    /// whole). The backup is left as it is.
     pub async fn restore(&self, from: &Path) -> Result<()> {
         match self {
             StoreUrl::Sqlite(file) | StoreUrl::Duckdb(file) => restore_file(file, from),
@@ -193,8 +228,13 @@ impl StoreUrl {
                 let closed = store.close().await;
                 restored.and(closed)
             }
+            #[cfg(feature = "postgres")]
+            StoreUrl::Postgres { url, store } => {
+                memstore_postgres::restore(PostgresLocation::new(url.clone(), store.clone()), from).await
+            }
+            #[cfg(not(feature = "postgres"))]
             StoreUrl::Postgres { .. } => Err(Error::InvalidConfig(format!(
-                "{self}: a PostgreSQL store is restored with the server's tools (pg_restore, a base backup)"
+                "{self}: this build has no PostgreSQL (feature `postgres`)"
             ))),
         }
     }

@@ -4,8 +4,8 @@
 //! the store core of memstore-engine ([`SqlStore`]), in the style of sqlx (one
 //! core, thin drivers). [`PostgresStore`] is the core on this driver; this
 //! crate holds only what is specific to PostgreSQL: the schema, the SQL that
-//! writes a plan's changes and reads rows, and how a store is located and
-//! owned.
+//! writes a plan's changes and reads rows, how a store is located and
+//! shared, and its backups.
 //!
 //! - **Storage.** sqlx's Postgres driver. A store is one PostgreSQL schema
 //!   (its name is part of the [`PostgresLocation`]), so one database holds
@@ -49,17 +49,21 @@
 //!   promise that a read sees a write that committed before it.
 //! - **Durability.** A commit is durable once `COMMIT` returns with the
 //!   server's default `synchronous_commit = on`; [`Driver::checkpoint`] has
-//!   nothing to add. Backups are PostgreSQL's own (`pg_dump --schema`,
-//!   base backups, replicas): [`Driver::backup_to`] a file is refused with
-//!   [`PostgresError::Unsupported`].
+//!   nothing to add. A server is backed up with PostgreSQL's own tools
+//!   (`pg_dump --schema`, base backups, replicas); one store is also
+//!   copied to a file ([`Driver::backup_to`]: its tables in `COPY` binary
+//!   format, read in one snapshot, written durably) and put back with
+//!   [`restore`] (how a training run checkpoints its memory and resumes).
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, Read, Write};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures_util::StreamExt;
 use memstore_api::{Counters, Error, Memory, MemoryConfig, MemoryId, Result};
 use memstore_engine::driver::{self, ConfigWrite};
 use memstore_engine::index::Changes;
@@ -474,6 +478,12 @@ impl PostgresDriver {
         let seen = index_version as i64;
         let whole = seen < log_floor || seen > at;
         let since = if whole { i64::MIN } else { seen };
+        // A generic plan of `version > $1` would estimate a third of the
+        // table and scan it; planned for the value, the index finds the few
+        // rows written since.
+        tx.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+            .await
+            .map_err(sql)?;
         let meta = sqlx::query(
             "SELECT next_id, inserted, merged, evicted, deleted, last_batch FROM memstore_meta WHERE id = 1",
         )
@@ -682,10 +692,43 @@ impl Driver for PostgresDriver {
         Ok(())
     }
 
-    /// Refused: a PostgreSQL store is backed up with the server's tools
-    /// (`pg_dump --schema=<store>`, base backups, replicas).
-    async fn backup_to(&self, _writer: &mut PostgresWriter, _dest: &Path) -> Result<()> {
-        Err(PostgresError::Unsupported("backup to a file (use pg_dump --schema=<store> or a base backup)").into())
+    /// Writes the store's tables, read in one snapshot, to the file `dest`
+    /// (see [`restore`]); the file is synced and renamed into place, so it
+    /// is there whole or not at all.
+    async fn backup_to(&self, _writer: &mut PostgresWriter, dest: &Path) -> Result<()> {
+        let mut partial = dest.as_os_str().to_owned();
+        partial.push(".partial");
+        let partial = std::path::PathBuf::from(partial);
+        let io = |e: std::io::Error| Error::storage(std::io::Error::new(e.kind(), format!("{}: {e}", dest.display())));
+        let written = async {
+            let mut out = std::io::BufWriter::new(std::fs::File::create_new(&partial).map_err(io)?);
+            let mut tx = snapshot(&self.pool).await?;
+            out.write_all(BACKUP_MAGIC).map_err(io)?;
+            for table in BACKUP_TABLES {
+                out.write_all(format!("{table}\n").as_bytes()).map_err(io)?;
+                let mut stream = tx
+                    .copy_out_raw(&format!("COPY {table} TO STDOUT (FORMAT binary)"))
+                    .await
+                    .map_err(sql)?;
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.map_err(sql)?;
+                    out.write_all(&(chunk.len() as u64).to_le_bytes()).map_err(io)?;
+                    out.write_all(&chunk).map_err(io)?;
+                }
+                drop(stream);
+                out.write_all(&0u64.to_le_bytes()).map_err(io)?;
+            }
+            tx.commit().await.map_err(sql)?;
+            let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+            file.sync_all().map_err(io)?;
+            std::fs::rename(&partial, dest).map_err(io)?;
+            driver::sync_parent(dest).map_err(io)
+        }
+        .await;
+        if written.is_err() {
+            let _ = std::fs::remove_file(&partial);
+        }
+        written
     }
 
     /// Closes the pool (every commit is on the server already).
@@ -693,6 +736,143 @@ impl Driver for PostgresDriver {
         self.pool.close().await;
         Ok(())
     }
+}
+
+/// The first line of a backup file.
+const BACKUP_MAGIC: &[u8] = b"memstore-postgres backup 1\n";
+/// The tables a backup holds, in the order [`restore`] loads them.
+const BACKUP_TABLES: [&str; 5] = ["memstore_config", "memstore_meta", "memories", "tags", "memory_tags"];
+/// The largest chunk a backup file may announce (a larger one means the
+/// file is not a backup).
+const MAX_CHUNK: u64 = 1 << 30;
+
+/// Puts back the store at `at` as it is in the backup file `from` (from
+/// [`Driver::backup_to`] of a store of any name), in one transaction: its
+/// rows are replaced whole and its version raised past both the old and the
+/// restored one, with the deletion log cut there, so that every client
+/// open meanwhile reloads the store whole at its next read or write. The
+/// store is created if it does not exist. A file that is not a backup
+/// changes nothing.
+pub async fn restore(at: PostgresLocation, from: &Path) -> Result<()> {
+    let bad = |why: String| Error::Corrupt(format!("{}: not a memstore-postgres backup ({why})", from.display()));
+    let io = |e: std::io::Error| Error::storage(std::io::Error::new(e.kind(), format!("{}: {e}", from.display())));
+    let mut input = std::io::BufReader::new(std::fs::File::open(from).map_err(io)?);
+    let mut magic = vec![0u8; BACKUP_MAGIC.len()];
+    input.read_exact(&mut magic).map_err(|_| bad("too short".into()))?;
+    if magic != BACKUP_MAGIC {
+        return Err(bad("wrong header".into()));
+    }
+    if !valid_name(&at.store) {
+        return Err(PostgresError::BadName(at.store).into());
+    }
+    let connect = PgConnectOptions::from_str(&at.url).map_err(sql)?;
+    let mut conn = PgConnection::connect_with(&connect).await.map_err(sql)?;
+    let restored = async {
+        PostgresDriver::prepare(&mut conn, &at.store, true).await?;
+        conn.execute(sqlx::AssertSqlSafe(format!(
+            "SET search_path TO \"{}\", public",
+            at.store
+        )))
+        .await
+        .map_err(sql)?;
+        MIGRATOR.run(&mut conn).await.map_err(PostgresError::from)?;
+        let mut tx = conn.begin().await.map_err(sql)?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(format!("memstore:{}", at.store))
+            .execute(&mut *tx)
+            .await
+            .map_err(sql)?;
+        let old: i64 = sqlx::query_scalar("SELECT coalesce(max(version), 0) FROM memstore_meta")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(sql)?;
+        tx.execute("TRUNCATE memory_tags, tags, memories, memstore_meta, memstore_config, memstore_deleted")
+            .await
+            .map_err(sql)?;
+        for table in BACKUP_TABLES {
+            let mut line = String::new();
+            input.read_line(&mut line).map_err(io)?;
+            if line.trim_end() != table {
+                return Err(bad(format!("expected table {table}, found {:?}", line.trim_end())));
+            }
+            if table == "memories" {
+                // The key column takes the restored store's dimension, and
+                // every restored row the new version.
+                let key_dim: i64 = sqlx::query_scalar("SELECT key_dim FROM memstore_config WHERE id = 1")
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(sql)?
+                    .ok_or_else(|| bad("no configuration".into()))?;
+                let restored: i64 = sqlx::query_scalar("SELECT version FROM memstore_meta WHERE id = 1")
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(sql)?
+                    .ok_or_else(|| bad("no meta row".into()))?;
+                let version = old.max(restored) + 1;
+                sqlx::query("UPDATE memstore_meta SET version = $1, log_floor = $1 WHERE id = 1")
+                    .bind(version)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(sql)?;
+                sqlx::query("SELECT set_config('memstore.version', $1, true)")
+                    .bind(version.to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(sql)?;
+                tx.execute(sqlx::AssertSqlSafe(format!(
+                    "ALTER TABLE memories ALTER COLUMN key TYPE vector({key_dim})"
+                )))
+                .await
+                .map_err(sql)?;
+            }
+            let mut copy = tx
+                .copy_in_raw(&format!("COPY {table} FROM STDIN (FORMAT binary)"))
+                .await
+                .map_err(sql)?;
+            let sent = async {
+                loop {
+                    let mut len = [0u8; 8];
+                    input
+                        .read_exact(&mut len)
+                        .map_err(|_| bad(format!("{table} is cut short")))?;
+                    let len = u64::from_le_bytes(len);
+                    if len == 0 {
+                        return Ok(());
+                    }
+                    if len > MAX_CHUNK {
+                        return Err(bad(format!("a chunk of {len} bytes")));
+                    }
+                    let mut chunk = vec![0u8; len as usize];
+                    input
+                        .read_exact(&mut chunk)
+                        .map_err(|_| bad(format!("{table} is cut short")))?;
+                    copy.send(chunk).await.map_err(sql)?;
+                }
+            }
+            .await;
+            match sent {
+                Ok(()) => {
+                    copy.finish().await.map_err(sql)?;
+                }
+                Err(e) => {
+                    let _ = copy.abort("not a backup").await;
+                    return Err(e);
+                }
+            }
+        }
+        sqlx::query("SELECT setval(pg_get_serial_sequence('tags', 'id'), coalesce(max(id), 0) + 1, false) FROM tags")
+            .execute(&mut *tx)
+            .await
+            .map_err(sql)?;
+        // The restored configuration must be one this version accepts.
+        read_config(&mut tx, None)
+            .await?
+            .ok_or_else(|| bad("no configuration".into()))?;
+        tx.commit().await.map_err(sql)
+    }
+    .await;
+    let _ = conn.close().await;
+    restored
 }
 
 /// Raises the store's version in `tx` (taking the meta row's lock until
