@@ -155,6 +155,7 @@ impl StoreLocation {
     pub fn checkpoint_name(&self, block: usize) -> String {
         match self {
             StoreLocation::Duckdb(_) => format!("block{block}.duckdb"),
+            StoreLocation::Postgres { .. } => format!("block{block}.pgbackup"),
             _ => format!("block{block}.db"),
         }
     }

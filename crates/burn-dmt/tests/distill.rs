@@ -349,36 +349,46 @@ fn memory_in_daemons_and_external_directories() {
     assert!(err.contains("memstored --stores"), "{err}");
 }
 
+/// Runs the tiny recipe with SQLite stores, then into `dir/sub` with
+/// `--store store`, halted after step 3 and resumed: the resumed run equals
+/// the SQLite run step for step and `--eval-only` reads its memories back.
+/// Returns the resumed run's options.
+#[cfg(any(feature = "duckdb", feature = "postgres"))]
+fn interrupted_run_resumes_like_sqlite(dir: &Path, sub: &str, store: &str) -> burn_dmt::distill::DistillOptions {
+    let (train, eval) = tiny_setup(dir);
+    let mut o = options(dir, train, &eval);
+    o.steps = 5;
+    o.checkpoint_every = 2;
+    o.value_lr = 0.1;
+    o.max_inserts = 4;
+    let sqlite = run(&o).unwrap();
+    o.run_dir = dir.join(sub);
+    o.store = store.parse().unwrap();
+    o.halt_after = Some(3);
+    assert!(run(&o).is_err());
+    o.halt_after = None;
+    o.resume = true;
+    let resumed = run(&o).unwrap();
+    let near = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1e-3);
+    for (r, w) in resumed.steps.iter().zip(&sqlite.steps) {
+        assert_eq!((r.step, r.inserted), (w.step, w.inserted));
+        assert!(near(r.loss, w.loss) && near(r.kd, w.kd), "{r:?} vs {w:?}");
+    }
+    assert_eq!(resumed.memory_rows(), sqlite.memory_rows());
+    let again = eval_only(&o.run_dir, &eval, &o).unwrap();
+    assert!((again.student.nll - resumed.student.nll).abs() < 1e-3 * resumed.student.nll);
+    o
+}
+
 /// `--store duckdb` (feature `duckdb`; CI runs it): an interrupted run resumes
 /// from DuckDB checkpoint copies and equals the SQLite run step for step.
 #[cfg(feature = "duckdb")]
 #[test]
 fn memory_in_duckdb_resumes_like_sqlite() {
     let dir = tempfile::tempdir().unwrap();
-    let (train, eval) = tiny_setup(dir.path());
-    let mut o = options(dir.path(), train, &eval);
-    o.steps = 5;
-    o.checkpoint_every = 2;
-    o.value_lr = 0.1;
-    o.max_inserts = 4;
-    let sqlite = run(&o).unwrap();
-    o.run_dir = dir.path().join("duck");
-    o.store = "duckdb".parse().unwrap();
-    o.halt_after = Some(3);
-    assert!(run(&o).is_err());
-    o.halt_after = None;
-    o.resume = true;
-    let duck = run(&o).unwrap();
+    let o = interrupted_run_resumes_like_sqlite(dir.path(), "duck", "duckdb");
     assert!(o.run_dir.join("memory/block1.duckdb").exists());
     assert!(o.run_dir.join("checkpoints/step-0000005/block1.duckdb").exists());
-    let near = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1e-3);
-    for (r, w) in duck.steps.iter().zip(&sqlite.steps) {
-        assert_eq!((r.step, r.inserted), (w.step, w.inserted));
-        assert!(near(r.loss, w.loss) && near(r.kd, w.kd), "{r:?} vs {w:?}");
-    }
-    assert_eq!(duck.memory_rows(), sqlite.memory_rows());
-    let again = eval_only(&o.run_dir, &eval, &o).unwrap();
-    assert!((again.student.nll - duck.student.nll).abs() < 1e-3 * duck.student.nll);
 }
 
 /// `--store postgres://…#PREFIX` (feature `postgres`; needs a server:
@@ -392,30 +402,13 @@ fn memory_in_duckdb_resumes_like_sqlite() {
 fn memory_in_postgres_resumes_like_sqlite() {
     let url = std::env::var("MEMSTORE_POSTGRES_URL").expect("MEMSTORE_POSTGRES_URL");
     let dir = tempfile::tempdir().unwrap();
-    let (train, eval) = tiny_setup(dir.path());
-    let mut o = options(dir.path(), train, &eval);
-    o.steps = 5;
-    o.checkpoint_every = 2;
-    o.value_lr = 0.1;
-    o.max_inserts = 4;
-    let sqlite = run(&o).unwrap();
-    let prefix = format!("dmt_test_{}", std::process::id());
-    o.run_dir = dir.path().join("pg");
-    o.store = format!("{url}#{prefix}").parse().unwrap();
-    o.halt_after = Some(3);
-    assert!(run(&o).is_err());
-    o.halt_after = None;
-    o.resume = true;
-    let pg = run(&o).unwrap();
-    assert!(o.run_dir.join("checkpoints/step-0000005/block1.db").exists());
-    let near = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1e-3);
-    for (r, w) in pg.steps.iter().zip(&sqlite.steps) {
-        assert_eq!((r.step, r.inserted), (w.step, w.inserted));
-        assert!(near(r.loss, w.loss) && near(r.kd, w.kd), "{r:?} vs {w:?}");
-    }
-    assert_eq!(pg.memory_rows(), sqlite.memory_rows());
-    let again = eval_only(&o.run_dir, &eval, &o).unwrap();
-    assert!((again.student.nll - pg.student.nll).abs() < 1e-3 * pg.student.nll);
+    let store = format!("{url}#dmt_test_{}", std::process::id());
+    let mut o = interrupted_run_resumes_like_sqlite(dir.path(), "pg", &store);
+    assert!(o.run_dir.join("checkpoints/step-0000005/block1.pgbackup").exists());
+    assert!(
+        !o.run_dir.join("memory/block1.db").exists(),
+        "the memory is on the server"
+    );
     // The same schemas for a fresh run elsewhere: refused, nothing written.
     o.run_dir = dir.path().join("pg-again");
     o.resume = false;

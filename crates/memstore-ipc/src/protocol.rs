@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 /// The four bytes a [`Request::Hello`] starts with.
 pub const MAGIC: [u8; 4] = *b"MSTD";
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Default largest frame (payload bytes) either side accepts.
 pub const DEFAULT_MAX_FRAME: usize = 256 << 20;
 /// Bytes of the length prefix.
@@ -654,6 +654,9 @@ pub enum ProtocolError {
     StoreName,
     /// The daemon serves as many connections as it allows (`--max-connections`).
     Busy,
+    /// A frame stopped arriving halfway (`--frame-timeout`), or the session
+    /// sent no request for too long (`--idle-timeout`).
+    Timeout,
 }
 
 /// An error on the wire: one variant per [`memstore_api::Error`] variant,

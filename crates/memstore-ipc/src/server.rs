@@ -286,6 +286,14 @@ pub struct ServerOptions {
     /// How long one reply may take to be written; a client that reads none
     /// for that long is disconnected.
     pub write_timeout: Duration,
+    /// How long a frame may take to arrive once its first bytes have: a
+    /// client that stops in the middle of a frame is disconnected, with a
+    /// typed error, after this long.
+    pub frame_timeout: Duration,
+    /// How long a session may send no request while none of its requests
+    /// is running before it is closed (`None`, the default: sessions may
+    /// idle for ever, as a model's stores do between phases).
+    pub idle_timeout: Option<Duration>,
     /// Bytes of replies one connection may have computed and not yet
     /// written: a request reserves its reply's bound before it runs, so a
     /// client that reads slowly makes the daemon hold at most this much
@@ -319,6 +327,8 @@ impl Default for ServerOptions {
             max_in_flight: 64,
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(60),
+            frame_timeout: Duration::from_secs(30),
+            idle_timeout: None,
             reply_budget: 64 << 20,
             stores_dir: None,
             backup_dir: None,
@@ -830,6 +840,9 @@ impl AuthFailures {
     }
 }
 
+/// How often a session checks its frame and idle timeouts.
+const CLOCK_TICK: Duration = Duration::from_millis(250);
+
 /// Idle time before a TCP connection's first keepalive probe.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 /// Time between keepalive probes (the kernel gives up after its count).
@@ -1084,6 +1097,13 @@ async fn connection<O, R, W>(
     let permits = Arc::new(Semaphore::new(shared.options.max_in_flight.max(1)));
     let mut in_flight = JoinSet::new();
     let mut goodbye = None;
+    // What the clock watches: since when the read buffer has held part of a
+    // frame, and since when the session has had nothing to do.
+    let (frame_timeout, idle_timeout) = (shared.options.frame_timeout, shared.options.idle_timeout);
+    let mut partial_since: Option<tokio::time::Instant> = None;
+    let mut idle_since = tokio::time::Instant::now();
+    let mut clock = tokio::time::interval(CLOCK_TICK.min(frame_timeout));
+    clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let next = tokio::select! {
             biased;
@@ -1092,9 +1112,44 @@ async fn connection<O, R, W>(
                 info!(peer = %peer, "the client stopped reading its replies: closing the connection");
                 break;
             }
-            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => continue,
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {
+                idle_since = tokio::time::Instant::now();
+                continue;
+            }
             f = frames.next() => f,
+            now = clock.tick() => {
+                match (frames.read_buffer().is_empty(), partial_since) {
+                    (true, _) => partial_since = None,
+                    (false, None) => partial_since = Some(now),
+                    (false, Some(since)) if now.duration_since(since) >= frame_timeout => {
+                        info!(peer = %peer, "a frame stopped arriving: closing the connection");
+                        let e = WireError::protocol(
+                            ProtocolError::Timeout,
+                            format!("no complete frame within {frame_timeout:?} of its first bytes"),
+                        );
+                        send(&tx, 0, &Response::Error(e), max_frame).await;
+                        break;
+                    }
+                    (false, Some(_)) => {}
+                }
+                if let Some(idle) = idle_timeout
+                    && in_flight.is_empty()
+                    && partial_since.is_none()
+                    && now.duration_since(idle_since) >= idle
+                {
+                    info!(peer = %peer, "the session was idle: closing the connection");
+                    let e = WireError::protocol(
+                        ProtocolError::Timeout,
+                        format!("no request for {idle:?}: the daemon closed the session"),
+                    );
+                    send(&tx, 0, &Response::Error(e), max_frame).await;
+                    break;
+                }
+                continue;
+            }
         };
+        partial_since = None;
+        idle_since = tokio::time::Instant::now();
         match next {
             None => break,
             Some(Err(e)) => {

@@ -337,6 +337,48 @@ async fn unauthenticated_frames_and_connections_are_bounded() {
     assert!(status.success(), "{status}");
 }
 
+/// A client that stops in the middle of a frame after its handshake is
+/// disconnected with a typed error after `--frame-timeout`; with
+/// `--idle-timeout`, a session that sends nothing is closed, while one that
+/// keeps asking is served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_frames_and_idle_sessions_time_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("d.sock");
+    let mut extra = cfg_args().to_vec();
+    extra.extend(["--frame-timeout", "1", "--idle-timeout", "2"]);
+    let d = Daemon::start(&dir.path().join("s.db"), &socket, &extra);
+
+    let mut half = Raw::hello(&socket);
+    let started = std::time::Instant::now();
+    let f = protocol::encode_frame(1, &Request::Len, usize::MAX).unwrap();
+    half.0.write_all(&f[..f.len() - 1]).unwrap();
+    half.expect_error_then_close(ProtocolError::Timeout);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+
+    let mut idle = Raw::hello(&socket);
+    let mut busy = Raw::hello(&socket);
+    let started = std::time::Instant::now();
+    let mut id = 1;
+    while started.elapsed() < Duration::from_secs(3) {
+        busy.send(id, &Request::Len);
+        match busy.recv() {
+            Reply::Ok(i, kind) => assert_eq!((i, kind.as_str()), (id, "Count(0)")),
+            _ => panic!("a session that keeps asking is served"),
+        }
+        id += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    idle.expect_error_then_close(ProtocolError::Timeout);
+    drop(busy);
+    let status = d.stop();
+    assert!(status.success(), "{status}");
+}
+
 /// Sends searches 1..=n of 64 queries × 300 neighbours (replies of about
 /// 650 KB each against a store of 300 memories of 4 + 2 floats).
 fn send_big_searches(r: &mut Raw, n: u64) {
@@ -1072,6 +1114,8 @@ fn help_documents_every_flag() {
         "--max-in-flight",
         "--max-connections",
         "--write-timeout",
+        "--frame-timeout",
+        "--idle-timeout",
         "--reply-budget",
         "--backup-dir",
         "--allow-uid",

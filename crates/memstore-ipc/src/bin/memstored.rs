@@ -126,6 +126,14 @@ struct Args {
     /// that long is disconnected.
     #[arg(long, default_value_t = ServerOptions::default().write_timeout.as_secs())]
     write_timeout: u64,
+    /// Seconds a frame may take to arrive once its first bytes have; a
+    /// client that stops halfway is disconnected.
+    #[arg(long, default_value_t = ServerOptions::default().frame_timeout.as_secs())]
+    frame_timeout: u64,
+    /// Close sessions that send no request for this many seconds while none
+    /// of theirs runs (default: never).
+    #[arg(long)]
+    idle_timeout: Option<u64>,
     /// The stores' search index.
     #[arg(long, value_enum, default_value = "exact")]
     index: IndexArg,
@@ -251,6 +259,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         o.max_in_flight = args.max_in_flight;
         o.max_connections = args.max_connections;
         o.write_timeout = std::time::Duration::from_secs(args.write_timeout.max(1));
+        o.frame_timeout = std::time::Duration::from_secs(args.frame_timeout.max(1));
+        o.idle_timeout = args.idle_timeout.map(|s| std::time::Duration::from_secs(s.max(1)));
         o.reply_budget = args.reply_budget;
         o.stores_dir = args.stores.clone();
         o.backup_dir = args.backup_dir.clone();
