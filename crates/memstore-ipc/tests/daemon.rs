@@ -430,6 +430,160 @@ async fn a_client_that_stops_reading_is_disconnected() {
     assert!(d.stop().success());
 }
 
+/// Raises this process's open-file limit to `n` (children inherit it); the
+/// hard limit must allow it.
+fn raise_open_files(n: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        assert!(
+            lim.rlim_max >= n as libc::rlim_t,
+            "this test needs {n} open files; the hard limit is {}",
+            lim.rlim_max
+        );
+        if lim.rlim_cur < n as libc::rlim_t {
+            lim.rlim_cur = n as libc::rlim_t;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        }
+    }
+}
+
+/// Resource exhaustion (1 trial), against a daemon with a 1 MiB frame limit
+/// and room for 1,000 connections: 2,000 connections that each declare a
+/// 1 MiB frame and then send one byte a second for 5 s; 64 pipelined gets of
+/// 100,000 copies of one id and 64 searches of 300 neighbours, none of
+/// whose replies is read; a frame left half-sent after a handshake; then
+/// 1,500 connections that send nothing. Throughout, a well-behaved client's
+/// `len()` answers within 1 s and the daemon's resident memory stays under
+/// 1 GiB; every slow connection gets a typed refusal (`TooLarge`: before
+/// the handshake no frame over 64 KiB), the silent ones beyond the limit
+/// `Busy`, the half-sent frame a `Timeout`; the daemon stops cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_clients_leave_the_daemon_serving() {
+    raise_open_files(4096);
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("d.sock");
+    let mut extra = cfg_args().to_vec();
+    extra.extend([
+        "--max-frame",
+        "1048576",
+        "--max-connections",
+        "1000",
+        "--frame-timeout",
+        "2",
+    ]);
+    let d = Daemon::start(&dir.path().join("s.db"), &socket, &extra);
+    let pid = d.child.id();
+    let good = IpcStore::connect(&d.endpoint(), None).await.unwrap();
+    let ids = fill(&good, 300, 9).await;
+
+    let hostile = {
+        let (socket, id) = (socket.clone(), ids[0]);
+        std::thread::spawn(move || {
+            let mut slow: Vec<Raw> = (0..2000)
+                .map(|_| {
+                    let mut r = Raw::connect(&socket);
+                    let _ = r.0.write_all(&(1u32 << 20).to_le_bytes());
+                    r
+                })
+                .collect();
+            let mut gets = Raw::hello(&socket);
+            let many = vec![id; 100_000];
+            for i in 1..=64 {
+                gets.try_send(i, &Request::Get(many.as_slice().into()));
+            }
+            let mut searches = Raw::hello(&socket);
+            send_big_searches(&mut searches, 64);
+            let mut half = Raw::hello(&socket);
+            let f = protocol::encode_frame(1, &Request::Len, usize::MAX).unwrap();
+            half.0.write_all(&f[..f.len() / 2]).unwrap();
+            for _ in 0..5 {
+                std::thread::sleep(Duration::from_secs(1));
+                for r in &mut slow {
+                    let _ = r.0.write_all(&[0]);
+                }
+            }
+            half.expect_error_then_close(ProtocolError::Timeout);
+            // 1,500 connections that send nothing: those beyond the
+            // daemon's limit are refused at once, the others wait for
+            // their handshake's timeout.
+            let mut silent: Vec<Raw> = (0..1500).map(|_| Raw::connect(&socket)).collect();
+            std::thread::sleep(Duration::from_millis(500));
+            let (mut busy, mut waiting) = (0, 0);
+            for r in &mut silent {
+                r.0.set_nonblocking(true).unwrap();
+                let mut len = [0u8; 4];
+                let first = r.0.read_exact(&mut len);
+                r.0.set_nonblocking(false).unwrap();
+                match first {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => waiting += 1,
+                    _ => {
+                        let mut payload = vec![0u8; u32::from_le_bytes(len) as usize];
+                        r.0.read_exact(&mut payload).unwrap();
+                        let (_, reply): (u64, Response) = protocol::decode_frame(&payload).unwrap();
+                        match reply {
+                            Response::Error(WireError::Protocol {
+                                kind: ProtocolError::Busy,
+                                ..
+                            }) => busy += 1,
+                            other => panic!("a silent connection got {other:?}"),
+                        }
+                    }
+                }
+            }
+            assert!(
+                busy >= 500 && busy + waiting == 1500,
+                "{busy} refused, {waiting} waiting"
+            );
+            let mut refused = BTreeMap::new();
+            refused.insert("Busy (silent)".to_string(), busy);
+            for r in &mut slow {
+                r.0.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let kind = match r.recv() {
+                    Reply::Err(_, WireError::Protocol { kind, .. }) => format!("{kind:?}"),
+                    Reply::Err(_, e) => format!("{e:?}"),
+                    Reply::Ok(_, r) => r,
+                    Reply::Closed => "closed without an error".into(),
+                };
+                *refused.entry(kind).or_insert(0) += 1;
+            }
+            drop((gets, searches, silent));
+            refused
+        })
+    };
+    let started = std::time::Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut peak_kib = 0;
+    while !hostile.is_finished() {
+        let t = std::time::Instant::now();
+        assert_eq!(good.len().await.unwrap(), 300);
+        slowest = slowest.max(t.elapsed());
+        peak_kib = peak_kib.max(rss_kib(pid));
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the hostile clients never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = hostile.join().unwrap();
+    assert!(slowest < Duration::from_secs(1), "len() took {slowest:?}");
+    assert!(
+        peak_kib < 1 << 20,
+        "the daemon's resident memory reached {peak_kib} KiB"
+    );
+    let typed: usize = ["TooLarge", "Busy"].iter().filter_map(|k| refused.get(*k)).sum();
+    assert_eq!(typed, 2000, "every slow connection refused, typed: {refused:?}");
+    assert_eq!(good.len().await.unwrap(), 300);
+    drop(good);
+    let status = d.stop();
+    assert!(status.success(), "{status}");
+    eprintln!("refusals {refused:?}; slowest len() {slowest:?}; peak RSS {peak_kib} KiB");
+}
+
 /// A process of another user is refused on the Unix socket even where the
 /// socket's mode lets it connect (the kernel's peer credentials are
 /// checked); `--allow-uid` lets it in. Running a client as another user
