@@ -3,9 +3,9 @@
 //! crash consistency under SIGKILL.
 
 use memstore_api::testkit::crash::kill_rounds;
-use memstore_api::testkit::util::{Rng, backup_and_close, dump, ins, v};
-use memstore_api::{Batch, Error, MemoryConfig, MemoryStore, Metric, Vectors};
-use memstore_duckdb::{DuckdbError, DuckdbStore, FileError};
+use memstore_api::testkit::util::{Rng, ins, v};
+use memstore_api::{Error, MemoryConfig, MemoryStore, Metric};
+use memstore_duckdb::{DuckdbError, DuckdbStore};
 
 /// Exact kNN in plain SQL over the store's `FLOAT[]` key column.
 async fn sql_knn(store: &DuckdbStore, q: &[f32], k: usize, function: &str) -> Vec<(u64, f64)> {
@@ -96,88 +96,6 @@ async fn corrupt_keys_are_detected_on_open() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn open_existing_uses_the_stored_config_and_never_creates() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("e.duckdb");
-    match DuckdbStore::open_existing(&path).await {
-        Err(Error::Storage(e)) => assert!(
-            matches!(e.downcast_ref::<FileError>(), Some(FileError::NotFound(_))),
-            "{e}"
-        ),
-        other => panic!("expected NotFound, got {:?}", other.err()),
-    }
-    assert!(!path.exists());
-    let c = MemoryConfig::new(3, 5)
-        .with_metric(Metric::InnerProduct)
-        .with_capacity(9);
-    DuckdbStore::open(&path, c.clone())
-        .await
-        .unwrap()
-        .close()
-        .await
-        .unwrap();
-    let s = DuckdbStore::open_existing(&path).await.unwrap();
-    assert_eq!(s.config(), &c);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_open_of_the_same_file_is_refused_until_the_first_closes() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("l.duckdb");
-    let s = DuckdbStore::open(&path, MemoryConfig::new(2, 2)).await.unwrap();
-    ins(&s, &[1.0, 2.0], &[3.0, 4.0], 1).await;
-    match DuckdbStore::open(&path, MemoryConfig::new(2, 2)).await {
-        Err(Error::Storage(e)) => assert!(
-            matches!(e.downcast_ref::<FileError>(), Some(FileError::Locked(_))),
-            "{e}"
-        ),
-        other => panic!("expected Locked, got {:?}", other.err()),
-    }
-    s.close().await.unwrap();
-    let s = DuckdbStore::open(&path, MemoryConfig::new(2, 2)).await.unwrap();
-    assert_eq!(s.len().await.unwrap(), 1);
-}
-
-/// A backup reopens as the store was at the time of the copy, with its
-/// sequence number; later writes do not reach it; an existing target is refused.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backup_is_a_consistent_copy() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = DuckdbStore::open(dir.path().join("a.duckdb"), MemoryConfig::new(2, 1))
-        .await
-        .unwrap();
-    let keys = [0.0, 1.0, 2.0, 3.0];
-    let tags = vec!["t".to_string()];
-    store
-        .insert(
-            Batch::new(Vectors::new(&keys, 2).unwrap(), Vectors::new(&[5.0, 6.0], 1).unwrap())
-                .with_tags(memstore_api::Tags::Same(&tags)),
-            1,
-        )
-        .await
-        .unwrap();
-    store
-        .apply(&memstore_api::ChangeBatch {
-            seq: 1,
-            tick: 2,
-            touch: vec![1],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let before = dump(&store).await;
-    store.backup_to(dir.path().join("b.duckdb")).await.unwrap();
-    assert!(store.backup_to(dir.path().join("b.duckdb")).await.is_err());
-    store.delete(&[2]).await.unwrap();
-    let copy = DuckdbStore::open_existing(dir.path().join("b.duckdb")).await.unwrap();
-    assert_eq!(dump(&copy).await, before);
-    assert_eq!(copy.stats().await.unwrap().counters.last_batch, 1);
-    assert_eq!(store.len().await.unwrap(), 1);
-    // A second backup works after the first (the attachment was released).
-    store.backup_to(dir.path().join("c.duckdb")).await.unwrap();
-}
-
 /// The staging tables that batched updates go through are empty in every
 /// committed state, and keys are stored as FLOAT[dim] arrays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,12 +145,28 @@ async fn sigkill_mid_stream_loses_no_acknowledged_batch() {
     .await;
 }
 
-/// The lifecycle trait: a refused backup onto an existing file, a backup,
-/// a close; the store and its copy reopen with the same memories.
-#[tokio::test]
-async fn backs_up_and_closes_through_the_lifecycle_trait() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, copy) = (dir.path().join("a.duckdb"), dir.path().join("copy.duckdb"));
-    let s = DuckdbStore::open(&path, MemoryConfig::new(4, 2)).await.unwrap();
-    backup_and_close(s, &path, &copy, DuckdbStore::open_existing).await;
+/// The cases every file driver passes (memstore-engine's `testkit`).
+mod file_store {
+    use memstore_duckdb::DuckdbDriver;
+    use memstore_engine::testkit as cases;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn open_existing_uses_the_stored_config_and_never_creates() {
+        cases::open_existing_uses_the_stored_config_and_never_creates::<DuckdbDriver>("duckdb").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_open_of_the_same_file_is_refused_until_the_first_closes() {
+        cases::a_second_open_of_the_same_file_is_refused_until_the_first_closes::<DuckdbDriver>("duckdb").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn backup_is_a_consistent_copy() {
+        cases::backup_is_a_consistent_copy::<DuckdbDriver>("duckdb").await;
+    }
+
+    #[tokio::test]
+    async fn backs_up_and_closes_through_the_lifecycle_trait() {
+        cases::backs_up_and_closes_through_the_lifecycle_trait::<DuckdbDriver>("duckdb").await;
+    }
 }

@@ -26,6 +26,8 @@
 //!   checks on loaded rows).
 //! - [`sqlx_rows`]: the statements that the sqlx drivers (SQLite,
 //!   PostgreSQL) run alike, expanded in each for its database.
+//! - `testkit` (feature `testkit`): the cases every file driver passes
+//!   beyond the conformance suite, and its conformance harness.
 
 pub mod ann;
 pub mod crash;
@@ -35,6 +37,8 @@ pub mod index;
 mod q8;
 pub mod sqlx_rows;
 mod store;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use index::MemoryIndex;
 pub use store::{Begun, Driver, IndexOptions, Opened, Refresh, SqlStore, blocking};

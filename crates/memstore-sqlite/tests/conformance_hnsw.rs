@@ -9,40 +9,14 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use memstore_api::testkit::Harness;
-use memstore_api::{MemoryConfig, Result};
+use memstore_engine::testkit::FileHarness;
 use memstore_index::{Hnsw, HnswOptions};
-use memstore_sqlite::{IndexOptions, SqliteOptions, SqliteStore};
+use memstore_sqlite::{IndexOptions, SqliteDriver, SqliteOptions};
 
-struct HnswHarness {
-    dir: tempfile::TempDir,
+fn hnsw_harness() -> FileHarness<SqliteDriver> {
+    let mut options = SqliteOptions::default();
+    options.index = IndexOptions::default().with_ann(Arc::new(Hnsw::new(HnswOptions::default())));
+    FileHarness::new("db", options)
 }
 
-impl HnswHarness {
-    fn new() -> Self {
-        HnswHarness {
-            dir: tempfile::tempdir().expect("temporary directory"),
-        }
-    }
-}
-
-#[async_trait]
-impl Harness for HnswHarness {
-    type Store = SqliteStore;
-
-    async fn open(&self, config: MemoryConfig) -> Result<SqliteStore> {
-        let options = {
-            let mut o = SqliteOptions::default();
-            o.index = IndexOptions::default().with_ann(Arc::new(Hnsw::new(HnswOptions::default())));
-            o
-        };
-        SqliteStore::open_with(self.dir.path().join("store.db"), config, options).await
-    }
-
-    async fn close(&self, store: SqliteStore) -> Result<()> {
-        store.close().await
-    }
-}
-
-memstore_api::conformance_suite!(approximate: HnswHarness::new());
+memstore_api::conformance_suite!(approximate: hnsw_harness());

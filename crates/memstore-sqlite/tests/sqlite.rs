@@ -5,9 +5,9 @@
 use std::collections::BTreeSet;
 
 use memstore_api::testkit::crash::kill_rounds;
-use memstore_api::testkit::util::{Rng, backup_and_close, copy_earlier_rows, copy_stored_rows, dump, ins, v};
-use memstore_api::{Batch, Error, MemoryConfig, MemoryStore, Metric, Vectors};
-use memstore_sqlite::{FileError, SqliteStore};
+use memstore_api::testkit::util::{Rng, copy_earlier_rows, copy_stored_rows, dump, ins, v};
+use memstore_api::{Batch, Error, MemoryConfig, MemoryStore, Metric};
+use memstore_sqlite::SqliteStore;
 use sqlx::Row;
 
 /// sqlite-vec's `vec0` kNN on the mirror.
@@ -151,33 +151,6 @@ async fn corrupt_key_blob_is_detected_on_open() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn open_existing_uses_the_stored_config_and_never_creates() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("e.db");
-    match SqliteStore::open_existing(&path).await {
-        Err(Error::Storage(e)) => {
-            assert!(
-                matches!(e.downcast_ref::<FileError>(), Some(FileError::NotFound(_))),
-                "{e}"
-            )
-        }
-        other => panic!("expected NotFound, got {:?}", other.err()),
-    }
-    assert!(!path.exists());
-    let c = MemoryConfig::new(3, 5)
-        .with_metric(Metric::InnerProduct)
-        .with_capacity(9);
-    SqliteStore::open(&path, c.clone())
-        .await
-        .unwrap()
-        .close()
-        .await
-        .unwrap();
-    let s = SqliteStore::open_existing(&path).await.unwrap();
-    assert_eq!(s.config(), &c);
-}
-
 /// Kills a writer process with SIGKILL at random moments, 20 times, reopening
 /// the file after each kill: every acknowledged batch is there whole, no batch
 /// is there in part, and the file always opens.
@@ -190,62 +163,6 @@ async fn sigkill_mid_stream_loses_no_acknowledged_batch() {
         SqliteStore::open(&path, MemoryConfig::new(8, 4))
     })
     .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_open_of_the_same_file_is_refused_until_the_first_closes() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("l.db");
-    let s = SqliteStore::open(&path, MemoryConfig::new(2, 2)).await.unwrap();
-    ins(&s, &[1.0, 2.0], &[3.0, 4.0], 1).await;
-    match SqliteStore::open(&path, MemoryConfig::new(2, 2)).await {
-        Err(Error::Storage(e)) => {
-            assert!(
-                matches!(e.downcast_ref::<FileError>(), Some(FileError::Locked(_))),
-                "{e}"
-            )
-        }
-        other => panic!("expected Locked, got {:?}", other.err()),
-    }
-    s.close().await.unwrap();
-    let s = SqliteStore::open(&path, MemoryConfig::new(2, 2)).await.unwrap();
-    assert_eq!(s.len().await.unwrap(), 1);
-}
-
-/// A backup reopens as the store was at the time of the copy, with its
-/// sequence number; later writes do not reach it; an existing target is refused.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backup_is_a_consistent_copy() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = MemoryConfig::new(2, 1);
-    let store = SqliteStore::open(dir.path().join("a.db"), config.clone())
-        .await
-        .unwrap();
-    let keys = [0.0, 1.0, 2.0, 3.0];
-    store
-        .insert(
-            Batch::new(Vectors::new(&keys, 2).unwrap(), Vectors::new(&[5.0, 6.0], 1).unwrap()),
-            1,
-        )
-        .await
-        .unwrap();
-    store
-        .apply(&memstore_api::ChangeBatch {
-            seq: 1,
-            tick: 2,
-            touch: vec![1],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let before = dump(&store).await;
-    store.backup_to(dir.path().join("b.db")).await.unwrap();
-    assert!(store.backup_to(dir.path().join("b.db")).await.is_err());
-    store.delete(&[2]).await.unwrap();
-    let copy = SqliteStore::open_existing(dir.path().join("b.db")).await.unwrap();
-    assert_eq!(dump(&copy).await, before);
-    assert_eq!(copy.stats().await.unwrap().counters.last_batch, 1);
-    assert_eq!(store.len().await.unwrap(), 1);
 }
 
 /// On a current-thread runtime (where the store's CPU work cannot move off
@@ -284,12 +201,28 @@ async fn large_learn_on_a_current_thread_runtime_matches_reference() {
     );
 }
 
-/// The lifecycle trait: a refused backup onto an existing file, a backup,
-/// a close; the store and its copy reopen with the same memories.
-#[tokio::test]
-async fn backs_up_and_closes_through_the_lifecycle_trait() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, copy) = (dir.path().join("a.db"), dir.path().join("copy.db"));
-    let s = SqliteStore::open(&path, MemoryConfig::new(4, 2)).await.unwrap();
-    backup_and_close(s, &path, &copy, SqliteStore::open_existing).await;
+/// The cases every file driver passes (memstore-engine's `testkit`).
+mod file_store {
+    use memstore_engine::testkit as cases;
+    use memstore_sqlite::SqliteDriver;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn open_existing_uses_the_stored_config_and_never_creates() {
+        cases::open_existing_uses_the_stored_config_and_never_creates::<SqliteDriver>("db").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_open_of_the_same_file_is_refused_until_the_first_closes() {
+        cases::a_second_open_of_the_same_file_is_refused_until_the_first_closes::<SqliteDriver>("db").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn backup_is_a_consistent_copy() {
+        cases::backup_is_a_consistent_copy::<SqliteDriver>("db").await;
+    }
+
+    #[tokio::test]
+    async fn backs_up_and_closes_through_the_lifecycle_trait() {
+        cases::backs_up_and_closes_through_the_lifecycle_trait::<SqliteDriver>("db").await;
+    }
 }
