@@ -390,13 +390,7 @@ impl PostgresDriver {
     ) -> Result<Opened<Self>> {
         MIGRATOR.run(&pool).await.map_err(PostgresError::from)?;
         let mut tx = pool.begin().await.map_err(sql)?;
-        // Opens of one store (their creation and configuration updates) run
-        // one at a time.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-            .bind(format!("memstore:{store}"))
-            .execute(&mut *tx)
-            .await
-            .map_err(sql)?;
+        lock_opens(&mut tx, &store).await?;
         let stored = read_config(&mut tx, None).await?.map(|(c, _)| c);
         if stored.is_none() && config.is_none() {
             return Err(PostgresError::NoStore(store).into());
@@ -777,11 +771,7 @@ pub async fn restore(at: PostgresLocation, from: &Path) -> Result<()> {
         .map_err(sql)?;
         MIGRATOR.run(&mut conn).await.map_err(PostgresError::from)?;
         let mut tx = conn.begin().await.map_err(sql)?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-            .bind(format!("memstore:{}", at.store))
-            .execute(&mut *tx)
-            .await
-            .map_err(sql)?;
+        lock_opens(&mut tx, &at.store).await?;
         let old: i64 = sqlx::query_scalar("SELECT coalesce(max(version), 0) FROM memstore_meta")
             .fetch_one(&mut *tx)
             .await
@@ -814,11 +804,7 @@ pub async fn restore(at: PostgresLocation, from: &Path) -> Result<()> {
                     .execute(&mut *tx)
                     .await
                     .map_err(sql)?;
-                sqlx::query("SELECT set_config('memstore.version', $1, true)")
-                    .bind(version.to_string())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(sql)?;
+                stamp_writes(&mut tx, version).await?;
                 tx.execute(sqlx::AssertSqlSafe(format!(
                     "ALTER TABLE memories ALTER COLUMN key TYPE vector({key_dim})"
                 )))
@@ -885,12 +871,30 @@ async fn bump_version(tx: &mut Transaction<'static, Postgres>) -> Result<(i64, i
         .map_err(sql)?
         .ok_or_else(|| Error::Corrupt("memstore_meta row is missing".into()))?;
     let version: i64 = row.try_get(0).map_err(sql)?;
+    stamp_writes(tx, version).await?;
+    Ok((version, row.try_get(1).map_err(sql)?))
+}
+
+/// Sets `version` as the one the triggers stamp on the rows `tx` writes
+/// (the transaction-local `memstore.version`).
+async fn stamp_writes(tx: &mut Transaction<'_, Postgres>, version: i64) -> Result<()> {
     sqlx::query("SELECT set_config('memstore.version', $1, true)")
         .bind(version.to_string())
         .execute(&mut **tx)
         .await
         .map_err(sql)?;
-    Ok((version, row.try_get(1).map_err(sql)?))
+    Ok(())
+}
+
+/// Makes opens (creation, configuration updates) and restores of `store`
+/// run one at a time, until `tx` ends.
+async fn lock_opens(tx: &mut Transaction<'_, Postgres>, store: &str) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("memstore:{store}"))
+        .execute(&mut **tx)
+        .await
+        .map_err(sql)?;
+    Ok(())
 }
 
 /// A read-only transaction on one snapshot of the committed store.
