@@ -183,22 +183,7 @@ impl StoreUrl {
             StoreUrl::Ipc { .. } => Ok(false),
             #[cfg(feature = "postgres")]
             StoreUrl::Postgres { url, store } => {
-                match PostgresStore::open_existing(PostgresLocation::new(url.clone(), store.clone())).await {
-                    Ok(s) => {
-                        let n = s.len().await;
-                        s.close().await?;
-                        Ok(n? > 0)
-                    }
-                    Err(Error::Storage(e))
-                        if matches!(
-                            e.downcast_ref::<memstore_postgres::PostgresError>(),
-                            Some(memstore_postgres::PostgresError::NoStore(_))
-                        ) =>
-                    {
-                        Ok(false)
-                    }
-                    Err(e) => Err(e),
-                }
+                memstore_postgres::holds_memories(&PostgresLocation::new(url.clone(), store.clone())).await
             }
             #[cfg(not(feature = "postgres"))]
             StoreUrl::Postgres { .. } => Err(Error::InvalidConfig(format!(

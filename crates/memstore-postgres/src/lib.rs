@@ -861,6 +861,33 @@ pub async fn restore(at: PostgresLocation, from: &Path) -> Result<()> {
     restored
 }
 
+/// Whether the store at `at` exists and holds memories: one query, with
+/// nothing opened, migrated or locked.
+pub async fn holds_memories(at: &PostgresLocation) -> Result<bool> {
+    if !valid_name(&at.store) {
+        return Err(PostgresError::BadName(at.store.clone()).into());
+    }
+    let connect = PgConnectOptions::from_str(&at.url).map_err(sql)?;
+    let mut conn = PgConnection::connect_with(&connect).await.map_err(sql)?;
+    let table = format!("\"{}\".memories", at.store);
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(&table)
+        .fetch_one(&mut conn)
+        .await
+        .map_err(sql)?;
+    let holds = if exists {
+        // The name was checked to be a plain identifier.
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT EXISTS (SELECT 1 FROM {table})")))
+            .fetch_one(&mut conn)
+            .await
+            .map_err(sql)?
+    } else {
+        false
+    };
+    let _ = conn.close().await;
+    Ok(holds)
+}
+
 /// Raises the store's version in `tx` (taking the meta row's lock until
 /// `tx` ends) and sets it as the version the triggers stamp on the rows
 /// `tx` writes. Returns the new version and the deletion log's floor.
