@@ -106,19 +106,7 @@ pub struct DuckdbOptions {
     pub index: IndexOptions,
 }
 
-impl DuckdbOptions {
-    /// With the index options.
-    pub fn with_index(mut self, index: IndexOptions) -> Self {
-        self.index = index;
-        self
-    }
-}
-
-impl AsRef<IndexOptions> for DuckdbOptions {
-    fn as_ref(&self) -> &IndexOptions {
-        &self.index
-    }
-}
+memstore_engine::driver_options!(DuckdbOptions);
 
 /// The DuckDB driver: a reader connection for values and ad-hoc SQL (the
 /// writer's connection is the core's [`DuckdbWriter`]), and the lock that

@@ -97,6 +97,42 @@ impl AsRef<IndexOptions> for IndexOptions {
     }
 }
 
+/// Writes, for a driver's options type with a public `index:
+/// IndexOptions` field, the `with_index` builder and the
+/// `AsRef<IndexOptions>` that [`Driver::Options`] requires; with `pooled`,
+/// also `with_max_connections` for its public `max_connections: u32`
+/// field. Every driver's options then build alike, written once.
+#[macro_export]
+macro_rules! driver_options {
+    ($options:ty) => {
+        impl $options {
+            /// With the index options.
+            pub fn with_index(mut self, index: $crate::IndexOptions) -> Self {
+                self.index = index;
+                self
+            }
+        }
+
+        impl ::core::convert::AsRef<$crate::IndexOptions> for $options {
+            fn as_ref(&self) -> &$crate::IndexOptions {
+                &self.index
+            }
+        }
+    };
+    ($options:ty, pooled) => {
+        $crate::driver_options!($options);
+
+        impl $options {
+            /// With `n` pooled connections (one writes at a time; the
+            /// others read values).
+            pub fn with_max_connections(mut self, n: u32) -> Self {
+                self.max_connections = n;
+                self
+            }
+        }
+    };
+}
+
 /// What a driver's [`Driver::open`] hands to the core.
 pub struct Opened<D: Driver> {
     /// The driver, connected.

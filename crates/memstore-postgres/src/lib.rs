@@ -193,18 +193,6 @@ impl Default for PostgresOptions {
 }
 
 impl PostgresOptions {
-    /// With `n` pooled connections.
-    pub fn with_max_connections(mut self, n: u32) -> Self {
-        self.max_connections = n;
-        self
-    }
-
-    /// With the index options.
-    pub fn with_index(mut self, index: IndexOptions) -> Self {
-        self.index = index;
-        self
-    }
-
     /// Reads check the store's version at most once per `staleness`, so
     /// they may miss other clients' writes of that last interval.
     pub fn with_max_staleness(mut self, staleness: Duration) -> Self {
@@ -226,11 +214,7 @@ impl PostgresOptions {
     }
 }
 
-impl AsRef<IndexOptions> for PostgresOptions {
-    fn as_ref(&self) -> &IndexOptions {
-        &self.index
-    }
-}
+memstore_engine::driver_options!(PostgresOptions, pooled);
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 

@@ -130,25 +130,9 @@ impl SqliteOptions {
         self.sql_knn = on;
         self
     }
-
-    /// With `n` pooled connections.
-    pub fn with_max_connections(mut self, n: u32) -> Self {
-        self.max_connections = n;
-        self
-    }
-
-    /// With the index options.
-    pub fn with_index(mut self, index: IndexOptions) -> Self {
-        self.index = index;
-        self
-    }
 }
 
-impl AsRef<IndexOptions> for SqliteOptions {
-    fn as_ref(&self) -> &IndexOptions {
-        &self.index
-    }
-}
+memstore_engine::driver_options!(SqliteOptions, pooled);
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
