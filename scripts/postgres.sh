@@ -5,7 +5,9 @@
 #   scripts/postgres.sh start   # installs if needed, starts, prints the URL
 #   scripts/postgres.sh url     # the URL of the running server
 #   scripts/postgres.sh restart # stops and starts it, keeping its data
-#   scripts/postgres.sh stop    # stops it and removes its data
+#   scripts/postgres.sh stop    # stops it (and its standby), removes their data
+#   scripts/postgres.sh standby # a hot standby streaming from it (started
+#                               # first if needed) on port + 1; prints its URL
 #
 #   export MEMSTORE_POSTGRES_URL="$(scripts/postgres.sh start)"
 #
@@ -30,6 +32,8 @@ install="$dist/pgserver/pginstall"
 data="$base/data"
 sock="$base/sock"
 log="$base/log"
+standby_data="$base/standby"
+standby_port=$((port + 1))
 
 say() { echo "postgres.sh: $*" >&2; }
 
@@ -42,10 +46,11 @@ as_server() {
 }
 
 url() {
+    local p="${1:-$port}"
     if [ -n "${MEMSTORE_PG_PASSWORD:-}" ]; then
-        echo "postgres://postgres:$MEMSTORE_PG_PASSWORD@localhost:$port/postgres?host=$sock"
+        echo "postgres://postgres:$MEMSTORE_PG_PASSWORD@localhost:$p/postgres?host=$sock"
     else
-        echo "postgres://postgres@localhost:$port/postgres?host=$sock"
+        echo "postgres://postgres@localhost:$p/postgres?host=$sock"
     fi
 }
 
@@ -113,7 +118,40 @@ halt() {
     fi
 }
 
+standby_running() {
+    [ -d "$standby_data" ] && as_server "$install/bin/pg_ctl" -D "$standby_data" status >/dev/null 2>&1
+}
+
+# A streaming replica of the running server (a base backup with
+# standby.signal), read-only, on the same socket directory.
+standby() {
+    start >/dev/null
+    if standby_running; then
+        url "$standby_port"
+        return
+    fi
+    rm -rf "$standby_data"
+    mkdir -p "$standby_data"
+    chmod 700 "$standby_data"
+    if [ "$(id -u)" = 0 ]; then
+        chown nobody "$standby_data"
+        touch "$base/standby.log"
+        chown nobody "$base/standby.log"
+    fi
+    as_server env PGPASSWORD="${MEMSTORE_PG_PASSWORD:-}" "$install/bin/pg_basebackup" \
+        -h "$sock" -p "$port" -U postgres -D "$standby_data" -R -X stream --no-sync >&2
+    as_server "$install/bin/pg_ctl" -D "$standby_data" -l "$base/standby.log" -w \
+        -o "-k $sock -p $standby_port -c listen_addresses='' -c max_connections=200" start >&2 ||
+        { cat "$base/standby.log" >&2; exit 1; }
+    say "hot standby running on $sock (port $standby_port)"
+    url "$standby_port"
+}
+
 stop() {
+    if standby_running; then
+        as_server "$install/bin/pg_ctl" -D "$standby_data" -m fast -w stop >&2
+    fi
+    rm -rf "$standby_data"
     halt
     rm -rf "$data"
 }
@@ -126,8 +164,9 @@ case "${1:-}" in
         start >/dev/null
         ;;
     url) url ;;
+    standby) standby ;;
     *)
-        echo "usage: scripts/postgres.sh start|stop|restart|url" >&2
+        echo "usage: scripts/postgres.sh start|stop|restart|url|standby" >&2
         exit 2
         ;;
 esac

@@ -8,6 +8,12 @@
 //!   HNSW index on the key column (default `m`, `ef_construction`;
 //!   `hnsw.ef_search` 40 and 200; 256 queries each, `MEMSTORE_BENCH_HNSW_QUERIES`
 //!   to change it), whose recall@8 against the exact answer is printed;
+//! - server-side search ([`ServerSearch`], nothing loaded into the client):
+//!   exact, on the SQL scan's 64 queries in one call (split over the
+//!   pool's 4 connections), against the in-process index and the per-query
+//!   scan; with the HNSW index at each `ef_search`, the same queries in one
+//!   call against one statement per query; recall@8 of each against the in-process exact answer;
+//!   inserts with the HNSW index on the keys against without;
 //! - durable writes of 4096 rows (keys/s): `insert`, `learn` and `evict`,
 //!   each on a store of N keys (rows removed again, untimed), for
 //!   memstore-postgres and for the SQLite store on a file;
@@ -24,7 +30,8 @@ use std::time::{Duration, Instant};
 
 use memstore_api::testkit::util::uniform;
 use memstore_api::{Batch, MemoryConfig, MemoryStore, Vectors};
-use memstore_postgres::{PostgresLocation, PostgresStore};
+use memstore_postgres::server_search::{create_hnsw_index, drop_hnsw_index};
+use memstore_postgres::{PostgresLocation, PostgresStore, ServerKnn, ServerSearch, ServerSearchOptions};
 use memstore_sqlite::SqliteStore;
 use pgvector::Vector;
 
@@ -155,6 +162,41 @@ fn recall(got: &[Vec<i64>], exact: &[Vec<i64>]) -> f64 {
     hit as f64 / (exact.len() * K) as f64
 }
 
+/// Server-side search of `queries` in one call: queries/s and each
+/// query's ids.
+async fn server_search(server: &ServerSearch, queries: &[f32], dim: usize) -> (f64, Vec<Vec<i64>>) {
+    let qv = Vectors::new(queries, dim).unwrap();
+    let t = Instant::now();
+    let answer = server.search(qv, K, None).await.unwrap();
+    let qps = qv.len() as f64 / t.elapsed().as_secs_f64();
+    let ids = (0..qv.len())
+        .map(|i| answer.row_ids(i).iter().flatten().map(|&id| id as i64).collect())
+        .collect();
+    (qps, ids)
+}
+
+/// Keys/s of inserting [`WRITE`] new rows (median of 3; each removed
+/// again, untimed).
+async fn insert_rate(s: &PostgresStore, dim: usize, seed: u64) -> f64 {
+    let keys = uniform(seed, WRITE * dim);
+    let values = uniform(seed + 1, WRITE * dim);
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let ids = s
+            .insert(
+                Batch::new(Vectors::new(&keys, dim).unwrap(), Vectors::new(&values, dim).unwrap()),
+                1,
+            )
+            .await
+            .unwrap();
+        times.push(t.elapsed());
+        s.delete(&ids).await.unwrap();
+    }
+    times.sort();
+    WRITE as f64 / times[1].as_secs_f64()
+}
+
 /// Keys/s of `learn` with `clients` clients of one store learning batches
 /// of 256 new keys each for `seconds`.
 async fn concurrent_learn(url: &str, store: &str, dim: usize, clients: usize, seconds: f64) -> f64 {
@@ -245,14 +287,34 @@ async fn main() {
             "| {size} | SQL exact kNN recall@8 against the store's exact search | | {:.3} | |",
             recall(&sql_exact, &exact_ids[..sql_queries])
         );
-        let t = Instant::now();
-        sqlx::query("CREATE INDEX memories_key_hnsw ON memories USING hnsw (key vector_l2_ops)")
-            .execute(&pool)
+        let at = PostgresLocation::new(url.as_str(), name.as_str());
+        let server = ServerSearch::open(at.clone(), ServerSearchOptions::default())
             .await
             .unwrap();
+        let (qps, got) = server_search(&server, &queries[..sql_queries * dim], dim).await;
+        println!(
+            "| {size} | server-side exact search, {sql_queries} queries in one call, vs the in-process index (q/s; recall@8 {:.3}) | {qps:.1} | {ours_qps:.0} | {:.4}× |",
+            recall(&got, &exact_ids[..sql_queries]),
+            qps / ours_qps
+        );
+        println!(
+            "| {size} | server-side exact search vs one SQL scan per query (q/s) | {qps:.1} | {sql_qps:.1} | {:.2}× |",
+            qps / sql_qps
+        );
+        server.close().await;
+
+        // Inserts with and without the HNSW index on the key column.
+        let plain_insert = insert_rate(&pg, dim, 31).await;
+        let t = Instant::now();
+        create_hnsw_index(&at, 16, 64).await.unwrap();
         eprintln!(
             "{size}: pgvector HNSW index built in {:.1} s",
             t.elapsed().as_secs_f64()
+        );
+        let hnsw_insert = insert_rate(&pg, dim, 31).await;
+        println!(
+            "| {size} | insert of 4096 with pgvector's HNSW index on the keys vs without (keys/s) | {hnsw_insert:.0} | {plain_insert:.0} | {:.2}× |",
+            hnsw_insert / plain_insert
         );
         for ef in [40, 200] {
             let mut conn = pool.acquire().await.unwrap();
@@ -278,11 +340,17 @@ async fn main() {
                 recall(&got, &exact_ids[..m]),
                 ours_qps / qps
             );
+            let options = ServerSearchOptions::default().with_knn(ServerKnn::Hnsw { ef_search: ef });
+            let server = ServerSearch::open(at.clone(), options).await.unwrap();
+            let (server_qps, got) = server_search(&server, &queries[..m * dim], dim).await;
+            println!(
+                "| {size} | server-side HNSW search, ef_search {ef}, {m} queries in one call, vs one statement per query (q/s; recall@8 {:.3}) | {server_qps:.0} | {qps:.0} | {:.2}× |",
+                recall(&got, &exact_ids[..m]),
+                server_qps / qps
+            );
+            server.close().await;
         }
-        sqlx::query("DROP INDEX memories_key_hnsw")
-            .execute(&pool)
-            .await
-            .unwrap();
+        drop_hnsw_index(&at).await.unwrap();
 
         // Durable writes against SQLite.
         let p = writes(&pg, dim, 21).await;

@@ -19,12 +19,18 @@
 //! - **SQL kNN.** Because keys are pgvector vectors, exact kNN works in plain
 //!   SQL for ad-hoc inspection: `SELECT id, key <-> $1 AS d FROM
 //!   "<store>".memories ORDER BY d, id LIMIT 8` (`<=>` for cosine distance,
-//!   `<#>` for negative inner product); an HNSW index on `key` may be added
-//!   by hand for approximate SQL kNN.
+//!   `<#>` for negative inner product);
+//!   [`server_search::create_hnsw_index`] adds pgvector's HNSW index on
+//!   `key` for approximate SQL kNN.
 //! - **Hot path.** Batched search never goes through SQL: as with every SQL
 //!   backend, keys and access bookkeeping live in the core's in-process index
 //!   (memstore-engine's `MemoryIndex`), loaded on open and kept in step after
 //!   each commit, so searches are answered in-process.
+//! - **Server-side search.** For a store larger than a client's RAM, and
+//!   for read replicas, [`ServerSearch`] opens a store without loading it
+//!   and answers each batch of queries with one SQL statement using
+//!   pgvector's operators, exact or through its HNSW index
+//!   ([`server_search`] module docs). It only reads.
 //! - **Many clients, one store.** Any number of processes, on any number of
 //!   machines, open the same store, each with its own index (the store
 //!   core's shared-store protocol, memstore-engine's `store` module). The
@@ -72,7 +78,10 @@ use pgvector::Vector;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection, Executor, Postgres, Row, Transaction};
 
+pub mod server_search;
+
 pub use memstore_engine::{IndexOptions, SqlStore};
+pub use server_search::{ServerKnn, ServerSearch, ServerSearchOptions};
 
 /// A memory store in one PostgreSQL schema: the store core on [`PostgresDriver`].
 pub type PostgresStore = SqlStore<PostgresDriver>;
@@ -98,6 +107,10 @@ pub enum PostgresError {
     /// Opening an existing store that is not there.
     #[error("no memstore store named {0:?} in this database")]
     NoStore(String),
+    /// Server-side HNSW search of a store that has no HNSW index on its
+    /// keys for its metric ([`server_search::create_hnsw_index`] makes one).
+    #[error("store {0:?} has no HNSW index on its keys for its metric (create_hnsw_index makes one)")]
+    NoHnswIndex(String),
     /// An operation PostgreSQL does differently.
     #[error("not supported on PostgreSQL: {0}")]
     Unsupported(&'static str),
@@ -308,20 +321,8 @@ impl PostgresDriver {
         let prepared = Self::prepare(&mut first, &store, config.is_some()).await;
         let _ = first.close().await;
         prepared?;
-        let search_path = format!("SET search_path TO \"{store}\", public");
-        let pool = PgPoolOptions::new()
-            .max_connections(options.max_connections.max(1))
-            .acquire_timeout(options.acquire_timeout)
-            .after_connect(move |conn, _| {
-                let search_path = search_path.clone();
-                Box::pin(async move {
-                    conn.execute(sqlx::AssertSqlSafe(search_path)).await?;
-                    Ok(())
-                })
-            })
-            .connect_with(connect)
-            .await
-            .map_err(sql)?;
+        let setup = format!("SET search_path TO \"{store}\", public");
+        let pool = store_pool(connect, setup, options.max_connections, options.acquire_timeout).await?;
         let opened = Self::init(pool.clone(), store, config, options).await;
         if opened.is_err() {
             pool.close().await;
@@ -906,6 +907,30 @@ async fn lock_opens(tx: &mut Transaction<'_, Postgres>, store: &str) -> Result<(
         .await
         .map_err(sql)?;
     Ok(())
+}
+
+/// A pool of at most `max_connections` connections to `connect`, each of
+/// which runs `setup` (its `search_path` first, so that it sees the store's
+/// schema) when it connects.
+async fn store_pool(
+    connect: PgConnectOptions,
+    setup: String,
+    max_connections: u32,
+    acquire_timeout: Duration,
+) -> Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(max_connections.max(1))
+        .acquire_timeout(acquire_timeout)
+        .after_connect(move |conn, _| {
+            let setup = setup.clone();
+            Box::pin(async move {
+                conn.execute(sqlx::AssertSqlSafe(setup)).await?;
+                Ok(())
+            })
+        })
+        .connect_with(connect)
+        .await
+        .map_err(sql)
 }
 
 /// A read-only transaction on one snapshot of the committed store.

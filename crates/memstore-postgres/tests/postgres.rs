@@ -547,3 +547,329 @@ async fn a_backup_restores_the_store_exactly_for_every_client() {
         s.close().await.unwrap();
     }
 }
+
+/// Asserts that `got` (server-side) is the store's own answer `want`, up to
+/// float rounding: the same distances to 1e-4 and, where two rows' order
+/// differs, distances too close to tell apart.
+fn assert_same_answer(got: &memstore_api::Neighbors, want: &memstore_api::Neighbors, what: &str) {
+    assert_eq!((got.n, got.k), (want.n, want.k), "{what}: shape");
+    for slot in 0..want.ids.len() {
+        let (g, w) = (got.distances[slot], want.distances[slot]);
+        assert!(
+            (g - w).abs() <= 1e-4 * (1.0 + w.abs()) || (g.is_infinite() && w.is_infinite()),
+            "{what}: slot {slot}: distance {g} against the store's {w}"
+        );
+        if got.ids[slot] != want.ids[slot] {
+            // A swap of two rows is allowed only between equal distances.
+            let i = slot / want.k;
+            let other = (0..want.k).find(|&j| want.ids[i * want.k + j] == got.ids[slot]);
+            let other =
+                other.unwrap_or_else(|| panic!("{what}: slot {slot}: {:?} not in the store's answer", got.ids[slot]));
+            assert!(
+                (want.distances[i * want.k + other] - w).abs() < 1e-4,
+                "{what}: slot {slot}: order differs"
+            );
+        }
+    }
+    // Keys and values come with the ids.
+    for slot in 0..want.ids.len() {
+        if let Some(pos) = (0..want.ids.len()).find(|&s| want.ids[s] == got.ids[slot] && got.ids[slot].is_some()) {
+            let (kd, vd) = (want.key_dim, want.value_dim);
+            assert_eq!(
+                got.keys[slot * kd..(slot + 1) * kd],
+                want.keys[pos * kd..(pos + 1) * kd],
+                "{what}: key"
+            );
+            assert_eq!(
+                got.values[slot * vd..(slot + 1) * vd],
+                want.values[pos * vd..(pos + 1) * vd],
+                "{what}: value"
+            );
+        }
+    }
+}
+
+/// Inserts `n` random rows of `kd`-d keys into `store`, one in three tagged
+/// `a`, one in five tagged `b`, in batches of 500.
+async fn fill(store: &PostgresStore, n: usize, kd: usize, seed: u64) -> Vec<f32> {
+    let mut rng = memstore_api::testkit::util::Rng::new(seed);
+    let keys = rng.vecs(n, kd);
+    let values = rng.vecs(n, 2);
+    let tags: Vec<Vec<String>> = (0..n)
+        .map(|i| {
+            let mut t = Vec::new();
+            if i % 3 == 0 {
+                t.push("a".to_string());
+            }
+            if i % 5 == 0 {
+                t.push("b".to_string());
+            }
+            t
+        })
+        .collect();
+    for start in (0..n).step_by(500) {
+        let end = (start + 500).min(n);
+        let b = batch(&keys[start * kd..end * kd], &values[start * 2..end * 2], kd)
+            .with_tags(memstore_api::Tags::PerRow(&tags[start..end]));
+        store.insert(b, 1).await.unwrap();
+    }
+    keys
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL with pgvector: MEMSTORE_POSTGRES_URL (scripts/postgres.sh start)"]
+async fn server_side_exact_search_is_the_stores_own_answer_for_every_metric() {
+    use memstore_api::TagFilter;
+    use memstore_postgres::{ServerSearch, ServerSearchOptions};
+    let kd = 16;
+    for metric in [Metric::L2, Metric::Cosine, Metric::InnerProduct] {
+        let at = fresh("server_exact");
+        let config = MemoryConfig::new(kd, 2).with_metric(metric);
+        let store = PostgresStore::open(at.clone(), config).await.unwrap();
+        fill(&store, 1500, kd, 7).await;
+        if metric == Metric::Cosine {
+            // A zero key: the store's cosine distance to it is 1, pgvector's NaN.
+            store.insert(batch(&vec![0.0; kd], &[9.0, 9.0], kd), 2).await.unwrap();
+        }
+        let server = ServerSearch::open(at.clone(), ServerSearchOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(server.config(), store.config());
+        assert_eq!(server.len().await.unwrap(), store.len().await.unwrap());
+        let queries = memstore_api::testkit::util::Rng::new(99).vecs(40, kd);
+        let q = Vectors::new(&queries, kd).unwrap();
+        let filters = [
+            None,
+            Some(TagFilter::Any(vec!["a".into(), "b".into()])),
+            Some(TagFilter::All(vec!["a".into(), "b".into()])),
+            Some(TagFilter::Any(vec!["nobody".into()])),
+        ];
+        for filter in &filters {
+            for k in [1, 8] {
+                let want = store.search(q, k, filter.as_ref()).await.unwrap();
+                let got = server.search(q, k, filter.as_ref()).await.unwrap();
+                assert_same_answer(&got, &want, &format!("{metric:?} k={k} {filter:?}"));
+            }
+        }
+        if metric == Metric::Cosine {
+            // The zero key is at distance 1 from every query, as in the store.
+            let zero = vec![0.0; kd];
+            let want = store.search(Vectors::new(&zero, kd).unwrap(), 3, None).await.unwrap();
+            let got = server.search(Vectors::new(&zero, kd).unwrap(), 3, None).await.unwrap();
+            assert!(
+                got.distances.iter().all(|d| (d - 1.0).abs() < 1e-6),
+                "{:?}",
+                got.distances
+            );
+            assert_eq!(got.distances, want.distances);
+        }
+        // More slots than rows: the rest are empty, as in the store.
+        let small = fresh("server_small");
+        let s2 = PostgresStore::open(small.clone(), MemoryConfig::new(kd, 2).with_metric(metric))
+            .await
+            .unwrap();
+        fill(&s2, 3, kd, 8).await;
+        let server2 = ServerSearch::open(small, ServerSearchOptions::default()).await.unwrap();
+        let want = s2.search(q, 5, None).await.unwrap();
+        let got = server2.search(q, 5, None).await.unwrap();
+        assert_same_answer(&got, &want, "k past the rows");
+        assert_eq!(got.ids.iter().filter(|i| i.is_none()).count(), 40 * 2);
+        // Bad input is refused as the store refuses it.
+        assert!(matches!(
+            server.search(q, 0, None).await,
+            Err(memstore_api::Error::ZeroK)
+        ));
+        let short = vec![0.0; kd - 1];
+        assert!(matches!(
+            server.search(Vectors::new(&short, kd - 1).unwrap(), 1, None).await,
+            Err(memstore_api::Error::DimensionMismatch { .. })
+        ));
+        server.close().await;
+        server2.close().await;
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL with pgvector: MEMSTORE_POSTGRES_URL (scripts/postgres.sh start)"]
+async fn server_side_hnsw_search_recalls_the_exact_neighbours() {
+    use memstore_api::TagFilter;
+    use memstore_postgres::server_search::{create_hnsw_index, drop_hnsw_index};
+    use memstore_postgres::{ServerKnn, ServerSearch, ServerSearchOptions};
+    let kd = 16;
+    let at = fresh("server_hnsw");
+    let store = PostgresStore::open(at.clone(), MemoryConfig::new(kd, 2)).await.unwrap();
+    fill(&store, 3000, kd, 11).await;
+    let hnsw = ServerSearchOptions::default().with_knn(ServerKnn::Hnsw { ef_search: 64 });
+    // No index, no HNSW search (never a silent scan).
+    let e = ServerSearch::open(at.clone(), hnsw.clone())
+        .await
+        .err()
+        .expect("refused");
+    assert!(matches!(driver_error(&e), PostgresError::NoHnswIndex(_)), "{e}");
+    create_hnsw_index(&at, 16, 64).await.unwrap();
+    create_hnsw_index(&at, 16, 64).await.unwrap(); // idempotent
+    let server = ServerSearch::open(at.clone(), hnsw).await.unwrap();
+    let queries = memstore_api::testkit::util::Rng::new(5).vecs(100, kd);
+    let q = Vectors::new(&queries, kd).unwrap();
+    let k = 8;
+    let want = store.search(q, k, None).await.unwrap();
+    let got = server.search(q, k, None).await.unwrap();
+    let mut hits = 0;
+    for i in 0..100 {
+        let exact: Vec<_> = want.row_ids(i).to_vec();
+        hits += got
+            .row_ids(i)
+            .iter()
+            .filter(|id| id.is_some() && exact.contains(id))
+            .count();
+    }
+    let recall = hits as f64 / (100 * k) as f64;
+    assert!(recall >= 0.9, "HNSW recall@8 {recall}");
+    // The store's own writes keep the index current.
+    let far = vec![50.0; kd];
+    let id = store.insert(batch(&far, &[1.0, 1.0], kd), 3).await.unwrap()[0];
+    let hit = server.search(Vectors::new(&far, kd).unwrap(), 1, None).await.unwrap();
+    assert_eq!(hit.row_ids(0)[0], Some(id));
+    // k above ef_search still fills k slots.
+    let wide = server.search(q, 100, None).await.unwrap();
+    assert!(wide.ids.iter().filter(|i| i.is_some()).count() >= 100 * 95);
+    // A filter keeps only matching rows, and (pgvector ≥ 0.8) k of them.
+    let only_b = TagFilter::All(vec!["b".into()]);
+    let got = server.search(q, k, Some(&only_b)).await.unwrap();
+    let ids: Vec<_> = got.ids.iter().flatten().copied().collect();
+    for m in store.get(&ids).await.unwrap() {
+        assert!(m.tags.contains_key("b"), "memory {} has no tag b", m.id);
+    }
+    if server.iterative_scan() {
+        assert_eq!(ids.len(), 100 * k);
+    }
+    server.close().await;
+    drop_hnsw_index(&at).await.unwrap();
+    let e = ServerSearch::open(
+        at.clone(),
+        ServerSearchOptions::default().with_knn(ServerKnn::Hnsw { ef_search: 40 }),
+    )
+    .await
+    .err()
+    .expect("refused after the drop");
+    assert!(matches!(driver_error(&e), PostgresError::NoHnswIndex(_)), "{e}");
+}
+
+/// `url` with its user and password replaced.
+fn as_user(url: &str, user: &str, password: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let rest = rest.split_once('@').map_or(rest, |(_, r)| r);
+    format!("{scheme}://{user}:{password}@{rest}")
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL with pgvector: MEMSTORE_POSTGRES_URL (scripts/postgres.sh start)"]
+async fn server_side_search_only_reads_and_sees_every_commit() {
+    use memstore_postgres::{ServerSearch, ServerSearchOptions};
+    let at = fresh("server_reader");
+    let missing = ServerSearch::open(fresh("server_missing"), ServerSearchOptions::default())
+        .await
+        .err()
+        .expect("no store");
+    assert!(matches!(driver_error(&missing), PostgresError::NoStore(_)), "{missing}");
+    let store = PostgresStore::open(at.clone(), MemoryConfig::new(2, 1)).await.unwrap();
+    store.insert(batch(&[0.0, 0.0], &[1.0], 2), 1).await.unwrap();
+    // A role that may only read the store's tables, as on a hot standby.
+    let role = format!("reader_{}", at.store);
+    sqlx::Executor::execute(
+        store.driver().pool(),
+        sqlx::AssertSqlSafe(format!(
+            "CREATE ROLE {role} LOGIN PASSWORD 'readonly'; GRANT USAGE ON SCHEMA \"{0}\" TO {role}; \
+             GRANT SELECT ON ALL TABLES IN SCHEMA \"{0}\" TO {role}",
+            at.store
+        )),
+    )
+    .await
+    .unwrap();
+    let reader_at = PostgresLocation::new(as_user(&at.url, &role, "readonly"), at.store.clone());
+    let server = ServerSearch::open(reader_at, ServerSearchOptions::default())
+        .await
+        .unwrap();
+    let q = [10.0, 0.0];
+    let before = server.search(Vectors::new(&q, 2).unwrap(), 2, None).await.unwrap();
+    assert_eq!(before.ids.iter().flatten().count(), 1);
+    // A commit is seen by the next search, with nothing to catch up.
+    let id = store.insert(batch(&[10.0, 0.0], &[2.0], 2), 2).await.unwrap()[0];
+    let untouched = store.get(&[id]).await.unwrap();
+    let after = server.search(Vectors::new(&q, 2).unwrap(), 2, None).await.unwrap();
+    assert_eq!(after.row_ids(0)[0], Some(id));
+    assert_eq!(after.distances[0], 0.0);
+    assert_eq!(after.value(0, 0), &[2.0]);
+    // Searching wrote nothing: the access bookkeeping is the store's own.
+    let m = store.get(&[id]).await.unwrap();
+    assert_eq!(
+        (m[0].access_count, m[0].last_access),
+        (untouched[0].access_count, untouched[0].last_access)
+    );
+    server.close().await;
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, for at most 20 s.
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(t) = f().await {
+            return t;
+        }
+        assert!(start.elapsed().as_secs() < 20, "{what}: not within 20 s");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs a hot standby of MEMSTORE_POSTGRES_URL's server: MEMSTORE_POSTGRES_STANDBY_URL (scripts/postgres.sh standby)"]
+async fn server_side_search_answers_on_a_hot_standby() {
+    use memstore_postgres::{ServerSearch, ServerSearchOptions};
+    let standby_url = std::env::var("MEMSTORE_POSTGRES_STANDBY_URL")
+        .expect("MEMSTORE_POSTGRES_STANDBY_URL names a standby (scripts/postgres.sh standby prints it)");
+    let at = fresh("standby");
+    let kd = 8;
+    let store = PostgresStore::open(at.clone(), MemoryConfig::new(kd, 2)).await.unwrap();
+    fill(&store, 600, kd, 3).await;
+    let replica = PostgresLocation::new(standby_url, at.store.clone());
+    // The store's own open writes (migrations, the open lock): a standby
+    // refuses it with a typed error, and nothing changes.
+    let e = eventually("the store's schema on the standby", || async {
+        match PostgresStore::open_existing(replica.clone()).await {
+            Err(e) if matches!(driver_error(&e), PostgresError::NoStore(_)) => None,
+            other => Some(other),
+        }
+    })
+    .await
+    .err()
+    .expect("a standby cannot take the store's open");
+    assert!(
+        matches!(driver_error(&e), PostgresError::Sql(_) | PostgresError::Migrate(_)),
+        "{e}"
+    );
+    // Server-side search opens there and answers as the primary's store.
+    let server = eventually("the replicated rows", || async {
+        let s = ServerSearch::open(replica.clone(), ServerSearchOptions::default())
+            .await
+            .ok()?;
+        (s.len().await.ok()? == 600).then_some(s)
+    })
+    .await;
+    let queries = memstore_api::testkit::util::Rng::new(4).vecs(20, kd);
+    let q = Vectors::new(&queries, kd).unwrap();
+    let want = store.search(q, 5, None).await.unwrap();
+    assert_same_answer(&server.search(q, 5, None).await.unwrap(), &want, "on the standby");
+    // A later commit on the primary reaches the standby's searches.
+    let far = vec![40.0; kd];
+    let id = store.insert(batch(&far, &[1.0, 1.0], kd), 2).await.unwrap()[0];
+    eventually("the new row on the standby", || async {
+        let hit = server.search(Vectors::new(&far, kd).unwrap(), 1, None).await.ok()?;
+        (hit.row_ids(0)[0] == Some(id)).then_some(())
+    })
+    .await;
+    server.close().await;
+}
