@@ -17,11 +17,11 @@
 //!   (columnar, no per-row SQL), access updates through a staging table joined
 //!   by one `UPDATE`. Every statement's row count is checked against the plan.
 //! - **Reads**: by default the index keeps the values beside the keys
-//!   ([`DuckdbOptions::resident_values`]) and searches read none; with that
+//!   ([`IndexOptions::resident_values`]) and searches read none; with that
 //!   off, values are fetched by id on a second connection (DuckDB's MVCC
 //!   shows it only committed data), as Arrow batches.
 //!
-//! - **Index kind**: [`DuckdbOptions::ann`] swaps the exact search for an
+//! - **Index kind**: [`IndexOptions::ann`] swaps the exact search for an
 //!   approximate structure (memstore-index's HNSW), kept in step the same way
 //!   and saved beside the database on close (see [`memstore_engine::ann`]).
 //!

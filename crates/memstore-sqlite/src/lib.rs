@@ -28,12 +28,12 @@
 //!   open, searched exactly and in parallel, and updated after each commit
 //!   under its write lock, so that no search sees a deleted id or misses a
 //!   committed one. By default the index
-//!   keeps the values too ([`SqliteOptions::resident_values`]), so searches
+//!   keeps the values too ([`IndexOptions::resident_values`]), so searches
 //!   and `learn` return them without a read; with that off, values are read
 //!   from the database by id (about 1.5 µs per value through sqlx: 11 ms of
 //!   a 4096-row `learn` at 64 × 10k).
 //!
-//! - **Index kind.** [`SqliteOptions::ann`] swaps the exact search for an
+//! - **Index kind.** [`IndexOptions::ann`] swaps the exact search for an
 //!   approximate structure (memstore-index's HNSW), kept in step the same way
 //!   and saved beside the database on close (see [`memstore_engine::ann`]).
 //!
@@ -41,6 +41,9 @@
 //! exclusive advisory lock on `<path>.lock` and a second open fails with
 //! [`FileError::Locked`]. To share a store between processes, serve it with
 //! `memstored` (memstore-ipc).
+
+#[cfg(feature = "faults")]
+pub mod faults;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -105,6 +108,9 @@ pub struct SqliteOptions {
     /// saved beside the database as `<path>.<extension>`) and whether values
     /// stay in memory beside the keys (by default).
     pub index: IndexOptions,
+    /// The SQLite VFS the files are opened through (`None`, the default:
+    /// the platform's; [`faults`] registers one that injects faults).
+    pub vfs: Option<String>,
 }
 
 impl Default for SqliteOptions {
@@ -114,6 +120,7 @@ impl Default for SqliteOptions {
             sql_knn: true,
             max_connections: 4,
             index: IndexOptions::default(),
+            vfs: None,
         }
     }
 }
@@ -122,6 +129,12 @@ impl SqliteOptions {
     /// With the `synchronous` level.
     pub fn with_synchronous(mut self, synchronous: SqliteSynchronous) -> Self {
         self.synchronous = synchronous;
+        self
+    }
+
+    /// Opens the files through the registered SQLite VFS `name`.
+    pub fn with_vfs(mut self, name: impl Into<String>) -> Self {
+        self.vfs = Some(name.into());
         self
     }
 
@@ -232,6 +245,10 @@ impl SqliteDriver {
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(30))
             .pragma("cache_size", "-65536");
+        let connect = match &options.vfs {
+            Some(vfs) => connect.vfs(vfs.clone()),
+            None => connect,
+        };
         let pool = SqlitePoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .connect_with(connect)
@@ -298,6 +315,13 @@ impl SqliteDriver {
         )
         .await?;
         tx.commit().await.map_err(sql)?;
+        if matches!(r.write, ConfigWrite::Create) {
+            // A new store is durable before it is handed out, whatever the
+            // `synchronous` level: with `normal` the WAL is synced only by
+            // checkpoints, and a power loss before the first one would
+            // leave a file without its configuration.
+            wal_checkpoint(&pool, "FULL").await?;
+        }
         Ok(Opened {
             driver: SqliteDriver {
                 pool,
