@@ -10,7 +10,7 @@
 //! | --- | --- |
 //! | `sqlite:PATH` | a SQLite file (memstore-sqlite) |
 //! | `duckdb:PATH` | a DuckDB file (memstore-duckdb, feature `duckdb`) |
-//! | `ipc:ENDPOINT` | the store a `memstored` serves; `ENDPOINT` is a Unix socket path, `unix:PATH` or `tcp:HOST:PORT` |
+//! | `ipc:ENDPOINT` | the store a `memstored` serves; `ENDPOINT` is a Unix socket path, `unix:PATH`, `tcp:HOST:PORT` or `tls:HOST:PORT` (CA file in `$MEMSTORED_TLS_CA`) |
 //! | `ipc:ENDPOINT#NAME` | the named store `NAME` of a `memstored --stores DIR` |
 //! | `postgres://…#NAME` | the store in schema `NAME` (default `memstore`) of a PostgreSQL database with pgvector (memstore-postgres, feature `postgres`) |
 //!
@@ -375,6 +375,7 @@ mod tests {
             "ipc:/run/d.sock",
             "ipc:/run/d.sock#block0",
             "ipc:tcp:127.0.0.1:7878#layers",
+            "ipc:tls:memory.example:7878#layers",
         ] {
             let u: StoreUrl = s.parse().unwrap_or_else(|e| panic!("{s}: {e}"));
             assert_eq!(u.to_string(), s);

@@ -4,7 +4,7 @@
 //! in the caller's task (the one copy of its vectors), hands it to a writer
 //! task, and waits for the reply with its request id, which a reader task
 //! routes back (search and learn replies decoded as they are read, see
-//! [`crate::reader`]). Calls from many tasks on one `IpcStore` (behind an `Arc`)
+//! the `reader` module). Calls from many tasks on one `IpcStore` (behind an `Arc`)
 //! therefore pipeline. A dropped call leaves the connection intact: frames
 //! are written whole by the writer task.
 
@@ -44,6 +44,9 @@ pub struct ClientOptions {
     /// The named store to use, for a daemon serving several (`memstored
     /// --stores DIR`); `None` is the daemon's own store.
     pub store: Option<String>,
+    /// For `tls:` endpoints: a PEM file of the CA certificates to trust
+    /// (defaults to `$MEMSTORED_TLS_CA`; without one, the public web roots).
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 impl Default for ClientOptions {
@@ -53,6 +56,9 @@ impl Default for ClientOptions {
             max_frame: DEFAULT_MAX_FRAME,
             connect_timeout: Duration::from_secs(10),
             store: None,
+            tls_ca: std::env::var_os(crate::tls::TLS_CA_ENV)
+                .filter(|v| !v.is_empty())
+                .map(std::path::PathBuf::from),
         }
     }
 }
@@ -150,6 +156,20 @@ impl IpcStore {
                     .map_err(|e| IpcError::Io(std::io::Error::new(e.kind(), format!("connecting to {addr}: {e}"))))?;
                 s.set_nodelay(true).map_err(IpcError::Io)?;
                 let (r, w) = s.into_split();
+                Self::start(endpoint.clone(), r, w, config, options).await
+            }
+            Endpoint::Tls(addr) => {
+                let connector = crate::tls::connector(options.tls_ca.as_deref())?;
+                let name = crate::tls::server_name(addr)?;
+                let s = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| IpcError::Io(std::io::Error::new(e.kind(), format!("connecting to {addr}: {e}"))))?;
+                s.set_nodelay(true).map_err(IpcError::Io)?;
+                let s = connector
+                    .connect(name, s)
+                    .await
+                    .map_err(|e| IpcError::Tls(format!("handshake with {addr}: {e}")))?;
+                let (r, w) = tokio::io::split(s);
                 Self::start(endpoint.clone(), r, w, config, options).await
             }
         }

@@ -3,7 +3,8 @@
 //! One memory, many processes: `memstored` serves a store (SQLite, or DuckDB
 //! with the `duckdb` feature), and optionally a directory of named stores
 //! (`--stores DIR`: one per memory layer of a model behind one socket), on a
-//! Unix domain socket and optionally on loopback TCP, and [`IpcStore`] is a
+//! Unix domain socket and optionally on TCP (loopback, or any interface
+//! with TLS), and [`IpcStore`] is a
 //! [`MemoryStore`](memstore_api::MemoryStore) that talks to it, so trainers
 //! and an inference server on one machine share a memory through the same
 //! trait they would use in process. It passes the conformance suite of
@@ -23,7 +24,10 @@
 //! - `client` (feature `client`): `IpcStore`, the client (its frame reader
 //!   decodes search and learn replies straight into their vectors as they
 //!   arrive); it needs no database.
-//! - [`Endpoint`]: where a daemon listens (`unix:PATH` or `tcp:HOST:PORT`).
+//! - [`tls`]: TLS for TCP connections (rustls), for daemons reached over a
+//!   network.
+//! - [`Endpoint`]: where a daemon listens (`unix:PATH`, `tcp:HOST:PORT` or
+//!   `tls:HOST:PORT`).
 
 #[cfg(feature = "client")]
 pub mod client;
@@ -32,6 +36,7 @@ pub mod protocol;
 mod reader;
 #[cfg(feature = "server")]
 pub mod server;
+pub mod tls;
 
 use std::path::PathBuf;
 
@@ -68,8 +73,12 @@ pub enum IpcError {
     #[error("disconnected from memstored: {0}")]
     Disconnected(String),
     /// An endpoint that does not parse.
-    #[error("bad endpoint {0:?}: expected unix:PATH, tcp:HOST:PORT or a socket path")]
+    #[error("bad endpoint {0:?}: expected unix:PATH, tcp:HOST:PORT, tls:HOST:PORT or a socket path")]
     BadEndpoint(String),
+    /// TLS could not be set up (certificates, keys) or its handshake failed
+    /// (an untrusted certificate, a peer that does not speak TLS).
+    #[error("tls: {0}")]
+    Tls(String),
     /// The daemon could not start (socket directory, permissions, addresses).
     #[error("cannot start: {0}")]
     Setup(String),
@@ -101,10 +110,13 @@ pub enum Endpoint {
     Unix(PathBuf),
     /// A TCP address (`host:port`).
     Tcp(String),
+    /// A TCP address (`host:port`) reached over TLS.
+    Tls(String),
 }
 
 impl Endpoint {
-    /// Parses `unix:PATH`, `tcp:HOST:PORT`, or a bare path (a Unix socket).
+    /// Parses `unix:PATH`, `tcp:HOST:PORT`, `tls:HOST:PORT`, or a bare path
+    /// (a Unix socket).
     pub fn parse(s: &str) -> Result<Endpoint, IpcError> {
         if let Some(p) = s.strip_prefix("unix:") {
             if p.is_empty() {
@@ -116,6 +128,11 @@ impl Endpoint {
                 return Err(IpcError::BadEndpoint(s.into()));
             }
             Ok(Endpoint::Tcp(a.to_string()))
+        } else if let Some(a) = s.strip_prefix("tls:") {
+            if !a.contains(':') {
+                return Err(IpcError::BadEndpoint(s.into()));
+            }
+            Ok(Endpoint::Tls(a.to_string()))
         } else if s.is_empty() || s.contains("://") {
             Err(IpcError::BadEndpoint(s.into()))
         } else {
@@ -129,6 +146,7 @@ impl std::fmt::Display for Endpoint {
         match self {
             Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
             Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
+            Endpoint::Tls(a) => write!(f, "tls:{a}"),
         }
     }
 }
@@ -154,7 +172,11 @@ mod tests {
             Endpoint::parse("tcp:127.0.0.1:7070").unwrap(),
             Endpoint::Tcp("127.0.0.1:7070".into())
         );
-        for bad in ["", "unix:", "tcp:localhost", "http://x"] {
+        assert_eq!(
+            Endpoint::parse("tls:memory.example:7070").unwrap(),
+            Endpoint::Tls("memory.example:7070".into())
+        );
+        for bad in ["", "unix:", "tcp:localhost", "tls:localhost", "http://x"] {
             assert!(Endpoint::parse(bad).is_err(), "{bad}");
         }
     }

@@ -340,12 +340,19 @@ impl Default for ServerOptions {
 }
 
 /// A bound listener.
-#[derive(Debug)]
 pub enum Listener {
     /// A Unix socket and its path (removed at shutdown).
     Unix(tokio::net::UnixListener, PathBuf),
     /// A TCP listener.
     Tcp(tokio::net::TcpListener),
+    /// A TCP listener whose connections speak TLS first.
+    Tls(tokio::net::TcpListener, tokio_rustls::TlsAcceptor),
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
 }
 
 impl Listener {
@@ -356,6 +363,10 @@ impl Listener {
             Listener::Tcp(l) => match l.local_addr() {
                 Ok(a) => format!("tcp:{a}"),
                 Err(_) => "tcp:?".into(),
+            },
+            Listener::Tls(l, _) => match l.local_addr() {
+                Ok(a) => format!("tls:{a}"),
+                Err(_) => "tls:?".into(),
             },
         }
     }
@@ -424,8 +435,32 @@ pub fn bind_unix(path: &Path, mode: u32) -> Result<Listener, IpcError> {
     Ok(Listener::Unix(l, path.to_path_buf()))
 }
 
-/// Binds TCP at `addr`. Anything but a loopback address needs `allow_remote`.
-pub async fn bind_tcp(addr: &str, allow_remote: bool) -> Result<Listener, IpcError> {
+/// Binds plain TCP at `addr`, which must be a loopback address: beyond this
+/// machine the token and the memories would travel in cleartext, so a
+/// non-loopback address needs TLS ([`bind_tls`]).
+pub async fn bind_tcp(addr: &str) -> Result<Listener, IpcError> {
+    let l = bind_addr(
+        addr,
+        false,
+        "plain TCP listens on loopback only; beyond this machine use TLS (--tls-cert and --tls-key)",
+    )
+    .await?;
+    Ok(Listener::Tcp(l))
+}
+
+/// Binds TCP at `addr` for TLS connections with `acceptor` (see
+/// [`crate::tls::acceptor`]). Anything but a loopback address needs
+/// `allow_remote`.
+pub async fn bind_tls(
+    addr: &str,
+    allow_remote: bool,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> Result<Listener, IpcError> {
+    let l = bind_addr(addr, allow_remote, "pass --allow-remote to listen beyond this machine").await?;
+    Ok(Listener::Tls(l, acceptor))
+}
+
+async fn bind_addr(addr: &str, remote: bool, hint: &str) -> Result<tokio::net::TcpListener, IpcError> {
     let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(addr)
         .await
         .map_err(|e| IpcError::Setup(format!("resolving {addr}: {e}")))?
@@ -433,15 +468,12 @@ pub async fn bind_tcp(addr: &str, allow_remote: bool) -> Result<Listener, IpcErr
     let Some(first) = addrs.first().copied() else {
         return Err(IpcError::Setup(format!("{addr} resolves to nothing")));
     };
-    if !allow_remote && addrs.iter().any(|a| !a.ip().is_loopback()) {
-        return Err(IpcError::Setup(format!(
-            "{addr} is not a loopback address; pass --allow-remote to listen beyond this machine"
-        )));
+    if !remote && addrs.iter().any(|a| !a.ip().is_loopback()) {
+        return Err(IpcError::Setup(format!("{addr} is not a loopback address; {hint}")));
     }
-    let l = tokio::net::TcpListener::bind(first)
+    tokio::net::TcpListener::bind(first)
         .await
-        .map_err(|e| IpcError::Setup(format!("binding {first}: {e}")))?;
-    Ok(Listener::Tcp(l))
+        .map_err(|e| IpcError::Setup(format!("binding {first}: {e}")))
 }
 
 /// One store the daemon serves (the default one or a named one).
@@ -618,7 +650,11 @@ impl<O: StoreOpener> Server<O> {
         listeners: Vec<Listener>,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), IpcError> {
-        if self.shared.options.token.is_none() && listeners.iter().any(|l| matches!(l, Listener::Tcp(_))) {
+        if self.shared.options.token.is_none()
+            && listeners
+                .iter()
+                .any(|l| matches!(l, Listener::Tcp(_) | Listener::Tls(..)))
+        {
             return Err(IpcError::Setup(
                 "TCP needs a shared token (--token-file or $MEMSTORED_TOKEN)".into(),
             ));
@@ -751,6 +787,35 @@ async fn accept_loop<O: StoreOpener>(shared: Arc<Shared<O>>, listener: Listener,
                     Err(_) => tracker.spawn(refuse_busy(r, w, peer.to_string(), shared.options.max_connections)),
                 };
             }
+            Ok(Accepted::Tls(s, peer, acceptor)) => {
+                let _ = s.set_nodelay(true);
+                if let Err(e) = keepalive(&s) {
+                    warn!(peer = %peer, error = %e, "could not turn TCP keepalive on");
+                }
+                let shared = shared.clone();
+                tracker.spawn(async move {
+                    // The handshake is bounded like a frame: a peer that
+                    // starts it and stalls holds nothing for long.
+                    let handshake = tokio::time::timeout(shared.options.frame_timeout, acceptor.accept(s)).await;
+                    let s = match handshake {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            warn!(peer = %peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            warn!(peer = %peer, "no TLS handshake within the frame timeout: closed");
+                            return;
+                        }
+                    };
+                    let (r, w) = tokio::io::split(s);
+                    let limit = shared.options.max_connections;
+                    match permit {
+                        Ok(p) => connection(shared, r, w, true, (format!("tls {peer}"), Some(peer.ip())), p).await,
+                        Err(_) => refuse_busy(r, w, format!("tls {peer}"), limit).await,
+                    }
+                });
+            }
             Err(e) => {
                 warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -762,12 +827,14 @@ async fn accept_loop<O: StoreOpener>(shared: Arc<Shared<O>>, listener: Listener,
 enum Accepted {
     Unix(tokio::net::UnixStream),
     Tcp(tokio::net::TcpStream, std::net::SocketAddr),
+    Tls(tokio::net::TcpStream, std::net::SocketAddr, tokio_rustls::TlsAcceptor),
 }
 
 async fn accept(l: &Listener) -> std::io::Result<Accepted> {
     match l {
         Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
         Listener::Tcp(l) => l.accept().await.map(|(s, a)| Accepted::Tcp(s, a)),
+        Listener::Tls(l, acceptor) => l.accept().await.map(|(s, a)| Accepted::Tls(s, a, acceptor.clone())),
     }
 }
 

@@ -910,6 +910,159 @@ async fn tcp_is_loopback_and_needs_the_token() {
     assert!(d.stop().success());
 }
 
+/// The IPC error behind a client error, if it is one.
+fn ipc_error(e: &Error) -> Option<&memstore_ipc::IpcError> {
+    match e {
+        Error::Storage(source) => source.downcast_ref::<memstore_ipc::IpcError>(),
+        _ => None,
+    }
+}
+
+/// A self-signed certificate for `localhost` and its key, as PEM files in
+/// `dir` named `NAME.crt` and `NAME.key`.
+fn self_signed(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_carries_tcp_and_remote_listening_needs_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.db");
+    let socket = dir.path().join("d.sock");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-token-0123\n").unwrap();
+    let tf = token_file.to_str().unwrap();
+    let (cert, key) = self_signed(dir.path(), "daemon");
+    let (other_cert, _) = self_signed(dir.path(), "other");
+    let port = free_port();
+
+    // Beyond loopback without TLS: refused at start, nothing created.
+    let out = Command::new(MEMSTORED)
+        .arg("--db")
+        .arg(&db)
+        .arg("--socket")
+        .arg(&socket)
+        .args([
+            "--tcp",
+            &format!("0.0.0.0:{port}"),
+            "--allow-remote",
+            "--token-file",
+            tf,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--allow-remote needs TLS"), "{stderr}");
+    assert!(!db.exists());
+    // A key that is not a key: a clear error at start.
+    let out = Command::new(MEMSTORED)
+        .arg("--db")
+        .arg(&db)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--tcp", &format!("127.0.0.1:{port}"), "--token-file", tf])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("private key"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // With TLS, on every interface: a client that trusts the certificate
+    // works as over plain TCP, token included.
+    let d = Daemon::start(
+        &db,
+        &socket,
+        &[
+            "--tcp",
+            &format!("0.0.0.0:{port}"),
+            "--allow-remote",
+            "--token-file",
+            tf,
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--frame-timeout",
+            "1",
+        ],
+    );
+    let tls = Endpoint::parse(&format!("tls:localhost:{port}")).unwrap();
+    let opts = |token: &str, ca: Option<&Path>| {
+        let mut o = ClientOptions::default();
+        o.token = Some(token.to_string());
+        o.tls_ca = ca.map(Path::to_path_buf);
+        o
+    };
+    let mut tries = 0;
+    let s = loop {
+        match IpcStore::connect_with(&tls, Some(cfg()), opts("s3cret-token-0123", Some(&cert))).await {
+            Ok(s) => break s,
+            Err(e) if tries < 100 && matches!(ipc_error(&e), Some(memstore_ipc::IpcError::Io(_))) => {
+                // The TCP listener comes up just after the Unix socket.
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("TLS client: {e}"),
+        }
+    };
+    fill(&s, 3, 1).await;
+    let hits = s.search(Vectors::new(&[0.0; 4], 4).unwrap(), 2, None).await.unwrap();
+    assert!(hits.id(0, 0).is_some());
+    // The token is still checked inside TLS.
+    let e = IpcStore::connect_with(&tls, None, opts("guess-guess-guess", Some(&cert)))
+        .await
+        .unwrap_err();
+    assert_eq!(protocol_error(&e), Some(ProtocolError::Unauthorized), "{e}");
+    // A certificate the client does not trust: a TLS error, before any token
+    // is sent (another self-signed CA, then the public roots).
+    for ca in [Some(other_cert.as_path()), None] {
+        let e = IpcStore::connect_with(&tls, None, opts("s3cret-token-0123", ca))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(ipc_error(&e), Some(memstore_ipc::IpcError::Tls(_))),
+            "{ca:?}: {e}"
+        );
+    }
+    // The certificate names localhost, not 127.0.0.1.
+    let by_ip = Endpoint::parse(&format!("tls:127.0.0.1:{port}")).unwrap();
+    let e = IpcStore::connect_with(&by_ip, None, opts("s3cret-token-0123", Some(&cert)))
+        .await
+        .unwrap_err();
+    assert!(matches!(ipc_error(&e), Some(memstore_ipc::IpcError::Tls(_))), "{e}");
+    // A plain-TCP client gets no session, and its handshake bytes reach no
+    // store.
+    let plain = Endpoint::Tcp(format!("127.0.0.1:{port}"));
+    let mut o = opts("s3cret-token-0123", None);
+    o.connect_timeout = Duration::from_secs(3);
+    assert!(IpcStore::connect_with(&plain, None, o).await.is_err());
+    // A peer that opens TCP and never starts the TLS handshake is closed
+    // after the frame timeout (1 s here).
+    let mut idle = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let t = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let n = idle.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the daemon sent bytes to a peer that never spoke TLS");
+    assert!(t.elapsed() < Duration::from_secs(5), "closed after {:?}", t.elapsed());
+    // The daemon served on throughout.
+    assert_eq!(s.len().await.unwrap(), 3);
+    s.close().await.unwrap();
+    assert!(d.stop().success());
+}
+
 /// Eight client processes, 500 `learn` batches each with their own tags: the
 /// counts afterwards are exactly what they sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1262,6 +1415,8 @@ fn help_documents_every_flag() {
         "--socket-mode",
         "--tcp",
         "--allow-remote",
+        "--tls-cert",
+        "--tls-key",
         "--token-file",
         "--read-token-file",
         "--max-frame",

@@ -6,6 +6,7 @@
 //! ```text
 //! memstored --db /var/lib/dmt/memory.db --socket /run/user/1000/memstored.sock
 //! memstored --db mem.db --key-dim 64 --value-dim 64 --capacity 1000000 --tcp 127.0.0.1:7878 --token-file token
+//! memstored --db mem.db --tcp 0.0.0.0:7878 --allow-remote --tls-cert cert.pem --tls-key key.pem --token-file token
 //! memstored --stores /var/lib/dmt/layers --socket /run/user/1000/dmt.sock   # block0.db, block1.db, ...
 //! ```
 //!
@@ -80,13 +81,21 @@ struct Args {
     /// Permission bits of the Unix socket, octal.
     #[arg(long, default_value = "600")]
     socket_mode: String,
-    /// Also listen on TCP at this address (loopback unless --allow-remote);
-    /// TCP clients must present the shared token.
+    /// Also listen on TCP at this address (loopback unless --allow-remote,
+    /// which needs TLS); TCP clients must present the shared token.
     #[arg(long)]
     tcp: Option<String>,
-    /// Allow a non-loopback --tcp address.
+    /// Allow a non-loopback --tcp address (only with --tls-cert and
+    /// --tls-key: the token would otherwise travel in cleartext).
     #[arg(long)]
     allow_remote: bool,
+    /// PEM certificate chain (leaf first): --tcp then speaks TLS
+    /// (clients connect to tls:HOST:PORT).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// File holding the shared token (else $MEMSTORED_TOKEN).
     #[arg(long)]
     token_file: Option<PathBuf>,
@@ -359,7 +368,21 @@ async fn serve<O: StoreOpener>(
         if token.is_none() {
             return Err(format!("--tcp needs a shared token: --token-file or ${TOKEN_ENV}").into());
         }
-        listeners.push(server::bind_tcp(addr, args.allow_remote).await?);
+        let listener = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => {
+                let acceptor = memstore_ipc::tls::acceptor(cert, key)?;
+                server::bind_tls(addr, args.allow_remote, acceptor).await?
+            }
+            _ if args.allow_remote => {
+                return Err(
+                    "--allow-remote needs TLS (--tls-cert and --tls-key): without it the token \
+                            and the memories would cross the network in cleartext"
+                        .into(),
+                );
+            }
+            _ => server::bind_tcp(addr).await?,
+        };
+        listeners.push(listener);
     }
     server.serve(listeners, shutdown).await?;
     info!("bye");
