@@ -201,7 +201,8 @@ impl StoreUrl {
     /// whole). The backup is left as it is.
     pub async fn restore(&self, from: &Path) -> Result<()> {
         match self {
-            StoreUrl::Sqlite(file) | StoreUrl::Duckdb(file) => restore_file(file, from),
+            StoreUrl::Sqlite(file) => restore_file(file, from, StoreUrl::Sqlite).await,
+            StoreUrl::Duckdb(file) => restore_file(file, from, StoreUrl::Duckdb).await,
             StoreUrl::Ipc { .. } => {
                 // The daemon reads the backup: it needs an absolute path.
                 let from = std::fs::canonicalize(from).map_err(|e| io(from, e))?;
@@ -229,15 +230,20 @@ fn io(path: &Path, e: std::io::Error) -> Error {
     Error::storage(std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
-/// Replaces the closed store file `file` with a durable copy of `from`.
-fn restore_file(file: &Path, from: &Path) -> Result<()> {
-    if !from.is_file() {
-        return Err(Error::Shape(format!("no backup at {}", from.display())));
+/// Replaces the closed store file `file` with a durable copy of `from`,
+/// after checking that the copy opens as a store of the same kind (`kind`
+/// makes its URL): a file that is not a backup changes nothing.
+async fn restore_file(file: &Path, from: &Path, kind: fn(PathBuf) -> StoreUrl) -> Result<()> {
+    let tmp = memstore_engine::driver::copy_beside(from, file)?;
+    let checked = match kind(tmp.clone()).open(None).await {
+        Ok(store) => store.close().await,
+        Err(e) => Err(e),
+    };
+    memstore_engine::driver::remove_side_files(&tmp);
+    if let Err(e) = checked {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
-    let mut tmp = file.as_os_str().to_owned();
-    tmp.push(".restoring");
-    let tmp = PathBuf::from(tmp);
-    std::fs::copy(from, &tmp).map_err(|e| io(&tmp, e))?;
     memstore_engine::driver::install_copy(&tmp, file)
 }
 

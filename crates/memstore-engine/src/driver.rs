@@ -373,27 +373,91 @@ pub fn sync_parent(file: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// A named file step of a restore, which the `failpoints` feature can make
+/// fail with an I/O error (`fail::cfg(NAME, "return")`); nothing without it.
+macro_rules! failpoint {
+    ($name:literal) => {{
+        // `fail_point!` returns from its function: a closure of its own.
+        #[allow(clippy::redundant_closure_call)]
+        (|| -> std::io::Result<()> {
+            #[cfg(feature = "failpoints")]
+            fail::fail_point!($name, |_| Err(std::io::Error::other(concat!(
+                "injected failure at ",
+                $name
+            ))));
+            Ok(())
+        })()
+    }};
+}
+
+/// The restore's file steps, each of which `failpoints` can fail.
+pub const RESTORE_STEPS: [&str; 5] = [
+    "restore::copy",
+    "restore::sync_copy",
+    "restore::remove_wal",
+    "restore::rename",
+    "restore::sync_dir",
+];
+
+fn with_path(what: &Path, e: std::io::Error) -> Error {
+    Error::storage(std::io::Error::new(e.kind(), format!("{}: {e}", what.display())))
+}
+
+/// Removes the files a store keeps beside `file` (its write-ahead logs and
+/// lock file), where there are any.
+pub fn remove_side_files(file: &Path) {
+    for suffix in ["-wal", "-shm", ".wal", ".lock"] {
+        let mut p = file.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = std::fs::remove_file(PathBuf::from(p));
+    }
+}
+
+/// Copies the backup `from` beside the store file `file` (as
+/// `<file>.restoring`, replacing a copy a failed restore left, and its
+/// logs, which would otherwise be replayed into the new copy) and returns
+/// the copy's path. The store file is not touched.
+pub fn copy_beside(from: &Path, file: &Path) -> Result<PathBuf> {
+    if !from.is_file() {
+        return Err(Error::Shape(format!("no backup at {}", from.display())));
+    }
+    let mut tmp = file.as_os_str().to_owned();
+    tmp.push(".restoring");
+    let tmp = PathBuf::from(tmp);
+    remove_side_files(&tmp);
+    failpoint!("restore::copy")
+        .and_then(|()| std::fs::copy(from, &tmp))
+        .map_err(|e| with_path(&tmp, e))?;
+    Ok(tmp)
+}
+
 /// Puts `copy` (a file beside it) in place of the closed store file `file`:
 /// the copy is synced, the old store's write-ahead logs (`-wal`, `-shm`,
 /// `.wal`) are removed, the copy is renamed over `file`, and the directory
-/// is synced, so the replacement is durable when this returns.
+/// is synced, so the replacement is durable when this returns. A failure
+/// before the rename leaves `file` as it was (a closed store's logs hold
+/// nothing: closing checkpoints them); after it, the copy is in place.
 pub fn install_copy(copy: &Path, file: &Path) -> Result<()> {
-    let io = |what: &Path, e: std::io::Error| {
-        Error::storage(std::io::Error::new(e.kind(), format!("{}: {e}", what.display())))
-    };
-    std::fs::File::open(copy)
+    failpoint!("restore::sync_copy")
+        .and_then(|()| std::fs::File::open(copy))
         .and_then(|f| f.sync_all())
-        .map_err(|e| io(copy, e))?;
+        .map_err(|e| with_path(copy, e))?;
     for suffix in ["-wal", "-shm", ".wal"] {
         let mut p = file.as_os_str().to_owned();
         p.push(suffix);
         let p = PathBuf::from(p);
         if p.exists() {
-            std::fs::remove_file(&p).map_err(|e| io(&p, e))?;
+            failpoint!("restore::remove_wal")
+                .and_then(|()| std::fs::remove_file(&p))
+                .map_err(|e| with_path(&p, e))?;
         }
     }
-    std::fs::rename(copy, file).map_err(|e| io(file, e))?;
-    sync_parent(file).map_err(|e| io(file, e))
+    failpoint!("restore::rename")
+        .and_then(|()| std::fs::rename(copy, file))
+        .map_err(|e| with_path(file, e))?;
+    failpoint!("restore::sync_dir")
+        .and_then(|()| sync_parent(file))
+        .map_err(|e| with_path(file, e))
 }
 
 #[cfg(test)]

@@ -219,27 +219,11 @@ where
     Close: Fn(S) -> CloseFut,
     CloseFut: std::future::Future<Output = Result<()>>,
 {
-    let io = |what: &str, e: std::io::Error| {
-        memstore_api::Error::storage(std::io::Error::new(e.kind(), format!("{what}: {e}")))
-    };
-    if !from.is_file() {
-        return Err(memstore_api::Error::Shape(format!("no backup at {}", from.display())));
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".restoring");
-    let tmp = PathBuf::from(tmp);
-    let suffixed = |p: &Path, s: &str| {
-        let mut n = p.as_os_str().to_owned();
-        n.push(s);
-        PathBuf::from(n)
-    };
     let clean = |p: &Path| {
-        for s in ["", "-wal", "-shm", ".wal", ".lock"] {
-            let _ = std::fs::remove_file(suffixed(p, s));
-        }
+        let _ = std::fs::remove_file(p);
+        memstore_engine::driver::remove_side_files(p);
     };
-    clean(&tmp);
-    std::fs::copy(from, &tmp).map_err(|e| io(&format!("copying {}", from.display()), e))?;
+    let tmp = memstore_engine::driver::copy_beside(from, path)?;
     match open(tmp.clone()).await {
         Ok(s) => close(s).await?,
         Err(e) => {
