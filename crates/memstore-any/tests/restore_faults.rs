@@ -1,6 +1,6 @@
 //! A restore that fails at any of its file steps (copying the backup,
 //! syncing the copy, removing the old logs, renaming, syncing the
-//! directory), through the engine's `failpoints`: the restore returns an
+//! directory), through the engine's failpoints: the restore returns an
 //! error, the store file opens and holds the state before the restore, or,
 //! when only the final directory sync failed, the state after it; the next
 //! restore succeeds. A file that is not a store is refused and changes

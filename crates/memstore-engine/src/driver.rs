@@ -373,14 +373,14 @@ pub fn sync_parent(file: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// A named file step of a restore, which the `failpoints` feature can make
-/// fail with an I/O error (`fail::cfg(NAME, "return")`); nothing without it.
+/// A named file step of a restore, which a test can make fail with an I/O
+/// error (`fail::cfg(NAME, "return")`); a lookup in `fail`'s registry
+/// otherwise.
 macro_rules! failpoint {
     ($name:literal) => {{
         // `fail_point!` returns from its function: a closure of its own.
         #[allow(clippy::redundant_closure_call)]
         (|| -> std::io::Result<()> {
-            #[cfg(feature = "failpoints")]
             fail::fail_point!($name, |_| Err(std::io::Error::other(concat!(
                 "injected failure at ",
                 $name
@@ -390,7 +390,7 @@ macro_rules! failpoint {
     }};
 }
 
-/// The restore's file steps, each of which `failpoints` can fail.
+/// The restore's file steps, each of which a failpoint can fail.
 pub const RESTORE_STEPS: [&str; 5] = [
     "restore::copy",
     "restore::sync_copy",

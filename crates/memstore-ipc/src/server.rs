@@ -278,6 +278,13 @@ pub struct ServerOptions {
     /// is running before it is closed (`None`, the default: sessions may
     /// idle for ever, as a model's stores do between phases).
     pub idle_timeout: Option<Duration>,
+    /// How long a read (search, get, ids, len, stats) may take, from the
+    /// moment it starts to run, before it is cancelled and answered with
+    /// [`ProtocolError::Timeout`] (`None`, the default: no limit). Writes
+    /// always run to completion once started: cancelling one between its
+    /// commit and the update of the in-process index would leave the two
+    /// apart.
+    pub request_timeout: Option<Duration>,
     /// Bytes of replies one connection may have computed and not yet
     /// written: a request reserves its reply's bound before it runs, so a
     /// client that reads slowly makes the daemon hold at most this much
@@ -313,6 +320,7 @@ impl Default for ServerOptions {
             write_timeout: Duration::from_secs(60),
             frame_timeout: Duration::from_secs(30),
             idle_timeout: None,
+            request_timeout: None,
             reply_budget: 64 << 20,
             stores_dir: None,
             backup_dir: None,
@@ -1543,7 +1551,16 @@ async fn handle<O: StoreOpener>(shared: &Shared<O>, slot: &Slot<O>, frame: Bytes
             drop(s);
             restore(shared, slot, &path).await
         }
-        (Some(s), req) => execute(s.as_ref(), req, max_frame).await,
+        (Some(s), req) => match (reads, shared.options.request_timeout) {
+            (true, Some(limit)) => match tokio::time::timeout(limit, execute(s.as_ref(), req, max_frame)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(WireError::protocol(
+                    ProtocolError::Timeout,
+                    format!("the read was not answered within {limit:?} (--request-timeout) and was cancelled"),
+                )),
+            },
+            _ => execute(s.as_ref(), req, max_frame).await,
+        },
         (None, _) => Err(WireError::protocol(ProtocolError::NoStore, "no store is open")),
     };
     let r = reserved;
@@ -1843,6 +1860,8 @@ mod tests {
             panic!("a bug in the store")
         }
         async fn stats(&self) -> Result<Stats> {
+            // A read that takes far too long.
+            tokio::time::sleep(Duration::from_secs(30)).await;
             self.0.stats().await
         }
         async fn flush(&self) -> Result<()> {
@@ -1903,6 +1922,54 @@ mod tests {
             _ => Got::Other,
         };
         (id, got)
+    }
+
+    /// A read that runs past `request_timeout` is cancelled with a typed
+    /// timeout, and the session goes on serving.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_past_the_request_timeout_is_cancelled() {
+        let options = ServerOptions {
+            request_timeout: Some(Duration::from_millis(200)),
+            ..ServerOptions::default()
+        };
+        let server = Arc::new(Server::new(PanicOpener, options));
+        let (client, daemon) = tokio::io::duplex(1 << 16);
+        let (dr, dw) = tokio::io::split(daemon);
+        let s = server.clone();
+        let serving = tokio::spawn(async move { s.serve_stream(dr, dw, false).await });
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let config = MemoryConfig::new(4, 2);
+        let hello = Request::Hello(Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            token: None,
+            config: Some(WireConfig::from(&config)),
+            store: None,
+        });
+        cw.write_all(&protocol::encode_frame(0, &hello, 1 << 16).unwrap())
+            .await
+            .unwrap();
+        assert!(matches!(reply(&mut cr).await, (0, Got::Welcome)));
+        let t = std::time::Instant::now();
+        cw.write_all(&protocol::encode_frame(5, &Request::Stats, 1 << 16).unwrap())
+            .await
+            .unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), reply(&mut cr)).await {
+            Ok((5, Got::Error(WireError::Protocol { kind, .. }))) => assert_eq!(kind, ProtocolError::Timeout),
+            Ok((id, r)) => panic!("request {id}: {r:?}"),
+            Err(_) => panic!("no reply to the slow read"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "answered after {:?}", t.elapsed());
+        cw.write_all(&protocol::encode_frame(6, &Request::Ids, 1 << 16).unwrap())
+            .await
+            .unwrap();
+        assert!(matches!(reply(&mut cr).await, (6, Got::Ids)));
+        drop(cw);
+        drop(cr);
+        tokio::time::timeout(Duration::from_secs(10), serving)
+            .await
+            .expect("the session ends")
+            .unwrap();
     }
 
     /// A request whose handler panics gets an error reply (its caller does

@@ -1425,6 +1425,7 @@ fn help_documents_every_flag() {
         "--write-timeout",
         "--frame-timeout",
         "--idle-timeout",
+        "--request-timeout",
         "--reply-budget",
         "--backup-dir",
         "--allow-uid",

@@ -143,6 +143,11 @@ struct Args {
     /// of theirs runs (default: never).
     #[arg(long)]
     idle_timeout: Option<u64>,
+    /// Cancel a read (search, get, ids, len, stats) that runs longer than
+    /// this many seconds, with a timeout error (default: no limit; writes
+    /// always run to completion).
+    #[arg(long)]
+    request_timeout: Option<u64>,
     /// The stores' search index.
     #[arg(long, value_enum, default_value = "exact")]
     index: IndexArg,
@@ -270,6 +275,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         o.write_timeout = std::time::Duration::from_secs(args.write_timeout.max(1));
         o.frame_timeout = std::time::Duration::from_secs(args.frame_timeout.max(1));
         o.idle_timeout = args.idle_timeout.map(|s| std::time::Duration::from_secs(s.max(1)));
+        o.request_timeout = args.request_timeout.map(|s| std::time::Duration::from_secs(s.max(1)));
         o.reply_budget = args.reply_budget;
         o.stores_dir = args.stores.clone();
         o.backup_dir = args.backup_dir.clone();
