@@ -14,7 +14,9 @@
 //! `hnsw` gives `Hnsw` and `HnswOptions` (crate `memstore-index`), the
 //! approximate index kind that the SQL backends take in their options;
 //! `postgres` gives `PostgresStore`, a store in a PostgreSQL schema with
-//! pgvector keys (crate `memstore-postgres`);
+//! pgvector keys, and `ServerSearch`, its search on the server for stores
+//! larger than a client's RAM and for read replicas (crate
+//! `memstore-postgres`);
 //! `any` (default) gives [`open`], any backend from a store URL
 //! (`sqlite:PATH`, `duckdb:PATH`, `ipc:ENDPOINT#NAME`, `postgres://…#NAME`)
 //! as one [`AnyStore`] (crate `memstore-any`).
@@ -37,7 +39,10 @@ pub use memstore_ipc::{ClientOptions, Endpoint, IpcError, IpcStore};
 pub use memstore_duckdb::{DuckdbDriver, DuckdbError, DuckdbOptions, DuckdbStore};
 
 #[cfg(feature = "postgres")]
-pub use memstore_postgres::{PostgresDriver, PostgresError, PostgresLocation, PostgresOptions, PostgresStore};
+pub use memstore_postgres::{
+    PostgresDriver, PostgresError, PostgresLocation, PostgresOptions, PostgresStore, ServerKnn, ServerSearch,
+    ServerSearchOptions,
+};
 
 #[cfg(feature = "any")]
 pub use memstore_any::{AnyStore, StoreUrl, open};
