@@ -1924,14 +1924,16 @@ mod tests {
         (id, got)
     }
 
-    /// A read that runs past `request_timeout` is cancelled with a typed
-    /// timeout, and the session goes on serving.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_read_past_the_request_timeout_is_cancelled() {
-        let options = ServerOptions {
-            request_timeout: Some(Duration::from_millis(200)),
-            ..ServerOptions::default()
-        };
+    /// A session with a daemon serving [`PanicOpener`] with `options`, its
+    /// handshake done: the client's read and write halves and the serving
+    /// task.
+    async fn session(
+        options: ServerOptions,
+    ) -> (
+        tokio::io::ReadHalf<tokio::io::DuplexStream>,
+        tokio::io::WriteHalf<tokio::io::DuplexStream>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let server = Arc::new(Server::new(PanicOpener, options));
         let (client, daemon) = tokio::io::duplex(1 << 16);
         let (dr, dw) = tokio::io::split(daemon);
@@ -1950,6 +1952,18 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(reply(&mut cr).await, (0, Got::Welcome)));
+        (cr, cw, serving)
+    }
+
+    /// A read that runs past `request_timeout` is cancelled with a typed
+    /// timeout, and the session goes on serving.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_past_the_request_timeout_is_cancelled() {
+        let options = ServerOptions {
+            request_timeout: Some(Duration::from_millis(200)),
+            ..ServerOptions::default()
+        };
+        let (mut cr, mut cw, serving) = session(options).await;
         let t = std::time::Instant::now();
         cw.write_all(&protocol::encode_frame(5, &Request::Stats, 1 << 16).unwrap())
             .await
@@ -1976,24 +1990,7 @@ mod tests {
     /// not wait forever), and the session goes on serving.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_request_gets_an_error_reply() {
-        let server = Arc::new(Server::new(PanicOpener, ServerOptions::default()));
-        let (client, daemon) = tokio::io::duplex(1 << 16);
-        let (dr, dw) = tokio::io::split(daemon);
-        let s = server.clone();
-        let serving = tokio::spawn(async move { s.serve_stream(dr, dw, false).await });
-        let (mut cr, mut cw) = tokio::io::split(client);
-        let config = MemoryConfig::new(4, 2);
-        let hello = Request::Hello(Hello {
-            magic: MAGIC,
-            version: PROTOCOL_VERSION,
-            token: None,
-            config: Some(WireConfig::from(&config)),
-            store: None,
-        });
-        cw.write_all(&protocol::encode_frame(0, &hello, 1 << 16).unwrap())
-            .await
-            .unwrap();
-        assert!(matches!(reply(&mut cr).await, (0, Got::Welcome)));
+        let (mut cr, mut cw, serving) = session(ServerOptions::default()).await;
         cw.write_all(&protocol::encode_frame(7, &Request::Len, 1 << 16).unwrap())
             .await
             .unwrap();
