@@ -54,7 +54,7 @@ enum Command {
         /// Rows per memory layer the sparse mechanism trains.
         #[arg(long, default_value_t = MemorizeOptions::default().sparse_rows)]
         sparse_rows: usize,
-        /// Slots added to each featural and associative table for memorised memories (set once per run).
+        /// Slots added to each memory table for memorised memories (set once per run).
         #[arg(long, default_value_t = MemorizeOptions::default().room)]
         room: usize,
         /// Device: auto, cpu or wgpu.

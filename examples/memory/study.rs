@@ -17,6 +17,7 @@ use burn_dmt::continual::{
 };
 use burn_dmt::device::{DeviceChoice, select};
 use burn_dmt::distill::{load_student, read_spec};
+use burn_dmt::memory::layers::LayerKind;
 use burn_dmt::plot::{Chart, Series, charts};
 use burn_dmt::tokenizer::TextCodec;
 use burn_dmt::train::{Corpus, Window, eval_batches};
@@ -45,7 +46,7 @@ pub struct StudyArgs {
     /// Rows per memory layer the sparse mechanism trains.
     #[arg(long, default_value_t = MemorizeOptions::default().sparse_rows)]
     sparse_rows: usize,
-    /// Slots added to each featural and associative table for inserted memories.
+    /// Slots added to each memory table for inserted memories.
     #[arg(long, default_value_t = MemorizeOptions::default().room)]
     room: usize,
     /// Insertion's novelty gate (quantile of the training text's nearest-memory distances).
@@ -205,8 +206,15 @@ pub fn run(a: StudyArgs) -> Result<(), Box<dyn std::error::Error>> {
                 .flat_map(|l| &l.layers)
                 .map(|l| {
                     let dv = l.before.len() / l.changed.len().max(1);
-                    let dh = spec.config.n_embd / spec.config.n_head;
-                    l.changed.len() * dv + l.inserted * 2 * dh
+                    let c = spec.config.n_embd;
+                    // An inserted memory's key and value: a head's in featural and
+                    // associative tables, a unit's input weights, bias and output weights
+                    // in key-value ones.
+                    let row = match spec.layers.get(l.block).map(|k| k.parse::<LayerKind>()) {
+                        Some(Ok(LayerKind::KeyValue)) => 2 * c + 1,
+                        _ => 2 * (c / spec.config.n_head),
+                    };
+                    l.changed.len() * dv + l.inserted * row
                 })
                 .sum();
             let tag = reports.first().map(|r| r.source.tag.clone()).unwrap_or_default();

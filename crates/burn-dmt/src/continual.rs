@@ -18,7 +18,13 @@
 //!   each layer's table for memorised text. A new memory's value starts as
 //!   the layer's answer to its query (the weighted mean of the values
 //!   retrieved with it), which leaves the layer's output unchanged; the
-//!   inserted rows' values are then trained as the sparse rows are.
+//!   inserted rows' values are then trained as the sparse rows are. In
+//!   key-value layers (inner-product scores, no distances to speak of) a
+//!   position is novel where its strongest memory scores below the
+//!   training text's positions' strongest at that quantile, and its new
+//!   memory is a unit that answers only inputs close to its own, with a
+//!   zero value to train ([`crate::memory::keyvalue::KeyValueMemory::commit_inserting`],
+//!   after Transformer-Patcher, Huang et al. 2023).
 //!
 //! The loss is the next-token cross-entropy on the new text. Weights never
 //! change: the model's parameters are untracked and nothing else is
@@ -61,9 +67,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::distill::{StudentSpec, load_student_room, read_spec, set_learning, write_spec};
+use crate::loss::cross_entropy_loss;
 use crate::memory::layers::LayerKind;
 use crate::tokenizer::TextCodec;
-use crate::train::{Corpus, SplitMix64, Window, cross_entropy, eval_batches, evaluate, sample_batch, value};
+use crate::train::{Corpus, SplitMix64, Window, eval_batches, evaluate, sample_batch, value};
 use crate::{DmtError, FeedForward, Gpt2, Result, io_error as io, runtime};
 
 /// Where a run directory keeps its sources' ledgers.
@@ -130,7 +137,7 @@ pub struct MemorizeOptions {
     pub lr: f32,
     /// Rows per memory layer the sparse mechanism trains (top TF-IDF).
     pub sparse_rows: usize,
-    /// Slots added to each featural and associative layer's table for
+    /// Slots added to each memory layer's table for
     /// memorised memories (the first `memorize` of a run sets it; rounded
     /// up to a multiple of the head partitions).
     pub room: usize,
@@ -512,6 +519,8 @@ pub fn memorize(
     }
     set_learning(&mut student, true);
     let bg = retrievals(&mut student, &background, true)?;
+    // Key-value layers' insertion gate: (novel below this score, new units' score).
+    let mut kv_gate: HashMap<usize, (f32, f32)> = HashMap::new();
     if opts.mechanism.insert() {
         // Novel is farther from every memory than the training text's
         // positions are (at `novelty_quantile`): new memories go where the
@@ -523,8 +532,18 @@ pub fn memorize(
                 continue;
             }
             d.sort_by(f32::total_cmp);
-            let q = d[((d.len() - 1) as f64 * opts.novelty_quantile.clamp(0.0, 1.0)).round() as usize];
-            if let Some(t) = student.h[*i].mlp.memory_mut() {
+            let at = |p: f64| d[((d.len() - 1) as f64 * p.clamp(0.0, 1.0)).round() as usize];
+            let q = at(opts.novelty_quantile);
+            if let FeedForward::KeyValue(_) = student.h[*i].mlp {
+                // Distances are 1 − score: a position is novel where its
+                // strongest memory scores below the training text's
+                // quantile; a new unit answers its own input as strongly as
+                // the training text's strongest tenth of positions are.
+                let (below, strength) = (1.0 - q, 1.0 - at(0.1));
+                if strength > below {
+                    kv_gate.insert(*i, (below, strength));
+                }
+            } else if let Some(t) = student.h[*i].mlp.memory_mut() {
                 let floor = t.config().novelty;
                 t.set_novelty(q.max(floor))?;
             }
@@ -625,15 +644,15 @@ pub fn memorize(
             let tick = base + 1 + step as u64;
             let b = sample_batch(&tokens, opts.batch, seq, &mut rng)?;
             let logits = student.forward(b.inputs(&device), None)?;
-            let loss = cross_entropy(logits, b.targets(&device));
-            let l = value(loss.clone())?;
+            let loss = cross_entropy_loss(logits, b.targets(&opts.device))?;
+            let l = value(loss.ce)?;
             if !l.is_finite() {
                 return Err(DmtError::InvalidArgument(format!(
                     "the loss diverged at step {} ({l}); lower the learning rate",
                     step + 1
                 )));
             }
-            let mut grads = loss.backward();
+            let mut grads = loss.surrogate.backward();
             for (pos, &i) in blocks.iter().enumerate() {
                 let first = ledger.layers[pos].first_id;
                 let Some(ffw) = student.feed_forward_mut(i) else {
@@ -659,9 +678,14 @@ pub fn memorize(
                     FeedForward::Associative(a) => {
                         a.commit(tick, inserts, None)?;
                     }
-                    FeedForward::KeyValue(m) => {
-                        m.commit(tick, None)?;
-                    }
+                    FeedForward::KeyValue(m) => match kv_gate.get(&i) {
+                        Some(&(below, strength)) if inserts > 0 => {
+                            m.commit_inserting(tick, inserts, below, strength)?;
+                        }
+                        _ => {
+                            m.commit(tick, None)?;
+                        }
+                    },
                     _ => {}
                 }
                 let Some(tier) = ffw.memory_mut() else { continue };
@@ -916,15 +940,15 @@ pub fn finetune(
     for step in 0..steps {
         let b = sample_batch(tokens, batch, seq, &mut rng)?;
         let logits = student.forward(b.inputs(&ad), None)?;
-        let loss = cross_entropy(logits, b.targets(&ad));
-        let l = value(loss.clone())?;
+        let loss = cross_entropy_loss(logits, b.targets(device))?;
+        let l = value(loss.ce)?;
         if !l.is_finite() {
             return Err(DmtError::InvalidArgument(format!(
                 "finetuning diverged at step {} ({l})",
                 step + 1
             )));
         }
-        let grads = loss.backward();
+        let grads = loss.surrogate.backward();
         let gp = match scope {
             FinetuneScope::All => GradientsParams::from_grads(grads, &student),
             FinetuneScope::LastBlock => GradientsParams::from_grads(grads, &student.h[last]),

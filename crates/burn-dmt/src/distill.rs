@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::accounting::Accounting;
 use crate::config::Gpt2Config;
 use crate::gpt2::Mlp;
+use crate::loss::distill_loss;
 use crate::memory::associative::AssociativeMemory;
 use crate::memory::featural::{FeaturalMemory, unit_rows};
 use crate::memory::journal::WriteBehind;
@@ -39,10 +40,7 @@ use crate::memory::layers::{LayerKind, MemoryInit, parse_layers};
 use crate::memory::tier::{DeviceMemory, ValueAblation};
 use crate::ngram::Bigram;
 use crate::tokenizer::TextCodec;
-use crate::train::{
-    Corpus, EvalStats, SplitMix64, Window, cross_entropy, distill_kl, eval_batches, evaluate, lr_at, sample_batch,
-    seeded_normal, value,
-};
+use crate::train::{Corpus, EvalStats, SplitMix64, Window, eval_batches, evaluate, lr_at, sample_batch, seeded_normal};
 use crate::{DmtError, FeedForward, Gpt2, Result, host_f32, io_error as io, runtime};
 
 /// The student's description, saved as `student.json` in the run directory.
@@ -85,8 +83,8 @@ pub struct StudentSpec {
     /// Memories a key-value layer sums per position.
     #[serde(default = "default_kv_k")]
     pub kv_k: usize,
-    /// Slots added to each featural and associative layer's table for
-    /// memorised text (`memorize` sets it; 0 until then).
+    /// Slots added to each memory layer's table for memorised text
+    /// (`memorize` sets it; 0 until then).
     #[serde(default)]
     pub memory_room: usize,
 }
@@ -302,6 +300,9 @@ pub struct PhaseTimes {
     pub steps: usize,
     /// Whether the device was synchronised at each boundary (`--profile`).
     pub synchronised: bool,
+    /// Tensors read back to the host by the timed steps ([`crate::host_reads`]:
+    /// each one waits for the device), checkpoints excluded.
+    pub host_reads: u64,
 }
 
 impl PhaseTimes {
@@ -331,7 +332,17 @@ impl PhaseTimes {
     pub fn summary(&self) -> String {
         let ms = self.per_step_ms();
         let parts: Vec<String> = Self::NAMES.iter().zip(ms).map(|(n, m)| format!("{n} {m:.1}")).collect();
-        format!("ms/step: {} (total {:.1})", parts.join(", "), ms.iter().sum::<f64>())
+        format!(
+            "ms/step: {} (total {:.1}); host reads/step {:.1}",
+            parts.join(", "),
+            ms.iter().sum::<f64>(),
+            self.reads_per_step()
+        )
+    }
+
+    /// Tensors read back to the host per step.
+    pub fn reads_per_step(&self) -> f64 {
+        self.host_reads as f64 / self.steps.max(1) as f64
     }
 }
 
@@ -641,14 +652,16 @@ impl Report {
         );
         if let Some(p) = &self.phases {
             s += &format!(
-                "\n| training phase | ms per step | share |\n| --- | --- | --- |\n{}\n{} steps timed{}.\n",
+                "\n| training phase | ms per step | share |\n| --- | --- | --- |\n{}\n{} steps timed{}; {:.1} \
+                 tensors read back to the host per step.\n",
                 phase_rows(p),
                 p.steps,
                 if p.synchronised {
                     ", device synchronised at each phase (--profile)"
                 } else {
                     "; GPU work is counted where the host waits for it (--profile synchronises)"
-                }
+                },
+                p.reads_per_step()
             );
         }
         s
@@ -1486,6 +1499,7 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
     let start = Instant::now();
     for step in first_step..opts.steps {
         let tick = step as u64 + 1;
+        let reads = crate::host_reads();
         let mut lap = Lap::new(&mut times, opts.profile.then_some(&device));
         let b = sample_batch(&corpus.train, opts.batch, seq, &mut rng)?;
         let tl = teacher.forward(b.inputs(&device), None)?;
@@ -1496,9 +1510,9 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
             (student.forward(b.inputs(&ad), None)?, Vec::new())
         };
         lap.lap(1)?;
-        let kd = distill_kl(sl.clone(), tl, opts.temperature);
-        let ce = cross_entropy(sl, b.targets(&ad));
-        let mut loss = kd.clone().mul_scalar(opts.alpha) + ce.clone().mul_scalar(1.0 - opts.alpha);
+        let dl = distill_loss(sl, tl, b.targets(&device), opts.temperature, opts.alpha)?;
+        let mut objective = dl.objective();
+        let mut loss = dl.surrogate;
         let mut grow_targets: Vec<Option<Tensor<2>>> = vec![None; config.n_layer];
         for (i, (ff_in, ff_out)) in ff.into_iter().enumerate() {
             let featural = matches!(student.h[i].mlp, FeedForward::Featural(_));
@@ -1511,11 +1525,14 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
                 grow_targets[i] = Some(target.clone().reshape([bb * t * n_head, c / n_head]));
             }
             if opts.hidden_loss > 0.0 {
-                let mse = (ff_out - target).powf_scalar(2.0).mean();
-                loss = loss + mse.mul_scalar(opts.hidden_loss);
+                let mse = (ff_out - target).powf_scalar(2.0).mean().mul_scalar(opts.hidden_loss);
+                objective = objective + mse.clone().inner();
+                loss = loss + mse;
             }
         }
-        let (l, kdv, cev) = (value(loss.clone())?, value(kd)?, value(ce)?);
+        // One read for the three numbers.
+        let read = host_f32(Tensor::cat(vec![objective, dl.kd, dl.ce], 0))?;
+        let [l, kdv, cev] = [0, 1, 2].map(|i| read.get(i).copied().map_or(f64::NAN, f64::from));
         if !l.is_finite() {
             return Err(DmtError::InvalidArgument(format!(
                 "the loss diverged at step {} ({l}); lower --lr",
@@ -1573,6 +1590,7 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
         }
         lap.lap(6)?;
         times.steps += 1;
+        times.host_reads += crate::host_reads() - reads;
         metrics.push(StepMetrics {
             step: step + 1,
             loss: l,
@@ -1841,7 +1859,7 @@ fn student_from_run(
                 let store = layer_store.shared();
                 let layout = layouts.and_then(|l| l.get(i).cloned().flatten());
                 let (parts, capacity) = if *kind == LayerKind::KeyValue {
-                    (1, kv_capacity(spec))
+                    (1, kv_capacity(spec) + spec.memory_room)
                 } else {
                     (spec.memory_parts, spec.capacity + spec.memory_room)
                 };

@@ -29,6 +29,7 @@ pub mod distill;
 pub mod generate;
 pub mod gpt2;
 pub mod loader;
+pub mod loss;
 pub mod memory;
 pub mod ngram;
 pub mod plot;
@@ -182,8 +183,23 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
         .map_err(io_error(std::path::Path::new("<tokio runtime>")))
 }
 
+/// Tensors read back to the host so far ([`host_reads`]).
+static HOST_READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many tensors this crate's training, memorising and memory paths have
+/// read back to the host in this process (on a GPU each read waits for the
+/// device's queued work); generation and checkpoint loading are not counted.
+pub fn host_reads() -> u64 {
+    HOST_READS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+pub(crate) fn count_host_read() {
+    HOST_READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// A float tensor's values on the host (row-major), without its graph.
 pub(crate) fn host_f32<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<Vec<f32>> {
+    count_host_read();
     t.detach()
         .into_data()
         .convert::<f32>()
@@ -193,6 +209,7 @@ pub(crate) fn host_f32<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<Vec
 
 /// An integer tensor's values on the host (row-major).
 pub(crate) fn host_i64<const D: usize>(t: burn::tensor::Tensor<D, burn::tensor::Int>) -> Result<Vec<i64>> {
+    count_host_read();
     t.into_data()
         .convert::<i64>()
         .try_into_vec::<i64>()

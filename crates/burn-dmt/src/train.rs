@@ -146,7 +146,7 @@ pub fn lr_at(step: usize, total: usize, warmup: usize, peak: f64, floor: f64) ->
     peak * (floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()))
 }
 
-fn flat(logits: Tensor<3>) -> Tensor<2> {
+pub(crate) fn flat(logits: Tensor<3>) -> Tensor<2> {
     let [b, t, v] = logits.dims();
     logits.reshape([b * t, v])
 }
@@ -170,6 +170,7 @@ pub fn distill_kl(student: Tensor<3>, teacher: Tensor<3>, temperature: f64) -> T
 
 /// Reads a scalar tensor's value.
 pub fn value(t: Tensor<1>) -> Result<f64> {
+    crate::count_host_read();
     t.into_data()
         .convert::<f64>()
         .try_into_vec::<f64>()

@@ -424,3 +424,70 @@ fn an_interrupted_memorize_can_be_forgotten() {
     forget(&run_dir, "cut.txt").unwrap();
     same(&dump(&run_dir), &before, "forgetting an interrupted source");
 }
+
+/// Key-value layers grow too: insertion adds units where no unit answers
+/// the new text strongly, each tagged, silent until its zero value trains;
+/// the text is learnt with the weights unchanged, and `forget` gives the
+/// store back row for row.
+#[test]
+fn key_value_layers_take_new_units_and_forget_gives_them_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, eval) = tiny_setup(dir.path());
+    let mut o = options(dir.path(), train, &eval);
+    o.attention_baseline = false;
+    o.layers = Some("0-1:keyvalue".into());
+    o.kv_k = 8;
+    run(&o).unwrap();
+    let run_dir = o.run_dir;
+    let text = new_text(dir.path(), "exodus.txt", 100_000, 4000);
+    let (before_rows, before_weights) = (dump(&run_dir), weights(&run_dir));
+    let ce_before = ce_on(&run_dir, &text);
+
+    let mut mo = opts(Mechanism::Insert);
+    mo.novelty_quantile = 0.5;
+    let r = memorize(&run_dir, std::slice::from_ref(&text), &mo, None).unwrap();
+    assert!(
+        r[0].ce_after < r[0].ce_before - 0.05,
+        "{} -> {} ({:?})",
+        r[0].ce_before,
+        r[0].ce_after,
+        r[0].layers
+    );
+    assert!(ce_on(&run_dir, &text) < ce_before - 0.05);
+    assert_eq!(weights(&run_dir), before_weights);
+
+    let (src, _) = read_source(&text).unwrap();
+    let after = dump(&run_dir);
+    let new: Vec<_> = after.iter().filter(|(k, _)| !before_rows.contains_key(k)).collect();
+    for b in 0..2 {
+        assert!(new.iter().any(|((blk, _), _)| *blk == b), "block {b} took no new unit");
+    }
+    for (k, (key, value, tags)) in &new {
+        assert!(
+            tags.iter().any(|(t, _)| *t == src.tag),
+            "new unit {k:?} lacks the tag: {tags:?}"
+        );
+        // A unit's key ends with its bias, negative: silent away from its input.
+        let bias = f32::from_bits(*key.last().unwrap());
+        assert!(bias < 0.0, "unit {k:?} has bias {bias}");
+        assert!(
+            value.iter().all(|v| f32::from_bits(*v).is_finite()),
+            "unit {k:?}: {value:?}"
+        );
+    }
+    // Units start silent (zero values); those retrieved since have trained.
+    let trained = new
+        .iter()
+        .filter(|(_, (_, v, _))| v.iter().any(|x| f32::from_bits(*x) != 0.0))
+        .count();
+    assert!(trained > 0, "none of {} new units trained", new.len());
+    // Insertion alone changes no distilled row.
+    for (k, row) in &before_rows {
+        assert_eq!(after.get(k), Some(row), "distilled row {k:?} changed");
+    }
+
+    let f = forget(&run_dir, &src.tag).unwrap();
+    assert_eq!((f.deleted, f.restored), (new.len(), 0));
+    same(&dump(&run_dir), &before_rows, "forget did not give the store back");
+    assert_eq!(ce_on(&run_dir, &text), ce_before);
+}

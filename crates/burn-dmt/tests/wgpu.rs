@@ -179,3 +179,39 @@ fn value_gradients_on_wgpu_equal_the_cpus() {
     assert!(diff <= 1e-4, "value gradients differ by {diff}");
     assert!(want_grad.iter().filter(|g| g.abs() > 0.0).count() > cap * d / 2);
 }
+
+#[test]
+#[ignore = "needs a Vulkan/Metal/DX12 adapter: .ci/run runs it with --ignored on lavapipe"]
+fn the_loss_on_wgpu_equals_the_cpus() {
+    use burn_dmt::burn::tensor::{Device, Int, Tensor, TensorData};
+    use burn_dmt::loss::distill_loss;
+    use memstore_api::testkit::util::Rng;
+
+    let selected = adapter();
+    let (b, t, v) = (2usize, 70usize, 301usize);
+    let mut rng = Rng::new(5);
+    let (s, te) = (rng.vecs(b * t * v, 1), rng.vecs(b * t * v, 1));
+    let y: Vec<i64> = (0..b * t).map(|i| ((i * 37) % v) as i64).collect();
+    // The CPU takes the host kernel, wgpu the chunked tensor path.
+    let run = |device: &Device| {
+        let ad = device.clone().autodiff();
+        let z = Tensor::<3>::from_data(TensorData::new(s.clone(), [b, t, v]), &ad)
+            .mul_scalar(6.0)
+            .require_grad();
+        let teacher = Tensor::<3>::from_data(TensorData::new(te.clone(), [b, t, v]), device).mul_scalar(6.0);
+        let targets = Tensor::<2, Int>::from_data(TensorData::new(y.clone(), [b, t]), device);
+        let l = distill_loss(z.clone(), teacher, targets, 2.0, 0.5).unwrap();
+        let objective = values(l.objective())[0];
+        let grads = l.surrogate.backward();
+        (objective, values(z.grad(&grads).expect("a gradient")))
+    };
+    let (want, want_grad) = run(&Device::flex());
+    let (got, grad) = run(&selected.device);
+    assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "{got} against {want}");
+    let peak = want_grad.iter().fold(0f32, |m, g| m.max(g.abs()));
+    let diff = max_abs_diff(&grad, &want_grad);
+    assert!(
+        peak > 0.0 && diff <= 1e-4 * peak,
+        "gradients differ by {diff} (largest {peak})"
+    );
+}

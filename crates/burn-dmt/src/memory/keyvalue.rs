@@ -125,6 +125,81 @@ impl KeyValueMemory {
         self.memory.commit(observed, tick, 0, value_grad)
     }
 
+    /// Between steps of `memorize`: [`KeyValueMemory::commit`], then up to
+    /// `max_inserts` new memories, one for each position whose strongest
+    /// memory scores below `below` (`x̂ · key`; the most novel first,
+    /// positions whose inputs are within cosine 0.9 of one taken in this
+    /// commit skipped as near-duplicates).
+    ///
+    /// The memory for input `x` is a unit with key `[2s·x/‖x‖²; −s]`
+    /// (`s = strength`) and a zero value: it scores `s` on `x` itself,
+    /// above `below` so that inputs near `x` are no longer novel, and
+    /// negatively (silent) on inputs whose projection on `x` is under half
+    /// of `‖x‖`. Its zero value leaves the layer's output as it was until
+    /// the value is trained. This is "one neuron per mistake" of
+    /// Transformer-Patcher (Huang et al. 2023), gated by novelty instead of
+    /// by error, in a key-value memory.
+    pub fn commit_inserting(
+        &mut self,
+        tick: Tick,
+        max_inserts: usize,
+        below: f32,
+        strength: f32,
+    ) -> Result<CommitCounts> {
+        if !(below.is_finite() && strength.is_finite() && strength > below) {
+            return Err(DmtError::InvalidArgument(format!(
+                "a new key-value memory's score {strength} must be finite and above the novelty score {below}"
+            )));
+        }
+        let observed = std::mem::take(&mut *self.observed.lock().unwrap_or_else(|e| e.into_inner()));
+        let c = self.memory.config().value_dim;
+        let mut novel: Vec<(f32, Vec<f32>)> = Vec::new();
+        if max_inserts > 0 {
+            for o in &observed {
+                let [n, k] = o.distances.dims();
+                let d = crate::host_f32(o.distances.clone())?;
+                let q = crate::host_f32(o.keys.clone())?;
+                for i in 0..n {
+                    // Distance 1 − x̂ · key: the nearest memory scores 1 − d.
+                    let top = 1.0 - d[i * k];
+                    if top.is_finite() && top < below {
+                        novel.push((top, q[i * (c + 1)..i * (c + 1) + c].to_vec()));
+                    }
+                }
+            }
+        }
+        novel.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut taken: Vec<Vec<f32>> = Vec::new();
+        for (_, x) in novel {
+            if taken.len() == max_inserts {
+                break;
+            }
+            let norm = x.iter().map(|v| v * v).sum::<f32>().sqrt();
+            if norm <= f32::EPSILON {
+                continue;
+            }
+            let near = taken.iter().any(|t| {
+                let tn = t.iter().map(|v| v * v).sum::<f32>().sqrt();
+                t.iter().zip(&x).map(|(a, b)| a * b).sum::<f32>() >= 0.9 * tn * norm
+            });
+            if !near {
+                taken.push(x);
+            }
+        }
+        let mut counts = self.memory.commit(observed, tick, 0, None)?;
+        if !taken.is_empty() {
+            let mut keys = Vec::with_capacity(taken.len() * (c + 1));
+            for x in &taken {
+                let scale = 2.0 * strength / x.iter().map(|v| v * v).sum::<f32>();
+                keys.extend(x.iter().map(|v| v * scale));
+                keys.push(-strength);
+            }
+            let values = vec![0.0; taken.len() * c];
+            counts.inserted += self.memory.insert(&keys, &values, tick)?.len();
+        }
+        Ok(counts)
+    }
+
     /// Applies the layer to the normalised residual stream `[b, t, n_embd]`.
     pub fn forward(&self, x: Tensor<3>) -> Result<Tensor<3>> {
         let [b, t, c] = x.dims();

@@ -1,0 +1,164 @@
+//! The chunked distillation loss with its hand-written gradient against the
+//! recorded one it replaces: `α · distill_kl + (1 − α) · cross_entropy`
+//! differentiated by autodiff.
+
+use rand_core::{RngCore as _, SeedableRng as _};
+
+use burn_dmt::burn::tensor::{Device, Int, Tensor, TensorData};
+use burn_dmt::loss::{LossKernel, cross_entropy_loss, distill_loss, loss_with};
+use burn_dmt::train::{SplitMix64, cross_entropy, distill_kl};
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+}
+
+fn scalar(t: Tensor<1>) -> f64 {
+    f64::from(values(t)[0])
+}
+
+/// `[b, t, v]` logits of scale `scale` and `[b, t]` targets, from `seed`.
+fn batch(
+    b: usize,
+    t: usize,
+    v: usize,
+    scale: f32,
+    seed: u64,
+    device: &Device,
+) -> (Tensor<3>, Tensor<3>, Tensor<2, Int>) {
+    let mut rng = SplitMix64::seed_from_u64(seed);
+    let mut draw = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale)
+            .collect()
+    };
+    let s = Tensor::from_data(TensorData::new(draw(b * t * v), [b, t, v]), device);
+    let te = Tensor::from_data(TensorData::new(draw(b * t * v), [b, t, v]), device);
+    let y: Vec<i64> = (0..b * t).map(|i| ((i * 7919 + seed as usize) % v) as i64).collect();
+    (s, te, Tensor::from_data(TensorData::new(y, [b, t]), device))
+}
+
+#[test]
+fn chunked_loss_and_its_gradient_equal_the_recorded_ones() {
+    let ad = Device::flex().autodiff();
+    let inner = Device::flex();
+    // Chunks that divide the positions, that do not, of one row and of all.
+    // Positions more than a chunk and not a multiple of it; a vocabulary
+    // not a multiple of the host kernel's 8 lanes.
+    for (seed, scale, temperature, alpha, kernel) in [
+        (1, 1.0, 2.0, 0.5, LossKernel::Host),
+        (1, 1.0, 2.0, 0.5, LossKernel::Chunked),
+        (2, 8.0, 2.0, 0.9, LossKernel::Host),
+        (3, 4.0, 1.0, 0.0, LossKernel::Chunked),
+        (4, 3.0, 3.0, 1.0, LossKernel::Host),
+        (5, 30.0, 2.0, 0.3, LossKernel::Chunked),
+        (5, 30.0, 2.0, 0.3, LossKernel::Host),
+        (6, 2.0, 2.0, 0.5, LossKernel::Auto),
+    ] {
+        let (s, te, y) = batch(3, 37, 53, scale, seed, &inner);
+        let z_ref = Tensor::<3>::from_inner(s.clone()).require_grad();
+        let reference = distill_kl(z_ref.clone(), te.clone(), temperature).mul_scalar(alpha)
+            + cross_entropy(z_ref.clone(), Tensor::from_data(y.to_data(), &ad)).mul_scalar(1.0 - alpha);
+        let want = scalar(reference.clone().inner());
+        let want_grad = values(z_ref.grad(&reference.backward()).expect("recorded gradient"));
+
+        let z = Tensor::<3>::from_inner(s).require_grad();
+        let dl = loss_with(z.clone(), Some(te), y, temperature, alpha, kernel).unwrap();
+        let got = scalar(dl.objective());
+        let got_grad = values(z.grad(&dl.surrogate.backward()).expect("hand-written gradient"));
+
+        let case = format!("seed {seed} scale {scale} T {temperature} α {alpha} {kernel:?}");
+        assert!(
+            (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+            "{case}: objective {got} against {want}"
+        );
+        assert_eq!(got_grad.len(), want_grad.len());
+        let peak = want_grad.iter().fold(0f32, |m, g| m.max(g.abs()));
+        assert!(peak > 0.0, "{case}: a loss with a gradient");
+        let worst = got_grad
+            .iter()
+            .zip(&want_grad)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= 1e-5 * peak, "{case}: gradient off by {worst} (largest {peak})");
+    }
+}
+
+#[test]
+fn chunked_loss_parts_are_the_distillation_and_cross_entropy_terms() {
+    let inner = Device::flex();
+    let (s, te, y) = batch(3, 11, 29, 5.0, 9, &inner);
+    let ad_s = Tensor::<3>::from_inner(s.clone());
+    let dl = distill_loss(ad_s, te.clone(), y.clone(), 2.0, 0.25).unwrap();
+    let kd = scalar(dl.kd.clone());
+    let ce = scalar(dl.ce.clone());
+    let want_kd = scalar(distill_kl(s.clone(), te, 2.0));
+    let want_ce = scalar(cross_entropy(s, y));
+    assert!(
+        (kd - want_kd).abs() <= 1e-5 * want_kd.abs().max(1.0),
+        "KD {kd} against {want_kd}"
+    );
+    assert!(
+        (ce - want_ce).abs() <= 1e-5 * want_ce.abs().max(1.0),
+        "CE {ce} against {want_ce}"
+    );
+    let objective = scalar(dl.objective());
+    assert!((objective - (0.25 * kd + 0.75 * ce)).abs() < 1e-5, "{objective}");
+}
+
+#[test]
+fn chunked_cross_entropy_and_its_gradient_equal_the_recorded_ones() {
+    let ad = Device::flex().autodiff();
+    let inner = Device::flex();
+    let (s, _, y) = batch(4, 9, 31, 6.0, 11, &inner);
+    let z_ref = Tensor::<3>::from_inner(s.clone()).require_grad();
+    let reference = cross_entropy(z_ref.clone(), Tensor::from_data(y.to_data(), &ad));
+    let want = scalar(reference.clone().inner());
+    let want_grad = values(z_ref.grad(&reference.backward()).expect("recorded gradient"));
+    for kernel in [LossKernel::Host, LossKernel::Chunked] {
+        let z = Tensor::<3>::from_inner(s.clone()).require_grad();
+        let dl = loss_with(z.clone(), None, y.clone(), 1.0, 0.0, kernel).unwrap();
+        assert_eq!(scalar(dl.kd.clone()), 0.0);
+        let got = scalar(dl.objective());
+        assert!(
+            (got - want).abs() <= 1e-5 * want.max(1.0),
+            "{kernel:?}: {got} against {want}"
+        );
+        let got_grad = values(z.grad(&dl.surrogate.backward()).expect("hand-written gradient"));
+        let peak = want_grad.iter().fold(0f32, |m, g| m.max(g.abs()));
+        let worst = got_grad
+            .iter()
+            .zip(&want_grad)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            peak > 0.0 && worst <= 1e-5 * peak,
+            "{kernel:?}: gradient off by {worst} (largest {peak})"
+        );
+    }
+    let z = Tensor::<3>::from_inner(s);
+    let auto = scalar(cross_entropy_loss(z, y).unwrap().ce);
+    assert!((auto - want).abs() <= 1e-5 * want.max(1.0), "{auto} against {want}");
+}
+
+#[test]
+fn bad_loss_input_is_an_error() {
+    let inner = Device::flex();
+    let (s, te, y) = batch(1, 4, 9, 1.0, 3, &inner);
+    let z = || Tensor::<3>::from_inner(s.clone());
+    assert!(
+        distill_loss(z(), te.clone(), y.clone(), 0.0, 0.5).is_err(),
+        "temperature 0"
+    );
+    assert!(
+        distill_loss(z(), te.clone(), y.clone(), f64::NAN, 0.5).is_err(),
+        "temperature NaN"
+    );
+    let (_, narrow, _) = batch(1, 4, 8, 1.0, 3, &inner);
+    assert!(
+        distill_loss(z(), narrow, y.clone(), 2.0, 0.5).is_err(),
+        "teacher of another vocabulary"
+    );
+    let outside = Tensor::<2, Int>::from_data(TensorData::new(vec![0i64, 1, 9, 2], [1, 4]), &inner);
+    let err = loss_with(z(), Some(te), outside, 2.0, 0.5, LossKernel::Host).unwrap_err();
+    assert!(err.to_string().contains("outside"), "{err}");
+}
