@@ -55,8 +55,8 @@ impl DistillLoss {
     }
 }
 
-/// Positions per chunk of the tensor path: three `[chunk, vocab]` f32
-/// intermediates live at a time (12 MiB at GPT-2's 50,257 tokens).
+/// Positions per chunk of the tensor path: a few `[chunk, vocab]` f32
+/// intermediates live at a time (12 MiB each at GPT-2's 50,257 tokens).
 pub const LOSS_CHUNK: usize = 64;
 
 /// The distillation objective of `student` logits `[b, t, v]` against
