@@ -8,6 +8,8 @@
 #   scripts/postgres.sh stop    # stops it (and its standby), removes their data
 #   scripts/postgres.sh standby # a hot standby streaming from it (started
 #                               # first if needed) on port + 1; prints its URL
+#   scripts/postgres.sh probe   # exit 0 when pgvector's distances run on this
+#                               # CPU (the running server's vector.so)
 #
 #   export MEMSTORE_POSTGRES_URL="$(scripts/postgres.sh start)"
 #
@@ -156,8 +158,18 @@ stop() {
     rm -rf "$data"
 }
 
+# Whether pgvector's distance functions run on this CPU: the wheel's
+# vector.so uses instructions some x86-64 machines lack (there the backend
+# dies of SIGILL on the first distance of a 64-d vector).
+probe() {
+    PGPASSWORD="${MEMSTORE_PG_PASSWORD:-}" "$install/bin/psql" -h "$sock" -p "$port" -U postgres -d postgres -Atq \
+        -c "CREATE EXTENSION IF NOT EXISTS vector" \
+        -c "SELECT array_fill(1::real, ARRAY[64])::vector <-> array_fill(2::real, ARRAY[64])::vector" >/dev/null 2>&1
+}
+
 case "${1:-}" in
     start) start ;;
+    probe) probe ;;
     stop) stop ;;
     restart)
         halt
@@ -166,7 +178,7 @@ case "${1:-}" in
     url) url ;;
     standby) standby ;;
     *)
-        echo "usage: scripts/postgres.sh start|stop|restart|url|standby" >&2
+        echo "usage: scripts/postgres.sh start|stop|restart|url|standby|probe" >&2
         exit 2
         ;;
 esac
