@@ -2,15 +2,14 @@
 //! recorded one it replaces: `α · distill_kl + (1 − α) · cross_entropy`
 //! differentiated by autodiff.
 
+mod common;
+
 use rand_core::{RngCore as _, SeedableRng as _};
 
 use burn_dmt::burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_dmt::loss::{LossKernel, cross_entropy_loss, distill_loss, loss_with};
 use burn_dmt::train::{SplitMix64, cross_entropy, distill_kl};
-
-fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
-}
+use common::{max_abs_diff, values};
 
 fn scalar(t: Tensor<1>) -> f64 {
     f64::from(values(t)[0])
@@ -71,14 +70,9 @@ fn chunked_loss_and_its_gradient_equal_the_recorded_ones() {
             (got - want).abs() <= 1e-5 * want.abs().max(1.0),
             "{case}: objective {got} against {want}"
         );
-        assert_eq!(got_grad.len(), want_grad.len());
         let peak = want_grad.iter().fold(0f32, |m, g| m.max(g.abs()));
         assert!(peak > 0.0, "{case}: a loss with a gradient");
-        let worst = got_grad
-            .iter()
-            .zip(&want_grad)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = max_abs_diff(&got_grad, &want_grad);
         assert!(worst <= 1e-5 * peak, "{case}: gradient off by {worst} (largest {peak})");
     }
 }
@@ -125,11 +119,7 @@ fn chunked_cross_entropy_and_its_gradient_equal_the_recorded_ones() {
         );
         let got_grad = values(z.grad(&dl.surrogate.backward()).expect("hand-written gradient"));
         let peak = want_grad.iter().fold(0f32, |m, g| m.max(g.abs()));
-        let worst = got_grad
-            .iter()
-            .zip(&want_grad)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = max_abs_diff(&got_grad, &want_grad);
         assert!(
             peak > 0.0 && worst <= 1e-5 * peak,
             "{kernel:?}: gradient off by {worst} (largest {peak})"
