@@ -115,6 +115,14 @@ struct Args {
     /// same input; 0: off).
     #[arg(long)]
     hidden_loss: Option<f64>,
+    /// Layerwise feedback in the student: each block's input also gets a learned projection of the block above's
+    /// output one position back (gradient stopped); evaluated exactly, position by position.
+    #[arg(long)]
+    feedback: bool,
+    /// Parallel passes that approximate the feedback in teacher-forced training (pass j is exact for the first j
+    /// positions; default 2).
+    #[arg(long, requires = "feedback")]
+    feedback_passes: Option<usize>,
     /// Held-out windows to evaluate.
     #[arg(long)]
     eval_windows: Option<usize>,
@@ -198,6 +206,7 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
     );
     o.shared_heads = args.shared_heads;
     o.mlp_width = args.mlp_width;
+    o.feedback = args.feedback.then_some(args.feedback_passes.unwrap_or(2));
     o.resume = args.resume;
     o.halt_after = args.halt_after;
     o.profile = args.profile;

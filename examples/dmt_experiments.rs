@@ -37,6 +37,14 @@
 //! continues where it stopped (finished runs are kept, an interrupted one
 //! resumes from its checkpoint), and `--only NAME,…` runs only the named
 //! runs.
+//!
+//! `feedback` measures layerwise feedback ([`burn_dmt::gpt2::Feedback`]):
+//! the memory student and the dense student of equal trained weights (b),
+//! each with and without feedback, over the seeds, with the same recipe;
+//! each run is also evaluated at 32, 64 and 128 positions of context (the
+//! teacher's limit is 128), and feedback runs report how far training's
+//! two-pass approximation is from exact sequential inference. It writes
+//! `results.md` and `results.csv` into `runs/experiments/feedback`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -57,7 +65,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// The suite: quality.
+    /// The suite: quality or feedback.
     #[arg(long, default_value = "quality")]
     suite: String,
     /// Output directory (default runs/experiments/SUITE).
@@ -118,6 +126,17 @@ struct Outcome {
     memory_use: Vec<(usize, f64, f64, f64)>,
     seconds: f64,
     train_tokens_per_s: f64,
+    /// Multiply-adds per token of the whole model (feed-forward layers,
+    /// attention, LM head and feedback).
+    #[serde(default)]
+    macs: u64,
+    /// With layerwise feedback: KL(exact ‖ training approximation) per
+    /// held-out position.
+    #[serde(default)]
+    feedback_mismatch: Option<f64>,
+    /// Held-out CE at other context lengths: (positions, CE).
+    #[serde(default)]
+    contexts: Vec<(usize, f64)>,
 }
 
 /// One invocation of the suite that trained runs (a line of
@@ -155,6 +174,8 @@ struct Job {
     group: &'static str,
     seed: u64,
     opts: DistillOptions,
+    /// Context lengths to evaluate the trained run at besides its own.
+    contexts: Vec<usize>,
 }
 
 /// Burn's CPU backend frees and reallocates large tensors every step;
@@ -181,8 +202,8 @@ fn width_for(target: usize, base: usize, n: usize, c: usize) -> usize {
 
 fn run_main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    if args.suite != "quality" {
-        return Err(format!("unknown suite {:?} (known: quality)", args.suite).into());
+    if args.suite != "quality" && args.suite != "feedback" {
+        return Err(format!("unknown suite {:?} (known: quality, feedback)", args.suite).into());
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let out = args
@@ -238,147 +259,176 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
             group,
             seed,
             opts: o,
+            contexts: Vec::new(),
         }
     };
     let w_b = width_for(student_weights, attention_weights, n, c);
     let w_c = width_for(student_weights + floats_at(base.capacity), attention_weights, n, c);
-    // The key-value student: every block's MLP units as memory rows; its
-    // trained weights are the attention-only model's plus the n·c output
-    // biases (fewer than any dense MLP of width ≥ 1 adds, so its baseline
-    // (b) is the attention-only model), its weights + memory floats the
-    // teacher's (so its (c) is the teacher after the same steps).
-    let kv_plan = format!("0-{}:keyvalue", n - 1);
-    for &seed in &args.seeds {
-        jobs.push(job(
-            "seeded",
-            "key-value memory",
-            format!("kv-k{}-s{seed}", args.kv_k),
-            seed,
-            &|o| {
-                o.layers = Some(kv_plan.clone());
-                o.capacity = d_ff;
-                o.kv_k = args.kv_k;
-            },
-        ));
-        jobs.push(job("seeded", "memory", format!("memory-s{seed}"), seed, &|_| {}));
-        jobs.push(job(
-            "seeded",
-            "attention-only",
-            format!("attention-s{seed}"),
-            seed,
-            &|o| {
-                o.layers = Some(format!("0-{}:none", n - 1));
-            },
-        ));
-        jobs.push(job(
-            "seeded",
-            "dense, equal weights",
-            format!("dense-w{w_b}-s{seed}"),
-            seed,
-            &|o| {
-                o.layers = Some(String::new());
-                o.mlp_width = Some(w_b);
-            },
-        ));
-        jobs.push(job(
-            "seeded",
-            "dense, equal weights + memory",
-            format!("dense-w{w_c}-s{seed}"),
-            seed,
-            &|o| {
-                o.layers = Some(String::new());
-                o.mlp_width = Some(w_c);
-            },
-        ));
-        jobs.push(job(
-            "seeded",
-            "teacher, same extra steps",
-            format!("teacher-s{seed}"),
-            seed,
-            &|o| {
-                o.layers = Some(String::new());
-            },
-        ));
+    if args.suite == "feedback" {
+        let contexts: Vec<usize> = [32, 64, 128].into_iter().filter(|&t| t <= config.n_positions).collect();
+        for &seed in &args.seeds {
+            for (model, name, f) in [
+                ("memory", format!("memory-s{seed}"), None),
+                ("memory + feedback", format!("memory-feedback-s{seed}"), Some(2)),
+                ("dense, equal weights", format!("dense-w{w_b}-s{seed}"), None),
+                (
+                    "dense, equal weights + feedback",
+                    format!("dense-w{w_b}-feedback-s{seed}"),
+                    Some(2),
+                ),
+            ] {
+                let dense = model.starts_with("dense");
+                let mut j = job("seeded", model, name, seed, &|o| {
+                    o.feedback = f;
+                    if dense {
+                        o.layers = Some(String::new());
+                        o.mlp_width = Some(w_b);
+                    }
+                });
+                j.contexts = contexts.clone();
+                jobs.push(j);
+            }
+        }
     }
     let s1 = args.seeds.first().copied().unwrap_or(1);
-    // Growth against bootstrapped and fixed memories at equal final rows, and
-    // per-head against shared tables.
-    let variants: [(&str, &str, &Tweak<'_>); 3] = [
-        (
-            "memory: associative bootstrapped from the teacher",
-            "assoc-teacher",
-            &|o| {
-                o.associative_init = MemoryInit::Teacher;
-            },
-        ),
-        (
-            "memory: fixed (bootstrapped, no inserts, no value updates)",
-            "fixed",
-            &|o| {
-                o.associative_init = MemoryInit::Teacher;
-                o.max_inserts = 0;
-                o.value_lr = 0.0;
-            },
-        ),
-        ("memory: one table shared by the heads", "shared-heads", &|o| {
-            o.shared_heads = true;
-        }),
-    ];
-    for (model, name, f) in variants {
-        jobs.push(job("variant", model, format!("{name}-s{s1}"), s1, f));
-    }
-    if args.tuning {
-        let kv = |o: &mut DistillOptions, k: usize| {
-            o.layers = Some(kv_plan.clone());
-            o.capacity = d_ff;
-            o.kv_k = k;
-        };
-        for k in [16, 32, 64, 128, 256]
-            .into_iter()
-            .filter(|&k| k != args.kv_k && k <= d_ff)
-        {
+    if args.suite == "quality" {
+        // The key-value student: every block's MLP units as memory rows; its
+        // trained weights are the attention-only model's plus the n·c output
+        // biases (fewer than any dense MLP of width ≥ 1 adds, so its baseline
+        // (b) is the attention-only model), its weights + memory floats the
+        // teacher's (so its (c) is the teacher after the same steps).
+        let kv_plan = format!("0-{}:keyvalue", n - 1);
+        for &seed in &args.seeds {
             jobs.push(job(
-                "tuning",
-                &format!("key-value memory: k {k}"),
-                format!("kv-k{k}-s{s1}"),
-                s1,
-                &|o| kv(o, k),
-            ));
-        }
-        let tuning: [(&str, &str, &Tweak<'_>); 3] = [
-            ("key-value memory: no sparse value updates", "kv-value-lr0", &|o| {
-                kv(o, args.kv_k);
-                o.value_lr = 0.0;
-            }),
-            ("memory: featural grown too", "featural-grown", &|o| {
-                o.featural_init = MemoryInit::Empty;
-            }),
-            ("memory: no sparse value updates", "value-lr0", &|o| {
-                o.value_lr = 0.0;
-            }),
-        ];
-        for (model, name, f) in tuning {
-            jobs.push(job("tuning", model, format!("{name}-s{s1}"), s1, f));
-        }
-    }
-    for &rows in &args.capacities {
-        if rows != base.capacity {
-            jobs.push(job("capacity", "memory", format!("memory-cap{rows}-s{s1}"), s1, &|o| {
-                o.capacity = rows
-            }));
-        }
-        let w = width_for(student_weights + floats_at(rows), attention_weights, n, c);
-        if w != w_c {
-            jobs.push(job(
-                "capacity",
-                "dense, equal weights + memory",
-                format!("dense-w{w}-s{s1}"),
-                s1,
+                "seeded",
+                "key-value memory",
+                format!("kv-k{}-s{seed}", args.kv_k),
+                seed,
                 &|o| {
-                    o.layers = Some(String::new());
-                    o.mlp_width = Some(w);
+                    o.layers = Some(kv_plan.clone());
+                    o.capacity = d_ff;
+                    o.kv_k = args.kv_k;
                 },
             ));
+            jobs.push(job("seeded", "memory", format!("memory-s{seed}"), seed, &|_| {}));
+            jobs.push(job(
+                "seeded",
+                "attention-only",
+                format!("attention-s{seed}"),
+                seed,
+                &|o| {
+                    o.layers = Some(format!("0-{}:none", n - 1));
+                },
+            ));
+            jobs.push(job(
+                "seeded",
+                "dense, equal weights",
+                format!("dense-w{w_b}-s{seed}"),
+                seed,
+                &|o| {
+                    o.layers = Some(String::new());
+                    o.mlp_width = Some(w_b);
+                },
+            ));
+            jobs.push(job(
+                "seeded",
+                "dense, equal weights + memory",
+                format!("dense-w{w_c}-s{seed}"),
+                seed,
+                &|o| {
+                    o.layers = Some(String::new());
+                    o.mlp_width = Some(w_c);
+                },
+            ));
+            jobs.push(job(
+                "seeded",
+                "teacher, same extra steps",
+                format!("teacher-s{seed}"),
+                seed,
+                &|o| {
+                    o.layers = Some(String::new());
+                },
+            ));
+        }
+        // Growth against bootstrapped and fixed memories at equal final rows, and
+        // per-head against shared tables.
+        let variants: [(&str, &str, &Tweak<'_>); 3] = [
+            (
+                "memory: associative bootstrapped from the teacher",
+                "assoc-teacher",
+                &|o| {
+                    o.associative_init = MemoryInit::Teacher;
+                },
+            ),
+            (
+                "memory: fixed (bootstrapped, no inserts, no value updates)",
+                "fixed",
+                &|o| {
+                    o.associative_init = MemoryInit::Teacher;
+                    o.max_inserts = 0;
+                    o.value_lr = 0.0;
+                },
+            ),
+            ("memory: one table shared by the heads", "shared-heads", &|o| {
+                o.shared_heads = true;
+            }),
+        ];
+        for (model, name, f) in variants {
+            jobs.push(job("variant", model, format!("{name}-s{s1}"), s1, f));
+        }
+        if args.tuning {
+            let kv = |o: &mut DistillOptions, k: usize| {
+                o.layers = Some(kv_plan.clone());
+                o.capacity = d_ff;
+                o.kv_k = k;
+            };
+            for k in [16, 32, 64, 128, 256]
+                .into_iter()
+                .filter(|&k| k != args.kv_k && k <= d_ff)
+            {
+                jobs.push(job(
+                    "tuning",
+                    &format!("key-value memory: k {k}"),
+                    format!("kv-k{k}-s{s1}"),
+                    s1,
+                    &|o| kv(o, k),
+                ));
+            }
+            let tuning: [(&str, &str, &Tweak<'_>); 3] = [
+                ("key-value memory: no sparse value updates", "kv-value-lr0", &|o| {
+                    kv(o, args.kv_k);
+                    o.value_lr = 0.0;
+                }),
+                ("memory: featural grown too", "featural-grown", &|o| {
+                    o.featural_init = MemoryInit::Empty;
+                }),
+                ("memory: no sparse value updates", "value-lr0", &|o| {
+                    o.value_lr = 0.0;
+                }),
+            ];
+            for (model, name, f) in tuning {
+                jobs.push(job("tuning", model, format!("{name}-s{s1}"), s1, f));
+            }
+        }
+        for &rows in &args.capacities {
+            if rows != base.capacity {
+                jobs.push(job("capacity", "memory", format!("memory-cap{rows}-s{s1}"), s1, &|o| {
+                    o.capacity = rows
+                }));
+            }
+            let w = width_for(student_weights + floats_at(rows), attention_weights, n, c);
+            if w != w_c {
+                jobs.push(job(
+                    "capacity",
+                    "dense, equal weights + memory",
+                    format!("dense-w{w}-s{s1}"),
+                    s1,
+                    &|o| {
+                        o.layers = Some(String::new());
+                        o.mlp_width = Some(w);
+                    },
+                ));
+            }
         }
     }
 
@@ -435,7 +485,11 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
         Err(e) => return Err(e.into()),
     };
     let bigram = bigram_floor(&base)?;
-    let md = results_markdown(&args, &out, &outcomes, bigram, &invocations, (w_b, w_c))?;
+    let md = if args.suite == "feedback" {
+        feedback_markdown(&args, &out, &outcomes, &invocations, w_b)
+    } else {
+        results_markdown(&args, &out, &outcomes, bigram, &invocations, (w_b, w_c))?
+    };
     std::fs::write(out.join("results.md"), &md)?;
     std::fs::write(out.join("results.csv"), results_csv(&outcomes))?;
     for f in ["memory.png", "loss.png"] {
@@ -460,7 +514,8 @@ fn run_job(j: &Job) -> Result<Outcome, Box<dyn std::error::Error>> {
     }
     let t0 = Instant::now();
     let report = run(&o)?;
-    let outcome = outcome(j, &report, t0.elapsed().as_secs_f64());
+    let mut outcome = outcome(j, &report, t0.elapsed().as_secs_f64());
+    outcome.contexts = contexts(&o, &j.contexts)?;
     std::fs::write(
         j.opts.run_dir.join("result.json"),
         serde_json::to_string_pretty(&outcome)?,
@@ -617,7 +672,124 @@ fn outcome(j: &Job, r: &Report, seconds: f64) -> Outcome {
             .collect(),
         seconds,
         train_tokens_per_s: r.train_tokens_per_s.unwrap_or(f64::NAN),
+        macs: cost.ff_macs_per_token() + cost.shared_macs_per_token,
+        feedback_mismatch: r.feedback_mismatch,
+        contexts: Vec::new(),
     }
+}
+
+/// The trained student of `o.run_dir` evaluated on the held-out text (the
+/// corpus's last 10%) in windows of each of `lengths` positions.
+fn contexts(o: &DistillOptions, lengths: &[usize]) -> Result<Vec<(usize, f64)>, Box<dyn std::error::Error>> {
+    if lengths.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    let (_, student) = burn_dmt::distill::load_student(&o.run_dir, &o.device.clone().autodiff(), &rt)?;
+    let codec = TextCodec::for_model(&o.teacher, None)?;
+    let corpus = Corpus::split(codec.encode(&std::fs::read_to_string(&o.corpus)?)?, 0.1);
+    let mut out = Vec::with_capacity(lengths.len());
+    for &t in lengths {
+        let eval = eval_batches(&corpus.eval, o.batch, t, o.eval_windows);
+        out.push((t, burn_dmt::train::evaluate(&student, None, &eval)?.nll));
+    }
+    Ok(out)
+}
+
+/// The feedback suite's results: each model with and without layerwise
+/// feedback over the seeds.
+fn feedback_markdown(args: &Args, out: &Path, outcomes: &[Outcome], invocations: &[Invocation], w_b: usize) -> String {
+    let seeds: Vec<String> = args.seeds.iter().map(u64::to_string).collect();
+    let runs = |model: &str| -> Vec<&Outcome> { outcomes.iter().filter(|o| o.model == model).collect() };
+    let mut s = format!(
+        "# Layerwise feedback\n\n\
+         Command: `cargo run --release --example dmt_experiments -- --suite feedback --seeds {} --steps {}` (output \
+         `{}`), results written at commit `{}` on this machine ({} cores); invocations: {}.\n\n\
+         Each model is distilled from the bundled teacher with the main job's recipe ({} steps of 16 × 64 tokens of \
+         tiny-shakespeare, seeds {}), with and without layerwise feedback (block i's input at position t gains a \
+         learned projection of block i + 1's layer-normalised output at t − 1, gradient stopped; trained with two \
+         teacher-forced passes, evaluated exactly, position by position). Held-out text: the last 10% ({} windows). \
+         CE in nats per token, ± the standard deviation over seeds. The dense student has MLPs of width {w_b}, its \
+         trained weights equal to the memory student's.\n\n\
+         | model | runs | held-out CE | KL(teacher ‖ model) | top-1 agreement | KL(exact ‖ two-pass training) | \
+         weights + memory floats | multiply-adds per token | training tokens/s |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        seeds.join(","),
+        args.steps,
+        out.display(),
+        commit(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        invocations
+            .iter()
+            .map(|i| format!(
+                "`{}` ({} runs at once, {} trained, {:.0} min)",
+                i.commit,
+                i.jobs,
+                i.trained.len(),
+                i.minutes
+            ))
+            .collect::<Vec<_>>()
+            .join("; "),
+        args.steps,
+        seeds.join(", "),
+        args.eval_windows,
+    );
+    let models = [
+        "memory",
+        "memory + feedback",
+        "dense, equal weights",
+        "dense, equal weights + feedback",
+    ];
+    for model in models {
+        let r = runs(model);
+        let Some(o) = r.first() else { continue };
+        let col = |f: &dyn Fn(&Outcome) -> f64| r.iter().map(|o| f(o)).collect::<Vec<f64>>();
+        let mismatch: Vec<f64> = r.iter().filter_map(|o| o.feedback_mismatch).collect();
+        s += &format!(
+            "| {model} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.len(),
+            pm(&col(&|o| o.nll), 4),
+            pm(&col(&|o| o.kl), 4),
+            pm(&col(&|o| 100.0 * o.agreement), 1),
+            if mismatch.is_empty() {
+                "—".into()
+            } else {
+                pm(&mismatch, 5)
+            },
+            o.weights + o.memory_floats,
+            o.macs,
+            pm(&col(&|o| o.train_tokens_per_s), 0),
+        );
+    }
+    s += "\n## Feedback's effect, per seed\n\nCE with feedback minus CE without, same seed (negative: feedback helps).\n\n\
+          | model | context | Δ CE per seed | mean ± sd |\n| --- | --- | --- | --- |\n";
+    for (base, fed) in [(models[0], models[1]), (models[2], models[3])] {
+        let lengths: Vec<usize> = runs(base)
+            .first()
+            .map(|o| o.contexts.iter().map(|c| c.0).collect())
+            .unwrap_or_default();
+        for t in lengths {
+            let at = |o: &Outcome| o.contexts.iter().find(|c| c.0 == t).map(|c| c.1);
+            let deltas: Vec<f64> = args
+                .seeds
+                .iter()
+                .filter_map(|&seed| {
+                    let b = runs(base).into_iter().find(|o| o.seed == seed).and_then(at)?;
+                    let f = runs(fed).into_iter().find(|o| o.seed == seed).and_then(at)?;
+                    Some(f - b)
+                })
+                .collect();
+            if deltas.is_empty() {
+                continue;
+            }
+            s += &format!(
+                "| {base} | {t} | {} | {} |\n",
+                deltas.iter().map(|d| format!("{d:+.4}")).collect::<Vec<_>>().join(", "),
+                pm(&deltas, 4)
+            );
+        }
+    }
+    s
 }
 
 /// The bigram floor's held-out cross-entropy, on the held-out windows every
@@ -944,11 +1116,12 @@ fn results_markdown(
 
 fn results_csv(outcomes: &[Outcome]) -> String {
     let mut s = String::from(
-        "name,model,seed,nll,kl,agreement,teacher_nll,weights,memory_floats,memory_rows,ff_macs,seconds,train_tokens_per_s\n",
+        "name,model,seed,nll,kl,agreement,teacher_nll,weights,memory_floats,memory_rows,ff_macs,seconds,\
+         train_tokens_per_s,macs,feedback_mismatch,contexts\n",
     );
     for o in outcomes {
         s += &format!(
-            "{},\"{}\",{},{},{},{},{},{},{},{},{},{},{}\n",
+            "{},\"{}\",{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
             o.name,
             o.model,
             o.seed,
@@ -961,7 +1134,14 @@ fn results_csv(outcomes: &[Outcome]) -> String {
             o.memory_rows,
             o.ff_macs,
             o.seconds,
-            o.train_tokens_per_s
+            o.train_tokens_per_s,
+            o.macs,
+            o.feedback_mismatch.map_or(String::new(), |m| m.to_string()),
+            o.contexts
+                .iter()
+                .map(|(t, ce)| format!("{t}:{ce}"))
+                .collect::<Vec<_>>()
+                .join(";")
         );
     }
     s

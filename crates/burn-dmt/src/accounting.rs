@@ -48,8 +48,8 @@ pub struct Accounting {
     pub weights: usize,
     /// Each block's feed-forward layer.
     pub layers: Vec<LayerCost>,
-    /// Multiply-adds per token of the attention layers and the LM head
-    /// (the same for every model of one architecture and vocabulary).
+    /// Multiply-adds per token of the attention layers, the LM head and,
+    /// when the model has it, layerwise feedback.
     pub shared_macs_per_token: u64,
 }
 
@@ -110,11 +110,14 @@ impl Accounting {
         // q|k|v and output projections; scores and weighted sum over the
         // context (counted at the full context, an upper bound); LM head.
         let attention = n_layer * (4 * c * c + 2 * c * config.n_positions as u64);
+        // Layerwise feedback: one projection into each block below the top
+        // (the top one's is used only with an external signal).
+        let feedback = model.feedback.as_ref().map_or(0, |_| n_layer.saturating_sub(1) * c * c);
         Accounting {
             all_weights: all,
             weights: all - embeddings,
             layers,
-            shared_macs_per_token: attention + c * vocab,
+            shared_macs_per_token: attention + c * vocab + feedback,
         }
     }
 

@@ -643,7 +643,7 @@ pub fn memorize(
         for step in 0..steps {
             let tick = base + 1 + step as u64;
             let b = sample_batch(&tokens, opts.batch, seq, &mut rng)?;
-            let logits = student.forward(b.inputs(&device), None)?;
+            let logits = student.forward_train(b.inputs(&device))?;
             let loss = cross_entropy_loss(logits, b.targets(&opts.device))?;
             let l = value(loss.ce)?;
             if !l.is_finite() {
@@ -939,7 +939,7 @@ pub fn finetune(
     let mut rng = SplitMix64::seed_from_u64(seed);
     for step in 0..steps {
         let b = sample_batch(tokens, batch, seq, &mut rng)?;
-        let logits = student.forward(b.inputs(&ad), None)?;
+        let logits = student.forward_train(b.inputs(&ad))?;
         let loss = cross_entropy_loss(logits, b.targets(device))?;
         let l = value(loss.ce)?;
         if !l.is_finite() {

@@ -118,6 +118,17 @@ impl FeedForward {
         }
     }
 
+    /// Puts back observations taken with [`FeedForward::take_observed`]
+    /// ahead of any recorded since (no effect on other layers).
+    pub fn restore_observed(&self, kept: Vec<crate::memory::tier::Observation>) {
+        match self {
+            FeedForward::Featural(f) => f.restore_observed(kept),
+            FeedForward::Associative(a) => a.restore_observed(kept),
+            FeedForward::KeyValue(m) => m.restore_observed(kept),
+            _ => {}
+        }
+    }
+
     /// Whether a memory layer records its retrievals and proposals (training)
     /// or leaves its memory as it is (evaluation); no effect on other layers.
     pub fn set_learning(&mut self, learning: bool) {
@@ -141,6 +152,10 @@ pub struct LayerCache {
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<LayerCache>>,
+    /// With layerwise feedback: each block's output at the last cached
+    /// position, `[batch, 1, n_embd]`, which the next position's blocks
+    /// below it are fed.
+    feedback: Option<Vec<Tensor<3>>>,
 }
 
 impl KvCache {
@@ -240,6 +255,94 @@ impl Block {
     }
 }
 
+/// Layerwise feedback: block `i`'s input at position `t` gains
+/// `proj_i(ln_i(out_{i+1}(t − 1)))`, a learned projection of the
+/// layer-normalised output of the block above at the previous position,
+/// with its gradient stopped (the fed-back output is an input, so there is
+/// no backpropagation through time). The top block is fed an optional
+/// external signal instead. It follows the Feedback Transformer (Fan et al.
+/// 2020, which feeds every layer a pooled memory of all layers' past
+/// states) but block by block, one position back.
+///
+/// Exact inference is sequential: position `t` needs the outputs at `t − 1`
+/// of every block. [`Gpt2::forward`] computes it token by token through the
+/// KV cache. Teacher-forced training uses [`Gpt2::forward_parallel`]: pass 0
+/// runs without feedback, pass `j` is fed pass `j − 1`'s block outputs
+/// shifted one position; pass `j` is exact for positions `≤ j`, so `t`
+/// passes over `t` positions equal the sequential computation and the
+/// default of 2 passes is the approximation training uses.
+///
+/// The projections start at zero: a student given feedback computes what
+/// it computed without until training moves them.
+#[derive(Module, Debug)]
+pub struct Feedback {
+    /// LayerNorm of the fed-back output, one per block.
+    pub ln: Vec<LayerNorm>,
+    /// Projection of it into the block's input, `[n_embd, n_embd]`, one per block.
+    pub proj: Vec<Linear>,
+    #[module(skip)]
+    passes: usize,
+}
+
+impl Feedback {
+    /// Feedback for every block of a model shaped by `config`, trained with
+    /// `passes` parallel passes (at least 2: one pass feeds nothing back).
+    pub fn new(config: &Gpt2Config, passes: usize, device: &Device) -> Result<Self> {
+        if passes < 2 {
+            return Err(DmtError::InvalidArgument(format!(
+                "feedback needs at least 2 training passes (the first one feeds nothing back), got {passes}"
+            )));
+        }
+        let c = config.n_embd;
+        let zero = || Linear {
+            weight: Param::from_tensor(Tensor::zeros([c, c], device)),
+            bias: Some(Param::from_tensor(Tensor::zeros([c], device))),
+        };
+        Ok(Feedback {
+            ln: (0..config.n_layer).map(|_| layer_norm(config, device)).collect(),
+            proj: (0..config.n_layer).map(|_| zero()).collect(),
+            passes,
+        })
+    }
+
+    /// Parallel passes of teacher-forced training.
+    pub fn passes(&self) -> usize {
+        self.passes
+    }
+
+    /// What block `i` is fed from `source` (its gradient stopped).
+    fn project(&self, i: usize, source: Tensor<3>) -> Tensor<3> {
+        self.proj[i].forward(self.ln[i].forward(source.detach()))
+    }
+
+    /// What block `i` is fed at each of `t` positions from the block above's
+    /// outputs `above` `[b, t, c]` at the same positions of the previous
+    /// pass: position `j` gets `above[j − 1]`, the first position `prev`
+    /// (the cached output one position back) or nothing at the sequence start.
+    fn shifted(&self, i: usize, above: &Tensor<3>, prev: Option<&Tensor<3>>) -> Tensor<3> {
+        let [b, t, c] = above.dims();
+        let earlier = (t > 1).then(|| above.clone().narrow(1, 0, t - 1));
+        match (prev, earlier) {
+            (Some(p), Some(e)) => self.project(i, Tensor::cat(vec![p.clone(), e], 1)),
+            (Some(p), None) => self.project(i, p.clone()),
+            (None, Some(e)) => Tensor::cat(vec![Tensor::zeros([b, 1, c], &above.device()), self.project(i, e)], 1),
+            (None, None) => above.zeros_like(),
+        }
+    }
+}
+
+/// One pass through the blocks.
+struct Pass {
+    /// The last block's output (before `ln_f`).
+    x: Tensor<3>,
+    /// Each block's output.
+    outputs: Vec<Tensor<3>>,
+    /// The embeddings, then each block's output (when asked for).
+    states: Vec<Tensor<3>>,
+    /// Each block's feed-forward input and output (when asked for).
+    ff: Vec<(Tensor<3>, Tensor<3>)>,
+}
+
 /// What a forward pass returns.
 #[derive(Clone, Debug)]
 pub struct Gpt2Output {
@@ -261,6 +364,8 @@ pub struct Gpt2 {
     pub h: Vec<Block>,
     /// Final LayerNorm.
     pub ln_f: LayerNorm,
+    /// Layerwise feedback (`None`: GPT-2 as it is).
+    pub feedback: Option<Feedback>,
     #[module(skip)]
     config: Gpt2Config,
 }
@@ -321,6 +426,7 @@ impl Gpt2 {
             wpe: Embedding { weight: wpe },
             h,
             ln_f: layer_norm(config, device),
+            feedback: None,
             config: config.clone(),
         })
     }
@@ -332,8 +438,16 @@ impl Gpt2 {
             wpe,
             h,
             ln_f,
+            feedback: None,
             config,
         }
+    }
+
+    /// The model with layerwise feedback added ([`Feedback`], projections
+    /// at zero, `passes` parallel passes in training).
+    pub fn with_feedback(mut self, passes: usize) -> Result<Self> {
+        self.feedback = Some(Feedback::new(&self.config, passes, &self.device())?);
+        Ok(self)
     }
 
     /// The configuration.
@@ -377,49 +491,211 @@ impl Gpt2 {
         Ok(self.forward_full(ids, cache, false)?.logits)
     }
 
-    /// Logits and, when `hidden` is set, every hidden state.
+    /// Logits and, when `hidden` is set, every hidden state. With layerwise
+    /// feedback, the exact sequential computation: position by position
+    /// through `cache` (a fresh one when none is given).
     pub fn forward_full(&self, ids: Tensor<2, Int>, cache: Option<&mut KvCache>, hidden: bool) -> Result<Gpt2Output> {
+        self.forward_external(ids, cache, None, hidden)
+    }
+
+    /// [`Gpt2::forward_full`] with `external` `[batch, seq, n_embd]` fed to
+    /// the top block (layerwise feedback only; its row `j` is what position
+    /// `j` is fed).
+    pub fn forward_external(
+        &self,
+        ids: Tensor<2, Int>,
+        cache: Option<&mut KvCache>,
+        external: Option<Tensor<3>>,
+        hidden: bool,
+    ) -> Result<Gpt2Output> {
+        let n = self.h.len();
+        let Some(fb) = &self.feedback else {
+            if external.is_some() {
+                return Err(DmtError::InvalidArgument(
+                    "an external feedback signal for a model without feedback".into(),
+                ));
+            }
+            let past = cache.as_ref().map_or(0, |c| c.len());
+            let x = self.embed(ids, past)?;
+            let p = self.pass(x, vec![None; n], cache, hidden, false)?;
+            return Ok(self.output(p, hidden));
+        };
+        let [b, t] = ids.dims();
+        self.check_external(external.as_ref(), [b, t])?;
+        let mut own = KvCache::new();
+        let cache = cache.unwrap_or(&mut own);
+        let mut logits = Vec::with_capacity(t);
+        let mut states: Vec<Vec<Tensor<3>>> = vec![Vec::with_capacity(t); if hidden { n + 1 } else { 0 }];
+        for j in 0..t {
+            let past = cache.len();
+            let x = self.embed(ids.clone().narrow(1, j, 1), past)?;
+            let prev = cache.feedback.take().filter(|_| past > 0);
+            let mut feed: Vec<Option<Tensor<3>>> = (0..n)
+                .map(|i| {
+                    let above = prev.as_ref().and_then(|p| p.get(i + 1))?;
+                    Some(fb.project(i, above.clone()))
+                })
+                .collect();
+            if let Some(e) = &external {
+                feed[n - 1] = Some(fb.project(n - 1, e.clone().narrow(1, j, 1)));
+            }
+            let p = self.pass(x, feed, Some(&mut *cache), hidden, false)?;
+            cache.feedback = Some(p.outputs.iter().map(|o| o.clone().detach()).collect());
+            let out = self.output(p, hidden);
+            logits.push(out.logits);
+            for (all, s) in states.iter_mut().zip(out.hidden_states) {
+                all.push(s);
+            }
+        }
+        Ok(Gpt2Output {
+            logits: Tensor::cat(logits, 1),
+            hidden_states: states.into_iter().map(|s| Tensor::cat(s, 1)).collect(),
+        })
+    }
+
+    fn check_external(&self, external: Option<&Tensor<3>>, [b, t]: [usize; 2]) -> Result<()> {
+        match external {
+            Some(e) if e.dims() != [b, t, self.config.n_embd] => Err(DmtError::InvalidArgument(format!(
+                "external feedback of shape {:?} for {b} × {t} positions of width {}",
+                e.dims(),
+                self.config.n_embd
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The logits (and hidden states) of a pass.
+    fn output(&self, p: Pass, hidden: bool) -> Gpt2Output {
+        let x = self.ln_f.forward(p.x);
+        let mut states = p.states;
+        if hidden {
+            states.push(x.clone());
+        }
+        Gpt2Output {
+            logits: self.lm_head(x),
+            hidden_states: states,
+        }
+    }
+
+    /// Runs the blocks over `x`, block `i`'s input plus `feed[i]`.
+    fn pass(
+        &self,
+        x: Tensor<3>,
+        feed: Vec<Option<Tensor<3>>>,
+        cache: Option<&mut KvCache>,
+        hidden: bool,
+        ff: bool,
+    ) -> Result<Pass> {
         let n = self.h.len();
         let mut cache = cache;
-        let past = cache.as_ref().map_or(0, |c| c.len());
         if let Some(c) = cache.as_mut()
             && c.layers.len() != n
         {
             c.layers = vec![None; n];
         }
-        let mut x = self.embed(ids, past)?;
-        let mut states = Vec::new();
-        for (i, block) in self.h.iter().enumerate() {
+        let mut x = x;
+        let mut p = Pass {
+            x: x.clone(),
+            outputs: Vec::with_capacity(n),
+            states: Vec::new(),
+            ff: Vec::new(),
+        };
+        for ((i, block), fed) in self.h.iter().enumerate().zip(feed) {
             if hidden {
-                states.push(x.clone());
+                p.states.push(x.clone());
+            }
+            if let Some(f) = fed {
+                x = x + f;
             }
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-            x = block.forward(x, slot)?;
+            x = if ff {
+                let h = x.clone() + block.attn.forward(block.ln_1.forward(x), slot);
+                let ff_in = block.ln_2.forward(h.clone());
+                let ff_out = block.mlp.forward(ff_in.clone())?;
+                p.ff.push((ff_in, ff_out.clone()));
+                h + ff_out
+            } else {
+                block.forward(x, slot)?
+            };
+            if self.feedback.is_some() {
+                p.outputs.push(x.clone());
+            }
         }
-        let x = self.ln_f.forward(x);
-        if hidden {
-            states.push(x.clone());
+        p.x = x;
+        Ok(p)
+    }
+
+    /// Teacher-forced logits of `ids` with layerwise feedback approximated
+    /// by `passes` parallel passes ([`Feedback`]); without feedback, or with
+    /// one pass, the ordinary forward pass. Memory layers record only the
+    /// last pass (the earlier ones only supply what is fed back).
+    pub fn forward_parallel(&self, ids: Tensor<2, Int>, passes: usize) -> Result<Tensor<3>> {
+        Ok(self.parallel(ids, passes, None, false)?.0)
+    }
+
+    /// [`Gpt2::forward_parallel`] with the model's own training passes (the
+    /// teacher-forced forward pass of training).
+    pub fn forward_train(&self, ids: Tensor<2, Int>) -> Result<Tensor<3>> {
+        self.forward_parallel(ids, self.train_passes())
+    }
+
+    /// Parallel passes of teacher-forced training (1 without feedback).
+    pub fn train_passes(&self) -> usize {
+        self.feedback.as_ref().map_or(1, Feedback::passes)
+    }
+
+    fn parallel(
+        &self,
+        ids: Tensor<2, Int>,
+        passes: usize,
+        external: Option<Tensor<3>>,
+        ff: bool,
+    ) -> Result<(Tensor<3>, Vec<(Tensor<3>, Tensor<3>)>)> {
+        let n = self.h.len();
+        let [b, t] = ids.dims();
+        self.check_external(external.as_ref(), [b, t])?;
+        let x = self.embed(ids, 0)?;
+        let Some(fb) = &self.feedback else {
+            let mut p = self.pass(x, vec![None; n], None, false, ff)?;
+            let ffs = std::mem::take(&mut p.ff);
+            return Ok((self.output(p, false).logits, ffs));
+        };
+        let top = external.map(|e| fb.project(n - 1, e));
+        let mut above: Option<Vec<Tensor<3>>> = None;
+        for pass in 0..passes.max(1) {
+            let mut feed: Vec<Option<Tensor<3>>> = match &above {
+                None => vec![None; n],
+                Some(outs) => (0..n)
+                    .map(|i| outs.get(i + 1).map(|o| fb.shifted(i, o, None)))
+                    .collect(),
+            };
+            feed[n - 1] = top.clone();
+            if pass + 1 == passes.max(1) {
+                let mut p = self.pass(x, feed, None, false, ff)?;
+                let ffs = std::mem::take(&mut p.ff);
+                return Ok((self.output(p, false).logits, ffs));
+            }
+            // An earlier pass: what it feeds back is an input of the next,
+            // and memory layers must not count it as a training pass.
+            let kept: Vec<_> = self.h.iter().map(|blk| blk.mlp.take_observed()).collect();
+            let p = self.pass(x.clone(), feed, None, false, false);
+            for (blk, kept) in self.h.iter().zip(kept) {
+                drop(blk.mlp.take_observed());
+                if let Some(kept) = kept {
+                    blk.mlp.restore_observed(kept);
+                }
+            }
+            above = Some(p?.outputs.into_iter().map(Tensor::detach).collect());
         }
-        Ok(Gpt2Output {
-            logits: self.lm_head(x),
-            hidden_states: states,
-        })
+        Err(DmtError::InvalidArgument("no pass ran".into()))
     }
 
     /// Logits and, for each block, the input of its feed-forward layer (after
     /// `ln_2`) and that layer's output — the hidden-state distillation
-    /// targets.
+    /// targets. With layerwise feedback, the teacher-forced approximation of
+    /// training ([`Gpt2::forward_train`]).
     pub fn forward_with_ff(&self, ids: Tensor<2, Int>) -> Result<(Tensor<3>, Vec<(Tensor<3>, Tensor<3>)>)> {
-        let mut x = self.embed(ids, 0)?;
-        let mut ff = Vec::with_capacity(self.h.len());
-        for block in &self.h {
-            let h = x.clone() + block.attn.forward(block.ln_1.forward(x), None);
-            let ff_in = block.ln_2.forward(h.clone());
-            let ff_out = block.mlp.forward(ff_in.clone())?;
-            x = h + ff_out.clone();
-            ff.push((ff_in, ff_out));
-        }
-        Ok((self.lm_head(self.ln_f.forward(x)), ff))
+        self.parallel(ids, self.train_passes(), None, true)
     }
 
     /// Block `i`'s feed-forward layer, to change between steps (a memory

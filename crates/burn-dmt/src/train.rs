@@ -254,3 +254,24 @@ pub fn evaluate(model: &Gpt2, teacher: Option<&Gpt2>, batches: &[Window]) -> Res
         seconds,
     })
 }
+
+/// How far layerwise feedback's teacher-forced approximation (the model's
+/// training passes, [`Gpt2::forward_train`]) is from the exact sequential
+/// computation ([`Gpt2::forward`]) on `batches`: the mean over positions of
+/// KL(exact ‖ approximation), nats. Zero for a model without feedback.
+pub fn feedback_mismatch(model: &Gpt2, batches: &[Window]) -> Result<f64> {
+    let model = &untracked(model);
+    let device = model.device();
+    let (mut kl, mut n) = (0.0f64, 0usize);
+    for b in batches {
+        let m = b.b * b.t;
+        let exact = model.forward(b.inputs(&device), None)?.detach().inner();
+        let approx = model.forward_train(b.inputs(&device))?.detach().inner();
+        kl += value(distill_kl(approx, exact, 1.0))? * m as f64;
+        n += m;
+    }
+    if n == 0 {
+        return Err(DmtError::InvalidArgument("no held-out text to compare on".into()));
+    }
+    Ok(kl / n as f64)
+}

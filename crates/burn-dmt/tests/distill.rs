@@ -568,3 +568,47 @@ fn a_keyvalue_student_trains_resumes_and_reloads() {
     let again = eval_only(&o.run_dir, &eval, &o).unwrap();
     assert!((again.student.nll - resumed.student.nll).abs() < 1e-3 * resumed.student.nll);
 }
+
+#[test]
+fn a_student_with_feedback_trains_reloads_and_reports_its_mismatch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, eval) = tiny_setup(dir.path());
+    let mut o = options(dir.path(), train, &eval);
+    o.feedback = Some(2);
+    o.attention_baseline = false;
+    o.steps = 6;
+    let r = run(&o).unwrap();
+    let spec = burn_dmt::distill::read_spec(&o.run_dir).unwrap();
+    assert_eq!(spec.feedback, Some(2));
+    let mismatch = r.feedback_mismatch.expect("a feedback student reports its mismatch");
+    assert!(mismatch.is_finite() && mismatch >= 0.0, "{mismatch}");
+    assert!(r.markdown().contains("layerwise feedback"));
+    // Its projections, zero at the start, trained; the cost counts them.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (_, student) = burn_dmt::distill::load_student(&o.run_dir, &Device::flex().autodiff(), &rt).unwrap();
+    let fb = student.feedback.as_ref().expect("the reloaded student has feedback");
+    assert_eq!(fb.passes(), 2);
+    let w = fb.proj[0]
+        .weight
+        .val()
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap();
+    assert!(w.iter().any(|x| *x != 0.0), "the feedback projection did not train");
+    assert_eq!(
+        r.student_cost.all_weights,
+        burn_dmt::burn::module::Module::num_params(&student)
+    );
+    // Evaluated again from the run directory, exactly as at the end of training.
+    let again = eval_only(&o.run_dir, &eval, &o).unwrap();
+    assert!((again.student.nll - r.student.nll).abs() < 1e-4 * r.student.nll);
+    assert_eq!(
+        again.feedback_mismatch.map(|m| (m * 1e6).round()),
+        Some((mismatch * 1e6).round())
+    );
+    // Without feedback, a run reports no mismatch.
+    o.feedback = None;
+    o.run_dir = dir.path().join("plain");
+    assert!(run(&o).unwrap().feedback_mismatch.is_none());
+}

@@ -250,6 +250,15 @@ impl AssociativeMemory {
         std::mem::take(&mut *self.observed.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// Puts back observations taken with `take_observed`, ahead of any
+    /// recorded since (a pass whose observations must not count is run
+    /// between the two calls and its own taken and dropped).
+    pub fn restore_observed(&self, mut kept: Vec<Observation>) {
+        let mut o = self.observed.lock().unwrap_or_else(|e| e.into_inner());
+        kept.append(&mut o);
+        *o = kept;
+    }
+
     /// Between steps: records the accesses of the retrieved memories at
     /// `tick`, applies the sparse value update when a value gradient is
     /// given (trainable tier values), recombines near-duplicate observations

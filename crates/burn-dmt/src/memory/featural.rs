@@ -194,6 +194,15 @@ impl FeaturalMemory {
         std::mem::take(&mut *self.observed.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// Puts back observations taken with `take_observed`, ahead of any
+    /// recorded since (a pass whose observations must not count is run
+    /// between the two calls and its own taken and dropped).
+    pub fn restore_observed(&self, mut kept: Vec<Observation>) {
+        let mut o = self.observed.lock().unwrap_or_else(|e| e.into_inner());
+        kept.append(&mut o);
+        *o = kept;
+    }
+
     /// Between steps: records the accesses of the memories retrieved since
     /// the last commit at `tick`, applies the sparse value update
     /// `value −= lr · grad` to them when a value gradient is given, and, with

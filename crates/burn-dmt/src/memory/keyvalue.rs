@@ -116,6 +116,15 @@ impl KeyValueMemory {
         std::mem::take(&mut *self.observed.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// Puts back observations taken with `take_observed`, ahead of any
+    /// recorded since (a pass whose observations must not count is run
+    /// between the two calls and its own taken and dropped).
+    pub fn restore_observed(&self, mut kept: Vec<Observation>) {
+        let mut o = self.observed.lock().unwrap_or_else(|e| e.into_inner());
+        kept.append(&mut o);
+        *o = kept;
+    }
+
     /// Between steps: records the accesses of the memories retrieved since
     /// the last commit at `tick` and applies the sparse value update when a
     /// value gradient is given ([`DeviceMemory::commit`]; nothing is
