@@ -268,25 +268,33 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let w_b = width_for(student_weights, attention_weights, n, c);
     let w_c = width_for(student_weights + floats_at(base.capacity), attention_weights, n, c);
+    // Layerwise feedback's weights: a projection and a LayerNorm per block.
+    let w_f = width_for(student_weights + n * (c * c + 3 * c), attention_weights, n, c);
     if args.suite == "feedback" {
         let contexts: Vec<usize> = [32, 64, 128].into_iter().filter(|&t| t <= config.n_positions).collect();
         for &seed in &args.seeds {
-            for (model, name, f) in [
-                ("memory", format!("memory-s{seed}"), None),
-                ("memory + feedback", format!("memory-feedback-s{seed}"), Some(2)),
-                ("dense, equal weights", format!("dense-w{w_b}-s{seed}"), None),
+            for (model, name, f, width) in [
+                ("memory", format!("memory-s{seed}"), None, None),
+                ("memory + feedback", format!("memory-feedback-s{seed}"), Some(2), None),
+                ("dense, equal weights", format!("dense-w{w_b}-s{seed}"), None, Some(w_b)),
                 (
                     "dense, equal weights + feedback",
                     format!("dense-w{w_b}-feedback-s{seed}"),
                     Some(2),
+                    Some(w_b),
+                ),
+                (
+                    "dense, the weights of dense + feedback",
+                    format!("dense-w{w_f}-s{seed}"),
+                    None,
+                    Some(w_f),
                 ),
             ] {
-                let dense = model.starts_with("dense");
                 let mut j = job("seeded", model, name, seed, &|o| {
                     o.feedback = f;
-                    if dense {
+                    if width.is_some() {
                         o.layers = Some(String::new());
-                        o.mlp_width = Some(w_b);
+                        o.mlp_width = width;
                     }
                 });
                 j.contexts = contexts.clone();
@@ -518,7 +526,7 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let bigram = bigram_floor(&base)?;
     let md = if args.suite == "feedback" {
-        feedback_markdown(&args, &out, &outcomes, &invocations, w_b)
+        feedback_markdown(&args, &out, &outcomes, &invocations, (w_b, w_f))
     } else {
         results_markdown(&args, &out, &outcomes, bigram, &invocations, (w_b, w_c))?
     };
@@ -719,10 +727,7 @@ type Extra = (Vec<(usize, f64)>, Option<f64>);
 /// last 10%): its CE in windows of each of `lengths` positions, and, with
 /// layerwise feedback, the CE of training's teacher-forced approximation
 /// in the run's own windows.
-fn extra_evaluations(
-    o: &DistillOptions,
-    lengths: &[usize],
-) -> Result<Extra, Box<dyn std::error::Error>> {
+fn extra_evaluations(o: &DistillOptions, lengths: &[usize]) -> Result<Extra, Box<dyn std::error::Error>> {
     if lengths.is_empty() && o.feedback.is_none() {
         return Ok((Vec::new(), None));
     }
@@ -755,7 +760,13 @@ fn extra_evaluations(
 
 /// The feedback suite's results: each model with and without layerwise
 /// feedback over the seeds.
-fn feedback_markdown(args: &Args, out: &Path, outcomes: &[Outcome], invocations: &[Invocation], w_b: usize) -> String {
+fn feedback_markdown(
+    args: &Args,
+    out: &Path,
+    outcomes: &[Outcome],
+    invocations: &[Invocation],
+    (w_b, w_f): (usize, usize),
+) -> String {
     let seeds: Vec<String> = args.seeds.iter().map(u64::to_string).collect();
     let runs = |model: &str| -> Vec<&Outcome> { outcomes.iter().filter(|o| o.model == model).collect() };
     let mut s = format!(
@@ -767,7 +778,8 @@ fn feedback_markdown(args: &Args, out: &Path, outcomes: &[Outcome], invocations:
          learned projection of block i + 1's layer-normalised output at t − 1, gradient stopped; trained with two \
          teacher-forced passes, evaluated exactly, position by position). Held-out text: the last 10% ({} windows). \
          CE in nats per token, ± the standard deviation over seeds. The dense student has MLPs of width {w_b}, its \
-         trained weights equal to the memory student's.\n\n\
+         trained weights equal to the memory student's; feedback adds a projection and a LayerNorm per block, so \
+         the dense student of width {w_f} has the trained weights of the dense student with feedback.\n\n\
          | model | runs | held-out CE | KL(teacher ‖ model) | top-1 agreement | CE of training's approximation | \
          KL(exact ‖ approximation) | weights + memory floats | multiply-adds per token | training tokens/s |\n\
          | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
@@ -796,6 +808,7 @@ fn feedback_markdown(args: &Args, out: &Path, outcomes: &[Outcome], invocations:
         "memory + feedback",
         "dense, equal weights",
         "dense, equal weights + feedback",
+        "dense, the weights of dense + feedback",
     ];
     for model in models.into_iter().chain(["memory + feedback, 3 training passes"]) {
         let r = runs(model);
@@ -817,9 +830,13 @@ fn feedback_markdown(args: &Args, out: &Path, outcomes: &[Outcome], invocations:
             pm(&col(&|o| o.train_tokens_per_s), 0),
         );
     }
-    s += "\n## Feedback's effect, per seed\n\nCE with feedback minus CE without, same seed (negative: feedback helps).\n\n\
+    s += "\n## Feedback's effect, per seed\n\nCE with feedback minus CE without, same seed (negative: feedback helps); the last rows compare the dense student with feedback to the dense student of its trained weights without. The students and the teacher were trained on windows of 64 positions: at 128, positions 64–127 have position embeddings no training step has used.\n\n\
           | model | context | Δ CE per seed | mean ± sd |\n| --- | --- | --- | --- |\n";
-    for (base, fed) in [(models[0], models[1]), (models[2], models[3])] {
+    for (label, base, fed) in [
+        ("memory", models[0], models[1]),
+        ("dense, equal weights", models[2], models[3]),
+        ("dense against dense of its weights", models[4], models[3]),
+    ] {
         let lengths: Vec<usize> = runs(base)
             .first()
             .map(|o| o.contexts.iter().map(|c| c.0).collect())
@@ -839,7 +856,7 @@ fn feedback_markdown(args: &Args, out: &Path, outcomes: &[Outcome], invocations:
                 continue;
             }
             s += &format!(
-                "| {base} | {t} | {} | {} |\n",
+                "| {label} | {t} | {} | {} |\n",
                 deltas.iter().map(|d| format!("{d:+.4}")).collect::<Vec<_>>().join(", "),
                 pm(&deltas, 4)
             );
