@@ -301,17 +301,18 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
                 jobs.push(j);
             }
         }
-        // More passes bring training closer to exact inference (one seed).
-        let s1 = args.seeds.first().copied().unwrap_or(1);
-        let mut j = job(
-            "variant",
-            "memory + feedback, 3 training passes",
-            format!("memory-feedback3-s{s1}"),
-            s1,
-            &|o| o.feedback = Some(3),
-        );
-        j.contexts = contexts.clone();
-        jobs.push(j);
+        // More passes bring training closer to exact inference.
+        for &seed in &args.seeds {
+            let mut j = job(
+                "seeded",
+                "memory + feedback, 3 training passes",
+                format!("memory-feedback3-s{seed}"),
+                seed,
+                &|o| o.feedback = Some(3),
+            );
+            j.contexts = contexts.clone();
+            jobs.push(j);
+        }
     }
     let s1 = args.seeds.first().copied().unwrap_or(1);
     if args.suite == "quality" {
@@ -836,6 +837,11 @@ fn feedback_markdown(
         ("memory", models[0], models[1]),
         ("dense, equal weights", models[2], models[3]),
         ("dense against dense of its weights", models[4], models[3]),
+        (
+            "memory, 3 training passes",
+            models[0],
+            "memory + feedback, 3 training passes",
+        ),
     ] {
         let lengths: Vec<usize> = runs(base)
             .first()
