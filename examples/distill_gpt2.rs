@@ -120,7 +120,7 @@ struct Args {
     #[arg(long)]
     feedback: bool,
     /// Parallel passes that approximate the feedback in teacher-forced training (pass j is exact for the first j
-    /// positions; default 2).
+    /// positions; default 3).
     #[arg(long, requires = "feedback")]
     feedback_passes: Option<usize>,
     /// Held-out windows to evaluate.
@@ -206,7 +206,7 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
     );
     o.shared_heads = args.shared_heads;
     o.mlp_width = args.mlp_width;
-    o.feedback = args.feedback.then_some(args.feedback_passes.unwrap_or(2));
+    o.feedback = args.feedback.then_some(args.feedback_passes.unwrap_or(3));
     o.resume = args.resume;
     o.halt_after = args.halt_after;
     o.profile = args.profile;
