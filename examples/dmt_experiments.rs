@@ -777,7 +777,8 @@ fn feedback_markdown(
          Each model is distilled from the bundled teacher with the main job's recipe ({} steps of 16 × 64 tokens of \
          tiny-shakespeare, seeds {}), with and without layerwise feedback (block i's input at position t gains a \
          learned projection of block i + 1's layer-normalised output at t − 1, gradient stopped; trained with two \
-         teacher-forced passes, evaluated exactly, position by position). Held-out text: the last 10% ({} windows). \
+         teacher-forced parallel passes, or three where the row says so, and evaluated exactly, position by \
+         position). Held-out text: the last 10% ({} windows). \
          CE in nats per token, ± the standard deviation over seeds. The dense student has MLPs of width {w_b}, its \
          trained weights equal to the memory student's; feedback adds a projection and a LayerNorm per block, so \
          the dense student of width {w_f} has the trained weights of the dense student with feedback.\n\n\
