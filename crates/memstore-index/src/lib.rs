@@ -582,6 +582,14 @@ impl HnswIndex {
         Ok(())
     }
 
+    /// Checks that the index saved at `path` is intact and was built from
+    /// exactly these rows (what [`HnswIndex::open_or_build`] would load
+    /// rather than rebuild); the error says why not. Writes nothing.
+    pub fn verify_saved(path: &Path, metric: Metric, dim: usize, ids: &[MemoryId], keys: &[f32]) -> Result<()> {
+        check_rows("keys", keys, dim, Some(ids.len()))?;
+        Self::load(path, metric, dim, HnswOptions::default(), ids, keys).map(|_| ())
+    }
+
     /// Loads the index saved at `path` if it is intact and was built from
     /// exactly these rows; otherwise builds it from the rows and saves it.
     pub fn open_or_build(

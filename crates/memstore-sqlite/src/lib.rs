@@ -230,6 +230,56 @@ impl SqliteDriver {
         self.sql_knn
     }
 
+    /// Checks the file against itself and returns the problems found (none:
+    /// sound): SQLite's `PRAGMA integrity_check` (pages, b-trees, indexes),
+    /// its foreign-key check (tags of memories that are gone), and, when keys
+    /// are mirrored for SQL kNN, that `memory_keys` holds exactly the rows'
+    /// ids with their keys bit for bit. Reads only.
+    pub async fn integrity_problems(&self) -> Result<Vec<String>> {
+        let mut problems: Vec<String> = sqlx::query_scalar::<_, String>("PRAGMA integrity_check")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(sql)?
+            .into_iter()
+            .filter(|line| line != "ok")
+            .map(|line| format!("integrity_check: {line}"))
+            .collect();
+        let orphans: Vec<(String, i64)> =
+            sqlx::query_as(r#"SELECT "table", count(*) FROM pragma_foreign_key_check GROUP BY "table""#)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(sql)?;
+        problems.extend(
+            orphans
+                .into_iter()
+                .map(|(table, n)| format!("{n} rows of {table} refer to rows that do not exist")),
+        );
+        if self.sql_knn {
+            let missing: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM memories m WHERE NOT EXISTS \
+                 (SELECT 1 FROM memory_keys k WHERE k.rowid = m.id AND k.key = m.key)",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .map_err(sql)?;
+            if missing > 0 {
+                problems.push(format!(
+                    "{missing} memories have no row, or another key, in the SQL kNN table memory_keys"
+                ));
+            }
+            let stray: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM memory_keys k WHERE NOT EXISTS (SELECT 1 FROM memories m WHERE m.id = k.rowid)",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .map_err(sql)?;
+            if stray > 0 {
+                problems.push(format!("memory_keys holds {stray} keys of memories that do not exist"));
+            }
+        }
+        Ok(problems)
+    }
+
     async fn connect(path: PathBuf, config: Option<MemoryConfig>, options: SqliteOptions) -> Result<Opened<Self>> {
         if config.is_none() {
             driver::require_file(&path)?;
