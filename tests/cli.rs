@@ -84,6 +84,19 @@ async fn all(s: &impl MemoryStore) -> Vec<Memory> {
     s.get(&ids).await.unwrap()
 }
 
+/// Creates the fixture store at `db` (see [`fill`]) and returns its
+/// memories and next id.
+fn fixture(rt: &tokio::runtime::Runtime, db: &Path) -> (Vec<Memory>, u64) {
+    rt.block_on(async {
+        let s = SqliteStore::open(db, config()).await.unwrap();
+        fill(&s).await;
+        let m = all(&s).await;
+        let next = s.stats().await.unwrap().next_id;
+        s.close().await.unwrap();
+        (m, next)
+    })
+}
+
 fn url_of(path: &Path) -> String {
     format!("sqlite:{}", path.display())
 }
@@ -94,14 +107,7 @@ fn every_subcommand_on_a_sqlite_file() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("m.db");
     let url = url_of(&db);
-    let (before, next_id) = rt.block_on(async {
-        let s = SqliteStore::open(&db, config()).await.unwrap();
-        fill(&s).await;
-        let m = all(&s).await;
-        let next = s.stats().await.unwrap().next_id;
-        s.close().await.unwrap();
-        (m, next)
-    });
+    let (before, next_id) = fixture(&rt, &db);
     assert!(
         before.iter().any(|m| m.tags.values().any(|&n| n > 1)),
         "the fixture has merged memories with tag counts above 1"
@@ -295,11 +301,7 @@ fn bad_input_is_an_error_that_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("m.db");
     let url = url_of(&db);
-    rt.block_on(async {
-        let s = SqliteStore::open(&db, config()).await.unwrap();
-        fill(&s).await;
-        s.close().await.unwrap();
-    });
+    fixture(&rt, &db);
     let snapshot = ok(&["export", &url]);
 
     // A read command does not create a missing store.
@@ -430,13 +432,7 @@ fn every_subcommand_through_memstored() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("m.db");
-    let before = rt.block_on(async {
-        let s = SqliteStore::open(&db, config()).await.unwrap();
-        fill(&s).await;
-        let m = all(&s).await;
-        s.close().await.unwrap();
-        m
-    });
+    let (before, _) = fixture(&rt, &db);
     let exported = dir.path().join("m.jsonl");
     ok(&["export", &url_of(&db), "--out", exported.to_str().unwrap()]);
 
