@@ -129,6 +129,29 @@ impl FeedForward {
         }
     }
 
+    /// A memory layer's retrieval traces ([`crate::memory::trace`]; `None`:
+    /// not a memory layer).
+    pub fn tracer(&self) -> Option<&crate::memory::trace::Tracer> {
+        match self {
+            FeedForward::Featural(f) => Some(f.tracer()),
+            FeedForward::Associative(a) => Some(a.tracer()),
+            FeedForward::KeyValue(m) => Some(m.tracer()),
+            _ => None,
+        }
+    }
+
+    /// The sub-layer's kind, as `--layers` names it (`mlp`, `ablated`,
+    /// `featural`, `associative`, `keyvalue`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FeedForward::Mlp(_) => "mlp",
+            FeedForward::Ablated(_) => "ablated",
+            FeedForward::Featural(_) => "featural",
+            FeedForward::Associative(_) => "associative",
+            FeedForward::KeyValue(_) => "keyvalue",
+        }
+    }
+
     /// Whether a memory layer records its retrievals and proposals (training)
     /// or leaves its memory as it is (evaluation); no effect on other layers.
     pub fn set_learning(&mut self, learning: bool) {

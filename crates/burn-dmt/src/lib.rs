@@ -12,6 +12,8 @@
 //! - [`loader`]: `Gpt2::from_pretrained(dir)` for both Hugging Face layouts.
 //! - [`tokenizer`]: GPT-2 byte-level BPE through the `tokenizers` crate.
 //! - [`generate`]: greedy, temperature, top-k and top-p decoding.
+//! - [`inspect`]: which memories each token read, and what a memory's value
+//!   promotes (the Mindset inspector's views).
 //! - [`device`]: `--device auto|cpu|wgpu` resolution.
 //! - [`memory`]: memory layers (featural, associative) and their device tier.
 //! - [`distill`]: distillation of a teacher into a memory student, with its
@@ -28,6 +30,7 @@ pub mod device;
 pub mod distill;
 pub mod generate;
 pub mod gpt2;
+pub mod inspect;
 pub mod loader;
 pub mod loss;
 pub mod memory;

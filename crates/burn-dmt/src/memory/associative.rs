@@ -32,6 +32,7 @@ use memstore_api::Tick;
 
 use super::featural::{check_layer, masked_softmax, missing, projection, unit_rows};
 use super::tier::{CommitCounts, DeviceMemory, Observation};
+use super::trace::{Trace, Tracer};
 use crate::Result;
 
 /// What one forward pass retrieved, per head-row: `[n, k, dh]` keys and values
@@ -69,9 +70,20 @@ pub fn attend(
     missing: Option<Tensor<2, Bool>>,
 ) -> Tensor<2> {
     let [n, _, dh] = keys.dims();
-    let scores = (q.unsqueeze_dim::<3>(1) - keys).powf_scalar(2.0).sum_dim(2).neg() * scale.reshape([1, 1, 1]);
-    let w = masked_softmax(scores, missing);
+    let w = attention_weights(q, keys, scale, missing);
     (w * values).sum_dim(1).reshape([n, dh])
+}
+
+/// The weights `[n, k, 1]` of [`attend`]: softmax over the `k` retrieved
+/// keys of `−scale · ‖q − key‖²`, nothing for `missing` ones.
+pub fn attention_weights(
+    q: Tensor<2>,
+    keys: Tensor<3>,
+    scale: Tensor<1>,
+    missing: Option<Tensor<2, Bool>>,
+) -> Tensor<3> {
+    let scores = (q.unsqueeze_dim::<3>(1) - keys).powf_scalar(2.0).sum_dim(2).neg() * scale.reshape([1, 1, 1]);
+    masked_softmax(scores, missing)
 }
 
 /// The straight-through estimate of retrieved rows: forward value `stored`,
@@ -125,6 +137,8 @@ pub struct AssociativeMemory {
     n_head: usize,
     #[module(skip)]
     k: usize,
+    #[module(skip)]
+    tracer: Tracer,
 }
 
 impl AssociativeMemory {
@@ -145,7 +159,18 @@ impl AssociativeMemory {
             answers: false,
             n_head,
             k,
+            tracer: Tracer::default(),
         })
+    }
+
+    /// Heads searching separately.
+    pub fn heads(&self) -> usize {
+        self.n_head
+    }
+
+    /// The layer's retrieval traces ([`super::trace`]).
+    pub fn tracer(&self) -> &Tracer {
+        &self.tracer
     }
 
     /// Whether learning passes propose new memories whose values are the
@@ -177,7 +202,7 @@ impl AssociativeMemory {
         self.learning = learning;
     }
 
-    fn heads(&self, lin: &Linear, x: Tensor<3>) -> Tensor<2> {
+    fn split_heads(&self, lin: &Linear, x: Tensor<3>) -> Tensor<2> {
         let [b, t, c] = x.dims();
         lin.forward(x).reshape([b * t * self.n_head, c / self.n_head])
     }
@@ -186,9 +211,9 @@ impl AssociativeMemory {
     /// queries, unit keys and values, each `[b·t·heads, dh]`.
     pub fn project(&self, x: Tensor<3>) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
         (
-            unit_rows(self.heads(&self.query, x.clone())),
-            unit_rows(self.heads(&self.key, x.clone())),
-            self.heads(&self.value, x),
+            unit_rows(self.split_heads(&self.query, x.clone())),
+            unit_rows(self.split_heads(&self.key, x.clone())),
+            self.split_heads(&self.value, x),
         )
     }
 
@@ -223,6 +248,21 @@ impl AssociativeMemory {
         let shape = x.dims();
         let (q, k, v) = self.project(x);
         let r = self.retrieve(k.clone())?;
+        self.tracer.record(|| {
+            let gaps = missing(&self.memory, self.k, &r.distances);
+            let w = attention_weights(
+                q.clone().detach(),
+                r.keys.clone(),
+                self.log_scale.val().exp().detach(),
+                gaps,
+            );
+            let [n, k, _] = w.dims();
+            Trace {
+                slots: r.slots.clone(),
+                distances: r.distances.clone().detach(),
+                weights: w.reshape([n, k]),
+            }
+        });
         let proposed = v.clone().detach();
         let y = self.attend_heads(q, k.clone(), v, &r);
         if self.learning {

@@ -27,6 +27,7 @@ use burn::tensor::{Bool, Device, Tensor};
 use memstore_api::Tick;
 
 use super::tier::{CommitCounts, DeviceMemory, Observation};
+use super::trace::{Trace, Tracer};
 use crate::{DmtError, Result};
 
 /// Scales rows to unit L2 norm (QK-norm).
@@ -70,7 +71,8 @@ pub(crate) fn check_layer(n_embd: usize, n_head: usize, k: usize, memory: &Devic
 /// fewer than `k` memories), or `None` when every partition holds `k` or
 /// more (nothing to mask).
 pub(crate) fn missing(memory: &DeviceMemory, k: usize, distances: &Tensor<2>) -> Option<Tensor<2, Bool>> {
-    if memory.is_store_backed() || memory.part_lens().iter().all(|&n| n >= k) {
+    // A store-backed tier does not know its partitions' sizes: always mask.
+    if !memory.is_store_backed() && memory.part_lens().iter().all(|&n| n >= k) {
         return None;
     }
     Some(distances.clone().detach().equal_elem(f32::INFINITY))
@@ -122,6 +124,8 @@ pub struct FeaturalMemory {
     n_head: usize,
     #[module(skip)]
     k: usize,
+    #[module(skip)]
+    tracer: Tracer,
 }
 
 impl FeaturalMemory {
@@ -140,7 +144,18 @@ impl FeaturalMemory {
             answers: false,
             n_head,
             k,
+            tracer: Tracer::default(),
         })
+    }
+
+    /// Heads searching separately.
+    pub fn heads(&self) -> usize {
+        self.n_head
+    }
+
+    /// The layer's retrieval traces ([`super::trace`]).
+    pub fn tracer(&self) -> &Tracer {
+        &self.tracer
     }
 
     /// Whether learning passes propose new memories whose values are the
@@ -257,6 +272,11 @@ impl FeaturalMemory {
             .sqrt(); // [n, k, 1]
         let tau = self.log_tau.val().exp().reshape([1, 1, 1]);
         let w = masked_softmax(d.neg() / tau, gaps);
+        self.tracer.record(|| Trace {
+            slots: found.slots.clone(),
+            distances: found.distances.clone().detach(),
+            weights: w.clone().detach().reshape([n, k]),
+        });
         let y = (w * values).sum_dim(1); // [n, 1, dh]
         if self.learning {
             let mut o = self.observed.lock().unwrap_or_else(|e| e.into_inner());

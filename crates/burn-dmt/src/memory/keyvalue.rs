@@ -26,6 +26,7 @@ use burn::tensor::{Device, Tensor};
 use memstore_api::{Metric, Tick};
 
 use super::tier::{CommitCounts, DeviceMemory, Observation};
+use super::trace::{Trace, Tracer};
 use crate::config::Activation;
 use crate::{DmtError, Result};
 
@@ -44,6 +45,8 @@ pub struct KeyValueMemory {
     k: usize,
     #[module(skip)]
     activation: Activation,
+    #[module(skip)]
+    tracer: Tracer,
 }
 
 impl KeyValueMemory {
@@ -80,7 +83,13 @@ impl KeyValueMemory {
             learning: false,
             k,
             activation,
+            tracer: Tracer::default(),
         })
+    }
+
+    /// The layer's retrieval traces ([`super::trace`]).
+    pub fn tracer(&self) -> &Tracer {
+        &self.tracer
     }
 
     /// The device tier.
@@ -236,6 +245,11 @@ impl KeyValueMemory {
         if let Some(m) = gaps {
             h = h.mask_fill(m.unsqueeze_dim::<3>(2), 0.0);
         }
+        self.tracer.record(|| Trace {
+            slots: found.slots.clone(),
+            distances: found.distances.clone().detach(),
+            weights: h.clone().detach().reshape([n, self.k]),
+        });
         let y = (h * found.values).sum_dim(1).reshape([n, c]) + self.bias.val().unsqueeze_dim::<2>(0);
         Ok(y.reshape([b, t, c]))
     }

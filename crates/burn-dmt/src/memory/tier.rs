@@ -596,7 +596,8 @@ impl DeviceMemory {
             .join()
         })
         .map_err(|_| DmtError::InvalidArgument("the store search thread panicked".into()))??;
-        let (mut d, mut keys, mut values) = (
+        let (mut d, mut ids, mut keys, mut values) = (
+            Vec::with_capacity(m * k),
             Vec::with_capacity(m * k),
             Vec::with_capacity(m * k * dk),
             Vec::with_capacity(m * k * dv),
@@ -605,6 +606,9 @@ impl DeviceMemory {
             let (f, r) = (&found[i % parts], i / parts);
             for j in 0..k {
                 d.push(f.distance(r, j));
+                // A store-backed tier has no slots: its "slots" are the ids
+                // (-1: no memory), which `DeviceMemory::id` gives back.
+                ids.push(f.id(r, j).and_then(|id| i64::try_from(id).ok()).unwrap_or(-1));
                 keys.extend_from_slice(f.key(r, j));
                 values.extend_from_slice(f.value(r, j));
             }
@@ -612,7 +616,7 @@ impl DeviceMemory {
         let dev = &self.device;
         Ok(DeviceNeighbors {
             distances: Tensor::from_data(TensorData::new(d, [m, k]), dev),
-            slots: Tensor::zeros([m, k], dev),
+            slots: Tensor::from_data(TensorData::new(ids, [m, k]), dev),
             keys: Tensor::from_data(TensorData::new(keys, [m, k, dk]), dev),
             values: Tensor::from_data(TensorData::new(values, [m, k, dv]), dev),
         })
@@ -734,6 +738,10 @@ impl DeviceMemory {
 
     /// The store id in `slot`.
     pub fn id(&self, slot: usize) -> Option<MemoryId> {
+        if self.store.is_some() {
+            // Searches of a store-backed tier return ids as slots.
+            return Some(slot as MemoryId);
+        }
         self.ids.get(slot).copied().flatten()
     }
 
