@@ -433,12 +433,12 @@ impl Cdp {
         }
     }
 
-    /// Moves the mouse to the centre of `selector`'s first match, and
-    /// clicks there when `click`.
+    /// Scrolls `selector`'s first match into view, moves the mouse to its
+    /// centre, and clicks there when `click`.
     fn mouse(&mut self, selector: &str, click: bool) {
         let c = self.eval(&format!(
-            "(() => {{ const r = document.querySelector({selector:?}).getBoundingClientRect(); \
-             return [r.x + r.width / 2, r.y + r.height / 2]; }})()"
+            "(() => {{ const e = document.querySelector({selector:?}); e.scrollIntoView({{block: 'nearest'}}); \
+             const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; }})()"
         ));
         let (x, y) = (c[0].as_f64().unwrap(), c[1].as_f64().unwrap());
         self.call(
@@ -592,7 +592,7 @@ fn the_page_lists_stored_memories_and_deletes_one() {
     ));
     cdp.eval(
         "(() => { const all = document.querySelectorAll('#explain-body tr.token'); \
-         const row = all[Math.min(4, all.length - 1)]; row.querySelector('.mem').id = 'hover-memory'; return true; })()",
+         const row = all[Math.min(2, all.length - 1)]; row.querySelector('.mem').id = 'hover-memory'; return true; })()",
     );
     cdp.mouse("#hover-memory", false);
     cdp.wait("document.getElementById('tip').textContent.includes('promotes')");
