@@ -336,6 +336,15 @@ fn explain_lists_memories_of_the_stores_and_the_api_deletes_through_them() {
     let after: Vec<usize> = [0, 1].map(|b| stores.len(b)).to_vec();
     assert_eq!(before, after);
 
+    // A store another opener holds: a conflict, answered again once released
+    // (the inspector holds no store between requests).
+    let held = stores.open(block);
+    let (status, e) = srv.request("GET", &format!("/api/memory/{block}/{id}"), None);
+    assert_eq!(status, 409, "{e}");
+    drop(held);
+    let (status, _) = srv.request("GET", &format!("/api/memory/{block}/{id}"), None);
+    assert_eq!(status, 200);
+
     // Delete through the API: gone from the store and from the next answer.
     let (status, d) = srv.request("DELETE", &format!("/api/memory/{block}/{id}"), None);
     assert_eq!(status, 200, "{d}");

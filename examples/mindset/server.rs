@@ -17,8 +17,8 @@
 //! | `GET /api/nearest/{block}/{id}?k=N` | the memories nearest its key |
 //! | `POST /api/forget` `{"source": "…"}` | forgets a memorised source |
 //!
-//! Errors answer `{"error": "…"}` with 400 (the request) or 500 (the
-//! stores or the model).
+//! Errors answer `{"error": "…"}` with 400 (the request), 409 (a store
+//! that another process holds open) or 500 (the stores or the model).
 
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -106,11 +106,36 @@ struct ApiError(InspectError);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        use burn_dmt::DmtError as D;
         let status = match &self.0 {
-            InspectError::BadRequest(_) | InspectError::Model(_) => StatusCode::BAD_REQUEST,
-            InspectError::Store(_) | InspectError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            InspectError::BadRequest(_)
+            | InspectError::Model(
+                D::InvalidArgument(_)
+                | D::TokenOutOfRange { .. }
+                | D::SequenceTooLong { .. }
+                | D::Tokenizer(_)
+                | D::UnknownSource { .. },
+            ) => StatusCode::BAD_REQUEST,
+            // A store file another process holds (memstore's file lock).
+            InspectError::Store(e) | InspectError::Model(D::Store(e)) if is_locked(e) => StatusCode::CONFLICT,
+            InspectError::Store(_) | InspectError::Model(_) | InspectError::Io { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         (status, Json(json!({ "error": self.0.to_string() }))).into_response()
+    }
+}
+
+/// Whether `e` is a store file that another opener holds.
+fn is_locked(e: &memstore::Error) -> bool {
+    match e {
+        memstore::Error::Storage(source) => {
+            matches!(
+                source.downcast_ref::<memstore::FileError>(),
+                Some(memstore::FileError::Locked(_))
+            )
+        }
+        _ => false,
     }
 }
 
