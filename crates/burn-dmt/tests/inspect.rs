@@ -14,7 +14,7 @@ use burn_dmt::burn::tensor::activation::softmax;
 use burn_dmt::burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_dmt::continual::serve_from_stores;
 use burn_dmt::distill::{load_student, run};
-use burn_dmt::inspect::{explain, promoted_tokens, top_scores};
+use burn_dmt::inspect::{Explanation, explain, promoted_tokens, top_scores};
 use burn_dmt::memory::featural::unit_rows;
 use burn_dmt::{DmtError, FeedForward, Gpt2};
 use common::{options, tiny_setup};
@@ -161,22 +161,71 @@ fn explain_reports_the_stored_memories_each_layer_reads_with_their_weights() {
     }
 
     // The store's own index reads the same memories.
-    let (_, mut served) = load_student(&run_dir, &device, &rt).unwrap();
-    let _stores = serve_from_stores(&run_dir, &mut served, &rt).unwrap();
-    let s = explain(&served, &TOKENS, 4).unwrap();
-    for (a, b) in e.layers.iter().zip(&s.layers) {
-        for (p, (ra, rb)) in a.positions.iter().zip(&b.positions).enumerate() {
+    same_reads(&e, &served_explain(&run_dir, &device, &rt));
+    drop(model);
+
+    // A head's table with fewer than k memories: both read the ones it has,
+    // with the same weights, summing to 1, and the same outputs.
+    let spec = burn_dmt::distill::read_spec(&run_dir).unwrap();
+    {
+        let s = rt
+            .block_on(spec.store_location().unwrap().open_existing(&run_dir, 0))
+            .unwrap()
+            .shared();
+        let ids = rt.block_on(s.ids()).unwrap();
+        let head0: Vec<MemoryId> = rt
+            .block_on(s.get(&ids))
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.tags.contains_key("head:0"))
+            .map(|m| m.id)
+            .collect();
+        assert!(head0.len() > k);
+        rt.block_on(s.delete(&head0[2..])).unwrap();
+    }
+    let (_, model) = load_student(&run_dir, &device, &rt).unwrap();
+    let device_reads = explain(&model, &TOKENS, 4).unwrap();
+    let store_reads = served_explain(&run_dir, &device, &rt);
+    for e in [&device_reads, &store_reads] {
+        for p in &e.layers[0].positions {
+            assert_eq!(p.iter().filter(|r| r.head == 0).count(), 2, "head 0 reads the 2 it has");
+            for head in 0..h {
+                let w: f32 = p.iter().filter(|r| r.head == head).map(|r| r.weight).sum();
+                assert!((w - 1.0).abs() < 1e-4, "head {head}'s weights sum to {w}");
+            }
+        }
+    }
+    same_reads(&device_reads, &store_reads);
+    for (a, b) in device_reads.next.iter().zip(&store_reads.next) {
+        for (x, y) in a.iter().zip(b) {
+            assert_eq!(x.0, y.0);
+            assert!((x.1 - y.1).abs() < 1e-4, "{x:?} vs {y:?}");
+        }
+    }
+}
+
+/// `TOKENS` explained by the student of `run_dir` answering from its stores.
+fn served_explain(run_dir: &Path, device: &Device, rt: &tokio::runtime::Runtime) -> Explanation {
+    let (_, mut served) = load_student(run_dir, device, rt).unwrap();
+    let _stores = serve_from_stores(run_dir, &mut served, rt).unwrap();
+    explain(&served, &TOKENS, 4).unwrap()
+}
+
+/// Asserts that two explanations read the same memories with the same weights.
+fn same_reads(a: &Explanation, b: &Explanation) {
+    for (la, lb) in a.layers.iter().zip(&b.layers) {
+        for (p, (ra, rb)) in la.positions.iter().zip(&lb.positions).enumerate() {
             let mut ia: Vec<_> = ra.iter().map(|r| (r.head, r.id, r.weight)).collect();
             let mut ib: Vec<_> = rb.iter().map(|r| (r.head, r.id, r.weight)).collect();
             ia.sort_unstable_by_key(|x| (x.0, x.1));
             ib.sort_unstable_by_key(|x| (x.0, x.1));
-            assert_eq!(ia.len(), ib.len(), "block {} position {p}", a.block);
+            assert_eq!(ia.len(), ib.len(), "block {} position {p}", la.block);
             for (x, y) in ia.iter().zip(&ib) {
-                assert_eq!((x.0, x.1), (y.0, y.1), "block {} position {p}", a.block);
+                assert_eq!((x.0, x.1), (y.0, y.1), "block {} position {p}", la.block);
                 assert!(
                     (x.2 - y.2).abs() < 1e-4,
                     "block {} position {p}: weights {} vs {}",
-                    a.block,
+                    la.block,
                     x.2,
                     y.2
                 );
