@@ -137,6 +137,38 @@ pub fn retrieved_and_nearest(observed: Vec<Observation>) -> Result<(Vec<usize>, 
     Ok((slots, nearest))
 }
 
+/// An observation's `[n, k]` distances and slots, read from the device
+/// together (one read: the slots travel as floats, which hold every slot
+/// of a tier below 2²⁴ slots exactly; larger tiers read them apart).
+fn read_found(distances: Tensor<2>, slots: Tensor<2, Int>, capacity: usize) -> Result<(Vec<f32>, Vec<i64>)> {
+    let [_, k] = distances.dims();
+    if k == 0 || capacity >= 1 << 24 {
+        return Ok((host_f32(distances)?, crate::host_i64(slots)?));
+    }
+    let both = host_f32(Tensor::cat(vec![distances, slots.float()], 1))?;
+    let (mut d, mut s) = (Vec::with_capacity(both.len() / 2), Vec::with_capacity(both.len() / 2));
+    for row in both.chunks_exact(2 * k) {
+        d.extend_from_slice(&row[..k]);
+        s.extend(row[k..].iter().map(|&x| x as i64));
+    }
+    Ok((d, s))
+}
+
+/// `[n, dk]` keys and `[n, dv]` values read from the device together.
+fn read_rows(keys: Tensor<2>, values: Tensor<2>) -> Result<(Vec<f32>, Vec<f32>)> {
+    let ([_, dk], [_, dv]) = (keys.dims(), values.dims());
+    if dk == 0 || dv == 0 {
+        return Ok((host_f32(keys)?, host_f32(values)?));
+    }
+    let both = host_f32(Tensor::cat(vec![keys, values], 1))?;
+    let (mut k, mut v) = (Vec::with_capacity(both.len()), Vec::with_capacity(both.len()));
+    for row in both.chunks_exact(dk + dv) {
+        k.extend_from_slice(&row[..dk]);
+        v.extend_from_slice(&row[dk..]);
+    }
+    Ok((k, v))
+}
+
 /// What a [`DeviceMemory::commit`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CommitCounts {
@@ -1071,8 +1103,7 @@ impl DeviceMemory {
         let (mut new_keys, mut new_values, mut new_parts) = (Vec::new(), Vec::new(), Vec::new());
         for o in observed {
             let [n, kk] = o.distances.dims();
-            let distances = host_f32(o.distances)?;
-            let slots = crate::host_i64(o.slots)?;
+            let (distances, slots) = read_found(o.distances, o.slots, self.capacity)?;
             touched.extend(
                 slots
                     .iter()
@@ -1086,7 +1117,7 @@ impl DeviceMemory {
             if novel.is_empty() && close.is_empty() {
                 continue;
             }
-            let (keys, values) = (host_f32(o.keys)?, host_f32(values)?);
+            let (keys, values) = read_rows(o.keys, values)?;
             for i in close {
                 let sources: Vec<MemoryId> = (0..kk)
                     .filter(|&j| distances[i * kk + j] < recombine)
