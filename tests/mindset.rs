@@ -12,6 +12,8 @@ mod inspector;
 #[path = "../examples/mindset/server.rs"]
 #[allow(dead_code)]
 mod server;
+#[path = "../crates/burn-dmt/tests/common/tiny.rs"]
+mod tiny;
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -19,56 +21,23 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use burn_dmt::burn::tensor::Device;
 use burn_dmt::continual::{MemorizeOptions, memorize};
-use burn_dmt::distill::{DistillOptions, read_spec, run};
+use burn_dmt::distill::{read_spec, run};
 use inspector::Inspector;
 use memstore::{MemoryId, MemoryStore};
 use serde_json::{Value, json};
 
 const PROMPT: &str = "First Citizen:\nBefore we proceed any further, hear me speak.";
 
-fn assets() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets")
-}
-
 /// A distilled tiny student (featural block 0, associative block 1) in
 /// `dir/run`, with a KJV passage memorised (so some memories carry a
 /// `source:` tag).
 fn tiny_run(dir: &Path) -> PathBuf {
-    let text = std::fs::read_to_string(assets().join("data/tinyshakespeare.txt")).unwrap();
-    let text: String = text.chars().take(24_000).collect();
-    let (train, eval) = text.split_at(20_000);
-    let tok = burn_dmt::tokenizer::Gpt2Tokenizer::from_dir(assets().join("gpt2-tokenizer")).unwrap();
-    let map = burn_dmt::tokenizer::VocabMap::from_corpus(&tok.encode(train).unwrap(), 50256);
-    let teacher = dir.join("teacher");
-    let config = burn_dmt::Gpt2Config::new(2, 32, 2, 32, map.len());
-    burn_dmt::Gpt2::seeded(&config, &Device::flex(), 7)
-        .unwrap()
-        .save_pretrained(&teacher)
-        .unwrap();
-    map.save(&teacher).unwrap();
-    for f in ["vocab.json", "merges.txt"] {
-        std::fs::copy(assets().join("gpt2-tokenizer").join(f), teacher.join(f)).unwrap();
-    }
-    std::fs::write(dir.join("train.txt"), train).unwrap();
-    std::fs::write(dir.join("eval.txt"), eval).unwrap();
-    let mut o = DistillOptions::embedded(Path::new(env!("CARGO_MANIFEST_DIR")));
-    o.teacher = teacher;
-    o.corpus = dir.join("train.txt");
-    o.eval_corpus = Some(dir.join("eval.txt"));
-    o.run_dir = dir.join("run");
-    o.layers = Some("0:featural,1:associative".into());
-    o.steps = 4;
-    o.batch = 2;
-    o.seq = 16;
-    o.capacity = 64;
-    o.k = 4;
-    o.eval_windows = 4;
-    o.max_inserts = 8;
+    let (train, eval) = tiny::tiny_setup(dir);
+    let mut o = tiny::options(dir, train, &eval);
     o.attention_baseline = false;
     run(&o).unwrap();
-    let kjv = std::fs::read_to_string(assets().join("data/kjv-genesis-deuteronomy.txt")).unwrap();
+    let kjv = std::fs::read_to_string(tiny::assets().join("data/kjv-genesis-deuteronomy.txt")).unwrap();
     let passage: String = kjv.chars().take(3_000).collect();
     let file = dir.join("genesis.txt");
     std::fs::write(&file, passage).unwrap();

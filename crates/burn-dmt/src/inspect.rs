@@ -183,20 +183,22 @@ pub fn promoted_tokens(model: &Gpt2, block: usize, head: usize, value: &[f32], t
             value.len()
         ))
     };
-    let residual = match ff {
-        FeedForward::Featural(_) | FeedForward::Associative(_) => {
-            let out = match ff {
-                FeedForward::Featural(f) => &f.out,
-                FeedForward::Associative(a) => &a.out,
-                _ => unreachable!("matched above"),
-            };
-            let [d_in, _] = out.weight.val().dims();
-            let heads = match ff {
-                FeedForward::Featural(f) => f.heads(),
-                FeedForward::Associative(a) => a.heads(),
-                _ => unreachable!("matched above"),
-            };
-            let dh = d_in / heads.max(1);
+    // A featural or associative value is one head wide and reaches the
+    // residual stream through its head's rows of the output projection.
+    let projection = match ff {
+        FeedForward::Featural(f) => Some((&f.out, f.heads())),
+        FeedForward::Associative(a) => Some((&a.out, a.heads())),
+        FeedForward::KeyValue(_) => None,
+        _ => {
+            return Err(DmtError::InvalidArgument(format!(
+                "block {block} is not a memory layer ({})",
+                ff.kind()
+            )));
+        }
+    };
+    let residual = match projection {
+        Some((out, heads)) => {
+            let dh = n / heads.max(1);
             if value.len() != dh {
                 return Err(bad(dh));
             }
@@ -208,17 +210,11 @@ pub fn promoted_tokens(model: &Gpt2, block: usize, head: usize, value: &[f32], t
             let v = Tensor::<2>::from_data(TensorData::new(value.to_vec(), [1, dh]), &device);
             v.matmul(out.weight.val().narrow(0, head * dh, dh))
         }
-        FeedForward::KeyValue(_) => {
+        None => {
             if value.len() != n {
                 return Err(bad(n));
             }
             Tensor::<2>::from_data(TensorData::new(value.to_vec(), [1, n]), &device)
-        }
-        _ => {
-            return Err(DmtError::InvalidArgument(format!(
-                "block {block} is not a memory layer ({})",
-                ff.kind()
-            )));
         }
     };
     let gain = model.ln_f.gamma.val().reshape([1, n]);

@@ -1,4 +1,5 @@
-//! Shared helpers of the burn-dmt tests: fixture paths and reference tensors.
+//! Shared helpers of the burn-dmt tests: fixture paths, reference tensors,
+//! a tiny distillation setup (`tiny`, shared with the root's tests).
 
 #![allow(dead_code)]
 
@@ -16,10 +17,9 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// The repository's `assets/` folder.
-pub fn assets() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../assets")
-}
+mod tiny;
+#[allow(unused_imports)] // not every test uses the tiny setup
+pub use tiny::{TEACHER_SEED, assets, options, tiny_setup};
 
 /// One reference tensor: shape and values (ints as f64 too).
 pub struct Ref {
@@ -76,54 +76,6 @@ pub fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-/// The seed of the tiny teachers' weights.
-pub const TEACHER_SEED: u64 = 1;
-
-/// A random GPT-2 teacher with a compact vocabulary over a slice of the
-/// corpus; returns (training text, held-out text) files.
-pub fn tiny_setup(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let text = std::fs::read_to_string(assets().join("data/tinyshakespeare.txt")).unwrap();
-    let text: String = text.chars().take(24_000).collect();
-    let (train, eval) = text.split_at(20_000);
-    let tok = burn_dmt::tokenizer::Gpt2Tokenizer::from_dir(assets().join("gpt2-tokenizer")).unwrap();
-    let map = burn_dmt::tokenizer::VocabMap::from_corpus(&tok.encode(train).unwrap(), 50256);
-    let teacher = dir.join("teacher");
-    let config = burn_dmt::Gpt2Config::new(2, 32, 2, 32, map.len());
-    burn_dmt::Gpt2::seeded(&config, &Device::flex(), TEACHER_SEED)
-        .unwrap()
-        .save_pretrained(&teacher)
-        .unwrap();
-    map.save(&teacher).unwrap();
-    for f in ["vocab.json", "merges.txt"] {
-        std::fs::copy(assets().join("gpt2-tokenizer").join(f), teacher.join(f)).unwrap();
-    }
-    let (a, b) = (dir.join("train.txt"), dir.join("eval.txt"));
-    std::fs::write(&a, train).unwrap();
-    std::fs::write(&b, eval).unwrap();
-    (a, b)
-}
-
-pub fn options(
-    dir: &std::path::Path,
-    train: std::path::PathBuf,
-    eval: &std::path::Path,
-) -> burn_dmt::distill::DistillOptions {
-    let mut o = burn_dmt::distill::DistillOptions::embedded(std::path::Path::new(env!("CARGO_MANIFEST_DIR")));
-    o.teacher = dir.join("teacher");
-    o.corpus = train;
-    o.eval_corpus = Some(eval.to_path_buf());
-    o.run_dir = dir.join("run");
-    o.layers = Some("0:featural,1:associative".into());
-    o.steps = 4;
-    o.batch = 2;
-    o.seq = 16;
-    o.capacity = 64;
-    o.k = 4;
-    o.eval_windows = 6;
-    o.max_inserts = 8;
-    o
 }
 
 /// Serves named SQLite stores from `dir` on `dir/memstored.sock` with
