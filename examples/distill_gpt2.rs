@@ -136,7 +136,8 @@ struct Args {
     #[arg(long)]
     halt_after: Option<usize>,
     /// Synchronise the device at each phase of a training step, so that the phase times in the log and the report
-    /// are exact on a GPU (costs some throughput).
+    /// are exact on a GPU (costs some throughput); on the CPU the teacher's forward pass then runs before the
+    /// student's instead of beside it.
     #[arg(long)]
     profile: bool,
     /// Evaluate a trained student (--student RUN_DIR) on --corpus instead of training.
@@ -147,15 +148,14 @@ struct Args {
     student: Option<PathBuf>,
 }
 
-/// Burn's CPU backend frees and reallocates large tensors every step;
-/// mimalloc keeps them instead of returning them to the kernel.
 #[path = "common/progress.rs"]
 mod progress;
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[path = "common/alloc.rs"]
+mod alloc;
 
 fn main() {
+    alloc::keep_freed_memory();
     if let Err(e) = run_main() {
         eprintln!("error: {e}");
         std::process::exit(1);

@@ -86,15 +86,14 @@ enum Command {
     },
 }
 
-/// mimalloc, as the training examples: Burn's large per-step tensors stay
-/// mapped instead of being returned to the kernel and faulted back in.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[path = "../common/alloc.rs"]
+mod alloc;
 
 #[path = "../common/progress.rs"]
 mod progress;
 
 fn main() {
+    alloc::keep_freed_memory();
     progress::init();
     if let Err(e) = run(Args::parse()) {
         eprintln!("error: {e}");

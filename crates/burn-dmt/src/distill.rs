@@ -31,12 +31,14 @@ use serde::{Deserialize, Serialize};
 use crate::accounting::Accounting;
 use crate::config::Gpt2Config;
 use crate::gpt2::Mlp;
-use crate::loss::distill_loss;
+use crate::loss::{LossKernel, tied_loss};
 use crate::memory::associative::AssociativeMemory;
+use crate::memory::device::on_cpu;
 use crate::memory::featural::{FeaturalMemory, unit_rows};
 use crate::memory::journal::WriteBehind;
 use crate::memory::keyvalue::KeyValueMemory;
 use crate::memory::layers::{LayerKind, MemoryInit, parse_layers};
+use crate::memory::readback::HostReads;
 use crate::memory::tier::{DeviceMemory, ValueAblation};
 use crate::ngram::Bigram;
 use crate::tokenizer::TextCodec;
@@ -203,7 +205,9 @@ pub struct DistillOptions {
     /// Stop after this step as if interrupted (the run can be resumed).
     pub halt_after: Option<usize>,
     /// Synchronise the device at each phase of a training step, so that the
-    /// report's phase times are exact on a GPU (costs some throughput).
+    /// report's phase times are exact on a GPU (costs some throughput); on
+    /// the CPU, run the teacher's forward pass before the student's instead
+    /// of beside it, so that each is timed.
     pub profile: bool,
     /// Device of the student and teacher.
     pub device: Device,
@@ -294,11 +298,21 @@ pub struct LayerStep {
     pub retrieved: Option<f64>,
 }
 
+/// Block `i`'s device tier.
+fn tier_of(student: &mut Gpt2, i: usize) -> Result<&mut crate::memory::tier::DeviceMemory> {
+    student
+        .feed_forward_mut(i)
+        .and_then(FeedForward::memory_mut)
+        .ok_or_else(|| DmtError::InvalidArgument(format!("block {i} has no memory to commit to")))
+}
+
 /// Wall time of the training loop by phase, summed over the steps of one
 /// run (a resumed run counts its own steps). Without `--profile` a GPU's
-/// queued work is counted in the phase that waits for it (the loss read-back
-/// at the end of the student's forward pass, the host copies of the memory
-/// commit); with it, the device is synchronised at every phase boundary.
+/// queued work is counted in the phase that waits for it (the memory
+/// commit's two reads, which carry the loss too), and on the CPU the
+/// teacher's forward pass runs beside the student's (both in the student's
+/// phase); with it, the device is synchronised at every phase boundary and
+/// the passes run one after the other.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PhaseTimes {
     /// Seconds per phase, in the order of [`PhaseTimes::NAMES`].
@@ -314,10 +328,12 @@ pub struct PhaseTimes {
 
 impl PhaseTimes {
     /// The phases: batch sampling and the teacher's forward pass; the
-    /// student's forward pass (to the logits); the loss (KL and
-    /// cross-entropy over the vocabulary, the optional hidden-state loss, and
-    /// reading the loss values); the backward pass; the optimiser step; the
-    /// memory layers' commit (accesses, value updates, merges and inserts on
+    /// student's forward pass (to the logits, computed off the autodiff
+    /// graph); the loss (KL and cross-entropy over the vocabulary and their
+    /// gradient with respect to the logits, the optional hidden-state loss);
+    /// the backward pass (from the LM head's two products down); the
+    /// optimiser step; the memory layers' commit (reading the loss and what
+    /// the searches found, accesses, value updates, merges and inserts on
     /// the device tier); journalling the change batches; checkpoints.
     pub const NAMES: [&'static str; 8] = [
         "teacher forward",
@@ -1517,6 +1533,9 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
     let n_head = config.n_head;
 
     let warmup = (opts.steps / 10).max(1);
+    // The two forward passes overlap on the CPU backend (unless profiling,
+    // which times them apart).
+    let overlap = on_cpu(&device) && !opts.profile;
     let mut times = PhaseTimes {
         synchronised: opts.profile,
         ..PhaseTimes::default()
@@ -1527,17 +1546,38 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
         let reads = crate::host_reads();
         let mut lap = Lap::new(&mut times, opts.profile.then_some(&device));
         let b = sample_batch(&corpus.train, opts.batch, seq, &mut rng)?;
-        let tl = teacher.forward(b.inputs(&device), None)?;
-        lap.lap(0)?;
-        let (sl, ff) = if opts.hidden_loss > 0.0 || grow_featural {
-            student.forward_with_ff(b.inputs(&ad))?
+        let want_ff = opts.hidden_loss > 0.0 || grow_featural;
+        // The LM head's logits stay off the autodiff graph (loss::TiedHead).
+        let (tl, (head, ff)) = if overlap {
+            // On the CPU backend many of a forward pass's operations run on
+            // one thread: the teacher's pass runs beside the student's
+            // (the first phase is then the batch's sampling alone).
+            lap.lap(0)?;
+            let (teacher, inputs) = (&teacher, b.inputs(&device));
+            std::thread::scope(|scope| {
+                let t = scope.spawn(move || teacher.forward(inputs, None));
+                let s = student.forward_train_tied(b.inputs(&ad), want_ff);
+                let t = t
+                    .join()
+                    .map_err(|_| DmtError::InvalidArgument("the teacher's forward pass panicked".into()))?;
+                Ok::<_, DmtError>((t?, s?))
+            })?
         } else {
-            (student.forward_train(b.inputs(&ad))?, Vec::new())
+            let tl = teacher.forward(b.inputs(&device), None)?;
+            lap.lap(0)?;
+            (tl, student.forward_train_tied(b.inputs(&ad), want_ff)?)
         };
         lap.lap(1)?;
-        let dl = distill_loss(sl, tl, b.targets(&device), opts.temperature, opts.alpha)?;
-        let mut objective = dl.objective();
-        let mut loss = dl.surrogate;
+        let dl = tied_loss(
+            head,
+            Some(tl),
+            b.targets(&device),
+            opts.temperature,
+            opts.alpha,
+            LossKernel::Auto,
+        )?;
+        let (mut objective, kd, ce) = (dl.objective(), dl.kd.clone(), dl.ce.clone());
+        let mut hidden_mse: Option<Tensor<1>> = None;
         let mut grow_targets: Vec<Option<Tensor<2>>> = vec![None; config.n_layer];
         for (i, (ff_in, ff_out)) in ff.into_iter().enumerate() {
             let featural = matches!(student.h[i].mlp, FeedForward::Featural(_));
@@ -1552,19 +1592,15 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
             if opts.hidden_loss > 0.0 {
                 let mse = (ff_out - target).powf_scalar(2.0).mean().mul_scalar(opts.hidden_loss);
                 objective = objective + mse.clone().inner();
-                loss = loss + mse;
+                hidden_mse = Some(hidden_mse.map_or(mse.clone(), |sum| sum + mse));
             }
         }
-        // One read for the three numbers.
-        let read = host_f32(Tensor::cat(vec![objective, dl.kd, dl.ce], 0))?;
-        let [l, kdv, cev] = [0, 1, 2].map(|i| read.get(i).copied().map_or(f64::NAN, f64::from));
-        if !l.is_finite() {
-            return Err(DmtError::InvalidArgument(format!(
-                "the loss diverged at step {} ({l}); lower --lr",
-                step + 1
-            )));
-        }
         lap.lap(2)?;
+        // The head's backward products belong to the backward pass.
+        let mut loss = dl.into_loss().surrogate;
+        if let Some(mse) = hidden_mse {
+            loss = loss + mse;
+        }
         let mut grads = loss.backward();
         let mut value_grads = Vec::with_capacity(config.n_layer);
         for blk in student.h.iter() {
@@ -1579,20 +1615,46 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
         let mut memory = Vec::new();
         let mut batches = Vec::with_capacity(config.n_layer);
         let logging = (step + 1) % opts.log_every.max(1) == 0 || step + 1 == opts.steps;
+        // The loss and every memory layer's commit share two reads from the
+        // device: what the searches found (and the loss), then the rows
+        // that become memories and the value deltas the journal needs.
+        let mut batch = HostReads::new();
+        let loss_span = batch.push(Tensor::cat(vec![objective, kd, ce], 0))?;
+        let mut gathered = Vec::with_capacity(config.n_layer);
         for ((i, g), target) in value_grads.into_iter().enumerate().zip(grow_targets) {
             let vg = g.map(|g| (g, opts.value_lr));
             let Some(ff) = student.feed_forward_mut(i) else {
                 continue;
             };
-            let evicted_before = ff.memory().map_or(0, |t| t.counters().evicted);
-            let done = match ff {
-                FeedForward::Featural(f) => f.commit(tick, vg, target.map(|t| (t, opts.max_inserts)))?,
-                FeedForward::Associative(a) => a.commit(tick, opts.max_inserts, vg)?,
-                FeedForward::KeyValue(m) => m.commit(tick, vg)?,
+            let request = match ff {
+                FeedForward::Featural(f) => f.commit_request(tick, vg, target.map(|t| (t, opts.max_inserts)))?,
+                FeedForward::Associative(a) => a.commit_request(tick, opts.max_inserts, vg),
+                FeedForward::KeyValue(m) => m.commit_request(tick, vg),
                 _ => continue,
             };
+            let Some(tier) = ff.memory() else { continue };
+            let evicted_before = tier.counters().evicted;
+            gathered.push((i, evicted_before, tier.commit_gather(request, &mut batch)?));
+        }
+        let found = batch.read()?;
+        let [l, kdv, cev] = [0, 1, 2].map(|i| found.get(loss_span).get(i).copied().map_or(f64::NAN, f64::from));
+        if !l.is_finite() {
+            return Err(DmtError::InvalidArgument(format!(
+                "the loss diverged at step {} ({l}); lower --lr",
+                step + 1
+            )));
+        }
+        let mut batch = HostReads::new();
+        let mut planned = Vec::with_capacity(gathered.len());
+        for (i, evicted_before, g) in gathered {
+            let tier = tier_of(&mut student, i)?;
+            planned.push((i, evicted_before, tier.commit_plan(g, &found, &mut batch)?));
+        }
+        let rows = batch.read()?;
+        for (i, evicted_before, p) in planned {
+            let tier = tier_of(&mut student, i)?;
+            let done = tier.commit_finish(p, &rows)?;
             inserted += done.inserted;
-            let Some(tier) = ff.memory_mut() else { continue };
             memory.push(LayerStep {
                 block: i,
                 rows: tier.len(),

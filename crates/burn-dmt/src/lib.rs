@@ -190,8 +190,10 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
 static HOST_READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// How many tensors this crate's training, memorising and memory paths have
-/// read back to the host in this process (on a GPU each read waits for the
-/// device's queued work); generation and checkpoint loading are not counted.
+/// read back from a device in this process (on a GPU each read waits for
+/// the device's queued work); generation and checkpoint loading are not
+/// counted, nor are the CPU backend's host kernels (the exact top-k and the
+/// loss), whose tensors already live in host memory and wait for nothing.
 pub fn host_reads() -> u64 {
     HOST_READS.load(std::sync::atomic::Ordering::Relaxed)
 }
@@ -203,6 +205,12 @@ pub(crate) fn count_host_read() {
 /// A float tensor's values on the host (row-major), without its graph.
 pub(crate) fn host_f32<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<Vec<f32>> {
     count_host_read();
+    cpu_f32(t)
+}
+
+/// [`host_f32`] of a tensor of the CPU backend, not counted as a read
+/// ([`host_reads`]): a host kernel's input, already in host memory.
+pub(crate) fn cpu_f32<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<Vec<f32>> {
     t.detach()
         .into_data()
         .convert::<f32>()
@@ -213,6 +221,11 @@ pub(crate) fn host_f32<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<Vec
 /// An integer tensor's values on the host (row-major).
 pub(crate) fn host_i64<const D: usize>(t: burn::tensor::Tensor<D, burn::tensor::Int>) -> Result<Vec<i64>> {
     count_host_read();
+    cpu_i64(t)
+}
+
+/// [`host_i64`] of a tensor of the CPU backend, not counted as a read.
+pub(crate) fn cpu_i64<const D: usize>(t: burn::tensor::Tensor<D, burn::tensor::Int>) -> Result<Vec<i64>> {
     t.into_data()
         .convert::<i64>()
         .try_into_vec::<i64>()

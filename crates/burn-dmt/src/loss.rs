@@ -14,15 +14,20 @@
 //!
 //! so it is computed without recording anything and put on the graph as
 //! one product `Σ z · g` with `g` a constant: the backward pass reaches the
-//! logits with `g` and nothing vocabulary-wide is kept. On the CPU backend
-//! the values and `g` come from one fused pass per position on the host
-//! (three vectorised exponentials per logit, rows in parallel, as
-//! Liger-Kernel's fused cross-entropy does on GPUs); elsewhere from
-//! tensor operations [`LOSS_CHUNK`] positions at a time, so that only a
-//! chunk's intermediates live at once. Both equal
+//! logits with `g` and nothing vocabulary-wide is kept. For a model whose
+//! LM head is its token embedding `E` (GPT-2's tied head, [`TiedHead`]),
+//! the logits `z = h · Eᵀ` need not be on the graph at all: the surrogate
+//! `Σ h · (g · E) + Σ E · (gᵀ · h)` gives the hidden states `h` and `E`
+//! their gradients directly (the head's backward products), so the
+//! `[positions, vocab]` logits are never recorded or multiplied by `g`.
+//! On the CPU backend the values and `g` come from one fused pass per
+//! position on the host (three vectorised exponentials per logit, two at
+//! T = 2, rows in parallel, as Liger-Kernel's fused cross-entropy does on
+//! GPUs); elsewhere from tensor operations [`LOSS_CHUNK`] positions at a
+//! time, so that only a chunk's intermediates live at once. Both equal
 //! [`crate::train::distill_kl`] and [`crate::train::cross_entropy`] (and
-//! their recorded gradients) to f32 rounding; `tests/loss.rs` holds them to
-//! 1e-5.
+//! their recorded gradients) to f32 rounding; `tests/loss.rs` holds them,
+//! and the tied head's gradients, to 1e-5.
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
@@ -31,7 +36,7 @@ use wide::f32x8;
 
 use crate::memory::device::on_cpu;
 use crate::train::flat;
-use crate::{DmtError, Result, host_f32, host_i64};
+use crate::{DmtError, Result, cpu_f32, cpu_i64, host_f32, host_i64};
 
 /// A loss computed by [`distill_loss`] or [`cross_entropy_loss`].
 #[derive(Clone, Debug)]
@@ -100,19 +105,39 @@ pub fn loss_with(
     alpha: f64,
     kernel: LossKernel,
 ) -> Result<DistillLoss> {
+    check_inputs(temperature, student.dims(), teacher.as_ref(), &targets)?;
+    let alpha = if teacher.is_some() { alpha } else { 0.0 };
+    let z = flat(student);
+    let s = z.clone().inner();
+    let tl = teacher.map(|x| flat(x).inner());
+    let (g, kd, ce) = logit_gradient(s, tl, targets, temperature, alpha, kernel)?;
+    Ok(DistillLoss {
+        surrogate: (z * g).sum(),
+        kd,
+        ce,
+        alpha,
+    })
+}
+
+/// Refuses a temperature that is not positive, no logits, teacher logits
+/// or targets of another shape than the student's `[b, t, v]` logits.
+fn check_inputs(
+    temperature: f64,
+    [b, t, v]: [usize; 3],
+    teacher: Option<&Tensor<3>>,
+    targets: &Tensor<2, Int>,
+) -> Result<()> {
     if !(temperature.is_finite() && temperature > 0.0) {
         return Err(DmtError::InvalidArgument(format!(
             "the distillation temperature must be positive (got {temperature})"
         )));
     }
-    let [b, t, v] = student.dims();
-    let n = b * t;
-    if n == 0 || v == 0 {
+    if b * t == 0 || v == 0 {
         return Err(DmtError::InvalidArgument(format!(
             "no logits to take a loss of ({b}×{t}×{v})"
         )));
     }
-    if let Some(te) = &teacher
+    if let Some(te) = teacher
         && te.dims() != [b, t, v]
     {
         return Err(DmtError::InvalidArgument(format!(
@@ -121,10 +146,27 @@ pub fn loss_with(
             [b, t, v]
         )));
     }
-    let alpha = if teacher.is_some() { alpha } else { 0.0 };
-    let z = flat(student);
-    let s = z.clone().inner();
-    let tl = teacher.map(|x| flat(x).inner());
+    if targets.dims() != [b, t] {
+        return Err(DmtError::InvalidArgument(format!(
+            "targets {:?} against student logits {:?}",
+            targets.dims(),
+            [b, t, v]
+        )));
+    }
+    Ok(())
+}
+
+/// `(g, kd, ce)` of logits `s` `[n, v]` (no graph): the objective's
+/// gradient with respect to them and its two terms, means over positions.
+fn logit_gradient(
+    s: Tensor<2>,
+    tl: Option<Tensor<2>>,
+    targets: Tensor<2, Int>,
+    temperature: f64,
+    alpha: f64,
+    kernel: LossKernel,
+) -> Result<(Tensor<2>, Tensor<1>, Tensor<1>)> {
+    let [n, v] = s.dims();
     let y = targets.reshape([n, 1]);
     let w = Weights {
         temperature,
@@ -138,9 +180,13 @@ pub fn loss_with(
         LossKernel::Chunked => false,
     };
     let (g, kd, ce) = if host {
-        let sv = host_f32(s)?;
-        let tv = tl.map(host_f32).transpose()?;
-        let yv = host_i64(y)?;
+        // The CPU backend's logits are in host memory already: no device
+        // read to count.
+        let cpu = on_cpu(&device);
+        let floats = |t: Tensor<2>| if cpu { cpu_f32(t) } else { host_f32(t) };
+        let sv = floats(s)?;
+        let tv = tl.map(floats).transpose()?;
+        let yv = if cpu { cpu_i64(y)? } else { host_i64(y)? };
         let (g, kd, ce) = host_rows(&sv, tv.as_deref(), &yv, v, &w)?;
         let g = Tensor::<2>::from_data(TensorData::new(g, [n, v]), &device);
         let scalar = |x: f64| Tensor::<1>::from_data(TensorData::new(vec![x as f32], [1]), &device);
@@ -148,12 +194,106 @@ pub fn loss_with(
     } else {
         chunked(s, tl, y, &w)
     };
-    Ok(DistillLoss {
-        surrogate: (z * g).sum(),
-        kd: kd.mul_scalar(temperature * temperature / n as f64),
-        ce: ce.div_scalar(n as f64),
-        alpha,
-    })
+    Ok((
+        g,
+        kd.mul_scalar(temperature * temperature / n as f64),
+        ce.div_scalar(n as f64),
+    ))
+}
+
+/// A tied LM head's input and output for a loss: the final hidden states
+/// `[n, c]` and the token embedding `[v, c]` on the autodiff graph, and the
+/// logits `hidden · embeddingᵀ` computed off it. The loss's gradient
+/// reaches the graph through the head's two products
+/// ([`TiedGradient::into_loss`]), so the `[n, v]` logits are never
+/// recorded, multiplied by the gradient or kept for the backward pass.
+#[derive(Clone, Debug)]
+pub struct TiedHead {
+    hidden: Tensor<2>,
+    embedding: Tensor<2>,
+    logits: Tensor<2>,
+    dims: [usize; 3],
+}
+
+impl TiedHead {
+    /// The head over `hidden` `[b, t, c]` (after the final layer norm)
+    /// with `embedding` `[v, c]` as its weight: computes the logits.
+    pub fn new(hidden: Tensor<3>, embedding: Tensor<2>) -> Result<Self> {
+        let [b, t, c] = hidden.dims();
+        let [v, ce] = embedding.dims();
+        if c != ce {
+            return Err(DmtError::InvalidArgument(format!(
+                "hidden states of width {c} for an embedding of width {ce}"
+            )));
+        }
+        let hidden = hidden.reshape([b * t, c]);
+        let logits = hidden.clone().inner().matmul(embedding.clone().inner().transpose());
+        Ok(Self {
+            hidden,
+            embedding,
+            logits,
+            dims: [b, t, v],
+        })
+    }
+
+    /// The logits `[b, t, v]` (no graph).
+    pub fn logits(&self) -> Tensor<3> {
+        self.logits.clone().reshape(self.dims)
+    }
+}
+
+/// A loss's value and its gradient with respect to a [`TiedHead`]'s
+/// logits, before the gradient is put on the graph.
+#[derive(Clone, Debug)]
+pub struct TiedGradient {
+    head: TiedHead,
+    g: Tensor<2>,
+    /// As [`DistillLoss::kd`].
+    pub kd: Tensor<1>,
+    /// As [`DistillLoss::ce`].
+    pub ce: Tensor<1>,
+    alpha: f64,
+}
+
+impl TiedGradient {
+    /// `α · kd + (1 − α) · ce` (no graph).
+    pub fn objective(&self) -> Tensor<1> {
+        self.kd.clone().mul_scalar(self.alpha) + self.ce.clone().mul_scalar(1.0 - self.alpha)
+    }
+
+    /// The loss with its surrogate `Σ hidden · (g · E) + Σ E · (gᵀ · hidden)`
+    /// (the products constants): its gradient with respect to the hidden
+    /// states is `g · E` and with respect to the embedding `E` is
+    /// `gᵀ · hidden`, the head's backward pass for the logits' gradient `g`.
+    pub fn into_loss(self) -> DistillLoss {
+        let TiedHead { hidden, embedding, .. } = self.head;
+        let to_hidden = self.g.clone().matmul(embedding.clone().inner());
+        let to_embedding = self.g.transpose().matmul(hidden.clone().inner());
+        DistillLoss {
+            surrogate: (hidden * to_hidden).sum() + (embedding * to_embedding).sum(),
+            kd: self.kd,
+            ce: self.ce,
+            alpha: self.alpha,
+        }
+    }
+}
+
+/// [`loss_with`] for the logits of a tied head: the same values, and the
+/// same gradient with respect to the hidden states and the embedding, with
+/// the logits off the autodiff graph.
+pub fn tied_loss(
+    head: TiedHead,
+    teacher: Option<Tensor<3>>,
+    targets: Tensor<2, Int>,
+    temperature: f64,
+    alpha: f64,
+    kernel: LossKernel,
+) -> Result<TiedGradient> {
+    check_inputs(temperature, head.dims, teacher.as_ref(), &targets)?;
+    let alpha = if teacher.is_some() { alpha } else { 0.0 };
+    let tl = teacher.map(|x| flat(x).inner());
+    let (g, kd, ce) = logit_gradient(head.logits.clone(), tl, targets, temperature, alpha, kernel)?;
+    Ok(TiedGradient { head, g, kd, ce, alpha })
 }
 
 /// The gradient's weights: `kd` on the softmax difference at the
@@ -212,8 +352,16 @@ fn host_rows(s: &[f32], t: Option<&[f32]>, y: &[i64], v: usize, w: &Weights) -> 
             |(e_t, p_t), (i, gi)| {
                 let si = &s[i * v..(i + 1) * v];
                 let m = max(si);
-                // softmax(z) into g and softmax(z/T) into e_t, unnormalised.
-                let z1 = exp_shifted(si, m, 1.0, gi);
+                // softmax(z) into g and softmax(z/T) into e_t, unnormalised;
+                // at T = 2 (the default) the first is the second squared,
+                // one exponential fewer per logit.
+                let squared = t.is_some() && inv_t == 0.5;
+                let (z1, zt) = if squared {
+                    let zt = exp_shifted(si, m, 0.5, e_t);
+                    (square_into(e_t, gi), zt)
+                } else {
+                    (exp_shifted(si, m, 1.0, gi), 0.0)
+                };
                 let ce = -(f64::from(si[y[i] as usize] - m) - z1.ln());
                 let a = (f64::from(wce) / z1) as f32;
                 let Some(t) = t else {
@@ -221,7 +369,7 @@ fn host_rows(s: &[f32], t: Option<&[f32]>, y: &[i64], v: usize, w: &Weights) -> 
                     gi[y[i] as usize] -= wce;
                     return (0.0, ce);
                 };
-                let zt = exp_shifted(si, m, inv_t, e_t);
+                let zt = if squared { zt } else { exp_shifted(si, m, inv_t, e_t) };
                 let b = (f64::from(wkd) / zt) as f32;
                 let ti = &t[i * v..(i + 1) * v];
                 let mt = max(ti);
@@ -259,6 +407,24 @@ fn load(x: &[f32]) -> f32x8 {
 
 fn max(x: &[f32]) -> f32 {
     x.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// Writes `x²` into `out`, returns its sum.
+fn square_into(x: &[f32], out: &mut [f32]) -> f64 {
+    let lanes = x.len() / 8 * 8;
+    let mut sum = f32x8::ZERO;
+    for j in (0..lanes).step_by(8) {
+        let e = load(&x[j..]);
+        let e = e * e;
+        sum += e;
+        out[j..j + 8].copy_from_slice(&e.to_array());
+    }
+    let mut total = f64::from(sum.reduce_add());
+    for j in lanes..x.len() {
+        out[j] = x[j] * x[j];
+        total += f64::from(out[j]);
+    }
+    total
 }
 
 /// Writes `exp((x − shift) · scale)` into `out`, returns its sum.

@@ -31,7 +31,9 @@ fn distillation_runs_end_to_end_and_eval_only_reproduces_it() {
     assert!(phases.seconds.iter().all(|s| s.is_finite() && *s >= 0.0), "{phases:?}");
     let timed: f64 = phases.seconds.iter().sum();
     assert!(timed > 0.0 && timed <= elapsed, "{timed} s timed of {elapsed} s");
-    // Forward passes, the loss and checkpoints (steps 4: the final one) took time.
+    // Batch sampling (and, with --profile, the teacher's forward pass, which
+    // otherwise runs beside the student's), the student's forward pass, the
+    // loss and checkpoints (steps 4: the final one) took time.
     assert_eq!(burn_dmt::distill::PhaseTimes::NAMES[7], "checkpoint");
     assert!((0..3).chain([7]).all(|i| phases.seconds[i] > 0.0), "{phases:?}");
 

@@ -7,7 +7,7 @@ mod common;
 use rand_core::{RngCore as _, SeedableRng as _};
 
 use burn_dmt::burn::tensor::{Device, Int, Tensor, TensorData};
-use burn_dmt::loss::{LossKernel, cross_entropy_loss, distill_loss, loss_with};
+use burn_dmt::loss::{LossKernel, TiedHead, cross_entropy_loss, distill_loss, loss_with, tied_loss};
 use burn_dmt::train::{SplitMix64, cross_entropy, distill_kl};
 use common::{max_abs_diff, values};
 
@@ -149,6 +149,96 @@ fn bad_loss_input_is_an_error() {
         "teacher of another vocabulary"
     );
     let outside = Tensor::<2, Int>::from_data(TensorData::new(vec![0i64, 1, 9, 2], [1, 4]), &inner);
-    let err = loss_with(z(), Some(te), outside, 2.0, 0.5, LossKernel::Host).unwrap_err();
+    let err = loss_with(z(), Some(te.clone()), outside, 2.0, 0.5, LossKernel::Host).unwrap_err();
     assert!(err.to_string().contains("outside"), "{err}");
+    let (_, _, short) = batch(1, 3, 9, 1.0, 3, &inner);
+    assert!(
+        distill_loss(z(), te.clone(), short.clone(), 2.0, 0.5).is_err(),
+        "targets of another shape"
+    );
+    let (h, e, _) = batch(1, 4, 5, 1.0, 4, &inner);
+    let e = e.reshape([4, 5]);
+    let head = |h: Tensor<3>| TiedHead::new(h, e.clone().narrow(0, 0, 4)).unwrap();
+    assert!(
+        TiedHead::new(h.clone(), e.clone().narrow(1, 0, 4)).is_err(),
+        "embedding of another width"
+    );
+    assert!(
+        tied_loss(head(h.clone()), Some(te.clone()), y.clone(), 2.0, 0.5, LossKernel::Auto).is_err(),
+        "teacher of another vocabulary"
+    );
+    assert!(
+        tied_loss(head(h.clone()), None, short, 2.0, 0.5, LossKernel::Auto).is_err(),
+        "targets of another shape"
+    );
+    assert!(
+        tied_loss(head(h), None, y, -1.0, 0.5, LossKernel::Auto).is_err(),
+        "negative temperature"
+    );
+}
+
+/// The loss of a tied head (the logits off the graph) against the same loss
+/// of its logits recorded through the head's product: values, and the
+/// gradients with respect to the hidden states and the embedding.
+#[test]
+fn tied_head_loss_and_its_gradients_equal_the_recorded_ones() {
+    let inner = Device::flex();
+    for (seed, temperature, alpha, kernel, teacher) in [
+        (7, 2.0, 0.5, LossKernel::Host, true),
+        (8, 2.0, 0.5, LossKernel::Chunked, true),
+        (9, 1.0, 0.0, LossKernel::Auto, false),
+    ] {
+        let (b, t, c, v) = (2, 19, 12, 41);
+        let (h, _, y) = batch(b, t, c, 1.5, seed, &inner);
+        let (e, _, _) = batch(1, v, c, 1.5, seed + 100, &inner);
+        let e = e.reshape([v, c]);
+        let (_, te, _) = batch(b, t, v, 3.0, seed + 200, &inner);
+        let te = teacher.then_some(te);
+
+        let (h_ref, e_ref) = (
+            Tensor::<3>::from_inner(h.clone()).require_grad(),
+            Tensor::<2>::from_inner(e.clone()).require_grad(),
+        );
+        let logits = h_ref
+            .clone()
+            .reshape([b * t, c])
+            .matmul(e_ref.clone().transpose())
+            .reshape([b, t, v]);
+        let reference = loss_with(logits, te.clone(), y.clone(), temperature, alpha, kernel).unwrap();
+        let want = scalar(reference.objective());
+        let grads = reference.surrogate.backward();
+        let (want_h, want_e) = (values(h_ref.grad(&grads).unwrap()), values(e_ref.grad(&grads).unwrap()));
+
+        let (h_got, e_got) = (
+            Tensor::<3>::from_inner(h).require_grad(),
+            Tensor::<2>::from_inner(e).require_grad(),
+        );
+        let tied = tied_loss(
+            TiedHead::new(h_got.clone(), e_got.clone()).unwrap(),
+            te,
+            y,
+            temperature,
+            alpha,
+            kernel,
+        )
+        .unwrap();
+        let got = scalar(tied.objective());
+        let grads = tied.into_loss().surrogate.backward();
+        let (got_h, got_e) = (values(h_got.grad(&grads).unwrap()), values(e_got.grad(&grads).unwrap()));
+
+        let case = format!("seed {seed} T {temperature} α {alpha} {kernel:?} teacher {teacher}");
+        assert!(
+            (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+            "{case}: {got} against {want}"
+        );
+        for (what, g, w) in [("hidden", &got_h, &want_h), ("embedding", &got_e, &want_e)] {
+            let peak = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert!(peak > 0.0, "{case}: a {what} gradient");
+            let worst = max_abs_diff(g, w);
+            assert!(
+                worst <= 1e-5 * peak,
+                "{case}: {what} gradient off by {worst} (largest {peak})"
+            );
+        }
+    }
 }

@@ -215,3 +215,67 @@ fn the_loss_on_wgpu_equals_the_cpus() {
         "gradients differ by {diff} (largest {peak})"
     );
 }
+
+/// A step's shared read ([`burn_dmt::memory::readback::HostReads`]) returns
+/// on wgpu what reading each tensor apart returns: the searches'
+/// distances and slots (strided views of the top-k, with padding slots
+/// where a partition holds fewer valid keys than k), and float rows.
+#[test]
+#[ignore = "needs a Vulkan/Metal/DX12 adapter: .ci/run runs it with --ignored on lavapipe"]
+fn one_shared_read_on_wgpu_returns_what_separate_reads_do() {
+    use burn_dmt::burn::tensor::{Tensor, TensorData};
+    use burn_dmt::memory::device::partitioned_topk;
+    use burn_dmt::memory::readback::HostReads;
+    use memstore_api::Metric;
+    use memstore_api::testkit::util::Rng;
+
+    let selected = adapter();
+    let (n, d, m, k, parts) = (64usize, 8usize, 12usize, 5usize, 4usize);
+    let mut rng = Rng::new(5);
+    let (keys, queries) = (rng.vecs(n, d), rng.vecs(m, d));
+    // Partition 1 holds 3 valid keys, fewer than k.
+    let valid: Vec<bool> = (0..n).map(|i| i / 16 != 1 || i % 16 < 3).collect();
+    for device in [selected.device.clone(), selected.device.clone().autodiff()] {
+        let top = partitioned_topk(
+            Tensor::from_data(TensorData::new(queries.clone(), [m, d]), &device),
+            Tensor::from_data(TensorData::new(keys.clone(), [n, d]), &device),
+            Some(&valid),
+            k,
+            Metric::L2,
+            parts,
+        )
+        .unwrap();
+        let rows = Tensor::<2>::from_data(TensorData::new(rng.vecs(7, 3), [7, 3]), &device);
+        let mut reads = HostReads::new();
+        let spans = (
+            reads.push(top.distances.clone()).unwrap(),
+            reads.push_int(top.indices.clone()).unwrap(),
+            reads.push(rows.clone()).unwrap(),
+        );
+        let got = reads.read().unwrap();
+        let slots: Vec<f32> = top
+            .indices
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|s| s as f32)
+            .collect();
+        let distances = values(top.distances);
+        assert_eq!(got.get(spans.0), &distances[..]);
+        assert_eq!(got.get(spans.1), &slots[..]);
+        assert_eq!(got.get(spans.2), &values(rows)[..]);
+        // Every finite distance names a valid slot of its query's partition.
+        for (i, (dist, slot)) in distances.iter().zip(&slots).enumerate() {
+            if dist.is_finite() {
+                let s = *slot as usize;
+                assert!(
+                    valid[s] && s / (n / parts) == (i / k) % parts,
+                    "row {} slot {s} at {dist}",
+                    i / k
+                );
+            }
+        }
+    }
+}

@@ -31,7 +31,7 @@ use burn::tensor::{Bool, Device, Int, Tensor};
 use memstore_api::Tick;
 
 use super::featural::{check_layer, masked_softmax, missing, projection, unit_rows};
-use super::tier::{CommitCounts, DeviceMemory, Observation};
+use super::tier::{CommitCounts, CommitRequest, DeviceMemory, Observation};
 use super::trace::{Trace, Tracer};
 use crate::Result;
 
@@ -310,7 +310,25 @@ impl AssociativeMemory {
         max_inserts: usize,
         value_grad: Option<(Tensor<2>, f32)>,
     ) -> Result<CommitCounts> {
+        let request = self.commit_request(tick, max_inserts, value_grad);
+        self.memory.commit_request(request)
+    }
+
+    /// What [`AssociativeMemory::commit`] would commit (the observations
+    /// taken), for a commit shared with other layers
+    /// ([`DeviceMemory::commit_gather`]).
+    pub fn commit_request(
+        &mut self,
+        tick: Tick,
+        max_inserts: usize,
+        value_grad: Option<(Tensor<2>, f32)>,
+    ) -> CommitRequest {
         let observed = std::mem::take(&mut *self.observed.lock().unwrap_or_else(|e| e.into_inner()));
-        self.memory.commit(observed, tick, max_inserts, value_grad)
+        CommitRequest {
+            observed,
+            tick,
+            max_inserts,
+            value_grad,
+        }
     }
 }

@@ -8,7 +8,7 @@
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use memstore_api::Metric;
 
-use crate::{DmtError, Result, host_f32};
+use crate::{DmtError, Result, cpu_f32};
 
 /// The `k` nearest keys of each query: distances ascending and key-row indices,
 /// both `[queries, k]`. Slots beyond the valid keys have distance `+∞`.
@@ -117,6 +117,13 @@ pub fn partitioned_topk(
         dist = dist.mask_fill(invalid, f32::INFINITY);
     }
     let (neg, local) = dist.neg().topk_with_indices(k, 2);
+    // Where fewer than k entries beat its starting value (a partition with
+    // fewer valid keys than k: the rest are +∞), the wgpu backend's top-k
+    // answers index −1 with the lowest finite float: padding, made what the
+    // CPU path answers (the partition's first row at +∞).
+    let pad = local.clone().lower_elem(0);
+    let local = local.mask_fill(pad.clone(), 0);
+    let neg = neg.mask_fill(pad, f32::NEG_INFINITY);
     let offsets = Tensor::<1, Int>::arange(0..parts as i64, &inner)
         .mul_scalar(per as i64)
         .reshape([parts, 1, 1]);
@@ -154,7 +161,7 @@ fn host_topk(
 ) -> Result<TopK> {
     let [m, d] = queries.dims();
     let n = keys.dims()[0];
-    let (q, keys) = (host_f32(queries)?, host_f32(keys)?);
+    let (q, keys) = (cpu_f32(queries)?, cpu_f32(keys)?);
     if parts == 1 {
         let (dist, idx) = memstore_engine::gemm::topk(metric, &q, &keys, d, k, valid)?;
         let idx = idx

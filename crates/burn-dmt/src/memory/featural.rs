@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use burn::tensor::{Bool, Device, Tensor};
 use memstore_api::Tick;
 
-use super::tier::{CommitCounts, DeviceMemory, Observation};
+use super::tier::{CommitCounts, CommitRequest, DeviceMemory, Observation};
 use super::trace::{Trace, Tracer};
 use crate::{DmtError, Result};
 
@@ -232,6 +232,19 @@ impl FeaturalMemory {
         value_grad: Option<(Tensor<2>, f32)>,
         grow: Option<(Tensor<2>, usize)>,
     ) -> Result<CommitCounts> {
+        let request = self.commit_request(tick, value_grad, grow)?;
+        self.memory.commit_request(request)
+    }
+
+    /// What [`FeaturalMemory::commit`] would commit (the observations
+    /// taken), for a commit shared with other layers
+    /// ([`DeviceMemory::commit_gather`]).
+    pub fn commit_request(
+        &mut self,
+        tick: Tick,
+        value_grad: Option<(Tensor<2>, f32)>,
+        grow: Option<(Tensor<2>, usize)>,
+    ) -> Result<CommitRequest> {
         let mut observed = std::mem::take(&mut *self.observed.lock().unwrap_or_else(|e| e.into_inner()));
         let mut max_inserts = 0;
         if let Some((targets, limit)) = grow {
@@ -251,7 +264,12 @@ impl FeaturalMemory {
             o.values = Some(targets.detach());
             max_inserts = limit;
         }
-        self.memory.commit(observed, tick, max_inserts, value_grad)
+        Ok(CommitRequest {
+            observed,
+            tick,
+            max_inserts,
+            value_grad,
+        })
     }
 
     /// Applies the layer to the normalised residual stream `[b, t, n_embd]`.

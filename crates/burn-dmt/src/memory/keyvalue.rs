@@ -21,11 +21,11 @@
 use std::sync::{Arc, Mutex};
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{gelu, gelu_approximate, relu};
+use burn::tensor::activation::{gelu, relu};
 use burn::tensor::{Device, Tensor};
 use memstore_api::{Metric, Tick};
 
-use super::tier::{CommitCounts, DeviceMemory, Observation};
+use super::tier::{CommitCounts, CommitRequest, DeviceMemory, Observation};
 use super::trace::{Trace, Tracer};
 use crate::config::Activation;
 use crate::{DmtError, Result};
@@ -139,8 +139,21 @@ impl KeyValueMemory {
     /// value gradient is given ([`DeviceMemory::commit`]; nothing is
     /// inserted).
     pub fn commit(&mut self, tick: Tick, value_grad: Option<(Tensor<2>, f32)>) -> Result<CommitCounts> {
+        let request = self.commit_request(tick, value_grad);
+        self.memory.commit_request(request)
+    }
+
+    /// What [`KeyValueMemory::commit`] would commit (the observations
+    /// taken), for a commit shared with other layers
+    /// ([`DeviceMemory::commit_gather`]).
+    pub fn commit_request(&mut self, tick: Tick, value_grad: Option<(Tensor<2>, f32)>) -> CommitRequest {
         let observed = std::mem::take(&mut *self.observed.lock().unwrap_or_else(|e| e.into_inner()));
-        self.memory.commit(observed, tick, 0, value_grad)
+        CommitRequest {
+            observed,
+            tick,
+            max_inserts: 0,
+            value_grad,
+        }
     }
 
     /// Between steps of `memorize`: [`KeyValueMemory::commit`], then up to
@@ -238,7 +251,7 @@ impl KeyValueMemory {
         // The scores again, differentiably in the input: [n, k, 1].
         let scores = (q.unsqueeze_dim::<3>(1) * found.keys.detach()).sum_dim(2);
         let mut h = match self.activation {
-            Activation::GeluTanh => gelu_approximate(scores),
+            Activation::GeluTanh => crate::gpt2::gelu_new(scores),
             Activation::Gelu => gelu(scores),
             Activation::Relu => relu(scores),
         };

@@ -11,7 +11,8 @@
 //! write-behind thread that bring those batches to the store ([`journal`]);
 //! the featural ([`featural`]), associative ([`associative`]) and key-value
 //! ([`keyvalue`]: a feed-forward layer's own units as rows) layers; and
-//! the per-block plan ([`layers`]); retrieval traces for inspection
+//! the per-block plan ([`layers`]); reading a step's device tensors back
+//! in one transfer ([`readback`]); retrieval traces for inspection
 //! ([`trace`]). Novelty insertion and recombination of
 //! near-duplicates happen on the device tier, with the store's arithmetic
 //! ([`memstore_api::math`]), and reach the store as change batches.
@@ -22,5 +23,6 @@ pub mod featural;
 pub mod journal;
 pub mod keyvalue;
 pub mod layers;
+pub mod readback;
 pub mod tier;
 pub mod trace;

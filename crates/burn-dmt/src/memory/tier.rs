@@ -40,6 +40,7 @@ use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 use memstore_api::{ChangeBatch, InsertMeta, MemoryConfig, MemoryId, MemoryStore, Tick, Vectors, math};
 
 use super::device::{on_cpu, partitioned_topk};
+use super::readback::{EXACT_INT, HostReads, HostValues, Span};
 use crate::{DmtError, Result, host_f32};
 
 /// Ids fetched from the store per `get` call while loading.
@@ -137,38 +138,6 @@ pub fn retrieved_and_nearest(observed: Vec<Observation>) -> Result<(Vec<usize>, 
     Ok((slots, nearest))
 }
 
-/// An observation's `[n, k]` distances and slots, read from the device
-/// together (one read: the slots travel as floats, which hold every slot
-/// of a tier below 2²⁴ slots exactly; larger tiers read them apart).
-fn read_found(distances: Tensor<2>, slots: Tensor<2, Int>, capacity: usize) -> Result<(Vec<f32>, Vec<i64>)> {
-    let [_, k] = distances.dims();
-    if k == 0 || capacity >= 1 << 24 {
-        return Ok((host_f32(distances)?, crate::host_i64(slots)?));
-    }
-    let both = host_f32(Tensor::cat(vec![distances, slots.float()], 1))?;
-    let (mut d, mut s) = (Vec::with_capacity(both.len() / 2), Vec::with_capacity(both.len() / 2));
-    for row in both.chunks_exact(2 * k) {
-        d.extend_from_slice(&row[..k]);
-        s.extend(row[k..].iter().map(|&x| x as i64));
-    }
-    Ok((d, s))
-}
-
-/// `[n, dk]` keys and `[n, dv]` values read from the device together.
-fn read_rows(keys: Tensor<2>, values: Tensor<2>) -> Result<(Vec<f32>, Vec<f32>)> {
-    let ([_, dk], [_, dv]) = (keys.dims(), values.dims());
-    if dk == 0 || dv == 0 {
-        return Ok((host_f32(keys)?, host_f32(values)?));
-    }
-    let both = host_f32(Tensor::cat(vec![keys, values], 1))?;
-    let (mut k, mut v) = (Vec::with_capacity(both.len()), Vec::with_capacity(both.len()));
-    for row in both.chunks_exact(dk + dv) {
-        k.extend_from_slice(&row[..dk]);
-        v.extend_from_slice(&row[dk..]);
-    }
-    Ok((k, v))
-}
-
 /// What a [`DeviceMemory::commit`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CommitCounts {
@@ -178,6 +147,58 @@ pub struct CommitCounts {
     pub merged: usize,
     /// New memories inserted.
     pub inserted: usize,
+}
+
+/// What a layer observed since its last commit and how to learn from it:
+/// the arguments of [`DeviceMemory::commit`].
+#[derive(Debug)]
+pub struct CommitRequest {
+    /// The learning forward passes' observations.
+    pub observed: Vec<Observation>,
+    /// The step's tick.
+    pub tick: Tick,
+    /// At most this many merges and inserts.
+    pub max_inserts: usize,
+    /// The values' gradient and the sparse update's learning rate.
+    pub value_grad: Option<(Tensor<2>, f32)>,
+}
+
+/// An observation's distances and slots: gathered for a shared read, or
+/// read already.
+#[derive(Debug)]
+enum Found {
+    Pending(Span, Span),
+    Read(Vec<f32>, Vec<i64>),
+}
+
+/// A commit after [`DeviceMemory::commit_gather`].
+#[derive(Debug)]
+pub struct CommitGathered {
+    /// Per observation: rows, neighbours per row, where its distances and
+    /// slots are, its keys and values.
+    found: Vec<(usize, usize, Found, Tensor<2>, Option<Tensor<2>>)>,
+    tick: Tick,
+    max_inserts: usize,
+    value_grad: Option<(Tensor<2>, f32)>,
+}
+
+/// A commit after [`DeviceMemory::commit_plan`].
+#[derive(Debug)]
+pub struct CommitPlanned {
+    tick: Tick,
+    max_inserts: usize,
+    accessed: usize,
+    /// The slots the value update changes, where their deltas are, the
+    /// updated values tensor.
+    update: Option<(Vec<usize>, Span, Tensor<2>)>,
+    /// Close observations: where their (keys, values) are, their row
+    /// there, the memories they recombine with.
+    merges: Vec<((Span, Span), usize, Vec<MemoryId>)>,
+    /// Novel observations: where their rows are, their row, their partition.
+    novel: Vec<((Span, Span), usize, usize)>,
+    /// The slots merges read, and where their keys and values are.
+    wanted: Vec<usize>,
+    sources: Option<(Span, Span)>,
 }
 
 /// A store answering a tier's searches itself (inference from the store
@@ -930,38 +951,62 @@ impl DeviceMemory {
     /// device and in the pending batch (as deltas).
     pub fn apply_value_grad(&mut self, grad: Tensor<2>, lr: f32, slots: &[usize]) -> Result<()> {
         self.check_writable()?;
-        // Distinct valid slots in order (a mask, not a sort: a GPU-sized step
-        // names hundreds of thousands of slots).
+        let rows = self.value_rows(slots);
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let (idx, delta) = self.value_delta(grad, lr, &rows);
+        let host = host_f32(delta.clone())?;
+        let values = self
+            .values
+            .clone()
+            .inner()
+            .select_assign(0, idx, delta, IndexingUpdateOp::Add);
+        self.record_deltas(&rows, &host)?;
+        self.set_values(values);
+        Ok(())
+    }
+
+    /// The distinct valid slots among `slots`, ascending (a mask, not a
+    /// sort: a GPU-sized step names hundreds of thousands of slots).
+    fn value_rows(&self, slots: &[usize]) -> Vec<usize> {
         let mut named = vec![false; self.capacity];
         for &s in slots {
             if let Some(n) = named.get_mut(s) {
                 *n = true;
             }
         }
-        let rows: Vec<usize> = (0..self.capacity).filter(|&s| named[s] && self.valid[s]).collect();
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let dv = self.config.value_dim;
-        let inner = self.device.clone().inner();
-        let idx = Tensor::<1, Int>::from_data(
-            TensorData::new(rows.iter().map(|&s| s as i64).collect::<Vec<_>>(), [rows.len()]),
-            &inner,
-        );
+        (0..self.capacity).filter(|&s| named[s] && self.valid[s]).collect()
+    }
+
+    /// The rows' index tensor and their delta `−lr · grad[rows]`, on the
+    /// device (nothing read).
+    fn value_delta(&self, grad: Tensor<2>, lr: f32, rows: &[usize]) -> (Tensor<1, Int>, Tensor<2>) {
+        let idx = self.index(rows);
         let delta = grad.inner().select(0, idx.clone()).mul_scalar(-lr);
-        let host = host_f32(delta.clone())?;
+        (idx, delta)
+    }
+
+    /// A slot index tensor on the tier's device.
+    fn index(&self, slots: &[usize]) -> Tensor<1, Int> {
+        Tensor::<1, Int>::from_data(
+            TensorData::new(slots.iter().map(|&s| s as i64).collect::<Vec<_>>(), [slots.len()]),
+            &self.device.clone().inner(),
+        )
+    }
+
+    /// Checks the host copy of the deltas of `rows` and records them in the
+    /// pending batch (an insert not yet in the store changes its row; a
+    /// stored memory gets a delta and, while a source is written, its tag).
+    /// Nothing is recorded when a delta is not finite.
+    fn record_deltas(&mut self, rows: &[usize], host: &[f32]) -> Result<()> {
+        let dv = self.config.value_dim;
         if let Some(p) = host.iter().position(|x| !x.is_finite()) {
             return Err(DmtError::InvalidArgument(format!(
                 "non-finite value gradient at slot {}",
-                rows[p / dv]
+                rows[p / dv.max(1)]
             )));
         }
-        let values = self
-            .values
-            .clone()
-            .inner()
-            .select_assign(0, idx, delta, IndexingUpdateOp::Add);
-        self.set_values(values);
         for (i, &s) in rows.iter().enumerate() {
             let id = self.ids[s].ok_or_else(|| DmtError::InvalidArgument(format!("slot {s} is empty")))?;
             let d = &host[i * dv..(i + 1) * dv];
@@ -1095,15 +1140,82 @@ impl DeviceMemory {
         max_inserts: usize,
         value_grad: Option<(Tensor<2>, f32)>,
     ) -> Result<CommitCounts> {
-        let (dk, dv) = (self.config.key_dim, self.config.value_dim);
-        let (novelty, recombine, metric) = (self.config.novelty, self.config.recombine, self.config.metric);
-        let parts = self.parts;
-        let mut touched = Vec::new();
-        let mut merges: Vec<(Vec<f32>, Vec<f32>, Vec<MemoryId>)> = Vec::new();
-        let (mut new_keys, mut new_values, mut new_parts) = (Vec::new(), Vec::new(), Vec::new());
+        self.commit_request(CommitRequest {
+            observed,
+            tick,
+            max_inserts,
+            value_grad,
+        })
+    }
+
+    /// [`DeviceMemory::commit`] of a request, in two reads.
+    pub fn commit_request(&mut self, request: CommitRequest) -> Result<CommitCounts> {
+        let mut reads = HostReads::new();
+        let gathered = self.commit_gather(request, &mut reads)?;
+        let found = reads.read()?;
+        let mut reads = HostReads::new();
+        let planned = self.commit_plan(gathered, &found, &mut reads)?;
+        let rows = reads.read()?;
+        self.commit_finish(planned, &rows)
+    }
+
+    /// [`DeviceMemory::commit`] of `request`, first stage: gathers the
+    /// observations' distances and slots into `reads` (nothing changes).
+    /// Several tiers' stages share one read: gather each, read, then
+    /// [`DeviceMemory::commit_plan`] each, read, then
+    /// [`DeviceMemory::commit_finish`] each; a step then waits for the
+    /// device twice, however many layers learn.
+    pub fn commit_gather(&self, request: CommitRequest, reads: &mut HostReads) -> Result<CommitGathered> {
+        let CommitRequest {
+            observed,
+            tick,
+            max_inserts,
+            value_grad,
+        } = request;
+        let mut found = Vec::with_capacity(observed.len());
         for o in observed {
-            let [n, kk] = o.distances.dims();
-            let (distances, slots) = read_found(o.distances, o.slots, self.capacity)?;
+            let [n, k] = o.distances.dims();
+            let at = if k > 0 && self.capacity >= EXACT_INT {
+                // Slots beyond an f32's exact integers travel apart.
+                Found::Read(host_f32(o.distances)?, crate::host_i64(o.slots)?)
+            } else {
+                Found::Pending(reads.push(o.distances)?, reads.push_int(o.slots)?)
+            };
+            found.push((n, k, at, o.keys, o.values));
+        }
+        Ok(CommitGathered {
+            found,
+            tick,
+            max_inserts,
+            value_grad,
+        })
+    }
+
+    /// Second stage of a commit (see [`DeviceMemory::commit_gather`]), with
+    /// the first read's `found`: records the accesses, queues the value
+    /// update on the device, decides what is novel or close and gathers
+    /// into `reads` those observations' keys and values, the value deltas
+    /// and the rows merges read.
+    pub fn commit_plan(
+        &mut self,
+        gathered: CommitGathered,
+        found: &HostValues,
+        reads: &mut HostReads,
+    ) -> Result<CommitPlanned> {
+        let (novelty, recombine) = (self.config.novelty, self.config.recombine);
+        let CommitGathered {
+            found: observed,
+            tick,
+            max_inserts,
+            value_grad,
+        } = gathered;
+        let mut touched = Vec::new();
+        let (mut merges, mut novel_rows) = (Vec::new(), Vec::new());
+        for (n, kk, at, keys, values) in observed {
+            let (distances, slots): (Vec<f32>, Vec<i64>) = match at {
+                Found::Read(d, s) => (d, s),
+                Found::Pending(d, s) => (found.get(d).to_vec(), found.get(s).iter().map(|&x| x as i64).collect()),
+            };
             touched.extend(
                 slots
                     .iter()
@@ -1111,41 +1223,113 @@ impl DeviceMemory {
                     .filter(|(_, d)| d.is_finite())
                     .map(|(&s, _)| s as usize),
             );
-            let Some(values) = o.values else { continue };
-            let novel: Vec<usize> = (0..n).filter(|&i| distances[i * kk] > novelty).collect();
-            let close: Vec<usize> = (0..n).filter(|&i| distances[i * kk] < recombine).collect();
+            let Some(values) = values else { continue };
+            let novel: Vec<usize> = (0..n).filter(|&i| kk > 0 && distances[i * kk] > novelty).collect();
+            let close: Vec<usize> = (0..n).filter(|&i| kk > 0 && distances[i * kk] < recombine).collect();
             if novel.is_empty() && close.is_empty() {
                 continue;
             }
-            let (keys, values) = read_rows(o.keys, values)?;
+            // Only the rows that become memories travel.
+            let mut picked: Vec<usize> = close.iter().chain(&novel).copied().collect();
+            picked.sort_unstable();
+            picked.dedup();
+            let idx = self.index(&picked);
+            let spans = (
+                reads.push(keys.inner().select(0, idx.clone()))?,
+                reads.push(values.inner().select(0, idx))?,
+            );
+            let at = |i: usize| picked.binary_search(&i).unwrap_or_default();
             for i in close {
                 let sources: Vec<MemoryId> = (0..kk)
                     .filter(|&j| distances[i * kk + j] < recombine)
                     .filter_map(|j| self.id(slots[i * kk + j] as usize))
                     .collect();
-                merges.push((
-                    keys[i * dk..(i + 1) * dk].to_vec(),
-                    values[i * dv..(i + 1) * dv].to_vec(),
-                    sources,
-                ));
+                merges.push((spans, at(i), sources));
             }
             for i in novel {
-                new_keys.extend_from_slice(&keys[i * dk..(i + 1) * dk]);
-                new_values.extend_from_slice(&values[i * dv..(i + 1) * dv]);
-                new_parts.push(i % parts);
+                novel_rows.push((spans, at(i), i % self.parts));
             }
         }
         self.touch(&touched, tick)?;
+        let mut update = None;
+        let mut values = self.values.clone().inner();
         if let Some((g, lr)) = value_grad {
-            self.apply_value_grad(g, lr, &touched)?;
+            self.check_writable()?;
+            let rows = self.value_rows(&touched);
+            if !rows.is_empty() {
+                let (idx, delta) = self.value_delta(g, lr, &rows);
+                let span = reads.push(delta.clone())?;
+                values = values.select_assign(0, idx, delta, IndexingUpdateOp::Add);
+                update = Some((rows, span, values.clone()));
+            }
         }
-        let merged = self.merge_many(&merges, tick, max_inserts)?.len();
+        let wanted = self.merge_sources(merges.iter().map(|(_, _, sources)| &sources[..]));
+        let sources = if wanted.is_empty() || max_inserts == 0 || merges.is_empty() {
+            None
+        } else {
+            let idx = self.index(&wanted);
+            Some((
+                reads.push(self.keys.clone().inner().select(0, idx.clone()))?,
+                reads.push(values.select(0, idx))?,
+            ))
+        };
+        Ok(CommitPlanned {
+            tick,
+            max_inserts,
+            accessed: touched.len(),
+            update,
+            merges,
+            novel: novel_rows,
+            wanted,
+            sources,
+        })
+    }
+
+    /// Last stage of a commit (see [`DeviceMemory::commit_gather`]), with
+    /// the second read's `rows`: applies the value update (refused, with
+    /// nothing changed, when a delta is not finite), recombines the close
+    /// observations with their neighbours and inserts the novel ones.
+    pub fn commit_finish(&mut self, planned: CommitPlanned, rows: &HostValues) -> Result<CommitCounts> {
+        let (dk, dv) = (self.config.key_dim, self.config.value_dim);
+        let (novelty, metric) = (self.config.novelty, self.config.metric);
+        let CommitPlanned {
+            tick,
+            max_inserts,
+            accessed,
+            update,
+            merges,
+            novel,
+            wanted,
+            sources,
+        } = planned;
+        if let Some((slots, span, values)) = update {
+            self.record_deltas(&slots, rows.get(span))?;
+            self.set_values(values);
+        }
+        let row = |(k, v): (Span, Span), i: usize| {
+            let (k, v) = (rows.get(k), rows.get(v));
+            (&k[i * dk..(i + 1) * dk], &v[i * dv..(i + 1) * dv])
+        };
+        let items: Vec<(Vec<f32>, Vec<f32>, Vec<MemoryId>)> = merges
+            .into_iter()
+            .map(|(spans, i, sources)| {
+                let (k, v) = row(spans, i);
+                (k.to_vec(), v.to_vec(), sources)
+            })
+            .collect();
+        let (skeys, svalues) = sources.map_or((&[][..], &[][..]), |(k, v)| (rows.get(k), rows.get(v)));
+        let merged = if items.is_empty() {
+            0
+        } else {
+            self.merge_read(&items, tick, max_inserts, &wanted, skeys, svalues)?
+                .len()
+        };
         let (mut keys, mut values, mut kept_parts) = (Vec::new(), Vec::new(), Vec::new());
-        for (i, &part) in new_parts.iter().enumerate() {
+        for (spans, i, part) in novel {
             if merged + kept_parts.len() >= max_inserts {
                 break;
             }
-            let key = &new_keys[i * dk..(i + 1) * dk];
+            let (key, value) = row(spans, i);
             let far = keys
                 .chunks(dk)
                 .zip(&kept_parts)
@@ -1153,13 +1337,13 @@ impl DeviceMemory {
                 .all(|(o, _): (&[f32], _)| math::distance(metric, key, o) > novelty);
             if far {
                 keys.extend_from_slice(key);
-                values.extend_from_slice(&new_values[i * dv..(i + 1) * dv]);
+                values.extend_from_slice(value);
                 kept_parts.push(part);
             }
         }
         let inserted = self.insert_parts(&keys, &values, &kept_parts, tick)?.len();
         Ok(CommitCounts {
-            accessed: touched.len(),
+            accessed,
             merged,
             inserted,
         })
@@ -1191,27 +1375,41 @@ impl DeviceMemory {
         limit: usize,
     ) -> Result<Vec<usize>> {
         self.check_writable()?;
-        let (dk, dv) = (self.config.key_dim, self.config.value_dim);
-        // A memory's row does not change within the call (merged rows go to
-        // new memories, which are never sources), so every source row is read
-        // once, before the first merge.
-        let mut wanted: Vec<usize> = items
-            .iter()
-            .flat_map(|(_, _, sources)| sources.iter().filter_map(|id| self.slot(*id)))
-            .collect();
-        wanted.sort_unstable();
-        wanted.dedup();
+        let wanted = self.merge_sources(items.iter().map(|(_, _, sources)| &sources[..]));
         let (skeys, svalues) = if wanted.is_empty() || limit == 0 {
             (Vec::new(), Vec::new())
         } else {
-            let inner = self.device.clone().inner();
-            let idx = Tensor::<1, Int>::from_data(
-                TensorData::new(wanted.iter().map(|&s| s as i64).collect::<Vec<_>>(), [wanted.len()]),
-                &inner,
-            );
+            let idx = self.index(&wanted);
             let rows = |t: &Tensor<2>| host_f32(t.clone().inner().select(0, idx.clone()));
             (rows(&self.keys)?, rows(&self.values)?)
         };
+        self.merge_read(items, tick, limit, &wanted, &skeys, &svalues)
+    }
+
+    /// The slots of the merges' sources that are in the tier, ascending and
+    /// distinct: the rows a merge reads. A memory's row does not change
+    /// while merges are placed (merged rows go to new memories, which are
+    /// never sources), so every source row is read once, before the first.
+    fn merge_sources<'a>(&self, sources: impl Iterator<Item = &'a [MemoryId]>) -> Vec<usize> {
+        let mut wanted: Vec<usize> = sources.flat_map(|s| s.iter().filter_map(|id| self.slot(*id))).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        wanted
+    }
+
+    /// [`DeviceMemory::merge_many`] with the rows of `wanted`
+    /// ([`DeviceMemory::merge_sources`]) already read: `skeys`, `svalues`
+    /// (empty when `limit` is 0 or nothing is wanted).
+    fn merge_read(
+        &mut self,
+        items: &[(Vec<f32>, Vec<f32>, Vec<MemoryId>)],
+        tick: Tick,
+        limit: usize,
+        wanted: &[usize],
+        skeys: &[f32],
+        svalues: &[f32],
+    ) -> Result<Vec<usize>> {
+        let (dk, dv) = (self.config.key_dim, self.config.value_dim);
         let row = |s: usize| wanted.binary_search(&s).ok();
         let (mut placed, mut new_keys, mut new_values) = (Vec::new(), Vec::new(), Vec::new());
         let mut plan = || -> Result<()> {
