@@ -692,7 +692,8 @@ impl Report {
                 if p.synchronised {
                     ", device synchronised at each phase (--profile)"
                 } else {
-                    "; GPU work is counted where the host waits for it (--profile synchronises)"
+                    "; GPU work is counted where the host waits for it, and on the CPU the teacher's forward \
+                     pass runs beside the student's, in its row (--profile synchronises and times them apart)"
                 },
                 p.reads_per_step()
             );
