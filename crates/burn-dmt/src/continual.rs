@@ -67,7 +67,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::distill::{StudentSpec, load_student_room, read_spec, set_learning, write_spec};
-use crate::loss::cross_entropy_loss;
+use crate::loss::{LossKernel, tied_loss};
 use crate::memory::layers::LayerKind;
 use crate::tokenizer::TextCodec;
 use crate::train::{Corpus, SplitMix64, Window, eval_batches, evaluate, sample_batch, value};
@@ -643,8 +643,8 @@ pub fn memorize(
         for step in 0..steps {
             let tick = base + 1 + step as u64;
             let b = sample_batch(&tokens, opts.batch, seq, &mut rng)?;
-            let logits = student.forward_train(b.inputs(&device))?;
-            let loss = cross_entropy_loss(logits, b.targets(&opts.device))?;
+            let (head, _) = student.forward_train_tied(b.inputs(&device), false)?;
+            let loss = tied_loss(head, None, b.targets(&opts.device), 1.0, 0.0, LossKernel::Auto)?.into_loss();
             let l = value(loss.ce)?;
             if !l.is_finite() {
                 return Err(DmtError::InvalidArgument(format!(
@@ -939,8 +939,8 @@ pub fn finetune(
     let mut rng = SplitMix64::seed_from_u64(seed);
     for step in 0..steps {
         let b = sample_batch(tokens, batch, seq, &mut rng)?;
-        let logits = student.forward_train(b.inputs(&ad))?;
-        let loss = cross_entropy_loss(logits, b.targets(device))?;
+        let (head, _) = student.forward_train_tied(b.inputs(&ad), false)?;
+        let loss = tied_loss(head, None, b.targets(device), 1.0, 0.0, LossKernel::Auto)?.into_loss();
         let l = value(loss.ce)?;
         if !l.is_finite() {
             return Err(DmtError::InvalidArgument(format!(

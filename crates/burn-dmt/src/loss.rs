@@ -265,12 +265,17 @@ impl TiedGradient {
     /// (the products constants): its gradient with respect to the hidden
     /// states is `g · E` and with respect to the embedding `E` is
     /// `gᵀ · hidden`, the head's backward pass for the logits' gradient `g`.
+    /// A frozen embedding (not tracked by autodiff) gets no product.
     pub fn into_loss(self) -> DistillLoss {
         let TiedHead { hidden, embedding, .. } = self.head;
         let to_hidden = self.g.clone().matmul(embedding.clone().inner());
-        let to_embedding = self.g.transpose().matmul(hidden.clone().inner());
+        let mut surrogate = (hidden.clone() * to_hidden).sum();
+        if embedding.is_tracked() {
+            let to_embedding = self.g.transpose().matmul(hidden.inner());
+            surrogate = surrogate + (embedding * to_embedding).sum();
+        }
         DistillLoss {
-            surrogate: (hidden * to_hidden).sum() + (embedding * to_embedding).sum(),
+            surrogate,
             kd: self.kd,
             ce: self.ce,
             alpha: self.alpha,

@@ -213,6 +213,7 @@ fn tied_head_loss_and_its_gradients_equal_the_recorded_ones() {
             Tensor::<3>::from_inner(h).require_grad(),
             Tensor::<2>::from_inner(e).require_grad(),
         );
+        let (te_kept, y_kept) = (te.clone(), y.clone());
         let tied = tied_loss(
             TiedHead::new(h_got.clone(), e_got.clone()).unwrap(),
             te,
@@ -226,7 +227,29 @@ fn tied_head_loss_and_its_gradients_equal_the_recorded_ones() {
         let grads = tied.into_loss().surrogate.backward();
         let (got_h, got_e) = (values(h_got.grad(&grads).unwrap()), values(e_got.grad(&grads).unwrap()));
 
+        // A frozen embedding: the hidden states' gradient alone.
+        let h_only = Tensor::<3>::from_inner(h_got.clone().inner()).require_grad();
+        let frozen = Tensor::<2>::from_inner(e_got.clone().inner());
+        let grads = tied_loss(
+            TiedHead::new(h_only.clone(), frozen.clone()).unwrap(),
+            te_kept,
+            y_kept,
+            temperature,
+            alpha,
+            kernel,
+        )
+        .unwrap()
+        .into_loss()
+        .surrogate
+        .backward();
+        assert!(frozen.grad(&grads).is_none());
+        let only_h = values(h_only.grad(&grads).unwrap());
+
         let case = format!("seed {seed} T {temperature} α {alpha} {kernel:?} teacher {teacher}");
+        assert!(
+            max_abs_diff(&only_h, &got_h) <= 1e-6,
+            "{case}: a frozen embedding changed the hidden gradient"
+        );
         assert!(
             (got - want).abs() <= 1e-5 * want.abs().max(1.0),
             "{case}: {got} against {want}"
