@@ -1,8 +1,8 @@
 //! Device tensors read back to the host together.
 //!
-//! On a GPU every read-back waits for the device's queued work; a training
-//! step that read each memory layer's search results, new rows and value
-//! deltas apart waited a few times per layer. [`HostReads`] gathers the
+//! On a GPU every read-back waits for the device's queued work: reading
+//! each memory layer's search results, new rows and value deltas apart
+//! would wait a few times per layer and step. [`HostReads`] gathers the
 //! tensors of one stage of a step, flattened, and reads them in one
 //! concatenated transfer ([`HostReads::read`]); [`HostValues::get`] hands
 //! back each tensor's floats. Integer tensors travel as floats
@@ -70,7 +70,7 @@ impl HostReads {
         self.push(t.float())
     }
 
-    /// Tensors gathered so far.
+    /// Whether nothing was gathered yet.
     pub fn is_empty(&self) -> bool {
         self.parts.is_empty()
     }
