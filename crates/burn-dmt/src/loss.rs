@@ -56,8 +56,13 @@ pub struct DistillLoss {
 impl DistillLoss {
     /// `α · kd + (1 − α) · ce` (no graph).
     pub fn objective(&self) -> Tensor<1> {
-        self.kd.clone().mul_scalar(self.alpha) + self.ce.clone().mul_scalar(1.0 - self.alpha)
+        objective(&self.kd, &self.ce, self.alpha)
     }
+}
+
+/// `α · kd + (1 − α) · ce`.
+fn objective(kd: &Tensor<1>, ce: &Tensor<1>, alpha: f64) -> Tensor<1> {
+    kd.clone().mul_scalar(alpha) + ce.clone().mul_scalar(1.0 - alpha)
 }
 
 /// Positions per chunk of the tensor path: a few `[chunk, vocab]` f32
@@ -235,11 +240,6 @@ impl TiedHead {
             dims: [b, t, v],
         })
     }
-
-    /// The logits `[b, t, v]` (no graph).
-    pub fn logits(&self) -> Tensor<3> {
-        self.logits.clone().reshape(self.dims)
-    }
 }
 
 /// A loss's value and its gradient with respect to a [`TiedHead`]'s
@@ -258,7 +258,7 @@ pub struct TiedGradient {
 impl TiedGradient {
     /// `α · kd + (1 − α) · ce` (no graph).
     pub fn objective(&self) -> Tensor<1> {
-        self.kd.clone().mul_scalar(self.alpha) + self.ce.clone().mul_scalar(1.0 - self.alpha)
+        objective(&self.kd, &self.ce, self.alpha)
     }
 
     /// The loss with its surrogate `Σ hidden · (g · E) + Σ E · (gᵀ · hidden)`

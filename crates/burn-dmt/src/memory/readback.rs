@@ -70,11 +70,6 @@ impl HostReads {
         self.push(t.float())
     }
 
-    /// Whether nothing was gathered yet.
-    pub fn is_empty(&self) -> bool {
-        self.parts.is_empty()
-    }
-
     /// Reads everything gathered in one transfer (none when nothing was).
     pub fn read(self) -> Result<HostValues> {
         let mut parts = self.parts;

@@ -1254,7 +1254,6 @@ impl DeviceMemory {
         let mut update = None;
         let mut values = self.values.clone().inner();
         if let Some((g, lr)) = value_grad {
-            self.check_writable()?;
             let rows = self.value_rows(&touched);
             if !rows.is_empty() {
                 let (idx, delta) = self.value_delta(g, lr, &rows);
