@@ -52,8 +52,9 @@ struct Args {
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
     /// Which blocks get which memory type, e.g. "0-2:featural,3:associative" (default: the lower three quarters
-    /// featural, the rest associative; "keyvalue" turns the teacher MLP's units into memory rows, "mlp" keeps a
-    /// block's MLP, "none" removes it).
+    /// featural, the rest associative; "product" is a featural layer whose tables are product-key grids, which
+    /// needs --capacity of heads × n² rows; "keyvalue" turns the teacher MLP's units into memory rows, "mlp" keeps
+    /// a block's MLP, "none" removes it).
     #[arg(long)]
     layers: Option<String>,
     /// Optimiser steps.

@@ -14,6 +14,9 @@
 //!
 //! - the memory student (featural blocks 0–2 filled from the teacher,
 //!   associative block 3 growing from empty, one table per head);
+//! - the memory student with product keys (its featural blocks' tables
+//!   are grids of n × n cells searched through 2·n sub-keys per head, at
+//!   the same rows: `memory::product`);
 //! - the key-value student (every block's MLP units as memory rows, the
 //!   `--kv-k` most active summed per token); its trained weights are the
 //!   attention-only model's plus the output biases, so (a) is also its (b),
@@ -28,7 +31,7 @@
 //!
 //! each over three seeds (mean ± standard deviation), then, on one seed,
 //! the memory grown, bootstrapped and fixed at equal final rows, one table
-//! shared by a layer's heads, and the capacity curve (256 to 16,384 rows per
+//! shared by a layer's heads, product keys at 65,536 rows per layer, and the capacity curve (256 to 16,384 rows per
 //! layer against dense students of equal floats). `--tuning` adds, on one
 //! seed, the key-value student at other `k` and without sparse value
 //! updates, grown featural memories, and the memory student without sparse
@@ -242,7 +245,9 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
     let memory_weights: usize = kinds
         .iter()
         .map(|k| match k {
-            burn_dmt::memory::layers::LayerKind::Featural => 2 * (c * c + c) + 1,
+            burn_dmt::memory::layers::LayerKind::Featural | burn_dmt::memory::layers::LayerKind::Product => {
+                2 * (c * c + c) + 1
+            }
             burn_dmt::memory::layers::LayerKind::Associative => 4 * (c * c + c) + 1,
             _ => 0,
         })
@@ -321,6 +326,9 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
         // (b) is the attention-only model), its weights + memory floats the
         // teacher's (so its (c) is the teacher after the same steps).
         let kv_plan = format!("0-{}:keyvalue", n - 1);
+        // The memory student with product keys in its featural blocks, at
+        // the same rows (exact with respect to the grid's own scoring).
+        let product_plan = plan.replace("featural", "product");
         for &seed in &args.seeds {
             jobs.push(job(
                 "seeded",
@@ -334,6 +342,15 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
                 },
             ));
             jobs.push(job("seeded", "memory", format!("memory-s{seed}"), seed, &|_| {}));
+            jobs.push(job(
+                "seeded",
+                "memory, product keys",
+                format!("product-s{seed}"),
+                seed,
+                &|o| {
+                    o.layers = Some(product_plan.clone());
+                },
+            ));
             jobs.push(job(
                 "seeded",
                 "attention-only",
@@ -375,7 +392,7 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
         }
         // Growth against bootstrapped and fixed memories at equal final rows, and
         // per-head against shared tables.
-        let variants: [(&str, &str, &Tweak<'_>); 3] = [
+        let variants: [(&str, &str, &Tweak<'_>); 4] = [
             (
                 "memory: associative bootstrapped from the teacher",
                 "assoc-teacher",
@@ -394,6 +411,10 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
             ),
             ("memory: one table shared by the heads", "shared-heads", &|o| {
                 o.shared_heads = true;
+            }),
+            ("memory, product keys: 65,536 rows per layer", "product-65536", &|o| {
+                o.layers = Some(product_plan.clone());
+                o.capacity = 65_536;
             }),
         ];
         for (model, name, f) in variants {
@@ -973,6 +994,7 @@ fn results_markdown(
     );
     for model in [
         "memory",
+        "memory, product keys",
         "key-value memory",
         "attention-only",
         "dense, equal weights",

@@ -2,6 +2,8 @@
 //! flex), at the embedded default's shape: 16 × 64 tokens × 4 heads = 4096
 //! queries of dimension 32 against 4096 memories, k = 8. Compared in the same
 //! run with the MLP it replaces (128 → 512 → 128, forward and backward).
+//! Product keys against exact search at 4,096 and 65,536 rows:
+//! `cargo bench -p burn-dmt --bench tier -- product_keys`.
 //! `cargo bench -p burn-dmt --bench tier`.
 
 use rand_core::{RngCore as _, SeedableRng as _};
@@ -164,5 +166,76 @@ fn tier_commit(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, tier_step, value_gradient, tier_commit);
+/// A featural layer's training step (forward, backward, commit with the
+/// sparse value update, the change batch taken) at the embedded default's
+/// shape with one table per head (16 × 64 tokens, 4 heads of 32, k 8):
+/// exact search at 4,096 and 65,536 rows against product keys
+/// ([`burn_dmt::memory::product`]) at the same rows.
+fn product_keys(c: &mut Criterion) {
+    let (b, t, heads, dh, k) = (16usize, 64usize, 4usize, 32usize, 8usize);
+    let width = heads * dh;
+    let mut g = c.benchmark_group("product_keys");
+    g.sample_size(10).measurement_time(Duration::from_secs(8));
+    g.throughput(Throughput::Elements((b * t) as u64));
+    let ad = Device::flex().autodiff();
+    for (rows, product) in [(4096usize, false), (4096, true), (65_536, true), (65_536, false)] {
+        let mut rng = SplitMix64::seed_from_u64(5);
+        let tier = DeviceMemory::new(MemoryConfig::new(dh, dh), rows, &ad)
+            .and_then(|t| t.with_parts(heads))
+            .expect("tier");
+        let per = rows / heads;
+        let n = per.isqrt();
+        let unit = |v: &mut [f32], scale: f32| {
+            for row in v.chunks_mut(dh / 2) {
+                let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+                row.iter_mut().for_each(|x| *x *= scale / norm);
+            }
+        };
+        // Exact tables hold random unit keys; product tables their grids of
+        // unit halves scaled by 1/√2 (unit keys too), row r · heads + h
+        // being head h's cell r.
+        let mut keys = data(rows * dh, &mut rng);
+        let mut tier = if product {
+            let mut halves = data(2 * heads * n * dh / 2, &mut rng);
+            unit(&mut halves, std::f32::consts::FRAC_1_SQRT_2);
+            let half = |h: usize, p: usize, i: usize| {
+                let at = ((h * heads + p) * n + i) * (dh / 2);
+                &halves[at..at + dh / 2]
+            };
+            keys.clear();
+            for cell in 0..per {
+                for p in 0..heads {
+                    keys.extend_from_slice(half(0, p, cell / n));
+                    keys.extend_from_slice(half(1, p, cell % n));
+                }
+            }
+            tier.with_product_keys().expect("a square partition")
+        } else {
+            unit(&mut keys, std::f32::consts::FRAC_1_SQRT_2);
+            tier
+        };
+        tier.fill(&keys, &data(rows * dh, &mut rng), 0).expect("fill");
+        tier.take_changes();
+        tier.set_trainable_values(true);
+        let mut layer = FeaturalMemory::new(width, heads, k, tier, &ad).expect("layer");
+        layer.set_learning(true);
+        let x = Tensor::<3>::from_data(TensorData::new(data(b * t * width, &mut rng), [b, t, width]), &ad);
+        let mut tick = 1;
+        let name = format!("{} search, {rows} rows", if product { "product-key" } else { "exact" });
+        g.bench_function(name, |bench| {
+            bench.iter(|| {
+                let y = layer.forward(x.clone()).expect("forward");
+                let mut grads = y.powf_scalar(2.0).mean().backward();
+                let vg = layer.memory().take_value_grad(&mut grads).expect("value gradient");
+                layer.commit(tick, Some((vg, 0.01)), None).expect("commit");
+                let batch = layer.memory_mut().take_changes();
+                tick += 1;
+                batch.map(|b| b.touch.len())
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, tier_step, value_gradient, tier_commit, product_keys);
 criterion_main!(benches);

@@ -13,7 +13,10 @@
 //! the exact search of each head's query against the rows that head can
 //! retrieve (`rows · dh` per head), and the `k` retrieved rows' distances
 //! and weighted sum (`2·k·dh` per head); for a key-value layer, every row's
-//! score (`c + 1`), then the `k` retrieved rows' scores and values. An
+//! score (`c + 1`), then the `k` retrieved rows' scores and values; for a
+//! product-key layer ([`crate::memory::product`]), the search of each
+//! head's `2·n` half-width sub-keys and its `min(k, n)²` candidates, and
+//! its floats are the values and the sub-keys. An
 //! associative layer's value
 //! projection is needed only to propose new memories while learning, so
 //! its products are not counted at inference (its weights are).
@@ -72,6 +75,22 @@ impl Accounting {
                         (format!("mlp {f}"), 0, 0, 2 * c * f)
                     }
                     FeedForward::Ablated(_) => ("none".to_string(), 0, 0, 0),
+                    FeedForward::Featural(f) if f.memory().product_keys().is_some() => {
+                        // Product keys: each head's query against its 2·n
+                        // sub-keys of dh/2 (n·dh), the k_h² candidates' full
+                        // distances (k_h = min(k, n)), the k retrieved rows'
+                        // distances and sum; the keys needed are the
+                        // sub-keys, not the stored full keys.
+                        let t = f.memory();
+                        let grid = t
+                            .product_keys()
+                            .map_or((1, 0), |g| (g.sub_keys() as u64, g.key_floats()));
+                        let (n, key_floats) = grid;
+                        let kh = (f.k() as u64).min(n);
+                        let macs = 2 * c * c + h * (n * dh + kh * kh * dh) + 2 * h * f.k() as u64 * dh;
+                        let floats = t.len() * t.config().value_dim + key_floats;
+                        ("product".to_string(), t.len(), floats, macs)
+                    }
                     FeedForward::Featural(f) => {
                         let t = f.memory();
                         let searched = searched_rows(t.len(), t.parts());

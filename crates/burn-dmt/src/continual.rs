@@ -443,10 +443,12 @@ pub fn memorize(
     // Everything is checked before anything is written.
     let spec = read_spec(run_dir)?;
     let plan: Vec<LayerKind> = spec.layers.iter().map(|s| s.parse()).collect::<Result<_>>()?;
-    if !plan
-        .iter()
-        .any(|k| matches!(k, LayerKind::Featural | LayerKind::Associative | LayerKind::KeyValue))
-    {
+    if !plan.iter().any(|k| {
+        matches!(
+            k,
+            LayerKind::Featural | LayerKind::Product | LayerKind::Associative | LayerKind::KeyValue
+        )
+    }) {
         return Err(DmtError::InvalidArgument(format!(
             "{} has no memory layers to memorise into",
             run_dir.display()

@@ -38,12 +38,13 @@ use crate::memory::featural::{FeaturalMemory, unit_rows};
 use crate::memory::journal::WriteBehind;
 use crate::memory::keyvalue::KeyValueMemory;
 use crate::memory::layers::{LayerKind, MemoryInit, parse_layers};
+use crate::memory::product::fit_grid;
 use crate::memory::readback::HostReads;
 use crate::memory::tier::{DeviceMemory, ValueAblation};
 use crate::ngram::Bigram;
 use crate::tokenizer::TextCodec;
 use crate::train::{Corpus, EvalStats, SplitMix64, Window, eval_batches, evaluate, lr_at, sample_batch, seeded_normal};
-use crate::{DmtError, FeedForward, Gpt2, Result, host_f32, io_error as io, runtime};
+use crate::{DmtError, FeedForward, Gpt2, Result, cpu_f32, host_f32, io_error as io, runtime};
 
 /// The student's description, saved as `student.json` in the run directory.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -557,7 +558,9 @@ impl Report {
         self.student_cost
             .layers
             .iter()
-            .map(|l| matches!(l.kind.as_str(), "featural" | "associative" | "keyvalue").then_some(l.memory_rows))
+            .map(|l| {
+                matches!(l.kind.as_str(), "featural" | "product" | "associative" | "keyvalue").then_some(l.memory_rows)
+            })
             .collect()
     }
 
@@ -806,6 +809,7 @@ fn kind_name(k: LayerKind) -> &'static str {
     match k {
         LayerKind::Mlp => "mlp",
         LayerKind::Featural => "featural",
+        LayerKind::Product => "product",
         LayerKind::Associative => "associative",
         LayerKind::KeyValue => "keyvalue",
         LayerKind::Ablated => "none",
@@ -1002,6 +1006,32 @@ fn memory_layer(
             *f.memory_mut() = fill(&f.query, rng)?;
             FeedForward::Featural(f)
         }
+        LayerKind::Product => {
+            let grid = empty()?.with_product_keys()?;
+            let mut f = FeaturalMemory::new(c, h, spec.k, grid.clone(), device)?;
+            out_identity(&mut f.out);
+            seeded(&mut f.query, rng);
+            let (keys, values) = match init {
+                MemoryInit::Teacher => product_grid(
+                    &project(&f.query)?,
+                    &host_f32(y.clone().slice([0..rows, 0..c]).reshape([rows * h, dh]))?,
+                    spec,
+                    rng,
+                )?,
+                MemoryInit::Random => random_grid(spec, rng)?,
+                MemoryInit::Empty => {
+                    return Err(DmtError::InvalidArgument(
+                        "a product-key memory is a full grid from the start (--featural-init teacher or random), it \
+                         does not grow from empty"
+                            .into(),
+                    ));
+                }
+            };
+            let mut t = grid;
+            t.fill(&keys, &values, 0)?;
+            *f.memory_mut() = t;
+            FeedForward::Featural(f)
+        }
         LayerKind::Associative => {
             let mut a = AssociativeMemory::new(c, h, spec.k, empty()?, device)?;
             out_identity(&mut a.out);
@@ -1021,6 +1051,81 @@ fn memory_layer(
             return Err(DmtError::InvalidArgument(format!("{kind:?} is not a memory layer")));
         }
     })
+}
+
+/// A product-key layer's grids from the teacher: for each head, the grid
+/// [`fit_grid`] fits to the head's queries `points` and the teacher's
+/// per-head outputs `outputs` (both `[positions · heads, dh]`), in the row
+/// order a tier's fill takes (row `r · heads + h` is head `h`'s cell `r`).
+fn product_grid(
+    points: &[f32],
+    outputs: &[f32],
+    spec: &StudentSpec,
+    rng: &mut SplitMix64,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let parts = spec.memory_parts;
+    let dh = spec.config.n_embd / spec.config.n_head;
+    let n = grid_side(spec)?;
+    let per_head =
+        |x: &[f32], p: usize| -> Vec<f32> { x.chunks(dh).skip(p).step_by(parts).flatten().copied().collect() };
+    let grids = (0..parts)
+        .map(|p| fit_grid(&per_head(points, p), &per_head(outputs, p), dh, dh, n, rng))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(interleave(&grids, n * n, dh))
+}
+
+/// A product-key layer's grids of random sub-keys (unit halves scaled by
+/// `1/√2`, so every key is a unit vector) and small random values (N(0,
+/// 0.02²)), as the random ablation of other layers.
+fn random_grid(spec: &StudentSpec, rng: &mut SplitMix64) -> Result<(Vec<f32>, Vec<f32>)> {
+    let parts = spec.memory_parts;
+    let dh = spec.config.n_embd / spec.config.n_head;
+    let n = grid_side(spec)?;
+    let cpu = Device::flex();
+    let mut grids = Vec::with_capacity(parts);
+    for _ in 0..parts {
+        let half = |w: usize, rng: &mut SplitMix64| {
+            cpu_f32(unit_rows(seeded_normal(n, w, rng, &cpu)).mul_scalar(std::f32::consts::FRAC_1_SQRT_2))
+        };
+        let (a, b) = (half(dh / 2, rng)?, half(dh - dh / 2, rng)?);
+        let mut keys = Vec::with_capacity(n * n * dh);
+        for i in 0..n {
+            for j in 0..n {
+                keys.extend_from_slice(&a[i * (dh / 2)..(i + 1) * (dh / 2)]);
+                keys.extend_from_slice(&b[j * (dh - dh / 2)..(j + 1) * (dh - dh / 2)]);
+            }
+        }
+        grids.push((keys, cpu_f32(seeded_normal(n * n, dh, rng, &cpu))?));
+    }
+    Ok(interleave(&grids, n * n, dh))
+}
+
+/// The side `n` of a product-key layer's per-head grid: `--capacity` per
+/// head partition must be `n²`.
+fn grid_side(spec: &StudentSpec) -> Result<usize> {
+    let per = spec.capacity / spec.memory_parts.max(1);
+    let n = per.isqrt();
+    if n * n != per || per * spec.memory_parts != spec.capacity {
+        return Err(DmtError::InvalidArgument(format!(
+            "a product-key layer needs --capacity of {} partitions × n² rows ({} is not)",
+            spec.memory_parts, spec.capacity
+        )));
+    }
+    Ok(n)
+}
+
+/// Rows of per-partition tables (`rows` each of `d`) interleaved as a
+/// tier's fill takes them: row `r · parts + p` is partition `p`'s row `r`.
+fn interleave(grids: &[(Vec<f32>, Vec<f32>)], rows: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut keys = Vec::with_capacity(grids.len() * rows * d);
+    let mut values = Vec::with_capacity(grids.len() * rows * d);
+    for r in 0..rows {
+        for (k, v) in grids {
+            keys.extend_from_slice(&k[r * d..(r + 1) * d]);
+            values.extend_from_slice(&v[r * d..(r + 1) * d]);
+        }
+    }
+    (keys, values)
 }
 
 /// The least-squares affine map from rows of `x` to rows of `y` (both
@@ -1457,7 +1562,7 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
         }
         for (i, kind) in plan.iter().enumerate() {
             let ff = match kind {
-                LayerKind::Featural => {
+                LayerKind::Featural | LayerKind::Product => {
                     memory_layer(*kind, spec.featural_init, boot_ff[i].clone(), &spec, &mut boot_rng, &ad)?
                 }
                 LayerKind::Associative => memory_layer(
@@ -1939,7 +2044,7 @@ fn student_from_run(
     let (c, h) = (spec.config.n_embd, spec.config.n_head);
     for (i, kind) in plan.iter().enumerate() {
         let ff = match kind {
-            LayerKind::Featural | LayerKind::Associative | LayerKind::KeyValue => {
+            LayerKind::Featural | LayerKind::Product | LayerKind::Associative | LayerKind::KeyValue => {
                 if let Some(path) = loc.file(run_dir, i).filter(|p| !p.exists()) {
                     return Err(DmtError::InvalidArgument(format!(
                         "{} is missing: {} is not a complete run directory",
@@ -1963,6 +2068,9 @@ fn student_from_run(
                 rt.block_on(layer_store.close())?;
                 match kind {
                     LayerKind::Featural => FeedForward::Featural(FeaturalMemory::new(c, h, spec.k, tier, ad)?),
+                    LayerKind::Product => {
+                        FeedForward::Featural(FeaturalMemory::new(c, h, spec.k, tier.with_product_keys()?, ad)?)
+                    }
                     LayerKind::KeyValue => {
                         FeedForward::KeyValue(KeyValueMemory::new(c, spec.kv_k, spec.config.activation(), tier, ad)?)
                     }

@@ -155,11 +155,12 @@ impl FeedForward {
     }
 
     /// The sub-layer's kind, as `--layers` names it (`mlp`, `ablated`,
-    /// `featural`, `associative`, `keyvalue`).
+    /// `featural`, `product`, `associative`, `keyvalue`).
     pub fn kind(&self) -> &'static str {
         match self {
             FeedForward::Mlp(_) => "mlp",
             FeedForward::Ablated(_) => "ablated",
+            FeedForward::Featural(f) if f.memory().product_keys().is_some() => "product",
             FeedForward::Featural(_) => "featural",
             FeedForward::Associative(_) => "associative",
             FeedForward::KeyValue(_) => "keyvalue",

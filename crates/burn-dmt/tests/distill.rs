@@ -614,3 +614,52 @@ fn a_student_with_feedback_trains_reloads_and_reports_its_mismatch() {
     o.run_dir = dir.path().join("plain");
     assert!(run(&o).unwrap().feedback_mismatch.is_none());
 }
+
+#[test]
+fn a_product_key_student_trains_resumes_and_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, eval) = tiny_setup(dir.path());
+    let mut o = options(dir.path(), train, &eval);
+    o.layers = Some("0:product,1:featural".into());
+    o.steps = 5;
+    o.checkpoint_every = 2;
+    o.attention_baseline = false;
+    // 32 rows, 16 per head (2 heads): 4 × 4 grids.
+    o.capacity = 32;
+    let whole = run(&o).unwrap();
+    assert_eq!(whole.memory_rows(), vec![Some(32), Some(32)]);
+    let cost = &whole.student_cost;
+    assert_eq!(
+        (cost.layers[0].kind.as_str(), cost.layers[1].kind.as_str()),
+        ("product", "featural")
+    );
+    let dh = 32 / 2;
+    // Values and sub-keys (2 heads × 4 sub-keys × dh) against full rows.
+    assert_eq!(cost.layers[0].memory_floats, 32 * dh + 2 * 4 * dh);
+    assert_eq!(cost.layers[1].memory_floats, 32 * 2 * dh);
+    for m in &whole.steps {
+        assert!(m.loss.is_finite(), "{m:?}");
+    }
+    o.run_dir = dir.path().join("interrupted");
+    o.halt_after = Some(3);
+    assert!(run(&o).is_err());
+    o.halt_after = None;
+    o.resume = true;
+    let resumed = run(&o).unwrap();
+    let near = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1e-3);
+    for (r, w) in resumed.steps.iter().zip(&whole.steps) {
+        assert!(near(r.loss, w.loss) && near(r.kd, w.kd), "{r:?} vs {w:?}");
+    }
+    let again = eval_only(&o.run_dir, &eval, &o).unwrap();
+    assert!((again.student.nll - resumed.student.nll).abs() < 1e-3 * resumed.student.nll);
+    // A grid does not grow from empty, nor from a capacity that is not heads × n².
+    for (init, capacity) in [(burn_dmt::memory::layers::MemoryInit::Empty, 32), (o.featural_init, 64)] {
+        let mut bad = o.clone();
+        bad.resume = false;
+        bad.run_dir = dir.path().join(format!("bad{capacity}"));
+        bad.featural_init = init;
+        bad.capacity = capacity;
+        let e = run(&bad).unwrap_err().to_string();
+        assert!(e.contains("product-key"), "{e}");
+    }
+}

@@ -279,3 +279,64 @@ fn one_shared_read_on_wgpu_returns_what_separate_reads_do() {
         }
     }
 }
+
+/// Product-key search on wgpu (the tensor path) finds the cells the CPU's
+/// host kernel finds, on a full grid and with a cell and a whole sub-key
+/// row emptied (padding included: a partition left with fewer than `k`
+/// memories among the candidates).
+#[test]
+#[ignore = "needs a Vulkan/Metal/DX12 adapter: .ci/run runs it with --ignored on lavapipe"]
+fn product_key_search_on_wgpu_finds_the_cpu_cells() {
+    use burn_dmt::burn::tensor::{Device, Tensor, TensorData};
+    use burn_dmt::memory::product::ProductKeys;
+    use memstore_api::Metric;
+    use memstore_api::testkit::util::Rng;
+
+    let selected = adapter();
+    let (n, d, parts, m, k) = (6usize, 10usize, 2usize, 40usize, 8usize);
+    for metric in [Metric::L2, Metric::InnerProduct] {
+        let mut rng = Rng::new(29);
+        let mut grid = ProductKeys::new(metric, d, parts, n * n).unwrap();
+        for p in 0..parts {
+            let (a, b) = (rng.vecs(n, d / 2), rng.vecs(n, d - d / 2));
+            for i in 0..n {
+                for j in 0..n {
+                    let key = [&a[i * (d / 2)..(i + 1) * (d / 2)], &b[j * (d / 2)..(j + 1) * (d / 2)]].concat();
+                    grid.place(p, &key, p * n * n + i * n + j).unwrap();
+                }
+            }
+        }
+        let queries = rng.vecs(m, d);
+        let q = |device: &Device| Tensor::<2>::from_data(TensorData::new(queries.clone(), [m, d]), device);
+        for emptied in [
+            vec![],
+            vec![3],
+            (0..n).map(|j| n * n + 2 * n + j).chain([n * n + 1]).collect(),
+        ] {
+            for &s in &emptied {
+                grid.remove(s);
+            }
+            let want = grid.topk(q(&Device::flex()), k).unwrap();
+            let (want_d, want_i): (Vec<f32>, Vec<i64>) = (
+                values(want.distances),
+                want.indices.into_data().convert::<i64>().try_to_vec::<i64>().unwrap(),
+            );
+            for device in [selected.device.clone(), selected.device.clone().autodiff()] {
+                let top = grid.topk(q(&device), k).unwrap();
+                assert_eq!(top.distances.is_autodiff(), device.is_autodiff());
+                let idx: Vec<i64> = top.indices.into_data().convert::<i64>().try_to_vec::<i64>().unwrap();
+                let got = values(top.distances);
+                for e in 0..m * k {
+                    let w = want_d[e];
+                    if w.is_finite() {
+                        assert_eq!(idx[e], want_i[e], "{metric:?} emptied {emptied:?} entry {e}");
+                        assert!((got[e] - w).abs() <= 1e-3 * w.abs().max(1.0), "{got:?} vs {w}");
+                    } else {
+                        assert!(got[e].is_infinite(), "{metric:?} entry {e}: {}", got[e]);
+                        assert_eq!(idx[e], want_i[e], "padding is the partition's first slot");
+                    }
+                }
+            }
+        }
+    }
+}

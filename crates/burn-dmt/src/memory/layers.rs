@@ -13,6 +13,10 @@ pub enum LayerKind {
     Mlp,
     /// A featural memory layer.
     Featural,
+    /// A featural memory layer whose table is a product-key grid
+    /// ([`super::product`]): `n²` rows per head searched through `2·n`
+    /// sub-keys.
+    Product,
     /// An associative memory layer.
     Associative,
     /// A key-value memory layer (an MLP's units as memory rows).
@@ -27,11 +31,12 @@ impl FromStr for LayerKind {
         match s.trim() {
             "mlp" => Ok(LayerKind::Mlp),
             "featural" => Ok(LayerKind::Featural),
+            "product" => Ok(LayerKind::Product),
             "associative" => Ok(LayerKind::Associative),
             "keyvalue" => Ok(LayerKind::KeyValue),
             "none" | "ablated" => Ok(LayerKind::Ablated),
             other => Err(DmtError::InvalidArgument(format!(
-                "unknown layer kind {other:?} (expected mlp, featural, associative, keyvalue or none)"
+                "unknown layer kind {other:?} (expected mlp, featural, product, associative, keyvalue or none)"
             ))),
         }
     }
@@ -130,6 +135,7 @@ mod tests {
             parse_layers("1:none, 3:featural", 4).unwrap(),
             vec![Mlp, Ablated, Mlp, Featural]
         );
+        assert_eq!(parse_layers("0:product", 2).unwrap(), vec![Product, Mlp]);
         assert_eq!(parse_layers("", 2).unwrap(), vec![Mlp, Mlp]);
     }
 

@@ -11,7 +11,8 @@
 //! write-behind thread that bring those batches to the store ([`journal`]);
 //! the featural ([`featural`]), associative ([`associative`]) and key-value
 //! ([`keyvalue`]: a feed-forward layer's own units as rows) layers; and
-//! the per-block plan ([`layers`]); reading a step's device tensors back
+//! the per-block plan ([`layers`]); product keys, a table whose keys are
+//! a grid's cells, searched in `O(√rows)` per query ([`product`]); reading a step's device tensors back
 //! in one transfer ([`readback`]); retrieval traces for inspection
 //! ([`trace`]). Novelty insertion and recombination of
 //! near-duplicates happen on the device tier, with the store's arithmetic
@@ -23,6 +24,7 @@ pub mod featural;
 pub mod journal;
 pub mod keyvalue;
 pub mod layers;
+pub mod product;
 pub mod readback;
 pub mod tier;
 pub mod trace;

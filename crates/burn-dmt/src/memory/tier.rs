@@ -30,6 +30,11 @@
 //! value changes gains it (a tag count in the batch), and older memories
 //! are protected: never evicted, recombined or accessed, so that what the
 //! source wrote can be removed exactly.
+//!
+//! A tier with product keys ([`DeviceMemory::with_product_keys`]) keeps
+//! each partition's memories on a grid of `n × n` cells and searches it in
+//! `O(n)` per query ([`super::product`]); it takes new memories only on its
+//! grid and does not recombine.
 
 use crate::train::Below as _;
 use rand_core::SeedableRng as _;
@@ -40,6 +45,7 @@ use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 use memstore_api::{ChangeBatch, InsertMeta, MemoryConfig, MemoryId, MemoryStore, Tick, Vectors, math};
 
 use super::device::{on_cpu, partitioned_topk};
+use super::product::ProductKeys;
 use super::readback::{EXACT_INT, HostReads, HostValues, Span};
 use crate::{DmtError, Result, host_f32};
 
@@ -259,6 +265,8 @@ pub struct DeviceMemory {
     ablated: bool,
     /// The source whose text the tier is learning ([`DeviceMemory::begin_source`]).
     source: Option<SourceMark>,
+    /// The grid of a product-key tier ([`DeviceMemory::with_product_keys`]).
+    product: Option<ProductKeys>,
     device: Device,
 }
 
@@ -316,6 +324,7 @@ impl DeviceMemory {
             retrieved: vec![false; capacity],
             ablated: false,
             source: None,
+            product: None,
             config,
             device: device.clone(),
         })
@@ -337,6 +346,36 @@ impl DeviceMemory {
         }
         self.parts = parts;
         Ok(self)
+    }
+
+    /// Makes this tier a product-key table ([`super::product`]): each
+    /// partition's slots (a square number, `n²`) become the cells of an
+    /// `n × n` grid, searched through `n` sub-keys per key half. The
+    /// memories it holds already (a loaded store's) are put on the grid;
+    /// refused when their keys are not products of at most `n` distinct
+    /// halves each, or two share a cell, or the metric is cosine.
+    pub fn with_product_keys(mut self) -> Result<Self> {
+        if self.store.is_some() {
+            return Err(DmtError::InvalidArgument(
+                "product keys index a device tier, not a store-backed memory".into(),
+            ));
+        }
+        let per = self.capacity / self.parts;
+        let mut grid = ProductKeys::new(self.config.metric, self.config.key_dim, self.parts, per)?;
+        if !self.is_empty() {
+            let dk = self.config.key_dim;
+            let keys = host_f32(self.keys.clone().inner())?;
+            for s in (0..self.capacity).filter(|&s| self.valid[s]) {
+                grid.place(s / per, &keys[s * dk..(s + 1) * dk], s)?;
+            }
+        }
+        self.product = Some(grid);
+        Ok(self)
+    }
+
+    /// The grid of a product-key tier.
+    pub fn product_keys(&self) -> Option<&ProductKeys> {
+        self.product.as_ref()
     }
 
     /// Loads every memory of `store` (keys, values, LRFU bookkeeping, its next
@@ -864,14 +903,17 @@ impl DeviceMemory {
             }
             return self.search_store(b, queries, k);
         }
-        let top = partitioned_topk(
-            queries,
-            self.keys.clone(),
-            Some(&self.valid),
-            k,
-            self.config.metric,
-            self.parts,
-        )?;
+        let top = match &self.product {
+            Some(grid) => grid.topk(queries, k)?,
+            None => partitioned_topk(
+                queries,
+                self.keys.clone(),
+                Some(&self.valid),
+                k,
+                self.config.metric,
+                self.parts,
+            )?,
+        };
         let flat = top.indices.clone().reshape([m * k]);
         let keys = self
             .keys
@@ -1075,6 +1117,9 @@ impl DeviceMemory {
     /// its pending updates and touches dropped, since a batch deletes first).
     fn remove_synced(&mut self, s: usize) {
         let Some(id) = self.ids[s] else { return };
+        if let Some(grid) = &mut self.product {
+            grid.remove(s);
+        }
         self.valid[s] = false;
         self.ids[s] = None;
         self.slot_of.remove(&id);
@@ -1172,6 +1217,13 @@ impl DeviceMemory {
             max_inserts,
             value_grad,
         } = request;
+        if self.product.is_some() && max_inserts > 0 {
+            return Err(DmtError::InvalidArgument(
+                "a product-key table does not learn new queries (their keys are not on its grid): commit with no \
+                 inserts"
+                    .into(),
+            ));
+        }
         let mut found = Vec::with_capacity(observed.len());
         for o in observed {
             let [n, k] = o.distances.dims();
@@ -1374,6 +1426,11 @@ impl DeviceMemory {
         limit: usize,
     ) -> Result<Vec<usize>> {
         self.check_writable()?;
+        if self.product.is_some() && limit > 0 && !items.is_empty() {
+            return Err(DmtError::InvalidArgument(
+                "a product-key table does not recombine memories (a merged key would lie between its cells)".into(),
+            ));
+        }
         let wanted = self.merge_sources(items.iter().map(|(_, _, sources)| &sources[..]));
         let (skeys, svalues) = if wanted.is_empty() || limit == 0 {
             (Vec::new(), Vec::new())
@@ -1542,9 +1599,26 @@ impl DeviceMemory {
         if n > 0 {
             self.check_tick(tick)?;
         }
+        if let Some(grid) = self.product.as_ref().filter(|_| n > 0) {
+            // Every row on the grid first, so a refused one changes nothing.
+            // A partition's slots are its cells: a row with a free cell has
+            // a free slot, and nothing is evicted.
+            if metas.is_some() {
+                return Err(DmtError::InvalidArgument(
+                    "a product-key table does not recombine memories (a merged key would lie between its cells)".into(),
+                ));
+            }
+            let mut trial = grid.clone();
+            for i in 0..n {
+                trial.place(parts[i], &keys[i * dk..(i + 1) * dk], self.capacity + i)?;
+            }
+        }
         let mut placed = Vec::with_capacity(n);
         for i in 0..n {
             let Some(s) = self.free_slot(parts[i]) else { continue };
+            if let Some(grid) = &mut self.product {
+                grid.place(parts[i], &keys[i * dk..(i + 1) * dk], s)?;
+            }
             let id = self.next_id;
             self.next_id += 1;
             let meta = metas.and_then(|m| m.get(i).copied()).unwrap_or(InsertMeta {

@@ -1,0 +1,618 @@
+//! Product keys: a memory table whose keys are the cells of a grid, searched
+//! at a cost that grows with the square root of its rows (Lample et al.,
+//! "Large Memory Layers with Product Keys", 2019; Berges et al., "Memory
+//! Layers at Scale", 2024).
+//!
+//! Each head partition of `n²` slots has two tables of `n` sub-keys, one for
+//! each half of a key (the first `dim / 2` components and the rest). Cell
+//! `(i, j)` has the key `[a_i; b_j]`: the concatenation of the first half's
+//! sub-key `i` and the second half's sub-key `j`, and holds at most one
+//! memory. The store holds every memory's full key, like any other table's;
+//! the sub-key tables are rebuilt from those keys ([`ProductKeys::place`]),
+//! so nothing but the rows needs saving.
+//!
+//! L2 and inner-product distances split over the halves
+//! (`‖q − [a; b]‖² = ‖q₁ − a‖² + ‖q₂ − b‖²`, `q·[a; b] = q₁·a + q₂·b`),
+//! so a query's `k` nearest cells are among the `k × k` cells formed by the
+//! `k` nearest sub-keys of each half: if cell `(i, j)` were nearer than the
+//! `k`-th nearest cell with `i` outside its half's `k` nearest, the `k`
+//! sub-keys nearer than `i` would give `k` cells `(i', j)` nearer still.
+//! The search ([`ProductKeys::topk`]) therefore costs `2·n` half-width
+//! distances and `k²` sums per query instead of `n²` full distances, and
+//! answers what an exact search of a full grid answers (the same distances;
+//! ties, and near-ties within rounding, may pick other cells). Cells without a memory are skipped among the `k²`
+//! candidates, and sub-keys with no memory left are not searched: on a
+//! grid with empty cells a query can get fewer than `k` memories (padding,
+//! distance `+∞`, as a partition with fewer than `k` memories gives) even
+//! when more exist elsewhere on the grid.
+//!
+//! The grid holds memories only where its cells are: a product-key table
+//! takes new memories whose keys lie on its grid (a free cell, or a free
+//! sub-key row for a new half), and does not recombine near-duplicates
+//! (a merged key would lie between cells).
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use memstore_api::{Metric, math};
+use rayon::prelude::*;
+
+use super::device::{TopK, on_cpu};
+use crate::{DmtError, Result, cpu_f32};
+
+/// The sub-key tables of a tier's partitions and the memory in each cell.
+#[derive(Clone, Debug)]
+pub struct ProductKeys {
+    metric: Metric,
+    dim: usize,
+    /// Width of the first half.
+    split: usize,
+    parts: usize,
+    /// Sub-keys per half and partition (a partition has `n²` cells).
+    n: usize,
+    /// Each half's sub-keys, `parts · n` rows (partition-major).
+    sub: [Vec<f32>; 2],
+    /// Memories using each sub-key; a sub-key none uses is free.
+    uses: [Vec<u32>; 2],
+    /// The sub-key row of each half's bit pattern, per partition.
+    lookup: [HashMap<(usize, Vec<u32>), usize>; 2],
+    /// The slot of each cell `part · n² + i · n + j`, `-1` where empty.
+    cells: Vec<i64>,
+    /// The cell of each occupied slot.
+    cell_of_slot: HashMap<usize, usize>,
+    /// The tables on a device, for the tensor search; rebuilt on first use
+    /// after a change.
+    tensors: OnceLock<Tables>,
+}
+
+/// [`ProductKeys`]' tables as tensors of a device's inner backend.
+#[derive(Clone, Debug)]
+struct Tables {
+    device: Device,
+    /// Each half's sub-keys, `[parts, n, width]`.
+    sub: [Tensor<3>; 2],
+    /// Sub-keys no memory uses, `[parts, 1, n]`.
+    unused: [Tensor<3, Bool>; 2],
+    /// Slot of each cell, `[parts · n²]` (`-1`: empty).
+    cells: Tensor<1, Int>,
+}
+
+impl ProductKeys {
+    /// An empty grid for a tier of `parts` partitions of `per` slots with
+    /// `dim`-wide keys under `metric`: `per` must be a square `n²`, keys at
+    /// least 2 wide, the metric L2 or inner product (cosine distance does
+    /// not split over the halves).
+    pub fn new(metric: Metric, dim: usize, parts: usize, per: usize) -> Result<Self> {
+        let n = per.isqrt();
+        if n == 0 || n * n != per {
+            return Err(DmtError::InvalidArgument(format!(
+                "a product-key table needs a square number of slots per partition ({per} is not n²)"
+            )));
+        }
+        if dim < 2 {
+            return Err(DmtError::InvalidArgument(format!(
+                "product keys split a key in two halves: {dim}-wide keys are too narrow"
+            )));
+        }
+        if metric == Metric::Cosine {
+            return Err(DmtError::InvalidArgument(
+                "product keys need a metric that splits over the key's halves (L2 or inner product, not cosine)".into(),
+            ));
+        }
+        let split = dim / 2;
+        Ok(ProductKeys {
+            metric,
+            dim,
+            split,
+            parts,
+            n,
+            sub: [vec![0.0; parts * n * split], vec![0.0; parts * n * (dim - split)]],
+            uses: [vec![0; parts * n], vec![0; parts * n]],
+            lookup: [HashMap::new(), HashMap::new()],
+            cells: vec![-1; parts * n * n],
+            cell_of_slot: HashMap::new(),
+            tensors: OnceLock::new(),
+        })
+    }
+
+    /// Sub-keys per half of a partition (`√` of its slots).
+    pub fn sub_keys(&self) -> usize {
+        self.n
+    }
+
+    /// Memories on the grid.
+    pub fn len(&self) -> usize {
+        self.cell_of_slot.len()
+    }
+
+    /// Whether no cell holds a memory.
+    pub fn is_empty(&self) -> bool {
+        self.cell_of_slot.is_empty()
+    }
+
+    /// Floats of the sub-key tables: what a model needs of the keys at
+    /// inference (`parts · n · dim`; the full keys are their concatenations).
+    pub fn key_floats(&self) -> usize {
+        self.parts * self.n * self.dim
+    }
+
+    fn width(&self, half: usize) -> usize {
+        if half == 0 { self.split } else { self.dim - self.split }
+    }
+
+    fn half<'a>(&self, half: usize, key: &'a [f32]) -> &'a [f32] {
+        if half == 0 {
+            &key[..self.split]
+        } else {
+            &key[self.split..]
+        }
+    }
+
+    fn sub_row(&self, half: usize, row: usize) -> &[f32] {
+        let w = self.width(half);
+        &self.sub[half][row * w..(row + 1) * w]
+    }
+
+    /// The full key of cell `cell` (`part · n² + i · n + j`).
+    pub fn cell_key(&self, cell: usize) -> Vec<f32> {
+        let (part, i, j) = self.split_cell(cell);
+        let mut key = self.sub_row(0, part * self.n + i).to_vec();
+        key.extend_from_slice(self.sub_row(1, part * self.n + j));
+        key
+    }
+
+    fn split_cell(&self, cell: usize) -> (usize, usize, usize) {
+        let nn = self.n * self.n;
+        (cell / nn, (cell % nn) / self.n, cell % self.n)
+    }
+
+    /// The cell of the memory in `slot`, if it holds one.
+    pub fn cell_of(&self, slot: usize) -> Option<usize> {
+        self.cell_of_slot.get(&slot).copied()
+    }
+
+    /// Puts the memory of `slot` with `key` on partition `part`'s grid:
+    /// each half takes the sub-key equal to it (bit for bit) or, when none
+    /// is, a free sub-key row. Refused, with nothing changed, when a half
+    /// finds no free row (the partition's keys are not `n × n` products)
+    /// or the cell already holds a memory. Returns the cell.
+    pub fn place(&mut self, part: usize, key: &[f32], slot: usize) -> Result<usize> {
+        if key.len() != self.dim || part >= self.parts {
+            return Err(DmtError::InvalidArgument(format!(
+                "a {}-wide key for partition {part} of a product-key table of {}-wide keys and {} partitions",
+                key.len(),
+                self.dim,
+                self.parts
+            )));
+        }
+        if self.cell_of_slot.contains_key(&slot) {
+            return Err(DmtError::InvalidArgument(format!("slot {slot} is on the grid already")));
+        }
+        let n = self.n;
+        let mut rows = [(0usize, false); 2];
+        for (h, row) in rows.iter_mut().enumerate() {
+            let bits: Vec<u32> = self.half(h, key).iter().map(|x| x.to_bits()).collect();
+            *row = match self.lookup[h].get(&(part, bits)) {
+                Some(&r) => (r, false),
+                None => {
+                    let free = (part * n..(part + 1) * n)
+                        .find(|&r| self.uses[h][r] == 0)
+                        .ok_or_else(|| {
+                            DmtError::InvalidArgument(format!(
+                                "partition {part}'s keys are not a product grid: their {} halves take more than \
+                                 its {n} sub-keys",
+                                if h == 0 { "first" } else { "second" }
+                            ))
+                        })?;
+                    (free, true)
+                }
+            };
+        }
+        let cell = part * n * n + (rows[0].0 - part * n) * n + (rows[1].0 - part * n);
+        if self.cells[cell] >= 0 {
+            return Err(DmtError::InvalidArgument(format!(
+                "partition {part}'s grid cell ({}, {}) holds the memory of slot {} already",
+                rows[0].0 - part * n,
+                rows[1].0 - part * n,
+                self.cells[cell]
+            )));
+        }
+        for (h, &(row, new)) in rows.iter().enumerate() {
+            if new {
+                let w = self.width(h);
+                let half = self.half(h, key).to_vec();
+                self.lookup[h].insert((part, half.iter().map(|x| x.to_bits()).collect()), row);
+                self.sub[h][row * w..(row + 1) * w].copy_from_slice(&half);
+            }
+            self.uses[h][row] += 1;
+        }
+        self.cells[cell] = slot as i64;
+        self.cell_of_slot.insert(slot, cell);
+        self.tensors = OnceLock::new();
+        Ok(cell)
+    }
+
+    /// Takes the memory of `slot` off the grid (nothing when it is not on
+    /// it); a sub-key no memory uses any more becomes free.
+    pub fn remove(&mut self, slot: usize) {
+        let Some(cell) = self.cell_of_slot.remove(&slot) else {
+            return;
+        };
+        self.cells[cell] = -1;
+        let (part, i, j) = self.split_cell(cell);
+        for (h, r) in [(0, part * self.n + i), (1, part * self.n + j)] {
+            self.uses[h][r] -= 1;
+            if self.uses[h][r] == 0 {
+                let bits = self.sub_row(h, r).iter().map(|x| x.to_bits()).collect();
+                self.lookup[h].remove(&(part, bits));
+            }
+        }
+        self.tensors = OnceLock::new();
+    }
+
+    fn check_queries(&self, queries: &Tensor<2>, k: usize) -> Result<[usize; 2]> {
+        let [m, d] = queries.dims();
+        if d != self.dim {
+            return Err(DmtError::InvalidArgument(format!(
+                "queries have dimension {d}, keys {}",
+                self.dim
+            )));
+        }
+        if !m.is_multiple_of(self.parts) {
+            return Err(DmtError::InvalidArgument(format!(
+                "{m} queries do not split into {} partitions",
+                self.parts
+            )));
+        }
+        if k == 0 || k > self.n * self.n {
+            return Err(DmtError::InvalidArgument(format!(
+                "k = {k} must be in 1..={} (the cells of a partition)",
+                self.n * self.n
+            )));
+        }
+        Ok([m, d])
+    }
+
+    /// The `k` nearest memories on the grid of each query `[m, dim]` (row
+    /// `i` within partition `i % parts`): distances ascending and slots,
+    /// both `[m, k]`, padding (fewer than `k` memories among the
+    /// candidates) at distance `+∞` in the partition's first slot, as
+    /// [`super::device::partitioned_topk`] answers. On the CPU backend the
+    /// candidates' distances are the full keys' exact ones
+    /// ([`math::distance`]); on other devices they are the sums of the
+    /// halves' ([`ProductKeys::tensor_topk`]).
+    pub fn topk(&self, queries: Tensor<2>, k: usize) -> Result<TopK> {
+        let device = queries.device();
+        if on_cpu(&device) {
+            self.host_topk(queries, k, &device)
+        } else {
+            self.tensor_topk(queries, k)
+        }
+    }
+
+    fn host_topk(&self, queries: Tensor<2>, k: usize, device: &Device) -> Result<TopK> {
+        let [m, d] = self.check_queries(&queries, k)?;
+        let q = cpu_f32(queries)?;
+        let (parts, n, split) = (self.parts, self.n, self.split);
+        let per = n * n;
+        let kh = k.min(n);
+        let rows = m / parts;
+        let (mut dist, mut idx) = (vec![f32::INFINITY; m * k], vec![0i64; m * k]);
+        for p in 0..parts {
+            // Each half's kh nearest sub-keys in use, by SGEMM (the 8-bit
+            // path's quantisation does not pay for n rows).
+            let mut halves = Vec::with_capacity(2);
+            for h in 0..2 {
+                let w = self.width(h);
+                let lo = if h == 0 { 0 } else { split };
+                let mut qh = Vec::with_capacity(rows * w);
+                for r in 0..rows {
+                    let i = r * parts + p;
+                    qh.extend_from_slice(&q[i * d + lo..i * d + lo + w]);
+                }
+                let used: Vec<bool> = self.uses[h][p * n..(p + 1) * n].iter().map(|&u| u > 0).collect();
+                let table = &self.sub[h][p * n * w..(p + 1) * n * w];
+                halves.push(memstore_engine::gemm::topk_sgemm(
+                    self.metric,
+                    &qh,
+                    table,
+                    w,
+                    kh,
+                    Some(&used),
+                )?);
+            }
+            let ((da, na), (db, nb)) = (&halves[0], &halves[1]);
+            // The halves' distances combine into the full one's ranking
+            // score (L2: the sum of squares; inner product: the sum, the
+            // distance being 1 − q·a − q·b = da + db − 1); the k best
+            // candidates get the full key's exact distance.
+            let score = |x: f32, y: f32| match self.metric {
+                Metric::L2 => x * x + y * y,
+                _ => x + y,
+            };
+            let mut part_dist = vec![f32::INFINITY; rows * k];
+            let mut part_idx = vec![(p * per) as i64; rows * k];
+            part_dist
+                .par_chunks_mut(k)
+                .zip(part_idx.par_chunks_mut(k))
+                .enumerate()
+                .for_each_init(
+                    || (Vec::with_capacity(kh * kh), vec![0.0f32; d]),
+                    |(found, key), (r, (out_d, out_i))| {
+                        let qi = &q[(r * parts + p) * d..(r * parts + p + 1) * d];
+                        found.clear();
+                        for x in 0..kh {
+                            let a = na[r * kh + x];
+                            if a == u32::MAX {
+                                continue;
+                            }
+                            for y in 0..kh {
+                                let b = nb[r * kh + y];
+                                if b == u32::MAX {
+                                    continue;
+                                }
+                                let slot = self.cells[p * per + a as usize * n + b as usize];
+                                if slot >= 0 {
+                                    found.push((score(da[r * kh + x], db[r * kh + y]), slot, a, b));
+                                }
+                            }
+                        }
+                        if found.len() > k {
+                            found.select_nth_unstable_by(k - 1, |x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+                            found.truncate(k);
+                        }
+                        for c in found.iter_mut() {
+                            key[..split].copy_from_slice(self.sub_row(0, p * n + c.2 as usize));
+                            key[split..].copy_from_slice(self.sub_row(1, p * n + c.3 as usize));
+                            c.0 = math::distance(self.metric, qi, key);
+                        }
+                        found.sort_unstable_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+                        for (j, c) in found.iter().enumerate() {
+                            out_d[j] = c.0;
+                            out_i[j] = c.1;
+                        }
+                    },
+                );
+            for r in 0..rows {
+                let i = r * parts + p;
+                dist[i * k..(i + 1) * k].copy_from_slice(&part_dist[r * k..(r + 1) * k]);
+                idx[i * k..(i + 1) * k].copy_from_slice(&part_idx[r * k..(r + 1) * k]);
+            }
+        }
+        Ok(TopK {
+            distances: Tensor::from_data(TensorData::new(dist, [m, k]), device),
+            indices: Tensor::from_data(TensorData::new(idx, [m, k]), device),
+        })
+    }
+
+    fn tables(&self, inner: &Device) -> Tables {
+        let build = || {
+            let (parts, n) = (self.parts, self.n);
+            let half = |h: usize| {
+                Tensor::<3>::from_data(TensorData::new(self.sub[h].clone(), [parts, n, self.width(h)]), inner)
+            };
+            let unused = |h: usize| {
+                let u: Vec<bool> = self.uses[h].iter().map(|&u| u == 0).collect();
+                Tensor::<3, Bool>::from_data(TensorData::new(u, [parts, 1, n]), inner)
+            };
+            Tables {
+                device: inner.clone(),
+                sub: [half(0), half(1)],
+                unused: [unused(0), unused(1)],
+                cells: Tensor::from_data(TensorData::new(self.cells.clone(), [parts * n * n]), inner),
+            }
+        };
+        let t = self.tensors.get_or_init(build);
+        if &t.device == inner {
+            t.clone()
+        } else {
+            // Searched from another device than the tables were built for:
+            // built again, not cached (a tier lives on one device).
+            build()
+        }
+    }
+
+    /// [`ProductKeys::topk`] by tensor operations on the queries' device
+    /// (the path of GPUs; the CPU backend takes the host kernel, and this
+    /// is public so tests can compare the two there). A candidate's
+    /// distance is the sum of its halves' (L2: the square root of the sum
+    /// of squares), which equals the full key's up to rounding.
+    pub fn tensor_topk(&self, queries: Tensor<2>, k: usize) -> Result<TopK> {
+        let [m, d] = self.check_queries(&queries, k)?;
+        let device = queries.device();
+        let autodiff = queries.is_autodiff();
+        let inner = device.clone().inner();
+        let t = self.tables(&inner);
+        let (parts, n) = (self.parts, self.n);
+        let per = n * n;
+        let kh = k.min(n);
+        let rows = m / parts;
+        let q = queries.inner().reshape([rows, parts, d]).swap_dims(0, 1); // [parts, rows, d]
+        let near = |h: usize| {
+            let lo = if h == 0 { 0 } else { self.split };
+            let qh = q.clone().slice([0..parts, 0..rows, lo..lo + self.width(h)]);
+            let sub = t.sub[h].clone();
+            let score = match self.metric {
+                // Squared distance: it adds over the halves.
+                Metric::L2 => {
+                    let q2 = qh.clone().powf_scalar(2.0).sum_dim(2); // [parts, rows, 1]
+                    let s2 = sub.clone().powf_scalar(2.0).sum_dim(2).swap_dims(1, 2); // [parts, 1, n]
+                    (q2 + s2 - qh.matmul(sub.swap_dims(1, 2)).mul_scalar(2.0)).clamp_min(0.0)
+                }
+                // −q·a: 1 plus the halves' sum is the distance 1 − q·key.
+                _ => qh.matmul(sub.swap_dims(1, 2)).neg(),
+            };
+            let score = score.mask_fill(t.unused[h].clone().expand([parts, rows, n]), f32::INFINITY);
+            let (neg, idx) = score.neg().topk_with_indices(kh, 2);
+            // The wgpu top-k answers index −1 where fewer than kh entries
+            // beat its starting value: padding, at −∞.
+            let pad = idx.clone().lower_elem(0);
+            (neg.mask_fill(pad.clone(), f32::NEG_INFINITY), idx.mask_fill(pad, 0))
+        };
+        let ((neg_a, a), (neg_b, b)) = (near(0), near(1));
+        let kk = kh * kh;
+        let neg = (neg_a.unsqueeze_dim::<4>(3) + neg_b.unsqueeze_dim::<4>(2)).reshape([parts, rows, kk]);
+        let offsets = Tensor::<1, Int>::arange(0..parts as i64, &inner)
+            .mul_scalar(per as i64)
+            .reshape([parts, 1, 1, 1]);
+        let cell = a.unsqueeze_dim::<4>(3).mul_scalar(n as i64) + b.unsqueeze_dim::<4>(2) + offsets;
+        let slots = t
+            .cells
+            .select(0, cell.reshape([parts * rows * kk]))
+            .reshape([parts, rows, kk]);
+        let neg = neg.mask_fill(slots.clone().lower_elem(0), f32::NEG_INFINITY);
+        let (neg, pos) = neg.topk_with_indices(k, 2);
+        let bad = pos.clone().lower_elem(0);
+        let chosen = slots.gather(2, pos.mask_fill(bad.clone(), 0));
+        let pad = bad
+            .bool_or(neg.clone().lower_equal_elem(f32::MIN))
+            .bool_or(chosen.clone().lower_elem(0));
+        let firsts = Tensor::<1, Int>::arange(0..parts as i64, &inner)
+            .mul_scalar(per as i64)
+            .reshape([parts, 1, 1])
+            .expand([parts, rows, k]);
+        let chosen = chosen.mask_where(pad.clone(), firsts);
+        let score = neg.neg();
+        let dist = match self.metric {
+            Metric::L2 => score.clamp_min(0.0).sqrt(),
+            _ => score.add_scalar(1.0),
+        }
+        .mask_fill(pad, f32::INFINITY);
+        let indices = chosen.swap_dims(0, 1).reshape([m, k]);
+        let distances = dist.swap_dims(0, 1).reshape([m, k]);
+        Ok(if autodiff {
+            TopK {
+                distances: distances.autodiff(),
+                indices: indices.autodiff(),
+            }
+        } else {
+            TopK { distances, indices }
+        })
+    }
+}
+
+/// Lloyd iterations of [`fit_grid`]'s k-means.
+const KMEANS_ITERS: usize = 10;
+
+/// The grid a product-key table of `n × n` cells starts with when it stands
+/// for a function sampled at `points` (`m` rows of `dim`, L2) with
+/// `outputs` (`m` rows of `dv`): each half's `n` sub-keys are the k-means
+/// centroids of the points' halves (Lloyd's algorithm from `n` distinct
+/// points drawn with `rng`, as product quantisation trains its codebooks,
+/// Jégou et al. 2011); a cell's value is the mean output of the points
+/// whose nearest cell it is (under L2 the nearest cell is the pair of
+/// nearest sub-keys), or, for a cell no point is nearest to, the output of
+/// the point nearest to its key. Returns the `n²` keys and values in cell
+/// order (`i · n + j`). Needs at least `n` distinct halves in each half.
+pub fn fit_grid(
+    points: &[f32],
+    outputs: &[f32],
+    dim: usize,
+    dv: usize,
+    n: usize,
+    rng: &mut rand_xoshiro::SplitMix64,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    use crate::train::Below as _;
+    let m = points.len() / dim.max(1);
+    if dim < 2 || n == 0 || points.len() != m * dim || outputs.len() != m * dv || m < n {
+        return Err(DmtError::InvalidArgument(format!(
+            "a grid of {n} × {n} cells needs at least {n} points of {dim} ≥ 2 floats with outputs of {dv} ({} and {} \
+             floats given)",
+            points.len(),
+            outputs.len()
+        )));
+    }
+    let split = dim / 2;
+    let metric = Metric::L2;
+    let mut nearest = [vec![0u32; m], vec![0u32; m]];
+    let mut subs: [Vec<f32>; 2] = [Vec::new(), Vec::new()];
+    for h in 0..2 {
+        let (lo, w) = if h == 0 { (0, split) } else { (split, dim - split) };
+        let half: Vec<f32> = (0..m)
+            .flat_map(|i| points[i * dim + lo..i * dim + lo + w].iter().copied())
+            .collect();
+        // n distinct halves, in a seeded order, start the centroids.
+        let mut order: Vec<usize> = (0..m).collect();
+        for i in (1..m).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut c = Vec::with_capacity(n * w);
+        for &i in &order {
+            let row = &half[i * w..(i + 1) * w];
+            if seen.insert(row.iter().map(|x| x.to_bits()).collect::<Vec<_>>()) {
+                c.extend_from_slice(row);
+                if c.len() == n * w {
+                    break;
+                }
+            }
+        }
+        if c.len() < n * w {
+            return Err(DmtError::InvalidArgument(format!(
+                "the points have {} distinct {} halves, fewer than the grid's {n} sub-keys",
+                c.len() / w,
+                if h == 0 { "first" } else { "second" }
+            )));
+        }
+        for it in 0..=KMEANS_ITERS {
+            let (_, idx) = memstore_engine::gemm::topk(metric, &half, &c, w, 1, None)?;
+            nearest[h] = idx;
+            if it == KMEANS_ITERS {
+                break;
+            }
+            let (mut sum, mut count) = (vec![0.0f64; n * w], vec![0usize; n]);
+            for (i, &j) in nearest[h].iter().enumerate() {
+                let j = j as usize;
+                count[j] += 1;
+                for (s, &x) in sum[j * w..(j + 1) * w].iter_mut().zip(&half[i * w..(i + 1) * w]) {
+                    *s += x as f64;
+                }
+            }
+            // An empty cluster keeps its centroid.
+            for j in (0..n).filter(|&j| count[j] > 0) {
+                for (cv, &s) in c[j * w..(j + 1) * w].iter_mut().zip(&sum[j * w..(j + 1) * w]) {
+                    *cv = (s / count[j] as f64) as f32;
+                }
+            }
+        }
+        subs[h] = c;
+    }
+    let w1 = dim - split;
+    let mut keys = Vec::with_capacity(n * n * dim);
+    for i in 0..n {
+        for j in 0..n {
+            keys.extend_from_slice(&subs[0][i * split..(i + 1) * split]);
+            keys.extend_from_slice(&subs[1][j * w1..(j + 1) * w1]);
+        }
+    }
+    let (mut sum, mut count) = (vec![0.0f64; n * n * dv], vec![0usize; n * n]);
+    for i in 0..m {
+        let cell = nearest[0][i] as usize * n + nearest[1][i] as usize;
+        count[cell] += 1;
+        for (s, &y) in sum[cell * dv..(cell + 1) * dv]
+            .iter_mut()
+            .zip(&outputs[i * dv..(i + 1) * dv])
+        {
+            *s += y as f64;
+        }
+    }
+    let mut values: Vec<f32> = sum
+        .chunks(dv.max(1))
+        .zip(&count)
+        .flat_map(|(s, &c)| s.iter().map(move |&v| (v / c.max(1) as f64) as f32))
+        .collect();
+    let empty: Vec<usize> = (0..n * n).filter(|&cell| count[cell] == 0).collect();
+    if !empty.is_empty() {
+        let q: Vec<f32> = empty
+            .iter()
+            .flat_map(|&cell| keys[cell * dim..(cell + 1) * dim].iter().copied())
+            .collect();
+        let (_, idx) = memstore_engine::gemm::topk(metric, &q, points, dim, 1, None)?;
+        for (&cell, &p) in empty.iter().zip(&idx) {
+            let p = p as usize;
+            values[cell * dv..(cell + 1) * dv].copy_from_slice(&outputs[p * dv..(p + 1) * dv]);
+        }
+    }
+    Ok((keys, values))
+}
