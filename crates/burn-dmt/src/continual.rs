@@ -454,6 +454,13 @@ pub fn memorize(
             run_dir.display()
         )));
     }
+    let grids: Vec<usize> = (0..plan.len()).filter(|&i| plan[i] == LayerKind::Product).collect();
+    if opts.mechanism.insert() && !grids.is_empty() {
+        return Err(DmtError::InvalidArgument(format!(
+            "blocks {grids:?} are product-key grids, which take no new memories: memorise with the sparse \
+             mechanism (value updates only)"
+        )));
+    }
     let codec = TextCodec::for_model(&spec.teacher, opts.tokenizer.as_deref())?;
     let known = sources(run_dir)?;
     let mut texts = Vec::with_capacity(files.len());

@@ -2055,10 +2055,12 @@ fn student_from_run(
                 let layer_store = rt.block_on(loc.open_existing(run_dir, i))?;
                 let store = layer_store.shared();
                 let layout = layouts.and_then(|l| l.get(i).cloned().flatten());
-                let (parts, capacity) = if *kind == LayerKind::KeyValue {
-                    (1, kv_capacity(spec) + spec.memory_room)
-                } else {
-                    (spec.memory_parts, spec.capacity + spec.memory_room)
+                // A product-key grid keeps its n² cells per head: it takes
+                // no room for new memories.
+                let (parts, capacity) = match kind {
+                    LayerKind::KeyValue => (1, kv_capacity(spec) + spec.memory_room),
+                    LayerKind::Product => (spec.memory_parts, spec.capacity),
+                    _ => (spec.memory_parts, spec.capacity + spec.memory_room),
                 };
                 let tier = match layout {
                     Some(l) => rt.block_on(DeviceMemory::load_with_layout(&store, &l, parts, ad))?,

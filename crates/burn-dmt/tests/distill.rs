@@ -652,6 +652,28 @@ fn a_product_key_student_trains_resumes_and_reloads() {
     }
     let again = eval_only(&o.run_dir, &eval, &o).unwrap();
     assert!((again.student.nll - resumed.student.nll).abs() < 1e-3 * resumed.student.nll);
+    // Memorising: a grid takes value updates only; insertion is refused
+    // before anything is written.
+    use burn_dmt::continual::{Mechanism, MemorizeOptions, memorize, sources};
+    let text = dir.path().join("new.txt");
+    std::fs::write(
+        &text,
+        "Thou shalt remember the grid of cells, and the keys thereof.".repeat(8),
+    )
+    .unwrap();
+    let mut mo = MemorizeOptions::default();
+    (mo.steps, mo.batch, mo.seq, mo.room, mo.background_windows) = (Some(3), 2, 16, 32, 4);
+    mo.mechanism = Mechanism::Insert;
+    let e = memorize(&o.run_dir, std::slice::from_ref(&text), &mo, None).unwrap_err();
+    assert!(e.to_string().contains("product-key"), "{e}");
+    assert!(sources(&o.run_dir).unwrap().is_empty());
+    mo.mechanism = Mechanism::Sparse;
+    let r = memorize(&o.run_dir, std::slice::from_ref(&text), &mo, None).unwrap();
+    assert_eq!(r.len(), 1);
+    assert_eq!(
+        eval_only(&o.run_dir, &eval, &o).unwrap().memory_rows(),
+        vec![Some(32), Some(32)]
+    );
     // A grid does not grow from empty, nor from a capacity that is not heads × n².
     for (init, capacity) in [(burn_dmt::memory::layers::MemoryInit::Empty, 32), (o.featural_init, 64)] {
         let mut bad = o.clone();
