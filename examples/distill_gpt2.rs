@@ -141,6 +141,10 @@ struct Args {
     /// student's instead of beside it.
     #[arg(long)]
     profile: bool,
+    /// Float type of the matrix products of attention, the MLPs and the LM head: f32, or f16 on a GPU adapter that
+    /// computes in it (f32 weights, optimiser state and loss; the loss scaled by 1024 in training).
+    #[arg(long, default_value = "f32")]
+    precision: burn_dmt::precision::Precision,
     /// Evaluate a trained student (--student RUN_DIR) on --corpus instead of training.
     #[arg(long, requires_all = ["student", "corpus"])]
     eval_only: bool,
@@ -211,6 +215,7 @@ fn run_main() -> Result<(), Box<dyn std::error::Error>> {
     o.resume = args.resume;
     o.halt_after = args.halt_after;
     o.profile = args.profile;
+    o.precision = args.precision;
     let start = Instant::now();
     let report = if args.eval_only {
         let (Some(student), Some(corpus)) = (args.student, args.corpus) else {

@@ -13,8 +13,10 @@
 # the phase table in the log and the report). PROFILE_STEPS=N adds, after the
 # main run, a second run of N steps with --profile (log: profile.log), so the
 # main run's tokens/s are measured without the synchronisations.
+# F16_STEPS=N adds a run of N steps with --precision f16 (f16 matrix products,
+# f32 master weights; log: f16.log), against PyTorch's bf16 autocast.
 # TORCH_SHAPES (e.g. 8x256) limits PyTorch's shapes; timeouts: TORCH_TIMEOUT,
-# DISTILL_TIMEOUT, PROFILE_TIMEOUT (seconds).
+# DISTILL_TIMEOUT, PROFILE_TIMEOUT, F16_TIMEOUT (seconds).
 set -u
 t0=$(date +%s)
 for f in .gpu/*.deb; do [ -e "$f" ] && dpkg -x "$f" /; done; ldconfig
@@ -34,4 +36,10 @@ if [ -n "${PROFILE_STEPS:-}" ]; then
     --device wgpu --steps "$PROFILE_STEPS" --batch 8 --seq 256 --run-dir /tmp/gpu-profile --checkpoint-every 100000 \
     --eval-windows 8 --profile 2>&1 | while IFS= read -r l; do echo "+$(( $(date +%s) - t0 ))s $l"; done | tee "$OUT/profile.log"
   cp /tmp/gpu-profile/report.md "$OUT/profile-report.md" 2>/dev/null
+fi
+if [ -n "${F16_STEPS:-}" ]; then
+  timeout "${F16_TIMEOUT:-300}" /tmp/distill_gpt2 --teacher /tmp/teacher --corpus assets/data/tinyshakespeare.txt \
+    --device wgpu --steps "$F16_STEPS" --batch 8 --seq 256 --run-dir /tmp/gpu-f16 --checkpoint-every 100000 \
+    --eval-windows 8 --precision f16 2>&1 | while IFS= read -r l; do echo "+$(( $(date +%s) - t0 ))s $l"; done | tee "$OUT/f16.log"
+  cp /tmp/gpu-f16/report.md "$OUT/f16-report.md" 2>/dev/null
 fi

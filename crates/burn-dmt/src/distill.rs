@@ -210,6 +210,9 @@ pub struct DistillOptions {
     /// the CPU, run the teacher's forward pass before the student's instead
     /// of beside it, so that each is timed.
     pub profile: bool,
+    /// The float type of the student's and teacher's matrix products
+    /// ([`crate::precision`]; f16 only on a device that computes in it).
+    pub precision: crate::precision::Precision,
     /// Device of the student and teacher.
     pub device: Device,
     /// How the device was chosen (for the report).
@@ -255,6 +258,7 @@ impl DistillOptions {
             resume: false,
             halt_after: None,
             profile: false,
+            precision: crate::precision::Precision::F32,
             device: Device::flex(),
             device_name: "cpu (burn flex backend)".into(),
         }
@@ -1437,7 +1441,8 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
     let device = opts.device.clone();
     let ad = device.clone().autodiff();
     let codec = TextCodec::for_model(&opts.teacher, opts.tokenizer.as_deref())?;
-    let teacher = Gpt2::from_pretrained(&opts.teacher, &device)?;
+    let mut teacher = Gpt2::from_pretrained(&opts.teacher, &device)?;
+    teacher.set_precision(opts.precision)?;
     let config = teacher.config().clone();
     if codec.vocab_size() > config.vocab_size {
         return Err(DmtError::InvalidArgument(format!(
@@ -1470,7 +1475,7 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
     let fresh_optim = || {
         AdamWConfig::new()
             .with_weight_decay(0.01)
-            .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
+            .with_grad_clipping(Some(GradientClippingConfig::Norm(opts.precision.loss_scale())))
             .init()
     };
     let ckpt_err = |path: PathBuf| {
@@ -1633,6 +1638,12 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
         writers.push(Some(w));
     }
     set_learning(&mut student, true);
+    student.set_precision(opts.precision)?;
+    // Reduced precision scales the loss, so every gradient, by a constant;
+    // the optimiser's clipping threshold and the sparse value updates take
+    // it out again (AdamW's update does not depend on the gradients' scale
+    // beyond its epsilon).
+    let scale = opts.precision.loss_scale();
     // Featural memories that start empty grow with the teacher's
     // feed-forward output on the student's own input as their values.
     let grow_featural = spec.featural_init == MemoryInit::Empty && opts.max_inserts > 0;
@@ -1697,13 +1708,14 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
             }
             if opts.hidden_loss > 0.0 {
                 let mse = (ff_out - target).powf_scalar(2.0).mean().mul_scalar(opts.hidden_loss);
+                let scaled = mse.clone().mul_scalar(scale);
                 objective = objective + mse.clone().inner();
-                hidden_mse = Some(hidden_mse.map_or(mse.clone(), |sum| sum + mse));
+                hidden_mse = Some(hidden_mse.map_or(scaled.clone(), |sum| sum + scaled));
             }
         }
         lap.lap(2)?;
         // The head's backward products belong to the backward pass.
-        let mut loss = dl.into_loss().surrogate;
+        let mut loss = dl.into_scaled_loss(scale).surrogate;
         if let Some(mse) = hidden_mse {
             loss = loss + mse;
         }
@@ -1728,7 +1740,7 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
         let loss_span = batch.push(Tensor::cat(vec![objective, kd, ce], 0))?;
         let mut gathered = Vec::with_capacity(config.n_layer);
         for ((i, g), target) in value_grads.into_iter().enumerate().zip(grow_targets) {
-            let vg = g.map(|g| (g, opts.value_lr));
+            let vg = g.map(|g| (if scale == 1.0 { g } else { g.div_scalar(scale) }, opts.value_lr));
             let Some(ff) = student.feed_forward_mut(i) else {
                 continue;
             };
@@ -1906,7 +1918,10 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
         run_dir,
         &loc,
         Some((train_tps, times)),
-        &opts.device_name,
+        &match opts.precision {
+            crate::precision::Precision::F32 => opts.device_name.clone(),
+            p => format!("{}, {} matrix products", opts.device_name, p.name()),
+        },
         metrics,
     )
 }

@@ -14,6 +14,7 @@ use rand_core::SeedableRng as _;
 
 use crate::config::{Activation, Gpt2Config};
 use crate::loss::TiedHead;
+use crate::precision::{Precision, linear, matmul};
 use crate::{DmtError, Result};
 
 /// `GPT2MLP`: `c_proj(act(c_fc(x)))`.
@@ -25,23 +26,30 @@ pub struct Mlp {
     pub c_proj: Linear,
     #[module(skip)]
     act: Activation,
+    #[module(skip)]
+    precision: Precision,
 }
 
 impl Mlp {
     /// An MLP from its two projections.
     pub fn new(c_fc: Linear, c_proj: Linear, act: Activation) -> Self {
-        Mlp { c_fc, c_proj, act }
+        Mlp {
+            c_fc,
+            c_proj,
+            act,
+            precision: Precision::F32,
+        }
     }
 
     /// Applies the MLP.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.c_fc.forward(x);
+        let h = linear(&self.c_fc, x, self.precision);
         let h = match self.act {
             Activation::GeluTanh => gelu_new(h),
             Activation::Gelu => gelu(h),
             Activation::Relu => relu(h),
         };
-        self.c_proj.forward(h)
+        linear(&self.c_proj, h, self.precision)
     }
 }
 
@@ -225,12 +233,19 @@ pub struct Attention {
     pub c_proj: Linear,
     #[module(skip)]
     n_head: usize,
+    #[module(skip)]
+    precision: Precision,
 }
 
 impl Attention {
     /// Attention from its projections.
     pub fn new(c_attn: Linear, c_proj: Linear, n_head: usize) -> Self {
-        Attention { c_attn, c_proj, n_head }
+        Attention {
+            c_attn,
+            c_proj,
+            n_head,
+            precision: Precision::F32,
+        }
     }
 
     fn heads(&self, x: Tensor<3>) -> Tensor<4> {
@@ -242,7 +257,8 @@ impl Attention {
     /// values to `cache` when given.
     pub fn forward(&self, x: Tensor<3>, cache: Option<&mut Option<LayerCache>>) -> Tensor<3> {
         let [b, t, c] = x.dims();
-        let qkv = self.c_attn.forward(x);
+        let p = self.precision;
+        let qkv = linear(&self.c_attn, x, p);
         let q = self.heads(qkv.clone().narrow(2, 0, c));
         let mut k = self.heads(qkv.clone().narrow(2, c, c));
         let mut v = self.heads(qkv.narrow(2, 2 * c, c));
@@ -260,15 +276,15 @@ impl Attention {
         }
         let tk = past + t;
         let dh = c / self.n_head;
-        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((dh as f64).sqrt());
+        let scores = matmul(q, k.swap_dims(2, 3), p).div_scalar((dh as f64).sqrt());
         // Query i (absolute position past + i) sees keys j <= past + i.
         let mask = Tensor::<2, Bool>::tril_mask([t, tk], past as i64, &scores.device())
             .unsqueeze_dim::<3>(0)
             .unsqueeze_dim::<4>(0)
             .expand([b, self.n_head, t, tk]);
         let weights = softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 3);
-        let y = weights.matmul(v).swap_dims(1, 2).reshape([b, t, c]);
-        self.c_proj.forward(y)
+        let y = matmul(weights, v, p).swap_dims(1, 2).reshape([b, t, c]);
+        linear(&self.c_proj, y, p)
     }
 }
 
@@ -408,6 +424,8 @@ pub struct Gpt2 {
     pub feedback: Option<Feedback>,
     #[module(skip)]
     config: Gpt2Config,
+    #[module(skip)]
+    precision: Precision,
 }
 
 /// A LayerNorm with the configured epsilon.
@@ -468,6 +486,7 @@ impl Gpt2 {
             ln_f: layer_norm(config, device),
             feedback: None,
             config: config.clone(),
+            precision: Precision::F32,
         })
     }
 
@@ -480,6 +499,7 @@ impl Gpt2 {
             ln_f,
             feedback: None,
             config,
+            precision: Precision::F32,
         }
     }
 
@@ -520,9 +540,7 @@ impl Gpt2 {
     pub fn lm_head(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, t, c] = x.dims();
         let w = self.wte.weight.val();
-        x.reshape([b * t, c])
-            .matmul(w.transpose())
-            .reshape([b, t, self.config.vocab_size])
+        matmul(x.reshape([b * t, c]), w.transpose(), self.precision).reshape([b, t, self.config.vocab_size])
     }
 
     /// Logits `[batch, seq, vocab]` of `ids` `[batch, seq]`, continuing from
@@ -686,7 +704,10 @@ impl Gpt2 {
     /// ([`crate::loss::tied_loss`] takes the loss of them).
     pub fn forward_train_tied(&self, ids: Tensor<2, Int>, ff: bool) -> Result<(TiedHead, Vec<(Tensor<3>, Tensor<3>)>)> {
         let (out, ffs) = self.parallel_at(ids, self.train_passes(), None, ff, false)?;
-        Ok((TiedHead::new(out, self.wte.weight.val())?, ffs))
+        Ok((
+            TiedHead::with_precision(out, self.wte.weight.val(), self.precision)?,
+            ffs,
+        ))
     }
 
     /// Parallel passes of teacher-forced training (1 without feedback).
@@ -772,6 +793,27 @@ impl Gpt2 {
     /// layer's tier).
     pub fn feed_forward_mut(&mut self, i: usize) -> Option<&mut FeedForward> {
         self.h.get_mut(i).map(|b| &mut b.mlp)
+    }
+
+    /// Runs the matrix products of attention, the MLPs and the LM head in
+    /// `precision` ([`crate::precision`]; memory layers stay f32), after
+    /// checking that the model's device computes in it. A feed-forward
+    /// layer set later keeps its own precision.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        precision.check(&self.device())?;
+        self.precision = precision;
+        for b in &mut self.h {
+            b.attn.precision = precision;
+            if let FeedForward::Mlp(m) = &mut b.mlp {
+                m.precision = precision;
+            }
+        }
+        Ok(())
+    }
+
+    /// The precision of the model's matrix products.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Replaces block `i`'s feed-forward layer.

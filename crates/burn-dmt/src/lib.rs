@@ -36,6 +36,7 @@ pub mod loss;
 pub mod memory;
 pub mod ngram;
 pub mod plot;
+pub mod precision;
 pub mod storage;
 pub mod tokenizer;
 pub mod train;

@@ -35,6 +35,7 @@ use rayon::prelude::*;
 use wide::f32x8;
 
 use crate::memory::device::on_cpu;
+use crate::precision::{Precision, matmul};
 use crate::train::flat;
 use crate::{DmtError, Result, cpu_f32, cpu_i64, host_f32, host_i64};
 
@@ -218,12 +219,19 @@ pub struct TiedHead {
     embedding: Tensor<2>,
     logits: Tensor<2>,
     dims: [usize; 3],
+    precision: Precision,
 }
 
 impl TiedHead {
     /// The head over `hidden` `[b, t, c]` (after the final layer norm)
     /// with `embedding` `[v, c]` as its weight: computes the logits.
     pub fn new(hidden: Tensor<3>, embedding: Tensor<2>) -> Result<Self> {
+        Self::with_precision(hidden, embedding, Precision::F32)
+    }
+
+    /// [`TiedHead::new`] with the head's three products (the logits and
+    /// the two of the backward pass) in `precision`.
+    pub fn with_precision(hidden: Tensor<3>, embedding: Tensor<2>, precision: Precision) -> Result<Self> {
         let [b, t, c] = hidden.dims();
         let [v, ce] = embedding.dims();
         if c != ce {
@@ -232,12 +240,13 @@ impl TiedHead {
             )));
         }
         let hidden = hidden.reshape([b * t, c]);
-        let logits = hidden.clone().inner().matmul(embedding.clone().inner().transpose());
+        let logits = matmul(hidden.clone().inner(), embedding.clone().inner().transpose(), precision);
         Ok(Self {
             hidden,
             embedding,
             logits,
             dims: [b, t, v],
+            precision,
         })
     }
 }
@@ -267,11 +276,25 @@ impl TiedGradient {
     /// `gᵀ · hidden`, the head's backward pass for the logits' gradient `g`.
     /// A frozen embedding (not tracked by autodiff) gets no product.
     pub fn into_loss(self) -> DistillLoss {
-        let TiedHead { hidden, embedding, .. } = self.head;
-        let to_hidden = self.g.clone().matmul(embedding.clone().inner());
+        self.into_scaled_loss(1.0)
+    }
+
+    /// [`TiedGradient::into_loss`] with the surrogate, so every gradient of
+    /// the backward pass, multiplied by `scale` (the loss scale of reduced
+    /// precision, [`crate::precision`]): the head's products take the
+    /// scaled `g`, in the head's precision.
+    pub fn into_scaled_loss(self, scale: f32) -> DistillLoss {
+        let TiedHead {
+            hidden,
+            embedding,
+            precision,
+            ..
+        } = self.head;
+        let g = if scale == 1.0 { self.g } else { self.g.mul_scalar(scale) };
+        let to_hidden = matmul(g.clone(), embedding.clone().inner(), precision);
         let mut surrogate = (hidden.clone() * to_hidden).sum();
         if embedding.is_tracked() {
-            let to_embedding = self.g.transpose().matmul(hidden.inner());
+            let to_embedding = matmul(g.transpose(), hidden.inner(), precision);
             surrogate = surrogate + (embedding * to_embedding).sum();
         }
         DistillLoss {
