@@ -31,8 +31,9 @@
 //!
 //! each over three seeds (mean ± standard deviation), then, on one seed,
 //! the memory grown, bootstrapped and fixed at equal final rows, one table
-//! shared by a layer's heads, product keys at 65,536 rows per layer, and the capacity curve (256 to 16,384 rows per
-//! layer against dense students of equal floats). `--tuning` adds, on one
+//! shared by a layer's heads, product keys at 65,536 rows per layer, and
+//! the capacity curve (256 to 16,384 rows per layer against dense students
+//! of equal floats). `--tuning` adds, on one
 //! seed, the key-value student at other `k` and without sparse value
 //! updates, grown featural memories, and the memory student without sparse
 //! value updates. It writes `results.md`, `results.csv` and the plots into
