@@ -304,8 +304,38 @@ macro_rules! sqlx_rows {
             let removed: Vec<i64> = ch.removed.iter().map(|&id| id as i64).collect();
             let done = delete_in(tx, "memories WHERE id", &removed).await?;
             $crate::driver::expect_rows(done, "delete", removed.len())?;
-            update_access(tx, &ch.accessed).await?;
-            for chunk in ch.values.chunks($crate::sqlx_rows::CHUNK) {
+            // A memory whose access and value both changed is rewritten by
+            // one statement, not two (a training step changes both for
+            // most of the memories it touches, and each rewrite of a row
+            // costs its whole record).
+            let new_value: std::collections::HashMap<u64, &[f32]> =
+                ch.values.iter().map(|(id, v)| (*id, v.as_slice())).collect();
+            let (both, access_only): (Vec<$crate::index::AccessUpdate>, Vec<$crate::index::AccessUpdate>) =
+                ch.accessed.iter().partition(|u| new_value.contains_key(&u.id));
+            update_access(tx, &access_only).await?;
+            for chunk in both.chunks($crate::sqlx_rows::CHUNK) {
+                let mut q = sqlx::QueryBuilder::<$db>::new(
+                    "WITH v (id, last_access, access_count, crf, priority, value) AS (",
+                );
+                q.push_values(chunk, |mut b, u| {
+                    b.push_bind(u.id as i64)
+                        .push_bind(u.last_access as i64)
+                        .push_bind(u.access_count as i64)
+                        .push_bind(u.crf)
+                        .push_bind(u.priority)
+                        .push_bind(value(new_value.get(&u.id).copied().unwrap_or_default()));
+                });
+                q.push(
+                    ") UPDATE memories SET last_access = v.last_access, access_count = v.access_count, crf = v.crf, \
+                     priority = v.priority, value = v.value FROM v WHERE memories.id = v.id",
+                );
+                let done = q.build().execute(&mut **tx).await.map_err($sql)?;
+                $crate::driver::expect_rows(done.rows_affected(), "access and value update", chunk.len())?;
+            }
+            let accessed: std::collections::HashSet<u64> = both.iter().map(|u| u.id).collect();
+            let values_only: Vec<&(u64, Vec<f32>)> =
+                ch.values.iter().filter(|(id, _)| !accessed.contains(id)).collect();
+            for chunk in values_only.chunks($crate::sqlx_rows::CHUNK) {
                 let mut q = sqlx::QueryBuilder::<$db>::new("WITH v (id, value) AS (");
                 q.push_values(chunk, |mut b, (id, v)| {
                     b.push_bind(*id as i64).push_bind(value(v));
