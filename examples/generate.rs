@@ -12,13 +12,14 @@
 //! from the run's stores, or with `--memory store` from each store's own
 //! index (for memories larger than a device holds). `--memorize FILE`
 //! first writes FILE into the student's memory (weights frozen; see the
-//! `memory` example), so generation changes; `memory forget` reverts it.
+//! `memory` example; `--mechanism output` writes it into the output memory
+//! at the LM head), so generation changes; `memory forget` reverts it.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use burn_dmt::Gpt2;
-use burn_dmt::continual::{MemorizeOptions, memorize, serve_from_stores};
+use burn_dmt::continual::{Mechanism, MemorizeOptions, memorize, serve_from_stores};
 use burn_dmt::device::{DeviceChoice, select};
 use burn_dmt::distill::load_student;
 use burn_dmt::generate::{Sampling, generate};
@@ -42,6 +43,9 @@ struct Args {
     /// With --student: memorise this text into the student's memory first (weights frozen).
     #[arg(long, requires = "student")]
     memorize: Option<PathBuf>,
+    /// With --memorize: how (sparse, insert, both, or output: rows of the output memory at the LM head).
+    #[arg(long, default_value = "both", requires = "memorize")]
+    mechanism: Mechanism,
     /// Prompt text (needs tokenizer.json or vocab.json + merges.txt in --model, or --tokenizer).
     #[arg(long, conflicts_with = "prompt_ids")]
     prompt: Option<String>,
@@ -101,6 +105,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             if let Some(f) = &args.memorize {
                 let opts = {
                     let mut o = MemorizeOptions::default();
+                    o.mechanism = args.mechanism;
                     o.device = selected.device.clone();
                     o
                 };

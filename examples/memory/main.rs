@@ -17,6 +17,7 @@ use std::path::PathBuf;
 
 use burn_dmt::continual::{Mechanism, MemorizeOptions, forget, memorize, sources};
 use burn_dmt::device::{DeviceChoice, select};
+use burn_dmt::memory::output::OutputParams;
 use clap::{Parser, Subcommand};
 
 mod study;
@@ -36,7 +37,8 @@ enum Command {
         /// The student's run directory (from distill_gpt2).
         #[arg(long, default_value = "runs/distill")]
         student: PathBuf,
-        /// sparse (TF-IDF-selected rows' values), insert (new memories) or both.
+        /// sparse (TF-IDF-selected rows' values), insert (new memories), both,
+        /// or output (rows of the output memory at the LM head, kNN-LM).
         #[arg(long, default_value = "both")]
         mechanism: Mechanism,
         /// SGD steps per text (default: one pass over its tokens).
@@ -57,6 +59,16 @@ enum Command {
         /// Slots added to each memory table for memorised memories (set once per run).
         #[arg(long, default_value_t = MemorizeOptions::default().room)]
         room: usize,
+        /// Output memory: rows that vote per position.
+        #[arg(long, default_value_t = OutputParams::default().k)]
+        output_k: usize,
+        /// Output memory: the weight of its distribution where it answers.
+        #[arg(long, default_value_t = OutputParams::default().lambda)]
+        output_lambda: f32,
+        /// Output memory: the share of the training text's positions it may
+        /// answer (sets its radius).
+        #[arg(long, default_value_t = OutputParams::default().quantile)]
+        output_quantile: f64,
         /// Device: auto, cpu or wgpu.
         #[arg(long, default_value = "cpu")]
         device: DeviceChoice,
@@ -112,6 +124,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             lr,
             sparse_rows,
             room,
+            output_k,
+            output_lambda,
+            output_quantile,
             device,
             files,
         } => {
@@ -125,6 +140,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 o.lr = lr;
                 o.sparse_rows = sparse_rows;
                 o.room = room;
+                o.output = OutputParams {
+                    k: output_k,
+                    lambda: output_lambda,
+                    quantile: output_quantile,
+                    ..OutputParams::default()
+                };
                 o.device = selected.device;
                 o
             };
@@ -134,7 +155,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     r.source.tag, r.ce_before, r.ce_after, r.steps, r.tokens_per_s
                 );
                 for (block, inserted, changed) in r.layers {
-                    println!("  block {block}: {inserted} memories inserted, {changed} older memories changed");
+                    if mechanism == Mechanism::Output {
+                        println!("  output memory (store block {block}): {inserted} rows inserted");
+                    } else {
+                        println!("  block {block}: {inserted} memories inserted, {changed} older memories changed");
+                    }
                 }
             }
         }

@@ -18,6 +18,7 @@ use burn_dmt::continual::{
 use burn_dmt::device::{DeviceChoice, select};
 use burn_dmt::distill::{load_student, read_spec};
 use burn_dmt::memory::layers::LayerKind;
+use burn_dmt::memory::output::OutputParams;
 use burn_dmt::plot::{Chart, Series, charts};
 use burn_dmt::tokenizer::TextCodec;
 use burn_dmt::train::{Corpus, Window, eval_batches};
@@ -55,9 +56,19 @@ pub struct StudyArgs {
     /// Training-text sequences that give the rows' document frequencies.
     #[arg(long, default_value_t = MemorizeOptions::default().background_windows)]
     background_windows: usize,
-    /// Mechanisms to run (sparse, insert, both).
-    #[arg(long, value_delimiter = ',', default_value = "sparse,insert,both")]
+    /// Mechanisms to run (sparse, insert, both, output).
+    #[arg(long, value_delimiter = ',', default_value = "sparse,insert,both,output")]
     mechanisms: Vec<Mechanism>,
+    /// Output memory: weights of its distribution where it answers; one run each.
+    #[arg(long, value_delimiter = ',', default_value = "0.15,0.3,0.6")]
+    output_lambdas: Vec<f32>,
+    /// Output memory: the calibration quantile (the share of the training
+    /// text's positions it may answer).
+    #[arg(long, default_value_t = OutputParams::default().quantile)]
+    output_quantile: f64,
+    /// Output memory: rows that vote per position.
+    #[arg(long, default_value_t = OutputParams::default().k)]
+    output_k: usize,
     /// AdamW learning rates of the finetuning baselines.
     #[arg(long, value_delimiter = ',', default_value = "0.0001,0.0003,0.001")]
     finetune_lrs: Vec<f64>,
@@ -81,7 +92,8 @@ pub struct StudyArgs {
 /// One method's curve and its end state.
 struct Run {
     method: String,
-    lr: f64,
+    /// Learning rate, or the output memory's calibration quantile.
+    setting: String,
     /// `(step, CE new text, CE original text)`.
     points: Vec<(usize, f64, f64)>,
     /// Floats the method may change.
@@ -165,29 +177,50 @@ pub fn run(a: StudyArgs) -> Result<(), Box<dyn std::error::Error>> {
     let at = |s: usize| s.is_multiple_of(every) || s == a.steps;
     let mut runs: Vec<Run> = Vec::new();
 
+    // Each memory run: its mechanism, its setting's label and its options.
+    let mut plans: Vec<(Mechanism, String, MemorizeOptions)> = Vec::new();
     for &mechanism in &a.mechanisms {
-        for &lr in &a.memory_lrs {
-            let dir = work.join(format!("memory-{}-{lr}", mechanism.name()));
+        let base = {
+            let mut o = MemorizeOptions::default();
+            o.mechanism = mechanism;
+            o.steps = Some(a.steps);
+            o.batch = a.batch;
+            o.seq = a.seq;
+            o.sparse_rows = a.sparse_rows;
+            o.room = a.room;
+            o.novelty_quantile = a.novelty_quantile;
+            o.background_windows = a.background_windows;
+            o.device = device.clone();
+            o
+        };
+        if mechanism == Mechanism::Output {
+            for &lambda in &a.output_lambdas {
+                let mut o = base.clone();
+                o.output = OutputParams {
+                    k: a.output_k,
+                    lambda,
+                    quantile: a.output_quantile,
+                    ..OutputParams::default()
+                };
+                plans.push((mechanism, format!("λ {lambda}"), o));
+            }
+        } else {
+            for &lr in &a.memory_lrs {
+                let mut o = base.clone();
+                o.lr = lr;
+                plans.push((mechanism, format!("{lr}"), o));
+            }
+        }
+    }
+    for (mechanism, setting, opts) in plans {
+        {
+            let dir = work.join(format!("memory-{}-{}", mechanism.name(), setting.replace(' ', "")));
             copy_dir(&a.student, &dir)?;
             let rt = tokio::runtime::Runtime::new()?;
             let (_, mut m) = load_student(&dir, &device.clone().autodiff(), &rt)?;
             let start = (ce(&m, &new_eval)?, ce(&m, &orig_eval)?);
             drop(m);
             let mut points = vec![(0, start.0, start.1)];
-            let opts = {
-                let mut o = MemorizeOptions::default();
-                o.mechanism = mechanism;
-                o.steps = Some(a.steps);
-                o.batch = a.batch;
-                o.seq = a.seq;
-                o.lr = lr;
-                o.sparse_rows = a.sparse_rows;
-                o.room = a.room;
-                o.novelty_quantile = a.novelty_quantile;
-                o.background_windows = a.background_windows;
-                o.device = device.clone();
-                o
-            };
             let t0 = Instant::now();
             let mut eval_secs = 0.0;
             let mut hook = |step: usize, model: &mut burn_dmt::Gpt2| -> burn_dmt::Result<()> {
@@ -205,6 +238,10 @@ pub fn run(a: StudyArgs) -> Result<(), Box<dyn std::error::Error>> {
                 .iter()
                 .flat_map(|l| &l.layers)
                 .map(|l| {
+                    // An output memory row: a hidden state and a token.
+                    if l.block == spec.config.n_layer {
+                        return l.inserted * (spec.config.n_embd + 1);
+                    }
                     let dv = l.before.len() / l.changed.len().max(1);
                     let c = spec.config.n_embd;
                     // An inserted memory's key and value: a head's in featural and
@@ -223,7 +260,7 @@ pub fn run(a: StudyArgs) -> Result<(), Box<dyn std::error::Error>> {
             m = m2;
             let forgotten = Some((ce(&m, &new_eval)?, ce(&m, &orig_eval)?));
             eprintln!(
-                "memory {} lr {lr}: new {:.4} → {:.4}, original {:.4} → {:.4}; after forget {:.4} / {:.4}",
+                "memory {} {setting}: new {:.4} → {:.4}, original {:.4} → {:.4}; after forget {:.4} / {:.4}",
                 mechanism.name(),
                 start.0,
                 points.last().map_or(f64::NAN, |p| p.1),
@@ -234,7 +271,7 @@ pub fn run(a: StudyArgs) -> Result<(), Box<dyn std::error::Error>> {
             );
             runs.push(Run {
                 method: format!("memory: {}", mechanism.name()),
-                lr: lr as f64,
+                setting,
                 points,
                 floats,
                 seconds,
@@ -275,7 +312,7 @@ pub fn run(a: StudyArgs) -> Result<(), Box<dyn std::error::Error>> {
             let seconds = t0.elapsed().as_secs_f64() - eval_secs;
             let r = Run {
                 method: label.into(),
-                lr,
+                setting: format!("{lr}"),
                 points,
                 floats,
                 seconds,
@@ -302,14 +339,14 @@ fn write_report(
     train_tokens: usize,
     device: &str,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let mut csv = String::from("method,lr,step,ce_new,ce_original\n");
+    let mut csv = String::from("method,setting,step,ce_new,ce_original\n");
     for r in runs {
         for (s, n, o) in &r.points {
-            writeln!(csv, "{},{},{s},{n:.6},{o:.6}", r.method, r.lr)?;
+            writeln!(csv, "{},{},{s},{n:.6},{o:.6}", r.method, r.setting)?;
         }
     }
     std::fs::write(a.out.join("continual.csv"), csv)?;
-    // The best learning rate of each method: the largest reduction of the
+    // The best setting of each method: the largest reduction of the
     // new text's cross-entropy at the last step.
     let mut best: Vec<&Run> = Vec::new();
     for r in runs {
@@ -324,7 +361,7 @@ fn write_report(
     let by_step: Vec<Series> = best
         .iter()
         .map(|r| Series {
-            name: format!("{} (lr {})", r.method, r.lr),
+            name: format!("{} ({})", r.method, r.setting),
             points: r.points.iter().map(|p| (p.0 as f64, p.1)).collect(),
         })
         .collect();
@@ -332,7 +369,7 @@ fn write_report(
     let trade: Vec<Series> = best
         .iter()
         .map(|r| Series {
-            name: format!("{} (lr {})", r.method, r.lr),
+            name: format!("{} ({})", r.method, r.setting),
             points: r.points.iter().map(|p| (p.2 - first(r).2, first(r).1 - p.1)).collect(),
         })
         .collect();
@@ -367,8 +404,13 @@ fn write_report(
          of {} tokens), forgetting the cross-entropy on the run's own held-out text (as many windows). Every \
          method runs {} steps of {} random windows of {} tokens with the same seed; the memory runs train \
          memory values only (SGD, every weight frozen), the finetuning runs train weights (AdamW) with the \
-         memory fixed. `floats` counts what a method can change: memory values of the trained rows and keys \
-         and values of inserted memories, or the weights trained.\n",
+         memory fixed; the output memory's runs insert each step's windows as rows of the output memory \
+         (kNN-LM: key the final hidden state, value the next token; the {} nearest rows vote, mixed in with \
+         weight λ where the nearest row is within the radius, calibrated at quantile {} of the training text's \
+         positions' distances to their nearest row). `setting`: the SGD learning rate of the memory values, \
+         AdamW's learning rate, or the output memory's λ. `floats` counts what a method can change: memory values \
+         of the trained rows, keys and values of inserted memories and output memory rows, or the weights \
+         trained.\n",
         std::env::args().skip(1).collect::<Vec<_>>().join(" "),
         a.sparse_rows,
         a.room,
@@ -380,10 +422,12 @@ fn write_report(
         a.steps,
         a.batch,
         a.seq,
+        a.output_k,
+        a.output_quantile,
     )?;
     writeln!(
         md,
-        "| method | lr | new text CE before → after | Δ new | original CE before → after | Δ original | \
+        "| method | setting | new text CE before → after | Δ new | original CE before → after | Δ original | \
          after forget: new / original | floats | s (evaluations excluded) |"
     )?;
     writeln!(md, "| --- | ---: | --- | ---: | --- | ---: | --- | ---: | ---: |")?;
@@ -393,7 +437,7 @@ fn write_report(
             md,
             "| {} | {} | {:.4} → {n:.4} | {:+.4} | {:.4} → {o:.4} | {:+.4} | {} | {} | {:.0} |",
             r.method,
-            r.lr,
+            r.setting,
             r.points[0].1,
             -drop_new(r),
             r.points[0].2,
@@ -410,20 +454,20 @@ fn write_report(
         md,
         "Goal: memory-only reaches at least 80% of full finetuning's reduction of the new text's \
          cross-entropy with at most 20% of its increase on the original held-out text (each method at its \
-         best learning rate, by the new text's cross-entropy after the last step; every memory run is \
+         best setting (learning rate or λ), by the new text's cross-entropy after the last step; every memory run is \
          listed).\n"
     )?;
     if let Some(f) = full {
         writeln!(
             md,
             "Full finetuning (lr {}): new text −{:.4} nats, original {:+.4} nats.\n",
-            f.lr,
+            f.setting,
             drop_new(f),
             rise_orig(f)
         )?;
         writeln!(
             md,
-            "| memory mechanism | lr | share of the reduction | share of the increase | goal met |"
+            "| memory mechanism | setting | share of the reduction | share of the increase | goal met |"
         )?;
         writeln!(md, "| --- | ---: | ---: | ---: | --- |")?;
         for r in runs.iter().filter(|r| r.method.starts_with("memory")) {
@@ -437,7 +481,7 @@ fn write_report(
                 md,
                 "| {} | {} | {:.1}% | {:.1}% | {} |",
                 r.method,
-                r.lr,
+                r.setting,
                 100.0 * learn,
                 100.0 * forget_share,
                 if learn >= 0.8 && forget_share <= 0.2 {
@@ -453,7 +497,7 @@ fn write_report(
     // as far as a memory run did, its increase on the original text there,
     // interpolated between evaluations; the least such increase over the
     // learning rates.
-    let at_same_learning = |d: f64| -> Option<(f64, f64, f64)> {
+    let at_same_learning = |d: f64| -> Option<(f64, String, f64)> {
         runs.iter()
             .filter(|f| f.method == "finetune: all weights")
             .filter_map(|f| {
@@ -463,7 +507,7 @@ fn write_report(
                     (da < d && db >= d).then(|| {
                         let t = (d - da) / (db - da);
                         let rise = w[0].2 - o0 + t * (w[1].2 - w[0].2);
-                        (rise, f.lr, w[0].0 as f64 + t * (w[1].0 - w[0].0) as f64)
+                        (rise, f.setting.clone(), w[0].0 as f64 + t * (w[1].0 - w[0].0) as f64)
                     })
                 })
             })
@@ -478,7 +522,7 @@ fn write_report(
     )?;
     writeln!(
         md,
-        "| memory mechanism | lr | Δ new | Δ original | full finetuning at the same Δ new: Δ original (lr, step) | memory's share |"
+        "| memory mechanism | setting | Δ new | Δ original | full finetuning at the same Δ new: Δ original (lr, step) | memory's share |"
     )?;
     writeln!(md, "| --- | ---: | ---: | ---: | --- | ---: |")?;
     for r in runs.iter().filter(|r| r.method.starts_with("memory")) {
@@ -488,13 +532,13 @@ fn write_report(
                 md,
                 "| {} | {} | −{d:.4} | {rise:+.4} | {ft:+.4} (lr {lr}, step ≈{step:.0}) | {:.0}% |",
                 r.method,
-                r.lr,
+                r.setting,
                 100.0 * rise.max(0.0) / ft.max(1e-9)
             )?,
             None => writeln!(
                 md,
                 "| {} | {} | −{d:.4} | {rise:+.4} | — (no finetuning run learns as much by an evaluation) | — |",
-                r.method, r.lr
+                r.method, r.setting
             )?,
         }
     }
@@ -506,7 +550,7 @@ fn write_report(
     )?;
     writeln!(
         md,
-        "| method | lr | new: before / after forget | original: before / after forget |"
+        "| method | setting | new: before / after forget | original: before / after forget |"
     )?;
     writeln!(md, "| --- | ---: | --- | --- |")?;
     for r in runs.iter().filter(|r| r.forgotten.is_some()) {
@@ -515,7 +559,7 @@ fn write_report(
             md,
             "| {} | {} | {:.4} / {fnw:.4} ({:+.3}%) | {:.4} / {fo:.4} ({:+.3}%) |",
             r.method,
-            r.lr,
+            r.setting,
             r.points[0].1,
             100.0 * (fnw / r.points[0].1 - 1.0),
             r.points[0].2,
@@ -526,9 +570,9 @@ fn write_report(
     for r in runs.iter().filter(|r| r.method.starts_with("memory")) {
         writeln!(
             md,
-            "- {} (lr {}): {:.0} training tokens/s ({} steps in {:.1} s, evaluations excluded)",
+            "- {} ({}): {:.0} training tokens/s ({} steps in {:.1} s, evaluations excluded)",
             r.method,
-            r.lr,
+            r.setting,
             (a.steps * a.batch * a.seq) as f64 / r.seconds.max(1e-9),
             a.steps,
             r.seconds

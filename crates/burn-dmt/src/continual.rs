@@ -2,7 +2,7 @@
 //! student's memory with every weight frozen, and `forget` removes what one
 //! source wrote, by its tag.
 //!
-//! Two mechanisms, selectable and combinable ([`Mechanism`]):
+//! Three mechanisms, selectable ([`Mechanism`]; the first two combinable):
 //! - **sparse value updates** on the memory rows the new text activates
 //!   much more than the training text did: rows ranked by TF-IDF of their
 //!   retrievals (term frequency: retrievals on the new text; document
@@ -24,9 +24,18 @@
 //!   training text's positions' strongest at that quantile, and its new
 //!   memory is a unit that answers only inputs close to its own, with a
 //!   zero value to train ([`crate::memory::keyvalue::KeyValueMemory::commit_inserting`],
-//!   after Transformer-Patcher, Huang et al. 2023).
+//!   after Transformer-Patcher, Huang et al. 2023);
+//! - **the output memory** ([`crate::memory::output`], kNN-LM after
+//!   Khandelwal et al. 2020): every position of the text's windows becomes
+//!   a row keyed by the model's final hidden state with the token that
+//!   followed as its value, and at inference the nearest rows' tokens are
+//!   mixed into the next-token distribution. Nothing trains; the feed-forward
+//!   memories are left as they are. It exists because writing into the
+//!   feed-forward memories alone saturates: their outputs pass through the
+//!   frozen head (`n_embd` dimensions for the whole vocabulary), which the
+//!   output memory's mixture does not.
 //!
-//! The loss is the next-token cross-entropy on the new text. Weights never
+//! The loss of the first two is the next-token cross-entropy on the new text. Weights never
 //! change: the model's parameters are untracked and nothing else is
 //! written to `student.safetensors`.
 //!
@@ -48,6 +57,10 @@
 //! later source's ledger is rebased on this one's starting value, so that
 //! forgetting every source gives the distilled memory back exactly in any
 //! order.
+//! An output memory's rows are deleted by their tag like any inserted
+//! memory; its radius stays as the last `memorize` calibrated it, and an
+//! output memory left without rows is removed (its parameters file too),
+//! so the model answers exactly as before.
 //! A source changes the values of the distilled memories and of its own
 //! only: other sources' memories are never trained, evicted or recombined
 //! by it, so forgetting one source leaves every other source's memories as
@@ -69,6 +82,7 @@ use sha2::{Digest, Sha256};
 use crate::distill::{StudentSpec, load_student_room, read_spec, set_learning, write_spec};
 use crate::loss::{LossKernel, tied_loss};
 use crate::memory::layers::LayerKind;
+use crate::memory::output::{OutputMemory, OutputParams};
 use crate::tokenizer::TextCodec;
 use crate::train::{Corpus, SplitMix64, Window, eval_batches, evaluate, sample_batch, value};
 use crate::{DmtError, FeedForward, Gpt2, Result, io_error as io, runtime};
@@ -87,6 +101,10 @@ pub enum Mechanism {
     Insert,
     /// Both.
     Both,
+    /// Rows of the output memory at the LM head (kNN-LM,
+    /// [`crate::memory::output`]): every position of the text, keyed by the
+    /// model's final hidden state, voting for the token that followed.
+    Output,
 }
 
 impl Mechanism {
@@ -96,6 +114,7 @@ impl Mechanism {
             Mechanism::Sparse => "sparse",
             Mechanism::Insert => "insert",
             Mechanism::Both => "both",
+            Mechanism::Output => "output",
         }
     }
     fn sparse(self) -> bool {
@@ -113,8 +132,9 @@ impl std::str::FromStr for Mechanism {
             "sparse" => Ok(Mechanism::Sparse),
             "insert" => Ok(Mechanism::Insert),
             "both" => Ok(Mechanism::Both),
+            "output" => Ok(Mechanism::Output),
             other => Err(DmtError::InvalidArgument(format!(
-                "unknown mechanism {other:?} (expected sparse, insert or both)"
+                "unknown mechanism {other:?} (expected sparse, insert, both or output)"
             ))),
         }
     }
@@ -151,6 +171,9 @@ pub struct MemorizeOptions {
     /// the training text's nearest-memory distances (and than the store's
     /// novelty threshold).
     pub novelty_quantile: f64,
+    /// How the output memory answers (mechanism `output`; its radius is
+    /// calibrated, the value here is not used).
+    pub output: OutputParams,
     /// Seed of the windows.
     pub seed: u64,
     /// Tokenizer directory if not the teacher's.
@@ -172,6 +195,7 @@ impl Default for MemorizeOptions {
             max_inserts: 64,
             background_windows: 64,
             novelty_quantile: 0.99,
+            output: OutputParams::default(),
             seed: 1,
             tokenizer: None,
             device: Device::flex(),
@@ -494,6 +518,9 @@ pub fn memorize(
         };
         texts.push((ledger, tokens));
     }
+    if opts.mechanism == Mechanism::Output {
+        return memorize_output(run_dir, &spec, &codec, texts, opts, hook);
+    }
     let parts = spec.memory_parts.max(1);
     let room = opts.room.div_ceil(parts) * parts;
     let mut spec2 = spec.clone();
@@ -758,6 +785,204 @@ pub fn memorize(
     Ok(reports)
 }
 
+/// Where a run directory keeps its output memory's parameters (the rows
+/// are in the store of block `n_layer`, one past the last block).
+pub const OUTPUT_MEMORY_FILE: &str = "output-memory.json";
+
+/// The store block of a run's output memory: one past its last block.
+pub fn output_block(spec: &StudentSpec) -> usize {
+    spec.config.n_layer
+}
+
+/// The output memory of the student of `run_dir` (`None` when nothing was
+/// memorised into one), read from its store.
+pub fn load_output_memory(
+    run_dir: &Path,
+    spec: &StudentSpec,
+    rt: &tokio::runtime::Runtime,
+) -> Result<Option<OutputMemory>> {
+    let path = run_dir.join(OUTPUT_MEMORY_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let params: OutputParams = serde_json::from_str(&text).map_err(|e| DmtError::Config {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    params.check()?;
+    let loc = spec.store_location()?;
+    let store = rt.block_on(loc.open_existing(run_dir, output_block(spec)))?;
+    let m = rt.block_on(OutputMemory::load(
+        store.shared().as_ref(),
+        spec.config.vocab_size,
+        spec.config.n_embd,
+        params,
+    ));
+    rt.block_on(store.close())?;
+    m.map(Some)
+}
+
+/// Each position's final hidden state (after `ln_f`), `b·t × n_embd` on
+/// the host, of a model without an output memory attached.
+fn final_hidden(model: &Gpt2, w: &Window) -> Result<Vec<f32>> {
+    let out = model.forward_full(w.inputs(&model.device()), None, true)?;
+    let h = out
+        .hidden_states
+        .last()
+        .cloned()
+        .ok_or_else(|| DmtError::InvalidArgument("the model returned no hidden state".into()))?;
+    crate::host_f32(h)
+}
+
+/// `memorize` with the output mechanism: the memory layers are left as
+/// they are; each step's windows become rows of the output memory, and its
+/// radius is recalibrated on the training text after every step (each
+/// training position's distance to its nearest row is kept and lowered by
+/// the new rows, so the calibration is exact and costs only the new rows).
+fn memorize_output(
+    run_dir: &Path,
+    spec: &StudentSpec,
+    codec: &TextCodec,
+    texts: Vec<(Ledger, Vec<u32>)>,
+    opts: &MemorizeOptions,
+    mut hook: Option<StepHook<'_>>,
+) -> Result<Vec<MemorizeReport>> {
+    opts.output.check()?;
+    let rt = runtime()?;
+    let ad = opts.device.clone().autodiff();
+    let mut student = load_student_room(run_dir, spec, &ad, &rt)?.no_grad();
+    set_learning(&mut student, false);
+    let (block, dim, vocab) = (output_block(spec), spec.config.n_embd, spec.config.vocab_size);
+    let mut memory = match student.take_output_memory() {
+        Some(m) => m,
+        None => std::sync::Arc::new(OutputMemory::new(dim, vocab, opts.output)?),
+    };
+    {
+        let m = std::sync::Arc::make_mut(&mut memory);
+        m.params = OutputParams {
+            radius: m.params.radius,
+            ..opts.output
+        };
+    }
+    // The training text's positions, whose nearest rows set the radius.
+    let background = {
+        let t = training_tokens(spec, codec)?;
+        let seq = opts.seq.min(spec.config.n_positions);
+        let mut rng = SplitMix64::seed_from_u64(opts.seed ^ 0xB6);
+        sample_batch(&t, opts.background_windows.max(1), seq, &mut rng)?
+    };
+    let bg = final_hidden(&student, &background)?;
+    let mut nearest = memory.nearest_from(&bg, 0)?;
+    let loc = spec.store_location()?;
+    let store = rt.block_on(loc.open(run_dir, block, memstore_api::MemoryConfig::new(dim, 1)))?;
+    {
+        let c = store.shared().config().clone();
+        if c.key_dim != dim || c.value_dim != 1 {
+            return Err(DmtError::InvalidArgument(format!(
+                "block {block}'s store holds keys of {} and values of {}, not an output memory of width {dim}",
+                c.key_dim, c.value_dim
+            )));
+        }
+    }
+    let save_params = |m: &OutputMemory| -> Result<()> {
+        let text = serde_json::to_string_pretty(&m.params).map_err(|e| DmtError::InvalidArgument(e.to_string()))?;
+        crate::loader::write_atomic(&run_dir.join(OUTPUT_MEMORY_FILE), text.as_bytes())
+    };
+    let mut reports = Vec::new();
+    for (mut ledger, tokens) in texts {
+        let seq = opts.seq.min(spec.config.n_positions).min(tokens.len() - 2);
+        let steps = opts
+            .steps
+            .unwrap_or_else(|| tokens.len().div_ceil(opts.batch * seq))
+            .max(1);
+        let probe = eval_batches(&tokens, opts.batch, seq, 64);
+        student.set_output_memory(Some(memory.clone()))?;
+        let ce_before = frozen_ce(&mut student, &probe)?;
+        drop(student.take_output_memory());
+        set_learning(&mut student, false);
+        // The ledger first: an interrupted source can still be forgotten.
+        let stats = rt.block_on(store.shared().stats())?;
+        ledger.layers = vec![LayerLedger {
+            block,
+            first_id: stats.next_id,
+            next_id: None,
+            changed: Vec::new(),
+            before: Vec::new(),
+            after: Vec::new(),
+            inserted: 0,
+        }];
+        ledger.steps = steps;
+        write_ledger(run_dir, &ledger)?;
+        tracing::info!(
+            "memorising {} ({} tokens, {steps} steps, output memory): cross-entropy on it {ce_before:.4}",
+            ledger.source.tag,
+            tokens.len(),
+        );
+        let tag = vec![ledger.source.tag.clone()];
+        let mut rng = SplitMix64::seed_from_u64(opts.seed);
+        let start = Instant::now();
+        let mut inserted = 0;
+        for step in 0..steps {
+            let b = sample_batch(&tokens, opts.batch, seq, &mut rng)?;
+            let keys = final_hidden(&student, &b)?;
+            let next: Vec<f32> = b.targets.iter().map(|&t| t as f32).collect();
+            let batch = memstore_api::Batch::new(
+                memstore_api::Vectors::new(&keys, dim)?,
+                memstore_api::Vectors::new(&next, 1)?,
+            )
+            .with_tags(memstore_api::Tags::Same(&tag));
+            let ids = rt.block_on(store.shared().insert(batch, step as u64 + 1))?;
+            let m = std::sync::Arc::make_mut(&mut memory);
+            let from = m.len();
+            m.push(&ids, &keys, &next)?;
+            inserted += ids.len();
+            for (a, b) in nearest.iter_mut().zip(m.nearest_from(&bg, from)?) {
+                *a = a.min(b);
+            }
+            m.params.radius = OutputMemory::radius_for(&nearest, m.params.quantile);
+            if let Some(h) = hook.as_mut() {
+                student.set_output_memory(Some(memory.clone()))?;
+                h(step + 1, &mut student)?;
+                drop(student.take_output_memory());
+                set_learning(&mut student, false);
+            }
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        let stats = rt.block_on(store.shared().stats())?;
+        ledger.layers[0].next_id = Some(stats.next_id);
+        ledger.layers[0].inserted = inserted;
+        ledger.complete = true;
+        write_ledger(run_dir, &ledger)?;
+        save_params(&memory)?;
+        student.set_output_memory(Some(memory.clone()))?;
+        let ce_after = frozen_ce(&mut student, &probe)?;
+        drop(student.take_output_memory());
+        set_learning(&mut student, false);
+        let done = steps * opts.batch * seq;
+        tracing::info!(
+            "memorised {} into the output memory ({} rows, radius {:.4}): cross-entropy on it {ce_before:.4} → \
+             {ce_after:.4}; {done} tokens in {seconds:.1} s ({:.0} tokens/s)",
+            ledger.source.tag,
+            memory.len(),
+            memory.params.radius,
+            done as f64 / seconds.max(1e-9)
+        );
+        reports.push(MemorizeReport {
+            source: ledger.source.clone(),
+            tokens: tokens.len(),
+            steps,
+            seconds,
+            tokens_per_s: done as f64 / seconds.max(1e-9),
+            ce_before,
+            ce_after,
+            layers: vec![(block, inserted, 0)],
+        });
+    }
+    rt.block_on(store.close())?;
+    Ok(reports)
+}
+
 /// What `forget` did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ForgetReport {
@@ -884,8 +1109,14 @@ pub fn forget(run_dir: &Path, tag: &str) -> Result<ForgetReport> {
             ..ChangeBatch::default()
         };
         rt.block_on(s.apply(&batch))?;
+        // An output memory left without rows is no output memory.
+        let emptied = l.block == output_block(&spec) && rt.block_on(s.stats())?.len == 0;
         drop(s);
         rt.block_on(store.close())?;
+        let params = run_dir.join(OUTPUT_MEMORY_FILE);
+        if emptied && params.exists() {
+            std::fs::remove_file(&params).map_err(io(&params))?;
+        }
     }
     for (o, moved) in others.iter().zip(rebased) {
         if moved {

@@ -2163,7 +2163,8 @@ pub fn eval_only(run_dir: &Path, corpus: &Path, opts: &DistillOptions) -> Result
 }
 
 /// A trained student and its description, rebuilt from its run directory
-/// (weights from `student.safetensors`, memories from its stores).
+/// (weights from `student.safetensors`, memories from its stores, and the
+/// output memory when a text was memorised into one).
 pub fn load_student(run_dir: &Path, ad: &Device, rt: &tokio::runtime::Runtime) -> Result<(StudentSpec, Gpt2)> {
     let spec = read_spec(run_dir)?;
     let student = load_student_room(run_dir, &spec, ad, rt)?;
@@ -2191,6 +2192,9 @@ pub fn load_student_room(
             path: weights,
             message: format!("missing weights: {:?}", result.missing),
         });
+    }
+    if let Some(m) = crate::continual::load_output_memory(run_dir, spec, rt)? {
+        student.set_output_memory(Some(std::sync::Arc::new(m)))?;
     }
     Ok(student)
 }

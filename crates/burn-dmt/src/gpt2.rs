@@ -14,6 +14,7 @@ use rand_core::SeedableRng as _;
 
 use crate::config::{Activation, Gpt2Config};
 use crate::loss::TiedHead;
+use crate::memory::output::OutputMemory;
 use crate::precision::{Precision, linear, matmul};
 use crate::{DmtError, Result};
 
@@ -426,6 +427,10 @@ pub struct Gpt2 {
     config: Gpt2Config,
     #[module(skip)]
     precision: Precision,
+    /// The output memory mixed into the next-token distribution of
+    /// [`Gpt2::forward`] (never into training's passes).
+    #[module(skip)]
+    output_memory: Option<std::sync::Arc<OutputMemory>>,
 }
 
 /// A LayerNorm with the configured epsilon.
@@ -487,6 +492,7 @@ impl Gpt2 {
             feedback: None,
             config: config.clone(),
             precision: Precision::F32,
+            output_memory: None,
         })
     }
 
@@ -500,7 +506,36 @@ impl Gpt2 {
             feedback: None,
             config,
             precision: Precision::F32,
+            output_memory: None,
         }
+    }
+
+    /// Attaches an output memory (`None`: detaches it): [`Gpt2::forward`]
+    /// then returns the log-probabilities of the mixture
+    /// ([`OutputMemory`]); training's passes are unchanged. Refuses a
+    /// memory of another hidden width.
+    pub fn set_output_memory(&mut self, memory: Option<std::sync::Arc<OutputMemory>>) -> Result<()> {
+        if let Some(m) = &memory
+            && m.dim() != self.config.n_embd
+        {
+            return Err(DmtError::InvalidArgument(format!(
+                "an output memory of width {} for a model of width {}",
+                m.dim(),
+                self.config.n_embd
+            )));
+        }
+        self.output_memory = memory;
+        Ok(())
+    }
+
+    /// The attached output memory.
+    pub fn output_memory(&self) -> Option<&std::sync::Arc<OutputMemory>> {
+        self.output_memory.as_ref()
+    }
+
+    /// Detaches and returns the output memory.
+    pub fn take_output_memory(&mut self) -> Option<std::sync::Arc<OutputMemory>> {
+        self.output_memory.take()
     }
 
     /// The model with layerwise feedback added ([`Feedback`], projections
@@ -544,7 +579,10 @@ impl Gpt2 {
     }
 
     /// Logits `[batch, seq, vocab]` of `ids` `[batch, seq]`, continuing from
-    /// `cache` when given (and extending it).
+    /// `cache` when given (and extending it). With an output memory
+    /// attached ([`Gpt2::set_output_memory`]), the log-probabilities of the
+    /// mixture instead (equal to the logits up to a constant per position
+    /// wherever the memory does not answer).
     pub fn forward(&self, ids: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
         Ok(self.forward_full(ids, cache, false)?.logits)
     }
@@ -576,7 +614,7 @@ impl Gpt2 {
             let past = cache.as_ref().map_or(0, |c| c.len());
             let x = self.embed(ids, past)?;
             let p = self.pass(x, vec![None; n], cache, hidden, false)?;
-            return Ok(self.output(p, hidden));
+            return self.answer(p, hidden);
         };
         let [b, t] = ids.dims();
         self.check_external(external.as_ref(), [b, t])?;
@@ -599,7 +637,7 @@ impl Gpt2 {
             }
             let p = self.pass(x, feed, Some(&mut *cache), hidden, false)?;
             cache.feedback = Some(p.outputs.iter().map(|o| o.clone().detach()).collect());
-            let out = self.output(p, hidden);
+            let out = self.answer(p, hidden)?;
             logits.push(out.logits);
             for (all, s) in states.iter_mut().zip(out.hidden_states) {
                 all.push(s);
@@ -620,6 +658,24 @@ impl Gpt2 {
             ))),
             _ => Ok(()),
         }
+    }
+
+    /// The answer of an inference pass: its logits, or with an output
+    /// memory the mixture's log-probabilities (and the hidden states).
+    fn answer(&self, p: Pass, hidden: bool) -> Result<Gpt2Output> {
+        let Some(memory) = self.output_memory.as_ref().filter(|m| !m.is_empty()) else {
+            return Ok(self.output(p, hidden));
+        };
+        let x = self.ln_f.forward(p.x);
+        let mut states = p.states;
+        if hidden {
+            states.push(x.clone());
+        }
+        let logits = memory.mix(self.lm_head(x.clone()), x)?;
+        Ok(Gpt2Output {
+            logits,
+            hidden_states: states,
+        })
     }
 
     /// The logits (and hidden states) of a pass.

@@ -491,3 +491,115 @@ fn key_value_layers_take_new_units_and_forget_gives_them_back() {
     same(&dump(&run_dir), &before_rows, "forget did not give the store back");
     assert_eq!(ce_on(&run_dir, &text), ce_before);
 }
+
+/// Every row of a run's output memory store, by id.
+fn output_rows(run_dir: &Path) -> BTreeMap<u64, Row> {
+    let spec = burn_dmt::distill::read_spec(run_dir).unwrap();
+    let loc = spec.store_location().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let s = rt
+        .block_on(loc.open_existing(run_dir, burn_dmt::continual::output_block(&spec)))
+        .unwrap();
+    let st = s.shared();
+    let ids = rt.block_on(st.ids()).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let out = rt
+        .block_on(st.get(&ids))
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.id, (bits(&m.key), bits(&m.value), m.tags.into_iter().collect())))
+        .collect();
+    drop(st);
+    rt.block_on(s.close()).unwrap();
+    out
+}
+
+/// The output memory (kNN-LM rows at the LM head): memorising a text
+/// changes no weight and no memory layer's row, lowers the cross-entropy
+/// on the text after a reload, gives every row the source's tag (in SQL
+/// too); forgetting one of two sources deletes exactly its rows and leaves
+/// the other's rows and gain; forgetting both gives the model's answers
+/// back exactly.
+#[test]
+fn output_memory_learns_tags_its_rows_and_forgets_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = student(dir.path(), None);
+    let a = new_text(dir.path(), "genesis.txt", 0, 4000);
+    let b = new_text(dir.path(), "numbers.txt", 600_000, 4000);
+    let (before_rows, before_weights) = (dump(&run_dir), weights(&run_dir));
+    let safetensors = std::fs::read(run_dir.join("student.safetensors")).unwrap();
+    let (a_before, b_before) = (ce_on(&run_dir, &a), ce_on(&run_dir, &b));
+    let (tag_a, tag_b) = (read_source(&a).unwrap().0.tag, read_source(&b).unwrap().0.tag);
+
+    let r = mem(&run_dir, std::slice::from_ref(&a), Mechanism::Output).unwrap();
+    let rows = 10 * 2 * 16;
+    assert_eq!(r[0].layers, vec![(2, rows, 0)]);
+    assert!(
+        r[0].ce_after < r[0].ce_before - 0.05,
+        "{} -> {}",
+        r[0].ce_before,
+        r[0].ce_after
+    );
+    let a_after = ce_on(&run_dir, &a);
+    assert!(a_after < a_before - 0.05, "reloaded: {a_before} -> {a_after}");
+    assert_eq!(std::fs::read(run_dir.join("student.safetensors")).unwrap(), safetensors);
+    assert_eq!(weights(&run_dir), before_weights);
+    same(
+        &dump(&run_dir),
+        &before_rows,
+        "the output memory changed a memory layer",
+    );
+    let only_a = output_rows(&run_dir);
+    assert_eq!(only_a.len(), rows);
+    let vocab = burn_dmt::distill::read_spec(&run_dir).unwrap().config.vocab_size;
+    for (id, (key, value, tags)) in &only_a {
+        assert_eq!(tags, &vec![(tag_a.clone(), 1)], "row {id}");
+        assert_eq!(key.len(), 32, "row {id}");
+        let t = f32::from_bits(value[0]);
+        assert!(
+            value.len() == 1 && t.fract() == 0.0 && (t as usize) < vocab,
+            "row {id}: {t}"
+        );
+    }
+    let db = run_dir.join("memory/block2.db");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let n: i64 = rt.block_on(async {
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}?mode=ro", db.display()))
+            .await
+            .unwrap();
+        let n =
+            sqlx::query_scalar("SELECT count(*) FROM memory_tags mt JOIN tags t ON t.id = mt.tag_id WHERE t.name = ?")
+                .bind(&tag_a)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        pool.close().await;
+        n
+    });
+    assert_eq!(n as usize, rows);
+
+    // A second source; forgetting the first leaves the second's rows as
+    // they were and its gain.
+    mem(&run_dir, std::slice::from_ref(&b), Mechanism::Output).unwrap();
+    let b_both = ce_on(&run_dir, &b);
+    assert!(b_both < b_before - 0.05, "{b_before} -> {b_both}");
+    let both = output_rows(&run_dir);
+    assert_eq!(both.len(), 2 * rows);
+    let f = forget(&run_dir, "genesis.txt").unwrap();
+    assert_eq!((f.deleted, f.restored, f.overlapped), (rows, 0, 0));
+    let left = output_rows(&run_dir);
+    let want: BTreeMap<u64, Row> = both.into_iter().filter(|(id, _)| !only_a.contains_key(id)).collect();
+    assert_eq!(left, want, "forgetting A changed B's rows");
+    assert!(left.values().all(|r| r.2 == vec![(tag_b.clone(), 1)]));
+    let b_left = ce_on(&run_dir, &b);
+    assert!(b_left < b_before - 0.05, "B's gain went with A: {b_before} -> {b_left}");
+
+    forget(&run_dir, &tag_b).unwrap();
+    assert!(output_rows(&run_dir).is_empty());
+    assert!(!run_dir.join(burn_dmt::continual::OUTPUT_MEMORY_FILE).exists());
+    assert_eq!(ce_on(&run_dir, &a), a_before);
+    assert_eq!(ce_on(&run_dir, &b), b_before);
+    assert_eq!(weights(&run_dir), before_weights);
+    same(&dump(&run_dir), &before_rows, "forgetting both");
+    assert!(sources(&run_dir).unwrap().is_empty());
+}

@@ -12,7 +12,9 @@
 //! the featural ([`featural`]), associative ([`associative`]) and key-value
 //! ([`keyvalue`]: a feed-forward layer's own units as rows) layers; and
 //! the per-block plan ([`layers`]); product keys, a table whose keys are
-//! a grid's cells, searched in `O(√rows)` per query ([`product`]); reading a step's device tensors back
+//! a grid's cells, searched in `O(√rows)` per query ([`product`]); the
+//! output memory at the LM head, a kNN-LM datastore whose rows vote for
+//! next tokens ([`output`]); reading a step's device tensors back
 //! in one transfer ([`readback`]); retrieval traces for inspection
 //! ([`trace`]). Novelty insertion and recombination of
 //! near-duplicates happen on the device tier, with the store's arithmetic
@@ -24,6 +26,7 @@ pub mod featural;
 pub mod journal;
 pub mod keyvalue;
 pub mod layers;
+pub mod output;
 pub mod product;
 pub mod readback;
 pub mod tier;
