@@ -1,8 +1,9 @@
 //! `memorize` and `forget` at a tiny size: the text is learnt with every
 //! weight unchanged, every row written carries its source's tag (after a
-//! reload, in SQL, through a daemon), forgetting gives the store back row
-//! for row, one source's forgetting leaves another's memories and gain, and
-//! bad input is refused before anything changes.
+//! reload, in SQL, through a daemon; feed-forward memories and the output
+//! memory), forgetting gives the store back row for row, one source's
+//! forgetting leaves another's memories and gain, and bad input is refused
+//! before anything changes.
 
 mod common;
 
@@ -375,6 +376,17 @@ fn provenance_at(dir: &Path, loc: StoreLocation) {
     );
     forget(&run_dir, &tag).unwrap();
     same(&dump(&run_dir), &before, "forget");
+    // The output memory's rows, in the same store backend.
+    let r = mem(&run_dir, std::slice::from_ref(&text), Mechanism::Output).unwrap();
+    let rows = output_rows(&run_dir);
+    assert_eq!(rows.len(), r[0].layers[0].1);
+    assert!(
+        rows.values().all(|r| r.2 == vec![(tag.clone(), 1)]),
+        "an output row lacks the tag"
+    );
+    forget(&run_dir, &tag).unwrap();
+    assert!(output_rows(&run_dir).is_empty());
+    same(&dump(&run_dir), &before, "forgetting the output memory");
 }
 
 /// The tags live in the store itself: through a memstored daemon serving
