@@ -90,24 +90,54 @@ fn same(got: &Rows, want: &Rows, what: &str) {
 
 fn dump(run_dir: &Path) -> Rows {
     let spec = burn_dmt::distill::read_spec(run_dir).unwrap();
-    let loc = spec.store_location().unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let mut out = Rows::new();
     for (i, kind) in spec.layers.iter().enumerate() {
         if kind == "mlp" || kind == "none" {
             continue;
         }
-        let s = rt.block_on(loc.open_existing(run_dir, i)).unwrap();
-        let st = s.shared();
-        let ids = rt.block_on(st.ids()).unwrap();
-        for m in rt.block_on(st.get(&ids)).unwrap() {
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            out.insert((i, m.id), (bits(&m.key), bits(&m.value), m.tags.into_iter().collect()));
+        for (id, row) in store_rows(run_dir, i) {
+            out.insert((i, id), row);
         }
-        drop(st);
-        rt.block_on(s.close()).unwrap();
     }
     out
+}
+
+/// Every row of block `block`'s store of a run, by id.
+fn store_rows(run_dir: &Path, block: usize) -> BTreeMap<u64, Row> {
+    let loc = burn_dmt::distill::read_spec(run_dir).unwrap().store_location().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let s = rt.block_on(loc.open_existing(run_dir, block)).unwrap();
+    let st = s.shared();
+    let ids = rt.block_on(st.ids()).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let out = rt
+        .block_on(st.get(&ids))
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.id, (bits(&m.key), bits(&m.value), m.tags.into_iter().collect())))
+        .collect();
+    drop(st);
+    rt.block_on(s.close()).unwrap();
+    out
+}
+
+/// How many memories of the SQLite store file `db` carry `tag`, by SQL.
+fn sql_tag_count(db: &Path, tag: &str) -> usize {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let n: i64 = rt.block_on(async {
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}?mode=ro", db.display()))
+            .await
+            .unwrap();
+        let n =
+            sqlx::query_scalar("SELECT count(*) FROM memory_tags mt JOIN tags t ON t.id = mt.tag_id WHERE t.name = ?")
+                .bind(tag)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        pool.close().await;
+        n
+    });
+    n as usize
 }
 
 /// Every weight of the student of `run_dir` as loaded, by tensor name (its
@@ -184,25 +214,12 @@ fn memorize_learns_with_frozen_weights_and_forget_restores_the_store() {
     );
     // And in SQL, on the store file.
     let db = run_dir.join("memory/block1.db");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let n: i64 = rt.block_on(async {
-        let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}?mode=ro", db.display()))
-            .await
-            .unwrap();
-        let n =
-            sqlx::query_scalar("SELECT count(*) FROM memory_tags mt JOIN tags t ON t.id = mt.tag_id WHERE t.name = ?")
-                .bind(&src.tag)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-        pool.close().await;
-        n
-    });
+    let n = sql_tag_count(&db, &src.tag);
     let in_block1 = after
         .iter()
         .filter(|((b, _), r)| *b == 1 && r.2.iter().any(|(t, _)| *t == src.tag))
         .count();
-    assert_eq!(n as usize, in_block1);
+    assert_eq!(n, in_block1);
     assert_eq!(sources(&run_dir).unwrap().len(), 1);
 
     let f = forget(&run_dir, &src.tag).unwrap();
@@ -507,23 +524,7 @@ fn key_value_layers_take_new_units_and_forget_gives_them_back() {
 /// Every row of a run's output memory store, by id.
 fn output_rows(run_dir: &Path) -> BTreeMap<u64, Row> {
     let spec = burn_dmt::distill::read_spec(run_dir).unwrap();
-    let loc = spec.store_location().unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let s = rt
-        .block_on(loc.open_existing(run_dir, burn_dmt::continual::output_block(&spec)))
-        .unwrap();
-    let st = s.shared();
-    let ids = rt.block_on(st.ids()).unwrap();
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    let out = rt
-        .block_on(st.get(&ids))
-        .unwrap()
-        .into_iter()
-        .map(|m| (m.id, (bits(&m.key), bits(&m.value), m.tags.into_iter().collect())))
-        .collect();
-    drop(st);
-    rt.block_on(s.close()).unwrap();
-    out
+    store_rows(run_dir, burn_dmt::continual::output_block(&spec))
 }
 
 /// The output memory (kNN-LM rows at the LM head): memorising a text
@@ -574,21 +575,8 @@ fn output_memory_learns_tags_its_rows_and_forgets_them() {
         );
     }
     let db = run_dir.join("memory/block2.db");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let n: i64 = rt.block_on(async {
-        let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}?mode=ro", db.display()))
-            .await
-            .unwrap();
-        let n =
-            sqlx::query_scalar("SELECT count(*) FROM memory_tags mt JOIN tags t ON t.id = mt.tag_id WHERE t.name = ?")
-                .bind(&tag_a)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-        pool.close().await;
-        n
-    });
-    assert_eq!(n as usize, rows);
+    let n = sql_tag_count(&db, &tag_a);
+    assert_eq!(n, rows);
 
     // A second source; forgetting the first leaves the second's rows as
     // they were and its gain.

@@ -20,6 +20,21 @@ pub struct TopK {
     pub indices: Tensor<2, Int>,
 }
 
+impl TopK {
+    /// Distances and indices of an inner-backend search, moved back onto
+    /// the autodiff device when the queries came from one.
+    pub(crate) fn on_autodiff(distances: Tensor<2>, indices: Tensor<2, Int>, autodiff: bool) -> Self {
+        if autodiff {
+            TopK {
+                distances: distances.autodiff(),
+                indices: indices.autodiff(),
+            }
+        } else {
+            TopK { distances, indices }
+        }
+    }
+}
+
 /// Distances `[.., m, n]` between queries `[.., m, d]` and keys `[.., n, d]`
 /// under `metric` (batched over any leading dimensions).
 pub fn distances<const D: usize>(queries: Tensor<D>, keys: Tensor<D>, metric: Metric) -> Tensor<D> {
@@ -129,14 +144,7 @@ pub fn partitioned_topk(
         .reshape([parts, 1, 1]);
     let indices = (local + offsets).swap_dims(0, 1).reshape([m, k]);
     let distances = neg.neg().swap_dims(0, 1).reshape([m, k]);
-    Ok(if autodiff {
-        TopK {
-            distances: distances.autodiff(),
-            indices: indices.autodiff(),
-        }
-    } else {
-        TopK { distances, indices }
-    })
+    Ok(TopK::on_autodiff(distances, indices, autodiff))
 }
 
 /// Whether tensors on `device` live in host memory (the CPU backend).

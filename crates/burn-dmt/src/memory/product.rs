@@ -481,14 +481,7 @@ impl ProductKeys {
         .mask_fill(pad, f32::INFINITY);
         let indices = chosen.swap_dims(0, 1).reshape([m, k]);
         let distances = dist.swap_dims(0, 1).reshape([m, k]);
-        Ok(if autodiff {
-            TopK {
-                distances: distances.autodiff(),
-                indices: indices.autodiff(),
-            }
-        } else {
-            TopK { distances, indices }
-        })
+        Ok(TopK::on_autodiff(distances, indices, autodiff))
     }
 }
 
