@@ -1519,16 +1519,33 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
     } else {
         let plan_text = opts.layers.clone().unwrap_or_else(|| default_layers(config.n_layer));
         let plan = parse_layers(&plan_text, config.n_layer)?;
+        // Per-head tables split the slots evenly among the heads: a capacity
+        // that does not divide (4,096 for GPT-2 small's 12 heads) is rounded
+        // down to one that does.
+        let parts = if opts.shared_heads { 1 } else { config.n_head.max(1) };
+        let capacity = opts.capacity - opts.capacity % parts;
+        if capacity == 0 {
+            return Err(DmtError::InvalidArgument(format!(
+                "--capacity {} is fewer slots than the {parts} heads' tables",
+                opts.capacity
+            )));
+        }
+        if capacity != opts.capacity {
+            tracing::info!(
+                "capacity {} rounded down to {capacity}, a multiple of the {parts} heads' tables",
+                opts.capacity
+            );
+        }
         let spec = StudentSpec {
             teacher: std::fs::canonicalize(&opts.teacher).unwrap_or_else(|_| opts.teacher.clone()),
             config: config.clone(),
             layers: plan.iter().map(|k| kind_name(*k).to_string()).collect(),
             k: opts.k,
-            capacity: opts.capacity,
+            capacity,
             novelty: opts.novelty,
             lambda: 0.01,
             store: Some(absolute_location(&opts.store)?.to_string()),
-            memory_parts: if opts.shared_heads { 1 } else { config.n_head },
+            memory_parts: parts,
             mlp_width: opts.mlp_width,
             featural_init: opts.featural_init,
             associative_init: opts.associative_init,
@@ -1557,7 +1574,7 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
         std::fs::create_dir_all(&store_dir).map_err(io(&store_dir))?;
         // The student: the teacher's weights, memory layers bootstrapped from it.
         let mut boot_rng = SplitMix64::seed_from_u64(opts.seed ^ 0x5EED);
-        let boot_windows: Vec<Window> = (0..(opts.capacity / config.n_head).div_ceil(opts.batch * seq).max(1))
+        let boot_windows: Vec<Window> = (0..(spec.capacity / config.n_head).div_ceil(opts.batch * seq).max(1))
             .map(|_| sample_batch(&corpus.train, opts.batch, seq, &mut boot_rng))
             .collect::<Result<_>>()?;
         let boot_ff = teacher_ff(&teacher, &boot_windows)?;

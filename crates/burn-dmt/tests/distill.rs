@@ -685,3 +685,28 @@ fn a_product_key_student_trains_resumes_and_reloads() {
         assert!(e.contains("product-key"), "{e}");
     }
 }
+
+#[test]
+fn a_capacity_that_does_not_divide_among_the_heads_is_rounded_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, eval) = tiny_setup(dir.path());
+    let mut o = options(dir.path(), train, &eval);
+    o.layers = Some("0:featural,1:associative".into());
+    o.steps = 2;
+    o.attention_baseline = false;
+    // 2 heads: 33 slots become 32, 16 per head's table.
+    o.capacity = 33;
+    let r = run(&o).unwrap();
+    let rows = r.memory_rows();
+    assert_eq!(rows[0], Some(32), "{rows:?}");
+    assert!(rows[1].is_some_and(|n| n <= 32), "{rows:?}");
+    let spec = burn_dmt::distill::read_spec(&o.run_dir).unwrap();
+    assert_eq!(spec.capacity, 32);
+    // Fewer slots than heads is an error, and writes no run.
+    let mut bad = o.clone();
+    bad.run_dir = dir.path().join("one-slot");
+    bad.capacity = 1;
+    let e = run(&bad).unwrap_err().to_string();
+    assert!(e.contains("fewer slots than the 2 heads"), "{e}");
+    assert!(!bad.run_dir.join("student.json").exists());
+}

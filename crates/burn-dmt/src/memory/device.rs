@@ -133,10 +133,16 @@ pub fn partitioned_topk(
     }
     let (neg, local) = dist.neg().topk_with_indices(k, 2);
     // Where fewer than k entries beat its starting value (a partition with
-    // fewer valid keys than k: the rest are +∞), the wgpu backend's top-k
-    // answers index −1 with the lowest finite float: padding, made what the
-    // CPU path answers (the partition's first row at +∞).
-    let pad = local.clone().lower_elem(0);
+    // fewer valid keys than k: the rest are +∞), cubecl's top-k answers
+    // padding: index −1 with the lowest finite float, or (with autotuning,
+    // on NVIDIA's driver) an index with −∞ or the lowest finite float.
+    // Every such entry, and any index outside the partition, becomes what
+    // the CPU path answers: the partition's first row at +∞.
+    let pad = local
+        .clone()
+        .lower_elem(0)
+        .bool_or(local.clone().greater_equal_elem(per as i64))
+        .bool_or(neg.clone().lower_equal_elem(f32::MIN));
     let local = local.mask_fill(pad.clone(), 0);
     let neg = neg.mask_fill(pad, f32::NEG_INFINITY);
     let offsets = Tensor::<1, Int>::arange(0..parts as i64, &inner)

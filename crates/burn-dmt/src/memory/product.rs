@@ -445,9 +445,13 @@ impl ProductKeys {
             };
             let score = score.mask_fill(t.unused[h].clone().expand([parts, rows, n]), f32::INFINITY);
             let (neg, idx) = score.neg().topk_with_indices(kh, 2);
-            // The wgpu top-k answers index −1 where fewer than kh entries
-            // beat its starting value: padding, at −∞.
-            let pad = idx.clone().lower_elem(0);
+            // Where fewer than kh entries beat its starting value, cubecl's
+            // top-k pads with index −1 or the lowest finite float (or −∞):
+            // padding, at −∞ (as in `device::partitioned_topk`).
+            let pad = idx
+                .clone()
+                .lower_elem(0)
+                .bool_or(neg.clone().lower_equal_elem(f32::MIN));
             (neg.mask_fill(pad.clone(), f32::NEG_INFINITY), idx.mask_fill(pad, 0))
         };
         let ((neg_a, a), (neg_b, b)) = (near(0), near(1));

@@ -1272,7 +1272,9 @@ impl DeviceMemory {
                 slots
                     .iter()
                     .zip(&distances)
-                    .filter(|(_, d)| d.is_finite())
+                    // Padding (fewer memories than k) is at +∞, or at the
+                    // largest finite float where a device's top-k pads so.
+                    .filter(|(_, d)| d.is_finite() && **d < f32::MAX)
                     .map(|(&s, _)| s as usize),
             );
             let Some(values) = values else { continue };
