@@ -20,6 +20,7 @@ use burn_dmt::device::{DeviceChoice, select};
 use burn_dmt::memory::output::OutputParams;
 use clap::{Parser, Subcommand};
 
+mod spread;
 mod study;
 
 /// Write texts into a student's memory, list them, forget them.
@@ -90,6 +91,10 @@ enum Command {
     /// the bundled KJV text; writes OUT/continual.md, continual.csv and
     /// continual.png (OUT: docs/results).
     Study(study::StudyArgs),
+    /// The spread over seeds of several studies' results (one
+    /// continual.csv per seed): mean ± sd of every method's changes and
+    /// of the memory runs' shares of full finetuning's.
+    Spread(spread::SpreadArgs),
     /// List the sources memorised in a run directory.
     Sources {
         /// The student's run directory.
@@ -172,6 +177,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             );
         }
         Command::Study(a) => study::run(a)?,
+        Command::Spread(a) => spread::run(a)?,
         Command::Sources { student } => {
             let all = sources(&student)?;
             if all.is_empty() {

@@ -69,6 +69,12 @@ pub struct StudyArgs {
     /// Output memory: rows that vote per position.
     #[arg(long, default_value_t = OutputParams::default().k)]
     output_k: usize,
+    /// Finetuning baselines to run: all (every weight), last-block.
+    #[arg(long, value_delimiter = ',', default_value = "all,last-block")]
+    finetune_scopes: Vec<String>,
+    /// Seed of every method's windows (the same for all of them).
+    #[arg(long, default_value_t = MemorizeOptions::default().seed)]
+    seed: u64,
     /// AdamW learning rates of the finetuning baselines.
     #[arg(long, value_delimiter = ',', default_value = "0.0001,0.0003,0.001")]
     finetune_lrs: Vec<f64>,
@@ -191,6 +197,7 @@ pub fn run(a: StudyArgs) -> Result<(), Box<dyn std::error::Error>> {
             o.novelty_quantile = a.novelty_quantile;
             o.background_windows = a.background_windows;
             o.device = device.clone();
+            o.seed = a.seed;
             o
         };
         if mechanism == Mechanism::Output {
@@ -280,10 +287,15 @@ pub fn run(a: StudyArgs) -> Result<(), Box<dyn std::error::Error>> {
             std::fs::remove_dir_all(&dir)?;
         }
     }
-    for (scope, label) in [
-        (FinetuneScope::All, "finetune: all weights"),
-        (FinetuneScope::LastBlock, "finetune: last block"),
-    ] {
+    let mut scopes = Vec::new();
+    for s in &a.finetune_scopes {
+        scopes.push(match s.as_str() {
+            "all" => (FinetuneScope::All, "finetune: all weights"),
+            "last-block" => (FinetuneScope::LastBlock, "finetune: last block"),
+            other => return Err(format!("unknown finetuning scope {other:?} (expected all or last-block)").into()),
+        });
+    }
+    for (scope, label) in scopes {
         for &lr in a.finetune_lrs.iter().filter(|_| !a.skip_finetune) {
             let rt = tokio::runtime::Runtime::new()?;
             let (_, m) = load_student(&a.student, &device.clone().autodiff(), &rt)?;
@@ -305,7 +317,7 @@ pub fn run(a: StudyArgs) -> Result<(), Box<dyn std::error::Error>> {
                 scope,
                 lr,
                 a.steps,
-                (a.batch, a.seq, MemorizeOptions::default().seed),
+                (a.batch, a.seq, a.seed),
                 &device,
                 &mut hook,
             )?;
@@ -402,7 +414,7 @@ fn write_report(
          room {} per layer, novelty quantile {}). The student of `{}` learns `{}` (the teacher never saw it) \
          from its first 90% ({train_tokens} tokens); learning is the cross-entropy on the last 10% ({} windows \
          of {} tokens), forgetting the cross-entropy on the run's own held-out text (as many windows). Every \
-         method runs {} steps of {} random windows of {} tokens with the same seed; the memory runs train \
+         method runs {} steps of {} random windows of {} tokens with the same seed ({}); the memory runs train \
          memory values only (SGD, every weight frozen), the finetuning runs train weights (AdamW) with the \
          memory fixed; the output memory's runs insert each step's windows as rows of the output memory \
          (kNN-LM: key the final hidden state, value the next token; the {} nearest rows vote, mixed in with \
@@ -422,6 +434,7 @@ fn write_report(
         a.steps,
         a.batch,
         a.seq,
+        a.seed,
         a.output_k,
         a.output_quantile,
     )?;
