@@ -425,6 +425,19 @@ fn provenance_in_duckdb() {
     provenance_at(dir.path(), "duckdb".parse().unwrap());
 }
 
+/// And on a PostgreSQL server with pgvector, one schema per layer's store
+/// (feature `postgres`; .ci/run starts a throwaway server and runs it with
+/// `--ignored`).
+#[cfg(feature = "postgres")]
+#[test]
+#[ignore = "needs PostgreSQL with pgvector: MEMSTORE_POSTGRES_URL (scripts/postgres.sh start)"]
+fn provenance_in_postgres() {
+    let url = std::env::var("MEMSTORE_POSTGRES_URL").expect("MEMSTORE_POSTGRES_URL");
+    let dir = tempfile::tempdir().unwrap();
+    let loc: StoreLocation = format!("{url}#dmt_provenance_{}", std::process::id()).parse().unwrap();
+    provenance_at(dir.path(), loc);
+}
+
 /// A `memorize` stopped half-way (here by its step hook failing) leaves a
 /// ledger marked interrupted, from which `forget` still gives the store back.
 #[test]
