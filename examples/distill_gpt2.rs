@@ -81,7 +81,8 @@ struct Args {
     /// Memories retrieved per head.
     #[arg(long)]
     k: Option<usize>,
-    /// Memory slots per layer, split evenly among the heads (the device tier's capacity).
+    /// Memory slots per layer, split evenly among the heads (the device tier's capacity; rounded down to a
+    /// multiple of the heads).
     #[arg(long)]
     capacity: Option<usize>,
     /// Learning rate of the sparse updates of retrieved values (0: values fixed).

@@ -159,7 +159,8 @@ pub struct DistillOptions {
     pub seed: u64,
     /// Memories retrieved per head.
     pub k: usize,
-    /// Device-tier slots per memory layer (and memories bootstrapped).
+    /// Device-tier slots per memory layer (and memories bootstrapped), rounded
+    /// down to a multiple of the head partitions.
     pub capacity: usize,
     /// Learning rate of the sparse value updates (0: stored values fixed).
     pub value_lr: f32,
