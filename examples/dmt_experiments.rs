@@ -189,6 +189,10 @@ struct Job {
 #[path = "common/alloc.rs"]
 mod alloc;
 
+#[path = "common/stats.rs"]
+mod stats;
+use stats::mean_sd;
+
 fn main() {
     alloc::keep_freed_memory();
     if let Err(e) = run_main() {
@@ -898,20 +902,8 @@ fn bigram_floor(o: &DistillOptions) -> Result<f64, Box<dyn std::error::Error>> {
     Ok(Bigram::fit(&corpus.train, config.vocab_size)?.cross_entropy(&eval)?)
 }
 
-/// Mean and sample standard deviation.
-fn stats(xs: &[f64]) -> (f64, f64) {
-    let n = xs.len().max(1) as f64;
-    let mean = xs.iter().sum::<f64>() / n;
-    let var = if xs.len() > 1 {
-        xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        0.0
-    };
-    (mean, var.sqrt())
-}
-
 fn pm(xs: &[f64], digits: usize) -> String {
-    let (m, s) = stats(xs);
+    let (m, s) = mean_sd(xs);
     if xs.len() > 1 {
         format!("{m:.digits$} ± {s:.digits$}")
     } else {
@@ -1053,9 +1045,9 @@ fn results_markdown(
     ] {
         let mem = by_model(design);
         let Some(first) = mem.first() else { continue };
-        let (ms, ss) = stats(&nll(&mem));
+        let (ms, ss) = mean_sd(&nll(&mem));
         let recs: Vec<f64> = mem.iter().filter_map(|o| rec(o)).collect();
-        let (rm, rs) = stats(&recs);
+        let (rm, rs) = mean_sd(&recs);
         let share = 100.0 * first.weights as f64 / teacher_weights.max(1) as f64;
         s += &format!(
             "**{design}** (CE {ms:.4} ± {ss:.4}):\n\n- trained weights {share:.1}% of the teacher's (≤ 60%: {});\n\
@@ -1073,7 +1065,7 @@ fn results_markdown(
             if runs.is_empty() {
                 continue;
             }
-            let (bm, bs) = stats(&nll(&runs));
+            let (bm, bs) = mean_sd(&nll(&runs));
             let sd = ss.max(bs);
             let gap = bm - ms;
             s += &format!(

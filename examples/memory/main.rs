@@ -109,6 +109,9 @@ mod alloc;
 #[path = "../common/progress.rs"]
 mod progress;
 
+#[path = "../common/stats.rs"]
+mod stats;
+
 fn main() {
     alloc::keep_freed_memory();
     progress::init();

@@ -66,6 +66,36 @@ fn auto_prefers_a_real_gpu_and_limits_are_known() {
     ));
 }
 
+/// `partitioned_topk` on `device` of host queries against host keys (rows
+/// of `d` floats).
+#[allow(clippy::too_many_arguments)]
+fn topk_on(
+    device: &burn_dmt::burn::tensor::Device,
+    queries: &[f32],
+    keys: &[f32],
+    d: usize,
+    valid: &[bool],
+    k: usize,
+    metric: memstore_api::Metric,
+    parts: usize,
+) -> burn_dmt::memory::device::TopK {
+    use burn_dmt::burn::tensor::{Tensor, TensorData};
+    burn_dmt::memory::device::partitioned_topk(
+        Tensor::from_data(TensorData::new(queries.to_vec(), [queries.len() / d, d]), device),
+        Tensor::from_data(TensorData::new(keys.to_vec(), [keys.len() / d, d]), device),
+        Some(valid),
+        k,
+        metric,
+        parts,
+    )
+    .unwrap()
+}
+
+/// An index tensor's entries.
+fn ints(t: burn_dmt::burn::tensor::Tensor<2, burn_dmt::burn::tensor::Int>) -> Vec<i64> {
+    t.into_data().convert::<i64>().try_to_vec::<i64>().unwrap()
+}
+
 /// The device top-k on wgpu (distances by one matrix product, the inner
 /// backend's top-k) finds the CPU path's neighbours for every metric, in one
 /// table and within head partitions (one batched product), skips invalid
@@ -75,8 +105,6 @@ fn auto_prefers_a_real_gpu_and_limits_are_known() {
 #[test]
 #[ignore = "needs a Vulkan/Metal/DX12 adapter: .ci/run runs it with --ignored on lavapipe"]
 fn device_topk_on_wgpu_finds_the_cpu_neighbours() {
-    use burn_dmt::burn::tensor::{Tensor, TensorData};
-    use burn_dmt::memory::device::partitioned_topk;
     use memstore_api::Metric;
     use memstore_api::testkit::util::Rng;
 
@@ -93,23 +121,14 @@ fn device_topk_on_wgpu_finds_the_cpu_neighbours() {
         let keys = rng.vecs(n, d);
         let queries = rng.vecs(m, d);
         let valid: Vec<bool> = (0..n).map(|i| i % 7 != 0).collect();
-        let search = |device: &burn_dmt::burn::tensor::Device| {
-            partitioned_topk(
-                Tensor::from_data(TensorData::new(queries.clone(), [m, d]), device),
-                Tensor::from_data(TensorData::new(keys.clone(), [n, d]), device),
-                Some(&valid),
-                k,
-                metric,
-                parts,
-            )
-            .unwrap()
-        };
+        let search =
+            |device: &burn_dmt::burn::tensor::Device| topk_on(device, &queries, &keys, d, &valid, k, metric, parts);
         let want: Vec<f32> = values(search(&burn_dmt::burn::tensor::Device::flex()).distances);
         for device in [selected.device.clone(), selected.device.clone().autodiff()] {
             let top = search(&device);
             assert_eq!(top.distances.is_autodiff(), device.is_autodiff());
             assert!(!top.distances.is_tracked(), "the search is not differentiated");
-            let idx: Vec<i64> = top.indices.into_data().convert::<i64>().try_to_vec::<i64>().unwrap();
+            let idx = ints(top.indices);
             let got: Vec<f32> = values(top.distances);
             for q in 0..m {
                 for j in 0..k {
@@ -150,8 +169,6 @@ fn device_topk_on_wgpu_finds_the_cpu_neighbours() {
 #[test]
 #[ignore = "needs a Vulkan/Metal/DX12 adapter: .ci/run runs it with --ignored on lavapipe"]
 fn device_topk_on_wgpu_pads_short_partitions_like_the_cpu() {
-    use burn_dmt::burn::tensor::{Tensor, TensorData};
-    use burn_dmt::memory::device::partitioned_topk;
     use memstore_api::Metric;
     use memstore_api::testkit::util::Rng;
 
@@ -170,23 +187,14 @@ fn device_topk_on_wgpu_pads_short_partitions_like_the_cpu() {
         let mut rng = Rng::new(5);
         let keys = rng.vecs(n, d);
         let queries = rng.vecs(m, d);
-        let search = |device: &burn_dmt::burn::tensor::Device| {
-            partitioned_topk(
-                Tensor::from_data(TensorData::new(queries.clone(), [m, d]), device),
-                Tensor::from_data(TensorData::new(keys.clone(), [n, d]), device),
-                Some(&valid),
-                k,
-                metric,
-                parts,
-            )
-            .unwrap()
-        };
+        let search =
+            |device: &burn_dmt::burn::tensor::Device| topk_on(device, &queries, &keys, d, &valid, k, metric, parts);
         let cpu = search(&burn_dmt::burn::tensor::Device::flex());
-        let want_idx: Vec<i64> = cpu.indices.into_data().convert::<i64>().try_to_vec::<i64>().unwrap();
+        let want_idx = ints(cpu.indices);
         let want: Vec<f32> = values(cpu.distances);
         for device in [selected.device.clone(), selected.device.clone().autodiff()] {
             let top = search(&device);
-            let idx: Vec<i64> = top.indices.into_data().convert::<i64>().try_to_vec::<i64>().unwrap();
+            let idx = ints(top.indices);
             let got: Vec<f32> = values(top.distances);
             let mut padded = 0;
             for q in 0..m {

@@ -1272,9 +1272,7 @@ impl DeviceMemory {
                 slots
                     .iter()
                     .zip(&distances)
-                    // Padding (fewer memories than k) is at +∞, or at the
-                    // largest finite float where a device's top-k pads so.
-                    .filter(|(_, d)| d.is_finite() && **d < f32::MAX)
+                    .filter(|(_, d)| d.is_finite())
                     .map(|(&s, _)| s as usize),
             );
             let Some(values) = values else { continue };
