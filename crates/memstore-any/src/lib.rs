@@ -355,6 +355,9 @@ impl MemoryStore for AnyStore {
     async fn apply(&self, batch: &ChangeBatch) -> Result<()> {
         each!(self, s => s.apply(batch).await)
     }
+    async fn apply_all(&self, batches: &[ChangeBatch]) -> Result<()> {
+        each!(self, s => s.apply_all(batches).await)
+    }
     async fn ids(&self) -> Result<Vec<MemoryId>> {
         each!(self, s => s.ids().await)
     }

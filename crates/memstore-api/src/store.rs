@@ -68,6 +68,19 @@ pub trait MemoryStore: Send + Sync {
     /// whose inserts do not start at the store's next id changes nothing.
     async fn apply(&self, batch: &ChangeBatch) -> Result<()>;
 
+    /// Applies consecutive batches in order, as [`MemoryStore::apply`] one
+    /// after another would: how a writer that fell behind catches up. A
+    /// store may write them in one transaction, each changed memory once in
+    /// its last state (the SQL stores do; then an error changes nothing);
+    /// the default applies each in its own. Either way an error leaves the
+    /// store holding exactly the batches up to its `last_batch`.
+    async fn apply_all(&self, batches: &[ChangeBatch]) -> Result<()> {
+        for b in batches {
+            self.apply(b).await?;
+        }
+        Ok(())
+    }
+
     /// Counts, totals and lifetime counters.
     async fn stats(&self) -> Result<Stats>;
 
@@ -124,6 +137,9 @@ impl<S: MemoryStore + ?Sized> MemoryStore for std::sync::Arc<S> {
     }
     async fn apply(&self, batch: &ChangeBatch) -> Result<()> {
         (**self).apply(batch).await
+    }
+    async fn apply_all(&self, batches: &[ChangeBatch]) -> Result<()> {
+        (**self).apply_all(batches).await
     }
     async fn ids(&self) -> Result<Vec<MemoryId>> {
         (**self).ids().await

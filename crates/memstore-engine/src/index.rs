@@ -97,6 +97,71 @@ impl Changes {
             .chain(self.retagged.iter().map(|(id, t)| (*id, t)))
     }
 
+    /// Extends these changes with `later`, planned on the state they leave:
+    /// the result takes the index (and the database) from the state before
+    /// `self` to the state after `later`, each memory written once with its
+    /// last state. A memory created by `self` and changed by `later` is
+    /// written as created in its final state; one created and removed again
+    /// is not written at all.
+    pub fn then(&mut self, later: Changes) {
+        let mut inserted: BTreeMap<MemoryId, Memory> = std::mem::take(&mut self.inserted)
+            .into_iter()
+            .map(|m| (m.id, m))
+            .collect();
+        let mut accessed: BTreeMap<MemoryId, AccessUpdate> = std::mem::take(&mut self.accessed)
+            .into_iter()
+            .map(|u| (u.id, u))
+            .collect();
+        let mut values: BTreeMap<MemoryId, Vec<f32>> = std::mem::take(&mut self.values).into_iter().collect();
+        let mut retagged: BTreeMap<MemoryId, BTreeMap<String, u64>> =
+            std::mem::take(&mut self.retagged).into_iter().collect();
+        for id in later.removed {
+            if inserted.remove(&id).is_some() {
+                continue;
+            }
+            accessed.remove(&id);
+            values.remove(&id);
+            retagged.remove(&id);
+            self.removed.push(id);
+        }
+        for u in later.accessed {
+            match inserted.get_mut(&u.id) {
+                Some(m) => {
+                    m.last_access = u.last_access;
+                    m.access_count = u.access_count;
+                    m.crf = u.crf;
+                }
+                None => {
+                    accessed.insert(u.id, u);
+                }
+            }
+        }
+        for (id, v) in later.values {
+            match inserted.get_mut(&id) {
+                Some(m) => m.value = v,
+                None => {
+                    values.insert(id, v);
+                }
+            }
+        }
+        for (id, tags) in later.retagged {
+            match inserted.get_mut(&id) {
+                Some(m) => m.tags = tags,
+                None => {
+                    retagged.insert(id, tags);
+                }
+            }
+        }
+        inserted.extend(later.inserted.into_iter().map(|m| (m.id, m)));
+        self.removed.sort_unstable();
+        self.inserted = inserted.into_values().collect();
+        self.accessed = accessed.into_values().collect();
+        self.values = values.into_iter().collect();
+        self.retagged = retagged.into_iter().collect();
+        self.next_id = later.next_id;
+        self.counters = later.counters;
+    }
+
     /// Whether nothing changes.
     pub fn is_empty(&self) -> bool {
         self.removed.is_empty()
@@ -169,6 +234,44 @@ pub struct MemoryIndex {
 }
 
 impl MemoryIndex {
+    /// A copy to plan several operations on, one after another, before any
+    /// of them is committed (`None` with an approximate structure attached,
+    /// which cannot be copied). The copy's key quantisation starts empty;
+    /// [`MemoryIndex::replace_with`] hands the original's over.
+    pub fn try_clone(&self) -> Option<MemoryIndex> {
+        if self.ann.is_some() {
+            return None;
+        }
+        Some(MemoryIndex {
+            config: self.config.clone(),
+            ids: self.ids.clone(),
+            keys: self.keys.clone(),
+            values: self.values.clone(),
+            meta: self.meta.clone(),
+            pos: self.pos.clone(),
+            by_priority: self.by_priority.clone(),
+            next_id: self.next_id,
+            counters: self.counters,
+            ann: None,
+            key_version: self.key_version,
+            key_cache: crate::gemm::KeyCache::default(),
+        })
+    }
+
+    /// Whether the index keeps every value ([`MemoryIndex::with_values`]).
+    pub fn keeps_values(&self) -> bool {
+        self.values.is_some()
+    }
+
+    /// Replaces this index with `planned`, a [`MemoryIndex::try_clone`] of
+    /// it that committed changes were applied to. The keys' quantisation
+    /// moves over with its version, so it is reused when the keys did not
+    /// change.
+    pub fn replace_with(&mut self, mut planned: MemoryIndex) {
+        planned.key_cache = std::mem::take(&mut self.key_cache);
+        *self = planned;
+    }
+
     /// An empty index for this configuration.
     pub fn new(config: MemoryConfig) -> Self {
         MemoryIndex {
@@ -1310,9 +1413,18 @@ impl<'a> Overlay<'a> {
             m.access_count = m.access_count.saturating_add(1);
             return;
         }
-        let (m, _) = self.meta_and_key(id);
-        let (crf, last) = math::access(lambda, m.crf, m.last_access, tick);
-        self.accessed.insert(id, (last, m.access_count.saturating_add(1), crf));
+        // The bookkeeping only (a touch of a memory must not copy its tags).
+        let (last, count, crf) = match self.accessed.get(&id) {
+            Some(&state) => state,
+            None => {
+                let Some(m) = self.base.meta(id) else {
+                    unreachable!("overlay asked for memory {id} that the planner never found")
+                };
+                (m.last_access, m.access_count, m.crf)
+            }
+        };
+        let (crf, last) = math::access(lambda, crf, last, tick);
+        self.accessed.insert(id, (last, count.saturating_add(1), crf));
     }
 
     fn remove(&mut self, id: MemoryId) {

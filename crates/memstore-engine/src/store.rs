@@ -602,6 +602,67 @@ impl<D: Driver> MemoryStore for SqlStore<D> {
         self.commit(&mut w, txn, &changes).await
     }
 
+    /// Plans the batches one after another on a copy of the index, then
+    /// writes the composed changes ([`Changes::then`]) in one transaction:
+    /// a memory that several batches change is written once. An error
+    /// changes nothing. With an approximate structure attached (its index
+    /// cannot be copied) the batches are applied one by one.
+    async fn apply_all(&self, batches: &[ChangeBatch]) -> Result<()> {
+        let [first, rest @ ..] = batches else {
+            return Ok(());
+        };
+        if rest.is_empty() {
+            return self.apply(first).await;
+        }
+        let mut w = self.writer.lock().await;
+        let txn = self.begin(&mut w).await?;
+        let Some(mut planned) = self.index.read().await.try_clone() else {
+            drop(txn);
+            drop(w);
+            for b in batches {
+                self.apply(b).await?;
+            }
+            return Ok(());
+        };
+        let mut all: Option<Changes> = None;
+        // Values the batches planned so far gave, where the index does not
+        // keep them (the database still holds the ones before them).
+        let track = !planned.keeps_values();
+        let mut latest: HashMap<MemoryId, Vec<f32>> = HashMap::new();
+        for b in batches {
+            let needed = planned.check_apply(b)?;
+            let mut current = self
+                .fetch_values(needed.iter().copied().filter(|id| !latest.contains_key(id)))
+                .await?;
+            for id in needed {
+                if let Some(v) = latest.get(&id) {
+                    current.insert(id, v.clone());
+                }
+            }
+            let changes = blocking(|| planned.plan_apply(b, &current))?;
+            planned.apply(&changes)?;
+            if track {
+                for id in &changes.removed {
+                    latest.remove(id);
+                }
+                latest.extend(changes.values.iter().cloned());
+                latest.extend(changes.inserted.iter().map(|m| (m.id, m.value.clone())));
+            }
+            match &mut all {
+                Some(all) => all.then(changes),
+                None => all = Some(changes),
+            }
+        }
+        let Some(all) = all else { return Ok(()) };
+        let (txn, version) = txn;
+        let pending = self.driver.write(&mut w, txn, &all).await?;
+        let mut index = self.index.write().await;
+        self.driver.commit(&mut w, pending).await?;
+        self.seen.store(version, Ordering::Release);
+        index.replace_with(planned);
+        Ok(())
+    }
+
     async fn ids(&self) -> Result<Vec<MemoryId>> {
         self.catch_up().await?;
         let mut ids = self.index.read().await.ids().to_vec();

@@ -1390,6 +1390,78 @@ pub async fn apply_assigns_values_and_tag_counts<H: Harness>(make: Make<'_, H>) 
     assert_eq!(s.stats().await.unwrap().tag_counts.get("source:a@01"), Some(&3));
 }
 
+/// `apply_all` of consecutive batches ends where applying them one by one
+/// ends (the reference model), durably: memories a batch inserts and later
+/// ones update, assign, retag, touch, delete or evict included. A failing
+/// group leaves the store holding exactly the batches up to its
+/// `last_batch`; an empty group changes nothing.
+pub async fn apply_all_equals_applying_in_order<H: Harness>(make: Make<'_, H>) {
+    let c = lambda_cfg(1, 2, 0.5).with_capacity(6);
+    let (h, s) = fresh(make, c.clone()).await;
+    let r = InMemoryStore::new(c.clone()).unwrap();
+    let ids = ins(&s, &[1.0, 2.0, 3.0, 4.0], &[0.5; 8], 1).await;
+    assert_eq!(ins(&r, &[1.0, 2.0, 3.0, 4.0], &[0.5; 8], 1).await, ids);
+    let next = ids[3] + 1;
+    let mut b1 = change_batch(1, 2, next);
+    b1.update_ids = vec![ids[0], ids[1], ids[0]];
+    b1.deltas = vec![0.25, -0.5, 1.0, 2.0, 0.125, 0.0];
+    b1.touch = vec![ids[2], next];
+    b1.insert_keys = vec![5.0, 6.0];
+    b1.insert_values = vec![1.0, 1.5, 2.0, 2.5];
+    b1.insert_tags = vec![vec!["head:0".into()], vec!["x".into()]];
+    b1.tag_counts = vec![(ids[0], "src".into(), 1)];
+    let mut b2 = change_batch(2, 3, next + 2);
+    b2.update_ids = vec![next, ids[0]];
+    b2.deltas = vec![0.5, 0.5, -1.0, 0.25];
+    b2.assign_ids = vec![next + 1];
+    b2.assign_values = vec![-3.0, 3.0];
+    b2.tag_counts = vec![(next, "src".into(), 2), (next, "head:0".into(), 0)];
+    b2.touch = vec![next, next, next + 1, ids[1]];
+    b2.delete = vec![ids[3]];
+    b2.insert_keys = vec![7.0];
+    b2.insert_values = vec![7.0, 7.5];
+    b2.insert_tags = vec![vec![]];
+    let mut b3 = change_batch(3, 4, next + 3);
+    b3.delete = vec![next + 1];
+    b3.update_ids = vec![next + 2];
+    b3.deltas = vec![0.0625, 0.0];
+    b3.touch = vec![ids[0], next + 2, next + 3];
+    // Seven live memories for a capacity of six: one is evicted.
+    b3.insert_keys = vec![8.0, 9.0];
+    b3.insert_values = vec![8.0, 8.5, 9.0, 9.5];
+    b3.insert_tags = vec![vec!["y".into()], vec![]];
+    let group = [b1, b2, b3];
+    s.apply_all(&group).await.unwrap();
+    for b in &group {
+        r.apply(b).await.unwrap();
+    }
+    let want = dump(&r).await;
+    assert_eq!(want.1.counters.evicted, 1, "the group evicts");
+    assert_eq!(dump(&s).await, want);
+    let s = reopen(&h, s, c).await;
+    assert_eq!(dump(&s).await, want, "the group is durable");
+
+    s.apply_all(&[]).await.unwrap();
+    assert_eq!(dump(&s).await, want, "an empty group changed the store");
+    let mut b4 = change_batch(4, 5, next + 5);
+    b4.touch = vec![ids[0]];
+    b4.update_ids = vec![ids[1]];
+    b4.deltas = vec![1.0, 1.0];
+    let mut b5 = change_batch(5, 6, next + 5);
+    b5.update_ids = vec![ids[3]];
+    b5.deltas = vec![1.0, 1.0];
+    assert!(
+        s.apply_all(&[b4.clone(), b5]).await.is_err(),
+        "an update of a deleted memory was accepted"
+    );
+    let last = s.stats().await.unwrap().counters.last_batch;
+    assert!(last == 3 || last == 4, "last batch {last} after a failed group");
+    if last == 4 {
+        r.apply(&b4).await.unwrap();
+    }
+    assert_eq!(dump(&s).await, dump(&r).await, "a failed group left a partial batch");
+}
+
 /// A change batch's inserts past the capacity evict in LRFU order, as
 /// `insert` does, and agree with the reference model.
 pub async fn apply_respects_capacity<H: Harness>(make: Make<'_, H>) {
