@@ -1648,7 +1648,11 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
         }
         let kind: LayerKind = spec.layers[i].parse()?;
         let store = rt.block_on(loc.open(run_dir, i, memory_config(kind, &spec)))?;
-        let (mut w, _) = rt.block_on(WriteBehind::start(store.shared(), journal_path(run_dir, i)))?;
+        let (mut w, _) = rt.block_on(WriteBehind::start(
+            store.shared(),
+            journal_path(run_dir, i),
+            WRITE_GROUP,
+        ))?;
         if let Some(b) = tier.take_changes() {
             w.submit(b)?;
         }
@@ -1890,7 +1894,7 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
             }
             for (i, store) in stores.iter().enumerate() {
                 if let Some(st) = store {
-                    let (w, _) = rt.block_on(WriteBehind::start(st.shared(), journal_path(run_dir, i)))?;
+                    let (w, _) = rt.block_on(WriteBehind::start(st.shared(), journal_path(run_dir, i), WRITE_GROUP))?;
                     writers[i] = Some(w);
                 }
             }
@@ -1943,6 +1947,15 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
         metrics,
     )
 }
+
+/// Training steps whose memory changes a layer's store writer applies in
+/// one transaction ([`WriteBehind`]). The journal holds every step's batch
+/// durably before the step goes on, so a crash loses nothing; the store
+/// lags by up to seven steps and catches up at each checkpoint and at the
+/// end. A 65,536-row layer changes ~9,000 memories a step and ~20,000 in
+/// eight (the main job's shape with product keys), so a group writes about
+/// 3.5× fewer rows than eight single steps.
+const WRITE_GROUP: usize = 8;
 
 /// Where a run keeps its attention-only baseline.
 pub const ATTENTION_BASELINE: &str = "baseline-attention";

@@ -155,7 +155,7 @@ async fn the_journal_replays_to_the_same_store_after_a_writer_crash() {
         f.write_all(&torn).unwrap();
         drop(f);
 
-        let (w, recovered) = WriteBehind::start(store.clone(), &path).await.unwrap();
+        let (w, recovered) = WriteBehind::start(store.clone(), &path, 1).await.unwrap();
         assert_eq!(recovered, n - crashed_after, "crash after {crashed_after}");
         assert_eq!(w.finish().unwrap(), 0);
         assert_eq!(dump(store.as_ref()).await, want, "crash after {crashed_after}");
@@ -172,7 +172,7 @@ async fn write_behind_applies_batches_in_the_background() {
     let device = Device::flex();
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(sqlite_store(dir.path().join("m.db"), config()).await.unwrap());
-    let (mut w, recovered) = WriteBehind::start(store.clone(), dir.path().join("journal"))
+    let (mut w, recovered) = WriteBehind::start(store.clone(), dir.path().join("journal"), 1)
         .await
         .unwrap();
     assert_eq!(recovered, 0);
@@ -192,7 +192,7 @@ async fn write_behind_applies_batches_in_the_background() {
 
     // A batch the store refuses (out of order) stops the writer with the
     // store's error, and the batch stays journaled.
-    let (mut w, _) = WriteBehind::start(store.clone(), dir.path().join("journal"))
+    let (mut w, _) = WriteBehind::start(store.clone(), dir.path().join("journal"), 1)
         .await
         .unwrap();
     let mut stale = batches[0].clone();
@@ -200,6 +200,43 @@ async fn write_behind_applies_batches_in_the_background() {
     w.submit(stale).unwrap();
     let err = w.finish().unwrap_err().to_string();
     assert!(err.contains("out of order"), "{err}");
+}
+
+/// A writer that applies batches in groups (one transaction each on SQLite)
+/// ends where one applying them one by one ends; a group that is not full waits for
+/// `finish`, and the batches wait in the journal meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_behind_in_groups_ends_where_batch_by_batch_ends() {
+    let device = Device::flex();
+    let mut tier = DeviceMemory::new(config(), CAP, &device).unwrap();
+    let batches = run_tier(&mut tier, 13, 5);
+    let one_by_one = InMemoryStore::new(config()).unwrap();
+    for b in &batches {
+        one_by_one.apply(b).await.unwrap();
+    }
+    let want = dump(&one_by_one).await;
+    assert!(want.1.counters.deleted > 0, "the tier evicts (deletes in its batches)");
+    for group in [4, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(sqlite_store(dir.path().join("m.db"), config()).await.unwrap());
+        let journal = dir.path().join("journal");
+        let (mut w, _) = WriteBehind::start(store.clone(), &journal, group).await.unwrap();
+        for b in batches[..group - 1].iter().cloned() {
+            w.submit(b).unwrap();
+        }
+        assert_eq!(
+            store.stats().await.unwrap().counters.last_batch,
+            0,
+            "a group that is not full was applied"
+        );
+        let (_, journaled) = Journal::open(&journal).unwrap();
+        assert_eq!(journaled.len(), group - 1, "the waiting batches are journaled");
+        for b in batches[group - 1..].iter().cloned() {
+            w.submit(b).unwrap();
+        }
+        assert_eq!(w.finish().unwrap(), batches.len() as u64);
+        assert_eq!(dump(store.as_ref()).await, want, "groups of {group}");
+    }
 }
 
 #[test]

@@ -422,6 +422,15 @@ pub async fn replay<S: MemoryStore + ?Sized>(store: &S, batches: &[ChangeBatch])
 
 /// A background writer: journals each batch in the caller's thread, then
 /// applies it to the store on its own thread (with its own Tokio runtime).
+///
+/// The thread applies the batches in groups of up to `group`
+/// ([`MemoryStore::apply_all`]: the SQL stores write a group in one
+/// transaction, a memory that several of its batches change once), so the
+/// store may lag the journal by `group - 1` batches; [`WriteBehind::finish`]
+/// applies the rest. A training step of a large table changes thousands of
+/// memories, largely the same ones step after step; writing them once per
+/// group instead of once per step cuts the store's page writes, which
+/// compete with the training loop for the CPU.
 pub struct WriteBehind {
     journal: Journal,
     tx: Option<Sender<ChangeBatch>>,
@@ -432,7 +441,12 @@ impl WriteBehind {
     /// Recovers (replays the journal at `journal_path` onto `store`, then
     /// empties it) and starts the writer thread. Returns the writer and the
     /// number of batches the recovery applied.
-    pub async fn start(store: Arc<dyn MemoryStore>, journal_path: impl AsRef<Path>) -> Result<(WriteBehind, usize)> {
+    /// The writer applies batches in groups of up to `group` (at least 1).
+    pub async fn start(
+        store: Arc<dyn MemoryStore>,
+        journal_path: impl AsRef<Path>,
+        group: usize,
+    ) -> Result<(WriteBehind, usize)> {
         let (mut journal, pending) = Journal::open(journal_path)?;
         let recovered = replay(store.as_ref(), &pending).await?;
         if !pending.is_empty() {
@@ -443,7 +457,7 @@ impl WriteBehind {
         let (tx, rx) = channel::<ChangeBatch>();
         let thread = std::thread::Builder::new()
             .name("memstore-write-behind".into())
-            .spawn(move || writer(runtime, store, rx))
+            .spawn(move || writer(runtime, store, rx, group.max(1)))
             .map_err(io(journal.path()))?;
         Ok((
             WriteBehind {
@@ -496,11 +510,33 @@ impl Drop for WriteBehind {
     }
 }
 
-fn writer(runtime: tokio::runtime::Runtime, store: Arc<dyn MemoryStore>, rx: Receiver<ChangeBatch>) -> Result<u64> {
+fn writer(
+    runtime: tokio::runtime::Runtime,
+    store: Arc<dyn MemoryStore>,
+    rx: Receiver<ChangeBatch>,
+    group: usize,
+) -> Result<u64> {
     let mut n = 0u64;
-    while let Ok(batch) = rx.recv() {
-        runtime.block_on(store.apply(&batch))?;
-        n += 1;
+    let mut batches = Vec::with_capacity(group);
+    loop {
+        // A group is full, or the sender is gone (finish): apply what came.
+        let open = loop {
+            match rx.recv() {
+                Ok(b) => {
+                    batches.push(b);
+                    if batches.len() == group {
+                        break true;
+                    }
+                }
+                Err(_) => break false,
+            }
+        };
+        runtime.block_on(store.apply_all(&batches))?;
+        n += batches.len() as u64;
+        batches.clear();
+        if !open {
+            break;
+        }
     }
     runtime.block_on(store.flush())?;
     Ok(n)

@@ -7,8 +7,8 @@
 //! sparse value updates, novelty inserts and the evictions that make room —
 //! as one pending [`ChangeBatch`]. [`DeviceMemory::take_changes`] hands the
 //! batch to a writer ([`super::journal::WriteBehind`]), which journals it and
-//! applies it to the store in one transaction, so after the last batch the
-//! store holds exactly the memory the model ended with.
+//! applies it to the store (a few batches per transaction), so after the
+//! last batch the store holds exactly the memory the model ended with.
 //!
 //! Ids are the tier's to assign: it knows the store's next id, and the store
 //! checks that a batch's inserts start there. Values change only by adding a
