@@ -2042,6 +2042,13 @@ fn attention_baseline(opts: &DistillOptions, run_dir: &Path) -> Result<PathBuf> 
         let (from, to) = (cached.join(f), dir.join(f));
         std::fs::copy(&from, &to).map_err(io(&from))?;
     }
+    // The key says the teacher's files are the same; the cached copy may
+    // name a directory where they no longer are: the copy names this run's.
+    let mut spec = read_spec(&dir)?;
+    if spec.teacher != opts.teacher {
+        spec.teacher = opts.teacher.clone();
+        write_spec(&dir, &spec)?;
+    }
     Ok(dir)
 }
 

@@ -710,3 +710,26 @@ fn a_capacity_that_does_not_divide_among_the_heads_is_rounded_down() {
     assert!(e.contains("fewer slots than the 2 heads"), "{e}");
     assert!(!bad.run_dir.join("student.json").exists());
 }
+
+/// A cached attention-only baseline is reused when the same teacher's files
+/// have moved to another directory (the cache is keyed by their contents),
+/// and the run's copy names the directory they are in now.
+#[test]
+fn a_cached_baseline_is_reused_after_its_teacher_moved() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, eval) = tiny_setup(dir.path());
+    let mut o = options(dir.path(), train, &eval);
+    o.steps = 2;
+    o.attention_baseline = true;
+    let first = run(&o).unwrap();
+    let moved = dir.path().join("teacher-moved");
+    std::fs::rename(&o.teacher, &moved).unwrap();
+    o.teacher = moved.clone();
+    o.run_dir = dir.path().join("after-the-move");
+    let second = run(&o).unwrap();
+    let baseline = o.run_dir.join(burn_dmt::distill::ATTENTION_BASELINE);
+    assert_eq!(burn_dmt::distill::read_spec(&baseline).unwrap().teacher, moved);
+    let nll = |r: &burn_dmt::distill::Report| r.attention.as_ref().map(|a| a.nll);
+    assert!(nll(&first).is_some());
+    assert_eq!(nll(&first), nll(&second));
+}
