@@ -71,9 +71,11 @@ pub trait MemoryStore: Send + Sync {
     /// Applies consecutive batches in order, as [`MemoryStore::apply`] one
     /// after another would: how a writer that fell behind catches up. A
     /// store may write them in one transaction, each changed memory once in
-    /// its last state (the SQL stores do; then an error changes nothing);
-    /// the default applies each in its own. Either way an error leaves the
-    /// store holding exactly the batches up to its `last_batch`.
+    /// its last state (the SQL stores do, and the daemon's client sends a
+    /// group as one request so that the daemon's store does; then an error
+    /// changes nothing); the default applies each in its own. Either way an
+    /// error leaves the store holding exactly the batches up to its
+    /// `last_batch`.
     async fn apply_all(&self, batches: &[ChangeBatch]) -> Result<()> {
         for b in batches {
             self.apply(b).await?;

@@ -480,6 +480,17 @@ impl DurableStore for IpcStore {
     }
 }
 
+/// An upper bound of a change batch's bytes on the wire (postcard: at most
+/// ten bytes a varint, four a float, a string's bytes and its length).
+fn wire_bound(b: &ChangeBatch) -> usize {
+    let ids = b.delete.len() + b.update_ids.len() + b.touch.len() + b.assign_ids.len();
+    let floats = b.deltas.len() + b.insert_keys.len() + b.insert_values.len() + b.assign_values.len();
+    let tags: usize = b.insert_tags.iter().flatten().map(|t| t.len() + 10).sum::<usize>()
+        + b.insert_tags.len() * 10
+        + b.tag_counts.iter().map(|(_, t, _)| t.len() + 30).sum::<usize>();
+    200 + 10 * ids + 4 * floats + 40 * b.insert_meta.len() + tags
+}
+
 #[async_trait]
 impl MemoryStore for IpcStore {
     fn config(&self) -> &MemoryConfig {
@@ -556,6 +567,29 @@ impl MemoryStore for IpcStore {
     async fn apply(&self, batch: &ChangeBatch) -> Result<()> {
         let req = Request::Apply(WireChangeBatch::from_batch(batch));
         done(decode(&self.ask(&req).await?)?)
+    }
+
+    /// One request for the whole group, so that the daemon's store writes
+    /// it in one transaction; a group that could pass the frame limit goes
+    /// as smaller groups, a lone batch as `Apply`.
+    async fn apply_all(&self, batches: &[ChangeBatch]) -> Result<()> {
+        let mut todo = vec![batches];
+        while let Some(group) = todo.pop() {
+            match group {
+                [] => {}
+                [one] => self.apply(one).await?,
+                _ if group.iter().map(wire_bound).sum::<usize>() > self.conn.max_frame => {
+                    let (a, b) = group.split_at(group.len() / 2);
+                    todo.push(b);
+                    todo.push(a);
+                }
+                _ => {
+                    let req = Request::ApplyAll(group.iter().map(WireChangeBatch::from_batch).collect());
+                    done(decode(&self.ask(&req).await?)?)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn ids(&self) -> Result<Vec<MemoryId>> {

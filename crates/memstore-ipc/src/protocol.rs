@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 /// The four bytes a [`Request::Hello`] starts with.
 pub const MAGIC: [u8; 4] = *b"MSTD";
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Default largest frame (payload bytes) either side accepts.
 pub const DEFAULT_MAX_FRAME: usize = 256 << 20;
 /// Bytes of the length prefix.
@@ -428,10 +428,12 @@ pub enum Request<'a> {
         /// The backup file, absolute, on the daemon's machine.
         path: String,
     },
+    /// `MemoryStore::apply_all`: consecutive batches, in order.
+    ApplyAll(#[serde(borrow)] Vec<WireChangeBatch<'a>>),
 }
 
 /// Number of request types ([`Request`]'s variants).
-pub const REQUEST_TYPES: u32 = 17;
+pub const REQUEST_TYPES: u32 = 18;
 
 /// A stored memory on the wire.
 #[derive(Clone, Debug, Serialize, Deserialize)]

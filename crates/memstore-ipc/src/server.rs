@@ -1794,6 +1794,14 @@ async fn execute<S: MemoryStore + ?Sized>(s: &S, req: Request<'_>, max_frame: us
             s.apply(&b.to_batch()?).await.map_err(api)?;
             Outcome::Done
         }
+        Request::ApplyAll(wire) => {
+            let batches = wire
+                .iter()
+                .map(protocol::WireChangeBatch::to_batch)
+                .collect::<Result<Vec<_>, _>>()?;
+            s.apply_all(&batches).await.map_err(api)?;
+            Outcome::Done
+        }
         Request::Ids => Outcome::Ids(s.ids().await.map_err(api)?),
         Request::Len => Outcome::Count(s.len().await.map_err(api)? as u64),
         Request::Stats => Outcome::Stats(s.stats().await.map_err(api)?),

@@ -1704,3 +1704,57 @@ fn duckdb_backend_needs_the_feature() {
     assert!(err.contains("--features duckdb"), "{err}");
     assert!(!dir.path().join("x.duckdb").exists());
 }
+
+/// `apply_all` sends a group as one request when it fits the client's frame
+/// limit and in smaller groups (down to single batches) when it does not;
+/// either way the daemon's store ends where applying the batches one by one
+/// ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_all_splits_groups_over_the_frame_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("d.sock");
+    let d = Daemon::start(&dir.path().join("s.db"), &socket, &cfg_args());
+    let mut o = ClientOptions::default();
+    o.max_frame = 4096;
+    let s = IpcStore::connect_with(&d.endpoint(), Some(cfg()), o).await.unwrap();
+    let reference = memstore_api::InMemoryStore::new(cfg()).unwrap();
+    let mut rng = Rng::new(3);
+    let mut batches = Vec::new();
+    let mut next = 1;
+    // Six small batches (one frame together), then six of 100 rows each
+    // (2.4 KB of floats each: only one fits a frame).
+    for (i, rows) in [10usize, 10, 10, 10, 10, 10, 100, 100, 100, 100, 100, 100]
+        .into_iter()
+        .enumerate()
+    {
+        let mut b = memstore_api::ChangeBatch {
+            seq: i as u64 + 1,
+            tick: i as u64 + 1,
+            first_id: next,
+            insert_keys: rng.vecs(rows, 4),
+            insert_values: rng.vecs(rows, 2),
+            ..Default::default()
+        };
+        if next > 1 {
+            b.touch = vec![1, next - 1];
+            b.update_ids = vec![next - 1];
+            b.deltas = vec![0.5, -0.5];
+        }
+        next += rows as u64;
+        batches.push(b);
+    }
+    s.apply_all(&batches[..6]).await.unwrap();
+    s.apply_all(&batches[6..]).await.unwrap();
+    for b in &batches {
+        reference.apply(b).await.unwrap();
+    }
+    // Read back through a client whose frames hold the whole store.
+    let reader = IpcStore::connect(&d.endpoint(), None).await.unwrap();
+    assert_eq!(snapshot(&reader).await, {
+        let ids = reference.ids().await.unwrap();
+        (reference.get(&ids).await.unwrap(), reference.stats().await.unwrap())
+    });
+    reader.close().await.unwrap();
+    s.close().await.unwrap();
+    assert!(d.stop().success());
+}
