@@ -454,12 +454,26 @@ impl<D: Driver> SqlStore<D> {
     /// Writes `changes` in the transaction begun, then commits it and
     /// applies the changes to the index under the index's write lock, taken
     /// before the commit (module docs).
-    async fn commit(&self, writer: &mut D::Writer, (txn, version): (D::Txn, u64), changes: &Changes) -> Result<()> {
+    async fn commit(&self, writer: &mut D::Writer, txn: (D::Txn, u64), changes: &Changes) -> Result<()> {
+        self.commit_then(writer, txn, changes, |index| index.apply(changes))
+            .await
+    }
+
+    /// [`Self::commit`], with `publish` bringing the index to the committed
+    /// state (applying `changes`, or putting in an index they were applied
+    /// to while planning).
+    async fn commit_then(
+        &self,
+        writer: &mut D::Writer,
+        (txn, version): (D::Txn, u64),
+        changes: &Changes,
+        publish: impl FnOnce(&mut MemoryIndex) -> Result<()>,
+    ) -> Result<()> {
         let pending = self.driver.write(writer, txn, changes).await?;
         let mut index = self.index.write().await;
         self.driver.commit(writer, pending).await?;
         self.seen.store(version, Ordering::Release);
-        index.apply(changes)
+        publish(&mut index)
     }
 }
 
@@ -654,13 +668,11 @@ impl<D: Driver> MemoryStore for SqlStore<D> {
             }
         }
         let Some(all) = all else { return Ok(()) };
-        let (txn, version) = txn;
-        let pending = self.driver.write(&mut w, txn, &all).await?;
-        let mut index = self.index.write().await;
-        self.driver.commit(&mut w, pending).await?;
-        self.seen.store(version, Ordering::Release);
-        index.replace_with(planned);
-        Ok(())
+        self.commit_then(&mut w, txn, &all, |index| {
+            index.replace_with(planned);
+            Ok(())
+        })
+        .await
     }
 
     async fn ids(&self) -> Result<Vec<MemoryId>> {
