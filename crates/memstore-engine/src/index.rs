@@ -21,8 +21,7 @@
 //! slack, an overlay of what earlier rows removed, created and touched, and a
 //! single-row re-search only for rows whose slack was used up.
 
-use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, OnceLock};
@@ -97,71 +96,6 @@ impl Changes {
             .chain(self.retagged.iter().map(|(id, t)| (*id, t)))
     }
 
-    /// Extends these changes with `later`, planned on the state they leave:
-    /// the result takes the index (and the database) from the state before
-    /// `self` to the state after `later`, each memory written once with its
-    /// last state. A memory created by `self` and changed by `later` is
-    /// written as created in its final state; one created and removed again
-    /// is not written at all.
-    pub fn then(&mut self, later: Changes) {
-        let mut inserted: BTreeMap<MemoryId, Memory> = std::mem::take(&mut self.inserted)
-            .into_iter()
-            .map(|m| (m.id, m))
-            .collect();
-        let mut accessed: BTreeMap<MemoryId, AccessUpdate> = std::mem::take(&mut self.accessed)
-            .into_iter()
-            .map(|u| (u.id, u))
-            .collect();
-        let mut values: BTreeMap<MemoryId, Vec<f32>> = std::mem::take(&mut self.values).into_iter().collect();
-        let mut retagged: BTreeMap<MemoryId, BTreeMap<String, u64>> =
-            std::mem::take(&mut self.retagged).into_iter().collect();
-        for id in later.removed {
-            if inserted.remove(&id).is_some() {
-                continue;
-            }
-            accessed.remove(&id);
-            values.remove(&id);
-            retagged.remove(&id);
-            self.removed.push(id);
-        }
-        for u in later.accessed {
-            match inserted.get_mut(&u.id) {
-                Some(m) => {
-                    m.last_access = u.last_access;
-                    m.access_count = u.access_count;
-                    m.crf = u.crf;
-                }
-                None => {
-                    accessed.insert(u.id, u);
-                }
-            }
-        }
-        for (id, v) in later.values {
-            match inserted.get_mut(&id) {
-                Some(m) => m.value = v,
-                None => {
-                    values.insert(id, v);
-                }
-            }
-        }
-        for (id, tags) in later.retagged {
-            match inserted.get_mut(&id) {
-                Some(m) => m.tags = tags,
-                None => {
-                    retagged.insert(id, tags);
-                }
-            }
-        }
-        inserted.extend(later.inserted.into_iter().map(|m| (m.id, m)));
-        self.removed.sort_unstable();
-        self.inserted = inserted.into_values().collect();
-        self.accessed = accessed.into_values().collect();
-        self.values = values.into_iter().collect();
-        self.retagged = retagged.into_iter().collect();
-        self.next_id = later.next_id;
-        self.counters = later.counters;
-    }
-
     /// Whether nothing changes.
     pub fn is_empty(&self) -> bool {
         self.removed.is_empty()
@@ -172,17 +106,117 @@ impl Changes {
     }
 }
 
+/// [`Changes`] composed operation after operation, held by memory id until
+/// [`Composed::finish`], so that composing a long run of operations costs
+/// each one its own size, not the run's so far.
+#[derive(Debug)]
+pub struct Composed {
+    removed: Vec<MemoryId>,
+    inserted: IdMap<Memory>,
+    accessed: IdMap<AccessUpdate>,
+    values: IdMap<Vec<f32>>,
+    retagged: IdMap<BTreeMap<String, u64>>,
+    next_id: MemoryId,
+    counters: Counters,
+}
+
+impl Composed {
+    /// The changes of a first operation.
+    pub fn new(first: Changes) -> Self {
+        Composed {
+            removed: first.removed,
+            inserted: first.inserted.into_iter().map(|m| (m.id, m)).collect(),
+            accessed: first.accessed.into_iter().map(|u| (u.id, u)).collect(),
+            values: first.values.into_iter().collect(),
+            retagged: first.retagged.into_iter().collect(),
+            next_id: first.next_id,
+            counters: first.counters,
+        }
+    }
+
+    /// Adds `later`, planned on the state the changes so far leave: the
+    /// result takes the index (and the database) from the state before the
+    /// first to the state after `later`, each memory written once with its
+    /// last state. A memory created earlier and changed by `later` is
+    /// written as created in its final state; one created and removed again
+    /// is not written at all.
+    pub fn then(&mut self, later: Changes) {
+        for id in later.removed {
+            if self.inserted.remove(&id).is_some() {
+                continue;
+            }
+            self.accessed.remove(&id);
+            self.values.remove(&id);
+            self.retagged.remove(&id);
+            self.removed.push(id);
+        }
+        for u in later.accessed {
+            match self.inserted.get_mut(&u.id) {
+                Some(m) => {
+                    m.last_access = u.last_access;
+                    m.access_count = u.access_count;
+                    m.crf = u.crf;
+                }
+                None => {
+                    self.accessed.insert(u.id, u);
+                }
+            }
+        }
+        for (id, v) in later.values {
+            match self.inserted.get_mut(&id) {
+                Some(m) => m.value = v,
+                None => {
+                    self.values.insert(id, v);
+                }
+            }
+        }
+        for (id, tags) in later.retagged {
+            match self.inserted.get_mut(&id) {
+                Some(m) => m.tags = tags,
+                None => {
+                    self.retagged.insert(id, tags);
+                }
+            }
+        }
+        self.inserted.extend(later.inserted.into_iter().map(|m| (m.id, m)));
+        self.next_id = later.next_id;
+        self.counters = later.counters;
+    }
+
+    /// The composed changes, each list ascending by id.
+    pub fn finish(self) -> Changes {
+        fn sorted<T>(map: IdMap<T>) -> Vec<(MemoryId, T)> {
+            let mut v: Vec<(MemoryId, T)> = map.into_iter().collect();
+            v.sort_unstable_by_key(|(id, _)| *id);
+            v
+        }
+        let mut removed = self.removed;
+        removed.sort_unstable();
+        Changes {
+            removed,
+            accessed: sorted(self.accessed).into_iter().map(|(_, u)| u).collect(),
+            values: sorted(self.values),
+            inserted: sorted(self.inserted).into_iter().map(|(_, m)| m).collect(),
+            retagged: sorted(self.retagged),
+            next_id: self.next_id,
+            counters: self.counters,
+        }
+    }
+}
+
+/// An eviction candidate, ordered as LRFU evicts: lowest priority first,
+/// ties by id.
 #[derive(Clone, Copy, Debug, PartialEq)]
-struct Prio(f64);
-impl Eq for Prio {}
-impl PartialOrd for Prio {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+struct Victim(f64, MemoryId);
+impl Eq for Victim {}
+impl PartialOrd for Victim {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
     }
 }
-impl Ord for Prio {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.0.total_cmp(&other.0)
+impl Ord for Victim {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0).then(self.1.cmp(&other.1))
     }
 }
 
@@ -222,8 +256,10 @@ pub struct MemoryIndex {
     /// ([`MemoryIndex::with_values`]).
     values: Option<Vec<f32>>,
     meta: Vec<Meta>,
+    /// Row-aligned with `meta`: each memory's eviction priority
+    /// ([`math::priority`] of its CRF and last access), scanned by eviction.
+    prio: Vec<f64>,
     pos: IdMap<usize>,
-    by_priority: BTreeSet<(Prio, MemoryId)>,
     next_id: MemoryId,
     counters: Counters,
     ann: Option<Ann>,
@@ -248,8 +284,8 @@ impl MemoryIndex {
             keys: self.keys.clone(),
             values: self.values.clone(),
             meta: self.meta.clone(),
+            prio: self.prio.clone(),
             pos: self.pos.clone(),
-            by_priority: self.by_priority.clone(),
             next_id: self.next_id,
             counters: self.counters,
             ann: None,
@@ -280,8 +316,8 @@ impl MemoryIndex {
             keys: Vec::new(),
             values: None,
             meta: Vec::new(),
+            prio: Vec::new(),
             pos: IdMap::default(),
-            by_priority: BTreeSet::new(),
             next_id: 1,
             counters: Counters::default(),
             ann: None,
@@ -519,13 +555,13 @@ impl MemoryIndex {
                 }
             }
         }
-        let p = math::priority(self.lambda(), meta.crf, meta.last_access);
         self.pos.insert(id, self.ids.len());
         self.ids.push(id);
         self.keys.extend_from_slice(key);
         self.key_version += 1;
+        self.prio
+            .push(math::priority(self.lambda(), meta.crf, meta.last_access));
         self.meta.push(meta);
-        self.by_priority.insert((Prio(p), id));
         self.next_id = self.next_id.max(id + 1);
         Ok(())
     }
@@ -534,13 +570,11 @@ impl MemoryIndex {
         let Some(r) = self.pos.remove(&id) else { return };
         self.key_version += 1;
         let d = self.config.key_dim;
-        let m = &self.meta[r];
-        self.by_priority
-            .remove(&(Prio(math::priority(self.lambda(), m.crf, m.last_access)), id));
         let last = self.ids.len() - 1;
         if r != last {
             self.ids.swap(r, last);
             self.meta.swap(r, last);
+            self.prio.swap(r, last);
             let (head, tail) = self.keys.split_at_mut(last * d);
             head[r * d..(r + 1) * d].copy_from_slice(&tail[..d]);
             if let Some(values) = &mut self.values {
@@ -551,6 +585,7 @@ impl MemoryIndex {
         }
         self.ids.pop();
         self.meta.pop();
+        self.prio.pop();
         self.keys.truncate(last * d);
         if let Some(values) = &mut self.values {
             values.truncate(last * self.config.value_dim);
@@ -566,12 +601,10 @@ impl MemoryIndex {
         for u in &changes.accessed {
             if let Some(&r) = self.pos.get(&u.id) {
                 let m = &mut self.meta[r];
-                self.by_priority
-                    .remove(&(Prio(math::priority(lambda, m.crf, m.last_access)), u.id));
                 m.last_access = u.last_access;
                 m.access_count = u.access_count;
                 m.crf = u.crf;
-                self.by_priority.insert((Prio(u.priority), u.id));
+                self.prio[r] = math::priority(lambda, u.crf, u.last_access);
             }
         }
         for (id, tags) in &changes.retagged {
@@ -904,6 +937,16 @@ impl MemoryIndex {
     /// current values of its updated ids.
     pub fn plan_apply(&self, batch: &ChangeBatch, current: &HashMap<MemoryId, Vec<f32>>) -> Result<Changes> {
         self.check_apply(batch)?;
+        self.plan_checked_apply(batch, current)
+    }
+
+    /// [`MemoryIndex::plan_apply`] of a batch that [`MemoryIndex::check_apply`]
+    /// accepted on this index as it is.
+    pub(crate) fn plan_checked_apply(
+        &self,
+        batch: &ChangeBatch,
+        current: &HashMap<MemoryId, Vec<f32>>,
+    ) -> Result<Changes> {
         let inserts = batch.inserts(&self.config)?;
         let mut new_values = math::apply_deltas(&batch.update_ids, batch.deltas(&self.config)?, |id| {
             self.stored_value(id, current)
@@ -1447,24 +1490,34 @@ impl<'a> Overlay<'a> {
             return;
         }
         let lambda = self.base.lambda();
-        let mut cands: Vec<(f64, MemoryId)> = Vec::new();
-        let skip = self.removed.len() + self.accessed.len();
-        cands.extend(
-            self.base
-                .by_priority
-                .iter()
-                .filter(|(_, id)| !self.removed.contains(id) && !self.accessed.contains_key(id))
-                .take(need + skip)
-                .map(|(p, id)| (p.0, *id)),
-        );
+        // The `need` lowest of the stored memories this operation left
+        // alone, at their stored priority: one scan with a bounded heap (no
+        // priority tree to keep in step on every access; the heap sees few
+        // pushes, and the hash lookups only rows that would enter it).
+        let base = self.base;
+        let mut lowest: BinaryHeap<Victim> = BinaryHeap::with_capacity(need + 1);
+        for (&id, &p) in base.ids.iter().zip(&base.prio) {
+            let v = Victim(p, id);
+            if lowest.len() == need && lowest.peek().is_some_and(|top| v >= *top) {
+                continue;
+            }
+            if self.removed.contains(&id) || self.accessed.contains_key(&id) {
+                continue;
+            }
+            lowest.push(v);
+            if lowest.len() > need {
+                lowest.pop();
+            }
+        }
+        let mut cands: Vec<Victim> = lowest.into_vec();
         for (&id, &(last, _, crf)) in &self.accessed {
-            cands.push((math::priority(lambda, crf, last), id));
+            cands.push(Victim(math::priority(lambda, crf, last), id));
         }
         for c in self.created.iter().filter(|c| c.alive) {
-            cands.push((math::priority(lambda, c.meta.crf, c.meta.last_access), c.id));
+            cands.push(Victim(math::priority(lambda, c.meta.crf, c.meta.last_access), c.id));
         }
-        cands.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        for &(_, id) in cands.iter().take(need) {
+        cands.sort_unstable();
+        for &Victim(_, id) in cands.iter().take(need) {
             self.remove(id);
         }
         self.counters.evicted += need as u64;

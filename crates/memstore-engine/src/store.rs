@@ -38,7 +38,7 @@ use memstore_api::{
 use tokio::sync::{Mutex, RwLock};
 
 use crate::ann::{AnnBuilder, AnnStatus};
-use crate::index::{Changes, MemoryIndex};
+use crate::index::{Changes, Composed, MemoryIndex};
 
 /// Runs CPU-heavy or blocking work without stalling the async runtime's
 /// other tasks (on a multi-threaded runtime the worker hands its tasks to
@@ -611,13 +611,13 @@ impl<D: Driver> MemoryStore for SqlStore<D> {
             let index = self.index.read().await;
             let needed = index.check_apply(batch)?;
             let current = self.fetch_values(needed).await?;
-            blocking(|| index.plan_apply(batch, &current))?
+            blocking(|| index.plan_checked_apply(batch, &current))?
         };
         self.commit(&mut w, txn, &changes).await
     }
 
     /// Plans the batches one after another on a copy of the index, then
-    /// writes the composed changes ([`Changes::then`]) in one transaction:
+    /// writes the composed changes ([`Composed`]) in one transaction:
     /// a memory that several batches change is written once. An error
     /// changes nothing. With an approximate structure attached (its index
     /// cannot be copied) the batches are applied one by one.
@@ -638,7 +638,7 @@ impl<D: Driver> MemoryStore for SqlStore<D> {
             }
             return Ok(());
         };
-        let mut all: Option<Changes> = None;
+        let mut all: Option<Composed> = None;
         // Values the batches planned so far gave, where the index does not
         // keep them (the database still holds the ones before them).
         let track = !planned.keeps_values();
@@ -653,7 +653,7 @@ impl<D: Driver> MemoryStore for SqlStore<D> {
                     current.insert(id, v.clone());
                 }
             }
-            let changes = blocking(|| planned.plan_apply(b, &current))?;
+            let changes = blocking(|| planned.plan_checked_apply(b, &current))?;
             planned.apply(&changes)?;
             if track {
                 for id in &changes.removed {
@@ -664,10 +664,12 @@ impl<D: Driver> MemoryStore for SqlStore<D> {
             }
             match &mut all {
                 Some(all) => all.then(changes),
-                None => all = Some(changes),
+                None => all = Some(Composed::new(changes)),
             }
         }
-        let Some(all) = all else { return Ok(()) };
+        let Some(all) = all.map(Composed::finish) else {
+            return Ok(());
+        };
         self.commit_then(&mut w, txn, &all, |index| {
             index.replace_with(planned);
             Ok(())
