@@ -35,7 +35,7 @@ use crate::loss::{LossKernel, tied_loss};
 use crate::memory::associative::AssociativeMemory;
 use crate::memory::device::on_cpu;
 use crate::memory::featural::{FeaturalMemory, unit_rows};
-use crate::memory::journal::WriteBehind;
+use crate::memory::journal::{Group, WriteBehind};
 use crate::memory::keyvalue::KeyValueMemory;
 use crate::memory::layers::{LayerKind, MemoryInit, parse_layers};
 use crate::memory::product::fit_grid;
@@ -1651,7 +1651,7 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
         let (mut w, _) = rt.block_on(WriteBehind::start(
             store.shared(),
             journal_path(run_dir, i),
-            WRITE_GROUP,
+            Group::of(WRITE_GROUP),
         ))?;
         if let Some(b) = tier.take_changes() {
             w.submit(b)?;
@@ -1894,7 +1894,11 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
             }
             for (i, store) in stores.iter().enumerate() {
                 if let Some(st) = store {
-                    let (w, _) = rt.block_on(WriteBehind::start(st.shared(), journal_path(run_dir, i), WRITE_GROUP))?;
+                    let (w, _) = rt.block_on(WriteBehind::start(
+                        st.shared(),
+                        journal_path(run_dir, i),
+                        Group::of(WRITE_GROUP),
+                    ))?;
                     writers[i] = Some(w);
                 }
             }
@@ -1949,13 +1953,14 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
 }
 
 /// Training steps whose memory changes a layer's store writer applies in
-/// one transaction ([`WriteBehind`]). The journal holds every step's batch
-/// durably before the step goes on, so a crash loses nothing; the store
-/// lags by up to seven steps and catches up at each checkpoint and at the
-/// end. A 65,536-row layer changes ~9,000 memories a step and ~20,000 in
-/// eight (the main job's shape with product keys), so a group writes about
-/// 3.5× fewer rows than eight single steps.
-const WRITE_GROUP: usize = 8;
+/// one transaction ([`WriteBehind`]; fewer when they hold
+/// [`crate::memory::journal::GROUP_BYTES`]: [`Group::of`]). The journal holds every
+/// step's batch durably before the step goes on, so a crash loses nothing;
+/// the store lags by up to 31 steps and catches up at each checkpoint and
+/// at the end. A 65,536-row layer changes ~9,000 memories a step and
+/// 26,000–48,000 in a group (the main job's shape with product keys), so a
+/// group writes 7–9× fewer rows than its steps would one by one.
+const WRITE_GROUP: usize = 32;
 
 /// Where a run keeps its attention-only baseline.
 pub const ATTENTION_BASELINE: &str = "baseline-attention";

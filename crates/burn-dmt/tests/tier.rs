@@ -7,7 +7,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use burn_dmt::burn::tensor::{Device, Tensor, TensorData};
-use burn_dmt::memory::journal::{Journal, WriteBehind, crc32, decode, encode, replay};
+use burn_dmt::memory::journal::{Group, Journal, WriteBehind, crc32, decode, encode, replay};
 use burn_dmt::memory::tier::DeviceMemory;
 use memstore_api::testkit::util::{Rng, dump};
 use memstore_api::{ChangeBatch, EvictionPolicy, InMemoryStore, MemoryConfig, MemoryStore, Metric};
@@ -155,7 +155,7 @@ async fn the_journal_replays_to_the_same_store_after_a_writer_crash() {
         f.write_all(&torn).unwrap();
         drop(f);
 
-        let (w, recovered) = WriteBehind::start(store.clone(), &path, 1).await.unwrap();
+        let (w, recovered) = WriteBehind::start(store.clone(), &path, Group::of(1)).await.unwrap();
         assert_eq!(recovered, n - crashed_after, "crash after {crashed_after}");
         assert_eq!(w.finish().unwrap(), 0);
         assert_eq!(dump(store.as_ref()).await, want, "crash after {crashed_after}");
@@ -172,7 +172,7 @@ async fn write_behind_applies_batches_in_the_background() {
     let device = Device::flex();
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(sqlite_store(dir.path().join("m.db"), config()).await.unwrap());
-    let (mut w, recovered) = WriteBehind::start(store.clone(), dir.path().join("journal"), 1)
+    let (mut w, recovered) = WriteBehind::start(store.clone(), dir.path().join("journal"), Group::of(1))
         .await
         .unwrap();
     assert_eq!(recovered, 0);
@@ -192,7 +192,7 @@ async fn write_behind_applies_batches_in_the_background() {
 
     // A batch the store refuses (out of order) stops the writer with the
     // store's error, and the batch stays journaled.
-    let (mut w, _) = WriteBehind::start(store.clone(), dir.path().join("journal"), 1)
+    let (mut w, _) = WriteBehind::start(store.clone(), dir.path().join("journal"), Group::of(1))
         .await
         .unwrap();
     let mut stale = batches[0].clone();
@@ -220,7 +220,9 @@ async fn write_behind_in_groups_ends_where_batch_by_batch_ends() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(sqlite_store(dir.path().join("m.db"), config()).await.unwrap());
         let journal = dir.path().join("journal");
-        let (mut w, _) = WriteBehind::start(store.clone(), &journal, group).await.unwrap();
+        let (mut w, _) = WriteBehind::start(store.clone(), &journal, Group::of(group))
+            .await
+            .unwrap();
         for b in batches[..group - 1].iter().cloned() {
             w.submit(b).unwrap();
         }
@@ -237,6 +239,40 @@ async fn write_behind_in_groups_ends_where_batch_by_batch_ends() {
         assert_eq!(w.finish().unwrap(), batches.len() as u64);
         assert_eq!(dump(store.as_ref()).await, want, "groups of {group}");
     }
+}
+
+/// A group closes early once its batches hold the group's byte bound: with
+/// a bound of one byte, every batch reaches the store before `finish`,
+/// though the group could hold a hundred.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_behind_closes_a_group_at_its_byte_bound() {
+    let device = Device::flex();
+    let mut tier = DeviceMemory::new(config(), CAP, &device).unwrap();
+    let batches = run_tier(&mut tier, 6, 7);
+    let one_by_one = InMemoryStore::new(config()).unwrap();
+    for b in &batches {
+        one_by_one.apply(b).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(sqlite_store(dir.path().join("m.db"), config()).await.unwrap());
+    let group = Group { batches: 100, bytes: 1 };
+    let (mut w, _) = WriteBehind::start(store.clone(), dir.path().join("journal"), group)
+        .await
+        .unwrap();
+    for b in batches.iter().cloned() {
+        w.submit(b).unwrap();
+    }
+    let n = batches.len() as u64;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while store.stats().await.unwrap().counters.last_batch < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "batches over the byte bound waited for a full group"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(w.finish().unwrap(), n);
+    assert_eq!(dump(store.as_ref()).await, dump(&one_by_one).await);
 }
 
 #[test]

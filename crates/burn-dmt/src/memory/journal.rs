@@ -408,29 +408,71 @@ impl Journal {
     }
 }
 
+/// Batches per [`MemoryStore::apply_all`] call when [`replay`] recovers.
+const REPLAY_GROUP: usize = 32;
+
 /// Applies, in order, the batches the store has not seen (sequence numbers
-/// above its last); returns how many were applied.
+/// above its last), [`REPLAY_GROUP`] at a time; returns how many were
+/// applied.
 pub async fn replay<S: MemoryStore + ?Sized>(store: &S, batches: &[ChangeBatch]) -> Result<usize> {
     let last = store.stats().await?.counters.last_batch;
-    let mut applied = 0;
-    for b in batches.iter().filter(|b| b.seq > last) {
-        store.apply(b).await?;
-        applied += 1;
+    // A journal holds consecutive batches: from the first the store has not
+    // seen on (the store refuses any that does not follow its last).
+    let first = batches.iter().position(|b| b.seq > last).unwrap_or(batches.len());
+    let unseen = &batches[first..];
+    for group in unseen.chunks(REPLAY_GROUP) {
+        store.apply_all(group).await?;
     }
-    Ok(applied)
+    Ok(unseen.len())
+}
+
+/// Bytes of batches a [`WriteBehind`] holds for its next group by default
+/// ([`Group::of`]): enough for 32 steps of a 65,536-row product-key layer
+/// of the main job (about 2 MB a step), and a bound on the host memory that
+/// long groups of larger batches take.
+pub const GROUP_BYTES: usize = 64 << 20;
+
+/// When a [`WriteBehind`] applies what it holds: at `batches` batches, or
+/// earlier once they hold `bytes` (whichever comes first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Group {
+    /// Batches per group (at least 1).
+    pub batches: usize,
+    /// Bytes of batches that close a group early ([`GROUP_BYTES`] by default).
+    pub bytes: usize,
+}
+
+impl Group {
+    /// Groups of up to `batches`, closed early at [`GROUP_BYTES`].
+    pub fn of(batches: usize) -> Group {
+        Group {
+            batches,
+            bytes: GROUP_BYTES,
+        }
+    }
+}
+
+/// The bytes `batch`'s vectors hold (ids, floats and tag names).
+fn held_bytes(b: &ChangeBatch) -> usize {
+    let ids = b.delete.len() + b.update_ids.len() + b.touch.len() + b.assign_ids.len() + b.tag_counts.len();
+    let floats = b.deltas.len() + b.insert_keys.len() + b.insert_values.len() + b.assign_values.len();
+    let names: usize = b.insert_tags.iter().flatten().map(String::len).sum::<usize>()
+        + b.tag_counts.iter().map(|(_, t, _)| t.len() + 8).sum::<usize>();
+    8 * ids + 4 * floats + names
 }
 
 /// A background writer: journals each batch in the caller's thread, then
 /// applies it to the store on its own thread (with its own Tokio runtime).
 ///
-/// The thread applies the batches in groups of up to `group`
-/// ([`MemoryStore::apply_all`]: the SQL stores write a group in one
+/// The thread applies the batches in groups ([`Group`]: up to a number of
+/// batches, fewer once they hold a number of bytes;
+/// [`MemoryStore::apply_all`]: the SQL stores write a group in one
 /// transaction, a memory that several of its batches change once), so the
-/// store may lag the journal by `group - 1` batches; [`WriteBehind::finish`]
-/// applies the rest. A training step of a large table changes thousands of
-/// memories, largely the same ones step after step; writing them once per
-/// group instead of once per step cuts the store's page writes, which
-/// compete with the training loop for the CPU.
+/// store may lag the journal by a group less one batch;
+/// [`WriteBehind::finish`] applies the rest. A training step of a large
+/// table changes thousands of memories, largely the same ones step after
+/// step; writing them once per group instead of once per step cuts the
+/// store's page writes, which compete with the training loop for the CPU.
 pub struct WriteBehind {
     journal: Journal,
     tx: Option<Sender<ChangeBatch>>,
@@ -441,11 +483,11 @@ impl WriteBehind {
     /// Recovers (replays the journal at `journal_path` onto `store`, then
     /// empties it) and starts the writer thread. Returns the writer and the
     /// number of batches the recovery applied.
-    /// The writer applies batches in groups of up to `group` (at least 1).
+    /// The writer applies batches in groups as `group` says.
     pub async fn start(
         store: Arc<dyn MemoryStore>,
         journal_path: impl AsRef<Path>,
-        group: usize,
+        group: Group,
     ) -> Result<(WriteBehind, usize)> {
         let (mut journal, pending) = Journal::open(journal_path)?;
         let recovered = replay(store.as_ref(), &pending).await?;
@@ -457,7 +499,7 @@ impl WriteBehind {
         let (tx, rx) = channel::<ChangeBatch>();
         let thread = std::thread::Builder::new()
             .name("memstore-write-behind".into())
-            .spawn(move || writer(runtime, store, rx, group.max(1)))
+            .spawn(move || writer(runtime, store, rx, group))
             .map_err(io(journal.path()))?;
         Ok((
             WriteBehind {
@@ -514,17 +556,20 @@ fn writer(
     runtime: tokio::runtime::Runtime,
     store: Arc<dyn MemoryStore>,
     rx: Receiver<ChangeBatch>,
-    group: usize,
+    group: Group,
 ) -> Result<u64> {
     let mut n = 0u64;
-    let mut batches = Vec::with_capacity(group);
+    let mut batches = Vec::new();
     loop {
-        // A group is full, or the sender is gone (finish): apply what came.
+        // A group is full (by count or bytes), or the sender is gone
+        // (finish): apply what came.
+        let mut bytes = 0;
         let open = loop {
             match rx.recv() {
                 Ok(b) => {
+                    bytes += held_bytes(&b);
                     batches.push(b);
-                    if batches.len() == group {
+                    if batches.len() >= group.batches || bytes >= group.bytes {
                         break true;
                     }
                 }
