@@ -427,9 +427,9 @@ pub async fn replay<S: MemoryStore + ?Sized>(store: &S, batches: &[ChangeBatch])
 }
 
 /// Bytes of batches a [`WriteBehind`] holds for its next group by default
-/// ([`Group::of`]): enough for 32 steps of a 65,536-row product-key layer
-/// of the main job (about 2 MB a step), and a bound on the host memory that
-/// long groups of larger batches take.
+/// ([`Group::of`]): 24–32 steps of a 65,536-row product-key layer of the
+/// main job (2–2.7 MB a step), and a bound on the host memory that long
+/// groups of larger batches take.
 pub const GROUP_BYTES: usize = 64 << 20;
 
 /// When a [`WriteBehind`] applies what it holds: at `batches` batches, or
