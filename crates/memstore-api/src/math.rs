@@ -250,22 +250,35 @@ pub fn merge(lambda: f64, key: &[f32], tags: &[String], tick: Tick, sources: &[M
 
 /// The sparse value update: adds row `i` of `deltas` to the value of `ids[i]`,
 /// in row order (a repeated id gets every delta), starting from `current(id)`.
-/// Refuses the whole update if any resulting value is not finite.
+/// Returns the new values ascending by id. Refuses the whole update if any
+/// resulting value is not finite.
 pub fn apply_deltas<'a>(
     ids: &[MemoryId],
     deltas: Vectors<'_>,
     current: impl Fn(MemoryId) -> Result<&'a [f32]>,
-) -> Result<BTreeMap<MemoryId, Vec<f32>>> {
-    let mut new_values: BTreeMap<MemoryId, Vec<f32>> = BTreeMap::new();
-    for (i, &id) in ids.iter().enumerate() {
-        let v = match new_values.entry(id) {
-            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::btree_map::Entry::Vacant(e) => e.insert(current(id)?.to_vec()),
-        };
-        for (x, d) in v.iter_mut().zip(deltas.row(i)) {
-            *x += d;
+) -> Result<Vec<(MemoryId, Vec<f32>)>> {
+    let new_values: Vec<(MemoryId, Vec<f32>)> = if ids.windows(2).all(|w| w[0] < w[1]) {
+        // Distinct and ascending (a training step's update, listed by
+        // slot): one value each, in order, with no map to keep.
+        let mut out = Vec::with_capacity(ids.len());
+        for (i, &id) in ids.iter().enumerate() {
+            let v: Vec<f32> = current(id)?.iter().zip(deltas.row(i)).map(|(x, d)| x + d).collect();
+            out.push((id, v));
         }
-    }
+        out
+    } else {
+        let mut by_id: BTreeMap<MemoryId, Vec<f32>> = BTreeMap::new();
+        for (i, &id) in ids.iter().enumerate() {
+            let v = match by_id.entry(id) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => e.insert(current(id)?.to_vec()),
+            };
+            for (x, d) in v.iter_mut().zip(deltas.row(i)) {
+                *x += d;
+            }
+        }
+        by_id.into_iter().collect()
+    };
     for (id, v) in &new_values {
         if let Some(col) = v.iter().position(|x| !x.is_finite()) {
             let row = ids.iter().rposition(|x| x == id).unwrap_or(0);

@@ -918,8 +918,8 @@ impl MemoryIndex {
         {
             return Err(Error::UnknownId(id));
         }
-        if let Some(&id) = batch.touch.iter().find(|id| !live(id)) {
-            return Err(Error::UnknownId(id));
+        if let Some(run) = batch.touch.chunk_by(|a, b| a == b).find(|run| !live(&run[0])) {
+            return Err(Error::UnknownId(run[0]));
         }
         let existing = |id: &MemoryId| self.contains(*id) && !gone.contains(id);
         if let Some(&id) = batch
@@ -952,9 +952,14 @@ impl MemoryIndex {
             self.stored_value(id, current)
                 .ok_or_else(|| Error::Corrupt(format!("no value stored for memory {id}")))
         })?;
-        let dv = self.config.value_dim;
-        for (i, &id) in batch.assign_ids.iter().enumerate() {
-            new_values.insert(id, batch.assign_values[i * dv..(i + 1) * dv].to_vec());
+        if !batch.assign_ids.is_empty() {
+            // An assignment replaces whatever the deltas gave.
+            let dv = self.config.value_dim;
+            let mut by_id: BTreeMap<MemoryId, Vec<f32>> = new_values.into_iter().collect();
+            for (i, &id) in batch.assign_ids.iter().enumerate() {
+                by_id.insert(id, batch.assign_values[i * dv..(i + 1) * dv].to_vec());
+            }
+            new_values = by_id.into_iter().collect();
         }
         let mut retagged: BTreeMap<MemoryId, BTreeMap<String, u64>> = BTreeMap::new();
         for (id, tag, count) in &batch.tag_counts {
@@ -982,8 +987,10 @@ impl MemoryIndex {
                 c.meta.crf = meta.crf;
             }
         }
-        for &id in &batch.touch {
-            ov.access(id, batch.tick);
+        // A tier lists a memory's accesses in a run (one id repeated): one
+        // lookup a run.
+        for run in batch.touch.chunk_by(|a, b| a == b) {
+            ov.access_n(run[0], run.len(), batch.tick);
         }
         if let Some(cap) = self.config.capacity {
             ov.evict_to(cap);
@@ -1447,13 +1454,22 @@ impl<'a> Overlay<'a> {
     }
 
     fn access(&mut self, id: MemoryId, tick: Tick) {
+        self.access_n(id, 1, tick);
+    }
+
+    /// `times` accesses of `id` at `tick`: the same arithmetic as that many
+    /// calls of [`Overlay::access`], with one lookup.
+    fn access_n(&mut self, id: MemoryId, times: usize, tick: Tick) {
         let lambda = self.base.lambda();
+        let repeat = |mut crf: f64, mut last: Tick, count: u64| {
+            for _ in 0..times {
+                (crf, last) = math::access(lambda, crf, last, tick);
+            }
+            (crf, last, count.saturating_add(times as u64))
+        };
         if let Some(c) = self.created_index(id) {
             let m = &mut self.created[c].meta;
-            let (crf, last) = math::access(lambda, m.crf, m.last_access, tick);
-            m.crf = crf;
-            m.last_access = last;
-            m.access_count = m.access_count.saturating_add(1);
+            (m.crf, m.last_access, m.access_count) = repeat(m.crf, m.last_access, m.access_count);
             return;
         }
         // The bookkeeping only (a touch of a memory must not copy its tags).
@@ -1466,8 +1482,8 @@ impl<'a> Overlay<'a> {
                 (m.last_access, m.access_count, m.crf)
             }
         };
-        let (crf, last) = math::access(lambda, crf, last, tick);
-        self.accessed.insert(id, (last, count.saturating_add(1), crf));
+        let (crf, last, count) = repeat(crf, last, count);
+        self.accessed.insert(id, (last, count, crf));
     }
 
     fn remove(&mut self, id: MemoryId) {

@@ -5,7 +5,8 @@
 //! (`apply`) or in groups of 8 and 32 (`apply_all`, one transaction each).
 //! Accesses follow a Zipf law (s = 1) over half the rows, which gives what
 //! the main job's layers show: about 8,500 memories a step, 25,000 in 8
-//! steps and 32,000 in 32. Each iteration applies the next 32 steps.
+//! steps and 32,000 in 32; a step lists each memory's accesses together,
+//! as a tier does. Each iteration applies the next 32 steps.
 //! `cargo bench -p memstore-sqlite --bench apply`.
 
 use std::time::Duration;
@@ -55,14 +56,15 @@ impl Steps {
 
     fn next(&mut self) -> ChangeBatch {
         let total = self.cumulative.last().copied().unwrap_or(1.0);
-        let touch: Vec<u64> = (0..ACCESSES)
+        let mut touch: Vec<u64> = (0..ACCESSES)
             .map(|_| {
                 let u = self.rng.unit() as f64 * total;
                 self.used[self.cumulative.partition_point(|&c| c < u).min(self.used.len() - 1)]
             })
             .collect();
+        // A tier lists a memory's accesses together (by slot; ids here).
+        touch.sort_unstable();
         let mut update_ids = touch.clone();
-        update_ids.sort_unstable();
         update_ids.dedup();
         let deltas = self.rng.vecs(update_ids.len(), DIM).iter().map(|x| x * 1e-3).collect();
         self.seq += 1;

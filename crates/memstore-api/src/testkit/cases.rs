@@ -1133,8 +1133,9 @@ fn change_batch(seq: u64, tick: u64, first_id: MemoryId) -> ChangeBatch {
 }
 
 /// `apply` does in one transaction what delete, update_values, insert and
-/// touch do one after another (touching a memory it inserts too), and records the batch's sequence number
-/// durably.
+/// touch do one after another (touching a memory it inserts too; repeated
+/// accesses in runs and apart; value updates by ids in any order and
+/// ascending), and records the batch's sequence number durably.
 pub async fn apply_equals_the_separate_operations<H: Harness>(make: Make<'_, H>) {
     let c = lambda_cfg(2, 2, 0.5);
     let (h, s) = fresh(make, c.clone()).await;
@@ -1147,7 +1148,7 @@ pub async fn apply_equals_the_separate_operations<H: Harness>(make: Make<'_, H>)
     b.delete = vec![ids[0]];
     b.update_ids = vec![ids[1], ids[2], ids[1]];
     b.deltas = vec![0.5, -0.25, 1.0, 2.0, 0.125, 0.0];
-    b.touch = vec![ids[1], ids[1], ids[3], ids[3] + 2];
+    b.touch = vec![ids[1], ids[1], ids[3], ids[3] + 2, ids[3] + 2, ids[1]];
     b.insert_keys = vec![5.0, 5.0, 6.0, 6.0];
     b.insert_values = vec![7.0, 7.5, 8.0, 8.5];
     s.apply(&b).await.unwrap();
@@ -1171,10 +1172,15 @@ pub async fn apply_equals_the_separate_operations<H: Harness>(make: Make<'_, H>)
         "the batch and its number are durable"
     );
     let mut b2 = change_batch(2, 6, ids[3] + 3);
-    b2.touch = vec![ids[2]];
+    b2.touch = vec![ids[2], ids[3] + 1, ids[3] + 1, ids[3] + 1];
+    b2.update_ids = vec![ids[1], ids[2], ids[3] + 1];
+    b2.deltas = vec![0.25, 0.5, -1.0, 0.75, 2.0, -2.0];
     s.apply(&b2).await.unwrap();
+    r.update_values(&b2.update_ids, v(&b2.deltas, 2)).await.unwrap();
+    r.touch(&b2.touch, 6).await.unwrap();
     assert_eq!(s.stats().await.unwrap().counters.last_batch, 2);
     assert_eq!(s.get(&[ids[2]]).await.unwrap()[0].access_count, 2);
+    assert_eq!(dump(&s).await.0, dump(&r).await.0);
 }
 
 /// A change batch out of order, with a wrong first id, an unknown id, an
