@@ -1848,28 +1848,42 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
         }
         let checkpoint_start = Instant::now();
         if (step + 1) % opts.checkpoint_every.max(1) == 0 || step + 1 == opts.steps {
-            // The stores must hold every change up to here before they are copied.
-            for w in writers.iter_mut() {
-                if let Some(w) = w.take() {
-                    w.finish()?;
-                }
-            }
+            // The stores must hold every change up to here before they are
+            // copied; their writers catch up side by side.
+            WriteBehind::finish_all(writers.iter_mut().filter_map(Option::take))?;
             let name = format!("step-{:07}", step + 1);
             let cdir = run_dir.join("checkpoints").join(&name);
             if cdir.exists() {
                 std::fs::remove_dir_all(&cdir).map_err(io(&cdir))?;
             }
             std::fs::create_dir_all(&cdir).map_err(io(&cdir))?;
+            // The stores are copied side by side.
+            let copies: Vec<_> = stores
+                .iter()
+                .enumerate()
+                .filter_map(|(i, st)| {
+                    st.as_ref()
+                        .map(|st| rt.spawn(st.backup_task(cdir.join(loc.checkpoint_name(i)))))
+                })
+                .collect();
+            let mut copied = Ok(());
+            for task in copies {
+                let done = rt
+                    .block_on(task)
+                    .map_err(|e| DmtError::Checkpoint {
+                        path: cdir.clone(),
+                        message: format!("a store's copy did not finish: {e}"),
+                    })
+                    .and_then(|r| r);
+                if copied.is_ok() {
+                    copied = done;
+                }
+            }
+            copied?;
             let mut layouts = Vec::with_capacity(config.n_layer);
             for (i, store) in stores.iter().enumerate() {
-                match store {
-                    Some(st) => {
-                        rt.block_on(st.backup_to(&cdir.join(loc.checkpoint_name(i))))?;
-                        let tier = student.feed_forward_mut(i).and_then(FeedForward::memory_mut);
-                        layouts.push(tier.map(|t| t.layout()));
-                    }
-                    None => layouts.push(None),
-                }
+                let tier = student.feed_forward_mut(i).and_then(FeedForward::memory_mut);
+                layouts.push(store.as_ref().and(tier.map(|t| t.layout())));
             }
             let path = cdir.join("student.bpk");
             student.clone().save_file(&path).map_err(ckpt_err(path))?;
@@ -1910,9 +1924,7 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
     }
     let done = opts.steps.saturating_sub(first_step);
     let train_tps = (done * opts.batch * seq) as f64 / start.elapsed().as_secs_f64().max(1e-9);
-    for w in writers.into_iter().flatten() {
-        w.finish()?;
-    }
+    WriteBehind::finish_all(writers.into_iter().flatten())?;
     for st in stores.into_iter().flatten() {
         rt.block_on(st.close())?;
     }

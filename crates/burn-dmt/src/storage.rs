@@ -239,6 +239,14 @@ impl LayerStore {
         Ok(self.0.backup_to(dest).await?)
     }
 
+    /// [`LayerStore::backup_to`] as a task that owns what it needs, so that
+    /// the copies of several stores can run at once (each SQLite or DuckDB
+    /// store copies on its own connection's thread).
+    pub fn backup_task(&self, dest: PathBuf) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
+        let store = self.0.clone();
+        async move { Ok(store.backup_to(&dest).await?) }
+    }
+
     /// Flushes and closes the store (or leaves the daemon).
     pub async fn close(self) -> Result<()> {
         self.0.flush().await?;

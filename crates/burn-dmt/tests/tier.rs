@@ -278,6 +278,75 @@ async fn write_behind_closes_a_group_at_its_byte_bound() {
     assert_eq!(dump(store.as_ref()).await, want);
 }
 
+/// `finish_all` stops every writer before waiting for any: each store gets
+/// the rest of its batches and its journal is emptied, and a writer that
+/// fails (here a stale batch) is reported without keeping the others from
+/// finishing; its batches stay in its journal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finish_all_finishes_every_writer_and_reports_a_failure() {
+    let (batches, want) = batches_applied_one_by_one(5, 9).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut stores = Vec::new();
+    let mut writers = Vec::new();
+    for i in 0..3 {
+        let store = Arc::new(
+            sqlite_store(dir.path().join(format!("m{i}.db")), config())
+                .await
+                .unwrap(),
+        );
+        let (mut w, _) = WriteBehind::start(store.clone(), dir.path().join(format!("j{i}")), Group::of(100))
+            .await
+            .unwrap();
+        for b in batches.iter().cloned() {
+            w.submit(b).unwrap();
+        }
+        stores.push(store);
+        writers.push(w);
+    }
+    let n = batches.len() as u64;
+    assert_eq!(WriteBehind::finish_all(writers).unwrap(), 3 * n);
+    for (i, store) in stores.iter().enumerate() {
+        assert_eq!(dump(store.as_ref()).await, want, "store {i}");
+        let (_, left) = Journal::open(dir.path().join(format!("j{i}"))).unwrap();
+        assert!(left.is_empty(), "journal {i} emptied");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut stores = Vec::new();
+    let mut writers = Vec::new();
+    for i in 0..2 {
+        let store = Arc::new(
+            sqlite_store(dir.path().join(format!("m{i}.db")), config())
+                .await
+                .unwrap(),
+        );
+        let (mut w, _) = WriteBehind::start(store.clone(), dir.path().join(format!("j{i}")), Group::of(100))
+            .await
+            .unwrap();
+        for b in batches.iter().cloned() {
+            w.submit(b).unwrap();
+        }
+        if i == 0 {
+            let mut stale = batches[0].clone();
+            stale.seq = 1;
+            w.submit(stale).unwrap();
+        }
+        stores.push(store);
+        writers.push(w);
+    }
+    let err = WriteBehind::finish_all(writers).unwrap_err().to_string();
+    assert!(err.contains("out of order"), "{err}");
+    assert_eq!(dump(stores[1].as_ref()).await, want, "the other writer finished");
+    let (_, left) = Journal::open(dir.path().join("j1")).unwrap();
+    assert!(left.is_empty(), "the other writer's journal emptied");
+    let (_, left) = Journal::open(dir.path().join("j0")).unwrap();
+    assert_eq!(
+        left.len(),
+        batches.len() + 1,
+        "the failed writer's batches stay journaled"
+    );
+}
+
 #[test]
 fn journal_records_round_trip_and_damage_is_reported() {
     // The records' checksum is zlib's CRC-32 (its standard check value).

@@ -542,6 +542,30 @@ impl WriteBehind {
         self.journal.clear()?;
         Ok(n)
     }
+
+    /// [`WriteBehind::finish`] of several writers (one per store) at once:
+    /// every writer is told that no batch follows before any is waited for,
+    /// so their last groups reach their stores side by side instead of one
+    /// store after another. Returns the batches applied in all, or the
+    /// first error once every writer has stopped (a writer that failed
+    /// keeps its journal for the next recovery, as with `finish`).
+    pub fn finish_all(writers: impl IntoIterator<Item = WriteBehind>) -> Result<u64> {
+        let mut writers: Vec<WriteBehind> = writers.into_iter().collect();
+        for w in &mut writers {
+            w.tx = None;
+        }
+        let mut applied = 0;
+        let mut first_error = None;
+        for w in writers {
+            match w.finish() {
+                Ok(n) => applied += n,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(applied), Err)
+    }
 }
 
 impl Drop for WriteBehind {

@@ -194,9 +194,9 @@ pub struct CommitPlanned {
     tick: Tick,
     max_inserts: usize,
     accessed: usize,
-    /// The slots the value update changes, where their deltas are, the
-    /// updated values tensor.
-    update: Option<(Vec<usize>, Span, Tensor<2>)>,
+    /// The slots the value update changes, where their deltas are, and
+    /// the update (their rows' index and deltas, on the device).
+    update: Option<(Vec<usize>, Span, Tensor<1, Int>, Tensor<2>)>,
     /// Close observations: where their (keys, values) are, their row
     /// there, the memories they recombine with.
     merges: Vec<((Span, Span), usize, Vec<MemoryId>)>,
@@ -999,14 +999,19 @@ impl DeviceMemory {
         }
         let (idx, delta) = self.value_delta(grad, lr, &rows);
         let host = host_f32(delta.clone())?;
-        let values = self
-            .values
-            .clone()
-            .inner()
-            .select_assign(0, idx, delta, IndexingUpdateOp::Add);
         self.record_deltas(&rows, &host)?;
-        self.set_values(values);
+        self.add_to_values(idx, delta);
         Ok(())
+    }
+
+    /// Adds `delta` to the value rows `idx` in place: the table is taken out
+    /// of the tier for the update, so the device adds into its storage
+    /// instead of copying the whole table (a tensor shared with another
+    /// handle is copied first).
+    fn add_to_values(&mut self, idx: Tensor<1, Int>, delta: Tensor<2>) {
+        let placeholder = Tensor::<2>::zeros([1, self.config.value_dim], &self.device);
+        let values = std::mem::replace(&mut self.values, placeholder).inner();
+        self.set_values(values.select_assign(0, idx, delta, IndexingUpdateOp::Add));
     }
 
     /// The distinct valid slots among `slots`, ascending (a mask, not a
@@ -1304,20 +1309,29 @@ impl DeviceMemory {
         }
         self.touch(&touched, tick)?;
         let mut update = None;
-        let mut values = self.values.clone().inner();
         if let Some((g, lr)) = value_grad {
             let rows = self.value_rows(&touched);
             if !rows.is_empty() {
                 let (idx, delta) = self.value_delta(g, lr, &rows);
                 let span = reads.push(delta.clone())?;
-                values = values.select_assign(0, idx, delta, IndexingUpdateOp::Add);
-                update = Some((rows, span, values.clone()));
+                update = Some((rows, span, idx, delta));
             }
         }
         let wanted = self.merge_sources(merges.iter().map(|(_, _, sources)| &sources[..]));
         let sources = if wanted.is_empty() || max_inserts == 0 || merges.is_empty() {
             None
         } else {
+            // The sources' values after this step's update (a copy of the
+            // table: the update itself waits for its deltas to be checked).
+            let values = match &update {
+                Some((_, _, idx, delta)) => {
+                    self.values
+                        .clone()
+                        .inner()
+                        .select_assign(0, idx.clone(), delta.clone(), IndexingUpdateOp::Add)
+                }
+                None => self.values.clone().inner(),
+            };
             let idx = self.index(&wanted);
             Some((
                 reads.push(self.keys.clone().inner().select(0, idx.clone()))?,
@@ -1353,9 +1367,9 @@ impl DeviceMemory {
             wanted,
             sources,
         } = planned;
-        if let Some((slots, span, values)) = update {
+        if let Some((slots, span, idx, delta)) = update {
             self.record_deltas(&slots, rows.get(span))?;
-            self.set_values(values);
+            self.add_to_values(idx, delta);
         }
         let row = |(k, v): (Span, Span), i: usize| {
             let (k, v) = (rows.get(k), rows.get(v));
