@@ -278,6 +278,36 @@ async fn write_behind_closes_a_group_at_its_byte_bound() {
     assert_eq!(dump(store.as_ref()).await, want);
 }
 
+/// `n` SQLite stores in `dir` (`m{i}.db`), each with a writer (journal
+/// `j{i}`, groups of 100, so nothing is applied before `finish`) that has
+/// been given `batches`, and the first writer a stale batch after them
+/// when `stale_first`.
+async fn stores_with_writers(
+    dir: &std::path::Path,
+    n: usize,
+    batches: &[ChangeBatch],
+    stale_first: bool,
+) -> (Vec<Arc<memstore_any::AnyStore>>, Vec<WriteBehind>) {
+    let (mut stores, mut writers) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let store = Arc::new(sqlite_store(dir.join(format!("m{i}.db")), config()).await.unwrap());
+        let (mut w, _) = WriteBehind::start(store.clone(), dir.join(format!("j{i}")), Group::of(100))
+            .await
+            .unwrap();
+        for b in batches.iter().cloned() {
+            w.submit(b).unwrap();
+        }
+        if stale_first && i == 0 {
+            let mut stale = batches[0].clone();
+            stale.seq = 1;
+            w.submit(stale).unwrap();
+        }
+        stores.push(store);
+        writers.push(w);
+    }
+    (stores, writers)
+}
+
 /// `finish_all` stops every writer before waiting for any: each store gets
 /// the rest of its batches and its journal is emptied, and a writer that
 /// fails (here a stale batch) is reported without keeping the others from
@@ -286,23 +316,7 @@ async fn write_behind_closes_a_group_at_its_byte_bound() {
 async fn finish_all_finishes_every_writer_and_reports_a_failure() {
     let (batches, want) = batches_applied_one_by_one(5, 9).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut stores = Vec::new();
-    let mut writers = Vec::new();
-    for i in 0..3 {
-        let store = Arc::new(
-            sqlite_store(dir.path().join(format!("m{i}.db")), config())
-                .await
-                .unwrap(),
-        );
-        let (mut w, _) = WriteBehind::start(store.clone(), dir.path().join(format!("j{i}")), Group::of(100))
-            .await
-            .unwrap();
-        for b in batches.iter().cloned() {
-            w.submit(b).unwrap();
-        }
-        stores.push(store);
-        writers.push(w);
-    }
+    let (stores, writers) = stores_with_writers(dir.path(), 3, &batches, false).await;
     let n = batches.len() as u64;
     assert_eq!(WriteBehind::finish_all(writers).unwrap(), 3 * n);
     for (i, store) in stores.iter().enumerate() {
@@ -312,28 +326,7 @@ async fn finish_all_finishes_every_writer_and_reports_a_failure() {
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let mut stores = Vec::new();
-    let mut writers = Vec::new();
-    for i in 0..2 {
-        let store = Arc::new(
-            sqlite_store(dir.path().join(format!("m{i}.db")), config())
-                .await
-                .unwrap(),
-        );
-        let (mut w, _) = WriteBehind::start(store.clone(), dir.path().join(format!("j{i}")), Group::of(100))
-            .await
-            .unwrap();
-        for b in batches.iter().cloned() {
-            w.submit(b).unwrap();
-        }
-        if i == 0 {
-            let mut stale = batches[0].clone();
-            stale.seq = 1;
-            w.submit(stale).unwrap();
-        }
-        stores.push(store);
-        writers.push(w);
-    }
+    let (stores, writers) = stores_with_writers(dir.path(), 2, &batches, true).await;
     let err = WriteBehind::finish_all(writers).unwrap_err().to_string();
     assert!(err.contains("out of order"), "{err}");
     assert_eq!(dump(stores[1].as_ref()).await, want, "the other writer finished");
