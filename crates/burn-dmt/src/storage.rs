@@ -236,7 +236,7 @@ impl LayerStore {
 
     /// Writes a consistent copy of the store to the new file `dest`.
     pub async fn backup_to(&self, dest: &Path) -> Result<()> {
-        Ok(self.0.backup_to(dest).await?)
+        self.backup_task(dest.to_path_buf()).await
     }
 
     /// [`LayerStore::backup_to`] as a task that owns what it needs, so that
