@@ -11,7 +11,8 @@
 //! its output, per head; output projection = identity), so the student starts
 //! as a k-nearest-neighbour regression of the teacher's MLPs. Memories live
 //! on a device tier and are written behind to one durable store per layer
-//! (SQLite under the run directory) through a journal; the run directory is
+//! (SQLite under the run directory), copied with the weights at each
+//! checkpoint, which is what a resumed run restores; the run directory is
 //! self-contained (student weights as safetensors, `student.json`, the
 //! stores) and `--eval-only` rebuilds the student from it.
 
@@ -340,7 +341,8 @@ impl PhaseTimes {
     /// the backward pass (from the LM head's two products down); the
     /// optimiser step; the memory layers' commit (reading the loss and what
     /// the searches found, accesses, value updates, merges and inserts on
-    /// the device tier); journalling the change batches; checkpoints.
+    /// the device tier); handing the change batches to the stores' writers;
+    /// checkpoints.
     pub const NAMES: [&'static str; 8] = [
         "teacher forward",
         "student forward",
@@ -348,7 +350,7 @@ impl PhaseTimes {
         "backward",
         "optimizer",
         "memory commit",
-        "journal",
+        "write-behind",
         "checkpoint",
     ];
 
@@ -879,9 +881,9 @@ struct Checkpoint {
     dir: String,
 }
 
-/// Removes a SQLite store's files (database, WAL, shared memory) and its journal.
-/// Removes block `block`'s write-behind journal (its batches are in the store
-/// or superseded by a checkpoint being restored).
+/// Removes a write-behind journal of block `block` left in the run
+/// directory: the checkpoint being restored supersedes its batches (the
+/// run's own writers keep no journal; see [`WRITE_GROUP`]).
 fn remove_journal(run_dir: &Path, block: usize) -> Result<()> {
     let p = journal_path(run_dir, block);
     if p.exists() {
@@ -1632,7 +1634,7 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
         100.0 * sp.1 as f64 / tp.1 as f64
     );
 
-    // One durable store per memory layer, written behind through a journal.
+    // One durable store per memory layer, written behind ([`WRITE_GROUP`]).
     let loc = spec.store_location()?;
     tracing::info!("memory stores: {loc}");
     let mut stores: Vec<Option<LayerStore>> = Vec::with_capacity(config.n_layer);
@@ -1648,11 +1650,7 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
         }
         let kind: LayerKind = spec.layers[i].parse()?;
         let store = rt.block_on(loc.open(run_dir, i, memory_config(kind, &spec)))?;
-        let (mut w, _) = rt.block_on(WriteBehind::start(
-            store.shared(),
-            journal_path(run_dir, i),
-            Group::of(WRITE_GROUP),
-        ))?;
+        let mut w = WriteBehind::unjournaled(store.shared(), Group::of(WRITE_GROUP), loc.dir(run_dir))?;
         if let Some(b) = tier.take_changes() {
             w.submit(b)?;
         }
@@ -1757,7 +1755,7 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
         let logging = (step + 1) % opts.log_every.max(1) == 0 || step + 1 == opts.steps;
         // The loss and every memory layer's commit share two reads from the
         // device: what the searches found (and the loss), then the rows
-        // that become memories and the value deltas the journal needs.
+        // that become memories and the value deltas the stores need.
         let mut batch = HostReads::new();
         let loss_span = batch.push(Tensor::cat(vec![objective, kd, ce], 0))?;
         let mut gathered = Vec::with_capacity(config.n_layer);
@@ -1908,12 +1906,11 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
             }
             for (i, store) in stores.iter().enumerate() {
                 if let Some(st) = store {
-                    let (w, _) = rt.block_on(WriteBehind::start(
+                    writers[i] = Some(WriteBehind::unjournaled(
                         st.shared(),
-                        journal_path(run_dir, i),
                         Group::of(WRITE_GROUP),
-                    ))?;
-                    writers[i] = Some(w);
+                        loc.dir(run_dir),
+                    )?);
                 }
             }
         }
@@ -1966,10 +1963,15 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
 
 /// Training steps whose memory changes a layer's store writer applies in
 /// one transaction ([`WriteBehind`]; fewer when they hold
-/// [`crate::memory::journal::GROUP_BYTES`]: [`Group::of`]). The journal holds every
-/// step's batch durably before the step goes on, so a crash loses nothing;
-/// the store lags by up to 31 steps and catches up at each checkpoint and
-/// at the end. A 65,536-row layer changes ~9,000 memories a step and
+/// [`crate::memory::journal::GROUP_BYTES`]: [`Group::of`]). The store lags
+/// by up to 31 steps and catches up at each checkpoint and at the end.
+/// The writers keep no journal ([`WriteBehind::unjournaled`]): a run
+/// recovers from its last checkpoint, whose store copies are taken with
+/// the weights, so after a crash the steps since that checkpoint are lost
+/// together, memory and weights, and the stores are put back to the copies
+/// (a journal's batches past the checkpoint would be discarded unread,
+/// after costing every step an `fsync` of megabytes per layer).
+/// A 65,536-row layer changes ~9,000 memories a step and
 /// 26,000–48,000 in a group (the main job's shape with product keys), so a
 /// group writes 7–9× fewer rows than its steps would one by one.
 const WRITE_GROUP: usize = 32;

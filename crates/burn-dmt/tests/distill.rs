@@ -226,6 +226,14 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     let err = run(&o).unwrap_err();
     assert!(matches!(err, burn_dmt::DmtError::Halted { step: 3 }), "{err}");
     assert!(!o.run_dir.join("report.md").exists());
+    // The checkpoint is what a run recovers from: its stores' writers keep
+    // no journal beside them.
+    let journals: Vec<_> = std::fs::read_dir(o.run_dir.join("memory"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().ends_with(".journal"))
+        .collect();
+    assert!(journals.is_empty(), "{journals:?}");
     o.halt_after = None;
     o.resume = true;
     let (resumed, lines) = logged(|| run(&o));

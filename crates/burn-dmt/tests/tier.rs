@@ -250,6 +250,40 @@ async fn write_behind_in_groups_ends_where_batch_by_batch_ends() {
     }
 }
 
+/// A writer without a journal ends where one applying the batches one by
+/// one ends, in groups, and writes no file besides the store's; a batch the
+/// store refuses stops it with the store's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unjournaled_write_behind_ends_where_batch_by_batch_ends() {
+    let (batches, want) = batches_applied_one_by_one(13, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(sqlite_store(dir.path().join("m.db"), config()).await.unwrap());
+    let files = |dir: &std::path::Path| {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = files(dir.path());
+    let mut w = WriteBehind::unjournaled(store.clone(), Group::of(4), dir.path()).unwrap();
+    for b in batches.iter().cloned() {
+        w.submit(b).unwrap();
+    }
+    assert_eq!(w.finish().unwrap(), batches.len() as u64);
+    assert_eq!(dump(store.as_ref()).await, want);
+    assert_eq!(files(dir.path()), before, "a file besides the store's was written");
+
+    let mut w = WriteBehind::unjournaled(store.clone(), Group::of(1), dir.path()).unwrap();
+    let mut stale = batches[0].clone();
+    stale.seq = 1;
+    w.submit(stale).unwrap();
+    let err = w.finish().unwrap_err().to_string();
+    assert!(err.contains("out of order"), "{err}");
+    assert_eq!(dump(store.as_ref()).await, want, "a refused batch changed the store");
+}
+
 /// A group closes early once its batches hold the group's byte bound: with
 /// a bound of one byte, every batch reaches the store before `finish`,
 /// though the group could hold a hundred.

@@ -21,6 +21,11 @@
 //! header's own checksum is what lets a damaged length be told from a torn
 //! one, and a tail of zero bytes (a size extended before the data reached the
 //! disk) from a record.
+//!
+//! A caller whose own checkpoints are what it recovers from (distillation:
+//! the stores are copied with the weights, and a resumed run restores the
+//! copies) starts the writer without a journal ([`WriteBehind::unjournaled`]):
+//! the group transactions stay, the per-step `fsync` of megabytes goes.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -461,8 +466,9 @@ fn held_bytes(b: &ChangeBatch) -> usize {
     8 * ids + 4 * floats + names
 }
 
-/// A background writer: journals each batch in the caller's thread, then
-/// applies it to the store on its own thread (with its own Tokio runtime).
+/// A background writer: journals each batch in the caller's thread (unless
+/// started [`WriteBehind::unjournaled`]), then applies it to the store on
+/// its own thread (with its own Tokio runtime).
 ///
 /// The thread applies the batches in groups ([`Group`]: up to a number of
 /// batches, fewer once they hold a number of bytes;
@@ -474,7 +480,9 @@ fn held_bytes(b: &ChangeBatch) -> usize {
 /// step; writing them once per group instead of once per step cuts the
 /// store's page writes, which compete with the training loop for the CPU.
 pub struct WriteBehind {
-    journal: Journal,
+    /// `None` for a writer whose caller recovers from its own checkpoints
+    /// ([`WriteBehind::unjournaled`]).
+    journal: Option<Journal>,
     tx: Option<Sender<ChangeBatch>>,
     thread: Option<JoinHandle<Result<u64>>>,
 }
@@ -495,15 +503,10 @@ impl WriteBehind {
             store.flush().await?;
             journal.clear()?;
         }
-        let runtime = crate::runtime()?;
-        let (tx, rx) = channel::<ChangeBatch>();
-        let thread = std::thread::Builder::new()
-            .name("memstore-write-behind".into())
-            .spawn(move || writer(runtime, store, rx, group))
-            .map_err(io(journal.path()))?;
+        let (tx, thread) = spawn_writer(store, group, journal.path())?;
         Ok((
             WriteBehind {
-                journal,
+                journal: Some(journal),
                 tx: Some(tx),
                 thread: Some(thread),
             },
@@ -511,13 +514,33 @@ impl WriteBehind {
         ))
     }
 
-    /// Journals `batch` durably and queues it for the store.
+    /// Starts the writer thread without a journal, for a caller whose own
+    /// checkpoints are what it recovers from after a crash: distillation
+    /// restores the stores' copies taken with the model's weights, and a
+    /// journal's batches past a checkpoint would be discarded unread.
+    /// Batches reach the store only through the writer, so a crash loses
+    /// those it had not committed; the store stays at its last committed
+    /// group (each group is one transaction). `path` names the store in
+    /// errors (the thread's start).
+    pub fn unjournaled(store: Arc<dyn MemoryStore>, group: Group, path: impl AsRef<Path>) -> Result<WriteBehind> {
+        let (tx, thread) = spawn_writer(store, group, path.as_ref())?;
+        Ok(WriteBehind {
+            journal: None,
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Journals `batch` durably (where the writer has a journal) and queues
+    /// it for the store.
     pub fn submit(&mut self, batch: ChangeBatch) -> Result<()> {
-        self.journal.append(&batch)?;
+        if let Some(journal) = &mut self.journal {
+            journal.append(&batch)?;
+        }
         let sent = self.tx.as_ref().map(|tx| tx.send(batch).is_ok()).unwrap_or(false);
         if !sent {
             // The writer stopped on an error: finish() reports it; the batch is
-            // safe in the journal for the next recovery.
+            // safe in the journal (where there is one) for the next recovery.
             return self.stop().and(Err(DmtError::InvalidArgument(
                 "the write-behind thread has stopped".into(),
             )));
@@ -536,10 +559,13 @@ impl WriteBehind {
     }
 
     /// Waits until the store holds every submitted batch, flushes it, and
-    /// empties the journal. Returns the number of batches applied.
+    /// empties the journal (where there is one). Returns the number of
+    /// batches applied.
     pub fn finish(mut self) -> Result<u64> {
         let n = self.stop()?;
-        self.journal.clear()?;
+        if let Some(journal) = &mut self.journal {
+            journal.clear()?;
+        }
         Ok(n)
     }
 
@@ -574,6 +600,23 @@ impl Drop for WriteBehind {
         // did not reach the store stays in the journal.
         let _ = self.stop();
     }
+}
+
+/// Starts the thread that applies a writer's batches to `store` (on its
+/// own Tokio runtime); `path` names it in the error if the thread cannot
+/// start.
+fn spawn_writer(
+    store: Arc<dyn MemoryStore>,
+    group: Group,
+    path: &Path,
+) -> Result<(Sender<ChangeBatch>, JoinHandle<Result<u64>>)> {
+    let runtime = crate::runtime()?;
+    let (tx, rx) = channel::<ChangeBatch>();
+    let thread = std::thread::Builder::new()
+        .name("memstore-write-behind".into())
+        .spawn(move || writer(runtime, store, rx, group))
+        .map_err(io(path))?;
+    Ok((tx, thread))
 }
 
 fn writer(
