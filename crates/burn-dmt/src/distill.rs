@@ -1638,11 +1638,10 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
     let loc = spec.store_location()?;
     tracing::info!("memory stores: {loc}");
     let mut stores: Vec<Option<LayerStore>> = Vec::with_capacity(config.n_layer);
-    let mut writers: Vec<Option<WriteBehind>> = Vec::with_capacity(config.n_layer);
+    let mut fills = Vec::new();
     for i in 0..config.n_layer {
         let Some(tier) = student.feed_forward_mut(i).and_then(FeedForward::memory_mut) else {
             stores.push(None);
-            writers.push(None);
             continue;
         };
         if opts.value_lr > 0.0 {
@@ -1650,13 +1649,28 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
         }
         let kind: LayerKind = spec.layers[i].parse()?;
         let store = rt.block_on(loc.open(run_dir, i, memory_config(kind, &spec)))?;
-        let mut w = WriteBehind::unjournaled(store.shared(), Group::of(WRITE_GROUP), loc.dir(run_dir))?;
+        // The bootstrapped memory (a new run's) reaches the stores before the
+        // first step, side by side: the stores start where the run starts,
+        // and a table's one-off fill is not left to a training step's group.
         if let Some(b) = tier.take_changes() {
-            w.submit(b)?;
+            let shared = store.shared();
+            fills.push(rt.spawn(async move { shared.apply(&b).await }));
         }
         stores.push(Some(store));
-        writers.push(Some(w));
     }
+    for fill in fills {
+        rt.block_on(fill)
+            .map_err(|e| DmtError::Store(memstore_api::Error::Storage(Box::new(e))))??;
+    }
+    let writers: Result<Vec<Option<WriteBehind>>> = stores
+        .iter()
+        .map(|st| {
+            st.as_ref()
+                .map(|st| WriteBehind::unjournaled(st.shared(), Group::of(WRITE_GROUP), loc.dir(run_dir)))
+                .transpose()
+        })
+        .collect();
+    let mut writers = writers?;
     set_learning(&mut student, true);
     student.set_precision(opts.precision)?;
     // Reduced precision scales the loss, so every gradient, by a constant;
