@@ -8,7 +8,7 @@
 //! Values are constants too, unless the tier's values are trainable: then the
 //! gradient of each retrieved value reaches the stored value, and the training
 //! loop applies it as a sparse update (Memory Layers at Scale's
-//! `value_fixed_lr`) through the tier, which journals it to the store.
+//! `value_fixed_lr`) through the tier, which records it for the store.
 //!
 //! With head partitions (the default), each head searches its own table.
 //! The memory can grow while the model trains: [`FeaturalMemory::commit`]

@@ -7,8 +7,9 @@
 //!
 //! The pieces: the exact device top-k ([`device`]); the device tier
 //! ([`tier`]), which loads from a store, records LRFU accesses, sparse value
-//! updates, novelty inserts and evictions as change batches; the journal and
-//! write-behind thread that bring those batches to the store ([`journal`]);
+//! updates, novelty inserts and evictions as change batches; the write-behind
+//! thread, with or without a journal, that brings those batches to the store
+//! ([`journal`]);
 //! the featural ([`featural`]), associative ([`associative`]) and key-value
 //! ([`keyvalue`]: a feed-forward layer's own units as rows) layers; and
 //! the per-block plan ([`layers`]); product keys, a table whose keys are

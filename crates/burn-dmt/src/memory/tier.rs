@@ -6,8 +6,9 @@
 //! tier is ahead of it and records every change it makes — LRFU accesses,
 //! sparse value updates, novelty inserts and the evictions that make room —
 //! as one pending [`ChangeBatch`]. [`DeviceMemory::take_changes`] hands the
-//! batch to a writer ([`super::journal::WriteBehind`]), which journals it and
-//! applies it to the store (a few batches per transaction), so after the
+//! batch to a writer ([`super::journal::WriteBehind`]), which journals it
+//! (unless its caller recovers from checkpoints) and applies it to the store
+//! (a few batches per transaction), so after the
 //! last batch the store holds exactly the memory the model ended with.
 //!
 //! Ids are the tier's to assign: it knows the store's next id, and the store
