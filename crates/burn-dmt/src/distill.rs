@@ -1662,15 +1662,7 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
         rt.block_on(fill)
             .map_err(|e| DmtError::Store(memstore_api::Error::Storage(Box::new(e))))??;
     }
-    let writers: Result<Vec<Option<WriteBehind>>> = stores
-        .iter()
-        .map(|st| {
-            st.as_ref()
-                .map(|st| WriteBehind::unjournaled(st.shared(), Group::of(WRITE_GROUP), loc.dir(run_dir)))
-                .transpose()
-        })
-        .collect();
-    let mut writers = writers?;
+    let mut writers = start_writers(&stores, &loc.dir(run_dir))?;
     set_learning(&mut student, true);
     student.set_precision(opts.precision)?;
     // Reduced precision scales the loss, so every gradient, by a constant;
@@ -1918,15 +1910,7 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
                     std::fs::remove_dir_all(e.path()).map_err(io(&e.path()))?;
                 }
             }
-            for (i, store) in stores.iter().enumerate() {
-                if let Some(st) = store {
-                    writers[i] = Some(WriteBehind::unjournaled(
-                        st.shared(),
-                        Group::of(WRITE_GROUP),
-                        loc.dir(run_dir),
-                    )?);
-                }
-            }
+            writers = start_writers(&stores, &loc.dir(run_dir))?;
         }
         times.seconds[7] += checkpoint_start.elapsed().as_secs_f64();
         if opts.halt_after == Some(step + 1) {
@@ -1989,6 +1973,19 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
 /// 26,000–48,000 in a group (the main job's shape with product keys), so a
 /// group writes 7–9× fewer rows than its steps would one by one.
 const WRITE_GROUP: usize = 32;
+
+/// A writer for each open store (none for a block without one), in groups
+/// of [`WRITE_GROUP`], without a journal; `dir` names the stores in errors.
+fn start_writers(stores: &[Option<LayerStore>], dir: &Path) -> Result<Vec<Option<WriteBehind>>> {
+    stores
+        .iter()
+        .map(|st| {
+            st.as_ref()
+                .map(|st| WriteBehind::unjournaled(st.shared(), Group::of(WRITE_GROUP), dir))
+                .transpose()
+        })
+        .collect()
+}
 
 /// Where a run keeps its attention-only baseline.
 pub const ATTENTION_BASELINE: &str = "baseline-attention";
