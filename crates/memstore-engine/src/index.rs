@@ -183,6 +183,40 @@ impl Composed {
         self.counters = later.counters;
     }
 
+    /// Takes memory `id`'s new value, as [`Composed::then`] takes a later
+    /// operation's (a memory created earlier gets it as created).
+    fn set_value(&mut self, id: MemoryId, value: &[f32]) {
+        if let Some(m) = self.inserted.get_mut(&id) {
+            m.value.clear();
+            m.value.extend_from_slice(value);
+            return;
+        }
+        match self.values.get_mut(&id) {
+            Some(v) => {
+                v.clear();
+                v.extend_from_slice(value);
+            }
+            None => {
+                self.values.insert(id, value.to_vec());
+            }
+        }
+    }
+
+    /// Takes a memory's new access bookkeeping, as [`Composed::then`] takes a
+    /// later operation's.
+    fn set_access(&mut self, u: AccessUpdate) {
+        match self.inserted.get_mut(&u.id) {
+            Some(m) => {
+                m.last_access = u.last_access;
+                m.access_count = u.access_count;
+                m.crf = u.crf;
+            }
+            None => {
+                self.accessed.insert(u.id, u);
+            }
+        }
+    }
+
     /// The composed changes, each list ascending by id.
     pub fn finish(self) -> Changes {
         fn sorted<T>(map: IdMap<T>) -> Vec<(MemoryId, T)> {
@@ -1001,6 +1035,93 @@ impl MemoryIndex {
         changes.values = new_values.into_iter().filter(|(id, _)| !removed.contains(id)).collect();
         changes.retagged = retagged.into_iter().filter(|(id, _)| !removed.contains(id)).collect();
         Ok(changes)
+    }
+
+    /// [`MemoryIndex::plan_checked_apply`], [`MemoryIndex::apply`] and
+    /// [`Composed::then`] at once, in place, for a batch that
+    /// [`MemoryIndex::check_apply`] accepted on this index and that only
+    /// accesses memories and adds deltas to their values (a training step's
+    /// batch), on an index that keeps values: the same arithmetic, the same
+    /// errors, and the index and `into` end as those three calls leave them,
+    /// without the plan's copy of each changed value and its lookups (a
+    /// group of training steps changes thousands of memories a step).
+    /// Returns `false`, with nothing changed, for any other batch or index.
+    /// On an error the index and `into` may be partly changed: a caller
+    /// plans on a copy ([`MemoryIndex::try_clone`]) that it then drops.
+    pub(crate) fn apply_updates_in_place(&mut self, batch: &ChangeBatch, into: &mut Composed) -> Result<bool> {
+        let only_updates = batch.delete.is_empty()
+            && batch.insert_keys.is_empty()
+            && batch.insert_values.is_empty()
+            && batch.insert_meta.is_empty()
+            && batch.insert_tags.is_empty()
+            && batch.assign_ids.is_empty()
+            && batch.tag_counts.is_empty();
+        // A store above its capacity evicts on any batch (the planner's
+        // `evict_to`): that path stays with the planner.
+        let over = self.config.capacity.is_some_and(|cap| self.ids.len() > cap);
+        if !only_updates || over || self.ann.is_some() {
+            return Ok(false);
+        }
+        let lambda = self.lambda();
+        let dv = self.config.value_dim;
+        let deltas = batch.deltas(&self.config)?;
+        let Some(values) = self.values.as_mut() else {
+            return Ok(false);
+        };
+        // Deltas add in the batch's order, as `math::apply_deltas` adds them
+        // (a repeated id sums its deltas in that order).
+        let mut rows: Vec<(MemoryId, usize)> = Vec::with_capacity(batch.update_ids.len());
+        for (i, &id) in batch.update_ids.iter().enumerate() {
+            let r = *self.pos.get(&id).ok_or(Error::UnknownId(id))?;
+            for (x, d) in values[r * dv..(r + 1) * dv].iter_mut().zip(deltas.row(i)) {
+                *x += d;
+            }
+            rows.push((id, r));
+        }
+        // Checked in `apply_deltas`' order: the batch's when its ids ascend,
+        // else by id.
+        if !rows.windows(2).all(|w| w[0].0 < w[1].0) {
+            rows.sort_unstable();
+            rows.dedup();
+        }
+        for &(id, r) in &rows {
+            let v = &values[r * dv..(r + 1) * dv];
+            if let Some(col) = v.iter().position(|x| !x.is_finite()) {
+                let row = batch.update_ids.iter().rposition(|x| *x == id).unwrap_or(0);
+                return Err(Error::NonFinite {
+                    what: "values after update",
+                    row,
+                    col,
+                });
+            }
+            into.set_value(id, v);
+        }
+        // Accesses as the planner's overlay counts them (`Overlay::access_n`).
+        for run in batch.touch.chunk_by(|a, b| a == b) {
+            let id = run[0];
+            let r = *self.pos.get(&id).ok_or(Error::UnknownId(id))?;
+            let m = &mut self.meta[r];
+            let (mut crf, mut last) = (m.crf, m.last_access);
+            for _ in 0..run.len() {
+                (crf, last) = math::access(lambda, crf, last, batch.tick);
+            }
+            m.crf = crf;
+            m.last_access = last;
+            m.access_count = m.access_count.saturating_add(run.len() as u64);
+            let priority = math::priority(lambda, crf, last);
+            self.prio[r] = priority;
+            into.set_access(AccessUpdate {
+                id,
+                last_access: last,
+                access_count: m.access_count,
+                crf,
+                priority,
+            });
+        }
+        self.counters.last_batch = batch.seq;
+        into.next_id = self.next_id;
+        into.counters = self.counters;
+        Ok(true)
     }
 
     /// Plans eviction down to `target_len`.

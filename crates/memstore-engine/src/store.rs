@@ -638,13 +638,22 @@ impl<D: Driver> MemoryStore for SqlStore<D> {
             }
             return Ok(());
         };
-        let mut all: Option<Composed> = None;
+        let mut all = Composed::new(Changes {
+            next_id: planned.next_id(),
+            counters: planned.counters(),
+            ..Changes::default()
+        });
         // Values the batches planned so far gave, where the index does not
         // keep them (the database still holds the ones before them).
         let track = !planned.keeps_values();
         let mut latest: HashMap<MemoryId, Vec<f32>> = HashMap::new();
         for b in batches {
             let needed = planned.check_apply(b)?;
+            // A training step's batch (accesses and value deltas) changes
+            // the copy in place.
+            if planned.apply_updates_in_place(b, &mut all)? {
+                continue;
+            }
             let mut current = self
                 .fetch_values(needed.iter().copied().filter(|id| !latest.contains_key(id)))
                 .await?;
@@ -662,14 +671,9 @@ impl<D: Driver> MemoryStore for SqlStore<D> {
                 latest.extend(changes.values.iter().cloned());
                 latest.extend(changes.inserted.iter().map(|m| (m.id, m.value.clone())));
             }
-            match &mut all {
-                Some(all) => all.then(changes),
-                None => all = Some(Composed::new(changes)),
-            }
+            all.then(changes);
         }
-        let Some(all) = all.map(Composed::finish) else {
-            return Ok(());
-        };
+        let all = all.finish();
         self.commit_then(&mut w, txn, &all, |index| {
             index.replace_with(planned);
             Ok(())

@@ -1468,6 +1468,84 @@ pub async fn apply_all_equals_applying_in_order<H: Harness>(make: Make<'_, H>) {
     assert_eq!(dump(&s).await, dump(&r).await, "a failed group left a partial batch");
 }
 
+/// A group of training steps (value deltas and accesses only, ids
+/// repeated and in any order, a memory inserted by the group's first batch
+/// among them) ends where applying its batches one by one ends, bit for
+/// bit; a step whose update leaves a value non-finite, or that names an
+/// unknown memory, fails the group with the reference's error and leaves
+/// the store holding exactly the batches up to its `last_batch`.
+pub async fn apply_all_of_training_steps_equals_applying_in_order<H: Harness>(make: Make<'_, H>) {
+    let c = lambda_cfg(1, 2, 0.25);
+    let (h, s) = fresh(make, c.clone()).await;
+    let r = InMemoryStore::new(c.clone()).unwrap();
+    let ids = ins(&s, &[1.0, 2.0, 3.0], &[0.5, -0.5, 1.0, 2.0, 3.0, 4.0], 1).await;
+    assert_eq!(
+        ins(&r, &[1.0, 2.0, 3.0], &[0.5, -0.5, 1.0, 2.0, 3.0, 4.0], 1).await,
+        ids
+    );
+    let new = ids[2] + 1;
+    let mut b1 = change_batch(1, 2, new);
+    b1.insert_keys = vec![4.0];
+    b1.insert_values = vec![0.75, 0.25];
+    let mut b2 = change_batch(2, 3, new + 1);
+    b2.update_ids = vec![ids[2], ids[0], new, ids[2]];
+    b2.deltas = vec![0.1, 0.2, 1e-7, -3.0, 0.5, 0.5, 0.3, 0.4];
+    b2.touch = vec![ids[1], ids[1], new, ids[1], ids[0]];
+    let mut b3 = change_batch(3, 5, new + 1);
+    b3.update_ids = vec![ids[0], ids[1], new];
+    b3.deltas = vec![1.0 / 3.0, 0.7, -0.1, 0.9, 0.25, 0.125];
+    b3.touch = vec![ids[0], ids[0], ids[2], new, new];
+    let group = [b1, b2, b3];
+    s.apply_all(&group).await.unwrap();
+    r.apply_all(&group).await.unwrap();
+    let want = dump(&r).await;
+    assert_eq!(dump(&s).await, want);
+    let bits = |d: &(BTreeMap<MemoryId, crate::Memory>, crate::Stats)| {
+        d.0.values()
+            .map(|m| (m.value.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), m.crf.to_bits()))
+            .collect::<Vec<_>>()
+    };
+    let s = reopen(&h, s, c).await;
+    assert_eq!(
+        bits(&dump(&s).await),
+        bits(&want),
+        "values or CRFs differ in their bits"
+    );
+
+    for unknown in [false, true] {
+        let seq = r.stats().await.unwrap().counters.last_batch + 1;
+        let before = dump(&s).await;
+        let mut ok = change_batch(seq, 6, new + 1);
+        ok.update_ids = vec![ids[0]];
+        ok.deltas = vec![0.5, 0.5];
+        ok.touch = vec![ids[0]];
+        let mut b = change_batch(seq + 1, 7, new + 1);
+        if unknown {
+            b.update_ids = vec![ids[0], u64::MAX];
+            b.deltas = vec![0.0; 4];
+        } else {
+            // Repeated and unordered: the second delta of `ids[1]` overflows.
+            b.update_ids = vec![ids[1], ids[0], ids[1]];
+            b.deltas = vec![f32::MAX, 0.0, 0.0, 0.0, f32::MAX, 0.0];
+        }
+        b.touch = vec![ids[2]];
+        let got = s.apply_all(&[ok.clone(), b.clone()]).await;
+        let want_err = r.apply_all(&[ok.clone(), b]).await;
+        match (&got, &want_err) {
+            (Err(g), Err(w)) => assert_eq!(g.to_string(), w.to_string(), "the group failed differently"),
+            _ => panic!("a bad step was accepted: store {got:?}, reference {want_err:?}"),
+        }
+        let last = s.stats().await.unwrap().counters.last_batch;
+        assert!(last + 1 == seq || last == seq, "last batch {last} after a failed group");
+        if last + 1 == seq {
+            assert_eq!(dump(&s).await, before, "a failed group changed the store");
+            // The reference applied `ok` before it failed.
+            s.apply(&ok).await.unwrap();
+        }
+        assert_eq!(dump(&s).await, dump(&r).await, "a failed group left a partial batch");
+    }
+}
+
 /// A change batch's inserts past the capacity evict in LRFU order, as
 /// `insert` does, and agree with the reference model.
 pub async fn apply_respects_capacity<H: Harness>(make: Make<'_, H>) {
@@ -1616,6 +1694,15 @@ pub enum Op {
     Evict(usize),
     /// Close and reopen.
     Reopen,
+    /// `apply_all` of a group shaped like a training run's steps: an
+    /// optional first batch inserting `insert` rows, then batches that only
+    /// add deltas to values and access memories (`(updates, touches, seed)`,
+    /// picks among the live memories, repeated and unordered).
+    Group {
+        insert: usize,
+        steps: Vec<(Vec<u8>, Vec<u8>, u64)>,
+        tick: u64,
+    },
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
@@ -1629,6 +1716,19 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => (proptest::collection::vec(0u64..30, 0..3), any::<u64>()).prop_map(|(ids, s)| Op::Update(ids, s)),
         1 => (0usize..10).prop_map(Op::Evict),
         1 => Just(Op::Reopen),
+        2 => (
+            0usize..3,
+            proptest::collection::vec(
+                (
+                    proptest::collection::vec(any::<u8>(), 0..6),
+                    proptest::collection::vec(any::<u8>(), 0..8),
+                    any::<u64>()
+                ),
+                1..5
+            ),
+            0u64..40
+        )
+            .prop_map(|(insert, steps, tick)| Op::Group { insert, steps, tick }),
     ]
 }
 
@@ -1694,6 +1794,10 @@ async fn run_ops<H: Harness>(h: H, config: MemoryConfig, ops: Vec<Op>) {
                 );
             }
             Op::Evict(t) => same_outcome(&what, &s.evict(t).await, &r.evict(t).await),
+            Op::Group { insert, steps, tick } => {
+                let group = training_group(&r, &config, insert, &steps, tick).await;
+                same_outcome(&what, &s.apply_all(&group).await, &r.apply_all(&group).await);
+            }
             Op::Reopen => {
                 h.close(s).await.expect("close");
                 s = h.open(config.clone()).await.expect("reopen");
@@ -1704,6 +1808,46 @@ async fn run_ops<H: Harness>(h: H, config: MemoryConfig, ops: Vec<Op>) {
         assert_eq!(gst, wst, "{what}: stats differ");
         assert_eq!(got, want, "{what}: contents differ");
     }
+}
+
+/// The batches of an [`Op::Group`] on the reference's current state: valid
+/// whenever the store agrees with the reference (ids picked among its live
+/// memories; inserts only where they cannot evict one of those).
+async fn training_group(
+    r: &InMemoryStore,
+    config: &MemoryConfig,
+    insert: usize,
+    steps: &[(Vec<u8>, Vec<u8>, u64)],
+    tick: u64,
+) -> Vec<ChangeBatch> {
+    let stats = r.stats().await.expect("reference stats");
+    let mut live = r.ids().await.expect("reference ids");
+    let (dk, dv) = (config.key_dim, config.value_dim);
+    let mut seq = stats.counters.last_batch + 1;
+    let mut group = Vec::new();
+    let room = config.capacity.is_none_or(|cap| live.len() + insert <= cap);
+    if insert > 0 && room {
+        let mut rng = Rng::new(tick ^ 0x5eed);
+        let mut b = change_batch(seq, tick, stats.next_id);
+        b.insert_keys = grid(&mut rng, insert, dk);
+        b.insert_values = rng.vecs(insert, dv);
+        live.extend(stats.next_id..stats.next_id + insert as u64);
+        group.push(b);
+        seq += 1;
+    }
+    if live.is_empty() {
+        return group;
+    }
+    let pick = |p: &u8| live[*p as usize % live.len()];
+    for (j, (updates, touches, seed)) in steps.iter().enumerate() {
+        let mut b = change_batch(seq, tick + j as u64, stats.next_id + insert as u64);
+        b.update_ids = updates.iter().map(pick).collect();
+        b.deltas = Rng::new(*seed).vecs(b.update_ids.len(), dv);
+        b.touch = touches.iter().map(pick).collect();
+        group.push(b);
+        seq += 1;
+    }
+    group
 }
 
 fn run_prop<H: Harness>(make: Make<'_, H>, configs: Vec<MemoryConfig>, cases: u32) {

@@ -192,6 +192,7 @@ macro_rules! __conformance_common {
             apply_keeps_insert_tags,
             apply_assigns_values_and_tag_counts,
             apply_all_equals_applying_in_order,
+            apply_all_of_training_steps_equals_applying_in_order,
             stats_report_totals,
             ids_lists_every_memory,
             flush_keeps_state,
