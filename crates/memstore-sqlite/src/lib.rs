@@ -46,6 +46,7 @@
 pub mod faults;
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Once, OnceLock};
@@ -176,6 +177,9 @@ pub struct SqliteDriver {
     sql_knn: bool,
     lambda: f64,
     value_dim: usize,
+    /// Whether the database is a plain file (no custom VFS), which a backup
+    /// may copy byte for byte.
+    plain_file: bool,
     /// Exclusive advisory lock on `<path>.lock`, held while the store is open.
     _lock: std::fs::File,
 }
@@ -379,6 +383,7 @@ impl SqliteDriver {
                 sql_knn,
                 lambda: r.config.eviction.lambda(),
                 value_dim: r.config.value_dim,
+                plain_file: options.vfs.is_none(),
                 _lock: lock,
             },
             writer: SqliteWriter { tags },
@@ -433,9 +438,25 @@ impl Driver for SqliteDriver {
         wal_checkpoint(&self.pool, "FULL").await
     }
 
-    /// SQLite's `VACUUM INTO`: one read transaction, so concurrent readers
-    /// are neither blocked for long nor half-copied.
+    /// The database file's bytes once a PASSIVE checkpoint has copied every
+    /// committed WAL frame into it: with the writer lock held (no write of
+    /// this process starts) and the store's lock file held (no other
+    /// process has it open), the file then holds the committed store and
+    /// nothing changes it until the copy is done. Pages are copied as they
+    /// are, where `VACUUM INTO` inserts every row again (and rebuilds the
+    /// `vec0` mirror's tables). When a reader keeps the checkpoint from
+    /// copying every frame, or the store runs on a custom VFS (its file
+    /// need not be a plain file), `VACUUM INTO` makes the copy: one read
+    /// transaction, so concurrent readers are neither blocked for long nor
+    /// half-copied. Neither copy is synced by the backup.
     async fn backup_to(&self, _writer: &mut SqliteWriter, dest: &Path) -> Result<()> {
+        if self.plain_file && wal_backfilled(&self.pool).await? {
+            let (from, to) = (self.path.clone(), dest.to_path_buf());
+            return tokio::task::spawn_blocking(move || copy_new_file(&from, &to))
+                .await
+                .map_err(|e| Error::storage(std::io::Error::other(format!("the backup's copy stopped: {e}"))))?
+                .map_err(Error::storage);
+        }
         sqlx::query("VACUUM INTO ?")
             .bind(dest.to_string_lossy().into_owned())
             .execute(&self.pool)
@@ -452,6 +473,29 @@ impl Driver for SqliteDriver {
         self.pool.close().await;
         checkpoint
     }
+}
+
+/// Runs a PASSIVE checkpoint (it waits for no reader) and answers whether
+/// it copied every frame of the WAL into the database file.
+async fn wal_backfilled(pool: &SqlitePool) -> Result<bool> {
+    let (busy, log, done): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+        .fetch_one(pool)
+        .await
+        .map_err(sql)?;
+    Ok(busy == 0 && log >= 0 && done == log)
+}
+
+/// Copies `from` to `to`, which must not exist; a copy that fails is
+/// removed.
+fn copy_new_file(from: &Path, to: &Path) -> std::io::Result<()> {
+    let mut src = std::fs::File::open(from)?;
+    let mut dst = std::fs::OpenOptions::new().write(true).create_new(true).open(to)?;
+    let copied = std::io::copy(&mut src, &mut dst).and_then(|_| dst.flush());
+    if copied.is_err() {
+        drop(dst);
+        let _ = std::fs::remove_file(to);
+    }
+    copied
 }
 
 /// Runs `PRAGMA wal_checkpoint(MODE)` and checks its answer: `busy` (the

@@ -201,6 +201,57 @@ async fn large_learn_on_a_current_thread_runtime_matches_reference() {
     );
 }
 
+/// A backup holds every committed row both ways it is made: copied byte for
+/// byte once a checkpoint has moved the WAL's frames into the file, and by
+/// `VACUUM INTO` while a reader's snapshot keeps the checkpoint from moving
+/// them all (a copy of the file would then miss the rows written since).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_holds_rows_still_in_the_wal_and_behind_a_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = MemoryConfig::new(4, 2);
+    let s = SqliteStore::open(dir.path().join("m.db"), config.clone())
+        .await
+        .unwrap();
+    let mut rng = Rng::new(5);
+    ins(&s, &rng.vecs(300, 4), &rng.vecs(300, 2), 1).await;
+    let pending: (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+        .fetch_one(s.driver().pool())
+        .await
+        .unwrap();
+    assert_eq!(pending.0, 0, "a checkpoint with no reader was busy");
+    ins(&s, &rng.vecs(300, 4), &rng.vecs(300, 2), 2).await;
+    s.backup_to(dir.path().join("b1.db")).await.unwrap();
+    let want = dump(&s).await;
+
+    // A read transaction keeps its snapshot while more rows are written.
+    let mut reader = s.driver().pool().begin().await.unwrap();
+    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM memories")
+        .fetch_one(&mut *reader)
+        .await
+        .unwrap();
+    assert_eq!(seen, 600);
+    ins(&s, &rng.vecs(300, 4), &rng.vecs(300, 2), 3).await;
+    let (busy, log, done): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+        .fetch_one(s.driver().pool())
+        .await
+        .unwrap();
+    assert!(
+        busy != 0 || done < log,
+        "the reader did not hold frames back: {busy} {log} {done}"
+    );
+    s.backup_to(dir.path().join("b2.db")).await.unwrap();
+    reader.rollback().await.unwrap();
+    let want2 = dump(&s).await;
+    assert_eq!(want2.1.len, 900);
+    s.close().await.unwrap();
+
+    for (name, want) in [("b1.db", want), ("b2.db", want2)] {
+        let b = SqliteStore::open_existing(dir.path().join(name)).await.unwrap();
+        assert_eq!(dump(&b).await, want, "{name} differs from the store it copied");
+        b.close().await.unwrap();
+    }
+}
+
 /// The cases every file driver passes (memstore-engine's `testkit`).
 mod file_store {
     use memstore_engine::testkit as cases;
