@@ -16,8 +16,9 @@
 //!
 //! Each block's store is opened through memstore-any from its URL
 //! ([`StoreLocation::url`]), so this crate names no backend. Checkpoints copy
-//! each store (`backup_to`: SQLite `VACUUM INTO`, DuckDB `COPY FROM
-//! DATABASE`, or the daemon's own copy); `--resume` puts the copies back
+//! each store (`backup_to`: SQLite copies its database file once a
+//! checkpoint has moved the WAL into it, else `VACUUM INTO`; DuckDB `COPY
+//! FROM DATABASE`; or the daemon's own copy); `--resume` puts the copies back
 //! (durable file copies, or the daemon's `Restore` request) before reloading.
 
 use std::fmt;
