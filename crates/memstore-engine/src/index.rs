@@ -151,16 +151,7 @@ impl Composed {
             self.removed.push(id);
         }
         for u in later.accessed {
-            match self.inserted.get_mut(&u.id) {
-                Some(m) => {
-                    m.last_access = u.last_access;
-                    m.access_count = u.access_count;
-                    m.crf = u.crf;
-                }
-                None => {
-                    self.accessed.insert(u.id, u);
-                }
-            }
+            self.set_access(u);
         }
         for (id, v) in later.values {
             match self.inserted.get_mut(&id) {
@@ -1101,19 +1092,15 @@ impl MemoryIndex {
             let id = run[0];
             let r = *self.pos.get(&id).ok_or(Error::UnknownId(id))?;
             let m = &mut self.meta[r];
-            let (mut crf, mut last) = (m.crf, m.last_access);
-            for _ in 0..run.len() {
-                (crf, last) = math::access(lambda, crf, last, batch.tick);
-            }
-            m.crf = crf;
-            m.last_access = last;
-            m.access_count = m.access_count.saturating_add(run.len() as u64);
+            let (crf, last, count) =
+                accessed_times(lambda, m.crf, m.last_access, m.access_count, run.len(), batch.tick);
+            (m.crf, m.last_access, m.access_count) = (crf, last, count);
             let priority = math::priority(lambda, crf, last);
             self.prio[r] = priority;
             into.set_access(AccessUpdate {
                 id,
                 last_access: last,
-                access_count: m.access_count,
+                access_count: count,
                 crf,
                 priority,
             });
@@ -1456,6 +1443,15 @@ struct Created {
     alive: bool,
 }
 
+/// A memory's `(crf, last_access, access_count)` after `times` accesses at
+/// `tick`: [`math::access`] once per access, in order.
+fn accessed_times(lambda: f64, mut crf: f64, mut last: Tick, count: u64, times: usize, tick: Tick) -> (f64, Tick, u64) {
+    for _ in 0..times {
+        (crf, last) = math::access(lambda, crf, last, tick);
+    }
+    (crf, last, count.saturating_add(times as u64))
+}
+
 /// What an operation has done so far on top of the index.
 struct Overlay<'a> {
     base: &'a MemoryIndex,
@@ -1582,12 +1578,7 @@ impl<'a> Overlay<'a> {
     /// calls of [`Overlay::access`], with one lookup.
     fn access_n(&mut self, id: MemoryId, times: usize, tick: Tick) {
         let lambda = self.base.lambda();
-        let repeat = |mut crf: f64, mut last: Tick, count: u64| {
-            for _ in 0..times {
-                (crf, last) = math::access(lambda, crf, last, tick);
-            }
-            (crf, last, count.saturating_add(times as u64))
-        };
+        let repeat = |crf: f64, last: Tick, count: u64| accessed_times(lambda, crf, last, count, times, tick);
         if let Some(c) = self.created_index(id) {
             let m = &mut self.created[c].meta;
             (m.crf, m.last_access, m.access_count) = repeat(m.crf, m.last_access, m.access_count);

@@ -46,7 +46,6 @@
 pub mod faults;
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Once, OnceLock};
@@ -478,10 +477,7 @@ impl Driver for SqliteDriver {
 /// Runs a PASSIVE checkpoint (it waits for no reader) and answers whether
 /// it copied every frame of the WAL into the database file.
 async fn wal_backfilled(pool: &SqlitePool) -> Result<bool> {
-    let (busy, log, done): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
-        .fetch_one(pool)
-        .await
-        .map_err(sql)?;
+    let (busy, log, done) = checkpoint_counts(pool, "PASSIVE").await?;
     Ok(busy == 0 && log >= 0 && done == log)
 }
 
@@ -490,7 +486,7 @@ async fn wal_backfilled(pool: &SqlitePool) -> Result<bool> {
 fn copy_new_file(from: &Path, to: &Path) -> std::io::Result<()> {
     let mut src = std::fs::File::open(from)?;
     let mut dst = std::fs::OpenOptions::new().write(true).create_new(true).open(to)?;
-    let copied = std::io::copy(&mut src, &mut dst).and_then(|_| dst.flush());
+    let copied = std::io::copy(&mut src, &mut dst).map(drop);
     if copied.is_err() {
         drop(dst);
         let _ = std::fs::remove_file(to);
@@ -502,17 +498,24 @@ fn copy_new_file(from: &Path, to: &Path) -> std::io::Result<()> {
 /// checkpoint could not finish) or fewer frames checkpointed than the WAL
 /// holds is an error.
 async fn wal_checkpoint(pool: &SqlitePool, mode: &'static str) -> Result<()> {
-    let q = match mode {
-        "FULL" => "PRAGMA wal_checkpoint(FULL)",
-        _ => "PRAGMA wal_checkpoint(TRUNCATE)",
-    };
-    let (busy, log, done): (i64, i64, i64) = sqlx::query_as(q).fetch_one(pool).await.map_err(sql)?;
+    let (busy, log, done) = checkpoint_counts(pool, mode).await?;
     if busy != 0 || (log >= 0 && done < log) {
         return Err(Error::storage(std::io::Error::other(format!(
             "WAL checkpoint ({mode}) did not finish: busy {busy}, {done} of {log} frames copied"
         ))));
     }
     Ok(())
+}
+
+/// Runs `PRAGMA wal_checkpoint(MODE)` (`PASSIVE`, `FULL` or `TRUNCATE`) and
+/// returns its answer: busy, frames in the WAL, frames checkpointed.
+async fn checkpoint_counts(pool: &SqlitePool, mode: &'static str) -> Result<(i64, i64, i64)> {
+    let q = match mode {
+        "PASSIVE" => "PRAGMA wal_checkpoint(PASSIVE)",
+        "FULL" => "PRAGMA wal_checkpoint(FULL)",
+        _ => "PRAGMA wal_checkpoint(TRUNCATE)",
+    };
+    sqlx::query_as(q).fetch_one(pool).await.map_err(sql)
 }
 
 memstore_engine::sqlx_rows!(Sqlite, sql);
