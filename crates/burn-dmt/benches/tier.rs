@@ -170,7 +170,8 @@ fn tier_commit(c: &mut Criterion) {
 /// sparse value update, the change batch taken) at the embedded default's
 /// shape with one table per head (16 × 64 tokens, 4 heads of 32, k 8):
 /// exact search at 4,096 and 65,536 rows against product keys
-/// ([`burn_dmt::memory::product`]) at the same rows.
+/// ([`burn_dmt::memory::product`]) at the same rows and at 1,048,576, where
+/// any part of the step that grows with the table's rows would show.
 fn product_keys(c: &mut Criterion) {
     let (b, t, heads, dh, k) = (16usize, 64usize, 4usize, 32usize, 8usize);
     let width = heads * dh;
@@ -178,7 +179,13 @@ fn product_keys(c: &mut Criterion) {
     g.sample_size(10).measurement_time(Duration::from_secs(8));
     g.throughput(Throughput::Elements((b * t) as u64));
     let ad = Device::flex().autodiff();
-    for (rows, product) in [(4096usize, false), (4096, true), (65_536, true), (65_536, false)] {
+    for (rows, product) in [
+        (4096usize, false),
+        (4096, true),
+        (65_536, true),
+        (65_536, false),
+        (1_048_576, true),
+    ] {
         let mut rng = SplitMix64::seed_from_u64(5);
         let tier = DeviceMemory::new(MemoryConfig::new(dh, dh), rows, &ad)
             .and_then(|t| t.with_parts(heads))

@@ -1766,7 +1766,16 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
         let loss_span = batch.push(Tensor::cat(vec![objective, kd, ce], 0))?;
         let mut gathered = Vec::with_capacity(config.n_layer);
         for ((i, g), target) in value_grads.into_iter().enumerate().zip(grow_targets) {
-            let vg = g.map(|g| (if scale == 1.0 { g } else { g.div_scalar(scale) }, opts.value_lr));
+            let vg = g.map(|g| {
+                (
+                    if scale == 1.0 {
+                        g
+                    } else {
+                        g.map(|g| g.div_scalar(scale))
+                    },
+                    opts.value_lr,
+                )
+            });
             let Some(ff) = student.feed_forward_mut(i) else {
                 continue;
             };

@@ -101,13 +101,21 @@ fn on_a_full_grid_product_search_answers_what_exact_search_does() {
                     assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
                 }
             }
-            // The values travel with the slots the grid answers.
+            // The keys (put together from the sub-keys) and the values travel
+            // with the slots the grid answers, bit for bit the table's rows.
             let found = p.search(rows_tensor(&q, dim, p.device()), 3).unwrap();
-            let (_, table) = p.tensors();
-            let (table, slots) = (floats(table), ints(found.slots));
+            let (key_table, table) = p.tensors();
+            let (key_table, table, slots) = (floats(key_table), floats(table), ints(found.slots));
             let got = found.values.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+            let got_keys = found.keys.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
             for (i, &s) in slots.iter().enumerate() {
-                assert_eq!(got[i * 3..(i + 1) * 3], table[s as usize * 3..(s as usize + 1) * 3]);
+                let s = s as usize;
+                assert_eq!(got[i * 3..(i + 1) * 3], table[s * 3..(s + 1) * 3]);
+                let (g, w) = (&got_keys[i * dim..(i + 1) * dim], &key_table[s * dim..(s + 1) * dim]);
+                assert_eq!(
+                    g.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    w.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                );
             }
         }
     }

@@ -88,7 +88,7 @@ fn request(tier: &DeviceMemory, s: &Step, tick: u64, max_inserts: usize) -> Comm
         }],
         tick,
         max_inserts,
-        value_grad: Some((rows(s.grad.clone(), DV, &device), 0.25)),
+        value_grad: Some((rows(s.grad.clone(), DV, &device).into(), 0.25)),
     }
 }
 
@@ -224,7 +224,7 @@ fn tiers_commit_together_in_two_reads_as_each_would_alone() {
     let s = step(t, &mut rng);
     let mut r = request(t, &s, 9, 4);
     let nan = vec![f32::NAN; CAP * DV];
-    r.value_grad = Some((rows(nan, DV, &device), 0.25));
+    r.value_grad = Some((rows(nan, DV, &device).into(), 0.25));
     let held = tier_rows(t);
     assert!(t.commit_request(r).is_err());
     assert_eq!(tier_rows(t), held);

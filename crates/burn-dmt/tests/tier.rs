@@ -984,3 +984,77 @@ fn futures_apply(store: &InMemoryStore, b: ChangeBatch) {
         .block_on(store.apply(&b))
         .unwrap();
 }
+
+/// On the CPU backend a trainable tier's searches make the rows they
+/// retrieved gradient leaves of their own: the gradient covers exactly
+/// those rows (over several searches, their union), equals the gradient
+/// of the whole table (zero elsewhere), and updates the values and the
+/// store's batch as the whole table's gradient does. Past the limit of
+/// searches awaiting their gradient, they gather from the table, and the
+/// gradient (then over the whole table) is the same.
+#[test]
+fn a_value_gradient_covers_the_retrieved_rows_and_updates_as_the_whole_tables() {
+    let ad = Device::flex().autodiff();
+    let k = 3;
+    for searches in [&[5usize, 4][..], &[5, 4, 3, 2, 1, 2, 3, 4, 5, 6]] {
+        let mut rng = Rng::new(41);
+        let mut tier = DeviceMemory::new(config(), CAP, &ad).unwrap();
+        tier.fill(&rng.vecs(16, DK), &rng.vecs(16, DV), 1).unwrap();
+        tier.take_changes();
+        tier.set_trainable_values(true);
+        let before = tier.clone();
+        let (mut loss, mut want, mut rows) = (None, vec![0.0f32; CAP * DV], Vec::new());
+        for &m in searches {
+            let found = tier.search(rows_tensor(&rng.vecs(m, DK), DK, &ad), k).unwrap();
+            let w = rng.vecs(m * k, DV);
+            let slots = found
+                .slots
+                .clone()
+                .into_data()
+                .convert::<i64>()
+                .try_to_vec::<i64>()
+                .unwrap();
+            for (i, &s) in slots.iter().enumerate() {
+                for c in 0..DV {
+                    want[s as usize * DV + c] += w[i * DV + c];
+                }
+            }
+            rows.extend(slots.iter().map(|&s| s as usize));
+            let term = (found.values * Tensor::<3>::from_data(TensorData::new(w, [m, k, DV]), &ad)).sum();
+            loss = Some(match loss {
+                None => term,
+                Some(l) => l + term,
+            });
+        }
+        let mut grads = loss.unwrap().backward();
+        let grad = tier.take_value_grad(&mut grads).expect("a value gradient");
+        rows.sort_unstable();
+        rows.dedup();
+        if searches.len() == 2 {
+            assert!(rows.len() < 16, "two searches retrieve some rows, not all: {rows:?}");
+            assert_eq!(grad.rows(), Some(&rows[..]));
+        } else {
+            assert_eq!(grad.rows(), None, "{} searches reach the whole table", searches.len());
+        }
+        let got = floats(grad.clone().dense(CAP));
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5, "{got:?} vs {want:?}");
+        }
+        assert!(tier.take_value_grad(&mut grads).is_none(), "a gradient is taken once");
+
+        // The update from the gradient equals the whole table's, for slots
+        // the searches did not retrieve too (a zero gradient: no delta).
+        let mut named = rows.clone();
+        named.extend((0..16).find(|s| !rows.contains(s)));
+        let mut dense = before;
+        tier.apply_value_grad(grad, 0.5, &named).unwrap();
+        let want = Tensor::<2>::from_data(TensorData::new(got, [CAP, DV]), &ad);
+        dense.apply_value_grad(want, 0.5, &named).unwrap();
+        assert_eq!(floats(tier.tensors().1), floats(dense.tensors().1));
+        let (a, b) = (tier.take_changes().unwrap(), dense.take_changes().unwrap());
+        assert_eq!(
+            (a.update_ids.len(), &a.update_ids, &a.deltas),
+            (rows.len(), &b.update_ids, &b.deltas)
+        );
+    }
+}

@@ -31,7 +31,7 @@ use burn::tensor::{Bool, Device, Int, Tensor};
 use memstore_api::Tick;
 
 use super::featural::{check_layer, masked_softmax, missing, projection, unit_rows};
-use super::tier::{CommitCounts, CommitRequest, DeviceMemory, Observation};
+use super::tier::{CommitCounts, CommitRequest, DeviceMemory, Observation, ValueGrad};
 use super::trace::{Trace, Tracer};
 use crate::Result;
 
@@ -308,7 +308,7 @@ impl AssociativeMemory {
         &mut self,
         tick: Tick,
         max_inserts: usize,
-        value_grad: Option<(Tensor<2>, f32)>,
+        value_grad: Option<(ValueGrad, f32)>,
     ) -> Result<CommitCounts> {
         let request = self.commit_request(tick, max_inserts, value_grad);
         self.memory.commit_request(request)
@@ -321,7 +321,7 @@ impl AssociativeMemory {
         &mut self,
         tick: Tick,
         max_inserts: usize,
-        value_grad: Option<(Tensor<2>, f32)>,
+        value_grad: Option<(ValueGrad, f32)>,
     ) -> CommitRequest {
         let observed = std::mem::take(&mut *self.observed.lock().unwrap_or_else(|e| e.into_inner()));
         CommitRequest {

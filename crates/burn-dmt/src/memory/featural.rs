@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use burn::tensor::{Bool, Device, Tensor};
 use memstore_api::Tick;
 
-use super::tier::{CommitCounts, CommitRequest, DeviceMemory, Observation};
+use super::tier::{CommitCounts, CommitRequest, DeviceMemory, Observation, ValueGrad};
 use super::trace::{Trace, Tracer};
 use crate::{DmtError, Result};
 
@@ -229,7 +229,7 @@ impl FeaturalMemory {
     pub fn commit(
         &mut self,
         tick: Tick,
-        value_grad: Option<(Tensor<2>, f32)>,
+        value_grad: Option<(ValueGrad, f32)>,
         grow: Option<(Tensor<2>, usize)>,
     ) -> Result<CommitCounts> {
         let request = self.commit_request(tick, value_grad, grow)?;
@@ -242,7 +242,7 @@ impl FeaturalMemory {
     pub fn commit_request(
         &mut self,
         tick: Tick,
-        value_grad: Option<(Tensor<2>, f32)>,
+        value_grad: Option<(ValueGrad, f32)>,
         grow: Option<(Tensor<2>, usize)>,
     ) -> Result<CommitRequest> {
         let mut observed = std::mem::take(&mut *self.observed.lock().unwrap_or_else(|e| e.into_inner()));

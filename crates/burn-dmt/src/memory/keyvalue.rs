@@ -25,7 +25,7 @@ use burn::tensor::activation::{gelu, relu};
 use burn::tensor::{Device, Tensor};
 use memstore_api::{Metric, Tick};
 
-use super::tier::{CommitCounts, CommitRequest, DeviceMemory, Observation};
+use super::tier::{CommitCounts, CommitRequest, DeviceMemory, Observation, ValueGrad};
 use super::trace::{Trace, Tracer};
 use crate::config::Activation;
 use crate::{DmtError, Result};
@@ -138,7 +138,7 @@ impl KeyValueMemory {
     /// the last commit at `tick` and applies the sparse value update when a
     /// value gradient is given ([`DeviceMemory::commit`]; nothing is
     /// inserted).
-    pub fn commit(&mut self, tick: Tick, value_grad: Option<(Tensor<2>, f32)>) -> Result<CommitCounts> {
+    pub fn commit(&mut self, tick: Tick, value_grad: Option<(ValueGrad, f32)>) -> Result<CommitCounts> {
         let request = self.commit_request(tick, value_grad);
         self.memory.commit_request(request)
     }
@@ -146,7 +146,7 @@ impl KeyValueMemory {
     /// What [`KeyValueMemory::commit`] would commit (the observations
     /// taken), for a commit shared with other layers
     /// ([`DeviceMemory::commit_gather`]).
-    pub fn commit_request(&mut self, tick: Tick, value_grad: Option<(Tensor<2>, f32)>) -> CommitRequest {
+    pub fn commit_request(&mut self, tick: Tick, value_grad: Option<(ValueGrad, f32)>) -> CommitRequest {
         let observed = std::mem::take(&mut *self.observed.lock().unwrap_or_else(|e| e.into_inner()));
         CommitRequest {
             observed,

@@ -162,6 +162,12 @@ impl ProductKeys {
         key
     }
 
+    /// Writes the key of partition `part`'s cell `(a, b)` into `out`.
+    fn put_key(&self, part: usize, a: u32, b: u32, out: &mut [f32]) {
+        out[..self.split].copy_from_slice(self.sub_row(0, part * self.n + a as usize));
+        out[self.split..].copy_from_slice(self.sub_row(1, part * self.n + b as usize));
+    }
+
     fn split_cell(&self, cell: usize) -> (usize, usize, usize) {
         let nn = self.n * self.n;
         (cell / nn, (cell % nn) / self.n, cell % self.n)
@@ -283,26 +289,37 @@ impl ProductKeys {
     /// ([`math::distance`]); on other devices they are the sums of the
     /// halves' ([`ProductKeys::tensor_topk`]).
     pub fn topk(&self, queries: Tensor<2>, k: usize) -> Result<TopK> {
+        Ok(self.topk_with_keys(queries, k)?.0)
+    }
+
+    /// [`ProductKeys::topk`] and, on the CPU backend when every answer is a
+    /// memory (no padding), the answers' full keys `[m · k · dim]`
+    /// (row-major), put together from the sub-key tables: equal bit for bit
+    /// to the keys the memories were placed with ([`ProductKeys::place`]),
+    /// and read from tables of `2 · n` rows a cache holds rather than
+    /// gathered from a table of `n²`.
+    pub fn topk_with_keys(&self, queries: Tensor<2>, k: usize) -> Result<(TopK, Option<Vec<f32>>)> {
         let device = queries.device();
         if on_cpu(&device) {
             self.host_topk(queries, k, &device)
         } else {
-            self.tensor_topk(queries, k)
+            Ok((self.tensor_topk(queries, k)?, None))
         }
     }
 
-    fn host_topk(&self, queries: Tensor<2>, k: usize, device: &Device) -> Result<TopK> {
+    fn host_topk(&self, queries: Tensor<2>, k: usize, device: &Device) -> Result<(TopK, Option<Vec<f32>>)> {
         let [m, d] = self.check_queries(&queries, k)?;
         let q = cpu_f32(queries)?;
         let (parts, n, split) = (self.parts, self.n, self.split);
         let per = n * n;
         let kh = k.min(n);
         let rows = m / parts;
-        let (mut dist, mut idx) = (vec![f32::INFINITY; m * k], vec![0i64; m * k]);
+        // Each partition's and half's kh nearest sub-keys in use, by SGEMM
+        // (the 8-bit path's quantisation does not pay for n rows): the
+        // distances and rows of query row r · parts + p at [r · kh..].
+        let mut halves = Vec::with_capacity(parts);
         for p in 0..parts {
-            // Each half's kh nearest sub-keys in use, by SGEMM (the 8-bit
-            // path's quantisation does not pay for n rows).
-            let mut halves = Vec::with_capacity(2);
+            let mut near = Vec::with_capacity(2);
             for h in 0..2 {
                 let w = self.width(h);
                 let lo = if h == 0 { 0 } else { split };
@@ -313,7 +330,7 @@ impl ProductKeys {
                 }
                 let used: Vec<bool> = self.uses[h][p * n..(p + 1) * n].iter().map(|&u| u > 0).collect();
                 let table = &self.sub[h][p * n * w..(p + 1) * n * w];
-                halves.push(memstore_engine::gemm::topk_sgemm(
+                near.push(memstore_engine::gemm::topk_sgemm(
                     self.metric,
                     &qh,
                     table,
@@ -322,68 +339,73 @@ impl ProductKeys {
                     Some(&used),
                 )?);
             }
-            let ((da, na), (db, nb)) = (&halves[0], &halves[1]);
-            // The halves' distances combine into the full one's ranking
-            // score (L2: the sum of squares; inner product: the sum, the
-            // distance being 1 − q·a − q·b = da + db − 1); the k best
-            // candidates get the full key's exact distance.
-            let score = |x: f32, y: f32| match self.metric {
-                Metric::L2 => x * x + y * y,
-                _ => x + y,
-            };
-            let mut part_dist = vec![f32::INFINITY; rows * k];
-            let mut part_idx = vec![(p * per) as i64; rows * k];
-            part_dist
-                .par_chunks_mut(k)
-                .zip(part_idx.par_chunks_mut(k))
-                .enumerate()
-                .for_each_init(
-                    || (Vec::with_capacity(kh * kh), vec![0.0f32; d]),
-                    |(found, key), (r, (out_d, out_i))| {
-                        let qi = &q[(r * parts + p) * d..(r * parts + p + 1) * d];
-                        found.clear();
-                        for x in 0..kh {
-                            let a = na[r * kh + x];
-                            if a == u32::MAX {
+            halves.push(near);
+        }
+        // The halves' distances combine into the full one's ranking score
+        // (L2: the sum of squares; inner product: the sum, the distance
+        // being 1 − q·a − q·b = da + db − 1); the k best candidates get the
+        // full key's exact distance, and their keys are put together from
+        // the halves.
+        let score = |x: f32, y: f32| match self.metric {
+            Metric::L2 => x * x + y * y,
+            _ => x + y,
+        };
+        let (mut dist, mut idx) = (vec![f32::INFINITY; m * k], vec![0i64; m * k]);
+        let mut keys = vec![0.0f32; m * k * d];
+        dist.par_chunks_mut(k)
+            .zip(idx.par_chunks_mut(k))
+            .zip(keys.par_chunks_mut(k * d))
+            .enumerate()
+            .for_each_init(
+                || (Vec::with_capacity(kh * kh), vec![0.0f32; d]),
+                |(found, key), (i, ((out_d, out_i), out_k))| {
+                    let (p, r) = (i % parts, i / parts);
+                    let ((da, na), (db, nb)) = (&halves[p][0], &halves[p][1]);
+                    let qi = &q[i * d..(i + 1) * d];
+                    found.clear();
+                    for x in 0..kh {
+                        let a = na[r * kh + x];
+                        if a == u32::MAX {
+                            continue;
+                        }
+                        for y in 0..kh {
+                            let b = nb[r * kh + y];
+                            if b == u32::MAX {
                                 continue;
                             }
-                            for y in 0..kh {
-                                let b = nb[r * kh + y];
-                                if b == u32::MAX {
-                                    continue;
-                                }
-                                let slot = self.cells[p * per + a as usize * n + b as usize];
-                                if slot >= 0 {
-                                    found.push((score(da[r * kh + x], db[r * kh + y]), slot, a, b));
-                                }
+                            let slot = self.cells[p * per + a as usize * n + b as usize];
+                            if slot >= 0 {
+                                found.push((score(da[r * kh + x], db[r * kh + y]), slot, a, b));
                             }
                         }
-                        if found.len() > k {
-                            found.select_nth_unstable_by(k - 1, |x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
-                            found.truncate(k);
-                        }
-                        for c in found.iter_mut() {
-                            key[..split].copy_from_slice(self.sub_row(0, p * n + c.2 as usize));
-                            key[split..].copy_from_slice(self.sub_row(1, p * n + c.3 as usize));
-                            c.0 = math::distance(self.metric, qi, key);
-                        }
-                        found.sort_unstable_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
-                        for (j, c) in found.iter().enumerate() {
-                            out_d[j] = c.0;
-                            out_i[j] = c.1;
-                        }
-                    },
-                );
-            for r in 0..rows {
-                let i = r * parts + p;
-                dist[i * k..(i + 1) * k].copy_from_slice(&part_dist[r * k..(r + 1) * k]);
-                idx[i * k..(i + 1) * k].copy_from_slice(&part_idx[r * k..(r + 1) * k]);
-            }
-        }
-        Ok(TopK {
-            distances: Tensor::from_data(TensorData::new(dist, [m, k]), device),
-            indices: Tensor::from_data(TensorData::new(idx, [m, k]), device),
-        })
+                    }
+                    if found.len() > k {
+                        found.select_nth_unstable_by(k - 1, |x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+                        found.truncate(k);
+                    }
+                    for c in found.iter_mut() {
+                        self.put_key(p, c.2, c.3, key);
+                        c.0 = math::distance(self.metric, qi, key);
+                    }
+                    found.sort_unstable_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+                    for (j, c) in found.iter().enumerate() {
+                        out_d[j] = c.0;
+                        out_i[j] = c.1;
+                        self.put_key(p, c.2, c.3, &mut out_k[j * d..(j + 1) * d]);
+                    }
+                    // Padding: the partition's first slot.
+                    out_i[found.len()..].fill((p * per) as i64);
+                },
+            );
+        // Padding (distance +∞) has no key of its own to put together.
+        let keys = dist.iter().all(|x| x.is_finite()).then_some(keys);
+        Ok((
+            TopK {
+                distances: Tensor::from_data(TensorData::new(dist, [m, k]), device),
+                indices: Tensor::from_data(TensorData::new(idx, [m, k]), device),
+            },
+            keys,
+        ))
     }
 
     fn tables(&self, inner: &Device) -> Tables {

@@ -36,11 +36,19 @@
 //! each partition's memories on a grid of `n × n` cells and searches it in
 //! `O(n)` per query ([`super::product`]); it takes new memories only on its
 //! grid and does not recombine.
+//!
+//! Trainable values get the sparse update of Memory Layers at Scale (Berges
+//! et al. 2024): only retrieved rows change. On the CPU backend a search
+//! also makes the rows it retrieved a gradient leaf of their own, so the
+//! backward pass writes a gradient of those rows ([`ValueGrad`]) rather than
+//! of the whole table, and a step's cost does not grow with the table's
+//! rows (a GPU's search keeps its indices on the device, so there the
+//! gradient covers the table).
 
 use crate::train::Below as _;
 use rand_core::SeedableRng as _;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 use memstore_api::{ChangeBatch, InsertMeta, MemoryConfig, MemoryId, MemoryStore, Tick, Vectors, math};
@@ -48,7 +56,7 @@ use memstore_api::{ChangeBatch, InsertMeta, MemoryConfig, MemoryId, MemoryStore,
 use super::device::{on_cpu, partitioned_topk};
 use super::product::ProductKeys;
 use super::readback::{EXACT_INT, HostReads, HostValues, Span};
-use crate::{DmtError, Result, host_f32};
+use crate::{DmtError, Result, cpu_i64, host_f32};
 
 /// Ids fetched from the store per `get` call while loading.
 const LOAD_CHUNK: usize = 4096;
@@ -145,6 +153,97 @@ pub fn retrieved_and_nearest(observed: Vec<Observation>) -> Result<(Vec<usize>, 
     Ok((slots, nearest))
 }
 
+/// Searches whose value rows may each become a gradient leaf of their own
+/// before a [`DeviceMemory::take_value_grad`] takes them: more (searches
+/// whose gradient nobody took) gather from the table itself.
+const MAX_WINDOWS: usize = 8;
+
+/// The gradient of a tier's values after a backward pass
+/// ([`DeviceMemory::take_value_grad`]): over the whole table, or over the
+/// rows its searches retrieved (every other row's gradient is zero).
+#[derive(Clone, Debug)]
+pub struct ValueGrad {
+    /// The rows `grad` covers, ascending and distinct; `None`: every slot.
+    rows: Option<Vec<usize>>,
+    /// `[rows, dv]` (or `[capacity, dv]`).
+    grad: Tensor<2>,
+}
+
+impl From<Tensor<2>> for ValueGrad {
+    /// A gradient over the whole table (`[capacity, dv]`).
+    fn from(grad: Tensor<2>) -> Self {
+        ValueGrad { rows: None, grad }
+    }
+}
+
+impl ValueGrad {
+    /// The same gradient with `f` applied to its rows (e.g. a loss scale
+    /// divided out).
+    pub fn map(self, f: impl FnOnce(Tensor<2>) -> Tensor<2>) -> Self {
+        ValueGrad {
+            rows: self.rows,
+            grad: f(self.grad),
+        }
+    }
+
+    /// The rows the gradient covers (`None`: every slot).
+    pub fn rows(&self) -> Option<&[usize]> {
+        self.rows.as_deref()
+    }
+
+    /// The gradient over a table of `capacity` rows, zero where no search
+    /// reached.
+    pub fn dense(self, capacity: usize) -> Tensor<2> {
+        match self.rows {
+            None => self.grad,
+            Some(rows) => {
+                let inner = self.grad.inner();
+                let [_, dv] = inner.dims();
+                let idx = index_on(&rows, &inner.device());
+                Tensor::<2>::zeros([capacity, dv], &inner.device()).select_assign(0, idx, inner, IndexingUpdateOp::Add)
+            }
+        }
+    }
+
+    /// `grad`'s rows for `slots` (ascending, distinct), on the inner device:
+    /// zero for a slot the gradient does not cover.
+    fn select(self, slots: &[usize]) -> Tensor<2> {
+        let inner = self.grad.inner();
+        let device = inner.device();
+        let Some(rows) = self.rows else {
+            return inner.select(0, index_on(slots, &device));
+        };
+        let zero = rows.len();
+        let at: Vec<usize> = slots.iter().map(|s| rows.binary_search(s).unwrap_or(zero)).collect();
+        let table = if at.contains(&zero) {
+            let [_, dv] = inner.dims();
+            Tensor::cat(vec![inner, Tensor::zeros([1, dv], &device)], 0)
+        } else {
+            inner
+        };
+        table.select(0, index_on(&at, &device))
+    }
+}
+
+/// Rows of the value table one search gathered as a gradient leaf of its
+/// own, so that the backward pass writes `[rows, dv]` instead of the whole
+/// table's `[capacity, dv]`.
+#[derive(Debug)]
+struct Window {
+    /// The slots, ascending and distinct.
+    rows: Vec<usize>,
+    /// Their values, `[rows, dv]`, requiring a gradient.
+    leaf: Tensor<2>,
+}
+
+/// An index tensor of `slots` on `device`.
+fn index_on(slots: &[usize], device: &Device) -> Tensor<1, Int> {
+    Tensor::<1, Int>::from_data(
+        TensorData::new(slots.iter().map(|&s| s as i64).collect::<Vec<_>>(), [slots.len()]),
+        device,
+    )
+}
+
 /// What a [`DeviceMemory::commit`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CommitCounts {
@@ -167,7 +266,7 @@ pub struct CommitRequest {
     /// At most this many merges and inserts.
     pub max_inserts: usize,
     /// The values' gradient and the sparse update's learning rate.
-    pub value_grad: Option<(Tensor<2>, f32)>,
+    pub value_grad: Option<(ValueGrad, f32)>,
 }
 
 /// An observation's distances and slots: gathered for a shared read, or
@@ -186,7 +285,7 @@ pub struct CommitGathered {
     found: Vec<(usize, usize, Found, Tensor<2>, Option<Tensor<2>>)>,
     tick: Tick,
     max_inserts: usize,
-    value_grad: Option<(Tensor<2>, f32)>,
+    value_grad: Option<(ValueGrad, f32)>,
 }
 
 /// A commit after [`DeviceMemory::commit_plan`].
@@ -244,6 +343,12 @@ pub struct DeviceMemory {
     keys: Tensor<2>,
     values: Tensor<2>,
     valid: Vec<bool>,
+    /// Memories in each partition.
+    part_len: Vec<usize>,
+    /// Per partition, a slot below which none is free (where the search
+    /// for a free slot starts: filling a partition costs its slots, not
+    /// their square).
+    first_free: Vec<usize>,
     ids: Vec<Option<MemoryId>>,
     crf: Vec<f64>,
     last_access: Vec<Tick>,
@@ -268,6 +373,10 @@ pub struct DeviceMemory {
     source: Option<SourceMark>,
     /// The grid of a product-key tier ([`DeviceMemory::with_product_keys`]).
     product: Option<ProductKeys>,
+    /// The value rows of searches since the last
+    /// [`DeviceMemory::take_value_grad`] (shared by clones, as the autodiff
+    /// graph that holds their leaves is).
+    windows: Arc<Mutex<Vec<Window>>>,
     device: Device,
 }
 
@@ -303,6 +412,8 @@ impl DeviceMemory {
             keys: Tensor::zeros([capacity, config.key_dim], device),
             values: Tensor::zeros([capacity, config.value_dim], device),
             valid: vec![false; capacity],
+            part_len: vec![0],
+            first_free: vec![0],
             ids: vec![None; capacity],
             crf: vec![0.0; capacity],
             last_access: vec![0; capacity],
@@ -326,6 +437,7 @@ impl DeviceMemory {
             ablated: false,
             source: None,
             product: None,
+            windows: Arc::default(),
             config,
             device: device.clone(),
         })
@@ -345,7 +457,10 @@ impl DeviceMemory {
                 "only an empty tier can be partitioned".into(),
             ));
         }
+        let per = self.capacity / parts;
         self.parts = parts;
+        self.part_len = vec![0; parts];
+        self.first_free = (0..parts).map(|p| p * per).collect();
         Ok(self)
     }
 
@@ -613,6 +728,9 @@ impl DeviceMemory {
     }
 
     fn occupy(&mut self, slot: usize, id: MemoryId, m: InsertMeta) {
+        if !self.valid[slot] {
+            self.part_len[slot / (self.capacity / self.parts)] += 1;
+        }
         self.valid[slot] = true;
         self.ids[slot] = Some(id);
         self.crf[slot] = m.crf;
@@ -803,10 +921,7 @@ impl DeviceMemory {
 
     /// Memories in each partition.
     pub fn part_lens(&self) -> Vec<usize> {
-        let per = self.capacity / self.parts;
-        (0..self.parts)
-            .map(|p| self.valid[p * per..(p + 1) * per].iter().filter(|v| **v).count())
-            .collect()
+        self.part_len.clone()
     }
 
     /// Lifetime counts of inserts, merges and evictions.
@@ -904,25 +1019,31 @@ impl DeviceMemory {
             }
             return self.search_store(b, queries, k);
         }
-        let top = match &self.product {
-            Some(grid) => grid.topk(queries, k)?,
-            None => partitioned_topk(
-                queries,
-                self.keys.clone(),
-                Some(&self.valid),
-                k,
-                self.config.metric,
-                self.parts,
-            )?,
+        let (top, grid_keys) = match &self.product {
+            Some(grid) => grid.topk_with_keys(queries, k)?,
+            None => (
+                partitioned_topk(
+                    queries,
+                    self.keys.clone(),
+                    Some(&self.valid),
+                    k,
+                    self.config.metric,
+                    self.parts,
+                )?,
+                None,
+            ),
         };
         let flat = top.indices.clone().reshape([m * k]);
-        let keys = self
-            .keys
-            .clone()
-            .select(0, flat.clone())
-            .reshape([m, k, self.config.key_dim]);
+        let dk = self.config.key_dim;
+        let keys = match grid_keys {
+            // A grid's keys are its cells' (bit for bit the table's rows).
+            Some(keys) => Tensor::<3>::from_data(TensorData::new(keys, [m, k, dk]), &self.device),
+            None => self.keys.clone().select(0, flat.clone()).reshape([m, k, dk]),
+        };
         let dv = self.config.value_dim;
-        let values = if self.trainable_values && !on_cpu(&self.device) {
+        let values = if let Some(values) = self.window_values(&top.indices)? {
+            values
+        } else if self.trainable_values && !on_cpu(&self.device) {
             // On a GPU, gathered element-wise rather than selected by row: the
             // same rows, but a gather's gradient is a scatter-add, which
             // cubecl runs with one atomic add per element where the device
@@ -984,21 +1105,105 @@ impl DeviceMemory {
     }
 
     /// The gradient of the trainable values after a backward pass (removed
-    /// from `grads`), or `None` when the values took no part.
-    pub fn take_value_grad(&self, grads: &mut burn::tensor::Gradients) -> Option<Tensor<2>> {
-        self.values.grad_remove(grads)
+    /// from `grads`), or `None` when the values took no part: on the CPU
+    /// backend over the rows the searches since the last call retrieved
+    /// (their union), elsewhere over the whole table.
+    pub fn take_value_grad(&self, grads: &mut burn::tensor::Gradients) -> Option<ValueGrad> {
+        let dense = self.values.grad_remove(grads);
+        let windows = std::mem::take(&mut *self.windows.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut sparse: Vec<(Vec<usize>, Tensor<2>)> = windows
+            .into_iter()
+            .filter_map(|w| w.leaf.grad_remove(grads).map(|g| (w.rows, g)))
+            .collect();
+        if let Some(dense) = dense {
+            // Searches past the window limit reached the table itself.
+            let device = dense.device();
+            let dense = sparse.into_iter().fold(dense, |d, (rows, g)| {
+                d.select_assign(0, index_on(&rows, &device), g, IndexingUpdateOp::Add)
+            });
+            return Some(dense.into());
+        }
+        if sparse.len() <= 1 {
+            return sparse.pop().map(|(rows, grad)| ValueGrad { rows: Some(rows), grad });
+        }
+        // Several searches (several forward passes): their rows' union.
+        let mut all: Vec<usize> = sparse.iter().flat_map(|(rows, _)| rows.iter().copied()).collect();
+        all.sort_unstable();
+        all.dedup();
+        let device = sparse[0].1.device();
+        let grad = sparse.into_iter().fold(
+            Tensor::<2>::zeros([all.len(), self.config.value_dim], &device),
+            |acc, (rows, g)| {
+                let at: Vec<usize> = rows.iter().map(|r| all.binary_search(r).unwrap_or_default()).collect();
+                acc.select_assign(0, index_on(&at, &device), g, IndexingUpdateOp::Add)
+            },
+        );
+        Some(ValueGrad { rows: Some(all), grad })
+    }
+
+    /// On the CPU backend, for trainable values on an autodiff device: the
+    /// values of the slots `indices` (`[m, k]`; `[m · k, dv]`) gathered from the rows they
+    /// name, which become a gradient leaf of their own (a [`Window`]), so
+    /// that the backward pass writes a gradient of those rows only, not of
+    /// the whole table (Memory Layers at Scale's sparse update: its cost
+    /// should not grow with the table). `None`: gather from the table
+    /// (another device, whose indices would have to be read back; values
+    /// not trained; or [`MAX_WINDOWS`] searches whose gradient nobody
+    /// took).
+    fn window_values(&self, indices: &Tensor<2, Int>) -> Result<Option<Tensor<2>>> {
+        if !self.trainable_values || !self.device.is_autodiff() || !on_cpu(&self.device) {
+            return Ok(None);
+        }
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        if windows.len() >= MAX_WINDOWS {
+            return Ok(None);
+        }
+        // Indices of the CPU backend are host memory: no device read.
+        let slots = cpu_i64(indices.clone())?;
+        // Distinct slots by a mask and each one's row, as `value_rows`.
+        let mut at = vec![u32::MAX; self.capacity];
+        for &s in &slots {
+            let s = usize::try_from(s)
+                .ok()
+                .filter(|&s| s < self.capacity)
+                .ok_or_else(|| DmtError::InvalidArgument(format!("a search answered slot {s} of {}", self.capacity)))?;
+            at[s] = 0;
+        }
+        let mut rows = Vec::new();
+        for (s, a) in at.iter_mut().enumerate() {
+            if *a == 0 {
+                *a = rows.len() as u32;
+                rows.push(s);
+            }
+        }
+        let inner = self.device.clone().inner();
+        let remap: Vec<i64> = slots.iter().map(|&s| at[s as usize] as i64).collect();
+        let leaf = self
+            .values
+            .clone()
+            .inner()
+            .select(0, index_on(&rows, &inner))
+            .autodiff()
+            .set_require_grad(true);
+        let n = remap.len();
+        let values = leaf.clone().select(
+            0,
+            Tensor::<1, Int>::from_data(TensorData::new(remap, [n]), &self.device),
+        );
+        windows.push(Window { rows, leaf });
+        Ok(Some(values))
     }
 
     /// The sparse value update of Memory Layers at Scale (`value_fixed_lr`):
     /// `value −= lr · grad` for the rows of `slots` (deduplicated), on the
     /// device and in the pending batch (as deltas).
-    pub fn apply_value_grad(&mut self, grad: Tensor<2>, lr: f32, slots: &[usize]) -> Result<()> {
+    pub fn apply_value_grad(&mut self, grad: impl Into<ValueGrad>, lr: f32, slots: &[usize]) -> Result<()> {
         self.check_writable()?;
         let rows = self.value_rows(slots);
         if rows.is_empty() {
             return Ok(());
         }
-        let (idx, delta) = self.value_delta(grad, lr, &rows);
+        let (idx, delta) = self.value_delta(grad.into(), lr, &rows);
         let host = host_f32(delta.clone())?;
         self.record_deltas(&rows, &host)?;
         self.add_to_values(idx, delta);
@@ -1029,18 +1234,15 @@ impl DeviceMemory {
 
     /// The rows' index tensor and their delta `−lr · grad[rows]`, on the
     /// device (nothing read).
-    fn value_delta(&self, grad: Tensor<2>, lr: f32, rows: &[usize]) -> (Tensor<1, Int>, Tensor<2>) {
+    fn value_delta(&self, grad: ValueGrad, lr: f32, rows: &[usize]) -> (Tensor<1, Int>, Tensor<2>) {
         let idx = self.index(rows);
-        let delta = grad.inner().select(0, idx.clone()).mul_scalar(-lr);
+        let delta = grad.select(rows).mul_scalar(-lr);
         (idx, delta)
     }
 
     /// A slot index tensor on the tier's device.
     fn index(&self, slots: &[usize]) -> Tensor<1, Int> {
-        Tensor::<1, Int>::from_data(
-            TensorData::new(slots.iter().map(|&s| s as i64).collect::<Vec<_>>(), [slots.len()]),
-            &self.device.clone().inner(),
-        )
+        index_on(slots, &self.device.clone().inner())
     }
 
     /// Checks the host copy of the deltas of `rows` and records them in the
@@ -1097,9 +1299,11 @@ impl DeviceMemory {
     fn free_slot(&mut self, part: usize) -> Option<usize> {
         let per = self.capacity / self.parts;
         let range = part * per..(part + 1) * per;
-        if let Some(s) = range.clone().find(|&s| !self.valid[s]) {
+        if let Some(s) = (self.first_free[part]..range.end).find(|&s| !self.valid[s]) {
+            self.first_free[part] = s;
             return Some(s);
         }
+        self.first_free[part] = range.end;
         let lambda = self.config.eviction.lambda();
         let first = self.pending.first_id;
         let victim = range
@@ -1126,6 +1330,9 @@ impl DeviceMemory {
         if let Some(grid) = &mut self.product {
             grid.remove(s);
         }
+        let part = s / (self.capacity / self.parts);
+        self.part_len[part] -= 1;
+        self.first_free[part] = self.first_free[part].min(s);
         self.valid[s] = false;
         self.ids[s] = None;
         self.slot_of.remove(&id);
@@ -1189,7 +1396,7 @@ impl DeviceMemory {
         observed: Vec<Observation>,
         tick: Tick,
         max_inserts: usize,
-        value_grad: Option<(Tensor<2>, f32)>,
+        value_grad: Option<(ValueGrad, f32)>,
     ) -> Result<CommitCounts> {
         self.commit_request(CommitRequest {
             observed,
