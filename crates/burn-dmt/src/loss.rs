@@ -37,7 +37,7 @@ use wide::f32x8;
 use crate::memory::device::on_cpu;
 use crate::precision::{Precision, matmul};
 use crate::train::flat;
-use crate::{DmtError, Result, cpu_f32, cpu_i64, host_f32, host_i64};
+use crate::{DmtError, Result, cpu_i64, host_f32, host_i64};
 
 /// A loss computed by [`distill_loss`] or [`cross_entropy_loss`].
 #[derive(Clone, Debug)]
@@ -187,13 +187,22 @@ fn logit_gradient(
     };
     let (g, kd, ce) = if host {
         // The CPU backend's logits are in host memory already: no device
-        // read to count.
+        // read to count, and no copy where the loss holds their only handle
+        // (read in place; a `Vec` of them would copy `[n, v]` floats into a
+        // new buffer, twice for a shared tensor).
         let cpu = on_cpu(&device);
-        let floats = |t: Tensor<2>| if cpu { cpu_f32(t) } else { host_f32(t) };
-        let sv = floats(s)?;
-        let tv = tl.map(floats).transpose()?;
+        let floats = |t: Tensor<2>| -> Result<TensorData> {
+            if cpu {
+                Ok(t.into_data().convert::<f32>())
+            } else {
+                Ok(TensorData::new(host_f32(t)?, [n, v]))
+            }
+        };
+        let (sd, td) = (floats(s)?, tl.map(floats).transpose()?);
+        let sv = f32_slice(&sd)?;
+        let tv = td.as_ref().map(f32_slice).transpose()?;
         let yv = if cpu { cpu_i64(y)? } else { host_i64(y)? };
-        let (g, kd, ce) = host_rows(&sv, tv.as_deref(), &yv, v, &w)?;
+        let (g, kd, ce) = host_rows(sv, tv, &yv, v, &w)?;
         let g = Tensor::<2>::from_data(TensorData::new(g, [n, v]), &device);
         let scalar = |x: f64| Tensor::<1>::from_data(TensorData::new(vec![x as f32], [1]), &device);
         (g, scalar(kd), scalar(ce))
@@ -205,6 +214,12 @@ fn logit_gradient(
         kd.mul_scalar(temperature * temperature / n as f64),
         ce.div_scalar(n as f64),
     ))
+}
+
+/// The floats of host tensor data, borrowed.
+fn f32_slice(d: &TensorData) -> Result<&[f32]> {
+    d.as_slice::<f32>()
+        .map_err(|e| DmtError::InvalidArgument(format!("reading a tensor: {e:?}")))
 }
 
 /// A tied LM head's input and output for a loss: the final hidden states
@@ -255,7 +270,9 @@ impl TiedHead {
 /// logits, before the gradient is put on the graph.
 #[derive(Clone, Debug)]
 pub struct TiedGradient {
-    head: TiedHead,
+    hidden: Tensor<2>,
+    embedding: Tensor<2>,
+    precision: Precision,
     g: Tensor<2>,
     /// As [`DistillLoss::kd`].
     pub kd: Tensor<1>,
@@ -284,12 +301,7 @@ impl TiedGradient {
     /// precision, [`crate::precision`]): the head's products take the
     /// scaled `g`, in the head's precision.
     pub fn into_scaled_loss(self, scale: f32) -> DistillLoss {
-        let TiedHead {
-            hidden,
-            embedding,
-            precision,
-            ..
-        } = self.head;
+        let (hidden, embedding, precision) = (self.hidden, self.embedding, self.precision);
         let g = if scale == 1.0 { self.g } else { self.g.mul_scalar(scale) };
         let to_hidden = matmul(g.clone(), embedding.clone().inner(), precision);
         let mut surrogate = (hidden.clone() * to_hidden).sum();
@@ -320,8 +332,25 @@ pub fn tied_loss(
     check_inputs(temperature, head.dims, teacher.as_ref(), &targets)?;
     let alpha = if teacher.is_some() { alpha } else { 0.0 };
     let tl = teacher.map(|x| flat(x).inner());
-    let (g, kd, ce) = logit_gradient(head.logits.clone(), tl, targets, temperature, alpha, kernel)?;
-    Ok(TiedGradient { head, g, kd, ce, alpha })
+    let TiedHead {
+        hidden,
+        embedding,
+        logits,
+        precision,
+        ..
+    } = head;
+    // The logits go to the loss as their only handle (read without a copy
+    // on the CPU) and are dropped there.
+    let (g, kd, ce) = logit_gradient(logits, tl, targets, temperature, alpha, kernel)?;
+    Ok(TiedGradient {
+        hidden,
+        embedding,
+        precision,
+        g,
+        kd,
+        ce,
+        alpha,
+    })
 }
 
 /// The gradient's weights: `kd` on the softmax difference at the
