@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use burn_dmt::burn::tensor::{Device, Tensor, TensorData};
+use burn_dmt::burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_dmt::memory::journal::{Group, Journal, WriteBehind, crc32, decode, encode, replay};
 use burn_dmt::memory::tier::DeviceMemory;
 use memstore_api::testkit::util::{Rng, dump};
@@ -34,6 +34,17 @@ fn floats(t: Tensor<2>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
 }
 
+/// A search's slots, row-major.
+fn slots_of(t: Tensor<2, Int>) -> Vec<usize> {
+    t.into_data()
+        .convert::<i64>()
+        .try_to_vec::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|s| s as usize)
+        .collect()
+}
+
 /// Drives a tier the way a training loop does — search, touch what was
 /// found, sparse value updates, novelty inserts that overflow the capacity —
 /// and returns the batches it produced, checking the capacity all along.
@@ -50,15 +61,7 @@ fn run_tier(tier: &mut DeviceMemory, steps: u64, seed: u64) -> Vec<ChangeBatch> 
         let found = tier
             .search(Tensor::from_data(TensorData::new(q, [5, DK]), &device), 3)
             .unwrap();
-        let slots: Vec<usize> = found
-            .slots
-            .into_data()
-            .convert::<i64>()
-            .try_to_vec::<i64>()
-            .unwrap()
-            .into_iter()
-            .map(|s| s as usize)
-            .collect();
+        let slots = slots_of(found.slots);
         tier.touch(&slots, tick).unwrap();
         let grad = Tensor::<2>::from_data(TensorData::new(rng.vecs(CAP, DV), [CAP, DV]), &device);
         tier.apply_value_grad(grad, 0.1, &slots[..6]).unwrap();
@@ -708,14 +711,14 @@ fn rows_tensor(t: &[f32], d: usize, device: &Device) -> Tensor<2> {
 fn found_ids(tier: &DeviceMemory, q: &[f32], k: usize) -> Vec<Vec<Option<u64>>> {
     let found = tier.search(rows_tensor(q, DK, tier.device()), k).unwrap();
     let d = floats(found.distances);
-    let slots: Vec<i64> = found.slots.into_data().convert::<i64>().try_to_vec::<i64>().unwrap();
+    let slots = slots_of(found.slots);
     slots
         .chunks(k)
         .zip(d.chunks(k))
         .map(|(s, d)| {
             s.iter()
                 .zip(d)
-                .map(|(&s, d)| d.is_finite().then(|| tier.id(s as usize)).flatten())
+                .map(|(&s, d)| d.is_finite().then(|| tier.id(s)).flatten())
                 .collect()
         })
         .collect()
@@ -1007,19 +1010,13 @@ fn a_value_gradient_covers_the_retrieved_rows_and_updates_as_the_whole_tables() 
         for &m in searches {
             let found = tier.search(rows_tensor(&rng.vecs(m, DK), DK, &ad), k).unwrap();
             let w = rng.vecs(m * k, DV);
-            let slots = found
-                .slots
-                .clone()
-                .into_data()
-                .convert::<i64>()
-                .try_to_vec::<i64>()
-                .unwrap();
+            let slots = slots_of(found.slots.clone());
             for (i, &s) in slots.iter().enumerate() {
                 for c in 0..DV {
-                    want[s as usize * DV + c] += w[i * DV + c];
+                    want[s * DV + c] += w[i * DV + c];
                 }
             }
-            rows.extend(slots.iter().map(|&s| s as usize));
+            rows.extend(&slots);
             let term = (found.values * Tensor::<3>::from_data(TensorData::new(w, [m, k, DV]), &ad)).sum();
             loss = Some(match loss {
                 None => term,
