@@ -284,7 +284,10 @@ pub fn topk_sgemm(
     let found: Vec<Vec<Vec<Cand<u32>>>> = items
         .par_iter()
         .map_init(
-            || vec![0.0f32; QBLOCK * KCHUNK],
+            // As large as a work item's product gets: a few queries or a
+            // short key range need less than the full `QBLOCK × KCHUNK`
+            // (zeroing 2 MiB per item would cost more than a small search).
+            || vec![0.0f32; QBLOCK.min(m) * KCHUNK.min(span)],
             |buf, &(b, r)| {
                 let q0 = b * QBLOCK;
                 let rows = QBLOCK.min(m - q0);
@@ -364,6 +367,73 @@ pub fn topk_sgemm(
             }
         });
     Ok((dist, idx))
+}
+
+/// `out[r · out_stride + j] = scale · (q_r · key_j)` for `rows` queries, query
+/// `r` being `queries[r · q_stride..][..dim]`, and every row `j` of `keys`
+/// (`n × dim`, row-major), by one blocked SGEMM (`matrixmultiply`); the rest
+/// of `out` is left as it is. The strides let a caller score rows that lie
+/// interleaved in a larger matrix (one partition's queries of a batch) and
+/// write them where they belong. An error, with nothing written, when a
+/// slice is too short for the shapes or `out_stride < n`.
+// The two strided matrices are each a slice, a stride and (for the queries)
+// a row count: grouping them would only rename SGEMM's own arguments.
+#[allow(clippy::too_many_arguments)]
+pub fn scaled_products(
+    queries: &[f32],
+    q_stride: usize,
+    rows: usize,
+    keys: &[f32],
+    dim: usize,
+    scale: f32,
+    out: &mut [f32],
+    out_stride: usize,
+) -> Result<()> {
+    if dim == 0 || !keys.len().is_multiple_of(dim) {
+        return Err(Error::Shape(format!("{} key floats are not rows of {dim}", keys.len())));
+    }
+    let n = keys.len() / dim;
+    if rows == 0 || n == 0 {
+        return Ok(());
+    }
+    let need = |stride: usize, width: usize| stride.checked_mul(rows - 1).and_then(|x| x.checked_add(width));
+    if q_stride < dim || need(q_stride, dim).is_none_or(|x| x > queries.len()) {
+        return Err(Error::Shape(format!(
+            "{rows} queries of {dim} at a stride of {q_stride} need more than {} floats",
+            queries.len()
+        )));
+    }
+    if out_stride < n || need(out_stride, n).is_none_or(|x| x > out.len()) {
+        return Err(Error::Shape(format!(
+            "{rows} rows of {n} scores at a stride of {out_stride} do not fit {} floats",
+            out.len()
+        )));
+    }
+    // SAFETY: checked above: query row r (r < rows) reads
+    // queries[r·q_stride .. r·q_stride + dim], key j reads keys[j·dim ..
+    // (j+1)·dim] (the transpose's column j), and out row r is written at
+    // out[r·out_stride .. r·out_stride + n], all in bounds; rows of out do
+    // not overlap (out_stride ≥ n) and out is borrowed mutably, apart from
+    // the inputs; beta = 0, so out's old contents are not read.
+    unsafe {
+        matrixmultiply::sgemm(
+            rows,
+            dim,
+            n,
+            scale,
+            queries.as_ptr(),
+            q_stride as isize,
+            1,
+            keys.as_ptr(),
+            1,
+            dim as isize,
+            0.0,
+            out.as_mut_ptr(),
+            out_stride as isize,
+            1,
+        );
+    }
+    Ok(())
 }
 
 /// Scales `row` to unit length in place (a zero row stays zero): how the
@@ -549,6 +619,45 @@ mod tests {
     /// Uniform in `[-0.5, 0.5)`.
     fn rng(r: &mut Rng) -> f32 {
         r.unit() * 0.5
+    }
+
+    /// Strided products land where the strides say, equal to the dot
+    /// products scaled (up to the SGEMM's rounding), with the rest of the
+    /// output untouched; slices too short for the shapes are refused with
+    /// nothing written.
+    #[test]
+    fn scaled_products_write_strided_rows_and_refuse_short_slices() {
+        let mut s = Rng::new(5);
+        let (rows, dim, n, q_stride, out_stride) = (5usize, 7usize, 9usize, 10usize, 12usize);
+        let queries: Vec<f32> = (0..(rows - 1) * q_stride + dim).map(|_| rng(&mut s)).collect();
+        let keys: Vec<f32> = (0..n * dim).map(|_| rng(&mut s)).collect();
+        let mut out = vec![7.0f32; (rows - 1) * out_stride + n];
+        scaled_products(&queries, q_stride, rows, &keys, dim, -2.0, &mut out, out_stride).unwrap();
+        for r in 0..rows {
+            let q = &queries[r * q_stride..r * q_stride + dim];
+            for j in 0..out_stride {
+                let Some(&got) = out.get(r * out_stride + j) else {
+                    continue;
+                };
+                if j < n {
+                    let want = -2.0 * math::dot(q, &keys[j * dim..(j + 1) * dim]);
+                    assert!((got - want).abs() <= 1e-5, "row {r} key {j}: {got} vs {want}");
+                } else {
+                    assert_eq!(got, 7.0, "row {r} column {j} is not the product's");
+                }
+            }
+        }
+        let before = out.clone();
+        let short = &queries[..queries.len() - 1];
+        assert!(scaled_products(short, q_stride, rows, &keys, dim, 1.0, &mut out, out_stride).is_err());
+        assert!(scaled_products(&queries, q_stride, rows, &keys[1..], dim, 1.0, &mut out, out_stride).is_err());
+        assert!(scaled_products(&queries, q_stride, rows, &keys, dim, 1.0, &mut out, n - 1).is_err());
+        let cut = out.len() - 1;
+        assert!(scaled_products(&queries, q_stride, rows, &keys, dim, 1.0, &mut out[..cut], out_stride).is_err());
+        assert!(scaled_products(&queries, dim - 1, rows, &keys, dim, 1.0, &mut out, out_stride).is_err());
+        assert_eq!(out, before);
+        // Nothing to score: nothing written, no error.
+        assert!(scaled_products(&[], q_stride, 0, &keys, dim, 1.0, &mut [], out_stride).is_ok());
     }
 
     /// The scan over more rows than one part (so the parallel path cuts them
