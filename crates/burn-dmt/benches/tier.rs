@@ -223,12 +223,22 @@ fn product_keys(c: &mut Criterion) {
         };
         tier.fill(&keys, &data(rows * dh, &mut rng), 0).expect("fill");
         tier.take_changes();
+        let kind = if product { "product-key" } else { "exact" };
+        // The tier's search alone (top-k, keys and values gathered), on the
+        // layer's shape of queries.
+        let queries = Tensor::<2>::from_data(
+            TensorData::new(data(b * t * heads * dh, &mut rng), [b * t * heads, dh]),
+            &ad,
+        );
+        g.bench_function(format!("{kind} search only, {rows} rows"), |bench| {
+            bench.iter(|| tier.search(queries.clone(), k).map(|t| t.distances.dims()))
+        });
         tier.set_trainable_values(true);
         let mut layer = FeaturalMemory::new(width, heads, k, tier, &ad).expect("layer");
         layer.set_learning(true);
         let x = Tensor::<3>::from_data(TensorData::new(data(b * t * width, &mut rng), [b, t, width]), &ad);
         let mut tick = 1;
-        let name = format!("{} search, {rows} rows", if product { "product-key" } else { "exact" });
+        let name = format!("{kind} search, {rows} rows");
         g.bench_function(name, |bench| {
             bench.iter(|| {
                 let y = layer.forward(x.clone()).expect("forward");

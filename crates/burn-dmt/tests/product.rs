@@ -83,7 +83,9 @@ fn on_a_full_grid_product_search_answers_what_exact_search_does() {
             p.fill(&keys, &values, 0).unwrap();
             e.fill(&keys, &values, 0).unwrap();
             assert_eq!(p.product_keys().unwrap().len(), parts * n * n);
-            let q = rng.vecs(parts * 10, dim);
+            // More queries than the CPU search scores in one block (64 per
+            // partition), the last block partial.
+            let q = rng.vecs(parts * 150, dim);
             for k in [1, 5, 8] {
                 let (got, want) = (answers(&p, &q, k), answers(&e, &q, k));
                 for (g, w) in got.iter().zip(&want) {

@@ -18,9 +18,13 @@
 //! `k`-th nearest cell with `i` outside its half's `k` nearest, the `k`
 //! sub-keys nearer than `i` would give `k` cells `(i', j)` nearer still.
 //! The search ([`ProductKeys::topk`]) therefore costs `2·n` half-width
-//! distances and `k²` sums per query instead of `n²` full distances, and
-//! answers what an exact search of a full grid answers (the same distances;
-//! ties, and near-ties within rounding, may pick other cells). Cells without a memory are skipped among the `k²`
+//! distances and at most `k²` sums per query instead of `n²` full
+//! distances, and answers what an exact search of a full grid answers (the
+//! same distances; ties, and near-ties within rounding, may pick other
+//! cells). On the CPU the halves' scores come from strided SGEMMs over
+//! blocks of query rows, and a row's candidate cells are visited in the
+//! order of their halves' scores, stopping once a sum exceeds the `k`-th
+//! best so far. Cells without a memory are skipped among the `k²`
 //! candidates, and sub-keys with no memory left are not searched: on a
 //! grid with empty cells a query can get fewer than `k` memories (padding,
 //! distance `+∞`, as a partition with fewer than `k` memories gives) even
@@ -64,6 +68,168 @@ pub struct ProductKeys {
     /// The tables on a device, for the tensor search; rebuilt on first use
     /// after a change.
     tensors: OnceLock<Tables>,
+}
+
+/// Query rows per partition that one task of the CPU search scores at once
+/// (its score buffers: `2 · QUERY_BLOCK · parts · n` floats).
+const QUERY_BLOCK: usize = 64;
+
+/// A CPU search task's buffers, reused across its blocks.
+struct HostScratch {
+    /// Each half's scores of the block's rows, `rows × n`.
+    scores: [Vec<f32>; 2],
+    /// Each half's nearest sub-keys in use of one row.
+    near: [Near; 2],
+    /// One row's best candidate cells: (score, (slot, sub-key a, sub-key b)).
+    found: Least<(i64, u32, u32)>,
+    /// Those cells by exact distance: (distance, slot, sub-key a, sub-key b).
+    best: Vec<(f32, i64, u32, u32)>,
+    /// A key put together from its halves.
+    key: Vec<f32>,
+}
+
+/// The `take` least `(score, tie)` pairs offered (scores by `total_cmp`,
+/// then ties by `T`), kept sorted by insertion: `take` is a search's `k`
+/// (a few), and once it is full an offer no better than the worst kept
+/// costs one comparison.
+struct Least<T> {
+    take: usize,
+    buf: Vec<(f32, T)>,
+}
+
+impl<T: Ord + Copy> Least<T> {
+    fn new(take: usize) -> Self {
+        Least {
+            take,
+            buf: Vec::with_capacity(take + 1),
+        }
+    }
+
+    fn order(x: &(f32, T), y: &(f32, T)) -> std::cmp::Ordering {
+        x.0.total_cmp(&y.0).then(x.1.cmp(&y.1))
+    }
+
+    fn clear(&mut self) {
+        self.buf.clear();
+    }
+
+    /// The worst score kept once `take` pairs are (`None` before: any pair
+    /// enters).
+    fn bound(&self) -> Option<f32> {
+        if self.buf.len() == self.take {
+            self.buf.last().map(|w| w.0)
+        } else {
+            None
+        }
+    }
+
+    fn offer(&mut self, score: f32, tie: T) {
+        let pair = (score, tie);
+        if self.buf.len() == self.take {
+            match self.buf.last() {
+                Some(worst) if Self::order(&pair, worst).is_lt() => {
+                    self.buf.pop();
+                }
+                _ => return,
+            }
+        }
+        self.buf.push(pair);
+        let mut at = self.buf.len() - 1;
+        while at > 0 && Self::order(&self.buf[at], &self.buf[at - 1]).is_lt() {
+            self.buf.swap(at, at - 1);
+            at -= 1;
+        }
+    }
+
+    /// The least pairs, ascending.
+    fn sorted(&self) -> &[(f32, T)] {
+        &self.buf
+    }
+}
+
+/// One row's nearest sub-keys of a half: `len` scores ascending (ties by
+/// sub-key) and their sub-keys, in two arrays of the search's `kh`.
+struct Near {
+    score: Vec<f32>,
+    sub: Vec<u32>,
+    len: usize,
+}
+
+impl Near {
+    fn new(take: usize) -> Self {
+        Near {
+            score: vec![f32::INFINITY; take],
+            sub: vec![u32::MAX; take],
+            len: 0,
+        }
+    }
+
+    /// The kept (score, sub-key) pairs, ascending.
+    fn pairs(&self) -> impl Iterator<Item = (f32, u32)> + '_ {
+        self.score[..self.len]
+            .iter()
+            .copied()
+            .zip(self.sub[..self.len].iter().copied())
+    }
+
+    /// The kept pairs' least score.
+    fn first(&self) -> Option<f32> {
+        self.score[..self.len].first().copied()
+    }
+}
+
+/// Keeps in `out` the least `scores[j] + bias[j]` (as many as it holds) and
+/// their `j`, ascending, ties by `j`; a score that is not below `+∞` never
+/// enters (`bias` is `+∞` for a sub-key no memory uses). Scores are compared
+/// a run of `RUN` at a time against the worst kept, which vectorises: once
+/// `out` is full most runs hold nothing that enters.
+fn nearest(scores: &[f32], bias: &[f32], out: &mut Near) {
+    const RUN: usize = 16;
+    let take = out.score.len();
+    out.len = 0;
+    if take == 0 {
+        return;
+    }
+    let mut worst = f32::INFINITY;
+    let mut run = [0.0f32; RUN];
+    for (c, (s, b)) in scores.chunks(RUN).zip(bias.chunks(RUN)).enumerate() {
+        let len = s.len().min(b.len());
+        for ((r, &x), &y) in run.iter_mut().zip(s).zip(b) {
+            *r = x + y;
+        }
+        if !run[..len].iter().fold(false, |any, &x| any | (x < worst)) {
+            continue;
+        }
+        for (i, &x) in run[..len].iter().enumerate() {
+            // Sub-keys come in increasing order: only a strictly lower score
+            // displaces the worst kept (a tie keeps the earlier sub-key).
+            if x >= worst {
+                continue;
+            }
+            let end = if out.len < take {
+                out.len += 1;
+                out.len - 1
+            } else {
+                take - 1
+            };
+            // The place after every kept score not above x, found by reading
+            // only; the rest moves up one from the end (a move never reads
+            // what the one before it wrote).
+            let mut at = end;
+            while at > 0 && out.score[at - 1] > x {
+                at -= 1;
+            }
+            for m in (at + 1..=end).rev() {
+                out.score[m] = out.score[m - 1];
+                out.sub[m] = out.sub[m - 1];
+            }
+            out.score[at] = x;
+            out.sub[at] = (c * RUN + i) as u32;
+            if out.len == take {
+                worst = out.score[take - 1];
+            }
+        }
+    }
 }
 
 /// [`ProductKeys`]' tables as tensors of a device's inner backend.
@@ -313,90 +479,122 @@ impl ProductKeys {
         let (parts, n, split) = (self.parts, self.n, self.split);
         let per = n * n;
         let kh = k.min(n);
-        let rows = m / parts;
-        // Each partition's and half's kh nearest sub-keys in use, by SGEMM
-        // (the 8-bit path's quantisation does not pay for n rows): the
-        // distances and rows of query row r · parts + p at [r · kh..].
-        let mut halves = Vec::with_capacity(parts);
-        for p in 0..parts {
-            let mut near = Vec::with_capacity(2);
-            for h in 0..2 {
-                let w = self.width(h);
-                let lo = if h == 0 { 0 } else { split };
-                let mut qh = Vec::with_capacity(rows * w);
-                for r in 0..rows {
-                    let i = r * parts + p;
-                    qh.extend_from_slice(&q[i * d + lo..i * d + lo + w]);
-                }
-                let used: Vec<bool> = self.uses[h][p * n..(p + 1) * n].iter().map(|&u| u > 0).collect();
-                let table = &self.sub[h][p * n * w..(p + 1) * n * w];
-                near.push(memstore_engine::gemm::topk_sgemm(
-                    self.metric,
-                    &qh,
-                    table,
-                    w,
-                    kh,
-                    Some(&used),
-                )?);
-            }
-            halves.push(near);
-        }
-        // The halves' distances combine into the full one's ranking score
-        // (L2: the sum of squares; inner product: the sum, the distance
-        // being 1 − q·a − q·b = da + db − 1); the k best candidates get the
-        // full key's exact distance, and their keys are put together from
-        // the halves.
-        let score = |x: f32, y: f32| match self.metric {
-            Metric::L2 => x * x + y * y,
-            _ => x + y,
-        };
+        // Ranking scores of a half: L2 ‖a‖² − 2·q·a (a query's own ‖q‖² is
+        // the same for every sub-key), inner product −q·a. The halves'
+        // scores sum to the full key's (squared L2 less ‖q‖²; the inner
+        // product distance less 1), so they rank the k² candidate cells
+        // too; the k best then get the full key's exact distance, and their
+        // keys are put together from the halves.
+        let scale = if self.metric == Metric::L2 { -2.0 } else { -1.0 };
+        // Sub-keys no memory uses score +∞ (never nearest).
+        let bias: [Vec<f32>; 2] = [0, 1].map(|h| {
+            let w = self.width(h);
+            self.sub[h]
+                .chunks(w)
+                .zip(&self.uses[h])
+                .map(|(a, &u)| match (u, self.metric) {
+                    (0, _) => f32::INFINITY,
+                    (_, Metric::L2) => math::dot(a, a),
+                    _ => 0.0,
+                })
+                .collect()
+        });
+        let block = QUERY_BLOCK * parts;
         let (mut dist, mut idx) = (vec![f32::INFINITY; m * k], vec![0i64; m * k]);
         let mut keys = vec![0.0f32; m * k * d];
-        dist.par_chunks_mut(k)
-            .zip(idx.par_chunks_mut(k))
-            .zip(keys.par_chunks_mut(k * d))
+        dist.par_chunks_mut(block * k)
+            .zip(idx.par_chunks_mut(block * k))
+            .zip(keys.par_chunks_mut(block * k * d))
             .enumerate()
-            .for_each_init(
-                || (Vec::with_capacity(kh * kh), vec![0.0f32; d]),
-                |(found, key), (i, ((out_d, out_i), out_k))| {
-                    let (p, r) = (i % parts, i / parts);
-                    let ((da, na), (db, nb)) = (&halves[p][0], &halves[p][1]);
-                    let qi = &q[i * d..(i + 1) * d];
-                    found.clear();
-                    for x in 0..kh {
-                        let a = na[r * kh + x];
-                        if a == u32::MAX {
-                            continue;
-                        }
-                        for y in 0..kh {
-                            let b = nb[r * kh + y];
-                            if b == u32::MAX {
-                                continue;
-                            }
-                            let slot = self.cells[p * per + a as usize * n + b as usize];
-                            if slot >= 0 {
-                                found.push((score(da[r * kh + x], db[r * kh + y]), slot, a, b));
-                            }
-                        }
-                    }
-                    if found.len() > k {
-                        found.select_nth_unstable_by(k - 1, |x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
-                        found.truncate(k);
-                    }
-                    for c in found.iter_mut() {
-                        self.put_key(p, c.2, c.3, key);
-                        c.0 = math::distance(self.metric, qi, key);
-                    }
-                    found.sort_unstable_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
-                    for (j, c) in found.iter().enumerate() {
-                        out_d[j] = c.0;
-                        out_i[j] = c.1;
-                        self.put_key(p, c.2, c.3, &mut out_k[j * d..(j + 1) * d]);
-                    }
-                    // Padding: the partition's first slot.
-                    out_i[found.len()..].fill((p * per) as i64);
+            .try_for_each_init(
+                || HostScratch {
+                    scores: [Vec::new(), Vec::new()],
+                    near: [Near::new(kh), Near::new(kh)],
+                    found: Least::new(k),
+                    best: Vec::with_capacity(k),
+                    key: vec![0.0f32; d],
                 },
-            );
+                |sc, (b, ((bd, bi), bk))| -> Result<()> {
+                    // Rows i0.. of the batch; i0 is a multiple of `parts`, so
+                    // row t of the block lies in partition t % parts.
+                    let (i0, rows) = (b * block, bd.len() / k);
+                    // Every row's scores against its partition's sub-keys:
+                    // one product per partition and half, reading that
+                    // partition's interleaved rows and writing them in place.
+                    for h in 0..2 {
+                        let w = self.width(h);
+                        let lo = if h == 0 { 0 } else { split };
+                        sc.scores[h].resize(rows * n, 0.0);
+                        for p in 0..parts {
+                            let table = &self.sub[h][p * n * w..(p + 1) * n * w];
+                            memstore_engine::gemm::scaled_products(
+                                &q[(i0 + p) * d + lo..(i0 + rows) * d],
+                                parts * d,
+                                rows / parts,
+                                table,
+                                w,
+                                scale,
+                                &mut sc.scores[h][p * n..],
+                                parts * n,
+                            )?;
+                        }
+                    }
+                    for t in 0..rows {
+                        let (i, p) = (i0 + t, t % parts);
+                        let HostScratch {
+                            scores,
+                            near,
+                            found,
+                            best,
+                            key,
+                        } = sc;
+                        for h in 0..2 {
+                            nearest(
+                                &scores[h][t * n..(t + 1) * n],
+                                &bias[h][p * n..(p + 1) * n],
+                                &mut near[h],
+                            );
+                        }
+                        let [na, nb] = near;
+                        // Both halves ascend: once a pair's score is above
+                        // the worst kept, so is every later pair of its row
+                        // (and, for the first of the row, of every later row).
+                        found.clear();
+                        for (sa, a) in na.pairs() {
+                            if nb.first().is_some_and(|sb| found.bound().is_some_and(|w| sa + sb > w)) {
+                                break;
+                            }
+                            for (sb, b) in nb.pairs() {
+                                if found.bound().is_some_and(|w| sa + sb > w) {
+                                    break;
+                                }
+                                let slot = self.cells[p * per + a as usize * n + b as usize];
+                                if slot >= 0 {
+                                    found.offer(sa + sb, (slot, a, b));
+                                }
+                            }
+                        }
+                        // The k best by the full key's exact distance.
+                        let qi = &q[i * d..(i + 1) * d];
+                        best.clear();
+                        best.extend(found.sorted().iter().map(|&(_, (slot, a, b))| {
+                            self.put_key(p, a, b, key);
+                            (math::distance(self.metric, qi, key), slot, a, b)
+                        }));
+                        best.sort_unstable_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+                        let (out_d, out_i) = (&mut bd[t * k..(t + 1) * k], &mut bi[t * k..(t + 1) * k]);
+                        let out_k = &mut bk[t * k * d..(t + 1) * k * d];
+                        for (j, c) in best.iter().enumerate() {
+                            out_d[j] = c.0;
+                            out_i[j] = c.1;
+                            self.put_key(p, c.2, c.3, &mut out_k[j * d..(j + 1) * d]);
+                        }
+                        // Padding: the partition's first slot.
+                        out_i[best.len()..].fill((p * per) as i64);
+                    }
+                    Ok(())
+                },
+            )?;
         // Padding (distance +∞) has no key of its own to put together.
         let keys = dist.iter().all(|x| x.is_finite()).then_some(keys);
         Ok((
