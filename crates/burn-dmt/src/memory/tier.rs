@@ -213,6 +213,11 @@ impl ValueGrad {
         let Some(rows) = self.rows else {
             return inner.select(0, index_on(slots, &device));
         };
+        if rows == slots {
+            // A step's commit asks for the rows its searches retrieved:
+            // the gradient's own rows, in its order.
+            return inner;
+        }
         let zero = rows.len();
         let at: Vec<usize> = slots.iter().map(|s| rows.binary_search(s).unwrap_or(zero)).collect();
         let table = if at.contains(&zero) {
