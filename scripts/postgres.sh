@@ -5,6 +5,7 @@
 #   scripts/postgres.sh start   # installs if needed, starts, prints the URL
 #   scripts/postgres.sh url     # the URL of the running server
 #   scripts/postgres.sh restart # stops and starts it, keeping its data
+#   scripts/postgres.sh halt    # stops it, keeping its data (start resumes)
 #   scripts/postgres.sh stop    # stops it (and its standby), removes their data
 #   scripts/postgres.sh standby # a hot standby streaming from it (started
 #                               # first if needed) on port + 1; prints its URL
@@ -171,6 +172,7 @@ case "${1:-}" in
     start) start ;;
     probe) probe ;;
     stop) stop ;;
+    halt) halt ;;
     restart)
         halt
         start >/dev/null
@@ -178,7 +180,7 @@ case "${1:-}" in
     url) url ;;
     standby) standby ;;
     *)
-        echo "usage: scripts/postgres.sh start|stop|restart|url|standby|probe" >&2
+        echo "usage: scripts/postgres.sh start|stop|restart|halt|url|standby|probe" >&2
         exit 2
         ;;
 esac
