@@ -299,28 +299,7 @@ pub fn topk_sgemm(
                 while c0 < hi {
                     let cols = KCHUNK.min(hi - c0);
                     // buf[r, j] = scale · q_r · k_(c0 + j).
-                    // SAFETY: the pointers and strides describe `q` (rows ×
-                    // dim), the key rows c0..c0 + cols read as their transpose
-                    // (dim × cols) and `buf` (rows × cols), all in bounds; beta
-                    // = 0 so `buf`'s old contents are unused.
-                    unsafe {
-                        matrixmultiply::sgemm(
-                            rows,
-                            dim,
-                            cols,
-                            scale,
-                            q.as_ptr(),
-                            dim as isize,
-                            1,
-                            ks[c0 * dim..].as_ptr(),
-                            1,
-                            dim as isize,
-                            0.0,
-                            buf.as_mut_ptr(),
-                            cols as isize,
-                            1,
-                        );
-                    }
+                    scaled_products(q, dim, rows, &ks[c0 * dim..(c0 + cols) * dim], dim, scale, buf, cols)?;
                     for (row, heap) in heaps.iter_mut().enumerate() {
                         let scores = &mut buf[row * cols..(row + 1) * cols];
                         select(
@@ -334,10 +313,10 @@ pub fn topk_sgemm(
                     }
                     c0 += cols;
                 }
-                heaps.into_iter().map(BinaryHeap::into_vec).collect()
+                Ok(heaps.into_iter().map(BinaryHeap::into_vec).collect())
             },
         )
-        .collect();
+        .collect::<Result<_>>()?;
     let mut dist = vec![f32::INFINITY; m * k];
     let mut idx = vec![u32::MAX; m * k];
     dist.par_chunks_mut(k)
