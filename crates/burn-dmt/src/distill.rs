@@ -17,6 +17,7 @@
 //! stores) and `--eval-only` rebuilds the student from it.
 
 use rand_core::SeedableRng as _;
+use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -303,14 +304,6 @@ pub struct LayerStep {
     /// Share of the memories held that were retrieved since the previous
     /// logged step (recorded at logged steps only).
     pub retrieved: Option<f64>,
-}
-
-/// Block `i`'s device tier.
-fn tier_of(student: &mut Gpt2, i: usize) -> Result<&mut crate::memory::tier::DeviceMemory> {
-    student
-        .feed_forward_mut(i)
-        .and_then(FeedForward::memory_mut)
-        .ok_or_else(|| DmtError::InvalidArgument(format!("block {i} has no memory to commit to")))
 }
 
 /// Wall time of the training loop by phase, summed over the steps of one
@@ -1797,28 +1790,50 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
                 step + 1
             )));
         }
-        let mut batch = HostReads::new();
-        let mut planned = Vec::with_capacity(gathered.len());
+        // The layers' later stages run side by side on the CPU: each changes
+        // its own tier only (host work there: the accesses, the value rows'
+        // deltas recorded and added, the store's batch), and each plans into
+        // its own batch of reads, all read in one transfer. On a GPU the
+        // stages queue device work and run one after another.
+        let parallel = on_cpu(&device);
+        let mut tiers: Vec<Option<&mut DeviceMemory>> = student.h.iter_mut().map(|b| b.mlp.memory_mut()).collect();
+        let mut jobs = Vec::with_capacity(gathered.len());
         for (i, evicted_before, g) in gathered {
-            let tier = tier_of(&mut student, i)?;
-            planned.push((i, evicted_before, tier.commit_plan(g, &found, &mut batch)?));
+            let tier = tiers
+                .get_mut(i)
+                .and_then(Option::take)
+                .ok_or_else(|| DmtError::InvalidArgument(format!("block {i} has no memory to commit to")))?;
+            jobs.push((i, evicted_before, g, tier));
         }
-        let rows = batch.read()?;
-        for (i, evicted_before, p) in planned {
-            let tier = tier_of(&mut student, i)?;
+        let planned = each_layer(jobs, parallel, |(i, evicted_before, g, tier)| {
+            let mut reads = HostReads::new();
+            let p = tier.commit_plan(g, &found, &mut reads)?;
+            Ok(((i, evicted_before, p, tier), reads))
+        })
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+        let (jobs, layer_reads): (Vec<_>, Vec<_>) = planned.into_iter().unzip();
+        let rows = HostReads::read_all(layer_reads)?;
+        let jobs: Vec<_> = jobs.into_iter().zip(rows).collect();
+        let finished = each_layer(jobs, parallel, |((i, evicted_before, p, tier), rows)| {
             let done = tier.commit_finish(p, &rows)?;
-            inserted += done.inserted;
-            memory.push(LayerStep {
+            let step = LayerStep {
                 block: i,
                 rows: tier.len(),
                 inserted: done.inserted,
                 merged: done.merged,
                 evicted: (tier.counters().evicted - evicted_before) as usize,
                 retrieved: logging.then(|| tier.take_retrieved_share()),
-            });
-            if let Some(batch) = tier.take_changes() {
-                batches.push((i, batch));
+            };
+            Ok::<_, DmtError>((step, tier.take_changes()))
+        });
+        for done in finished {
+            let (step, changes) = done?;
+            inserted += step.inserted;
+            if let Some(batch) = changes {
+                batches.push((step.block, batch));
             }
+            memory.push(step);
         }
         lap.lap(5)?;
         for (i, batch) in batches {
@@ -1982,6 +1997,16 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
 /// 26,000–48,000 in a group (the main job's shape with product keys), so a
 /// group writes 7–9× fewer rows than its steps would one by one.
 const WRITE_GROUP: usize = 32;
+
+/// `f` of each item, in order: on rayon's pool when `parallel`, else one
+/// after another on this thread.
+fn each_layer<T: Send, R: Send>(items: Vec<T>, parallel: bool, f: impl Fn(T) -> R + Send + Sync) -> Vec<R> {
+    if parallel {
+        items.into_par_iter().map(f).collect()
+    } else {
+        items.into_iter().map(f).collect()
+    }
+}
 
 /// A writer for each open store (none for a block without one), in groups
 /// of [`WRITE_GROUP`], without a journal; `dir` names the stores in errors.

@@ -2,7 +2,8 @@
 //! accesses of what the searches found, apply the sparse value update to
 //! those rows, recombine close observations with their neighbours, insert
 //! novel ones — and several tiers' commits share two reads from the
-//! device. This file holds one test so that the process-wide read counter
+//! device, whether their second stages gather into one batch or each into
+//! its own ([`HostReads::read_all`]). This file holds one test so that the process-wide read counter
 //! sees no other test's reads.
 
 use burn_dmt::burn::tensor::{Device, Tensor, TensorData};
@@ -188,18 +189,40 @@ fn tiers_commit_together_in_two_reads_as_each_would_alone() {
             .map(|(t, r)| t.commit_gather(r, &mut batch).unwrap())
             .collect();
         let found = batch.read().unwrap();
-        let mut batch = HostReads::new();
-        let planned: Vec<_> = tiers
-            .iter_mut()
-            .zip(gathered)
-            .map(|(t, g)| t.commit_plan(g, &found, &mut batch).unwrap())
-            .collect();
-        let rows_read = batch.read().unwrap();
-        let counts: Vec<CommitCounts> = tiers
-            .iter_mut()
-            .zip(planned)
-            .map(|(t, p)| t.commit_finish(p, &rows_read).unwrap())
-            .collect();
+        let counts: Vec<CommitCounts> = if tick % 2 == 0 {
+            // One batch for every tier's second stage.
+            let mut batch = HostReads::new();
+            let planned: Vec<_> = tiers
+                .iter_mut()
+                .zip(gathered)
+                .map(|(t, g)| t.commit_plan(g, &found, &mut batch).unwrap())
+                .collect();
+            let rows_read = batch.read().unwrap();
+            tiers
+                .iter_mut()
+                .zip(planned)
+                .map(|(t, p)| t.commit_finish(p, &rows_read).unwrap())
+                .collect()
+        } else {
+            // A batch per tier (as tiers that plan side by side gather),
+            // read together, with an empty batch among them.
+            let (mut planned, mut batches) = (Vec::new(), Vec::new());
+            for (t, g) in tiers.iter_mut().zip(gathered) {
+                let mut batch = HostReads::new();
+                planned.push(t.commit_plan(g, &found, &mut batch).unwrap());
+                batches.push(batch);
+            }
+            batches.insert(1, HostReads::new());
+            let mut rows_read = HostReads::read_all(batches).unwrap();
+            assert_eq!(rows_read.len(), 4);
+            rows_read.remove(1);
+            tiers
+                .iter_mut()
+                .zip(planned)
+                .zip(&rows_read)
+                .map(|((t, p), r)| t.commit_finish(p, r).unwrap())
+                .collect()
+        };
         assert_eq!(burn_dmt::host_reads() - before, 2, "three tiers, two reads");
 
         assert_eq!(counts, expected, "step {tick}");

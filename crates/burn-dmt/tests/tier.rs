@@ -563,6 +563,8 @@ fn tier_refuses_bad_input_without_changing() {
     assert!(tier.is_empty() && !tier.has_changes());
     tier.fill(&[0.0; 8], &[0.0; 6], 1).unwrap();
     assert!(tier.touch(&[3], 1).is_err(), "empty slot");
+    assert!(tier.touch(&[0, 0, 9, 1], 1).is_err(), "a slot out of range");
+    assert!(tier.touch(&[1, 3, 0], 1).is_err(), "an empty slot after full ones");
     assert!(tier.touch(&[0], 2).is_err(), "a batch carries one tick");
     let b = tier.take_changes().unwrap();
     assert_eq!((b.seq, b.first_id, b.insert_keys.len()), (1, 1, 8));

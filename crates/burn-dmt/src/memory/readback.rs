@@ -4,10 +4,13 @@
 //! each memory layer's search results, new rows and value deltas apart
 //! would wait a few times per layer and step. [`HostReads`] gathers the
 //! tensors of one stage of a step, flattened, and reads them in one
-//! concatenated transfer ([`HostReads::read`]); [`HostValues::get`] hands
-//! back each tensor's floats. Integer tensors travel as floats
+//! concatenated transfer ([`HostReads::read`]; several batches, gathered
+//! by layers side by side, in one: [`HostReads::read_all`]);
+//! [`HostValues::get`] hands back each tensor's floats. Integer tensors travel as floats
 //! ([`HostReads::push_int`]), which is exact for magnitudes below 2²⁴:
 //! callers with larger integers read them apart.
+
+use std::sync::Arc;
 
 use burn::tensor::{Device, Int, Tensor};
 
@@ -85,20 +88,67 @@ impl HostReads {
                 data.len()
             )));
         }
-        Ok(HostValues { data })
+        let len = data.len();
+        Ok(HostValues {
+            data: Arc::new(data),
+            start: 0,
+            len,
+        })
+    }
+
+    /// Reads several batches in one transfer, each batch's spans still its
+    /// own (`HostValues` in the order of `batches`): for a stage whose
+    /// layers gather side by side, each into its own batch. Every tensor of
+    /// every batch must be on one device.
+    pub fn read_all(batches: Vec<HostReads>) -> Result<Vec<HostValues>> {
+        let mut joined = HostReads::new();
+        let mut lens = Vec::with_capacity(batches.len());
+        for b in batches {
+            if let (Some(d), Some(e)) = (&joined.device, &b.device)
+                && d != e
+            {
+                return Err(DmtError::InvalidArgument(format!(
+                    "one read-back gathers tensors of {d:?} and {e:?}"
+                )));
+            }
+            if joined.device.is_none() {
+                joined.device = b.device;
+            }
+            lens.push(b.len);
+            joined.parts.extend(b.parts);
+            joined.len += b.len;
+        }
+        let all = joined.read()?;
+        let mut start = 0;
+        Ok(lens
+            .into_iter()
+            .map(|len| {
+                let part = HostValues {
+                    data: Arc::clone(&all.data),
+                    start,
+                    len,
+                };
+                start += len;
+                part
+            })
+            .collect())
     }
 }
 
-/// What one [`HostReads::read`] returned.
+/// What one [`HostReads::read`] returned (or one batch of a
+/// [`HostReads::read_all`], which shares the transfer's floats).
 #[derive(Debug, Default)]
 pub struct HostValues {
-    data: Vec<f32>,
+    data: Arc<Vec<f32>>,
+    start: usize,
+    len: usize,
 }
 
 impl HostValues {
     /// The floats of the tensor pushed as `span` (a span of the batch that
     /// was read).
     pub fn get(&self, span: Span) -> &[f32] {
-        &self.data[span.start..span.start + span.len]
+        let mine = &self.data[self.start..self.start + self.len];
+        &mine[span.start..span.start + span.len]
     }
 }

@@ -370,6 +370,9 @@ pub struct DeviceMemory {
     touches: Vec<u64>,
     /// Sum of `touches`.
     touched: u64,
+    /// Scratch of [`DeviceMemory::touch`]: per slot, its accesses in the
+    /// call; all zero between calls (empty until the first).
+    hits: Vec<u32>,
     trainable_values: bool,
     /// Values changed for an evaluation ([`DeviceMemory::with_ablated_values`]):
     /// the tier no longer describes its store and refuses to learn.
@@ -434,6 +437,7 @@ impl DeviceMemory {
             },
             touches: vec![0; capacity],
             touched: 0,
+            hits: Vec::new(),
             trainable_values: false,
             capacity,
             parts: 1,
@@ -1076,37 +1080,92 @@ impl DeviceMemory {
     /// repeated slot is accessed repeatedly). Nothing changes when a slot is
     /// empty.
     pub fn touch(&mut self, slots: &[usize], tick: Tick) -> Result<()> {
+        self.touch_distinct(slots, tick).map(|_| ())
+    }
+
+    /// [`DeviceMemory::touch`], returning the distinct slots named
+    /// (ascending, protected ones included). The accesses are counted per
+    /// slot first and the slots' records then updated in slot order, so each
+    /// record is read once and in sequence: a step names tens of thousands
+    /// of slots, and at random the records of a large table (a product-key
+    /// table's 65,536 slots hold megabytes of them) miss the cache at every
+    /// access. A slot's accesses are still applied one by one, so its LRFU
+    /// arithmetic is the same as in call order (the store's; different
+    /// slots' accesses do not interact).
+    fn touch_distinct(&mut self, slots: &[usize], tick: Tick) -> Result<Vec<usize>> {
         self.check_writable()?;
         if slots.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         self.check_tick(tick)?;
-        if let Some(s) = slots.iter().find(|&&s| self.id(s).is_none()) {
-            return Err(DmtError::InvalidArgument(format!("slot {s} is empty")));
+        if u32::try_from(slots.len()).is_err() {
+            return Err(DmtError::InvalidArgument(format!(
+                "{} accesses in one touch (at most {})",
+                slots.len(),
+                u32::MAX
+            )));
         }
-        let kept: Vec<usize>;
-        let slots = if self.source.is_some() {
-            kept = slots
-                .iter()
-                .copied()
-                .filter(|&s| self.id(s).is_some_and(|id| !self.protected(id)))
-                .collect();
-            &kept[..]
-        } else {
-            slots
+        // The scratch is all zero between calls; taken out while in use.
+        let mut hits = std::mem::take(&mut self.hits);
+        hits.resize(self.capacity, 0);
+        let distinct = self.count_hits(slots, &mut hits);
+        let distinct = match distinct {
+            Ok(d) => d,
+            Err(e) => {
+                for &s in slots {
+                    if let Some(h) = hits.get_mut(s) {
+                        *h = 0;
+                    }
+                }
+                self.hits = hits;
+                return Err(e);
+            }
         };
         let lambda = self.config.eviction.lambda();
-        for &s in slots {
+        for &s in &distinct {
+            if self.source.is_some() && self.id(s).is_some_and(|id| self.protected(id)) {
+                continue;
+            }
+            let n = hits[s];
             self.retrieved[s] = true;
-            let (crf, last) = math::access(lambda, self.crf[s], self.last_access[s], tick);
+            let (mut crf, mut last) = (self.crf[s], self.last_access[s]);
+            for _ in 0..n {
+                (crf, last) = math::access(lambda, crf, last, tick);
+            }
             self.crf[s] = crf;
             self.last_access[s] = last;
-            self.access_count[s] = self.access_count[s].saturating_add(1);
-            self.touches[s] += 1;
+            self.access_count[s] = self.access_count[s].saturating_add(u64::from(n));
+            self.touches[s] += u64::from(n);
+            self.touched += u64::from(n);
         }
-        self.touched += slots.len() as u64;
+        for &s in &distinct {
+            hits[s] = 0;
+        }
+        self.hits = hits;
         self.pending.tick = self.pending.tick.max(tick);
-        Ok(())
+        Ok(distinct)
+    }
+
+    /// Counts each slot's accesses among `slots` into `hits` (all zero on
+    /// entry) and returns the slots named, ascending; an error when a slot
+    /// is out of range or empty.
+    fn count_hits(&self, slots: &[usize], hits: &mut [u32]) -> Result<Vec<usize>> {
+        for &s in slots {
+            let h = hits
+                .get_mut(s)
+                .ok_or_else(|| DmtError::InvalidArgument(format!("slot {s} of {}", self.capacity)))?;
+            *h += 1;
+        }
+        let mut distinct = Vec::new();
+        for (s, &n) in hits.iter().enumerate() {
+            if n > 0 {
+                if self.id(s).is_none() {
+                    return Err(DmtError::InvalidArgument(format!("slot {s} is empty")));
+                }
+                distinct.push(s);
+            }
+        }
+        Ok(distinct)
     }
 
     /// The gradient of the trainable values after a backward pass (removed
@@ -1520,10 +1579,10 @@ impl DeviceMemory {
                 novel_rows.push((spans, at(i), i % self.parts));
             }
         }
-        self.touch(&touched, tick)?;
+        let named = self.touch_distinct(&touched, tick)?;
         let mut update = None;
         if let Some((g, lr)) = value_grad {
-            let rows = self.value_rows(&touched);
+            let rows: Vec<usize> = named.into_iter().filter(|&s| self.valid[s]).collect();
             if !rows.is_empty() {
                 let (idx, delta) = self.value_delta(g, lr, &rows);
                 let span = reads.push(delta.clone())?;
