@@ -3,8 +3,8 @@
 //! those rows, recombine close observations with their neighbours, insert
 //! novel ones — and several tiers' commits share two reads from the
 //! device, whether their second stages gather into one batch or each into
-//! its own ([`HostReads::read_all`]). This file holds one test so that the process-wide read counter
-//! sees no other test's reads.
+//! its own ([`HostReads::read_all`]). This file holds one test so that the
+//! process-wide read counter sees no other test's reads.
 
 use burn_dmt::burn::tensor::{Device, Tensor, TensorData};
 use burn_dmt::memory::readback::HostReads;

@@ -6,9 +6,9 @@
 //! tensors of one stage of a step, flattened, and reads them in one
 //! concatenated transfer ([`HostReads::read`]; several batches, gathered
 //! by layers side by side, in one: [`HostReads::read_all`]);
-//! [`HostValues::get`] hands back each tensor's floats. Integer tensors travel as floats
-//! ([`HostReads::push_int`]), which is exact for magnitudes below 2²⁴:
-//! callers with larger integers read them apart.
+//! [`HostValues::get`] hands back each tensor's floats. Integer tensors
+//! travel as floats ([`HostReads::push_int`]), which is exact for
+//! magnitudes below 2²⁴: callers with larger integers read them apart.
 
 use std::sync::Arc;
 
@@ -52,19 +52,25 @@ impl HostReads {
             return Ok(span);
         }
         let t = t.inner();
-        let device = t.device().inner();
-        match &self.device {
-            Some(d) if *d != device => {
-                return Err(DmtError::InvalidArgument(format!(
-                    "one read-back gathers tensors of {d:?} and {device:?}"
-                )));
-            }
-            Some(_) => {}
-            None => self.device = Some(device),
-        }
+        self.on_device(t.device().inner())?;
         self.parts.push(t.reshape([n]));
         self.len += n;
         Ok(span)
+    }
+
+    /// Takes note of the device of a tensor gathered: every tensor of one
+    /// batch must be on one device.
+    fn on_device(&mut self, device: Device) -> Result<()> {
+        match &self.device {
+            Some(d) if *d != device => Err(DmtError::InvalidArgument(format!(
+                "one read-back gathers tensors of {d:?} and {device:?}"
+            ))),
+            Some(_) => Ok(()),
+            None => {
+                self.device = Some(device);
+                Ok(())
+            }
+        }
     }
 
     /// Gathers an integer tensor as floats; its values must lie within
@@ -104,15 +110,8 @@ impl HostReads {
         let mut joined = HostReads::new();
         let mut lens = Vec::with_capacity(batches.len());
         for b in batches {
-            if let (Some(d), Some(e)) = (&joined.device, &b.device)
-                && d != e
-            {
-                return Err(DmtError::InvalidArgument(format!(
-                    "one read-back gathers tensors of {d:?} and {e:?}"
-                )));
-            }
-            if joined.device.is_none() {
-                joined.device = b.device;
+            if let Some(device) = b.device {
+                joined.on_device(device)?;
             }
             lens.push(b.len);
             joined.parts.extend(b.parts);

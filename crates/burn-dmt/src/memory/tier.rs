@@ -370,9 +370,6 @@ pub struct DeviceMemory {
     touches: Vec<u64>,
     /// Sum of `touches`.
     touched: u64,
-    /// Scratch of [`DeviceMemory::touch`]: per slot, its accesses in the
-    /// call; all zero between calls (empty until the first).
-    hits: Vec<u32>,
     trainable_values: bool,
     /// Values changed for an evaluation ([`DeviceMemory::with_ablated_values`]):
     /// the tier no longer describes its store and refuses to learn.
@@ -437,7 +434,6 @@ impl DeviceMemory {
             },
             touches: vec![0; capacity],
             touched: 0,
-            hits: Vec::new(),
             trainable_values: false,
             capacity,
             parts: 1,
@@ -1105,22 +1101,8 @@ impl DeviceMemory {
                 u32::MAX
             )));
         }
-        // The scratch is all zero between calls; taken out while in use.
-        let mut hits = std::mem::take(&mut self.hits);
-        hits.resize(self.capacity, 0);
-        let distinct = self.count_hits(slots, &mut hits);
-        let distinct = match distinct {
-            Ok(d) => d,
-            Err(e) => {
-                for &s in slots {
-                    if let Some(h) = hits.get_mut(s) {
-                        *h = 0;
-                    }
-                }
-                self.hits = hits;
-                return Err(e);
-            }
-        };
+        let mut hits = vec![0u32; self.capacity];
+        let distinct = self.count_hits(slots, &mut hits)?;
         let lambda = self.config.eviction.lambda();
         for &s in &distinct {
             if self.source.is_some() && self.id(s).is_some_and(|id| self.protected(id)) {
@@ -1138,16 +1120,12 @@ impl DeviceMemory {
             self.touches[s] += u64::from(n);
             self.touched += u64::from(n);
         }
-        for &s in &distinct {
-            hits[s] = 0;
-        }
-        self.hits = hits;
         self.pending.tick = self.pending.tick.max(tick);
         Ok(distinct)
     }
 
-    /// Counts each slot's accesses among `slots` into `hits` (all zero on
-    /// entry) and returns the slots named, ascending; an error when a slot
+    /// Counts each slot's accesses among `slots` into `hits` (zeroed, one
+    /// per slot) and returns the slots named, ascending; an error when a slot
     /// is out of range or empty.
     fn count_hits(&self, slots: &[usize], hits: &mut [u32]) -> Result<Vec<usize>> {
         for &s in slots {
