@@ -37,7 +37,7 @@ use crate::loss::{LossKernel, tied_loss};
 use crate::memory::associative::AssociativeMemory;
 use crate::memory::device::on_cpu;
 use crate::memory::featural::{FeaturalMemory, unit_rows};
-use crate::memory::journal::{Group, WriteBehind};
+use crate::memory::journal::{AfterDone, Group, WriteBehind};
 use crate::memory::keyvalue::KeyValueMemory;
 use crate::memory::layers::{LayerKind, MemoryInit, parse_layers};
 use crate::memory::product::fit_grid;
@@ -874,6 +874,60 @@ struct Checkpoint {
     dir: String,
 }
 
+/// A checkpoint whose weights are saved and whose store copies run on the
+/// stores' writers ([`WriteBehind::after`]: each once its store holds
+/// every change up to the checkpoint's step). It becomes the run's
+/// checkpoint ([`PendingCheckpoint::complete`]: `checkpoint.json` names it)
+/// only after every copy has finished, so a crash before that resumes from
+/// the checkpoint before it.
+struct PendingCheckpoint {
+    /// `checkpoint.json`'s contents.
+    text: String,
+    /// The checkpoint's folder name under `checkpoints/`.
+    name: String,
+    /// That folder.
+    dir: PathBuf,
+    /// The store copies' results, block by block.
+    copies: Vec<AfterDone>,
+}
+
+impl PendingCheckpoint {
+    /// Whether every store copy has finished (without waiting).
+    fn is_done(&mut self) -> bool {
+        self.copies.iter_mut().all(AfterDone::is_done)
+    }
+
+    /// Waits for the store copies, then writes `checkpoint.json` naming this
+    /// checkpoint and removes the others. A copy that failed because its
+    /// writer stopped reports the writer's error (the writers are finished).
+    fn complete(self, run_dir: &Path, writers: &mut [Option<WriteBehind>]) -> Result<()> {
+        let mut copied = Ok(());
+        for copy in self.copies {
+            let done = copy.wait();
+            if copied.is_ok() {
+                copied = done;
+            }
+        }
+        if let Err(e) = copied {
+            WriteBehind::finish_all(writers.iter_mut().filter_map(Option::take))?;
+            return Err(DmtError::Checkpoint {
+                path: self.dir,
+                message: format!("a store's copy did not finish: {e}"),
+            });
+        }
+        crate::loader::write_atomic(&run_dir.join("checkpoint.json"), self.text.as_bytes())?;
+        for e in std::fs::read_dir(run_dir.join("checkpoints"))
+            .map_err(io(run_dir))?
+            .flatten()
+        {
+            if e.file_name().to_string_lossy() != self.name.as_str() {
+                std::fs::remove_dir_all(e.path()).map_err(io(&e.path()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Removes a write-behind journal of block `block` left in the run
 /// directory: the checkpoint being restored supersedes its batches (the
 /// run's own writers keep no journal; see [`WRITE_GROUP`]).
@@ -1656,6 +1710,7 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
             .map_err(|e| DmtError::Store(memstore_api::Error::Storage(Box::new(e))))??;
     }
     let mut writers = start_writers(&stores, &loc.dir(run_dir))?;
+    let mut pending: Option<PendingCheckpoint> = None;
     set_learning(&mut student, true);
     student.set_precision(opts.precision)?;
     // Reduced precision scales the loss, so every gradient, by a constant;
@@ -1875,39 +1930,33 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
             }
         }
         let checkpoint_start = Instant::now();
+        // A checkpoint whose copies are done is made the run's.
+        if pending.as_mut().is_some_and(PendingCheckpoint::is_done)
+            && let Some(p) = pending.take()
+        {
+            p.complete(run_dir, &mut writers)?;
+        }
         if (step + 1) % opts.checkpoint_every.max(1) == 0 || step + 1 == opts.steps {
-            // The stores must hold every change up to here before they are
-            // copied; their writers catch up side by side.
-            WriteBehind::finish_all(writers.iter_mut().filter_map(Option::take))?;
+            if let Some(p) = pending.take() {
+                p.complete(run_dir, &mut writers)?;
+            }
             let name = format!("step-{:07}", step + 1);
             let cdir = run_dir.join("checkpoints").join(&name);
             if cdir.exists() {
                 std::fs::remove_dir_all(&cdir).map_err(io(&cdir))?;
             }
             std::fs::create_dir_all(&cdir).map_err(io(&cdir))?;
-            // The stores are copied side by side.
-            let copies: Vec<_> = stores
-                .iter()
-                .enumerate()
-                .filter_map(|(i, st)| {
-                    st.as_ref()
-                        .map(|st| rt.spawn(st.backup_task(cdir.join(loc.checkpoint_name(i)))))
-                })
-                .collect();
-            let mut copied = Ok(());
-            for task in copies {
-                let done = rt
-                    .block_on(task)
-                    .map_err(|e| DmtError::Checkpoint {
-                        path: cdir.clone(),
-                        message: format!("a store's copy did not finish: {e}"),
-                    })
-                    .and_then(|r| r);
-                if copied.is_ok() {
-                    copied = done;
-                }
+            // Each store is copied on its writer's thread once it holds
+            // every change up to here, while the loop goes on.
+            let mut copies = Vec::new();
+            for (i, st) in stores.iter().enumerate() {
+                let Some(st) = st else { continue };
+                let w = writers
+                    .get_mut(i)
+                    .and_then(Option::as_mut)
+                    .ok_or_else(|| DmtError::InvalidArgument(format!("block {i}'s memory has no store writer")))?;
+                copies.push(w.after(Box::pin(st.backup_task(cdir.join(loc.checkpoint_name(i)))))?);
             }
-            copied?;
             let mut layouts = Vec::with_capacity(config.n_layer);
             for (i, store) in stores.iter().enumerate() {
                 let tier = student.feed_forward_mut(i).and_then(FeedForward::memory_mut);
@@ -1925,22 +1974,27 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
                 dir: name.clone(),
             };
             let text = serde_json::to_string(&cp).map_err(|e| DmtError::InvalidArgument(e.to_string()))?;
-            crate::loader::write_atomic(&run_dir.join("checkpoint.json"), text.as_bytes())?;
-            for e in std::fs::read_dir(run_dir.join("checkpoints"))
-                .map_err(io(run_dir))?
-                .flatten()
-            {
-                if e.file_name().to_string_lossy() != name.as_str() {
-                    std::fs::remove_dir_all(e.path()).map_err(io(&e.path()))?;
-                }
-            }
-            writers = start_writers(&stores, &loc.dir(run_dir))?;
+            pending = Some(PendingCheckpoint {
+                text,
+                name,
+                dir: cdir,
+                copies,
+            });
         }
-        times.seconds[7] += checkpoint_start.elapsed().as_secs_f64();
         if opts.halt_after == Some(step + 1) {
+            if let Some(p) = pending.take() {
+                p.complete(run_dir, &mut writers)?;
+            }
             return Err(DmtError::Halted { step: step + 1 });
         }
+        times.seconds[7] += checkpoint_start.elapsed().as_secs_f64();
     }
+    // The run's last checkpoint is part of its training time.
+    let last_start = Instant::now();
+    if let Some(p) = pending.take() {
+        p.complete(run_dir, &mut writers)?;
+    }
+    times.seconds[7] += last_start.elapsed().as_secs_f64();
     let done = opts.steps.saturating_sub(first_step);
     let train_tps = (done * opts.batch * seq) as f64 / start.elapsed().as_secs_f64().max(1e-9);
     WriteBehind::finish_all(writers.into_iter().flatten())?;
@@ -1986,7 +2040,9 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
 /// Training steps whose memory changes a layer's store writer applies in
 /// one transaction ([`WriteBehind`]; fewer when they hold
 /// [`crate::memory::journal::GROUP_BYTES`]: [`Group::of`]). The store lags
-/// by up to 31 steps and catches up at each checkpoint and at the end.
+/// by up to 31 steps (a full queue of another group's batches holds the
+/// loop back); at a checkpoint each writer applies what it holds and then
+/// copies its store on its own thread ([`PendingCheckpoint`]).
 /// The writers keep no journal ([`WriteBehind::unjournaled`]): a run
 /// recovers from its last checkpoint, whose store copies are taken with
 /// the weights, so after a crash the steps since that checkpoint are lost

@@ -11,7 +11,8 @@ use burn_dmt::memory::journal::{Group, Journal, WriteBehind, crc32, decode, enco
 use burn_dmt::memory::tier::DeviceMemory;
 use memstore_api::testkit::util::{Rng, dump};
 use memstore_api::{
-    ChangeBatch, EvictionPolicy, InMemoryStore, Memory, MemoryConfig, MemoryId, MemoryStore, Metric, Stats,
+    ChangeBatch, DurableStore, EvictionPolicy, InMemoryStore, Memory, MemoryConfig, MemoryId, MemoryStore, Metric,
+    Stats,
 };
 use std::collections::BTreeMap;
 
@@ -285,6 +286,84 @@ async fn unjournaled_write_behind_ends_where_batch_by_batch_ends() {
     let err = w.finish().unwrap_err().to_string();
     assert!(err.contains("out of order"), "{err}");
     assert_eq!(dump(store.as_ref()).await, want, "a refused batch changed the store");
+}
+
+/// A task queued after some batches ([`WriteBehind::after`]) runs on the
+/// writer's thread once the store holds exactly those batches: a backup it
+/// takes opens as the store after them (the group they began is closed
+/// early), while the batches submitted after the task reach the store
+/// afterwards. A failing task reports its error and the writer goes on; a
+/// task behind a batch the store refuses reports that its writer stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_behind_runs_a_task_after_the_batches_before_it() {
+    let (batches, want) = batches_applied_one_by_one(13, 9).await;
+    let at = 6;
+    let reference = InMemoryStore::new(config()).unwrap();
+    for b in &batches[..at] {
+        reference.apply(b).await.unwrap();
+    }
+    let want_at = dump(&reference).await;
+    assert_ne!(want_at, want, "the later batches change the store");
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(sqlite_store(dir.path().join("m.db"), config()).await.unwrap());
+    let mut w = WriteBehind::unjournaled(store.clone(), Group::of(4), dir.path()).unwrap();
+    for b in batches[..at].iter().cloned() {
+        w.submit(b).unwrap();
+    }
+    let copy = dir.path().join("copy.db");
+    let (st, dest) = (store.clone(), copy.clone());
+    let mut done = w
+        .after(Box::pin(async move { Ok(st.backup_to(&dest).await?) }))
+        .unwrap();
+    let failing = w
+        .after(Box::pin(async {
+            Err(burn_dmt::DmtError::InvalidArgument("a task that fails".into()))
+        }))
+        .unwrap();
+    for b in batches[at..].iter().cloned() {
+        w.submit(b).unwrap();
+    }
+    assert_eq!(w.finish().unwrap(), batches.len() as u64);
+    assert!(done.is_done(), "a finished writer ran its task");
+    done.wait().unwrap();
+    let err = failing.wait().unwrap_err().to_string();
+    assert!(err.contains("a task that fails"), "{err}");
+    assert_eq!(dump(store.as_ref()).await, want);
+    let copied = sqlite_store(copy, config()).await.unwrap();
+    assert_eq!(
+        dump(&copied).await,
+        want_at,
+        "the copy is not the store after the batches before it"
+    );
+
+    // A writer stopped by a refused batch does not run the task behind it.
+    let mut w = WriteBehind::unjournaled(store.clone(), Group::of(1), dir.path()).unwrap();
+    let mut stale = batches[0].clone();
+    stale.seq = 1;
+    w.submit(stale).unwrap();
+    let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = ran.clone();
+    let behind = w.after(Box::pin(async move {
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }));
+    match behind {
+        // Queued before the writer stopped: `finish` reports the store's
+        // error, the task that it was not run.
+        Ok(behind) => {
+            let err = w.finish().unwrap_err().to_string();
+            assert!(err.contains("out of order"), "{err}");
+            let stopped = behind.wait().unwrap_err().to_string();
+            assert!(stopped.contains("stopped"), "{stopped}");
+        }
+        // The writer had stopped: queueing reports the store's error.
+        Err(e) => assert!(e.to_string().contains("out of order"), "{e}"),
+    }
+    assert!(
+        !ran.load(std::sync::atomic::Ordering::SeqCst),
+        "a stopped writer ran a task"
+    );
 }
 
 /// A group closes early once its batches hold the group's byte bound: with

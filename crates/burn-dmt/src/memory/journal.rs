@@ -26,12 +26,17 @@
 //! the stores are copied with the weights, and a resumed run restores the
 //! copies) starts the writer without a journal ([`WriteBehind::unjournaled`]):
 //! the group transactions stay, the per-step `fsync` of megabytes goes.
+//! Such a caller takes its checkpoint's store copies on the writers' threads
+//! ([`WriteBehind::after`]): each copy runs once its store holds every batch
+//! submitted before it, while the training loop goes on with later steps.
 
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError, channel, sync_channel};
 use std::thread::JoinHandle;
 
 use memstore_api::{ChangeBatch, InsertMeta, MemoryStore};
@@ -466,6 +471,58 @@ fn held_bytes(b: &ChangeBatch) -> usize {
     8 * ids + 4 * floats + names
 }
 
+/// Work for a writer's thread, in submission order.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "batches are nearly every message; boxing them would allocate per step to shrink a queue slot"
+)]
+enum Msg {
+    /// A batch for the store.
+    Batch(ChangeBatch),
+    /// A task to run once the store holds every batch before it, and where
+    /// its result goes.
+    After(Task, Sender<Result<()>>),
+}
+
+/// A task a writer runs on its thread ([`WriteBehind::after`]).
+pub type Task = Pin<Box<dyn Future<Output = Result<()>> + Send + 'static>>;
+
+/// The result of a task handed to a writer ([`WriteBehind::after`]).
+pub struct AfterDone {
+    rx: Receiver<Result<()>>,
+    result: Option<Result<()>>,
+}
+
+impl AfterDone {
+    /// Whether the task has run (or its writer stopped without running
+    /// it), without waiting.
+    pub fn is_done(&mut self) -> bool {
+        if self.result.is_none() {
+            match self.rx.try_recv() {
+                Ok(r) => self.result = Some(r),
+                Err(TryRecvError::Disconnected) => self.result = Some(Err(stopped())),
+                Err(TryRecvError::Empty) => {}
+            }
+        }
+        self.result.is_some()
+    }
+
+    /// Waits for the task's result. A writer that stopped on an error
+    /// before running it gives an error saying so (the writer's own error
+    /// comes from [`WriteBehind::finish`]).
+    pub fn wait(mut self) -> Result<()> {
+        match self.result.take() {
+            Some(r) => r,
+            None => self.rx.recv().unwrap_or_else(|_| Err(stopped())),
+        }
+    }
+}
+
+/// What a task's result is when its writer stopped before running it.
+fn stopped() -> DmtError {
+    DmtError::InvalidArgument("the write-behind thread stopped before the task queued after its batches".into())
+}
+
 /// A background writer: journals each batch in the caller's thread (unless
 /// started [`WriteBehind::unjournaled`]), then applies it to the store on
 /// its own thread (with its own Tokio runtime).
@@ -475,7 +532,9 @@ fn held_bytes(b: &ChangeBatch) -> usize {
 /// [`MemoryStore::apply_all`]: the SQL stores write a group in one
 /// transaction, a memory that several of its batches change once), so the
 /// store may lag the journal by a group less one batch;
-/// [`WriteBehind::finish`] applies the rest. A training step of a large
+/// [`WriteBehind::finish`] applies the rest. Up to a group's batches more
+/// wait in the writer's queue while it applies one: [`WriteBehind::submit`]
+/// blocks while the queue is full. A training step of a large
 /// table changes thousands of memories, largely the same ones step after
 /// step; writing them once per group instead of once per step cuts the
 /// store's page writes, which compete with the training loop for the CPU.
@@ -483,7 +542,7 @@ pub struct WriteBehind {
     /// `None` for a writer whose caller recovers from its own checkpoints
     /// ([`WriteBehind::unjournaled`]).
     journal: Option<Journal>,
-    tx: Option<Sender<ChangeBatch>>,
+    tx: Option<SyncSender<Msg>>,
     thread: Option<JoinHandle<Result<u64>>>,
 }
 
@@ -532,12 +591,31 @@ impl WriteBehind {
     }
 
     /// Journals `batch` durably (where the writer has a journal) and queues
-    /// it for the store.
+    /// it for the store (waiting while the queue is full).
     pub fn submit(&mut self, batch: ChangeBatch) -> Result<()> {
         if let Some(journal) = &mut self.journal {
             journal.append(&batch)?;
         }
-        let sent = self.tx.as_ref().map(|tx| tx.send(batch).is_ok()).unwrap_or(false);
+        self.send(Msg::Batch(batch))
+    }
+
+    /// Runs `task` on the writer's thread (on its runtime) once the store
+    /// holds every batch submitted before it, flushed: the batches it holds
+    /// for a group are applied first, then the store is flushed. Batches
+    /// submitted later wait for the task. The result comes through the
+    /// returned [`AfterDone`]; the training loop does not wait for it (a
+    /// checkpoint's store copies).
+    pub fn after(&mut self, task: Task) -> Result<AfterDone> {
+        let (done, result) = channel();
+        self.send(Msg::After(task, done))?;
+        Ok(AfterDone {
+            rx: result,
+            result: None,
+        })
+    }
+
+    fn send(&mut self, msg: Msg) -> Result<()> {
+        let sent = self.tx.as_ref().map(|tx| tx.send(msg).is_ok()).unwrap_or(false);
         if !sent {
             // The writer stopped on an error: finish() reports it; the batch is
             // safe in the journal (where there is one) for the next recovery.
@@ -609,9 +687,12 @@ fn spawn_writer(
     store: Arc<dyn MemoryStore>,
     group: Group,
     path: &Path,
-) -> Result<(Sender<ChangeBatch>, JoinHandle<Result<u64>>)> {
+) -> Result<(SyncSender<Msg>, JoinHandle<Result<u64>>)> {
     let runtime = crate::runtime()?;
-    let (tx, rx) = channel::<ChangeBatch>();
+    // At most a group's batches (and no more than `QUEUE_MAX`) wait besides
+    // the group being applied: a writer that falls behind holds the caller
+    // back instead of letting the queue grow without bound.
+    let (tx, rx) = sync_channel::<Msg>(group.batches.clamp(1, QUEUE_MAX));
     let thread = std::thread::Builder::new()
         .name("memstore-write-behind".into())
         .spawn(move || {
@@ -622,18 +703,24 @@ fn spawn_writer(
     Ok((tx, thread))
 }
 
-/// The nice value a writer thread takes: under contention the scheduler
-/// gives it about a tenth of a default thread's share of the CPU.
+/// The most batches a writer's queue holds (the channel allocates its
+/// slots up front).
+const QUEUE_MAX: usize = 256;
+
+/// The nice value a writer thread takes, the lowest priority: under
+/// contention the scheduler gives it about 1.5% of a default thread's
+/// share of the CPU (weights 15 against 1024).
 #[cfg(target_os = "linux")]
-const WRITER_NICE: libc::c_int = 10;
+const WRITER_NICE: libc::c_int = 19;
 
 /// Lowers the calling thread's scheduling priority (on Linux a nice value
 /// is per thread: `setpriority` of a thread id changes that thread only),
 /// so that a writer fills the CPU time the training loop leaves idle
 /// instead of delaying its step: on two cores, renicing the writers of a
-/// 65,536-row product-key run to 10 trained it 1.02× faster. A writer has
+/// 65,536-row product-key run from 0 to 10 trained it 1.02× faster, and
+/// from 10 to 19 another 1.01× (300 steps, two runs each). A writer has
 /// the time it needs where cores idle, and whenever the loop waits for it
-/// (a checkpoint's `finish`). Where this fails, or on other systems, the
+/// (a full queue, `finish`). Where this fails, or on other systems, the
 /// priority stays as it was; the writer works either way.
 fn lower_priority() {
     #[cfg(target_os = "linux")]
@@ -648,30 +735,43 @@ fn lower_priority() {
 fn writer(
     runtime: tokio::runtime::Runtime,
     store: Arc<dyn MemoryStore>,
-    rx: Receiver<ChangeBatch>,
+    rx: Receiver<Msg>,
     group: Group,
 ) -> Result<u64> {
     let mut n = 0u64;
     let mut batches = Vec::new();
     loop {
-        // A group is full (by count or bytes), or the sender is gone
-        // (finish): apply what came.
+        // A group is full (by count or bytes), a task waits for the batches
+        // before it, or the sender is gone (finish): apply what came.
         let mut bytes = 0;
+        let mut after = None;
         let open = loop {
             match rx.recv() {
-                Ok(b) => {
+                Ok(Msg::Batch(b)) => {
                     bytes += held_bytes(&b);
                     batches.push(b);
                     if batches.len() >= group.batches || bytes >= group.bytes {
                         break true;
                     }
                 }
+                Ok(Msg::After(task, done)) => {
+                    after = Some((task, done));
+                    break true;
+                }
                 Err(_) => break false,
             }
         };
+        // On an error the thread stops here: a task waiting is dropped
+        // unrun, and its `AfterDone` says so.
         runtime.block_on(store.apply_all(&batches))?;
         n += batches.len() as u64;
         batches.clear();
+        if let Some((task, done)) = after {
+            runtime.block_on(store.flush())?;
+            // The task's failure is its caller's to report; the store is
+            // as the batches left it, and the writer goes on.
+            let _ = done.send(runtime.block_on(task));
+        }
         if !open {
             break;
         }
