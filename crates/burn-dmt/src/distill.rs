@@ -897,6 +897,15 @@ impl PendingCheckpoint {
         self.copies.iter_mut().all(AfterDone::is_done)
     }
 
+    /// Completes the checkpoint in `pending`, if there is one, leaving none.
+    fn complete_any(
+        pending: &mut Option<PendingCheckpoint>,
+        run_dir: &Path,
+        writers: &mut [Option<WriteBehind>],
+    ) -> Result<()> {
+        pending.take().map_or(Ok(()), |p| p.complete(run_dir, writers))
+    }
+
     /// Waits for the store copies, then writes `checkpoint.json` naming this
     /// checkpoint and removes the others. A copy that failed because its
     /// writer stopped reports the writer's error (the writers are finished).
@@ -1892,10 +1901,7 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
         }
         lap.lap(5)?;
         for (i, batch) in batches {
-            let w = writers
-                .get_mut(i)
-                .and_then(Option::as_mut)
-                .ok_or_else(|| DmtError::InvalidArgument(format!("block {i}'s memory has no store writer")))?;
+            let w = writer_of(&mut writers, i)?;
             w.submit(batch)?;
         }
         lap.lap(6)?;
@@ -1931,15 +1937,11 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
         }
         let checkpoint_start = Instant::now();
         // A checkpoint whose copies are done is made the run's.
-        if pending.as_mut().is_some_and(PendingCheckpoint::is_done)
-            && let Some(p) = pending.take()
-        {
-            p.complete(run_dir, &mut writers)?;
+        if pending.as_mut().is_some_and(PendingCheckpoint::is_done) {
+            PendingCheckpoint::complete_any(&mut pending, run_dir, &mut writers)?;
         }
         if (step + 1) % opts.checkpoint_every.max(1) == 0 || step + 1 == opts.steps {
-            if let Some(p) = pending.take() {
-                p.complete(run_dir, &mut writers)?;
-            }
+            PendingCheckpoint::complete_any(&mut pending, run_dir, &mut writers)?;
             let name = format!("step-{:07}", step + 1);
             let cdir = run_dir.join("checkpoints").join(&name);
             if cdir.exists() {
@@ -1951,10 +1953,7 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
             let mut copies = Vec::new();
             for (i, st) in stores.iter().enumerate() {
                 let Some(st) = st else { continue };
-                let w = writers
-                    .get_mut(i)
-                    .and_then(Option::as_mut)
-                    .ok_or_else(|| DmtError::InvalidArgument(format!("block {i}'s memory has no store writer")))?;
+                let w = writer_of(&mut writers, i)?;
                 copies.push(w.after(Box::pin(st.backup_task(cdir.join(loc.checkpoint_name(i)))))?);
             }
             let mut layouts = Vec::with_capacity(config.n_layer);
@@ -1982,18 +1981,14 @@ pub fn run(opts: &DistillOptions) -> Result<Report> {
             });
         }
         if opts.halt_after == Some(step + 1) {
-            if let Some(p) = pending.take() {
-                p.complete(run_dir, &mut writers)?;
-            }
+            PendingCheckpoint::complete_any(&mut pending, run_dir, &mut writers)?;
             return Err(DmtError::Halted { step: step + 1 });
         }
         times.seconds[7] += checkpoint_start.elapsed().as_secs_f64();
     }
     // The run's last checkpoint is part of its training time.
     let last_start = Instant::now();
-    if let Some(p) = pending.take() {
-        p.complete(run_dir, &mut writers)?;
-    }
+    PendingCheckpoint::complete_any(&mut pending, run_dir, &mut writers)?;
     times.seconds[7] += last_start.elapsed().as_secs_f64();
     let done = opts.steps.saturating_sub(first_step);
     let train_tps = (done * opts.batch * seq) as f64 / start.elapsed().as_secs_f64().max(1e-9);
@@ -2062,6 +2057,14 @@ fn each_layer<T: Send, R: Send>(items: Vec<T>, parallel: bool, f: impl Fn(T) -> 
     } else {
         items.into_iter().map(f).collect()
     }
+}
+
+/// Block `i`'s store writer.
+fn writer_of(writers: &mut [Option<WriteBehind>], i: usize) -> Result<&mut WriteBehind> {
+    writers
+        .get_mut(i)
+        .and_then(Option::as_mut)
+        .ok_or_else(|| DmtError::InvalidArgument(format!("block {i}'s memory has no store writer")))
 }
 
 /// A writer for each open store (none for a block without one), in groups

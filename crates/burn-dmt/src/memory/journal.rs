@@ -520,7 +520,9 @@ impl AfterDone {
 
 /// What a task's result is when its writer stopped before running it.
 fn stopped() -> DmtError {
-    DmtError::InvalidArgument("the write-behind thread stopped before the task queued after its batches".into())
+    DmtError::InvalidArgument(
+        "the write-behind thread stopped before running the task queued behind its batches".into(),
+    )
 }
 
 /// A background writer: journals each batch in the caller's thread (unless
