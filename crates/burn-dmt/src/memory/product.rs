@@ -148,11 +148,18 @@ impl<T: Ord + Copy> Least<T> {
 }
 
 /// One row's nearest sub-keys of a half: `len` scores ascending (ties by
-/// sub-key) and their sub-keys, in two arrays of the search's `kh`.
+/// sub-key) and their sub-keys, in two arrays of the search's `kh`, with
+/// the scratch [`nearest`] works in.
 struct Near {
     score: Vec<f32>,
     sub: Vec<u32>,
     len: usize,
+    /// The row's sums `scores + bias`.
+    sums: Vec<f32>,
+    /// Each run's least sum.
+    mins: Vec<f32>,
+    /// The sums up to the bound and their sub-keys.
+    cand: Vec<(f32, u32)>,
 }
 
 impl Near {
@@ -161,6 +168,9 @@ impl Near {
             score: vec![f32::INFINITY; take],
             sub: vec![u32::MAX; take],
             len: 0,
+            sums: Vec::new(),
+            mins: Vec::new(),
+            cand: Vec::new(),
         }
     }
 
@@ -179,57 +189,63 @@ impl Near {
 }
 
 /// Keeps in `out` the least `scores[j] + bias[j]` (as many as it holds) and
-/// their `j`, ascending, ties by `j`; a score that is not below `+∞` never
-/// enters (`bias` is `+∞` for a sub-key no memory uses). Scores are compared
-/// a run of `RUN` at a time against the worst kept, which vectorises: once
-/// `out` is full most runs hold nothing that enters.
+/// their `j`, ascending, ties by `j`; a sum that is not below `+∞` never
+/// enters (`bias` is `+∞` for a sub-key no memory uses). The row is cut
+/// into about `2 · take` runs: `take` runs each hold a sum no greater than
+/// the `take`-th least of the runs' minima, so no kept sum is above it and
+/// only the sums up to it are sorted. Finding the bound does not branch on
+/// the data, and the few sums up to it are the only ones handled one by
+/// one: inserting each sum that beats the worst kept as it comes would
+/// mispredict at many of them (`cargo bench -p burn-dmt --bench tier --
+/// product_keys`).
 fn nearest(scores: &[f32], bias: &[f32], out: &mut Near) {
-    const RUN: usize = 16;
     let take = out.score.len();
     out.len = 0;
-    if take == 0 {
+    let n = scores.len().min(bias.len());
+    if take == 0 || n == 0 {
         return;
     }
-    let mut worst = f32::INFINITY;
-    let mut run = [0.0f32; RUN];
-    for (c, (s, b)) in scores.chunks(RUN).zip(bias.chunks(RUN)).enumerate() {
-        let len = s.len().min(b.len());
-        for ((r, &x), &y) in run.iter_mut().zip(s).zip(b) {
-            *r = x + y;
-        }
-        if !run[..len].iter().fold(false, |any, &x| any | (x < worst)) {
-            continue;
-        }
-        for (i, &x) in run[..len].iter().enumerate() {
-            // Sub-keys come in increasing order: only a strictly lower score
-            // displaces the worst kept (a tie keeps the earlier sub-key).
-            if x >= worst {
-                continue;
-            }
-            let end = if out.len < take {
-                out.len += 1;
-                out.len - 1
-            } else {
-                take - 1
-            };
-            // The place after every kept score not above x, found by reading
-            // only; the rest moves up one from the end (a move never reads
-            // what the one before it wrote).
-            let mut at = end;
-            while at > 0 && out.score[at - 1] > x {
-                at -= 1;
-            }
-            for m in (at + 1..=end).rev() {
-                out.score[m] = out.score[m - 1];
-                out.sub[m] = out.sub[m - 1];
-            }
-            out.score[at] = x;
-            out.sub[at] = (c * RUN + i) as u32;
-            if out.len == take {
-                worst = out.score[take - 1];
-            }
+    let Near {
+        score,
+        sub,
+        len,
+        sums,
+        mins,
+        cand,
+    } = out;
+    sums.clear();
+    sums.extend(scores[..n].iter().zip(&bias[..n]).map(|(s, b)| s + b));
+    let run = (n / (2 * take)).max(1);
+    let mut bound = f32::INFINITY;
+    if n.div_ceil(run) > take {
+        mins.clear();
+        // A run's least sum (NaN never taken; +∞ when no sum is below it).
+        mins.extend(
+            sums.chunks(run)
+                .map(|r| r.iter().fold(f32::INFINITY, |m, &x| if x < m { x } else { m })),
+        );
+        let (_, b, _) = mins.select_nth_unstable_by(take - 1, |x, y| x.total_cmp(y));
+        bound = *b;
+    }
+    cand.clear();
+    for (j, &x) in sums.iter().enumerate() {
+        if x <= bound && x < f32::INFINITY {
+            cand.push((x, j as u32));
         }
     }
+    // Finite sums only: `partial_cmp` orders them (−0 and +0 equal, as `<`
+    // does), ties by sub-key.
+    cand.sort_unstable_by(|x, y| {
+        x.0.partial_cmp(&y.0)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(x.1.cmp(&y.1))
+    });
+    let kept = cand.len().min(take);
+    for (i, &(x, j)) in cand[..kept].iter().enumerate() {
+        score[i] = x;
+        sub[i] = j;
+    }
+    *len = kept;
 }
 
 /// [`ProductKeys`]' tables as tensors of a device's inner backend.
@@ -832,4 +848,68 @@ pub fn fit_grid(
         }
     }
     Ok((keys, values))
+}
+
+#[cfg(test)]
+mod tests {
+    use rand_core::{RngCore, SeedableRng};
+    use rand_xoshiro::SplitMix64;
+
+    use super::{Near, nearest};
+
+    /// The least `take` sums below `+∞` and their sub-keys, ties by sub-key:
+    /// every such sum sorted (a stable sort keeps sub-key order among equals).
+    fn least(scores: &[f32], bias: &[f32], take: usize) -> Vec<(f32, u32)> {
+        let mut all: Vec<(f32, u32)> = scores
+            .iter()
+            .zip(bias)
+            .enumerate()
+            .map(|(j, (s, b))| (s + b, j as u32))
+            .filter(|(x, _)| *x < f32::INFINITY)
+            .collect();
+        all.sort_by(|x, y| x.0.partial_cmp(&y.0).unwrap_or(std::cmp::Ordering::Equal));
+        all.truncate(take);
+        all
+    }
+
+    #[test]
+    fn nearest_keeps_the_least_sums_ties_by_sub_key() {
+        let mut rng = SplitMix64::seed_from_u64(7);
+        let mut out = Near::new(1);
+        for case in 0..3000 {
+            let n = 1 + (rng.next_u32() % 300) as usize;
+            let take = 1 + (rng.next_u32() % 20) as usize;
+            if out.score.len() != take {
+                out = Near::new(take);
+            }
+            // Few distinct values (many ties), NaN, both zeros, and unused
+            // sub-keys (a bias of +∞).
+            let levels = 1 + rng.next_u32() % 40;
+            let scores: Vec<f32> = (0..n)
+                .map(|_| match rng.next_u32() % 50 {
+                    0 => f32::NAN,
+                    1 => -0.0,
+                    2 => 0.0,
+                    _ => (rng.next_u32() % levels) as f32 * 0.25 - 3.0,
+                })
+                .collect();
+            let unused = rng.next_u32() % 4;
+            let bias: Vec<f32> = (0..n)
+                .map(|_| {
+                    if rng.next_u32() % 4 < unused {
+                        f32::INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            nearest(&scores, &bias, &mut out);
+            let got: Vec<(f32, u32)> = out.pairs().collect();
+            let want = least(&scores, &bias, take);
+            assert_eq!(got.len(), want.len(), "case {case}: {got:?} against {want:?}");
+            for (g, w) in got.iter().zip(&want) {
+                assert!(g.0 == w.0 && g.1 == w.1, "case {case}: {got:?} against {want:?}");
+            }
+        }
+    }
 }
