@@ -147,44 +147,38 @@ impl<T: Ord + Copy> Least<T> {
     }
 }
 
-/// One row's nearest sub-keys of a half: `len` scores ascending (ties by
-/// sub-key) and their sub-keys, in two arrays of the search's `kh`, with
-/// the scratch [`nearest`] works in.
+/// One row's nearest sub-keys of a half: the kept (score, sub-key) pairs,
+/// ascending (ties by sub-key), at most `take` of them, with the scratch
+/// [`nearest`] works in.
 struct Near {
-    score: Vec<f32>,
-    sub: Vec<u32>,
-    len: usize,
+    take: usize,
     /// The row's sums `scores + bias`.
     sums: Vec<f32>,
     /// Each run's least sum.
     mins: Vec<f32>,
-    /// The sums up to the bound and their sub-keys.
-    cand: Vec<(f32, u32)>,
+    /// The sums up to the bound and their sub-keys; after [`nearest`], the
+    /// kept pairs.
+    kept: Vec<(f32, u32)>,
 }
 
 impl Near {
     fn new(take: usize) -> Self {
         Near {
-            score: vec![f32::INFINITY; take],
-            sub: vec![u32::MAX; take],
-            len: 0,
+            take,
             sums: Vec::new(),
             mins: Vec::new(),
-            cand: Vec::new(),
+            kept: Vec::new(),
         }
     }
 
     /// The kept (score, sub-key) pairs, ascending.
     fn pairs(&self) -> impl Iterator<Item = (f32, u32)> + '_ {
-        self.score[..self.len]
-            .iter()
-            .copied()
-            .zip(self.sub[..self.len].iter().copied())
+        self.kept.iter().copied()
     }
 
     /// The kept pairs' least score.
     fn first(&self) -> Option<f32> {
-        self.score[..self.len].first().copied()
+        self.kept.first().map(|p| p.0)
     }
 }
 
@@ -199,20 +193,18 @@ impl Near {
 /// mispredict at many of them (`cargo bench -p burn-dmt --bench tier --
 /// product_keys`).
 fn nearest(scores: &[f32], bias: &[f32], out: &mut Near) {
-    let take = out.score.len();
-    out.len = 0;
+    let Near {
+        take,
+        sums,
+        mins,
+        kept: cand,
+    } = out;
+    let take = *take;
+    cand.clear();
     let n = scores.len().min(bias.len());
     if take == 0 || n == 0 {
         return;
     }
-    let Near {
-        score,
-        sub,
-        len,
-        sums,
-        mins,
-        cand,
-    } = out;
     sums.clear();
     sums.extend(scores[..n].iter().zip(&bias[..n]).map(|(s, b)| s + b));
     let run = (n / (2 * take)).max(1);
@@ -227,7 +219,6 @@ fn nearest(scores: &[f32], bias: &[f32], out: &mut Near) {
         let (_, b, _) = mins.select_nth_unstable_by(take - 1, |x, y| x.total_cmp(y));
         bound = *b;
     }
-    cand.clear();
     for (j, &x) in sums.iter().enumerate() {
         if x <= bound && x < f32::INFINITY {
             cand.push((x, j as u32));
@@ -240,12 +231,7 @@ fn nearest(scores: &[f32], bias: &[f32], out: &mut Near) {
             .unwrap_or(std::cmp::Ordering::Equal)
             .then(x.1.cmp(&y.1))
     });
-    let kept = cand.len().min(take);
-    for (i, &(x, j)) in cand[..kept].iter().enumerate() {
-        score[i] = x;
-        sub[i] = j;
-    }
-    *len = kept;
+    cand.truncate(take);
 }
 
 /// [`ProductKeys`]' tables as tensors of a device's inner backend.
@@ -879,7 +865,7 @@ mod tests {
         for case in 0..3000 {
             let n = 1 + (rng.next_u32() % 300) as usize;
             let take = 1 + (rng.next_u32() % 20) as usize;
-            if out.score.len() != take {
+            if out.take != take {
                 out = Near::new(take);
             }
             // Few distinct values (many ties), NaN, both zeros, and unused
